@@ -1,0 +1,55 @@
+//! Chooses the handler for an authenticated request's route and method.
+
+use serde_json::json;
+use tiny_http::{Method, Request};
+
+use crate::api::{exec, files, projects, sandboxes, secrets};
+use crate::app::App;
+use crate::error::AppError;
+use crate::http::reply::Reply;
+use crate::http::route::Route;
+
+fn not_allowed(method: &Method, route: &Route) -> AppError {
+    AppError::method_not_allowed(format!("method {method} is not allowed on {}", route.label()))
+}
+
+pub fn healthz(app: &App) -> Reply {
+    Reply::json(200, &json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"), "kvm": app.kvm}))
+}
+
+pub fn dispatch(app: &App, route: &Route, request: &mut Request, query: &str) -> Result<Reply, AppError> {
+    let method = request.method().clone();
+    use Method::{Delete, Get, Post, Put};
+    match (route, &method) {
+        (Route::Healthz, Get) => Ok(healthz(app)),
+        (Route::Metrics, Get) => Ok(Reply::text(
+            200,
+            app.metrics.render(app.lifecycle.running_count()),
+            "text/plain; version=0.0.4",
+        )),
+        (Route::Projects, Post) => projects::create(app, request),
+        (Route::Projects, Get) => projects::list(app),
+        (Route::Project(id), Get) => projects::get(app, id),
+        (Route::Project(id), Put) => projects::update(app, id, request),
+        (Route::Project(id), Delete) => projects::delete(app, id),
+        (Route::ProjectSecrets(id), Get) => secrets::list(app, id),
+        (Route::ProjectSecret(id, name), Put) => secrets::put(app, id, name, request),
+        (Route::ProjectSecret(id, name), Delete) => secrets::delete(app, id, name),
+        (Route::Sandboxes, Post) => sandboxes::create(app, request),
+        (Route::Sandboxes, Get) => sandboxes::list(app),
+        (Route::Sandbox(id), Get) => sandboxes::get(app, id),
+        (Route::Sandbox(id), Delete) => sandboxes::delete(app, id),
+        (Route::SandboxTimeout(id), Post) => sandboxes::set_timeout(app, id, request),
+        (Route::ExecRun(id), Post) | (Route::Commands(id), Post) => exec::run(app, id, request),
+        (Route::ExecSessions(id), Post) => exec::start_session(app, id, request),
+        (Route::ExecSessions(id), Get) => exec::list_sessions(app, id),
+        (Route::ExecKill(id, sid), Post) => exec::kill_session(app, id, sid, request),
+        (Route::ExecSession(..), Get) => Err(AppError::bad_request("this endpoint needs a WebSocket upgrade")),
+        (Route::Files(id), Get) => files::read(app, id, query),
+        (Route::Files(id), Put) => files::write(app, id, query, request),
+        (Route::Files(id), Delete) => files::remove(app, id, query),
+        (Route::FilesList(id), Get) => files::list(app, id, query),
+        (Route::FilesMkdir(id), Post) => files::mkdir(app, id, query),
+        _ => Err(not_allowed(&method, route)),
+    }
+}

@@ -1,0 +1,289 @@
+//! Running commands in a sandbox: one-shot (`exec/run`, `commands`) and background
+//! sessions with a WebSocket stream (frames: 0x00 stdin, 0x01 stdout, 0x02 stderr,
+//! 0x03 exit code as int32 BE).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tiny_http::{Header, Request, Response};
+
+use crate::api::sandboxes::check_envs;
+use crate::api::validate;
+use crate::app::App;
+use crate::connsock::dup_connection;
+use crate::error::AppError;
+use crate::http::reply::Reply;
+use crate::http::request::{header, parse_json, read_body, MAX_JSON_BODY};
+use crate::lifecycle::{require_running, runtime_error};
+use crate::runtime::{ExecEvent, ExecOutput, ExecRequest};
+use crate::websocket::{self, Incoming, WsError};
+
+/// Default limit of a one-shot command when the request gives none.
+pub const DEFAULT_RUN_TIMEOUT_SEC: u64 = 60;
+
+#[derive(Deserialize)]
+struct ExecBody {
+    cmd: String,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    envs: BTreeMap<String, String>,
+    cwd: Option<String>,
+    timeout: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct KillBody {
+    signal: Option<i32>,
+}
+
+/// Quotes one argument for `sh -c`: inside single quotes only `'` needs care.
+fn shell_quote(arg: &str) -> String {
+    format!("'{}'", arg.replace('\'', r"'\''"))
+}
+
+fn exec_request(body: ExecBody, default_timeout: u64) -> Result<ExecRequest, AppError> {
+    if body.cmd.trim().is_empty() {
+        return Err(AppError::bad_request("cmd must not be empty"));
+    }
+    if body.cmd.contains('\0') || body.args.iter().any(|a| a.contains('\0')) {
+        return Err(AppError::bad_request("cmd and args must not contain NUL bytes"));
+    }
+    check_envs(&body.envs)?;
+    let mut line = body.cmd;
+    for arg in &body.args {
+        line.push(' ');
+        line.push_str(&shell_quote(arg));
+    }
+    let cwd = body.cwd.filter(|c| !c.is_empty());
+    if let Some(c) = &cwd {
+        validate::sandbox_path(Some(c.clone()))?;
+    }
+    let timeout_sec = match body.timeout {
+        None | Some(0) => default_timeout,
+        Some(t) => validate::timeout_sec("timeout", t)?,
+    };
+    Ok(ExecRequest { command_line: line, envs: body.envs, cwd, timeout_sec })
+}
+
+fn output_json(out: &ExecOutput) -> Value {
+    json!({
+        "exitCode": out.exit_code,
+        "stdout": String::from_utf8_lossy(&out.stdout),
+        "stderr": String::from_utf8_lossy(&out.stderr),
+    })
+}
+
+/// `exec/run` and `commands` (same body; `commands` never takes args but
+/// accepts them the same way).
+pub fn run(app: &App, raw_id: &str, request: &mut Request) -> Result<Reply, AppError> {
+    let id = validate::uuid("sandbox", raw_id)?;
+    let body: ExecBody = parse_json(&read_body(request, MAX_JSON_BODY)?)?;
+    let exec = exec_request(body, DEFAULT_RUN_TIMEOUT_SEC)?;
+    let (backend, _) = require_running(app, &id)?;
+    let out = backend.runtime.exec_run(&id, &exec).map_err(runtime_error)?;
+    Ok(Reply::json(200, &output_json(&out)))
+}
+
+pub fn start_session(app: &App, raw_id: &str, request: &mut Request) -> Result<Reply, AppError> {
+    let id = validate::uuid("sandbox", raw_id)?;
+    let body: ExecBody = parse_json(&read_body(request, MAX_JSON_BODY)?)?;
+    // 0: a session runs until it exits, is killed, or the sandbox stops.
+    let exec = exec_request(body, 0)?;
+    let (backend, _) = require_running(app, &id)?;
+    let session_id = backend.runtime.exec_start(&id, &exec).map_err(runtime_error)?;
+    Ok(Reply::json(201, &json!({ "sessionID": session_id })))
+}
+
+pub fn list_sessions(app: &App, raw_id: &str) -> Result<Reply, AppError> {
+    let id = validate::uuid("sandbox", raw_id)?;
+    let (backend, _) = require_running(app, &id)?;
+    let sessions = backend.runtime.exec_list(&id).map_err(runtime_error)?;
+    let body: Vec<Value> = sessions
+        .iter()
+        .map(|s| json!({"sessionID": s.session_id, "cmd": s.command_line, "running": s.running, "exitCode": s.exit_code}))
+        .collect();
+    Ok(Reply::json(200, &body))
+}
+
+fn session_id(raw: &str) -> Result<String, AppError> {
+    let ok = !raw.is_empty() && raw.len() <= 128 && raw.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(raw.to_string())
+    } else {
+        Err(AppError::bad_request(format!("invalid session id {raw:?}")))
+    }
+}
+
+pub fn kill_session(app: &App, raw_id: &str, raw_sid: &str, request: &mut Request) -> Result<Reply, AppError> {
+    let id = validate::uuid("sandbox", raw_id)?;
+    let sid = session_id(raw_sid)?;
+    let body = read_body(request, MAX_JSON_BODY)?;
+    let signal = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        parse_json::<KillBody>(&body)?.signal
+    };
+    let signal = signal.unwrap_or(libc::SIGKILL);
+    if !(1..=64).contains(&signal) {
+        return Err(AppError::bad_request(format!("signal must be between 1 and 64, got {signal}")));
+    }
+    let (backend, _) = require_running(app, &id)?;
+    backend.runtime.exec_kill(&id, &sid, signal).map_err(runtime_error)?;
+    Ok(Reply::no_content())
+}
+
+pub fn is_websocket_upgrade(request: &Request) -> bool {
+    header(request, "Upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+/// Attaches a WebSocket to an exec session. Returns the HTTP status that was sent
+/// (101 when the stream ran, or the error status).
+pub fn attach_websocket(app: &App, raw_id: &str, raw_sid: &str, request: Request, listen_port: u16) -> u16 {
+    let prepared = (|| {
+        let id = validate::uuid("sandbox", raw_id)?;
+        let sid = session_id(raw_sid)?;
+        let key = header(&request, "Sec-WebSocket-Key")
+            .ok_or_else(|| AppError::bad_request("missing Sec-WebSocket-Key header"))?
+            .to_string();
+        if header(&request, "Sec-WebSocket-Version").map(str::trim) != Some("13") {
+            return Err(AppError::bad_request("unsupported WebSocket version (need 13)"));
+        }
+        let peer = *request.remote_addr().ok_or_else(|| AppError::internal("connection has no peer address"))?;
+        let (backend, _) = require_running(app, &id)?;
+        let attachment = backend.runtime.exec_attach(&id, &sid).map_err(runtime_error)?;
+        Ok((key, peer, attachment))
+    })();
+    let (key, peer, attachment) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            let status = e.status;
+            let _ = request.respond(Reply::error(&e).into_response());
+            return status;
+        }
+    };
+    let Some(socket) = dup_connection(peer, listen_port) else {
+        let e = AppError::internal("cannot take over the connection for the WebSocket stream");
+        let _ = request.respond(Reply::error(&e).into_response());
+        return 500;
+    };
+    let mut response = Response::empty(101);
+    if let Ok(h) = Header::from_bytes(&b"Sec-WebSocket-Accept"[..], websocket::accept_key(&key).as_bytes()) {
+        response.add_header(h);
+    }
+    // tiny_http writes the 101 and then leaves the socket to us until `_upgraded` drops.
+    let _upgraded = request.upgrade("websocket", response);
+    stream_session(socket, attachment);
+    101
+}
+
+fn stream_session(socket: TcpStream, attachment: crate::runtime::ExecAttachment) {
+    let Ok(write_half) = socket.try_clone() else { return };
+    let writer = Arc::new(Mutex::new(write_half));
+    let client_gone = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let writer = Arc::clone(&writer);
+        let client_gone = Arc::clone(&client_gone);
+        let mut read_half = socket;
+        let mut stdin = attachment.stdin;
+        std::thread::Builder::new().name("ws-reader".into()).spawn(move || {
+            loop {
+                match websocket::read_message(&mut read_half) {
+                    Ok(Incoming::Data(msg)) => {
+                        // Only stdin frames travel client -> server; others are ignored.
+                        if msg.first() == Some(&0x00) && stdin.write_all(&msg[1..]).and_then(|_| stdin.flush()).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(Incoming::Ping(p)) => {
+                        if let Ok(mut w) = writer.lock() {
+                            let _ = websocket::write_frame(&mut *w, websocket::OP_PONG, &p);
+                        }
+                    }
+                    Ok(Incoming::Pong) => {}
+                    Ok(Incoming::Close) => break,
+                    Err(WsError::Protocol(code, why)) => {
+                        if let Ok(mut w) = writer.lock() {
+                            let _ = websocket::write_close(&mut *w, code, why);
+                        }
+                        break;
+                    }
+                    Err(WsError::Io(_)) => break,
+                }
+            }
+            client_gone.store(true, Ordering::Relaxed);
+        })
+    };
+    let send = |kind: u8, data: &[u8]| -> bool {
+        let mut frame = Vec::with_capacity(data.len() + 1);
+        frame.push(kind);
+        frame.extend_from_slice(data);
+        match writer.lock() {
+            Ok(mut w) => websocket::write_frame(&mut *w, websocket::OP_BINARY, &frame).is_ok(),
+            Err(_) => false,
+        }
+    };
+    loop {
+        if client_gone.load(Ordering::Relaxed) {
+            break;
+        }
+        match attachment.events.recv_timeout(Duration::from_millis(200)) {
+            Ok(ExecEvent::Stdout(d)) => {
+                if !send(0x01, &d) {
+                    break;
+                }
+            }
+            Ok(ExecEvent::Stderr(d)) => {
+                if !send(0x02, &d) {
+                    break;
+                }
+            }
+            Ok(ExecEvent::Exit(code)) => {
+                send(0x03, &code.to_be_bytes());
+                if let Ok(mut w) = writer.lock() {
+                    let _ = websocket::write_close(&mut *w, 1000, "exited");
+                }
+                break;
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                if let Ok(mut w) = writer.lock() {
+                    let _ = websocket::write_close(&mut *w, 1011, "session output ended");
+                }
+                break;
+            }
+        }
+    }
+    // Shutting the socket down ends the reader thread and tiny_http's connection.
+    if let Ok(w) = writer.lock() {
+        let _ = w.shutdown(Shutdown::Both);
+    }
+    if let Ok(handle) = reader {
+        let _ = handle.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn args_are_quoted_for_sh() {
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        let req = exec_request(
+            ExecBody { cmd: "echo".into(), args: vec!["$HOME".into()], envs: BTreeMap::new(), cwd: None, timeout: None },
+            60,
+        )
+        .expect("valid");
+        assert_eq!(req.command_line, "echo '$HOME'");
+        assert_eq!(req.timeout_sec, 60);
+    }
+}

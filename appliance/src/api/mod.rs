@@ -1,0 +1,9 @@
+//! Request handlers of the wire contract, one module per resource.
+
+pub mod dispatch;
+pub mod exec;
+pub mod files;
+pub mod projects;
+pub mod sandboxes;
+pub mod secrets;
+pub mod validate;

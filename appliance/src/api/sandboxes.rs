@@ -1,0 +1,156 @@
+//! Sandboxes: create (project defaults merged), list, get, delete, timeout.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tiny_http::Request;
+use zeroize::Zeroizing;
+
+use crate::api::projects::{self, DEFAULT_CPU_COUNT, DEFAULT_MEMORY_MB, DEFAULT_TEMPLATE, DEFAULT_TIMEOUT_SEC};
+use crate::api::validate;
+use crate::app::App;
+use crate::clock::rfc3339;
+use crate::error::AppError;
+use crate::http::reply::Reply;
+use crate::http::request::{parse_json, read_body, MAX_JSON_BODY};
+use crate::lifecycle::{self, CreateSpec};
+use crate::store::records::SandboxRecord;
+
+const MAX_METADATA_ENTRIES: usize = 64;
+const MAX_ENVS: usize = 256;
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CreateBody {
+    #[serde(rename = "templateID")]
+    template_id: Option<String>,
+    timeout: Option<u64>,
+    cpu_count: Option<u32>,
+    #[serde(rename = "memoryMB")]
+    memory_mb: Option<u32>,
+    envs: Option<BTreeMap<String, Zeroizing<String>>>,
+    metadata: Option<BTreeMap<String, String>>,
+    project: Option<String>,
+    /// Accepted alias of `project`.
+    secret_store: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct TimeoutBody {
+    timeout: u64,
+}
+
+pub fn sandbox_json(s: &SandboxRecord) -> Value {
+    json!({
+        "sandboxID": s.id,
+        "templateID": s.template,
+        "status": s.status.as_str(),
+        "startedAt": rfc3339(s.started_at),
+        "endAt": rfc3339(s.end_at),
+        "cpuCount": s.cpu_count,
+        "memoryMB": s.memory_mb,
+        "metadata": s.metadata,
+    })
+}
+
+fn check_metadata(metadata: &BTreeMap<String, String>) -> Result<(), AppError> {
+    if metadata.len() > MAX_METADATA_ENTRIES {
+        return Err(AppError::bad_request(format!("metadata has more than {MAX_METADATA_ENTRIES} entries")));
+    }
+    for (k, v) in metadata {
+        if k.is_empty() || k.len() > 256 || v.len() > 4096 {
+            return Err(AppError::bad_request("metadata keys must be 1-256 bytes and values at most 4096 bytes"));
+        }
+    }
+    Ok(())
+}
+
+pub fn check_envs<V>(envs: &BTreeMap<String, V>) -> Result<(), AppError> {
+    if envs.len() > MAX_ENVS {
+        return Err(AppError::bad_request(format!("envs has more than {MAX_ENVS} entries")));
+    }
+    envs.keys().try_for_each(|k| validate::env_name("env", k))
+}
+
+pub fn create(app: &App, request: &mut Request) -> Result<Reply, AppError> {
+    let body: CreateBody = parse_json(&read_body(request, MAX_JSON_BODY)?)?;
+    let project_name = match (body.project.filter(|p| !p.is_empty()), body.secret_store.filter(|p| !p.is_empty())) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(AppError::bad_request("project and secretStore name different projects; give one"))
+        }
+        (Some(a), _) => Some(a),
+        (None, b) => b,
+    };
+    let project = project_name.map(|name| projects::load_by_name(app, &name)).transpose()?;
+    let envs = body.envs.unwrap_or_default();
+    check_envs(&envs)?;
+    let metadata = body.metadata.unwrap_or_default();
+    check_metadata(&metadata)?;
+
+    // Request fields override the project, the project overrides appliance defaults.
+    let template = body
+        .template_id
+        .filter(|t| !t.is_empty())
+        .or_else(|| project.as_ref().map(|p| p.template.clone()))
+        .unwrap_or_else(|| DEFAULT_TEMPLATE.to_string());
+    validate::template(&template)?;
+    let cpu_count = body
+        .cpu_count
+        .filter(|c| *c != 0)
+        .or(project.as_ref().map(|p| p.cpu_count))
+        .unwrap_or(DEFAULT_CPU_COUNT);
+    let memory_mb = body
+        .memory_mb
+        .filter(|m| *m != 0)
+        .or(project.as_ref().map(|p| p.memory_mb))
+        .unwrap_or(DEFAULT_MEMORY_MB);
+    let timeout_sec = body
+        .timeout
+        .filter(|t| *t != 0)
+        .or(project.as_ref().map(|p| p.timeout_sec))
+        .unwrap_or(DEFAULT_TIMEOUT_SEC);
+    let spec = CreateSpec {
+        template,
+        cpu_count: validate::cpu_count(cpu_count)?,
+        memory_mb: validate::memory_mb(memory_mb)?,
+        timeout_sec: validate::timeout_sec("timeout", timeout_sec)?,
+        envs,
+        metadata,
+        project,
+    };
+    let record = lifecycle::create(app, spec)?;
+    Ok(Reply::json(201, &sandbox_json(&record)))
+}
+
+pub fn list(app: &App) -> Result<Reply, AppError> {
+    let mut records: Vec<SandboxRecord> = app.store.read(|rtxn, dbs| {
+        let mut out = Vec::new();
+        for item in dbs.sandboxes.iter(rtxn)? {
+            out.push(item?.1);
+        }
+        Ok(out)
+    })?;
+    records.sort_by(|a, b| (a.started_at, &a.id).cmp(&(b.started_at, &b.id)));
+    let body: Vec<Value> = records.iter().map(sandbox_json).collect();
+    Ok(Reply::json(200, &body))
+}
+
+pub fn get(app: &App, raw_id: &str) -> Result<Reply, AppError> {
+    let id = validate::uuid("sandbox", raw_id)?;
+    Ok(Reply::json(200, &sandbox_json(&lifecycle::get(app, &id)?)))
+}
+
+pub fn delete(app: &App, raw_id: &str) -> Result<Reply, AppError> {
+    let id = validate::uuid("sandbox", raw_id)?;
+    lifecycle::delete(app, &id)?;
+    Ok(Reply::no_content())
+}
+
+pub fn set_timeout(app: &App, raw_id: &str, request: &mut Request) -> Result<Reply, AppError> {
+    let id = validate::uuid("sandbox", raw_id)?;
+    let body: TimeoutBody = parse_json(&read_body(request, MAX_JSON_BODY)?)?;
+    let timeout = validate::timeout_sec("timeout", body.timeout)?;
+    lifecycle::set_timeout(app, &id, timeout)?;
+    Ok(Reply::no_content())
+}

@@ -1,0 +1,155 @@
+//! Input rules shared by handlers: ids, names, host patterns, file paths.
+
+use crate::error::AppError;
+
+/// Ids are UUIDs; anything else is a 400 (not a 404) so typos are obvious.
+pub fn uuid(kind: &str, raw: &str) -> Result<String, AppError> {
+    uuid::Uuid::parse_str(raw)
+        .map(|u| u.hyphenated().to_string())
+        .map_err(|_| AppError::bad_request(format!("invalid {kind} id {raw:?}: expected a UUID")))
+}
+
+/// Project names: 1-64 characters of `[A-Za-z0-9._-]`, starting with a letter or digit.
+pub fn project_name(name: &str) -> Result<(), AppError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(AppError::bad_request(format!(
+            "invalid project name {name:?}: use 1-64 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )))
+    }
+}
+
+/// Secret and env names are shell variable names.
+pub fn env_name(kind: &str, name: &str) -> Result<(), AppError> {
+    let ok = !name.is_empty()
+        && name.len() <= 256
+        && !name.as_bytes()[0].is_ascii_digit()
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(AppError::bad_request(format!(
+            "invalid {kind} name {name:?}: use letters, digits and '_', not starting with a digit"
+        )))
+    }
+}
+
+/// Template names are the names of template directories in the image.
+pub fn template(name: &str) -> Result<(), AppError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(AppError::bad_request(format!("invalid template {name:?}")))
+    }
+}
+
+/// Egress allowlist entries: a DNS name, or `*.` followed by one.
+pub fn host_pattern(pattern: &str) -> Result<String, AppError> {
+    let lower = pattern.trim().to_ascii_lowercase();
+    let name = lower.strip_prefix("*.").unwrap_or(&lower);
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(AppError::bad_request(format!(
+            "invalid egressAllowlist entry {pattern:?}: expected a host name like api.example.com or *.example.com"
+        )));
+    }
+    Ok(lower)
+}
+
+/// A path inside the sandbox: absolute or relative to the agent's working directory,
+/// but never escaping upwards (`..`), and free of NUL bytes.
+pub fn sandbox_path(raw: Option<String>) -> Result<String, AppError> {
+    let path = raw.ok_or_else(|| AppError::bad_request("missing ?path= query parameter"))?;
+    if path.is_empty() {
+        return Err(AppError::bad_request("path must not be empty"));
+    }
+    if path.len() > 4096 {
+        return Err(AppError::bad_request("path is longer than 4096 bytes"));
+    }
+    if path.contains('\0') {
+        return Err(AppError::bad_request("path must not contain NUL bytes"));
+    }
+    if path.split('/').any(|c| c == "..") {
+        return Err(AppError::new(403, format!("path {path:?} is refused: '..' components are not allowed")));
+    }
+    Ok(path)
+}
+
+/// Resource bounds accepted by the API.
+pub const MAX_CPU_COUNT: u32 = 64;
+pub const MIN_MEMORY_MB: u32 = 64;
+pub const MAX_MEMORY_MB: u32 = 256 * 1024;
+/// Thirty days.
+pub const MAX_TIMEOUT_SEC: u64 = 30 * 24 * 3600;
+
+pub fn cpu_count(v: u32) -> Result<u32, AppError> {
+    if (1..=MAX_CPU_COUNT).contains(&v) {
+        Ok(v)
+    } else {
+        Err(AppError::bad_request(format!("cpuCount must be between 1 and {MAX_CPU_COUNT}, got {v}")))
+    }
+}
+
+pub fn memory_mb(v: u32) -> Result<u32, AppError> {
+    if (MIN_MEMORY_MB..=MAX_MEMORY_MB).contains(&v) {
+        Ok(v)
+    } else {
+        Err(AppError::bad_request(format!("memoryMB must be between {MIN_MEMORY_MB} and {MAX_MEMORY_MB}, got {v}")))
+    }
+}
+
+pub fn timeout_sec(field: &str, v: u64) -> Result<u64, AppError> {
+    if (1..=MAX_TIMEOUT_SEC).contains(&v) {
+        Ok(v)
+    } else {
+        Err(AppError::bad_request(format!("{field} must be between 1 and {MAX_TIMEOUT_SEC} seconds, got {v}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_names_and_patterns() {
+        assert!(uuid("project", "not-a-uuid").is_err());
+        assert_eq!(
+            uuid("project", "6F9619FF-8B86-D011-B42D-00C04FC964FF").expect("uuid"),
+            "6f9619ff-8b86-d011-b42d-00c04fc964ff"
+        );
+        assert!(project_name("my-agent_1.0").is_ok());
+        assert!(project_name("-x").is_err());
+        assert!(project_name("a b").is_err());
+        assert!(env_name("secret", "API_KEY").is_ok());
+        assert!(env_name("secret", "1KEY").is_err());
+        assert!(env_name("secret", "KEY-X").is_err());
+        assert_eq!(host_pattern("*.Example.com").expect("ok"), "*.example.com");
+        assert!(host_pattern("exa mple.com").is_err());
+        assert!(host_pattern("*.").is_err());
+        assert!(template("../etc").is_err());
+    }
+
+    #[test]
+    fn traversal_is_refused() {
+        assert!(sandbox_path(Some("/home/user/a.txt".into())).is_ok());
+        assert_eq!(sandbox_path(Some("/home/../etc/passwd".into())).unwrap_err().status, 403);
+        assert_eq!(sandbox_path(Some("..".into())).unwrap_err().status, 403);
+        assert!(sandbox_path(Some("a\0b".into())).is_err());
+        assert!(sandbox_path(None).is_err());
+    }
+}

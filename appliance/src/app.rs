@@ -1,0 +1,21 @@
+//! Everything a request handler can reach, shared by all server threads.
+
+use serde_json::Value;
+
+use crate::auth::Auth;
+use crate::crypto::Keyring;
+use crate::lifecycle::Lifecycle;
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+pub struct App {
+    pub store: Store,
+    pub keyring: Keyring,
+    pub auth: Auth,
+    pub lifecycle: Lifecycle,
+    pub metrics: Metrics,
+    /// `vmm selfcheck`'s JSON, reported by healthz.
+    pub kvm: Value,
+    /// One log line per request (off for benchmarks).
+    pub log_requests: bool,
+}

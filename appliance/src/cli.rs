@@ -1,0 +1,143 @@
+//! Command-line parsing for the `appliance` binary.
+
+use std::path::PathBuf;
+
+use crate::serve::ServeConfig;
+
+pub const USAGE: &str = "usage:
+  appliance serve [--listen ADDR] [--data-dir DIR] [--vmm-bin PATH] [--admin-key-file FILE]
+                  [--master-key-file FILE] [--quiet]
+  appliance bench api [--clients N] [--requests N] [--data-dir DIR]
+  appliance rotate-key --data-dir DIR [--master-key-file OLD --new-master-key-file NEW]";
+
+pub const DEFAULT_ADMIN_KEY_FILE: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/opencomputer/admin-key/raw";
+
+#[derive(Debug)]
+pub enum Command {
+    Serve(ServeConfig),
+    BenchApi(BenchOptions),
+    RotateKey { data_dir: PathBuf, old_key: Option<PathBuf>, new_key: Option<PathBuf> },
+    Help,
+}
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub clients: usize,
+    /// Requests per client per server (each iteration is two requests).
+    pub requests: usize,
+    pub data_dir: Option<PathBuf>,
+}
+
+struct Flags {
+    args: Vec<String>,
+}
+
+impl Flags {
+    /// Takes `--name VALUE` out of the argument list.
+    fn value(&mut self, name: &str) -> Result<Option<String>, String> {
+        let Some(i) = self.args.iter().position(|a| a == name) else { return Ok(None) };
+        if i + 1 >= self.args.len() {
+            return Err(format!("{name} needs a value"));
+        }
+        let v = self.args.remove(i + 1);
+        self.args.remove(i);
+        Ok(Some(v))
+    }
+
+    fn switch(&mut self, name: &str) -> bool {
+        match self.args.iter().position(|a| a == name) {
+            Some(i) => {
+                self.args.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn finish(self) -> Result<(), String> {
+        match self.args.first() {
+            Some(a) => Err(format!("unexpected argument {a:?}")),
+            None => Ok(()),
+        }
+    }
+}
+
+fn number(name: &str, v: Option<String>, default: usize) -> Result<usize, String> {
+    match v {
+        None => Ok(default),
+        Some(s) => s.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| format!("{name} must be a positive integer")),
+    }
+}
+
+pub fn parse(args: Vec<String>) -> Result<Command, String> {
+    let mut it = args.into_iter();
+    let sub = it.next();
+    let mut flags = Flags { args: it.collect() };
+    let command = match sub.as_deref() {
+        None | Some("-h") | Some("--help") | Some("help") => return Ok(Command::Help),
+        Some("serve") => {
+            let config = ServeConfig {
+                listen: flags.value("--listen")?.unwrap_or_else(|| "0.0.0.0:8080".into()),
+                data_dir: PathBuf::from(flags.value("--data-dir")?.unwrap_or_else(|| "/data".into())),
+                vmm_bin: PathBuf::from(flags.value("--vmm-bin")?.unwrap_or_else(|| "/bin/vmm".into())),
+                admin_key_file: Some(PathBuf::from(
+                    flags.value("--admin-key-file")?.unwrap_or_else(|| DEFAULT_ADMIN_KEY_FILE.into()),
+                )),
+                master_key_file: flags.value("--master-key-file")?.map(PathBuf::from),
+                log_requests: !flags.switch("--quiet"),
+            };
+            Command::Serve(config)
+        }
+        Some("bench") => {
+            if flags.args.first().map(String::as_str) != Some("api") {
+                return Err("the only benchmark is `bench api`".into());
+            }
+            flags.args.remove(0);
+            Command::BenchApi(BenchOptions {
+                clients: number("--clients", flags.value("--clients")?, 16)?,
+                requests: number("--requests", flags.value("--requests")?, 1000)?,
+                data_dir: flags.value("--data-dir")?.map(PathBuf::from),
+            })
+        }
+        Some("rotate-key") => Command::RotateKey {
+            data_dir: PathBuf::from(flags.value("--data-dir")?.ok_or("rotate-key needs --data-dir")?),
+            old_key: flags.value("--master-key-file")?.map(PathBuf::from),
+            new_key: flags.value("--new-master-key-file")?.map(PathBuf::from),
+        },
+        Some(other) => return Err(format!("unknown command {other:?}")),
+    };
+    flags.finish()?;
+    Ok(command)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn parses_the_pid1_command_line() {
+        let cmd = parse(args(
+            "serve --listen 0.0.0.0:8080 --data-dir /data --vmm-bin /bin/vmm --admin-key-file /sys/firmware/qemu_fw_cfg/by_name/opt/opencomputer/admin-key/raw",
+        ))
+        .expect("parse");
+        let Command::Serve(c) = cmd else { panic!("not serve") };
+        assert_eq!(c.listen, "0.0.0.0:8080");
+        assert_eq!(c.data_dir, PathBuf::from("/data"));
+        assert_eq!(c.admin_key_file.as_deref(), Some(std::path::Path::new(DEFAULT_ADMIN_KEY_FILE)));
+        assert!(c.log_requests);
+    }
+
+    #[test]
+    fn rejects_unknown_and_incomplete_arguments() {
+        assert!(parse(args("serve --bogus")).is_err());
+        assert!(parse(args("serve --listen")).is_err());
+        assert!(parse(args("bench other")).is_err());
+        assert!(parse(args("bench api --clients 0")).is_err());
+        assert!(parse(args("rotate-key")).is_err());
+        assert!(matches!(parse(args("bench api --clients 4")), Ok(Command::BenchApi(BenchOptions { clients: 4, .. }))));
+    }
+}

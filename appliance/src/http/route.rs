@@ -1,0 +1,110 @@
+//! Maps a URL path to a route of the wire contract. Path parameters are percent-decoded.
+
+use crate::error::AppError;
+use crate::http::request::percent_decode;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    Healthz,
+    Metrics,
+    Projects,
+    Project(String),
+    ProjectSecrets(String),
+    ProjectSecret(String, String),
+    Sandboxes,
+    Sandbox(String),
+    SandboxTimeout(String),
+    ExecRun(String),
+    Commands(String),
+    ExecSessions(String),
+    ExecSession(String, String),
+    ExecKill(String, String),
+    Files(String),
+    FilesList(String),
+    FilesMkdir(String),
+}
+
+impl Route {
+    /// Route pattern, used as the metrics label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Healthz => "/api/healthz",
+            Self::Metrics => "/metrics",
+            Self::Projects => "/api/projects",
+            Self::Project(_) => "/api/projects/{id}",
+            Self::ProjectSecrets(_) => "/api/projects/{id}/secrets",
+            Self::ProjectSecret(..) => "/api/projects/{id}/secrets/{name}",
+            Self::Sandboxes => "/api/sandboxes",
+            Self::Sandbox(_) => "/api/sandboxes/{id}",
+            Self::SandboxTimeout(_) => "/api/sandboxes/{id}/timeout",
+            Self::ExecRun(_) => "/api/sandboxes/{id}/exec/run",
+            Self::Commands(_) => "/api/sandboxes/{id}/commands",
+            Self::ExecSessions(_) => "/api/sandboxes/{id}/exec",
+            Self::ExecSession(..) => "/api/sandboxes/{id}/exec/{sid}",
+            Self::ExecKill(..) => "/api/sandboxes/{id}/exec/{sid}/kill",
+            Self::Files(_) => "/api/sandboxes/{id}/files",
+            Self::FilesList(_) => "/api/sandboxes/{id}/files/list",
+            Self::FilesMkdir(_) => "/api/sandboxes/{id}/files/mkdir",
+        }
+    }
+}
+
+/// Label for requests that match no route.
+pub const UNMATCHED: &str = "unmatched";
+
+pub fn match_route(path: &str) -> Result<Option<Route>, AppError> {
+    let trimmed = path.strip_suffix('/').filter(|p| !p.is_empty()).unwrap_or(path);
+    if trimmed == "/metrics" {
+        return Ok(Some(Route::Metrics));
+    }
+    let Some(rest) = trimmed.strip_prefix("/api/") else { return Ok(None) };
+    let raw: Vec<&str> = rest.split('/').collect();
+    let mut seg = Vec::with_capacity(raw.len());
+    for s in &raw {
+        seg.push(percent_decode(s, false)?);
+    }
+    let s: Vec<&str> = seg.iter().map(String::as_str).collect();
+    let route = match s.as_slice() {
+        ["healthz"] => Route::Healthz,
+        ["projects"] => Route::Projects,
+        ["projects", id] => Route::Project(id.to_string()),
+        ["projects", id, "secrets"] => Route::ProjectSecrets(id.to_string()),
+        ["projects", id, "secrets", name] => Route::ProjectSecret(id.to_string(), name.to_string()),
+        ["sandboxes"] => Route::Sandboxes,
+        ["sandboxes", id] => Route::Sandbox(id.to_string()),
+        ["sandboxes", id, "timeout"] => Route::SandboxTimeout(id.to_string()),
+        ["sandboxes", id, "exec", "run"] => Route::ExecRun(id.to_string()),
+        ["sandboxes", id, "commands"] => Route::Commands(id.to_string()),
+        ["sandboxes", id, "exec"] => Route::ExecSessions(id.to_string()),
+        ["sandboxes", id, "exec", sid] => Route::ExecSession(id.to_string(), sid.to_string()),
+        ["sandboxes", id, "exec", sid, "kill"] => Route::ExecKill(id.to_string(), sid.to_string()),
+        ["sandboxes", id, "files"] => Route::Files(id.to_string()),
+        ["sandboxes", id, "files", "list"] => Route::FilesList(id.to_string()),
+        ["sandboxes", id, "files", "mkdir"] => Route::FilesMkdir(id.to_string()),
+        _ => return Ok(None),
+    };
+    Ok(Some(route))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_contract_paths() {
+        assert_eq!(match_route("/api/healthz").expect("ok"), Some(Route::Healthz));
+        assert_eq!(match_route("/api/projects/").expect("ok"), Some(Route::Projects));
+        assert_eq!(
+            match_route("/api/projects/abc/secrets/API_KEY").expect("ok"),
+            Some(Route::ProjectSecret("abc".into(), "API_KEY".into()))
+        );
+        assert_eq!(match_route("/api/sandboxes/s1/exec/run").expect("ok"), Some(Route::ExecRun("s1".into())));
+        assert_eq!(
+            match_route("/api/sandboxes/s1/exec/x%2Fy/kill").expect("ok"),
+            Some(Route::ExecKill("s1".into(), "x/y".into()))
+        );
+        assert_eq!(match_route("/api/nothing").expect("ok"), None);
+        assert_eq!(match_route("/other").expect("ok"), None);
+        assert!(match_route("/api/projects/%zz").is_err());
+    }
+}

@@ -1,0 +1,28 @@
+//! The OpenComputer appliance control plane: the OpenComputer-compatible HTTP API,
+//! the LMDB store, secret encryption, sealed-token minting and the sandbox lifecycle.
+//! It must never store, log, print or return a secret's plaintext, and never answer
+//! a sandbox request with success it did not get from the sandbox runtime.
+
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod bench;
+pub mod ca_store;
+pub mod cli;
+pub mod client;
+pub mod clock;
+pub mod connsock;
+pub mod crypto;
+pub mod error;
+pub mod http;
+pub mod keyfiles;
+pub mod lifecycle;
+pub mod metrics;
+pub mod rotate;
+pub mod runtime;
+pub mod seal;
+pub mod selfcheck;
+pub mod serve;
+pub mod signals;
+pub mod store;
+pub mod websocket;

@@ -1,0 +1,47 @@
+//! The `appliance` binary: `serve` (the control plane PID 1 starts), `bench api` and
+//! `rotate-key`. It must never print secret values, and it serves sandbox routes only
+//! through a real runtime (503 until one is wired in).
+
+use std::process::ExitCode;
+
+use appliance::cli::{self, Command};
+use appliance::serve::{self, SandboxSide};
+
+fn main() -> ExitCode {
+    let command = match cli::parse(std::env::args().skip(1).collect()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("appliance: {e}\n{}", cli::USAGE);
+            return ExitCode::from(2);
+        }
+    };
+    let result = match command {
+        Command::Help => {
+            println!("{}", cli::USAGE);
+            Ok(())
+        }
+        Command::Serve(config) => {
+            let reason = format!(
+                "no VMM runtime is wired into this build of the appliance (vmm binary {})",
+                config.vmm_bin.display()
+            );
+            serve::run(&config, SandboxSide::Unavailable(reason))
+        }
+        Command::BenchApi(options) => appliance::bench::run(&options).map(|line| println!("{line}")),
+        Command::RotateKey { data_dir, old_key, new_key } => {
+            appliance::rotate::run(&data_dir, old_key.as_deref(), new_key.as_deref()).map(|r| {
+                println!(
+                    "appliance: rotated to master key {}: re-encrypted {} secret(s) and {} CA key(s)",
+                    r.new_key_id, r.secrets, r.ca_keys
+                )
+            })
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("appliance: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! What the control plane needs from the sandbox side: boot a microVM, stop it, and
+//! talk to its agent (exec, sessions, files, environment). The real implementation
+//! (VMM processes + the vsock agent) is wired in by the embedding binary; when none
+//! is wired, sandbox operations answer 503 instead of pretending.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Write;
+use std::sync::mpsc::Receiver;
+
+use zeroize::Zeroizing;
+
+/// What to boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootSpec {
+    pub sandbox_id: String,
+    pub template: String,
+    pub cpu_count: u32,
+    pub memory_mb: u32,
+}
+
+/// A booted sandbox: its vsock CID identifies it to the proxy and the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Booted {
+    pub cid: u32,
+}
+
+/// One environment variable handed to the agent. Values are wiped on drop (they are
+/// sealed tokens or caller-supplied values, never secret plaintexts).
+pub type EnvVars = Vec<(String, Zeroizing<String>)>;
+
+/// A command for the agent to run with `sh -c`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecRequest {
+    pub command_line: String,
+    pub envs: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    /// Seconds; the agent kills the command when it runs longer.
+    pub timeout_sec: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    pub exit_code: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecSessionInfo {
+    pub session_id: String,
+    pub command_line: String,
+    pub running: bool,
+    pub exit_code: Option<i32>,
+}
+
+/// Output of an attached exec session, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecEvent {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    Exit(i32),
+}
+
+/// A live attachment to an exec session: output events and the session's stdin.
+pub struct ExecAttachment {
+    pub events: Receiver<ExecEvent>,
+    pub stdin: Box<dyn Write + Send>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    pub name: String,
+    pub path: String,
+    pub is_dir: bool,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuntimeError {
+    /// The sandbox (or session, or file) does not exist on the sandbox side.
+    NotFound(String),
+    /// The request is invalid for the sandbox side (bad path, bad signal...).
+    Invalid(String),
+    /// Booting or talking to the sandbox failed.
+    Failed(String),
+}
+
+impl fmt::Display for RuntimeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotFound(m) | Self::Invalid(m) | Self::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for RuntimeError {}
+
+/// The sandbox side. Implementations must be safe to call from many request threads.
+pub trait SandboxRuntime: Send + Sync {
+    fn boot(&self, spec: &BootSpec) -> Result<Booted, RuntimeError>;
+    /// Hands the agent its environment (sealed tokens, proxy settings, request envs).
+    fn set_env(&self, sandbox_id: &str, envs: &EnvVars) -> Result<(), RuntimeError>;
+    /// Kills the VMM and releases the sandbox's disk; stopping a dead sandbox is not an error.
+    fn stop(&self, sandbox_id: &str) -> Result<(), RuntimeError>;
+    /// Whether the sandbox's VMM is still running (used after restarts and by the reaper).
+    fn is_alive(&self, sandbox_id: &str) -> bool;
+
+    fn exec_run(&self, sandbox_id: &str, request: &ExecRequest) -> Result<ExecOutput, RuntimeError>;
+    fn exec_start(&self, sandbox_id: &str, request: &ExecRequest) -> Result<String, RuntimeError>;
+    fn exec_list(&self, sandbox_id: &str) -> Result<Vec<ExecSessionInfo>, RuntimeError>;
+    fn exec_kill(&self, sandbox_id: &str, session_id: &str, signal: i32) -> Result<(), RuntimeError>;
+    fn exec_attach(&self, sandbox_id: &str, session_id: &str) -> Result<ExecAttachment, RuntimeError>;
+
+    fn read_file(&self, sandbox_id: &str, path: &str) -> Result<Vec<u8>, RuntimeError>;
+    fn write_file(&self, sandbox_id: &str, path: &str, data: &[u8]) -> Result<(), RuntimeError>;
+    fn remove_file(&self, sandbox_id: &str, path: &str) -> Result<(), RuntimeError>;
+    fn list_dir(&self, sandbox_id: &str, path: &str) -> Result<Vec<DirEntry>, RuntimeError>;
+    fn make_dir(&self, sandbox_id: &str, path: &str) -> Result<(), RuntimeError>;
+}

@@ -1,0 +1,141 @@
+//! `appliance serve`: opens the data directory, keys and store, configures auth,
+//! runs the VMM self-check, reconciles sandboxes and serves HTTP until SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::app::App;
+use crate::auth::configure_admin_key;
+use crate::crypto::Keyring;
+use crate::http::server::HttpServer;
+use crate::keyfiles::{load_or_create_master_key, next_master_key_path, read_master_key, DataDirLock};
+use crate::lifecycle::{self, Backend, Lifecycle};
+use crate::metrics::Metrics;
+use crate::selfcheck;
+use crate::store::Store;
+
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: String,
+    pub data_dir: PathBuf,
+    pub vmm_bin: PathBuf,
+    pub admin_key_file: Option<PathBuf>,
+    pub master_key_file: Option<PathBuf>,
+    pub log_requests: bool,
+}
+
+/// How sandbox routes are served: by a wired runtime, or refused with a reason.
+pub enum SandboxSide {
+    Wired(Backend),
+    Unavailable(String),
+}
+
+pub struct Running {
+    app: Arc<App>,
+    http: HttpServer,
+    reaper_stop: Arc<AtomicBool>,
+    reaper: Option<JoinHandle<()>>,
+    _lock: DataDirLock,
+}
+
+fn open_keyring(config: &ServeConfig, store_needed: impl FnOnce() -> Result<Store, String>) -> Result<(Keyring, Store), String> {
+    if let Some(path) = &config.master_key_file {
+        let key = read_master_key(path)?;
+        println!("appliance: master key {} loaded from {}", key.id_hex(), path.display());
+        return Ok((Keyring::new(key), store_needed()?));
+    }
+    let (key, created) = load_or_create_master_key(&config.data_dir)?;
+    if created {
+        println!("appliance: generated a new master key {} in {}", key.id_hex(), config.data_dir.display());
+    } else {
+        println!("appliance: master key {} loaded", key.id_hex());
+    }
+    let store = store_needed()?;
+    if next_master_key_path(&config.data_dir).exists() {
+        println!("appliance: an interrupted key rotation was found; completing it");
+        let (report, ring) = crate::rotate::rotate_default_key(&config.data_dir, &store)?;
+        println!(
+            "appliance: key rotation completed: {} secret(s), {} CA key(s) now under key {}",
+            report.secrets, report.ca_keys, report.new_key_id
+        );
+        return Ok((ring, store));
+    }
+    Ok((Keyring::new(key), store))
+}
+
+pub fn start(config: &ServeConfig, side: SandboxSide) -> Result<Running, String> {
+    let lock = DataDirLock::acquire(&config.data_dir)?;
+    let (keyring, store) = open_keyring(config, || Store::open(&config.data_dir))?;
+    println!("appliance: store open at {}", store.path().display());
+    let auth = configure_admin_key(&store, config.admin_key_file.as_deref())?;
+    let kvm = selfcheck::run(&config.vmm_bin, selfcheck::SELFCHECK_TIMEOUT);
+    println!("appliance: vmm selfcheck: {kvm}");
+    let lifecycle = match side {
+        SandboxSide::Wired(backend) => Lifecycle::new(Some(backend), ""),
+        SandboxSide::Unavailable(reason) => {
+            println!("appliance: sandbox routes will answer 503: sandbox runtime not available: {reason}");
+            Lifecycle::new(None, reason)
+        }
+    };
+    let app = Arc::new(App {
+        store,
+        keyring,
+        auth,
+        lifecycle,
+        metrics: Metrics::new(),
+        kvm,
+        log_requests: config.log_requests,
+    });
+    lifecycle::reconcile_after_start(&app).map_err(|e| e.message)?;
+    let reaper_stop = Arc::new(AtomicBool::new(false));
+    let reaper = lifecycle::spawn_reaper(Arc::clone(&app), Arc::clone(&reaper_stop), Duration::from_millis(250));
+    let http = HttpServer::start(Arc::clone(&app), &config.listen)?;
+    println!("appliance: listening on http://{}", http.addr());
+    Ok(Running { app, http, reaper_stop, reaper, _lock: lock })
+}
+
+impl Running {
+    pub fn addr(&self) -> SocketAddr {
+        self.http.addr()
+    }
+
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+
+    /// Stops accepting requests, lets in-flight ones finish (up to `grace`), stops the
+    /// reaper and closes the store.
+    pub fn shutdown(self, grace: Duration) {
+        let Running { app, http, reaper_stop, reaper, _lock } = self;
+        http.shutdown(grace);
+        reaper_stop.store(true, Ordering::SeqCst);
+        if let Some(r) = reaper {
+            let _ = r.join();
+        }
+        match Arc::try_unwrap(app) {
+            Ok(app) => app.store.close(),
+            Err(shared) => {
+                // A WebSocket stream still holds the app; every commit is already
+                // durable, so only the committer needs to drain.
+                eprintln!("appliance: store still in use by a stream at shutdown; flushing writes only");
+                drop(shared);
+            }
+        }
+        drop(_lock);
+    }
+}
+
+/// The `serve` subcommand: runs until SIGTERM/SIGINT, then shuts down cleanly.
+pub fn run(config: &ServeConfig, side: SandboxSide) -> Result<(), String> {
+    crate::signals::block_termination_signals()?;
+    let running = start(config, side)?;
+    let signal = crate::signals::wait_for_termination();
+    println!("appliance: {signal} received; finishing in-flight requests");
+    running.shutdown(Duration::from_secs(5));
+    println!("appliance: store closed; exiting");
+    Ok(())
+}

@@ -1,0 +1,167 @@
+//! Group commit: one thread owns LMDB's single writer slot. Each submitted job runs in
+//! its own nested transaction (so a failing job leaves nothing behind), and every job
+//! that arrived while the previous commit was syncing shares the next parent commit.
+//! A job's caller is answered only after that parent commit is on disk, so each API
+//! call is still atomic and durable, but N concurrent calls cost one pair of fsyncs.
+
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TryRecvError};
+use std::time::{Duration, Instant};
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+
+use heed::{Env, RwTxn};
+
+use super::Dbs;
+use crate::error::AppError;
+
+/// Upper bound on jobs per commit, so one commit's latency stays bounded.
+const MAX_BATCH: usize = 256;
+/// A batch closes when no job arrived for this long...
+const ARRIVAL_GAP: Duration = Duration::from_micros(250);
+/// ...or when it has been collecting for this long.
+const MAX_COLLECT: Duration = Duration::from_micros(1500);
+
+trait Job: Send {
+    /// Runs the job in a child transaction of `parent`; remembers its outcome.
+    fn apply(&mut self, env: &Env, parent: &mut RwTxn, dbs: &Dbs);
+    /// Answers the caller once the parent commit's outcome is known.
+    fn finish(self: Box<Self>, parent_outcome: Result<(), AppError>);
+}
+
+struct TypedJob<R, F> {
+    work: Option<F>,
+    outcome: Option<Result<R, AppError>>,
+    reply: SyncSender<Result<R, AppError>>,
+}
+
+impl<R, F> Job for TypedJob<R, F>
+where
+    R: Send + 'static,
+    F: FnOnce(&mut RwTxn, &Dbs) -> Result<R, AppError> + Send + 'static,
+{
+    fn apply(&mut self, env: &Env, parent: &mut RwTxn, dbs: &Dbs) {
+        let Some(work) = self.work.take() else { return };
+        let outcome = match env.nested_write_txn(parent) {
+            Err(e) => Err(AppError::store(e)),
+            Ok(mut child) => match work(&mut child, dbs) {
+                Ok(value) => child.commit().map(|()| value).map_err(AppError::store),
+                Err(e) => {
+                    child.abort();
+                    Err(e)
+                }
+            },
+        };
+        self.outcome = Some(outcome);
+    }
+
+    fn finish(self: Box<Self>, parent_outcome: Result<(), AppError>) {
+        let answer = match (self.outcome, parent_outcome) {
+            (Some(Err(e)), _) => Err(e),
+            (Some(Ok(_)), Err(e)) => Err(e),
+            (Some(Ok(v)), Ok(())) => Ok(v),
+            (None, Err(e)) => Err(e),
+            (None, Ok(())) => Err(AppError::internal("store: write job was never run")),
+        };
+        // The caller may have gone away; nothing else to do then.
+        let _ = self.reply.send(answer);
+    }
+}
+
+pub struct Committer {
+    sender: Mutex<Option<Sender<Box<dyn Job>>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Committer {
+    pub fn start(env: Env, dbs: Dbs) -> Self {
+        let (sender, receiver) = mpsc::channel::<Box<dyn Job>>();
+        let thread = std::thread::Builder::new()
+            .name("store-commit".into())
+            .spawn(move || run(env, dbs, receiver))
+            .ok();
+        if thread.is_none() {
+            eprintln!("appliance: cannot start the store commit thread; writes will fail");
+        }
+        Self { sender: Mutex::new(Some(sender)), thread: Mutex::new(thread) }
+    }
+
+    pub fn submit<R, F>(&self, work: F) -> Result<R, AppError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut RwTxn, &Dbs) -> Result<R, AppError> + Send + 'static,
+    {
+        let (reply, answer) = mpsc::sync_channel(1);
+        let job: Box<dyn Job> = Box::new(TypedJob { work: Some(work), outcome: None, reply });
+        {
+            let guard = self.sender.lock().map_err(|_| AppError::internal("store: committer lock poisoned"))?;
+            let sender = guard.as_ref().ok_or_else(|| AppError::unavailable("store is closing"))?;
+            sender.send(job).map_err(|_| AppError::internal("store: commit thread has stopped"))?;
+        }
+        answer.recv().map_err(|_| AppError::internal("store: commit thread has stopped"))?
+    }
+
+    /// Lets queued jobs finish, then stops the thread.
+    pub fn shutdown(&self) {
+        if let Ok(mut guard) = self.sender.lock() {
+            guard.take();
+        }
+        let handle = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Gathers the jobs that arrive shortly after the first one. A commit costs two
+/// fsyncs (milliseconds) while a request's CPU work is tens of microseconds, so
+/// waiting a fraction of a millisecond for callers that were answered by the previous
+/// commit and are about to submit again multiplies throughput at a small latency cost.
+fn collect_batch(receiver: &Receiver<Box<dyn Job>>, batch: &mut Vec<Box<dyn Job>>) {
+    let started = Instant::now();
+    while batch.len() < MAX_BATCH {
+        match receiver.try_recv() {
+            Ok(job) => {
+                batch.push(job);
+                continue;
+            }
+            Err(TryRecvError::Disconnected) => return,
+            Err(TryRecvError::Empty) => {}
+        }
+        let waited = started.elapsed();
+        if waited >= MAX_COLLECT {
+            return;
+        }
+        match receiver.recv_timeout(ARRIVAL_GAP.min(MAX_COLLECT - waited)) {
+            Ok(job) => batch.push(job),
+            Err(_) => return,
+        }
+    }
+}
+
+fn run(env: Env, dbs: Dbs, receiver: Receiver<Box<dyn Job>>) {
+    while let Ok(first) = receiver.recv() {
+        let mut batch = vec![first];
+        collect_batch(&receiver, &mut batch);
+        let outcome = match env.write_txn() {
+            Err(e) => Err(AppError::store(e)),
+            Ok(mut parent) => {
+                for job in batch.iter_mut() {
+                    job.apply(&env, &mut parent, &dbs);
+                }
+                parent.commit().map_err(AppError::store)
+            }
+        };
+        if let Err(e) = &outcome {
+            eprintln!("appliance: store commit failed: {}", e.message);
+        }
+        for job in batch {
+            job.finish(outcome.clone());
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! The typed records kept in the store. Timestamps are unix seconds; the API layer
+//! formats them as RFC 3339.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProjectRecord {
+    pub id: String,
+    pub name: String,
+    pub template: String,
+    pub cpu_count: u32,
+    #[serde(rename = "memoryMB")]
+    pub memory_mb: u32,
+    pub timeout_sec: u64,
+    pub egress_allowlist: Vec<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxStatus {
+    Running,
+    Stopped,
+    Error,
+}
+
+impl SandboxStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Stopped => "stopped",
+            Self::Error => "error",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxRecord {
+    pub id: String,
+    pub template: String,
+    pub status: SandboxStatus,
+    pub started_at: i64,
+    pub end_at: i64,
+    pub cpu_count: u32,
+    #[serde(rename = "memoryMB")]
+    pub memory_mb: u32,
+    pub metadata: BTreeMap<String, String>,
+    /// Name of the project it was created from, if any (kept after the project is deleted).
+    pub project: Option<String>,
+    /// vsock CID the runtime assigned; the sandbox's identity towards the proxy.
+    pub cid: u32,
+}
+
+/// A stored API key: only its BLAKE2b-256 hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiKeyRecord {
+    pub hash_hex: String,
+    pub created_at: i64,
+}
+
+/// The appliance CA: certificate in the clear, private key sealed like a secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CaRecord {
+    pub cert_pem: String,
+    pub sealed_key_hex: String,
+    pub created_at: i64,
+}
+
+/// Key of a secret in the `secrets` database: `<project id>/<NAME>`, so a project's
+/// secrets are one prefix range.
+pub fn secret_key(project_id: &str, name: &str) -> String {
+    format!("{project_id}/{name}")
+}
+
+/// Associated data binding a sealed secret to its place in the store.
+pub fn secret_associated_data(project_id: &str, name: &str) -> Vec<u8> {
+    format!("opencomputer/secret/v1:{project_id}:{name}").into_bytes()
+}
+
+pub fn ca_associated_data(name: &str) -> Vec<u8> {
+    format!("opencomputer/ca-key/v1:{name}").into_bytes()
+}

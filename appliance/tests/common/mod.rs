@@ -1,0 +1,360 @@
+//! Shared test helpers: an in-process server over a real LMDB store in a temp dir,
+//! with test doubles of the sandbox runtime and the seal publisher.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use appliance::client::{HttpClient, HttpResponse};
+use appliance::lifecycle::Backend;
+use appliance::runtime::*;
+use appliance::seal::{SandboxSeal, SealPublisher};
+use appliance::serve::{self, Running, SandboxSide, ServeConfig};
+use serde_json::Value;
+
+pub const ADMIN_KEY: &str = "integration-test-admin-key-0123456789";
+
+pub fn temp_dir(tag: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "appliance-it-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    dir
+}
+
+// ---------------------------------------------------------------- runtime double
+
+#[derive(Default)]
+pub struct FakeSandbox {
+    pub cid: u32,
+    pub alive: bool,
+    pub template: String,
+    pub cpu: u32,
+    pub memory: u32,
+    pub env: Vec<(String, String)>,
+    pub files: BTreeMap<String, Vec<u8>>,
+    pub dirs: Vec<String>,
+    pub sessions: Vec<ExecSessionInfo>,
+    pub killed: Vec<(String, i32)>,
+}
+
+#[derive(Default)]
+pub struct FakeRuntime {
+    pub sandboxes: Mutex<HashMap<String, FakeSandbox>>,
+    pub next_cid: AtomicU32,
+    pub stops: Mutex<Vec<String>>,
+    /// Makes the next boots fail (templates named here are "missing").
+    pub fail_boot_template: Mutex<Option<String>>,
+    pub fail_set_env: Mutex<bool>,
+}
+
+impl FakeRuntime {
+    pub fn with_sandbox<R>(&self, id: &str, f: impl FnOnce(&mut FakeSandbox) -> R) -> Result<R, RuntimeError> {
+        let mut map = self.sandboxes.lock().expect("lock");
+        match map.get_mut(id) {
+            Some(s) if s.alive => Ok(f(s)),
+            _ => Err(RuntimeError::NotFound(format!("sandbox {id} is not running"))),
+        }
+    }
+
+    pub fn env_of(&self, id: &str) -> Vec<(String, String)> {
+        self.sandboxes.lock().expect("lock").get(id).map(|s| s.env.clone()).unwrap_or_default()
+    }
+
+    pub fn kill_vmm(&self, id: &str) {
+        if let Some(s) = self.sandboxes.lock().expect("lock").get_mut(id) {
+            s.alive = false;
+        }
+    }
+}
+
+/// Expands `$NAME` from `env` in an `echo` line, the only command this double runs.
+fn fake_shell(line: &str, env: &[(String, String)], extra: &BTreeMap<String, String>) -> ExecOutput {
+    let Some(rest) = line.strip_prefix("echo ") else {
+        return ExecOutput { exit_code: 127, stdout: vec![], stderr: format!("sh: {line}: not found\n").into_bytes() };
+    };
+    let mut out = String::new();
+    for word in rest.split(' ') {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        match word.strip_prefix('$') {
+            Some(name) => {
+                let v = extra
+                    .get(name)
+                    .cloned()
+                    .or_else(|| env.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
+                    .unwrap_or_default();
+                out.push_str(&v);
+            }
+            None => out.push_str(word.trim_matches('\'')),
+        }
+    }
+    out.push('\n');
+    ExecOutput { exit_code: 0, stdout: out.into_bytes(), stderr: vec![] }
+}
+
+struct ChannelStdin(Sender<Vec<u8>>);
+
+impl Write for ChannelStdin {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.send(buf.to_vec()).map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "session ended"))?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl SandboxRuntime for FakeRuntime {
+    fn boot(&self, spec: &BootSpec) -> Result<Booted, RuntimeError> {
+        if self.fail_boot_template.lock().expect("lock").as_deref() == Some(spec.template.as_str()) {
+            return Err(RuntimeError::NotFound(format!("template {:?} not found", spec.template)));
+        }
+        let cid = 100 + self.next_cid.fetch_add(1, Ordering::SeqCst);
+        self.sandboxes.lock().expect("lock").insert(
+            spec.sandbox_id.clone(),
+            FakeSandbox {
+                cid,
+                alive: true,
+                template: spec.template.clone(),
+                cpu: spec.cpu_count,
+                memory: spec.memory_mb,
+                ..Default::default()
+            },
+        );
+        Ok(Booted { cid })
+    }
+    fn set_env(&self, id: &str, envs: &EnvVars) -> Result<(), RuntimeError> {
+        if *self.fail_set_env.lock().expect("lock") {
+            return Err(RuntimeError::Failed("agent did not answer".into()));
+        }
+        self.with_sandbox(id, |s| s.env = envs.iter().map(|(k, v)| (k.clone(), v.to_string())).collect())
+    }
+    fn stop(&self, id: &str) -> Result<(), RuntimeError> {
+        self.stops.lock().expect("lock").push(id.to_string());
+        if let Some(s) = self.sandboxes.lock().expect("lock").get_mut(id) {
+            s.alive = false;
+        }
+        Ok(())
+    }
+    fn is_alive(&self, id: &str) -> bool {
+        self.sandboxes.lock().expect("lock").get(id).is_some_and(|s| s.alive)
+    }
+    fn exec_run(&self, id: &str, r: &ExecRequest) -> Result<ExecOutput, RuntimeError> {
+        self.with_sandbox(id, |s| fake_shell(&r.command_line, &s.env, &r.envs))
+    }
+    fn exec_start(&self, id: &str, r: &ExecRequest) -> Result<String, RuntimeError> {
+        self.with_sandbox(id, |s| {
+            let sid = format!("session-{}", s.sessions.len() + 1);
+            s.sessions.push(ExecSessionInfo {
+                session_id: sid.clone(),
+                command_line: r.command_line.clone(),
+                running: true,
+                exit_code: None,
+            });
+            sid
+        })
+    }
+    fn exec_list(&self, id: &str) -> Result<Vec<ExecSessionInfo>, RuntimeError> {
+        self.with_sandbox(id, |s| s.sessions.clone())
+    }
+    fn exec_kill(&self, id: &str, sid: &str, signal: i32) -> Result<(), RuntimeError> {
+        self.with_sandbox(id, |s| {
+            let session = s.sessions.iter_mut().find(|x| x.session_id == sid);
+            match session {
+                Some(x) => {
+                    x.running = false;
+                    x.exit_code = Some(128 + signal);
+                    s.killed.push((sid.to_string(), signal));
+                    Ok(())
+                }
+                None => Err(RuntimeError::NotFound(format!("session {sid} not found"))),
+            }
+        })?
+    }
+    /// The session echoes stdin back on stdout, `err:` lines on stderr, and exits
+    /// with code 7 on a line `exit`.
+    fn exec_attach(&self, id: &str, sid: &str) -> Result<ExecAttachment, RuntimeError> {
+        let known = self.with_sandbox(id, |s| s.sessions.iter().any(|x| x.session_id == sid))?;
+        if !known {
+            return Err(RuntimeError::NotFound(format!("session {sid} not found")));
+        }
+        let (events_tx, events) = mpsc::channel();
+        let (stdin_tx, stdin_rx) = mpsc::channel::<Vec<u8>>();
+        std::thread::spawn(move || {
+            let _ = events_tx.send(ExecEvent::Stdout(b"ready\n".to_vec()));
+            while let Ok(chunk) = stdin_rx.recv() {
+                let text = String::from_utf8_lossy(&chunk).to_string();
+                if text.trim() == "exit" {
+                    let _ = events_tx.send(ExecEvent::Exit(7));
+                    return;
+                }
+                let ev = match text.strip_prefix("err:") {
+                    Some(rest) => ExecEvent::Stderr(rest.as_bytes().to_vec()),
+                    None => ExecEvent::Stdout(chunk),
+                };
+                let _ = events_tx.send(ev);
+            }
+        });
+        Ok(ExecAttachment { events, stdin: Box::new(ChannelStdin(stdin_tx)) })
+    }
+    fn read_file(&self, id: &str, path: &str) -> Result<Vec<u8>, RuntimeError> {
+        self.with_sandbox(id, |s| s.files.get(path).cloned())?
+            .ok_or_else(|| RuntimeError::NotFound(format!("{path}: no such file")))
+    }
+    fn write_file(&self, id: &str, path: &str, data: &[u8]) -> Result<(), RuntimeError> {
+        self.with_sandbox(id, |s| {
+            s.files.insert(path.to_string(), data.to_vec());
+        })
+    }
+    fn remove_file(&self, id: &str, path: &str) -> Result<(), RuntimeError> {
+        self.with_sandbox(id, |s| s.files.remove(path))?
+            .map(|_| ())
+            .ok_or_else(|| RuntimeError::NotFound(format!("{path}: no such file")))
+    }
+    fn list_dir(&self, id: &str, path: &str) -> Result<Vec<DirEntry>, RuntimeError> {
+        self.with_sandbox(id, |s| {
+            let prefix = format!("{}/", path.trim_end_matches('/'));
+            let mut out: Vec<DirEntry> = s
+                .files
+                .iter()
+                .filter(|(p, _)| p.starts_with(&prefix) && !p[prefix.len()..].contains('/'))
+                .map(|(p, d)| DirEntry { name: p[prefix.len()..].to_string(), path: p.clone(), is_dir: false, size: d.len() as u64 })
+                .collect();
+            for d in &s.dirs {
+                if d.starts_with(&prefix) && !d[prefix.len()..].contains('/') {
+                    out.push(DirEntry { name: d[prefix.len()..].to_string(), path: d.clone(), is_dir: true, size: 0 });
+                }
+            }
+            out
+        })
+    }
+    fn make_dir(&self, id: &str, path: &str) -> Result<(), RuntimeError> {
+        self.with_sandbox(id, |s| s.dirs.push(path.to_string()))
+    }
+}
+
+// ---------------------------------------------------------------- publisher double
+
+#[derive(Default)]
+pub struct FakePublisher {
+    pub published: Mutex<HashMap<String, SandboxSeal>>,
+    pub withdrawn: Mutex<Vec<String>>,
+}
+
+impl SealPublisher for FakePublisher {
+    fn publish(&self, seal: SandboxSeal) -> Result<(), String> {
+        self.published.lock().expect("lock").insert(seal.sandbox_id.clone(), seal);
+        Ok(())
+    }
+    fn withdraw(&self, id: &str) {
+        self.published.lock().expect("lock").remove(id);
+        self.withdrawn.lock().expect("lock").push(id.to_string());
+    }
+}
+
+// ---------------------------------------------------------------- server harness
+
+pub struct Harness {
+    pub running: Option<Running>,
+    pub runtime: Arc<FakeRuntime>,
+    pub publisher: Arc<FakePublisher>,
+    pub data_dir: PathBuf,
+    pub addr: SocketAddr,
+}
+
+pub fn config(data_dir: &Path, key_file: Option<PathBuf>) -> ServeConfig {
+    ServeConfig {
+        listen: "127.0.0.1:0".into(),
+        data_dir: data_dir.to_path_buf(),
+        vmm_bin: PathBuf::from("/nonexistent/vmm"),
+        admin_key_file: key_file,
+        master_key_file: None,
+        log_requests: false,
+    }
+}
+
+pub fn write_key_file(dir: &Path) -> PathBuf {
+    let path = dir.join("admin-key");
+    std::fs::write(&path, format!("{ADMIN_KEY}\n")).expect("write key");
+    path
+}
+
+impl Harness {
+    pub fn start(tag: &str) -> Harness {
+        let data_dir = temp_dir(tag);
+        Self::start_in(data_dir, Arc::new(FakeRuntime::default()), Arc::new(FakePublisher::default()))
+    }
+
+    pub fn start_in(data_dir: PathBuf, runtime: Arc<FakeRuntime>, publisher: Arc<FakePublisher>) -> Harness {
+        let key_file = write_key_file(&data_dir);
+        let backend = Backend { runtime: runtime.clone(), publisher: publisher.clone() };
+        let running = serve::start(&config(&data_dir, Some(key_file)), SandboxSide::Wired(backend)).expect("start");
+        let addr = running.addr();
+        Harness { running: Some(running), runtime, publisher, data_dir, addr }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(self.addr, Some(ADMIN_KEY))
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown(Duration::from_secs(5));
+        }
+    }
+
+    /// Stops and starts again on the same data dir with the same doubles.
+    pub fn restart(&mut self) {
+        self.stop();
+        let key_file = write_key_file(&self.data_dir);
+        let backend = Backend { runtime: self.runtime.clone(), publisher: self.publisher.clone() };
+        let running =
+            serve::start(&config(&self.data_dir, Some(key_file)), SandboxSide::Wired(backend)).expect("restart");
+        self.addr = running.addr();
+        self.running = Some(running);
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
+
+pub struct Client {
+    inner: HttpClient,
+    /// Every response body, for the secrecy checks.
+    pub transcript: Vec<u8>,
+}
+
+impl Client {
+    pub fn new(addr: SocketAddr, key: Option<&str>) -> Client {
+        Client { inner: HttpClient::connect(addr, key.map(String::from)).expect("connect"), transcript: Vec::new() }
+    }
+
+    pub fn raw(&mut self, method: &str, path: &str, body: &[u8]) -> HttpResponse {
+        let r = self.inner.request(method, path, body).expect("request");
+        self.transcript.extend_from_slice(&r.body);
+        r
+    }
+
+    /// Status and parsed JSON (Null for empty bodies).
+    pub fn call(&mut self, method: &str, path: &str, body: &str) -> (u16, Value) {
+        let r = self.raw(method, path, body.as_bytes());
+        let v = if r.body.is_empty() { Value::Null } else { serde_json::from_slice(&r.body).expect("json body") };
+        (r.status, v)
+    }
+}

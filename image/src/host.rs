@@ -1,0 +1,95 @@
+//! Host tools: find them, install the missing ones with apt-get (saying so), and run commands
+//! with their output captured for error messages.
+
+use crate::err;
+use crate::error::Result;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+/// A command the pipeline needs and the Debian package that provides it.
+pub struct Tool {
+    pub command: &'static str,
+    pub package: &'static str,
+}
+
+pub const fn tool(command: &'static str, package: &'static str) -> Tool {
+    Tool { command, package }
+}
+
+pub fn have(command: &str) -> bool {
+    if command.contains('/') {
+        return Path::new(command).exists();
+    }
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path.split(':').chain(["/usr/sbin", "/sbin"]).any(|dir| Path::new(dir).join(command).is_file());
+    found
+}
+
+/// Installs the packages for every missing tool in one apt-get call.
+pub fn ensure(tools: &[Tool]) -> Result<()> {
+    let mut missing: Vec<&str> = tools.iter().filter(|t| !have(t.command)).map(|t| t.package).collect();
+    missing.sort_unstable();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    apt_install(&missing)
+}
+
+/// Installs Debian packages that are not installed yet (for libraries, which have no command).
+pub fn ensure_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !package_installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    apt_install(&missing)
+}
+
+fn package_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn apt_install(packages: &[&str]) -> Result<()> {
+    eprintln!("[image] installing missing host packages with apt-get: {}", packages.join(" "));
+    let is_root = std::env::var("USER").map(|u| u == "root").unwrap_or(false) || uid_is_root();
+    if !is_root {
+        return Err(err!(
+            "missing host packages: {}. Install them with: sudo apt-get install {}",
+            packages.join(" "),
+            packages.join(" ")
+        ));
+    }
+    let mut install = Command::new("apt-get");
+    install.env("DEBIAN_FRONTEND", "noninteractive").args(["install", "-y", "-qq", "--no-install-recommends"]).args(packages);
+    if run_quiet(&mut install).is_err() {
+        // The package lists may be missing or stale on a fresh machine.
+        run_quiet(Command::new("apt-get").args(["update", "-qq"]))?;
+        run_quiet(&mut install)?;
+    }
+    Ok(())
+}
+
+fn uid_is_root() -> bool {
+    // SAFETY: getuid has no arguments and cannot fail.
+    unsafe { libc::getuid() == 0 }
+}
+
+/// Runs a command, returning stdout; on failure the error carries the command and its stderr.
+pub fn run_quiet(cmd: &mut Command) -> Result<String> {
+    let shown = format!("{cmd:?}");
+    let output = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| err!("cannot run {shown}: {e}"))?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(20).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        return Err(err!("{shown} failed ({}):\n{}", output.status, tail.join("\n")));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}

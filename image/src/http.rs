@@ -1,0 +1,90 @@
+//! A minimal blocking HTTP/1.1 client over loopback, enough to poll the appliance's health
+//! endpoint without pulling an HTTP stack into the build tool.
+
+use crate::err;
+use crate::error::{Context, Result};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+pub struct Response {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Sends one request with `Connection: close` and reads the whole response.
+pub fn request(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8], timeout: Duration) -> Result<Response> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream = TcpStream::connect_timeout(&addr, timeout).ctx(|| format!("connect to {addr}"))?;
+    stream.set_read_timeout(Some(timeout)).ctx(|| "set read timeout".into())?;
+    stream.set_write_timeout(Some(timeout)).ctx(|| "set write timeout".into())?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).ctx(|| format!("send {method} {path}"))?;
+    stream.write_all(body).ctx(|| format!("send body of {method} {path}"))?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).ctx(|| format!("read response to {method} {path}"))?;
+    parse(&raw)
+}
+
+fn parse(raw: &[u8]) -> Result<Response> {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| err!("response has no complete header ({} bytes)", raw.len()))?;
+    let head = String::from_utf8_lossy(&raw[..split]);
+    let status_line = head.lines().next().unwrap_or("");
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| err!("bad status line {status_line:?}"))?;
+    let chunked = head.lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    let body = &raw[split + 4..];
+    let body = if chunked { dechunk(body)? } else { body.to_vec() };
+    Ok(Response { status, body })
+}
+
+fn dechunk(mut data: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = data.windows(2).position(|w| w == b"\r\n").ok_or_else(|| err!("truncated chunk size"))?;
+        let size_text = String::from_utf8_lossy(&data[..line_end]);
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| err!("bad chunk size {size_text:?}"))?;
+        data = &data[line_end + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        let chunk = data.get(..size).ok_or_else(|| err!("truncated chunk"))?;
+        out.extend_from_slice(chunk);
+        data = data.get(size + 2..).ok_or_else(|| err!("truncated chunk trailer"))?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_plain_and_chunked_responses() {
+        let plain = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").expect("plain");
+        assert_eq!((plain.status, plain.text().as_str()), (200, "ok"));
+        let chunked = parse(b"HTTP/1.1 401 Unauthorized\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").expect("chunked");
+        assert_eq!((chunked.status, chunked.text().as_str()), (401, "abcde"));
+        assert!(parse(b"HTTP/1.1 200 OK\r\n").is_err());
+        assert!(parse(b"garbage\r\n\r\n").is_err());
+    }
+}

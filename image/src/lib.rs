@@ -1,0 +1,24 @@
+//! `image`: builds the appliance's boot artifacts (appliance kernel and modules, sandbox guest
+//! kernel, initramfs) with cached, hash-keyed steps, and boots them in QEMU for operators and tests.
+//! It must never modify the host beyond installing missing build tools with apt-get, and never
+//! put anything in the image that was not built from declared inputs.
+
+pub mod appliance_kernel;
+pub mod cache;
+pub mod cpio;
+pub mod debian;
+pub mod error;
+pub mod guest_kernel;
+pub mod host;
+pub mod http;
+pub mod initramfs;
+pub mod modules;
+pub mod pipeline;
+pub mod progress;
+pub mod qemu;
+pub mod run;
+pub mod template;
+pub mod userland;
+pub mod workspace;
+
+pub use error::{Error, Result};

@@ -1,0 +1,67 @@
+//! `image` CLI: `build` the boot artifacts, or `run` the appliance in QEMU.
+
+use image::pipeline::{self, Variant};
+use image::run::{self, RunOptions};
+use std::process::ExitCode;
+
+const USAGE: &str = "usage:
+  image build [--variant product|test]     build kernel, guest kernel and initramfs (cached)
+  image run [--port N] [--cpus N] [--memory MiB] [--data-disk PATH] [--data-disk-gib N]
+                                           build what is missing, boot the appliance in QEMU,
+                                           print its API address; Ctrl-C shuts it down cleanly";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("build") => parse_build(&args[1..]).and_then(|v| pipeline::build(v).map_err(|e| e.to_string())).map(|a| {
+            println!("kernel: {}\ninitramfs: {}\ncmdline: {}", a.kernel.display(), a.initramfs.display(), a.cmdline);
+        }),
+        Some("run") => parse_run(&args[1..]).and_then(|o| run::run(o).map_err(|e| e.to_string())),
+        Some("help") | Some("--help") | Some("-h") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => Err(format!("unknown command {other:?}\n{USAGE}")),
+        None => Err(USAGE.to_string()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("image: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn parse_build(args: &[String]) -> Result<Variant, String> {
+    match args {
+        [] => Ok(Variant::Product),
+        [flag, value] if flag == "--variant" => match value.as_str() {
+            "product" => Ok(Variant::Product),
+            "test" => Ok(Variant::Test),
+            other => Err(format!("--variant {other:?}: expected product or test")),
+        },
+        _ => Err(format!("bad arguments {args:?}\n{USAGE}")),
+    }
+}
+
+fn parse_run(args: &[String]) -> Result<RunOptions, String> {
+    let mut opts = RunOptions::default();
+    let mut iter = args.iter();
+    while let Some(flag) = iter.next() {
+        let value = iter.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        let number = |what: &str| value.parse::<u64>().map_err(|_| format!("{flag} {value:?}: {what} expected"));
+        match flag.as_str() {
+            "--port" => opts.port = u16::try_from(number("a port")?).map_err(|_| format!("--port {value}: out of range"))?,
+            "--cpus" => opts.cpus = u32::try_from(number("a CPU count")?).map_err(|_| format!("--cpus {value}: out of range"))?,
+            "--memory" => opts.memory_mib = u32::try_from(number("MiB")?).map_err(|_| format!("--memory {value}: out of range"))?,
+            "--data-disk" => opts.data_disk = Some(value.into()),
+            "--data-disk-gib" => opts.data_disk_gib = number("GiB")?,
+            other => return Err(format!("unknown option {other:?}\n{USAGE}")),
+        }
+    }
+    if opts.cpus == 0 || opts.memory_mib < 1024 {
+        return Err("the appliance needs at least 1 CPU and 1024 MiB".into());
+    }
+    Ok(opts)
+}

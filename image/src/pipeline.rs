@@ -1,0 +1,122 @@
+//! The whole build: binaries, kernels, borrowed userland and the initramfs, for one image
+//! variant. The test variant adds a probe service used only by the end-to-end tests; the
+//! product variant carries no test entry points.
+
+use crate::appliance_kernel;
+use crate::err;
+use crate::error::{Context, Result};
+use crate::guest_kernel;
+use crate::host::{self, tool};
+use crate::initramfs::Tree;
+use crate::progress::{fmt_size, Outcome, Step};
+use crate::userland;
+use crate::workspace;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    Product,
+    Test,
+}
+
+impl Variant {
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Product => "product",
+            Variant::Test => "test",
+        }
+    }
+}
+
+/// Where QEMU (or firmware) finds what the build produced.
+pub struct Artifacts {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub cmdline: String,
+}
+
+/// The name under which QEMU passes the admin API key (fw_cfg), read by the appliance service.
+pub const ADMIN_KEY_FW_CFG: &str = "opt/opencomputer/admin-key";
+pub const API_PORT_IN_GUEST: u16 = 8080;
+pub const GUEST_KERNEL_PATH: &str = "/usr/share/opencomputer/guest/bzImage";
+
+pub fn build(variant: Variant) -> Result<Artifacts> {
+    let started = Instant::now();
+    let step = Step::start("host tools");
+    host::ensure(&[
+        tool("zstd", "zstd"),
+        tool("depmod", "kmod"),
+        tool("dpkg-deb", "dpkg"),
+        tool("mkfs.xfs", "xfsprogs"),
+        tool("ldd", "libc-bin"),
+    ])?;
+    step.finish(Outcome::Done, "");
+
+    let kernel = appliance_kernel::build()?;
+    let guest = guest_kernel::build()?;
+    let mut bins: Vec<workspace::Bin> = vec![("init", "init"), ("appliance", "appliance"), ("vmm", "vmm")];
+    if variant == Variant::Test {
+        bins.push(("qemu-test", "oc-probe"));
+    }
+    let built = workspace::build(&bins)?;
+
+    let step = Step::start(format!("initramfs ({})", variant.name()));
+    let mut tree = Tree::new();
+    for dir in ["/proc", "/sys", "/dev", "/run", "/tmp", "/data", "/root", "/etc", "/var"] {
+        tree.dir(dir)?;
+    }
+    // The kernel opens /dev/console for PID 1 before anything is mounted.
+    tree.char_device("/dev/console", 5, 1, 0o600)?;
+    tree.host_file("/init", &built[0], 0o755)?;
+    tree.host_file("/bin/appliance", &built[1], 0o755)?;
+    tree.host_file("/bin/vmm", &built[2], 0o755)?;
+    if variant == Variant::Test {
+        tree.host_file("/bin/oc-probe", &built[3], 0o755)?;
+    }
+    tree.host_tree("/", &kernel.modules_root)?;
+    tree.bytes("/lib/modules/load-order", kernel.load_order.join("\n") + "\n", 0o644)?;
+    tree.host_file(GUEST_KERNEL_PATH, &guest.bzimage, 0o644)?;
+    let mkfs = which("mkfs.xfs")?;
+    for (source, image_path) in userland::with_libraries(&mkfs, "/sbin/mkfs.xfs")? {
+        tree.host_file(&image_path, &source, 0o755)?;
+    }
+    tree.bytes("/etc/opencomputer/services", services_file(variant), 0o644)?;
+    tree.bytes("/etc/hostname", "opencomputer\n", 0o644)?;
+    tree.bytes("/etc/passwd", "root:x:0:0:root:/root:/bin/false\n", 0o644)?;
+    tree.bytes("/etc/group", "root:x:0:\n", 0o644)?;
+
+    let out_dir = workspace::target_dir().join("image").join(variant.name());
+    std::fs::create_dir_all(&out_dir).ctx(|| format!("create {}", out_dir.display()))?;
+    let initramfs = out_dir.join("initramfs.cpio.zst");
+    let (raw, compressed) = tree.write_compressed(&initramfs)?;
+    let vmlinuz = out_dir.join("vmlinuz");
+    std::fs::copy(&kernel.vmlinuz, &vmlinuz).ctx(|| format!("copy kernel to {}", vmlinuz.display()))?;
+    step.finish(Outcome::Built, &format!("{} ({} uncompressed) at {}", fmt_size(compressed), fmt_size(raw), initramfs.display()));
+
+    eprintln!("[image] build finished in {} (kernel {})", crate::progress::fmt_duration(started.elapsed()), kernel.version);
+    Ok(Artifacts { kernel: vmlinuz, initramfs, cmdline: kernel_cmdline() })
+}
+
+fn kernel_cmdline() -> String {
+    // panic=10: a kernel panic reboots instead of hanging the appliance.
+    "console=ttyS0,115200 panic=10 oc.hostname=opencomputer".to_string()
+}
+
+fn services_file(variant: Variant) -> String {
+    let mut text = String::from("# name program args... (started in order, stopped in reverse)\n");
+    text.push_str(&format!(
+        "appliance /bin/appliance serve --listen 0.0.0.0:{API_PORT_IN_GUEST} --data-dir /data --vmm-bin /bin/vmm \
+         --admin-key-file /sys/firmware/qemu_fw_cfg/by_name/{ADMIN_KEY_FW_CFG}/raw\n"
+    ));
+    if variant == Variant::Test {
+        text.push_str("probe /bin/oc-probe\n");
+    }
+    text
+}
+
+fn which(command: &str) -> Result<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path.split(':').chain(["/usr/sbin", "/sbin"]).map(|dir| PathBuf::from(dir).join(command)).find(|p| p.is_file());
+    found.ok_or_else(|| err!("{command} not found on this host"))
+}

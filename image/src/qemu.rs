@@ -1,0 +1,236 @@
+//! Booting the appliance in QEMU: accelerator choice, the machine's command line, the serial
+//! console captured to a file, the human monitor on a Unix socket, and readiness checks.
+
+use crate::err;
+use crate::error::{Context, Result};
+use crate::pipeline::{Artifacts, ADMIN_KEY_FW_CFG, API_PORT_IN_GUEST};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+/// KVM when this host's /dev/kvm is a normal hardware KVM (kvm_intel or kvm_amd loaded);
+/// otherwise TCG with `-cpu max`, which emulates SVM so the appliance still gets a nested
+/// /dev/kvm. `OC_QEMU_ACCEL=kvm|tcg` overrides. The reason is printed to the operator.
+pub fn detect_accel() -> (Accel, String) {
+    match std::env::var("OC_QEMU_ACCEL").as_deref() {
+        Ok("kvm") => return (Accel::Kvm, "OC_QEMU_ACCEL=kvm".into()),
+        Ok("tcg") => return (Accel::Tcg, "OC_QEMU_ACCEL=tcg".into()),
+        _ => {}
+    }
+    let kvm_usable = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    let hardware_module = ["kvm_intel", "kvm_amd"].into_iter().find(|m| Path::new("/sys/module").join(m).exists());
+    match (kvm_usable, hardware_module) {
+        (true, Some(module)) => (Accel::Kvm, format!("/dev/kvm backed by {module}")),
+        (true, None) => (Accel::Tcg, "/dev/kvm is not a hardware KVM (no kvm_intel/kvm_amd); using TCG with nested KVM inside".into()),
+        (false, _) => (Accel::Tcg, "no usable /dev/kvm; using TCG with nested KVM inside".into()),
+    }
+}
+
+pub struct MachineConfig {
+    pub artifacts: Artifacts,
+    pub data_disk: PathBuf,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// Host loopback port forwarded to the API port inside.
+    pub api_port: u16,
+    /// A 0600 file holding the admin API key, handed over with fw_cfg.
+    pub admin_key_file: Option<PathBuf>,
+    /// Console log, monitor socket.
+    pub run_dir: PathBuf,
+    pub accel: Accel,
+}
+
+pub struct Machine {
+    child: Option<Child>,
+    pub console_log: PathBuf,
+    monitor_socket: PathBuf,
+    pub api_port: u16,
+}
+
+/// Creates a sparse raw disk of `gib` GiB if it does not exist yet.
+pub fn create_data_disk(path: &Path, gib: u64) -> Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).ctx(|| format!("create {}", parent.display()))?;
+    }
+    let file = std::fs::File::create(path).ctx(|| format!("create {}", path.display()))?;
+    file.set_len(gib << 30).ctx(|| format!("size {}", path.display()))
+}
+
+/// A free TCP port on loopback, preferring `preferred` (0: any).
+pub fn free_port(preferred: u16) -> Result<u16> {
+    if preferred != 0 && std::net::TcpListener::bind(("127.0.0.1", preferred)).is_ok() {
+        return Ok(preferred);
+    }
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).ctx(|| "bind a free loopback port".into())?;
+    Ok(listener.local_addr().ctx(|| "read bound port".into())?.port())
+}
+
+impl Machine {
+    pub fn start(cfg: &MachineConfig) -> Result<Machine> {
+        std::fs::create_dir_all(&cfg.run_dir).ctx(|| format!("create {}", cfg.run_dir.display()))?;
+        let console_log = cfg.run_dir.join("console.log");
+        let monitor_socket = cfg.run_dir.join("monitor.sock");
+        let _ = std::fs::remove_file(&monitor_socket);
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-machine", "q35", "-nodefaults", "-no-user-config", "-display", "none"]);
+        match cfg.accel {
+            Accel::Kvm => cmd.args(["-accel", "kvm", "-cpu", "host"]),
+            Accel::Tcg => cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max"]),
+        };
+        cmd.arg("-smp").arg(cfg.cpus.to_string()).arg("-m").arg(cfg.memory_mib.to_string());
+        cmd.arg("-chardev").arg(format!("file,id=console,path={},append=on", console_log.display()));
+        cmd.args(["-serial", "chardev:console"]);
+        cmd.arg("-monitor").arg(format!("unix:{},server=on,wait=off", monitor_socket.display()));
+        cmd.arg("-kernel").arg(&cfg.artifacts.kernel);
+        cmd.arg("-initrd").arg(&cfg.artifacts.initramfs);
+        cmd.arg("-append").arg(&cfg.artifacts.cmdline);
+        cmd.arg("-netdev").arg(format!("user,id=net0,hostfwd=tcp:127.0.0.1:{}-:{API_PORT_IN_GUEST}", cfg.api_port));
+        cmd.args(["-device", "virtio-net-pci,netdev=net0"]);
+        cmd.arg("-drive").arg(format!("file={},if=none,id=data,format=raw,discard=unmap", cfg.data_disk.display()));
+        cmd.args(["-device", "virtio-blk-pci,drive=data"]);
+        cmd.args(["-device", "virtio-rng-pci"]);
+        if let Some(key_file) = &cfg.admin_key_file {
+            cmd.arg("-fw_cfg").arg(format!("name={ADMIN_KEY_FW_CFG},file={}", key_file.display()));
+        }
+        // Own process group: the operator's Ctrl-C reaches us, and we shut the guest down cleanly
+        // instead of QEMU dying mid-write.
+        cmd.process_group(0).stdin(Stdio::null()).stdout(Stdio::null());
+        let stderr_log = cfg.run_dir.join("qemu.stderr");
+        cmd.stderr(std::fs::File::create(&stderr_log).ctx(|| format!("create {}", stderr_log.display()))?);
+        let child = cmd.spawn().ctx(|| "start qemu-system-x86_64".into())?;
+        Ok(Machine { child: Some(child), console_log, monitor_socket, api_port: cfg.api_port })
+    }
+
+    /// Runs one human-monitor command and returns its output.
+    pub fn monitor(&self, command: &str) -> Result<String> {
+        let mut stream = UnixStream::connect(&self.monitor_socket).ctx(|| format!("connect to QEMU monitor {}", self.monitor_socket.display()))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10))).ctx(|| "monitor timeout".into())?;
+        read_until_prompt(&mut stream)?;
+        stream.write_all(format!("{command}\n").as_bytes()).ctx(|| format!("send {command} to QEMU"))?;
+        let out = read_until_prompt(&mut stream)?;
+        Ok(out)
+    }
+
+    /// Waits up to `timeout` for QEMU to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_exit()? {
+                return Ok(Some(status));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The exit status if QEMU has ended.
+    pub fn try_exit(&mut self) -> Result<Option<ExitStatus>> {
+        let Some(child) = self.child.as_mut() else { return Err(err!("QEMU was already reaped")) };
+        let status = child.try_wait().ctx(|| "wait for QEMU".into())?;
+        if status.is_some() {
+            self.child = None;
+        }
+        Ok(status)
+    }
+
+    pub fn console(&self) -> String {
+        std::fs::read(&self.console_log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+    }
+
+    pub fn console_tail(&self, lines: usize) -> String {
+        let text = self.console();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Waits until the console, after byte offset `from`, contains `needle`; returns the line.
+    pub fn wait_for_console(&mut self, needle: &str, from: usize, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.console();
+            if let Some(pos) = text.get(from..).and_then(|t| t.find(needle)) {
+                let start = text[..from + pos].rfind('\n').map(|p| p + 1).unwrap_or(0);
+                let end = text[from + pos..].find('\n').map(|p| from + pos + p).unwrap_or(text.len());
+                // The console's tty turns "\n" into "\r\n".
+                return Ok(text[start..end].trim_end().to_string());
+            }
+            if let Some(status) = self.try_exit()? {
+                return Err(err!("QEMU exited ({status}) before the console showed {needle:?}"));
+            }
+            if Instant::now() >= deadline {
+                return Err(err!("the console did not show {needle:?} within {timeout:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Polls `GET /api/healthz` until it answers 200; returns the body.
+    pub fn wait_api_ready(&mut self, timeout: Duration, stop: &dyn Fn() -> bool) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(resp) = crate::http::request(self.api_port, "GET", "/api/healthz", &[], b"", Duration::from_secs(5)) {
+                if resp.status == 200 {
+                    return Ok(resp.text());
+                }
+            }
+            if let Some(status) = self.try_exit()? {
+                return Err(err!("QEMU exited ({status}) before the API answered"));
+            }
+            if stop() {
+                return Err(err!("interrupted while waiting for the API"));
+            }
+            if Instant::now() >= deadline {
+                return Err(err!("the API did not answer on port {} within {timeout:?}", self.api_port));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Asks the guest to power off (ACPI power button) and waits for QEMU to exit.
+    pub fn power_down(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        self.monitor("system_powerdown")?;
+        self.wait_exit(timeout)?
+            .ok_or_else(|| err!("the appliance did not power off within {timeout:?}"))
+    }
+
+    /// Ends QEMU at once (a power cut, from the guest's point of view).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn read_until_prompt(stream: &mut UnixStream) -> Result<String> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !out.ends_with(b"(qemu) ") {
+        let n = stream.read(&mut buf).ctx(|| "read from QEMU monitor".into())?;
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}

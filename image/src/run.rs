@@ -1,0 +1,149 @@
+//! The main command: build what is missing, boot the appliance, print where its API is, and
+//! shut it down cleanly on Ctrl-C or SIGTERM.
+
+use crate::err;
+use crate::error::{Context, Result};
+use crate::host::{self, tool};
+use crate::pipeline::{self, Variant};
+use crate::qemu::{self, Machine, MachineConfig};
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+pub struct RunOptions {
+    pub port: u16,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    pub data_disk: Option<PathBuf>,
+    pub data_disk_gib: u64,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions { port: 8080, cpus: 2, memory_mib: 4096, data_disk: None, data_disk_gib: 32 }
+    }
+}
+
+/// How long the appliance may take to answer after QEMU starts (TCG is slow).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(180);
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn request_stop(_signal: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn install_stop_handlers() {
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(signal, request_stop as *const () as libc::sighandler_t) };
+    }
+}
+
+/// Where the persistent data disk and run files live: `$OC_STATE_DIR`, else
+/// `~/.local/share/opencomputer`.
+pub fn state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("OC_STATE_DIR") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+    home.join(".local/share/opencomputer")
+}
+
+/// A fresh random admin key (hex of 24 bytes from the kernel's CSPRNG).
+pub fn generate_api_key() -> Result<String> {
+    let mut bytes = [0u8; 24];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .ctx(|| "read /dev/urandom".into())?;
+    Ok(format!("oc_{}", crate::cache::hex(&bytes)))
+}
+
+/// Writes the key to a file only the current user can read, for QEMU's fw_cfg.
+pub fn write_key_file(path: &std::path::Path, key: &str) -> Result<()> {
+    use std::io::Write;
+    let _ = std::fs::remove_file(path);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .ctx(|| format!("create {}", path.display()))?;
+    file.write_all(key.as_bytes()).ctx(|| format!("write {}", path.display()))
+}
+
+pub fn run(opts: RunOptions) -> Result<()> {
+    install_stop_handlers();
+    let (key, generated) = match std::env::var("OPENCOMPUTER_API_KEY") {
+        Ok(key) if !key.trim().is_empty() => (key.trim().to_string(), false),
+        _ => (generate_api_key()?, true),
+    };
+    let artifacts = pipeline::build(Variant::Product)?;
+    host::ensure(&[tool("qemu-system-x86_64", "qemu-system-x86")])?;
+
+    let state = state_dir();
+    let data_disk = opts.data_disk.clone().unwrap_or_else(|| state.join("data.img"));
+    qemu::create_data_disk(&data_disk, opts.data_disk_gib)?;
+    let run_dir = state.join("run");
+    std::fs::create_dir_all(&run_dir).ctx(|| format!("create {}", run_dir.display()))?;
+    let key_file = run_dir.join("admin-key");
+    write_key_file(&key_file, &key)?;
+    let (accel, why) = qemu::detect_accel();
+    let api_port = qemu::free_port(opts.port)?;
+    let cfg = MachineConfig {
+        artifacts,
+        data_disk: data_disk.clone(),
+        memory_mib: opts.memory_mib,
+        cpus: opts.cpus,
+        api_port,
+        admin_key_file: Some(key_file),
+        run_dir: run_dir.clone(),
+        accel,
+    };
+    let started = Instant::now();
+    let mut machine = Machine::start(&cfg)?;
+    eprintln!("[run] booting the appliance ({accel:?}: {why}); console log: {}", machine.console_log.display());
+    eprintln!("[run] data disk: {}", data_disk.display());
+    let ready = machine.wait_api_ready(BOOT_TIMEOUT, &|| STOP.load(Ordering::SeqCst));
+    match ready {
+        Ok(_) => {}
+        Err(e) => {
+            eprintln!("[run] {e}; last console lines:\n{}", machine.console_tail(40));
+            if STOP.load(Ordering::SeqCst) {
+                return shut_down(&mut machine);
+            }
+            return Err(e);
+        }
+    }
+    println!("API ready: http://127.0.0.1:{api_port}/api");
+    if generated {
+        eprintln!("[run] admin API key (generated; set OPENCOMPUTER_API_KEY to choose one): {key}");
+    } else {
+        eprintln!("[run] admin API key: the value of OPENCOMPUTER_API_KEY");
+    }
+    eprintln!("[run] booted in {:.1}s; Ctrl-C or SIGTERM shuts the appliance down cleanly", started.elapsed().as_secs_f64());
+    while !STOP.load(Ordering::SeqCst) {
+        if let Some(status) = machine.try_exit()? {
+            return Err(err!("the appliance stopped by itself ({status}); console: {}", machine.console_log.display()));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    shut_down(&mut machine)
+}
+
+fn shut_down(machine: &mut Machine) -> Result<()> {
+    eprintln!("[run] shutting the appliance down (ACPI power button)");
+    let status = machine.power_down(SHUTDOWN_TIMEOUT).map_err(|e| {
+        machine.kill();
+        err!("{e}; QEMU killed")
+    })?;
+    if status.success() {
+        eprintln!("[run] appliance powered off cleanly");
+        Ok(())
+    } else {
+        Err(err!("QEMU exited with {status}"))
+    }
+}

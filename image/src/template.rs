@@ -1,0 +1,84 @@
+//! Sandbox templates: root filesystems built from Debian packages with mmdebstrap, with our
+//! sandbox init and agent installed, packed as ext4 disk images that the appliance clones
+//! copy-on-write for each sandbox.
+
+use crate::cache::{self, Entry};
+use crate::err;
+use crate::error::{Context, Result};
+use crate::host::{self, run_quiet, tool};
+use crate::progress::{fmt_size, Outcome, Step};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The `base` template (alias `default`).
+pub const BASE_PACKAGES: &[&str] = &["bash", "coreutils", "curl", "ca-certificates", "python3", "git", "procps"];
+pub const SUITE: &str = "bookworm";
+/// Where the sandbox PID 1 lives inside every template.
+pub const SANDBOX_INIT_PATH: &str = "/sbin/oc-init";
+/// Size of the template disk (sparse): what a sandbox can grow its root filesystem to.
+const DISK_SIZE: &str = "4G";
+/// Fixed filesystem identity, so the same inputs give the same image.
+const FS_UUID: &str = "5a1db0c5-0c0c-4e1e-9b2a-0a7c0ffee000";
+const HASH_SEED: &str = "0c0ffee0-5a1d-4b0c-8e3a-5eed00000000";
+
+pub struct Template {
+    pub name: &'static str,
+    pub disk: PathBuf,
+}
+
+/// Builds (or takes from the cache) the `base` template with `sandbox_init` installed.
+pub fn build_base(sandbox_init: &Path) -> Result<Template> {
+    let step = Step::start("template base");
+    host::ensure(&[tool("mmdebstrap", "mmdebstrap"), tool("mkfs.ext4", "e2fsprogs")])?;
+    let packages = BASE_PACKAGES.join(",");
+    let rootfs_key = cache::key(&[("suite", SUITE.as_bytes()), ("packages", packages.as_bytes()), ("recipe", b"minbase v1")]);
+    let rootfs = Entry::new("rootfs-base", &rootfs_key);
+    let mut outcome = Outcome::Cached;
+    if !rootfs.is_complete() {
+        step.note(&format!("mmdebstrap {SUITE} with {packages} (a few minutes)"));
+        rootfs.fill(|dir| {
+            run_quiet(
+                Command::new("mmdebstrap")
+                    .args(["--variant=minbase", "--quiet", "--mode=root", &format!("--include={packages}"), SUITE])
+                    .arg(dir.join("rootfs.tar")),
+            )
+            .map(|_| ())
+        })?;
+        outcome = Outcome::Built;
+    }
+    let init_bytes = std::fs::read(sandbox_init).ctx(|| format!("read {}", sandbox_init.display()))?;
+    let disk_key = cache::key(&[("rootfs", rootfs_key.as_bytes()), ("init", &init_bytes), ("size", DISK_SIZE.as_bytes()), ("recipe", b"ext4 v1")]);
+    let disk = Entry::new("template-base", &disk_key);
+    if !disk.is_complete() {
+        disk.fill(|dir| pack(&rootfs.path("rootfs.tar"), sandbox_init, &dir.join("base.ext4")))?;
+        outcome = Outcome::Built;
+    }
+    let template = Template { name: "base", disk: disk.path("base.ext4") };
+    let used = std::fs::metadata(rootfs.path("rootfs.tar")).map(|m| m.len()).unwrap_or(0);
+    step.finish(outcome, &format!("{} of files in a {DISK_SIZE} sparse ext4 disk", fmt_size(used)));
+    Ok(template)
+}
+
+/// Unpacks the root filesystem, installs the sandbox init, and makes the ext4 image.
+fn pack(rootfs_tar: &Path, sandbox_init: &Path, out: &Path) -> Result<()> {
+    let staging = out.with_extension("staging");
+    std::fs::create_dir_all(&staging).ctx(|| format!("create {}", staging.display()))?;
+    run_quiet(Command::new("tar").arg("-xpf").arg(rootfs_tar).arg("-C").arg(&staging).arg("--numeric-owner"))?;
+    let init_target = staging.join(SANDBOX_INIT_PATH.trim_start_matches('/'));
+    std::fs::copy(sandbox_init, &init_target).ctx(|| format!("install {}", init_target.display()))?;
+    run_quiet(Command::new("chmod").arg("0755").arg(&init_target))?;
+    let status = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "base", "-U", FS_UUID, "-E", &format!("hash_seed={HASH_SEED},root_owner=0:0")])
+        .arg("-d")
+        .arg(&staging)
+        .arg(out)
+        .arg(DISK_SIZE)
+        .env("SOURCE_DATE_EPOCH", "0")
+        .status()
+        .ctx(|| "run mkfs.ext4".into())?;
+    std::fs::remove_dir_all(&staging).ctx(|| format!("remove {}", staging.display()))?;
+    if !status.success() {
+        return Err(err!("mkfs.ext4 -d failed ({status})"));
+    }
+    Ok(())
+}

@@ -1,0 +1,50 @@
+//! The appliance's own binaries, built from this workspace as static executables.
+
+use crate::err;
+use crate::error::{Context, Result};
+use crate::progress::{Outcome, Step};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub const TARGET: &str = "x86_64-unknown-linux-gnu";
+
+/// The workspace root (the image crate lives one level below it).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Cargo's target directory for this workspace.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"))
+}
+
+/// A binary to build: (package, binary name).
+pub type Bin = (&'static str, &'static str);
+
+/// Builds the given binaries in release mode and returns their paths, in the same order.
+pub fn build(bins: &[Bin]) -> Result<Vec<PathBuf>> {
+    let step = Step::start("workspace binaries");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root()).args(["build", "--release", "--target", TARGET]);
+    for (package, bin) in bins {
+        cmd.args(["-p", package, "--bin", bin]);
+    }
+    let status = cmd.status().ctx(|| "run cargo build".into())?;
+    if !status.success() {
+        return Err(err!("cargo build of the appliance binaries failed ({status})"));
+    }
+    let dir = target_dir().join(TARGET).join("release");
+    let mut paths = Vec::new();
+    for (_, bin) in bins {
+        let path = dir.join(bin);
+        let elf = std::fs::read(&path).ctx(|| format!("read {}", path.display()))?;
+        if crate::userland::elf_interpreter(&elf)?.is_some() {
+            return Err(err!("{} is dynamically linked; the workspace must build with crt-static (.cargo/config.toml)", path.display()));
+        }
+        paths.push(path);
+    }
+    let names: Vec<&str> = bins.iter().map(|(_, b)| *b).collect();
+    step.finish(Outcome::Done, &names.join(", "));
+    Ok(paths)
+}

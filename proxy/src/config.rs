@@ -1,0 +1,105 @@
+//! Operator configuration of the proxy: CA, upstream trust, egress exceptions, limits.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::ca::CaPem;
+use crate::egress::Cidr;
+
+/// Default location of the system trust bundle (Debian's `ca-certificates`).
+pub const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// Which upstream certificates are trusted.
+#[derive(Clone, Debug)]
+pub struct UpstreamTrust {
+    /// PEM bundle of system roots; `None` trusts only the operator bundle.
+    pub system_bundle: Option<PathBuf>,
+    /// Extra operator roots (PEM), e.g. for internal APIs.
+    pub operator_bundle_pem: Option<Vec<u8>>,
+}
+
+impl Default for UpstreamTrust {
+    fn default() -> Self {
+        Self {
+            system_bundle: Some(PathBuf::from(SYSTEM_BUNDLE)),
+            operator_bundle_pem: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Timeouts {
+    /// Resolving and connecting to an upstream, including its TLS handshake.
+    pub connect: Duration,
+    /// Receiving a complete request head (and the sandbox-side TLS handshake).
+    pub header: Duration,
+    /// No byte in either direction.
+    pub idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(10),
+            header: Duration::from_secs(30),
+            idle: Duration::from_secs(120),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_connections_per_sandbox: usize,
+    pub max_connections: usize,
+    /// Bodies with a Content-Length up to this size are rewritten in memory so the
+    /// length can be corrected; larger and chunked bodies are streamed re-chunked.
+    pub max_buffered_body: usize,
+    pub leaf_cache_size: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: 64 * 1024,
+            max_headers: 128,
+            max_connections_per_sandbox: 256,
+            max_connections: 4096,
+            max_buffered_body: 1024 * 1024,
+            leaf_cache_size: 1024,
+        }
+    }
+}
+
+/// Everything the proxy needs besides the registry.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// The appliance CA that signs the per-host leaf certificates.
+    pub ca: CaPem,
+    pub upstream_trust: UpstreamTrust,
+    /// Host name -> address used instead of DNS (internal APIs, tests). Keys are
+    /// normalised host names.
+    pub address_overrides: HashMap<String, IpAddr>,
+    /// Restricted destinations (loopback, private, link-local, own addresses) that
+    /// the operator explicitly allows.
+    pub allowed_private: Vec<Cidr>,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+}
+
+impl ProxyConfig {
+    /// Defaults: system trust bundle, no overrides, no private destinations.
+    pub fn new(ca: CaPem) -> Self {
+        Self {
+            ca,
+            upstream_trust: UpstreamTrust::default(),
+            address_overrides: HashMap::new(),
+            allowed_private: Vec::new(),
+            timeouts: Timeouts::default(),
+            limits: Limits::default(),
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! The sealing proxy: the sandboxes' only way out (over vsock), which terminates their TLS with the appliance CA, enforces each sandbox's egress allowlist, refuses private destinations and replaces a sandbox's own sealed tokens by secret values only towards hosts each secret may reach.
+//! It must never log, print, return or persist a secret value, never trust an identity the sandbox claims, and never dial an upstream without verifying its certificate.
+//!
+//! Use: fill a [`SealRegistry`] (the appliance keeps it current), build a
+//! [`ProxyConfig`] (CA as PEM, trust, overrides, limits), then
+//! `Proxy::new(config, registry)?.serve(source).await` on a tokio runtime, with a
+//! [`VsockListener`] as the source (identity = peer CID). Plain `http://` requests are
+//! forwarded without substitution: secrets only leave over verified TLS.
+
+pub mod body;
+pub mod ca;
+pub mod config;
+pub mod egress;
+pub mod forward;
+pub mod hostmatch;
+pub mod http;
+pub mod io;
+pub mod listener;
+pub mod registry;
+pub mod server;
+mod session;
+pub mod subst;
+pub mod tls;
+pub mod vsock;
+
+pub use ca::{CaPem, CertificateAuthority};
+pub use config::{Limits, ProxyConfig, Timeouts, UpstreamTrust};
+pub use egress::Cidr;
+pub use listener::{ConnectionSource, TcpSource, UnixSource};
+pub use registry::{SandboxBindings, SandboxId, SealRegistry, SealedSecret, SecretValue};
+pub use server::{Proxy, ProxyError};
+pub use vsock::{VsockListener, VsockStream};

@@ -1,0 +1,508 @@
+//! One sandbox connection from first byte to close: the proxy request (CONNECT or
+//! absolute `http://`), policy checks, TLS interception, the upstream dial, then
+//! requests forwarded one after another while responses stream back unchanged.
+
+use std::sync::Arc;
+
+use log::{debug, info, warn};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::egress::EgressError;
+use crate::forward::{copy_raw, forward_request, is_upgrade, precheck, ForwardError};
+use crate::http::head::{parse_request_head, RequestHead};
+use crate::http::simple_response;
+use crate::http::target::{parse_absolute_http, parse_authority, Authority};
+use crate::io::{Activity, HeadReadError, Inbound, Prefixed};
+use crate::registry::{SandboxId, SandboxPolicy};
+use crate::server::Shared;
+use crate::subst::Replacements;
+
+const SOCKET_BUFFER: usize = 64 * 1024;
+
+/// An error answered to the sandbox before any upstream traffic.
+struct Reject {
+    status: u16,
+    reason: &'static str,
+    message: String,
+}
+
+impl Reject {
+    fn new(status: u16, reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+async fn send_reject<W: AsyncWrite + Unpin>(w: &mut W, sandbox: SandboxId, r: &Reject) {
+    info!(
+        "sandbox {sandbox}: {} {}: {}",
+        r.status, r.reason, r.message
+    );
+    let _ = w
+        .write_all(&simple_response(r.status, r.reason, &r.message, true))
+        .await;
+    let _ = w.flush().await;
+    let _ = w.shutdown().await;
+}
+
+fn head_read_reject(e: &HeadReadError) -> Option<Reject> {
+    match e {
+        HeadReadError::TooLarge => Some(Reject::new(
+            431,
+            "Request Header Fields Too Large",
+            e.to_string(),
+        )),
+        HeadReadError::Timeout => Some(Reject::new(408, "Request Timeout", e.to_string())),
+        HeadReadError::Truncated | HeadReadError::Io(_) => None,
+    }
+}
+
+fn forward_reject(e: &ForwardError) -> Reject {
+    match e {
+        ForwardError::Http10BodyTooLarge => Reject::new(413, "Content Too Large", e.to_string()),
+        _ => Reject::new(400, "Bad Request", e.to_string()),
+    }
+}
+
+fn egress_reject(host: &str, e: &EgressError) -> Reject {
+    match e {
+        EgressError::Refused { .. } => {
+            Reject::new(403, "Forbidden", format!("destination {host} refused: {e}"))
+        }
+        EgressError::Timeout => {
+            Reject::new(504, "Gateway Timeout", format!("upstream {host}: {e}"))
+        }
+        _ => Reject::new(502, "Bad Gateway", format!("upstream {host}: {e}")),
+    }
+}
+
+fn current_policy(
+    shared: &Shared,
+    sandbox: SandboxId,
+    host: &str,
+) -> Result<Arc<SandboxPolicy>, Reject> {
+    let policy = shared.registry.policy(sandbox).ok_or_else(|| {
+        Reject::new(
+            403,
+            "Forbidden",
+            format!("sandbox {sandbox} is not registered with the proxy"),
+        )
+    })?;
+    if !policy.allows_host(host) {
+        return Err(Reject::new(
+            403,
+            "Forbidden",
+            format!("host {host} is not in this sandbox's egress allowlist"),
+        ));
+    }
+    Ok(policy)
+}
+
+/// Entry point for one accepted connection.
+pub async fn handle<S>(shared: Arc<Shared>, stream: S, sandbox: SandboxId)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = &shared.config.limits;
+    let timeouts = &shared.config.timeouts;
+    let activity = Activity::new();
+    let mut inbound = Inbound::new(stream, activity.clone());
+    let raw = match tokio::time::timeout(
+        timeouts.header,
+        inbound.read_head(limits.max_header_bytes, timeouts.header),
+    )
+    .await
+    {
+        Ok(Ok(Some(raw))) => raw,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            debug!("sandbox {sandbox}: {e}");
+            if let Some(r) = head_read_reject(&e) {
+                let (mut s, _) = inbound.into_parts();
+                send_reject(&mut s, sandbox, &r).await;
+            }
+            return;
+        }
+        Err(_) => {
+            let (mut s, _) = inbound.into_parts();
+            send_reject(
+                &mut s,
+                sandbox,
+                &Reject::new(
+                    408,
+                    "Request Timeout",
+                    "timed out waiting for the request head",
+                ),
+            )
+            .await;
+            return;
+        }
+    };
+    let head = parse_request_head(&raw, limits.max_headers);
+    let (mut stream, leftover) = inbound.into_parts();
+    let head = match head {
+        Ok(h) => h,
+        Err(e) => {
+            return send_reject(
+                &mut stream,
+                sandbox,
+                &Reject::new(400, "Bad Request", e.to_string()),
+            )
+            .await
+        }
+    };
+    if head.method.eq_ignore_ascii_case("CONNECT") {
+        let Some(authority) = parse_authority(&head.target, None) else {
+            let r = Reject::new(400, "Bad Request", "CONNECT target must be host:port");
+            return send_reject(&mut stream, sandbox, &r).await;
+        };
+        if let Err(r) = current_policy(&shared, sandbox, &authority.host) {
+            return send_reject(&mut stream, sandbox, &r).await;
+        }
+        if stream
+            .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            .await
+            .is_err()
+        {
+            return;
+        }
+        info!(
+            "sandbox {sandbox}: CONNECT {}:{}",
+            authority.host, authority.port
+        );
+        intercept(
+            shared,
+            Prefixed::new(leftover, stream),
+            sandbox,
+            authority,
+            activity,
+        )
+        .await;
+    } else if let Some((authority, origin_target)) = parse_absolute_http(&head.target) {
+        if let Err(r) = current_policy(&shared, sandbox, &authority.host) {
+            return send_reject(&mut stream, sandbox, &r).await;
+        }
+        info!(
+            "sandbox {sandbox}: plain HTTP to {}:{}",
+            authority.host, authority.port
+        );
+        plain_forward(
+            shared,
+            Prefixed::new(leftover, stream),
+            sandbox,
+            authority,
+            head,
+            origin_target,
+            activity,
+        )
+        .await;
+    } else {
+        let r = Reject::new(
+            400,
+            "Bad Request",
+            "expected CONNECT host:port or an absolute http:// URL",
+        );
+        send_reject(&mut stream, sandbox, &r).await;
+    }
+}
+
+/// TLS interception of a CONNECT tunnel.
+async fn intercept<S>(
+    shared: Arc<Shared>,
+    stream: S,
+    sandbox: SandboxId,
+    authority: Authority,
+    activity: Arc<Activity>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let host = authority.host.clone();
+    let server_config = match shared.leafs.server_config(&host) {
+        Ok(c) => c,
+        Err(e) => return warn!("sandbox {sandbox}: cannot issue a certificate for {host}: {e}"),
+    };
+    // rustls reads the socket 4 KiB at a time; a buffer below it saves most syscalls.
+    let accept =
+        TlsAcceptor::from(server_config).accept(BufReader::with_capacity(SOCKET_BUFFER, stream));
+    let tls = match tokio::time::timeout(shared.config.timeouts.header, accept).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return info!("sandbox {sandbox}: TLS handshake for {host} failed: {e}"),
+        Err(_) => return info!("sandbox {sandbox}: TLS handshake for {host} timed out"),
+    };
+    let (client_r, mut client_w) = tokio::io::split(tls);
+    let mut inbound = Inbound::new(client_r, activity.clone());
+    let limits = &shared.config.limits;
+    let timeouts = &shared.config.timeouts;
+    let first = tokio::time::timeout(
+        timeouts.idle,
+        inbound.read_head(limits.max_header_bytes, timeouts.header),
+    )
+    .await;
+    let raw = match first {
+        Ok(Ok(Some(raw))) => raw,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            if let Some(r) = head_read_reject(&e) {
+                send_reject(&mut client_w, sandbox, &r).await;
+            }
+            return;
+        }
+        Err(_) => return debug!("sandbox {sandbox}: no request inside the tunnel to {host}"),
+    };
+    let prepared = parse_request_head(&raw, limits.max_headers)
+        .map_err(|e| Reject::new(400, "Bad Request", e.to_string()))
+        .and_then(|head| {
+            let policy = current_policy(&shared, sandbox, &host)?;
+            let repl = Arc::new(policy.replacements_for(&host));
+            let framing = precheck(&head, limits.max_buffered_body, !repl.is_empty())
+                .map_err(|e| forward_reject(&e))?;
+            Ok((head, framing, policy, repl))
+        });
+    let (head, framing, policy, repl) = match prepared {
+        Ok(p) => p,
+        Err(r) => return send_reject(&mut client_w, sandbox, &r).await,
+    };
+    let upstream = match dial_tls(&shared, &authority).await {
+        Ok(u) => u,
+        Err(r) => return send_reject(&mut client_w, sandbox, &r).await,
+    };
+    let (upstream_r, upstream_w) = tokio::io::split(upstream);
+    let first = FirstRequest {
+        head,
+        framing,
+        policy,
+        repl,
+    };
+    let requests = request_loop(&shared, sandbox, &host, first, inbound, upstream_w, true);
+    run_pipeline(
+        &shared, sandbox, &host, requests, upstream_r, client_w, activity,
+    )
+    .await;
+}
+
+/// Plain-HTTP proxying: one request per connection, never any substitution
+/// (secrets only leave over verified TLS).
+async fn plain_forward<S>(
+    shared: Arc<Shared>,
+    stream: S,
+    sandbox: SandboxId,
+    authority: Authority,
+    mut head: RequestHead,
+    origin_target: Vec<u8>,
+    activity: Arc<Activity>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (client_r, mut client_w) = tokio::io::split(stream);
+    let inbound = Inbound::new(client_r, activity.clone());
+    let host = authority.host.clone();
+    let framing = match precheck(&head, shared.config.limits.max_buffered_body, false) {
+        Ok(f) => f,
+        Err(e) => return send_reject(&mut client_w, sandbox, &forward_reject(&e)).await,
+    };
+    let policy = match current_policy(&shared, sandbox, &host) {
+        Ok(p) => p,
+        Err(r) => return send_reject(&mut client_w, sandbox, &r).await,
+    };
+    let upstream = match shared.egress.dial(&host, authority.port).await {
+        Ok((s, _)) => s,
+        Err(e) => return send_reject(&mut client_w, sandbox, &egress_reject(&host, &e)).await,
+    };
+    head.target = origin_target;
+    head.set_header("Connection", b"close");
+    let (upstream_r, upstream_w) = upstream.into_split();
+    let first = FirstRequest {
+        head,
+        framing,
+        policy,
+        repl: Arc::new(Replacements::new()),
+    };
+    let requests = request_loop(&shared, sandbox, &host, first, inbound, upstream_w, false);
+    run_pipeline(
+        &shared, sandbox, &host, requests, upstream_r, client_w, activity,
+    )
+    .await;
+}
+
+type UpstreamTls = tokio_rustls::client::TlsStream<BufReader<TcpStream>>;
+
+async fn dial_tls(shared: &Shared, authority: &Authority) -> Result<UpstreamTls, Reject> {
+    let host = &authority.host;
+    let (tcp, addr) = shared
+        .egress
+        .dial(host, authority.port)
+        .await
+        .map_err(|e| egress_reject(host, &e))?;
+    let name = ServerName::try_from(host.clone()).map_err(|_| {
+        Reject::new(
+            400,
+            "Bad Request",
+            format!("{host} is not a valid TLS server name"),
+        )
+    })?;
+    let connector = TlsConnector::from(shared.upstream_tls.clone());
+    match tokio::time::timeout(
+        shared.config.timeouts.connect,
+        connector.connect(name, BufReader::with_capacity(SOCKET_BUFFER, tcp)),
+    )
+    .await
+    {
+        Ok(Ok(tls)) => {
+            debug!("upstream {host} ({addr}) TLS established");
+            Ok(tls)
+        }
+        Ok(Err(e)) => Err(Reject::new(
+            502,
+            "Bad Gateway",
+            format!("upstream TLS with {host} failed: {e}"),
+        )),
+        Err(_) => Err(Reject::new(
+            504,
+            "Gateway Timeout",
+            format!("upstream TLS handshake with {host} timed out"),
+        )),
+    }
+}
+
+struct FirstRequest {
+    head: RequestHead,
+    framing: crate::http::head::BodyFraming,
+    policy: Arc<SandboxPolicy>,
+    repl: Arc<Replacements>,
+}
+
+/// Forwards requests until the sandbox closes its side (Ok) or something is
+/// wrong (Err, the connection is dropped). Policy is re-read for every request.
+async fn request_loop<R, W>(
+    shared: &Shared,
+    sandbox: SandboxId,
+    host: &str,
+    first: FirstRequest,
+    mut inbound: Inbound<R>,
+    mut upstream: W,
+    keep_alive: bool,
+) -> Result<(), String>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let limits = &shared.config.limits;
+    let FirstRequest {
+        mut head,
+        mut framing,
+        policy,
+        repl,
+    } = first;
+    let mut cached = (policy, repl);
+    loop {
+        let upgrade = is_upgrade(&head);
+        let method = head.method.clone();
+        let repl = cached.1.clone();
+        let replaced = forward_request(
+            head,
+            framing,
+            &mut inbound,
+            &mut upstream,
+            &repl,
+            limits.max_buffered_body,
+            limits.max_header_bytes,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        debug!("sandbox {sandbox}: {method} {host}: {replaced} token(s) replaced");
+        if upgrade {
+            return copy_raw(&mut inbound, &mut upstream)
+                .await
+                .map_err(|e| e.to_string());
+        }
+        if !keep_alive {
+            return Ok(());
+        }
+        let raw = match inbound
+            .read_head(limits.max_header_bytes, shared.config.timeouts.header)
+            .await
+        {
+            Ok(Some(raw)) => raw,
+            Ok(None) => {
+                let _ = upstream.shutdown().await;
+                return Ok(());
+            }
+            Err(e) => return Err(e.to_string()),
+        };
+        let policy = current_policy(shared, sandbox, host).map_err(|r| r.message)?;
+        if !Arc::ptr_eq(&policy, &cached.0) {
+            let repl = Arc::new(policy.replacements_for(host));
+            cached = (policy, repl);
+        }
+        head = parse_request_head(&raw, limits.max_headers).map_err(|e| e.to_string())?;
+        framing = precheck(&head, limits.max_buffered_body, !cached.1.is_empty())
+            .map_err(|e| e.to_string())?;
+    }
+}
+
+/// Streams upstream bytes to the sandbox unchanged until the upstream closes.
+async fn relay<R, W>(mut upstream: R, mut client: W, activity: Arc<Activity>) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match upstream.read(&mut buf).await {
+            Ok(n) => n,
+            // Many servers close without TLS close_notify; the response was complete.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            let _ = client.shutdown().await;
+            return Ok(());
+        }
+        activity.touch();
+        client.write_all(&buf[..n]).await?;
+        client.flush().await?;
+        activity.touch();
+    }
+}
+
+async fn run_pipeline<F, R, W>(
+    shared: &Shared,
+    sandbox: SandboxId,
+    host: &str,
+    requests: F,
+    upstream_r: R,
+    client_w: W,
+    activity: Arc<Activity>,
+) where
+    F: std::future::Future<Output = Result<(), String>>,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let idle_limit = shared.config.timeouts.idle;
+    let responses = relay(upstream_r, client_w, activity.clone());
+    let idle = activity.idle_timeout(idle_limit);
+    tokio::pin!(requests, responses, idle);
+    tokio::select! {
+        r = &mut requests => match r {
+            Ok(()) => {
+                tokio::select! {
+                    _ = &mut responses => {}
+                    _ = &mut idle => info!("sandbox {sandbox}: {host}: idle timeout"),
+                }
+            }
+            Err(e) => info!("sandbox {sandbox}: {host}: closing connection: {e}"),
+        },
+        r = &mut responses => {
+            if let Err(e) = r {
+                debug!("sandbox {sandbox}: {host}: response stream ended: {}", e.kind());
+            }
+        }
+        _ = &mut idle => info!("sandbox {sandbox}: {host}: idle timeout"),
+    }
+}

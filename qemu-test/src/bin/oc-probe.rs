@@ -1,0 +1,146 @@
+//! `oc-probe`: a supervised service that exists only in the test image variant. It checks, from
+//! inside the booted appliance, what the end-to-end tests cannot see through the API (who PID 1
+//! is, zombie reaping, service restarts, data persistence) and reports `PROBE ...` lines on the
+//! console. It must never be part of the product image.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BOOTS_FILE: &str = "/data/probe/boots";
+
+fn report(line: &str) {
+    println!("PROBE {line}");
+    let _ = std::io::stdout().flush();
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("orphan-parent") => orphan_parent(),
+        Some("sleep") => std::thread::sleep(Duration::from_millis(1500)),
+        _ => probe(),
+    }
+}
+
+fn probe() {
+    let exe = std::fs::read_link("/proc/1/exe").map(|p| p.display().to_string()).unwrap_or_else(|e| format!("unreadable ({e})"));
+    report(&format!("pid1 exe={exe}"));
+    match count_boot() {
+        Ok(n) => report(&format!("boots={n}")),
+        Err(e) => report(&format!("boots FAIL {e}")),
+    }
+    match wait_for_service("appliance", None, Duration::from_secs(60)) {
+        Some(pid) => report(&format!("supervised appliance pid={pid} ppid=1")),
+        None => report("supervised FAIL no appliance process with parent 1"),
+    }
+    match zombie_reaped() {
+        Ok(pid) => report(&format!("zombie-reaped ok pid={pid}")),
+        Err(e) => report(&format!("zombie-reaped FAIL {e}")),
+    }
+    match service_restarted() {
+        Ok((old, new)) => report(&format!("service-restart ok old={old} new={new}")),
+        Err(e) => report(&format!("service-restart FAIL {e}")),
+    }
+    report("done");
+    // Stay up: if the probe exited, init would restart it and it would count a boot again.
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Increments the boot counter on the data disk, durably.
+fn count_boot() -> Result<u64, String> {
+    let previous = match std::fs::read_to_string(BOOTS_FILE) {
+        Ok(text) => text.trim().parse::<u64>().map_err(|e| format!("corrupt {BOOTS_FILE}: {e}"))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(format!("read {BOOTS_FILE}: {e}")),
+    };
+    let next = previous + 1;
+    std::fs::create_dir_all("/data/probe").map_err(|e| format!("mkdir /data/probe: {e}"))?;
+    let tmp = format!("{BOOTS_FILE}.tmp");
+    let mut file = std::fs::File::create(&tmp).map_err(|e| format!("create {tmp}: {e}"))?;
+    file.write_all(format!("{next}\n").as_bytes()).map_err(|e| format!("write {tmp}: {e}"))?;
+    file.sync_all().map_err(|e| format!("fsync {tmp}: {e}"))?;
+    std::fs::rename(&tmp, BOOTS_FILE).map_err(|e| format!("rename to {BOOTS_FILE}: {e}"))?;
+    std::fs::File::open("/data/probe").and_then(|d| d.sync_all()).map_err(|e| format!("fsync /data/probe: {e}"))?;
+    Ok(next)
+}
+
+/// (pid, parent pid, command name) of every process.
+fn processes() -> Vec<(i32, i32, String)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let (left, right) = (stat.find('(')?, stat.rfind(')')?);
+            let comm = stat[left + 1..right].to_string();
+            let ppid = stat[right + 2..].split_whitespace().nth(1)?.parse().ok()?;
+            Some((pid, ppid, comm))
+        })
+        .collect()
+}
+
+fn wait_for_service(name: &str, not_pid: Option<i32>, timeout: Duration) -> Option<i32> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some((pid, _, _)) = processes().into_iter().find(|(pid, ppid, comm)| comm == name && *ppid == 1 && Some(*pid) != not_pid) {
+            return Some(pid);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    None
+}
+
+/// Leaves a grandchild orphaned so it is re-parented to PID 1, then checks that once it exits
+/// PID 1 reaps it (its /proc entry disappears instead of staying a zombie).
+fn zombie_reaped() -> Result<i32, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    let mut parent = Command::new(exe).arg("orphan-parent").stdout(Stdio::piped()).spawn().map_err(|e| format!("spawn: {e}"))?;
+    let stdout = parent.stdout.take().ok_or("no stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).map_err(|e| format!("read orphan pid: {e}"))?;
+    parent.wait().map_err(|e| format!("wait: {e}"))?;
+    let orphan: i32 = line.trim().parse().map_err(|_| format!("bad orphan pid {line:?}"))?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut seen_reparented = false;
+    loop {
+        match std::fs::read_to_string(format!("/proc/{orphan}/stat")) {
+            Err(_) if seen_reparented => return Ok(orphan),
+            Err(_) => return Err(format!("orphan {orphan} vanished before it could be observed under PID 1")),
+            Ok(stat) => {
+                let after = stat.rfind(')').map(|i| &stat[i + 2..]).unwrap_or("");
+                let mut fields = after.split_whitespace();
+                let state = fields.next().unwrap_or("?");
+                let ppid = fields.next().unwrap_or("?");
+                seen_reparented |= ppid == "1";
+                if Instant::now() > deadline {
+                    return Err(format!("orphan {orphan} still present in state {state} with parent {ppid}"));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Child of the probe: starts a grandchild and exits at once without waiting for it.
+fn orphan_parent() {
+    let Ok(exe) = std::env::current_exe() else { std::process::exit(1) };
+    match Command::new(exe).arg("sleep").stdout(Stdio::null()).spawn() {
+        Ok(child) => println!("{}", child.id()),
+        Err(_) => std::process::exit(1),
+    }
+}
+
+/// Kills the appliance service and waits for init to start a new one.
+fn service_restarted() -> Result<(i32, i32), String> {
+    let old = wait_for_service("appliance", None, Duration::from_secs(5)).ok_or("appliance is not running")?;
+    // SAFETY: kill(2) with plain integers on a pid we just looked up.
+    if unsafe { libc::kill(old, libc::SIGKILL) } != 0 {
+        return Err(format!("kill {old}: {}", std::io::Error::last_os_error()));
+    }
+    let new = wait_for_service("appliance", Some(old), Duration::from_secs(30)).ok_or("no new appliance process within 30 s")?;
+    Ok((old, new))
+}

@@ -1,0 +1,121 @@
+//! The shared test appliance and the scenario runner.
+
+use image::error::{Context, Result};
+use image::pipeline::{self, Artifacts, Variant};
+use image::qemu::{self, Machine, MachineConfig};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// TCG boots take tens of seconds; a generous bound still catches a hang.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// One booted test appliance with its persistent data disk.
+pub struct Appliance {
+    pub machine: Machine,
+    pub api_key: String,
+    pub data_disk: PathBuf,
+    pub run_dir: PathBuf,
+    artifacts_cmdline: String,
+    kernel: PathBuf,
+    initramfs: PathBuf,
+    key_file: PathBuf,
+    pub boot_time: Duration,
+}
+
+pub fn work_dir() -> PathBuf {
+    image::workspace::target_dir().join("qemu-test")
+}
+
+impl Appliance {
+    /// Builds the test image and boots it with a fresh, blank data disk.
+    pub fn boot_fresh() -> Result<Appliance> {
+        let artifacts = pipeline::build(Variant::Test)?;
+        image::host::ensure(&[
+            image::host::tool("qemu-system-x86_64", "qemu-system-x86"),
+            image::host::tool("xfs_repair", "xfsprogs"),
+        ])?;
+        let dir = work_dir();
+        std::fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
+        let data_disk = dir.join("data.img");
+        let _ = std::fs::remove_file(&data_disk);
+        let _ = std::fs::remove_file(dir.join("console.log"));
+        qemu::create_data_disk(&data_disk, 8)?;
+        let api_key = image::run::generate_api_key()?;
+        let key_file = dir.join("admin-key");
+        image::run::write_key_file(&key_file, &api_key)?;
+        let Artifacts { kernel, initramfs, cmdline } = artifacts;
+        let mut appliance = Appliance {
+            machine: start(&kernel, &initramfs, &cmdline, &data_disk, &key_file, &dir)?,
+            api_key,
+            data_disk,
+            run_dir: dir,
+            artifacts_cmdline: cmdline,
+            kernel,
+            initramfs,
+            key_file,
+            boot_time: Duration::ZERO,
+        };
+        appliance.wait_ready()?;
+        Ok(appliance)
+    }
+
+    /// Waits for `GET /api/healthz`, recording how long the boot took.
+    pub fn wait_ready(&mut self) -> Result<String> {
+        let started = Instant::now();
+        let body = self.machine.wait_api_ready(BOOT_TIMEOUT, &|| false).map_err(|e| {
+            image::err!("{e}\nlast console lines:\n{}", self.machine.console_tail(40))
+        })?;
+        self.boot_time = started.elapsed();
+        Ok(body)
+    }
+
+    /// Boots the same disk again after the previous QEMU exited.
+    pub fn boot_again(&mut self) -> Result<()> {
+        self.machine = start(&self.kernel, &self.initramfs, &self.artifacts_cmdline, &self.data_disk, &self.key_file, &self.run_dir)?;
+        self.wait_ready().map(|_| ())
+    }
+
+    pub fn console_len(&self) -> usize {
+        self.machine.console().len()
+    }
+}
+
+fn start(kernel: &PathBuf, initramfs: &PathBuf, cmdline: &str, data_disk: &PathBuf, key_file: &PathBuf, dir: &PathBuf) -> Result<Machine> {
+    let (accel, why) = qemu::detect_accel();
+    eprintln!("[qemu-test] booting the test appliance ({accel:?}: {why}); console: {}", dir.join("console.log").display());
+    let cfg = MachineConfig {
+        artifacts: Artifacts { kernel: kernel.clone(), initramfs: initramfs.clone(), cmdline: cmdline.to_string() },
+        data_disk: data_disk.clone(),
+        memory_mib: 3072,
+        cpus: 2,
+        api_port: qemu::free_port(0)?,
+        admin_key_file: Some(key_file.clone()),
+        run_dir: dir.clone(),
+        accel,
+    };
+    Machine::start(&cfg)
+}
+
+/// A named end-to-end check against the shared appliance.
+pub struct Scenario {
+    pub name: &'static str,
+    pub run: fn(&mut Appliance) -> Result<()>,
+}
+
+/// Runs scenarios in order; a failure prints the console's last lines. Returns the failure count.
+pub fn run_all(appliance: &mut Appliance, scenarios: &[Scenario]) -> usize {
+    let mut failures = 0;
+    for scenario in scenarios {
+        let started = Instant::now();
+        match (scenario.run)(appliance) {
+            Ok(()) => eprintln!("[qemu-test] PASS {} ({:.1}s)", scenario.name, started.elapsed().as_secs_f64()),
+            Err(e) => {
+                failures += 1;
+                eprintln!("[qemu-test] FAIL {} ({:.1}s): {e}", scenario.name, started.elapsed().as_secs_f64());
+                eprintln!("[qemu-test] last console lines:\n{}", appliance.machine.console_tail(30));
+            }
+        }
+    }
+    failures
+}

@@ -1,0 +1,38 @@
+//! `qemu-test e2e`: builds the test image, boots it once, runs every scenario against it.
+
+use qemu_test::harness::{run_all, Appliance};
+use qemu_test::scenarios;
+use std::process::ExitCode;
+use std::time::Instant;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("e2e") => e2e(),
+        _ => {
+            eprintln!("usage: qemu-test e2e");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn e2e() -> ExitCode {
+    let started = Instant::now();
+    let mut appliance = match Appliance::boot_fresh() {
+        Ok(appliance) => appliance,
+        Err(e) => {
+            eprintln!("[qemu-test] the test appliance did not boot: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    eprintln!("[qemu-test] API ready after {:.1}s of boot", appliance.boot_time.as_secs_f64());
+    let scenarios = scenarios::foundation::SCENARIOS;
+    let failures = run_all(&mut appliance, scenarios);
+    eprintln!(
+        "[qemu-test] {} scenarios, {} passed, {failures} failed, {:.0}s in all",
+        scenarios.len(),
+        scenarios.len() - failures,
+        started.elapsed().as_secs_f64()
+    );
+    if failures == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}

@@ -1,0 +1,108 @@
+//! The foundation: our PID 1 boots the appliance, supervises services, reaps zombies, keeps
+//! data across a clean reboot, and powers off cleanly leaving a consistent data disk.
+
+use crate::harness::{Appliance, Scenario, SHUTDOWN_TIMEOUT};
+use image::err;
+use image::error::{Context, Result};
+use std::process::Command;
+use std::time::Duration;
+
+pub const SCENARIOS: &[Scenario] = &[
+    Scenario { name: "healthz answers and /dev/kvm inside creates a VM and a vCPU", run: kvm_inside_works },
+    Scenario { name: "PID 1 is our init and it supervises the appliance service", run: pid1_supervises },
+    Scenario { name: "an orphaned zombie is reaped by init", run: zombie_reaped },
+    Scenario { name: "a killed service is restarted by init", run: killed_service_restarts },
+    Scenario { name: "a file on the data disk survives a clean reboot", run: data_survives_reboot },
+    Scenario { name: "system_powerdown shuts down cleanly and the data disk checks clean", run: powerdown_is_clean },
+];
+
+const PROBE_TIMEOUT: Duration = Duration::from_secs(180);
+
+fn healthz(appliance: &Appliance) -> Result<String> {
+    let resp = image::http::request(appliance.machine.api_port, "GET", "/api/healthz", &[], b"", Duration::from_secs(10))?;
+    if resp.status != 200 {
+        return Err(err!("healthz answered {}: {}", resp.status, resp.text()));
+    }
+    Ok(resp.text())
+}
+
+fn kvm_inside_works(appliance: &mut Appliance) -> Result<()> {
+    let body = healthz(appliance)?;
+    if !body.contains("\"kvm\":\"ok\"") || !body.contains("\"vcpu\":true") {
+        return Err(err!("healthz does not report a working nested KVM: {body}"));
+    }
+    Ok(())
+}
+
+fn probe_line(appliance: &mut Appliance, prefix: &str) -> Result<String> {
+    appliance.machine.wait_for_console(&format!("PROBE {prefix}"), 0, PROBE_TIMEOUT)
+}
+
+fn expect_ok(line: &str) -> Result<()> {
+    if line.contains("FAIL") {
+        Err(err!("probe reported: {line}"))
+    } else {
+        Ok(())
+    }
+}
+
+fn pid1_supervises(appliance: &mut Appliance) -> Result<()> {
+    let exe = probe_line(appliance, "pid1 exe=")?;
+    if !exe.ends_with("exe=/init") {
+        return Err(err!("PID 1 is not our /init: {exe}"));
+    }
+    expect_ok(&probe_line(appliance, "supervised")?)
+}
+
+fn zombie_reaped(appliance: &mut Appliance) -> Result<()> {
+    expect_ok(&probe_line(appliance, "zombie-reaped")?)
+}
+
+fn killed_service_restarts(appliance: &mut Appliance) -> Result<()> {
+    let line = probe_line(appliance, "service-restart")?;
+    expect_ok(&line)?;
+    appliance.machine.wait_for_console("appliance exited (killed by signal 9)", 0, Duration::from_secs(5))?;
+    // The restarted service must answer again.
+    appliance.wait_ready().map(|_| ())
+}
+
+fn data_survives_reboot(appliance: &mut Appliance) -> Result<()> {
+    let first = probe_line(appliance, "boots=")?;
+    if !first.ends_with("boots=1") {
+        return Err(err!("fresh disk should count boot 1: {first}"));
+    }
+    probe_line(appliance, "done")?;
+    let offset = appliance.console_len();
+    // Ctrl-Alt-Del reaches PID 1 as SIGINT: a clean reboot, not a reset.
+    appliance.machine.monitor("sendkey ctrl-alt-delete")?;
+    appliance.machine.wait_for_console("shutting down (signal 2) to reboot", offset, Duration::from_secs(60))?;
+    appliance.machine.wait_for_console("/data unmounted cleanly", offset, Duration::from_secs(60))?;
+    let second = appliance.machine.wait_for_console("PROBE boots=", offset, Duration::from_secs(600))?;
+    if !second.ends_with("boots=2") {
+        return Err(err!("after a reboot the counter written on boot 1 must read 2: {second}"));
+    }
+    appliance.wait_ready().map(|_| ())
+}
+
+fn powerdown_is_clean(appliance: &mut Appliance) -> Result<()> {
+    let offset = appliance.console_len();
+    let status = appliance.machine.power_down(SHUTDOWN_TIMEOUT)?;
+    if !status.success() {
+        return Err(err!("QEMU exited with {status} after system_powerdown"));
+    }
+    appliance.machine.wait_for_console("/data unmounted cleanly", offset, Duration::from_secs(1))?;
+    let output = Command::new("xfs_repair")
+        .args(["-n", "-f"])
+        .arg(&appliance.data_disk)
+        .output()
+        .ctx(|| "run xfs_repair -n".into())?;
+    if !output.status.success() {
+        return Err(err!(
+            "xfs_repair -n found problems ({}):\n{}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    Ok(())
+}

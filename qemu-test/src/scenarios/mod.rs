@@ -1,0 +1,3 @@
+//! End-to-end scenarios, grouped by the capability they prove.
+
+pub mod foundation;

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs every test: host unit and integration tests, then the end-to-end suite, which builds the
+# test image and boots it in QEMU. Prints the time of each phase.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+phase() {
+  local name=$1; shift
+  local start=$SECONDS
+  echo "=== $name"
+  "$@"
+  echo "=== $name: $((SECONDS - start))s"
+}
+
+phase "host tests (cargo test --release --workspace)" cargo test --release --workspace
+phase "end-to-end in QEMU (qemu-test e2e)" cargo run --release -p qemu-test -- e2e
+echo "=== all tests passed in ${SECONDS}s"

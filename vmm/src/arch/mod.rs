@@ -1,0 +1,197 @@
+//! x86-64 guest setup: loading the bzImage, the zero page, ACPI tables, boot page tables
+//! and the initial vCPU state.
+
+pub mod acpi;
+pub mod cpuid;
+pub mod gdt;
+pub mod mptable;
+pub mod regs;
+pub mod zero_page;
+
+use std::fs::File;
+
+use linux_loader::loader::bzimage::BzImage;
+use linux_loader::loader::KernelLoader;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::layout::{CMDLINE_ADDR, CMDLINE_MAX_SIZE, HIGH_RAM_START, ZERO_PAGE_ADDR};
+use crate::memory::GuestMemory;
+
+/// Offset of the 64-bit entry point from the start of the protected-mode kernel.
+const ENTRY_64_OFFSET: u64 = 0x200;
+/// xloadflags bit: the kernel has a 64-bit entry point at +0x200.
+const XLF_KERNEL_64: u16 = 1;
+/// First boot protocol version that reports the maximum command-line size.
+const PROTOCOL_WITH_CMDLINE_SIZE: u16 = 0x206;
+
+/// Before boot protocol 2.03 the kernel doesn't say how high an initrd may go.
+const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
+
+/// Places the initrd as high in low RAM as the kernel allows; returns (address, size).
+fn load_initrd(
+    mem: &GuestMemory,
+    initrd: &mut File,
+    header: &linux_loader::loader::bootparam::setup_header,
+    mem_bytes: u64,
+    kernel_end: u64,
+) -> Result<(u64, u64), String> {
+    let size = initrd.metadata().map_err(|e| format!("cannot size the initrd: {e}"))?.len();
+    let addr_max = if header.version >= 0x203 { header.initrd_addr_max as u64 } else { DEFAULT_INITRD_ADDR_MAX };
+    let top = (addr_max + 1).min(mem_bytes.min(crate::layout::MMIO_GAP_START));
+    let addr = top.checked_sub(size).map(|a| a & !0xfff).filter(|a| *a >= kernel_end);
+    let addr = addr.ok_or_else(|| format!("the initrd ({size} bytes) does not fit in guest memory above the kernel"))?;
+    mem.read_exact_volatile_from(GuestAddress(addr), initrd, size as usize)
+        .map_err(|e| format!("cannot read the initrd: {e}"))?;
+    Ok((addr, size))
+}
+
+/// Loads `kernel` (a bzImage), writes every boot structure and returns the entry point.
+pub fn load_and_configure(
+    mem: &GuestMemory,
+    kernel: &mut File,
+    initrd: Option<&mut File>,
+    cmdline: &str,
+    mem_bytes: u64,
+    vcpus: u8,
+    acpi_devices: Option<&[acpi::MmioDevice]>,
+) -> Result<u64, String> {
+    let loaded = BzImage::load(mem, None, kernel, Some(GuestAddress(HIGH_RAM_START)))
+        .map_err(|e| format!("cannot load the kernel (a bzImage is required): {e}"))?;
+    let header = loaded.setup_header.ok_or("the kernel image has no setup header")?;
+    if header.xloadflags & XLF_KERNEL_64 == 0 {
+        return Err("the kernel has no 64-bit entry point (boot protocol 2.12+ needed)".into());
+    }
+    let limit = if header.version >= PROTOCOL_WITH_CMDLINE_SIZE {
+        (header.cmdline_size as usize).min(CMDLINE_MAX_SIZE)
+    } else {
+        255
+    };
+    if cmdline.len() >= limit {
+        let most = limit.saturating_sub(1);
+        return Err(format!("kernel command line is {} bytes; this kernel takes at most {most}", cmdline.len()));
+    }
+    if cmdline.as_bytes().contains(&0) {
+        return Err("kernel command line contains a NUL byte".into());
+    }
+    let mut bytes = cmdline.as_bytes().to_vec();
+    bytes.push(0);
+    mem.write_slice(&bytes, GuestAddress(CMDLINE_ADDR))
+        .map_err(|e| format!("cannot write the kernel command line: {e}"))?;
+    // The MP table always (kernels without ACPI, like our sandbox kernel, need it); ACPI
+    // tables only on request, since a kernel that finds them stops honouring legacy IRQs.
+    mptable::write(mem, vcpus)?;
+    let rsdp = match acpi_devices {
+        Some(devices) => acpi::write_tables(mem, vcpus, devices)?,
+        None => 0,
+    };
+    let mut params = zero_page::build(header, mem_bytes, cmdline.len(), rsdp)?;
+    if let Some(initrd) = initrd {
+        let (addr, size) = load_initrd(mem, initrd, &header, mem_bytes, loaded.kernel_end)?;
+        params.hdr.ramdisk_image = addr as u32;
+        params.hdr.ramdisk_size = size as u32;
+    }
+    mem.write_obj(params, GuestAddress(ZERO_PAGE_ADDR))
+        .map_err(|e| format!("cannot write the zero page: {e}"))?;
+    regs::write_boot_tables(mem)?;
+    Ok(loaded.kernel_load.0 + ENTRY_64_OFFSET)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::create_guest_memory;
+    use linux_loader::loader::bootparam::boot_params;
+    use std::io::Write;
+
+    /// A synthetic bzImage: a setup header saying "64-bit entry, protocol 2.15, two setup
+    /// sectors", then `payload` as the protected-mode kernel.
+    fn fake_bzimage(xloadflags: u16, payload: &[u8]) -> File {
+        let mut img = vec![0u8; 3 * 512];
+        img[0x1f1] = 2; // setup_sects
+        img[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        img[0x211] = 1; // loadflags: LOADED_HIGH
+        img[0x214..0x218].copy_from_slice(&0x100000u32.to_le_bytes()); // code32_start
+        img[0x22c..0x230].copy_from_slice(&0x37ff_ffffu32.to_le_bytes()); // initrd_addr_max
+        img[0x236..0x238].copy_from_slice(&xloadflags.to_le_bytes());
+        img[0x238..0x23c].copy_from_slice(&2048u32.to_le_bytes()); // cmdline_size
+        img.extend_from_slice(payload);
+        let path = std::env::temp_dir().join(format!("vmm-bz-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let mut f = File::options().create(true).truncate(true).read(true).write(true).open(&path).unwrap();
+        f.write_all(&img).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        f
+    }
+
+    fn temp_file(bytes: &[u8]) -> File {
+        let path = std::env::temp_dir().join(format!("vmm-rd-{}-{:?}", std::process::id(), std::thread::current().id()));
+        std::fs::write(&path, bytes).unwrap();
+        let f = File::open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        f
+    }
+
+    #[test]
+    fn kernel_cmdline_initrd_and_zero_page_land_where_the_kernel_looks() {
+        let mem = create_guest_memory(64 << 20).unwrap();
+        let mut kernel = fake_bzimage(XLF_KERNEL_64, b"KERNEL-PAYLOAD");
+        let mut initrd = temp_file(&[0x42; 5000]);
+        let entry = load_and_configure(&mem, &mut kernel, Some(&mut initrd), "console=ttyS0 quiet", 64 << 20, 2, Some(&[])).unwrap();
+        assert_eq!(entry, 0x100200);
+        let mut payload = [0u8; 14];
+        mem.read_slice(&mut payload, GuestAddress(0x100000)).unwrap();
+        assert_eq!(&payload, b"KERNEL-PAYLOAD");
+        let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_ADDR)).unwrap();
+        let hdr = params.hdr;
+        assert_eq!({ hdr.cmd_line_ptr } as u64, CMDLINE_ADDR);
+        let mut line = [0u8; 20];
+        mem.read_slice(&mut line, GuestAddress(CMDLINE_ADDR)).unwrap();
+        assert_eq!(&line, b"console=ttyS0 quiet\0");
+        // The initrd sits page-aligned at the top of RAM, intact.
+        let (image, size) = ({ hdr.ramdisk_image } as u64, { hdr.ramdisk_size } as u64);
+        assert_eq!(size, 5000);
+        assert_eq!(image % 4096, 0);
+        assert!(image + size <= 64 << 20 && image + size > (64 << 20) - 4096 - 5000);
+        let mut rd = vec![0u8; 5000];
+        mem.read_slice(&mut rd, GuestAddress(image)).unwrap();
+        assert!(rd.iter().all(|&b| b == 0x42));
+        assert_eq!(params.e820_entries, 3);
+        assert_eq!({ params.acpi_rsdp_addr }, crate::layout::ACPI_TABLES_START);
+    }
+
+    #[test]
+    fn images_without_64_bit_entry_or_with_long_cmdlines_are_refused() {
+        let mem = create_guest_memory(64 << 20).unwrap();
+        let err = load_and_configure(&mem, &mut fake_bzimage(0, b"x"), None, "console=ttyS0", 64 << 20, 1, None).unwrap_err();
+        assert!(err.contains("64-bit"), "{err}");
+        let long = "a".repeat(2048);
+        let err = load_and_configure(&mem, &mut fake_bzimage(XLF_KERNEL_64, b"x"), None, &long, 64 << 20, 1, None).unwrap_err();
+        assert!(err.contains("at most 2047"), "{err}");
+        let err = load_and_configure(&mem, &mut temp_file(b"not a kernel at all"), None, "", 64 << 20, 1, None).unwrap_err();
+        assert!(err.contains("bzImage"), "{err}");
+    }
+
+    #[test]
+    fn without_acpi_no_rsdp_exists_anywhere_the_kernel_scans() {
+        let mem = create_guest_memory(64 << 20).unwrap();
+        load_and_configure(&mem, &mut fake_bzimage(XLF_KERNEL_64, b"x"), None, "", 64 << 20, 1, None).unwrap();
+        let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_ADDR)).unwrap();
+        assert_eq!({ params.acpi_rsdp_addr }, 0);
+        let mut bios = vec![0u8; 0x20000];
+        mem.read_slice(&mut bios, GuestAddress(0xe0000)).unwrap();
+        assert!(!bios.windows(8).any(|w| w == b"RSD PTR "));
+        // The MP table is there instead.
+        let mut fp = [0u8; 4];
+        mem.read_slice(&mut fp, GuestAddress(mptable::MPTABLE_ADDR)).unwrap();
+        assert_eq!(&fp, b"_MP_");
+    }
+
+    #[test]
+    fn an_initrd_bigger_than_ram_is_refused() {
+        let mem = create_guest_memory(16 << 20).unwrap();
+        let mut initrd = temp_file(&vec![0u8; 17 << 20]);
+        let err = load_and_configure(&mem, &mut fake_bzimage(XLF_KERNEL_64, b"x"), Some(&mut initrd), "", 16 << 20, 1, None).unwrap_err();
+        assert!(err.contains("does not fit"), "{err}");
+    }
+}

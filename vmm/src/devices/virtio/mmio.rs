@@ -1,0 +1,407 @@
+//! The virtio-mmio transport, version 2 (virtio 1.x, section 4.2.2): the register window
+//! the guest driver programs, feature negotiation, queue setup and device status.
+
+use std::sync::Arc;
+
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::queue::Queue;
+use super::{VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::memory::GuestMemory;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR_ID: u32 = 0x4f43_4d56; // "VMCO"
+
+const REG_MAGIC: u64 = 0x000;
+const REG_VERSION: u64 = 0x004;
+const REG_DEVICE_ID: u64 = 0x008;
+const REG_VENDOR_ID: u64 = 0x00c;
+const REG_DEVICE_FEATURES: u64 = 0x010;
+const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
+const REG_DRIVER_FEATURES: u64 = 0x020;
+const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+const REG_QUEUE_SEL: u64 = 0x030;
+const REG_QUEUE_NUM_MAX: u64 = 0x034;
+const REG_QUEUE_NUM: u64 = 0x038;
+const REG_QUEUE_READY: u64 = 0x044;
+const REG_QUEUE_NOTIFY: u64 = 0x050;
+const REG_INTERRUPT_STATUS: u64 = 0x060;
+const REG_INTERRUPT_ACK: u64 = 0x064;
+const REG_STATUS: u64 = 0x070;
+const REG_QUEUE_DESC_LOW: u64 = 0x080;
+const REG_QUEUE_DESC_HIGH: u64 = 0x084;
+const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
+const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
+const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
+const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+const REG_CONFIG_GENERATION: u64 = 0x0fc;
+pub const CONFIG_SPACE: u64 = 0x100;
+/// Offset of QueueNotify, where ioeventfds are registered.
+pub const NOTIFY_OFFSET: u64 = REG_QUEUE_NOTIFY;
+
+#[cfg(test)]
+pub const STATUS_ACKNOWLEDGE: u32 = 1;
+#[cfg(test)]
+pub const STATUS_DRIVER: u32 = 2;
+pub const STATUS_DRIVER_OK: u32 = 4;
+pub const STATUS_FEATURES_OK: u32 = 8;
+pub const STATUS_NEEDS_RESET: u32 = 64;
+
+pub const INT_USED_BUFFER: u32 = 1;
+pub const INT_CONFIG_CHANGE: u32 = 2;
+
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: Arc<GuestMemory>,
+    queues: Vec<Queue>,
+    queue_sel: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    status: u32,
+    interrupt_status: u32,
+    irq: EventFd,
+    active: bool,
+}
+
+impl MmioTransport {
+    pub fn new(device: Box<dyn VirtioDevice>, mem: Arc<GuestMemory>, irq: EventFd) -> Self {
+        let queues = device.queue_max_sizes().iter().map(|&m| Queue::new(m)).collect();
+        MmioTransport {
+            device,
+            mem,
+            queues,
+            queue_sel: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            status: 0,
+            interrupt_status: 0,
+            irq,
+            active: false,
+        }
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        if self.active {
+            return None; // queue registers are frozen once the device runs
+        }
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_SPACE {
+            self.device.read_config(offset - CONFIG_SPACE, data);
+            return;
+        }
+        data.fill(0);
+        if data.len() != 4 || !offset.is_multiple_of(4) {
+            return; // the spec requires 32-bit aligned register access
+        }
+        let value = match offset {
+            REG_MAGIC => MAGIC,
+            REG_VERSION => VERSION,
+            REG_DEVICE_ID => self.device.device_id(),
+            REG_VENDOR_ID => VENDOR_ID,
+            REG_DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.device.features() as u32,
+                1 => (self.device.features() >> 32) as u32,
+                _ => 0,
+            },
+            REG_QUEUE_NUM_MAX => self.queues.get(self.queue_sel as usize).map_or(0, |q| q.max_size as u32),
+            REG_QUEUE_READY => self.queues.get(self.queue_sel as usize).map_or(0, |q| q.ready as u32),
+            REG_INTERRUPT_STATUS => {
+                if self.active && self.device.completes_in_kernel() {
+                    self.interrupt_status | INT_USED_BUFFER
+                } else {
+                    self.interrupt_status
+                }
+            }
+            REG_STATUS => self.status,
+            REG_CONFIG_GENERATION => 0,
+            _ => 0,
+        };
+        data.copy_from_slice(&value.to_le_bytes());
+    }
+
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_SPACE {
+            return; // block and vsock configuration is read-only
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else { return };
+        if !offset.is_multiple_of(4) {
+            return;
+        }
+        let v = u32::from_le_bytes(bytes);
+        let set_low = |addr: &mut GuestAddress, v: u32| addr.0 = (addr.0 & !0xffff_ffff) | v as u64;
+        let set_high = |addr: &mut GuestAddress, v: u32| addr.0 = (addr.0 & 0xffff_ffff) | ((v as u64) << 32);
+        match offset {
+            REG_DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            REG_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            // Features are frozen once the driver set FEATURES_OK.
+            REG_DRIVER_FEATURES if self.status & STATUS_FEATURES_OK == 0 => match self.driver_features_sel {
+                0 => self.driver_features = (self.driver_features & !0xffff_ffff) | v as u64,
+                1 => self.driver_features = (self.driver_features & 0xffff_ffff) | ((v as u64) << 32),
+                _ => {}
+            },
+            REG_QUEUE_SEL => self.queue_sel = v,
+            REG_QUEUE_NUM => {
+                if let Some(q) = self.selected_queue() {
+                    q.size = v.min(u16::MAX as u32) as u16;
+                }
+            }
+            REG_QUEUE_READY => {
+                if let Some(q) = self.selected_queue() {
+                    q.ready = v == 1;
+                }
+            }
+            REG_QUEUE_DESC_LOW => self.selected_queue().map_or((), |q| set_low(&mut q.desc_table, v)),
+            REG_QUEUE_DESC_HIGH => self.selected_queue().map_or((), |q| set_high(&mut q.desc_table, v)),
+            REG_QUEUE_DRIVER_LOW => self.selected_queue().map_or((), |q| set_low(&mut q.avail_ring, v)),
+            REG_QUEUE_DRIVER_HIGH => self.selected_queue().map_or((), |q| set_high(&mut q.avail_ring, v)),
+            REG_QUEUE_DEVICE_LOW => self.selected_queue().map_or((), |q| set_low(&mut q.used_ring, v)),
+            REG_QUEUE_DEVICE_HIGH => self.selected_queue().map_or((), |q| set_high(&mut q.used_ring, v)),
+            REG_QUEUE_NOTIFY => self.process_queue(v as usize),
+            REG_INTERRUPT_ACK => self.interrupt_status &= !v,
+            REG_STATUS => self.write_status(v),
+            _ => {}
+        }
+    }
+
+    fn write_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        let newly = v & !self.status;
+        self.status = v;
+        if newly & STATUS_FEATURES_OK != 0 {
+            let offered = self.device.features();
+            if self.driver_features & !offered != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 {
+                // Reading Status back without FEATURES_OK tells the driver we refused.
+                self.status &= !STATUS_FEATURES_OK;
+            }
+        }
+        if newly & STATUS_DRIVER_OK != 0 && !self.active {
+            if let Err(e) = self.activate() {
+                eprintln!("vmm: virtio device {} not started: {e}", self.device.device_id());
+                self.status |= STATUS_NEEDS_RESET;
+            }
+        }
+    }
+
+    fn activate(&mut self) -> Result<(), String> {
+        if self.status & STATUS_FEATURES_OK == 0 {
+            return Err("driver set DRIVER_OK without FEATURES_OK".into());
+        }
+        for (i, q) in self.queues.iter().enumerate() {
+            if q.ready && !q.is_valid(&self.mem) {
+                return Err(format!("queue {i} layout is invalid"));
+            }
+        }
+        self.device.activate(&self.mem, &self.queues, self.driver_features)?;
+        self.active = true;
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if self.active {
+            self.device.reset();
+        }
+        self.active = false;
+        self.status = 0;
+        self.driver_features = 0;
+        self.interrupt_status = 0;
+        self.queue_sel = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        for q in &mut self.queues {
+            q.reset();
+        }
+    }
+
+    /// Runs the device on queue `index` (from an ioeventfd or a trapped notify write).
+    pub fn process_queue(&mut self, index: usize) {
+        if !self.active || self.status & STATUS_NEEDS_RESET != 0 || !self.queues.get(index).is_some_and(|q| q.ready) {
+            return;
+        }
+        match self.device.process_queue(&self.mem, &mut self.queues, index) {
+            Ok(true) => {
+                if self.queues[index].wants_interrupt(&self.mem) {
+                    self.raise(INT_USED_BUFFER);
+                }
+            }
+            Ok(false) => {}
+            Err(e) => {
+                eprintln!("vmm: virtio device {} stopped: {e}", self.device.device_id());
+                self.status |= STATUS_NEEDS_RESET;
+                self.raise(INT_CONFIG_CHANGE);
+            }
+        }
+    }
+
+    fn raise(&mut self, why: u32) {
+        self.interrupt_status |= why;
+        // Failing to signal an eventfd means its counter is saturated: already pending.
+        let _ = self.irq.write(1);
+    }
+
+    #[cfg(test)]
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+}
+
+#[cfg(test)]
+pub mod tests {
+    use super::*;
+    use crate::devices::virtio::queue::testing::{AVAIL, DESC, USED};
+    use crate::memory::create_guest_memory;
+    use std::sync::Mutex;
+
+    /// A device that records what the transport did to it.
+    pub struct Probe {
+        pub log: Arc<Mutex<Vec<String>>>,
+        pub sizes: Vec<u16>,
+    }
+
+    impl VirtioDevice for Probe {
+        fn device_id(&self) -> u32 {
+            42
+        }
+        fn features(&self) -> u64 {
+            VIRTIO_F_VERSION_1 | 0b101
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &self.sizes
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = (offset as u8).wrapping_add(i as u8);
+            }
+        }
+        fn activate(&mut self, _: &GuestMemory, queues: &[Queue], features: u64) -> Result<(), String> {
+            self.log.lock().unwrap().push(format!("activate {features:#x} size {}", queues[0].size));
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.log.lock().unwrap().push("reset".into());
+        }
+        fn process_queue(&mut self, _: &GuestMemory, _: &mut [Queue], index: usize) -> Result<bool, String> {
+            self.log.lock().unwrap().push(format!("queue {index}"));
+            Ok(true)
+        }
+    }
+
+    fn r(t: &mut MmioTransport, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+    fn w(t: &mut MmioTransport, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    fn transport() -> (MmioTransport, Arc<Mutex<Vec<String>>>, EventFd) {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mem = Arc::new(create_guest_memory(16 << 20).unwrap());
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let dev = Probe { log: log.clone(), sizes: vec![16] };
+        (MmioTransport::new(Box::new(dev), mem, irq.try_clone().unwrap()), log, irq)
+    }
+
+    /// The Linux driver's probe sequence up to DRIVER_OK.
+    pub fn drive_to_ok(t: &mut MmioTransport, features_hi: u32, features_lo: u32, size: u32) {
+        w(t, REG_STATUS, 0);
+        w(t, REG_STATUS, STATUS_ACKNOWLEDGE);
+        w(t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        w(t, REG_DRIVER_FEATURES_SEL, 1);
+        w(t, REG_DRIVER_FEATURES, features_hi);
+        w(t, REG_DRIVER_FEATURES_SEL, 0);
+        w(t, REG_DRIVER_FEATURES, features_lo);
+        w(t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+        w(t, REG_QUEUE_SEL, 0);
+        w(t, REG_QUEUE_NUM, size);
+        w(t, REG_QUEUE_DESC_LOW, DESC as u32);
+        w(t, REG_QUEUE_DESC_HIGH, 0);
+        w(t, REG_QUEUE_DRIVER_LOW, AVAIL as u32);
+        w(t, REG_QUEUE_DRIVER_HIGH, 0);
+        w(t, REG_QUEUE_DEVICE_LOW, USED as u32);
+        w(t, REG_QUEUE_DEVICE_HIGH, 0);
+        w(t, REG_QUEUE_READY, 1);
+        w(t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+    }
+
+    #[test]
+    fn identification_registers() {
+        let (mut t, _, _) = transport();
+        assert_eq!(r(&mut t, REG_MAGIC), MAGIC);
+        assert_eq!(r(&mut t, REG_VERSION), 2);
+        assert_eq!(r(&mut t, REG_DEVICE_ID), 42);
+        assert_eq!(r(&mut t, REG_QUEUE_NUM_MAX), 16);
+        w(&mut t, REG_QUEUE_SEL, 1);
+        assert_eq!(r(&mut t, REG_QUEUE_NUM_MAX), 0, "queue 1 does not exist");
+        w(&mut t, REG_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(r(&mut t, REG_DEVICE_FEATURES), 1);
+        w(&mut t, REG_DEVICE_FEATURES_SEL, 0);
+        assert_eq!(r(&mut t, REG_DEVICE_FEATURES), 0b101);
+        let mut cfg = [0u8; 2];
+        t.read(CONFIG_SPACE + 8, &mut cfg);
+        assert_eq!(cfg, [8, 9]);
+    }
+
+    #[test]
+    fn misaligned_or_narrow_register_access_reads_zero() {
+        let (mut t, _, _) = transport();
+        let mut b = [0xffu8; 2];
+        t.read(REG_MAGIC, &mut b);
+        assert_eq!(b, [0, 0]);
+        let mut b = [0xffu8; 4];
+        t.read(REG_MAGIC + 2, &mut b);
+        assert_eq!(b, [0; 4]);
+    }
+
+    #[test]
+    fn full_negotiation_activates_and_notify_interrupts() {
+        let (mut t, log, irq) = transport();
+        drive_to_ok(&mut t, 1, 0b100, 8);
+        assert!(t.is_active());
+        assert_eq!(r(&mut t, REG_STATUS) & STATUS_FEATURES_OK, STATUS_FEATURES_OK);
+        w(&mut t, REG_QUEUE_NOTIFY, 0);
+        assert_eq!(irq.read().unwrap(), 1);
+        assert_eq!(r(&mut t, REG_INTERRUPT_STATUS), INT_USED_BUFFER);
+        w(&mut t, REG_INTERRUPT_ACK, INT_USED_BUFFER);
+        assert_eq!(r(&mut t, REG_INTERRUPT_STATUS), 0);
+        // Queue registers are frozen while running.
+        w(&mut t, REG_QUEUE_NUM, 2);
+        w(&mut t, REG_STATUS, 0);
+        assert!(!t.is_active());
+        assert_eq!(
+            *log.lock().unwrap(),
+            vec!["activate 0x100000004 size 8".to_string(), "queue 0".into(), "reset".into()]
+        );
+    }
+
+    #[test]
+    fn unoffered_features_or_missing_version_1_are_refused() {
+        let (mut t, log, _) = transport();
+        drive_to_ok(&mut t, 1, 0b010, 8); // bit 1 was never offered
+        assert_eq!(r(&mut t, REG_STATUS) & STATUS_FEATURES_OK, 0);
+        assert!(!t.is_active());
+        drive_to_ok(&mut t, 0, 0b001, 8); // legacy driver without VERSION_1
+        assert!(!t.is_active());
+        assert!(log.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn invalid_queue_layout_needs_reset_instead_of_running() {
+        let (mut t, log, _) = transport();
+        drive_to_ok(&mut t, 1, 0, 12); // not a power of two
+        assert!(!t.is_active());
+        assert_ne!(r(&mut t, REG_STATUS) & STATUS_NEEDS_RESET, 0);
+        w(&mut t, REG_QUEUE_NOTIFY, 0);
+        assert!(log.lock().unwrap().is_empty());
+    }
+}

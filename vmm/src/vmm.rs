@@ -1,0 +1,340 @@
+//! Builds the microVM from a configuration, confines the process, runs the vCPUs and
+//! serves device I/O on the main thread until the guest stops the machine.
+
+use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch;
+use crate::config::{DeviceSpec, VmConfig};
+use crate::devices::bus::Bus;
+use crate::devices::console::ConsoleLog;
+use crate::devices::legacy::LegacyDevices;
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_OFFSET};
+use crate::devices::virtio::vhost::VhostVsock;
+use crate::devices::virtio::vsock::{Vsock, VHOST_QUEUES};
+use crate::exit::{ExitReason, ExitSignal};
+use crate::jail;
+use crate::layout::COM1_IRQ;
+use crate::memory::{create_guest_memory, dump_guest_memory, GuestMemory};
+use crate::seccomp::{self, Role};
+use crate::vstate::vcpu::Vcpu;
+use crate::vstate::vm::create_vm;
+
+/// How long a guest that printed a panic banner gets to reboot before we stop it.
+const PANIC_GRACE: Duration = Duration::from_secs(3);
+const VCPU_STACK: usize = 256 << 10;
+
+/// Everything opened by path before the process gives up its view of the filesystem.
+struct OpenedFiles {
+    kernel: File,
+    initrd: Option<File>,
+    disks: Vec<File>,
+    console: File,
+    memory_dump: Option<File>,
+    vhost_vsock: Option<File>,
+}
+
+fn open_files(cfg: &VmConfig) -> Result<OpenedFiles, String> {
+    let kernel = File::open(&cfg.kernel).map_err(|e| format!("cannot open kernel {}: {e}", cfg.kernel.display()))?;
+    let initrd = match &cfg.initrd {
+        Some(p) => Some(File::open(p).map_err(|e| format!("cannot open initrd {}: {e}", p.display()))?),
+        None => None,
+    };
+    let disks = cfg
+        .disks
+        .iter()
+        .map(|d| {
+            File::options()
+                .read(true)
+                .write(!d.read_only)
+                .open(&d.path)
+                .map_err(|e| format!("cannot open disk {}: {e}", d.path.display()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let console_path = cfg.console_log.clone().unwrap_or_else(|| "/dev/null".into());
+    let console = File::options()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&console_path)
+        .map_err(|e| format!("cannot open console log {}: {e}", console_path.display()))?;
+    let memory_dump = match &cfg.memory_dump {
+        Some(p) => Some(
+            File::options()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(p)
+                .map_err(|e| format!("cannot open memory dump file {}: {e}", p.display()))?,
+        ),
+        None => None,
+    };
+    let vhost_vsock = match cfg.vsock_cid {
+        Some(_) => Some(
+            File::options()
+                .read(true)
+                .write(true)
+                .open("/dev/vhost-vsock")
+                .map_err(|e| format!("cannot open /dev/vhost-vsock (is vhost_vsock loaded?): {e}"))?,
+        ),
+        None => None,
+    };
+    Ok(OpenedFiles { kernel, initrd, disks, console, memory_dump, vhost_vsock })
+}
+
+fn eventfd() -> Result<EventFd, String> {
+    EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| format!("cannot create an eventfd: {e}"))
+}
+
+/// A device whose queue notifications the main thread serves.
+struct Served {
+    kick: EventFd,
+    transport: Arc<Mutex<MmioTransport>>,
+}
+
+/// The bus's virtio transports, and those of them whose queues the main thread serves.
+type BuiltDevices = (Vec<Arc<Mutex<MmioTransport>>>, Vec<Served>);
+
+fn build_devices(
+    vm: &VmFd,
+    mem: &Arc<GuestMemory>,
+    cfg: &VmConfig,
+    files: &mut OpenedFiles,
+) -> Result<BuiltDevices, String> {
+    let mut transports = Vec::new();
+    let mut served = Vec::new();
+    let mut disks = std::mem::take(&mut files.disks).into_iter();
+    for (i, (spec, window)) in cfg.devices().into_iter().zip(cfg.device_windows()).enumerate() {
+        let notify = IoEventAddress::Mmio(window.base + NOTIFY_OFFSET);
+        let irq = eventfd()?;
+        vm.register_irqfd(&irq, window.irq).map_err(|e| format!("KVM_IRQFD failed: {e}"))?;
+        let irq_for_transport = irq.try_clone().map_err(|e| format!("cannot clone an eventfd: {e}"))?;
+        match spec {
+            DeviceSpec::Disk(d) => {
+                let file = disks.next().ok_or("disk list changed while building devices")?;
+                let name = format!("vd{}", (b'a' + i as u8) as char);
+                let block = Block::new(file, d.read_only, &name).map_err(|e| format!("disk {}: {e}", d.path.display()))?;
+                let kick = eventfd()?;
+                vm.register_ioevent(&kick, &notify, 0u32).map_err(|e| format!("KVM_IOEVENTFD failed: {e}"))?;
+                let t = Arc::new(Mutex::new(MmioTransport::new(Box::new(block), mem.clone(), irq_for_transport)));
+                served.push(Served { kick, transport: t.clone() });
+                transports.push(t);
+            }
+            DeviceSpec::Vsock(cid) => {
+                let file = files.vhost_vsock.take().ok_or("vhost-vsock is not open")?;
+                let backend = VhostVsock::new(file, cid)?;
+                let kicks = [eventfd()?, eventfd()?];
+                for (q, kick) in kicks.iter().enumerate().take(VHOST_QUEUES) {
+                    vm.register_ioevent(kick, &notify, q as u32).map_err(|e| format!("KVM_IOEVENTFD failed: {e}"))?;
+                }
+                let vsock = Vsock::new(cid, backend, kicks, irq)?;
+                transports.push(Arc::new(Mutex::new(MmioTransport::new(Box::new(vsock), mem.clone(), irq_for_transport))));
+            }
+        }
+    }
+    Ok((transports, served))
+}
+
+fn create_vcpus(kvm: &Kvm, vm: &VmFd, count: u8, entry: u64) -> Result<Vec<Vcpu>, String> {
+    let max = kvm.get_max_vcpus();
+    if count as usize > max {
+        return Err(format!("this host allows at most {max} vCPUs per VM"));
+    }
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| format!("KVM_GET_SUPPORTED_CPUID failed: {e}"))?;
+    (0..count)
+        .map(|id| {
+            let fd = vm.create_vcpu(id as u64).map_err(|e| format!("KVM_CREATE_VCPU {id} failed: {e}"))?;
+            let mut cpuid = supported.clone();
+            arch::cpuid::patch_for_vcpu(cpuid.as_mut_slice(), id, count);
+            fd.set_cpuid2(&cpuid).map_err(|e| format!("KVM_SET_CPUID2 failed: {e}"))?;
+            arch::regs::configure_vcpu(&fd, id == 0, entry)?;
+            Ok(Vcpu { id, fd })
+        })
+        .collect()
+}
+
+/// Blocks SIGUSR1 (so it's only seen through the returned signalfd); threads started
+/// later inherit the mask.
+fn dump_signal_fd() -> Result<RawFd, String> {
+    // SAFETY: sigset manipulation on a local set, then syscalls that only read it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err("cannot block SIGUSR1".into());
+        }
+        let fd = libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC);
+        if fd < 0 {
+            return Err(format!("signalfd failed: {}", std::io::Error::last_os_error()));
+        }
+        Ok(fd)
+    }
+}
+
+struct Epoll(RawFd);
+
+impl Epoll {
+    fn new() -> Result<Self, String> {
+        // SAFETY: creates a new fd; no pointers involved.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(format!("epoll_create1 failed: {}", std::io::Error::last_os_error()));
+        }
+        Ok(Epoll(fd))
+    }
+
+    fn add(&self, fd: RawFd, token: u64) -> Result<(), String> {
+        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token };
+        // SAFETY: `ev` is a valid epoll_event for the duration of the call.
+        if unsafe { libc::epoll_ctl(self.0, libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
+            return Err(format!("epoll_ctl failed: {}", std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// Waits for events; returns the ready tokens.
+    fn wait(&self, timeout: Option<Duration>, out: &mut Vec<u64>) -> Result<(), String> {
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 16];
+        let ms = timeout.map_or(-1, |d| d.as_millis().min(i32::MAX as u128) as i32);
+        // SAFETY: `events` has room for the 16 entries we declare.
+        let n = unsafe { libc::epoll_wait(self.0, events.as_mut_ptr(), events.len() as i32, ms) };
+        out.clear();
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            return if e.kind() == std::io::ErrorKind::Interrupted { Ok(()) } else { Err(format!("epoll_wait failed: {e}")) };
+        }
+        out.extend(events[..n as usize].iter().map(|e| e.u64));
+        Ok(())
+    }
+}
+
+const TOKEN_EXIT: u64 = 0;
+const TOKEN_DUMP: u64 = 1;
+const TOKEN_QUEUE_BASE: u64 = 2;
+
+/// Boots the VM described by `cfg` and runs it to the end. Errors before the guest runs
+/// come back as `Err`; once it runs, every outcome is an `ExitReason` (with the VMM
+/// error text available from the returned message).
+pub fn run(cfg: &VmConfig) -> Result<(ExitReason, Option<String>), String> {
+    let mut files = open_files(cfg)?;
+    let kvm = Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
+    let mem = Arc::new(create_guest_memory(cfg.memory_bytes())?);
+    // Guest RAM stays mapped until the process exits, whatever gets dropped on the way:
+    // KVM's memory slots point at it.
+    std::mem::forget(Arc::clone(&mem));
+    let vm = create_vm(&kvm, &mem)?;
+    let cmdline = cfg.kernel_cmdline();
+    let windows = cfg.device_windows();
+    let acpi_devices = cfg.acpi.then_some(windows.as_slice());
+    let entry = arch::load_and_configure(
+        &mem,
+        &mut files.kernel,
+        files.initrd.as_mut(),
+        &cmdline,
+        cfg.memory_bytes(),
+        cfg.vcpus,
+        acpi_devices,
+    )?;
+
+    let exit = Arc::new(ExitSignal::new().map_err(|e| format!("cannot create an eventfd: {e}"))?);
+    let serial_irq = eventfd()?;
+    vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(|e| format!("KVM_IRQFD failed: {e}"))?;
+    let console = files.console.try_clone().map_err(|e| format!("cannot reuse the console log: {e}"))?;
+    let legacy = LegacyDevices::new(serial_irq, ConsoleLog::new(console, exit.clone()), exit.clone());
+    let (virtio, served) = build_devices(&vm, &mem, cfg, &mut files)?;
+    let bus = Arc::new(Bus { legacy, virtio });
+    let vcpus = create_vcpus(&kvm, &vm, cfg.vcpus, entry)?;
+
+    let epoll = Epoll::new()?;
+    epoll.add(exit.event.as_raw_fd(), TOKEN_EXIT)?;
+    let dump_fd = dump_signal_fd()?;
+    epoll.add(dump_fd, TOKEN_DUMP)?;
+    for (i, s) in served.iter().enumerate() {
+        epoll.add(s.kick.as_raw_fd(), TOKEN_QUEUE_BASE + i as u64)?;
+    }
+
+    seccomp::install_sigsys_handler()?;
+    jail::enter()?;
+    for vcpu in vcpus {
+        let (bus, exit) = (bus.clone(), exit.clone());
+        std::thread::Builder::new()
+            .name(format!("vcpu{}", vcpu.id))
+            .stack_size(VCPU_STACK)
+            .spawn(move || match seccomp::install(Role::Vcpu) {
+                Ok(()) => vcpu.run(bus, exit),
+                Err(e) => exit.fail(e),
+            })
+            .map_err(|e| format!("cannot start a vCPU thread: {e}"))?;
+    }
+    seccomp::install(Role::Main)?;
+
+    let reason = event_loop(&epoll, &exit, &served, dump_fd, &mem, files.memory_dump.as_ref())?;
+    bus.legacy.flush_console();
+    Ok((reason, exit.error_message()))
+}
+
+fn event_loop(
+    epoll: &Epoll,
+    exit: &ExitSignal,
+    served: &[Served],
+    dump_fd: RawFd,
+    mem: &GuestMemory,
+    dump_file: Option<&File>,
+) -> Result<ExitReason, String> {
+    let mut ready = Vec::new();
+    let mut panic_deadline: Option<Instant> = None;
+    loop {
+        let timeout = panic_deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        epoll.wait(timeout, &mut ready)?;
+        if let Some(d) = panic_deadline {
+            if Instant::now() >= d {
+                return Ok(ExitReason::Panic);
+            }
+        }
+        for &token in &ready {
+            match token {
+                TOKEN_EXIT => {
+                    let _ = exit.event.read();
+                    if let Some(reason) = exit.reason() {
+                        return Ok(reason);
+                    }
+                    if exit.panic_seen() && panic_deadline.is_none() {
+                        panic_deadline = Some(Instant::now() + PANIC_GRACE);
+                    }
+                }
+                TOKEN_DUMP => {
+                    let mut info = [0u8; 128]; // struct signalfd_siginfo
+                    // SAFETY: reads at most 128 bytes into a 128-byte buffer.
+                    while unsafe { libc::read(dump_fd, info.as_mut_ptr() as *mut libc::c_void, info.len()) } > 0 {}
+                    match dump_file {
+                        Some(f) => match dump_guest_memory(mem, f) {
+                            Ok(n) => eprintln!("vmm: guest memory dumped ({} MiB)", n >> 20),
+                            Err(e) => eprintln!("vmm: memory dump failed: {e}"),
+                        },
+                        None => eprintln!("vmm: SIGUSR1 ignored: no memory_dump file configured"),
+                    }
+                }
+                t => {
+                    if let Some(s) = served.get((t - TOKEN_QUEUE_BASE) as usize) {
+                        let _ = s.kick.read();
+                        if let Ok(mut transport) = s.transport.lock() {
+                            transport.process_queue(0);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

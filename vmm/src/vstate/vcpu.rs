@@ -1,0 +1,51 @@
+//! One vCPU thread: runs KVM_RUN and hands port and MMIO exits to the bus until the guest
+//! stops the machine or something goes wrong.
+
+use std::sync::Arc;
+
+use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::devices::bus::Bus;
+use crate::exit::{ExitReason, ExitSignal};
+
+pub struct Vcpu {
+    pub id: u8,
+    pub fd: VcpuFd,
+}
+
+impl Vcpu {
+    /// Runs until the VM must stop; the reason is reported through `exit`.
+    pub fn run(mut self, bus: Arc<Bus>, exit: Arc<ExitSignal>) {
+        loop {
+            if exit.reason().is_some() {
+                return;
+            }
+            match self.fd.run() {
+                Ok(VcpuExit::IoIn(port, data)) => bus.pio_read(port, data),
+                Ok(VcpuExit::IoOut(port, data)) => bus.pio_write(port, data),
+                Ok(VcpuExit::MmioRead(addr, data)) => bus.mmio_read(addr, data),
+                Ok(VcpuExit::MmioWrite(addr, data)) => bus.mmio_write(addr, data),
+                // A triple fault: what a PC does next is reset, and Linux uses it as its
+                // last-resort reboot method.
+                Ok(VcpuExit::Shutdown) => exit.request(ExitReason::Reboot),
+                Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                    KVM_SYSTEM_EVENT_SHUTDOWN => exit.request(ExitReason::PowerOff),
+                    KVM_SYSTEM_EVENT_RESET => exit.request(ExitReason::Reboot),
+                    KVM_SYSTEM_EVENT_CRASH => exit.request(ExitReason::Panic),
+                    other => exit.fail(format!("vCPU {}: unknown system event {other}", self.id)),
+                },
+                // The in-kernel local APIC handles HLT; seeing it here means a halted CPU
+                // with nothing left to wake it.
+                Ok(VcpuExit::Hlt) => exit.fail(format!("vCPU {} halted for good", self.id)),
+                Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                    exit.fail(format!("vCPU {}: KVM could not enter the guest (reason {reason:#x}, cpu {cpu})", self.id))
+                }
+                Ok(VcpuExit::InternalError) => exit.fail(format!("vCPU {}: KVM internal error", self.id)),
+                Ok(other) => exit.fail(format!("vCPU {}: unexpected exit {other:?}", self.id)),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Err(e) => exit.fail(format!("vCPU {}: KVM_RUN failed: {e}", self.id)),
+            }
+        }
+    }
+}
