@@ -174,7 +174,8 @@ impl Supervisor {
         }
     }
 
-    pub fn pid_of(&self, name: &str) -> Option<libc::pid_t> {
+    #[cfg(test)]
+    fn pid_of(&self, name: &str) -> Option<libc::pid_t> {
         self.services.iter().find(|s| s.spec.name == name).and_then(|s| match s.state {
             State::Running { pid, .. } => Some(pid),
             _ => None,
