@@ -2,11 +2,13 @@
 
 use std::path::PathBuf;
 
+use crate::sandbox_side::{SandboxOptions, DEFAULT_CA_ROOTS, DEFAULT_GUEST_KERNEL, DEFAULT_PROXY_CONFIG};
 use crate::serve::ServeConfig;
 
 pub const USAGE: &str = "usage:
   appliance serve [--listen ADDR] [--data-dir DIR] [--vmm-bin PATH] [--admin-key-file FILE]
-                  [--master-key-file FILE] [--quiet]
+                  [--master-key-file FILE] [--guest-kernel BZIMAGE] [--templates-dir DIR]
+                  [--ca-roots PEM] [--proxy-config JSON] [--quiet]
   appliance bench api [--clients N] [--requests N] [--data-dir DIR]
   appliance rotate-key --data-dir DIR [--master-key-file OLD --new-master-key-file NEW]";
 
@@ -14,7 +16,7 @@ pub const DEFAULT_ADMIN_KEY_FILE: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/
 
 #[derive(Debug)]
 pub enum Command {
-    Serve(ServeConfig),
+    Serve(ServeConfig, SandboxOptions),
     BenchApi(BenchOptions),
     RotateKey { data_dir: PathBuf, old_key: Option<PathBuf>, new_key: Option<PathBuf> },
     Help,
@@ -86,7 +88,16 @@ pub fn parse(args: Vec<String>) -> Result<Command, String> {
                 master_key_file: flags.value("--master-key-file")?.map(PathBuf::from),
                 log_requests: !flags.switch("--quiet"),
             };
-            Command::Serve(config)
+            let sandbox = SandboxOptions {
+                vmm_bin: config.vmm_bin.clone(),
+                guest_kernel: PathBuf::from(flags.value("--guest-kernel")?.unwrap_or_else(|| DEFAULT_GUEST_KERNEL.into())),
+                templates_dir: flags.value("--templates-dir")?.map(PathBuf::from),
+                ca_roots: PathBuf::from(flags.value("--ca-roots")?.unwrap_or_else(|| DEFAULT_CA_ROOTS.into())),
+                proxy_config: Some(PathBuf::from(
+                    flags.value("--proxy-config")?.unwrap_or_else(|| DEFAULT_PROXY_CONFIG.into()),
+                )),
+            };
+            Command::Serve(config, sandbox)
         }
         Some("bench") => {
             if flags.args.first().map(String::as_str) != Some("api") {
@@ -124,7 +135,9 @@ mod tests {
             "serve --listen 0.0.0.0:8080 --data-dir /data --vmm-bin /bin/vmm --admin-key-file /sys/firmware/qemu_fw_cfg/by_name/opt/opencomputer/admin-key/raw",
         ))
         .expect("parse");
-        let Command::Serve(c) = cmd else { panic!("not serve") };
+        let Command::Serve(c, sandbox) = cmd else { panic!("not serve") };
+        assert_eq!(sandbox.guest_kernel, PathBuf::from(DEFAULT_GUEST_KERNEL));
+        assert_eq!(sandbox.templates_dir, None);
         assert_eq!(c.listen, "0.0.0.0:8080");
         assert_eq!(c.data_dir, PathBuf::from("/data"));
         assert_eq!(c.admin_key_file.as_deref(), Some(std::path::Path::new(DEFAULT_ADMIN_KEY_FILE)));

@@ -15,6 +15,8 @@ pub const MASTER_KEY_FILE: &str = "master.key";
 /// A new key written by an unfinished rotation (see `rotate`).
 pub const NEXT_MASTER_KEY_FILE: &str = "master.key.next";
 const LOCK_FILE: &str = "appliance.lock";
+/// How long to wait for a data dir lock held by a process that is going away.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub fn master_key_path(data_dir: &Path) -> PathBuf {
     data_dir.join(MASTER_KEY_FILE)
@@ -129,16 +131,25 @@ impl DataDirLock {
             .mode(0o600)
             .open(&path)
             .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        // SAFETY: flock on a file descriptor we own and keep open; no memory is involved.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            return Err(format!(
-                "data dir {} is in use by another appliance process (lock {} is held)",
-                data_dir.display(),
-                path.display()
-            ));
+        // A lock can outlive its holder briefly: a process that just exited, or a
+        // child forked by a holder that has not reached exec yet (the descriptor is
+        // close-on-exec). Waiting a moment avoids refusing a legitimate restart.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            // SAFETY: flock on a file descriptor we own and keep open; no memory is involved.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc == 0 {
+                return Ok(Self { _file: file });
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "data dir {} is in use by another appliance process (lock {} is held)",
+                    data_dir.display(),
+                    path.display()
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        Ok(Self { _file: file })
     }
 }
 

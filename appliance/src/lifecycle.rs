@@ -220,13 +220,14 @@ pub fn create(app: &App, spec: CreateSpec) -> Result<SandboxRecord, AppError> {
 /// Stops a sandbox's VMM, withdraws its tokens and records `status`. Safe to call
 /// for a sandbox that is already gone.
 pub fn stop(app: &App, id: &str, status: SandboxStatus, why: &str) -> Result<(), AppError> {
+    // Untracked first, so the reaper does not report this VMM's end as a crash.
+    app.lifecycle.untrack(id);
     if let Ok(backend) = app.lifecycle.backend() {
         if let Err(e) = backend.runtime.stop(id) {
             println!("appliance: sandbox {id}: stop failed: {e}");
         }
         backend.publisher.withdraw(id);
     }
-    app.lifecycle.untrack(id);
     let id_owned = id.to_string();
     app.store.write(move |wtxn, dbs| {
         if let Some(mut record) = dbs.sandboxes.get(wtxn, &id_owned)? {
@@ -340,7 +341,12 @@ pub fn reap(app: &App) {
     let Ok(backend) = app.lifecycle.backend() else { return };
     for id in app.lifecycle.live_ids() {
         if !backend.runtime.is_alive(&id) {
-            if let Err(e) = stop(app, &id, SandboxStatus::Error, "VMM exited unexpectedly") {
+            let (status, why) = match backend.runtime.exit_description(&id) {
+                Some((true, why)) => (SandboxStatus::Stopped, why),
+                Some((false, why)) => (SandboxStatus::Error, why),
+                None => (SandboxStatus::Error, "VMM exited unexpectedly".to_string()),
+            };
+            if let Err(e) = stop(app, &id, status, &why) {
                 println!("appliance: sandbox {id}: could not record exit: {}", e.message);
             }
         }

@@ -1,6 +1,6 @@
 //! The `appliance` binary: `serve` (the control plane PID 1 starts), `bench api` and
 //! `rotate-key`. It must never print secret values, and it serves sandbox routes only
-//! through a real runtime (503 until one is wired in).
+//! through the real VMM runtime (503 with the reason when it cannot start).
 
 use std::process::ExitCode;
 
@@ -20,12 +20,12 @@ fn main() -> ExitCode {
             println!("{}", cli::USAGE);
             Ok(())
         }
-        Command::Serve(config) => {
-            let reason = format!(
-                "no VMM runtime is wired into this build of the appliance (vmm binary {})",
-                config.vmm_bin.display()
-            );
-            serve::run(&config, SandboxSide::Unavailable(reason))
+        Command::Serve(config, sandbox) => {
+            let data_dir = config.data_dir.clone();
+            let factory = move |store: &appliance::store::Store, keyring: &appliance::crypto::Keyring| {
+                appliance::sandbox_side::build(&sandbox, data_dir, store, keyring)
+            };
+            serve::run(&config, SandboxSide::Build(Box::new(factory)))
         }
         Command::BenchApi(options) => appliance::bench::run(&options).map(|line| println!("{line}")),
         Command::RotateKey { data_dir, old_key, new_key } => {

@@ -119,6 +119,22 @@ impl Metrics {
         self.latency.render(&mut out, "appliance_http_request_seconds");
         out
     }
+
+    /// Gauges read at scrape time: this process's descriptors and threads, and the runtime's.
+    pub fn render_gauges(out: &mut String, runtime: &[(&'static str, &'static str, u64)]) {
+        let open_fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count() as u64).ok();
+        let threads = std::fs::read_dir("/proc/self/task").map(|d| d.count() as u64).ok();
+        let process = [
+            ("process_open_fds", "Open file descriptors of the appliance process.", open_fds),
+            ("process_threads", "Threads of the appliance process.", threads),
+        ];
+        let all = process.into_iter().chain(runtime.iter().map(|&(n, h, v)| (n, h, Some(v))));
+        for (name, help, value) in all {
+            if let Some(value) = value {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -117,4 +117,16 @@ pub trait SandboxRuntime: Send + Sync {
     fn remove_file(&self, sandbox_id: &str, path: &str) -> Result<(), RuntimeError>;
     fn list_dir(&self, sandbox_id: &str, path: &str) -> Result<Vec<DirEntry>, RuntimeError>;
     fn make_dir(&self, sandbox_id: &str, path: &str) -> Result<(), RuntimeError>;
+
+    /// For a sandbox whose VMM ended on its own: whether that was a clean end (the guest
+    /// powered off or rebooted) and how it ended, in words.
+    fn exit_description(&self, _sandbox_id: &str) -> Option<(bool, String)> {
+        None
+    }
+
+    /// Gauges of what the runtime holds (processes, CIDs, disks), as (metric name, help,
+    /// value), exported on /metrics so leaks are visible.
+    fn resource_gauges(&self) -> Vec<(&'static str, &'static str, u64)> {
+        Vec::new()
+    }
 }

@@ -28,9 +28,13 @@ pub struct ServeConfig {
     pub log_requests: bool,
 }
 
+/// Builds the sandbox side once the store and keys are open (it needs both for the CA).
+pub type BackendFactory = Box<dyn FnOnce(&Store, &Keyring) -> Result<Backend, String>>;
+
 /// How sandbox routes are served: by a wired runtime, or refused with a reason.
 pub enum SandboxSide {
     Wired(Backend),
+    Build(BackendFactory),
     Unavailable(String),
 }
 
@@ -76,6 +80,13 @@ pub fn start(config: &ServeConfig, side: SandboxSide) -> Result<Running, String>
     println!("appliance: vmm selfcheck: {kvm}");
     let lifecycle = match side {
         SandboxSide::Wired(backend) => Lifecycle::new(Some(backend), ""),
+        SandboxSide::Build(factory) => match factory(&store, &keyring) {
+            Ok(backend) => Lifecycle::new(Some(backend), ""),
+            Err(reason) => {
+                println!("appliance: SANDBOXES UNAVAILABLE: {reason}; sandbox routes will answer 503");
+                Lifecycle::new(None, reason)
+            }
+        },
         SandboxSide::Unavailable(reason) => {
             println!("appliance: sandbox routes will answer 503: sandbox runtime not available: {reason}");
             Lifecycle::new(None, reason)

@@ -21,6 +21,8 @@ pub const WANTED_MODULES: &[&str] = &[
     "virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "virtio_rng", "qemu_fw_cfg",
     // The data filesystem (XFS, for reflink clones of templates).
     "xfs",
+    // The read-only system disk with the sandbox templates.
+    "ext4",
     // Common server NICs and disks.
     "e1000", "e1000e", "igb", "nvme", "ahci", "sd_mod",
     // The ACPI power button, read through evdev, for clean shutdowns.

@@ -17,6 +17,7 @@ pub mod pipeline;
 pub mod progress;
 pub mod qemu;
 pub mod run;
+pub mod system_disk;
 pub mod template;
 pub mod userland;
 pub mod workspace;

@@ -9,6 +9,8 @@ use crate::guest_kernel;
 use crate::host::{self, tool};
 use crate::initramfs::Tree;
 use crate::progress::{fmt_size, Outcome, Step};
+use crate::system_disk;
+use crate::template;
 use crate::userland;
 use crate::workspace;
 use std::path::PathBuf;
@@ -30,16 +32,23 @@ impl Variant {
 }
 
 /// Where QEMU (or firmware) finds what the build produced.
+#[derive(Clone, Debug)]
 pub struct Artifacts {
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
     pub cmdline: String,
+    /// Read-only disk with the sandbox templates (see system_disk).
+    pub system_disk: PathBuf,
 }
 
 /// The name under which QEMU passes the admin API key (fw_cfg), read by the appliance service.
 pub const ADMIN_KEY_FW_CFG: &str = "opt/opencomputer/admin-key";
 pub const API_PORT_IN_GUEST: u16 = 8080;
 pub const GUEST_KERNEL_PATH: &str = "/usr/share/opencomputer/guest/bzImage";
+/// Public CA roots for the proxy's upstream connections (Debian's bundle, from the template).
+pub const CA_ROOTS_PATH: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// Where init mounts the system disk (read-only).
+pub const SYSTEM_MOUNT: &str = "/system";
 
 pub fn build(variant: Variant) -> Result<Artifacts> {
     let started = Instant::now();
@@ -60,6 +69,8 @@ pub fn build(variant: Variant) -> Result<Artifacts> {
         bins.push(("qemu-test", "oc-probe"));
     }
     let built = workspace::build(&bins)?;
+    let base = template::build_base(&built[0])?;
+    let system_disk = system_disk::build(std::slice::from_ref(&base))?;
 
     let step = Step::start(format!("initramfs ({})", variant.name()));
     let mut tree = Tree::new();
@@ -82,6 +93,8 @@ pub fn build(variant: Variant) -> Result<Artifacts> {
         tree.host_file(&image_path, &source, 0o755)?;
     }
     tree.bytes("/etc/opencomputer/services", services_file(variant), 0o644)?;
+    tree.host_file(CA_ROOTS_PATH, &base.ca_bundle, 0o644)?;
+    tree.dir(SYSTEM_MOUNT)?;
     tree.bytes("/etc/hostname", "opencomputer\n", 0o644)?;
     tree.bytes("/etc/passwd", "root:x:0:0:root:/root:/bin/false\n", 0o644)?;
     tree.bytes("/etc/group", "root:x:0:\n", 0o644)?;
@@ -95,7 +108,7 @@ pub fn build(variant: Variant) -> Result<Artifacts> {
     step.finish(Outcome::Built, &format!("{} ({} uncompressed) at {}", fmt_size(compressed), fmt_size(raw), initramfs.display()));
 
     eprintln!("[image] build finished in {} (kernel {})", crate::progress::fmt_duration(started.elapsed()), kernel.version);
-    Ok(Artifacts { kernel: vmlinuz, initramfs, cmdline: kernel_cmdline() })
+    Ok(Artifacts { kernel: vmlinuz, initramfs, cmdline: kernel_cmdline(), system_disk })
 }
 
 fn kernel_cmdline() -> String {
@@ -107,7 +120,8 @@ fn services_file(variant: Variant) -> String {
     let mut text = String::from("# name program args... (started in order, stopped in reverse)\n");
     text.push_str(&format!(
         "appliance /bin/appliance serve --listen 0.0.0.0:{API_PORT_IN_GUEST} --data-dir /data --vmm-bin /bin/vmm \
-         --admin-key-file /sys/firmware/qemu_fw_cfg/by_name/{ADMIN_KEY_FW_CFG}/raw\n"
+         --admin-key-file /sys/firmware/qemu_fw_cfg/by_name/{ADMIN_KEY_FW_CFG}/raw \
+         --guest-kernel {GUEST_KERNEL_PATH} --templates-dir {SYSTEM_MOUNT}/templates --ca-roots {CA_ROOTS_PATH}\n"
     ));
     if variant == Variant::Test {
         text.push_str("probe /bin/oc-probe\n");

@@ -100,6 +100,9 @@ impl Machine {
         cmd.args(["-device", "virtio-net-pci,netdev=net0"]);
         cmd.arg("-drive").arg(format!("file={},if=none,id=data,format=raw,discard=unmap", cfg.data_disk.display()));
         cmd.args(["-device", "virtio-blk-pci,drive=data"]);
+        // Read-only: the appliance must not change it, and init never mistakes it for the data disk.
+        cmd.arg("-drive").arg(format!("file={},if=none,id=system,format=raw,readonly=on", cfg.artifacts.system_disk.display()));
+        cmd.args(["-device", "virtio-blk-pci,drive=system"]);
         cmd.args(["-device", "virtio-rng-pci"]);
         if let Some(key_file) = &cfg.admin_key_file {
             cmd.arg("-fw_cfg").arg(format!("name={ADMIN_KEY_FW_CFG},file={}", key_file.display()));

@@ -16,14 +16,19 @@ pub const SUITE: &str = "bookworm";
 /// Where the sandbox PID 1 lives inside every template.
 pub const SANDBOX_INIT_PATH: &str = "/sbin/oc-init";
 /// Size of the template disk (sparse): what a sandbox can grow its root filesystem to.
-const DISK_SIZE: &str = "4G";
+const DISK_SIZE: &str = "2G";
 /// Fixed filesystem identity, so the same inputs give the same image.
 const FS_UUID: &str = "5a1db0c5-0c0c-4e1e-9b2a-0a7c0ffee000";
 const HASH_SEED: &str = "0c0ffee0-5a1d-4b0c-8e3a-5eed00000000";
+const CA_BUNDLE_FILE: &str = "ca-certificates.crt";
 
 pub struct Template {
     pub name: &'static str,
     pub disk: PathBuf,
+    /// What the disk was built from (a cache key): changes whenever its content may change.
+    pub id: String,
+    /// The distribution's bundle of public CA roots, which the appliance's proxy trusts upstream.
+    pub ca_bundle: PathBuf,
 }
 
 /// Builds (or takes from the cache) the `base` template with `sandbox_init` installed.
@@ -47,33 +52,39 @@ pub fn build_base(sandbox_init: &Path) -> Result<Template> {
         outcome = Outcome::Built;
     }
     let init_bytes = std::fs::read(sandbox_init).ctx(|| format!("read {}", sandbox_init.display()))?;
-    let disk_key = cache::key(&[("rootfs", rootfs_key.as_bytes()), ("init", &init_bytes), ("size", DISK_SIZE.as_bytes()), ("recipe", b"ext4 v1")]);
+    let disk_key = cache::key(&[("rootfs", rootfs_key.as_bytes()), ("init", &init_bytes), ("size", DISK_SIZE.as_bytes()), ("recipe", b"ext4 v2")]);
     let disk = Entry::new("template-base", &disk_key);
     if !disk.is_complete() {
-        disk.fill(|dir| pack(&rootfs.path("rootfs.tar"), sandbox_init, &dir.join("base.ext4")))?;
+        disk.fill(|dir| pack(&rootfs.path("rootfs.tar"), sandbox_init, dir))?;
         outcome = Outcome::Built;
     }
-    let template = Template { name: "base", disk: disk.path("base.ext4") };
+    let template = Template { name: "base", disk: disk.path("base.ext4"), id: disk_key, ca_bundle: disk.path(CA_BUNDLE_FILE) };
     let used = std::fs::metadata(rootfs.path("rootfs.tar")).map(|m| m.len()).unwrap_or(0);
     step.finish(outcome, &format!("{} of files in a {DISK_SIZE} sparse ext4 disk", fmt_size(used)));
     Ok(template)
 }
 
-/// Unpacks the root filesystem, installs the sandbox init, and makes the ext4 image.
-fn pack(rootfs_tar: &Path, sandbox_init: &Path, out: &Path) -> Result<()> {
-    let staging = out.with_extension("staging");
+/// Unpacks the root filesystem, installs the sandbox init, makes the ext4 image and keeps a
+/// copy of the CA roots bundle beside it.
+fn pack(rootfs_tar: &Path, sandbox_init: &Path, dir: &Path) -> Result<()> {
+    let out = dir.join("base.ext4");
+    let staging = dir.join("staging");
     std::fs::create_dir_all(&staging).ctx(|| format!("create {}", staging.display()))?;
     run_quiet(Command::new("tar").arg("-xpf").arg(rootfs_tar).arg("-C").arg(&staging).arg("--numeric-owner"))?;
     let init_target = staging.join(SANDBOX_INIT_PATH.trim_start_matches('/'));
     std::fs::copy(sandbox_init, &init_target).ctx(|| format!("install {}", init_target.display()))?;
     run_quiet(Command::new("chmod").arg("0755").arg(&init_target))?;
+    let roots = staging.join("etc/ssl/certs/ca-certificates.crt");
+    std::fs::copy(&roots, dir.join(CA_BUNDLE_FILE)).ctx(|| format!("copy {}", roots.display()))?;
     let status = Command::new("mkfs.ext4")
         .args(["-q", "-F", "-L", "base", "-U", FS_UUID, "-E", &format!("hash_seed={HASH_SEED},root_owner=0:0")])
         .arg("-d")
         .arg(&staging)
-        .arg(out)
+        .arg(&out)
         .arg(DISK_SIZE)
         .env("SOURCE_DATE_EPOCH", "0")
+        // mkfs.ext4 -d announces each file it creates even with -q.
+        .stdout(std::process::Stdio::null())
         .status()
         .ctx(|| "run mkfs.ext4".into())?;
     std::fs::remove_dir_all(&staging).ctx(|| format!("remove {}", staging.display()))?;

@@ -16,9 +16,7 @@ pub struct Appliance {
     pub api_key: String,
     pub data_disk: PathBuf,
     pub run_dir: PathBuf,
-    artifacts_cmdline: String,
-    kernel: PathBuf,
-    initramfs: PathBuf,
+    artifacts: Artifacts,
     key_file: PathBuf,
     pub boot_time: Duration,
 }
@@ -44,15 +42,12 @@ impl Appliance {
         let api_key = image::run::generate_api_key()?;
         let key_file = dir.join("admin-key");
         image::run::write_key_file(&key_file, &api_key)?;
-        let Artifacts { kernel, initramfs, cmdline } = artifacts;
         let mut appliance = Appliance {
-            machine: start(&kernel, &initramfs, &cmdline, &data_disk, &key_file, &dir)?,
+            machine: start(&artifacts, &data_disk, &key_file, &dir)?,
             api_key,
             data_disk,
             run_dir: dir,
-            artifacts_cmdline: cmdline,
-            kernel,
-            initramfs,
+            artifacts,
             key_file,
             boot_time: Duration::ZERO,
         };
@@ -72,7 +67,7 @@ impl Appliance {
 
     /// Boots the same disk again after the previous QEMU exited.
     pub fn boot_again(&mut self) -> Result<()> {
-        self.machine = start(&self.kernel, &self.initramfs, &self.artifacts_cmdline, &self.data_disk, &self.key_file, &self.run_dir)?;
+        self.machine = start(&self.artifacts, &self.data_disk, &self.key_file, &self.run_dir)?;
         self.wait_ready().map(|_| ())
     }
 
@@ -81,11 +76,11 @@ impl Appliance {
     }
 }
 
-fn start(kernel: &PathBuf, initramfs: &PathBuf, cmdline: &str, data_disk: &PathBuf, key_file: &PathBuf, dir: &PathBuf) -> Result<Machine> {
+fn start(artifacts: &Artifacts, data_disk: &PathBuf, key_file: &PathBuf, dir: &PathBuf) -> Result<Machine> {
     let (accel, why) = qemu::detect_accel();
     eprintln!("[qemu-test] booting the test appliance ({accel:?}: {why}); console: {}", dir.join("console.log").display());
     let cfg = MachineConfig {
-        artifacts: Artifacts { kernel: kernel.clone(), initramfs: initramfs.clone(), cmdline: cmdline.to_string() },
+        artifacts: artifacts.clone(),
         data_disk: data_disk.clone(),
         memory_mib: 3072,
         cpus: 2,
@@ -98,6 +93,7 @@ fn start(kernel: &PathBuf, initramfs: &PathBuf, cmdline: &str, data_disk: &PathB
 }
 
 /// A named end-to-end check against the shared appliance.
+#[derive(Clone, Copy)]
 pub struct Scenario {
     pub name: &'static str,
     pub run: fn(&mut Appliance) -> Result<()>,

@@ -3,5 +3,6 @@
 //! scenarios that can share it. It must never reach into the guest by any back door the product
 //! does not have, and never talk to any network address but loopback.
 
+pub mod api;
 pub mod harness;
 pub mod scenarios;

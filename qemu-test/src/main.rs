@@ -1,6 +1,6 @@
 //! `qemu-test e2e`: builds the test image, boots it once, runs every scenario against it.
 
-use qemu_test::harness::{run_all, Appliance};
+use qemu_test::harness::{run_all, Appliance, Scenario};
 use qemu_test::scenarios;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -26,8 +26,13 @@ fn e2e() -> ExitCode {
         }
     };
     eprintln!("[qemu-test] API ready after {:.1}s of boot", appliance.boot_time.as_secs_f64());
-    let scenarios = scenarios::foundation::SCENARIOS;
-    let failures = run_all(&mut appliance, scenarios);
+    let all: Vec<Scenario> = [scenarios::foundation::SCENARIOS, scenarios::sandboxes::SCENARIOS, scenarios::foundation::FINAL_SCENARIOS]
+        .concat();
+    // OC_E2E_ONLY=<text>[,<text>...] runs only the scenarios whose name contains one of them.
+    let only = std::env::var("OC_E2E_ONLY").unwrap_or_default();
+    let wanted: Vec<&str> = only.split(',').collect();
+    let scenarios: Vec<Scenario> = all.into_iter().filter(|s| wanted.iter().any(|w| s.name.contains(w))).collect();
+    let failures = run_all(&mut appliance, &scenarios);
     eprintln!(
         "[qemu-test] {} scenarios, {} passed, {failures} failed, {:.0}s in all",
         scenarios.len(),

@@ -186,18 +186,26 @@ impl VmConfig {
     /// disk unless the caller chose a root, and (without ACPI) one `virtio_mmio.device=`
     /// per device.
     pub fn kernel_cmdline(&self) -> String {
-        let mut line = self.cmdline.clone().unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+        let line = self.cmdline.clone().unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+        // Everything after ` -- ` belongs to init, so the kernel's own arguments go before it.
+        let (mut kernel, init) = match line.split_once(" -- ") {
+            Some((kernel, init)) => (kernel.to_string(), Some(init.to_string())),
+            None => (line, None),
+        };
         if let Some(root) = self.disks.first() {
-            if !line.split_whitespace().any(|a| a.starts_with("root=")) {
-                line.push_str(if root.read_only { " root=/dev/vda ro" } else { " root=/dev/vda rw" });
+            if !kernel.split_whitespace().any(|a| a.starts_with("root=")) {
+                kernel.push_str(if root.read_only { " root=/dev/vda ro" } else { " root=/dev/vda rw" });
             }
         }
         if !self.acpi {
             for d in self.device_windows() {
-                line.push_str(&format!(" virtio_mmio.device={}K@{:#x}:{}", VIRTIO_MMIO_SIZE >> 10, d.base, d.irq));
+                kernel.push_str(&format!(" virtio_mmio.device={}K@{:#x}:{}", VIRTIO_MMIO_SIZE >> 10, d.base, d.irq));
             }
         }
-        line
+        match init {
+            Some(init) => format!("{kernel} -- {init}"),
+            None => kernel,
+        }
     }
 
     /// Where each device of `devices()` lives: its MMIO window and interrupt line.
@@ -274,8 +282,11 @@ mod tests {
 
     #[test]
     fn with_acpi_devices_leave_the_cmdline() {
-        let c = VmConfig::from_json(r#"{"kernel": "/k", "acpi": true, "disks": [{"path": "/r"}], "vsock_cid": 3}"#).unwrap();
+        let mut c = VmConfig::from_json(r#"{"kernel": "/k", "acpi": true, "disks": [{"path": "/r"}], "vsock_cid": 3}"#).unwrap();
         assert_eq!(c.kernel_cmdline(), format!("{DEFAULT_CMDLINE} root=/dev/vda rw"));
+        // Arguments for init stay last, after the kernel's.
+        c.cmdline = Some("console=ttyS0 init=/sbin/oc-init -- sandbox".into());
+        assert_eq!(c.kernel_cmdline(), "console=ttyS0 init=/sbin/oc-init root=/dev/vda rw -- sandbox");
         assert_eq!(
             c.device_windows(),
             vec![MmioDevice { base: 0xd000_0000, irq: 5 }, MmioDevice { base: 0xd000_1000, irq: 6 }]

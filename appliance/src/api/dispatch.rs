@@ -22,11 +22,12 @@ pub fn dispatch(app: &App, route: &Route, request: &mut Request, query: &str) ->
     use Method::{Delete, Get, Post, Put};
     match (route, &method) {
         (Route::Healthz, Get) => Ok(healthz(app)),
-        (Route::Metrics, Get) => Ok(Reply::text(
-            200,
-            app.metrics.render(app.lifecycle.running_count()),
-            "text/plain; version=0.0.4",
-        )),
+        (Route::Metrics, Get) => {
+            let mut text = app.metrics.render(app.lifecycle.running_count());
+            let gauges = app.lifecycle.backend().map(|b| b.runtime.resource_gauges()).unwrap_or_default();
+            crate::metrics::Metrics::render_gauges(&mut text, &gauges);
+            Ok(Reply::text(200, text, "text/plain; version=0.0.4"))
+        }
         (Route::Projects, Post) => projects::create(app, request),
         (Route::Projects, Get) => projects::list(app),
         (Route::Project(id), Get) => projects::get(app, id),

@@ -5,6 +5,7 @@
 //! (Ctrl-Alt-Del) and SIGUSR1 reboot. A service asks for either by signalling PID 1.
 
 mod datadisk;
+mod systemdisk;
 mod modules;
 mod powerbutton;
 mod services;
@@ -44,6 +45,10 @@ pub fn run() -> ! {
     match datadisk::mount_data(&cmdline) {
         Ok(device) => log!("data disk {device} mounted at {}", datadisk::MOUNT_POINT),
         Err(e) => log!("DATA DISK PROBLEM: {e}"),
+    }
+    match systemdisk::mount_system() {
+        Ok(device) => log!("system disk {device} mounted read-only at {}", systemdisk::MOUNT_POINT),
+        Err(e) => log!("SYSTEM DISK PROBLEM: {e}; sandboxes cannot start (no templates)"),
     }
 
     let mut buttons = powerbutton::PowerButtons::open();

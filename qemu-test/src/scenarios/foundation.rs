@@ -7,11 +7,16 @@ use image::error::{Context, Result};
 use std::process::Command;
 use std::time::Duration;
 
+/// Scenarios that leave the appliance running as they found it.
 pub const SCENARIOS: &[Scenario] = &[
     Scenario { name: "healthz answers and /dev/kvm inside creates a VM and a vCPU", run: kvm_inside_works },
     Scenario { name: "PID 1 is our init and it supervises the appliance service", run: pid1_supervises },
     Scenario { name: "an orphaned zombie is reaped by init", run: zombie_reaped },
     Scenario { name: "a killed service is restarted by init", run: killed_service_restarts },
+];
+
+/// Scenarios that reboot or power off the appliance: they run last.
+pub const FINAL_SCENARIOS: &[Scenario] = &[
     Scenario { name: "a file on the data disk survives a clean reboot", run: data_survives_reboot },
     Scenario { name: "system_powerdown shuts down cleanly and the data disk checks clean", run: powerdown_is_clean },
 ];

@@ -1,0 +1,176 @@
+//! Talking to a sandbox's agent over vsock: one connection per request (vsock connects in
+//! microseconds), and the agent's types translated into the runtime's.
+
+use std::io::Write;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use init::agent::client::{AgentClient, AgentError, AttachEvent, AttachWriter};
+use init::agent::message::{Command, ErrorCode, EnvVars, ExitStatus, OutputStream, RunSpec, SessionSpec};
+use init::agent::vsock::VsockStream;
+use init::agent::AGENT_PORT;
+
+use crate::runtime::{DirEntry, ExecAttachment, ExecEvent, ExecOutput, ExecRequest, ExecSessionInfo, RuntimeError};
+
+/// A command's stdout and stderr are each kept up to this size (the rest is counted, not kept).
+pub const MAX_OUTPUT: u64 = 16 << 20;
+/// Files larger than this are refused by `read_file` (the API holds a file in memory).
+pub const MAX_FILE: u64 = 256 << 20;
+/// The `timeout` convention for a command killed at its deadline.
+const TIMED_OUT_EXIT: i32 = 124;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub type Agent = AgentClient<VsockStream>;
+
+pub fn connect(cid: u32) -> Result<Agent, RuntimeError> {
+    AgentClient::connect_vsock(cid, AGENT_PORT, CONNECT_TIMEOUT).map_err(to_runtime)
+}
+
+/// Connects and pings until the agent answers, `limit` passes, or `gave_up` says the VM ended.
+pub fn wait_ready(cid: u32, limit: Duration, gave_up: &dyn Fn() -> bool) -> Result<Agent, RuntimeError> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let attempt = AgentClient::connect_vsock(cid, AGENT_PORT, Duration::from_secs(1))
+            .and_then(|mut client| client.ping().map(|_| client));
+        match attempt {
+            Ok(client) => return Ok(client),
+            Err(_) if gave_up() => return Err(RuntimeError::Failed("the VM ended before its agent answered".into())),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(RuntimeError::Failed(format!("the agent did not answer within {}s: {e}", limit.as_secs())))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+pub fn to_runtime(e: AgentError) -> RuntimeError {
+    match e {
+        AgentError::Remote { code: ErrorCode::NotFound, message } => RuntimeError::NotFound(message),
+        AgentError::Remote {
+            code:
+                ErrorCode::BadRequest
+                | ErrorCode::PermissionDenied
+                | ErrorCode::AlreadyExists
+                | ErrorCode::NotADirectory
+                | ErrorCode::IsADirectory
+                | ErrorCode::DirectoryNotEmpty
+                | ErrorCode::TooLarge,
+            message,
+        } => RuntimeError::Invalid(message),
+        AgentError::InvalidRequest(m) => RuntimeError::Invalid(m),
+        other => RuntimeError::Failed(other.to_string()),
+    }
+}
+
+fn env_of(request: &ExecRequest) -> EnvVars {
+    EnvVars(request.envs.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+}
+
+pub fn run(agent: &mut Agent, request: &ExecRequest) -> Result<ExecOutput, RuntimeError> {
+    let spec = RunSpec {
+        command: Command::Shell(request.command_line.clone()),
+        env: env_of(request),
+        cwd: request.cwd.clone(),
+        timeout_ms: request.timeout_sec.saturating_mul(1000),
+        max_output: MAX_OUTPUT,
+    };
+    let out = agent.run(&spec).map_err(to_runtime)?;
+    let mut stderr = out.stderr;
+    // The wire contract has no fields for these, so they are told where a person looks.
+    if out.exit.stdout_truncated || out.exit.stderr_truncated {
+        stderr.extend_from_slice(format!("\n[opencomputer: output beyond {} MiB per stream was dropped]\n", MAX_OUTPUT >> 20).as_bytes());
+    }
+    let exit_code = if out.exit.timed_out {
+        stderr.extend_from_slice(format!("\n[opencomputer: command killed after its {}s timeout]\n", request.timeout_sec).as_bytes());
+        TIMED_OUT_EXIT
+    } else {
+        out.exit.status.shell_code()
+    };
+    Ok(ExecOutput { exit_code, stdout: out.stdout, stderr })
+}
+
+pub fn session_start(agent: &mut Agent, request: &ExecRequest) -> Result<String, RuntimeError> {
+    let spec = SessionSpec { command: Command::Shell(request.command_line.clone()), env: env_of(request), cwd: request.cwd.clone() };
+    agent.session_start(&spec).map(|(id, _pid)| id.to_string()).map_err(to_runtime)
+}
+
+pub fn session_list(agent: &mut Agent) -> Result<Vec<ExecSessionInfo>, RuntimeError> {
+    let sessions = agent.session_list().map_err(to_runtime)?;
+    Ok(sessions
+        .into_iter()
+        .map(|s| ExecSessionInfo {
+            session_id: s.id.to_string(),
+            command_line: s.command,
+            running: s.exit.is_none(),
+            exit_code: s.exit.map(ExitStatus::shell_code),
+        })
+        .collect())
+}
+
+pub fn session_id(text: &str) -> Result<u32, RuntimeError> {
+    text.parse().map_err(|_| RuntimeError::NotFound(format!("no exec session {text:?}")))
+}
+
+/// Streams a session's output into a channel from a reader thread; stdin goes straight out.
+pub fn attach(agent: Agent, session: u32) -> Result<ExecAttachment, RuntimeError> {
+    let (writer, mut reader) = agent.attach(session).map_err(to_runtime)?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name(format!("attach-{session}"))
+        .spawn(move || loop {
+            let event = match reader.next_event(None) {
+                Ok(AttachEvent::Output { stream: OutputStream::Stdout, data }) => ExecEvent::Stdout(data),
+                Ok(AttachEvent::Output { stream: OutputStream::Stderr, data }) => ExecEvent::Stderr(data),
+                Ok(AttachEvent::Notice { .. }) => continue,
+                Ok(AttachEvent::Ended(status)) => {
+                    let _ = tx.send(ExecEvent::Exit(status.shell_code()));
+                    return;
+                }
+                // The connection ended without an exit status: the sandbox went away.
+                Err(_) => return,
+            };
+            if tx.send(event).is_err() {
+                return;
+            }
+        })
+        .map_err(|e| RuntimeError::Failed(format!("cannot start the attach thread: {e}")))?;
+    Ok(ExecAttachment { events: rx, stdin: Box::new(StdinWriter(writer)) })
+}
+
+struct StdinWriter(AttachWriter<VsockStream>);
+
+impl Write for StdinWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.stdin(buf).map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+pub fn list_dir(agent: &mut Agent, path: &str) -> Result<Vec<DirEntry>, RuntimeError> {
+    let entries = agent.list_dir(path).map_err(to_runtime)?;
+    Ok(entries.into_iter().map(|e| DirEntry { name: e.name, path: e.path, is_dir: e.is_dir, size: e.size }).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_errors_map_to_http_meaningful_runtime_errors() {
+        let remote = |code| AgentError::Remote { code, message: "m".into() };
+        assert!(matches!(to_runtime(remote(ErrorCode::NotFound)), RuntimeError::NotFound(_)));
+        assert!(matches!(to_runtime(remote(ErrorCode::IsADirectory)), RuntimeError::Invalid(_)));
+        assert!(matches!(to_runtime(remote(ErrorCode::Busy)), RuntimeError::Failed(_)));
+        assert!(matches!(to_runtime(AgentError::Protocol("x".into())), RuntimeError::Failed(_)));
+    }
+
+    #[test]
+    fn session_ids_are_numbers() {
+        assert_eq!(session_id("12").expect("id"), 12);
+        assert!(matches!(session_id("../x"), Err(RuntimeError::NotFound(_))));
+    }
+}

@@ -1,0 +1,262 @@
+//! The real sandbox runtime: each sandbox is a `vmm` process booting the guest kernel on a
+//! reflink clone of its template, reached through its agent over vsock (CID = identity).
+
+mod agent;
+mod cids;
+pub mod templates;
+mod vm;
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::runtime::{
+    BootSpec, Booted, DirEntry, EnvVars, ExecAttachment, ExecOutput, ExecRequest, ExecSessionInfo, RuntimeError,
+    SandboxRuntime,
+};
+use cids::CidPool;
+use templates::TemplateStore;
+use vm::Vm;
+
+/// A nested boot under TCG takes seconds; this bounds a hung one.
+const AGENT_READY_LIMIT: Duration = Duration::from_secs(90);
+const KILL_WAIT: Duration = Duration::from_secs(10);
+/// Where programs in the sandbox find the egress forwarder the agent runs.
+const PROXY_URL: &str = "http://127.0.0.1:3128";
+
+pub struct RuntimeConfig {
+    pub vmm_bin: PathBuf,
+    pub guest_kernel: PathBuf,
+    /// Templates shipped read-only with the image (None: only those already imported).
+    pub templates_source: Option<PathBuf>,
+    pub data_dir: PathBuf,
+    /// The appliance CA certificate, installed in every sandbox's trust store.
+    pub ca_cert_pem: String,
+}
+
+pub struct VmmRuntime {
+    config: RuntimeConfig,
+    templates: TemplateStore,
+    sandboxes_dir: PathBuf,
+    cids: Arc<CidPool>,
+    vms: Mutex<HashMap<String, Arc<Vm>>>,
+}
+
+impl VmmRuntime {
+    /// Imports templates, adopts VMMs that survived an appliance restart and removes what
+    /// is left of sandboxes whose VMM is gone.
+    pub fn start(config: RuntimeConfig) -> Result<VmmRuntime, String> {
+        for (what, path) in [("vmm binary", &config.vmm_bin), ("guest kernel", &config.guest_kernel)] {
+            if !path.is_file() {
+                return Err(format!("{what} {} not found", path.display()));
+            }
+        }
+        let (templates, names) =
+            TemplateStore::import(config.templates_source.as_deref(), &config.data_dir.join("templates"))?;
+        if names.is_empty() {
+            return Err("no sandbox templates are available (is the system disk attached?)".into());
+        }
+        println!("appliance: sandbox templates: {}", names.join(", "));
+        let sandboxes_dir = config.data_dir.join("sandboxes");
+        fs::create_dir_all(&sandboxes_dir).map_err(|e| format!("cannot create {}: {e}", sandboxes_dir.display()))?;
+        let runtime =
+            VmmRuntime { config, templates, sandboxes_dir, cids: Arc::new(CidPool::default()), vms: Mutex::new(HashMap::new()) };
+        runtime.recover();
+        Ok(runtime)
+    }
+
+    fn recover(&self) {
+        let Ok(entries) = fs::read_dir(&self.sandboxes_dir) else { return };
+        for entry in entries.flatten() {
+            let id = entry.file_name().to_string_lossy().into_owned();
+            let dir = entry.path();
+            match vm::adopt(&dir, self.exit_reporter(&id)) {
+                Some(vm) => {
+                    println!("appliance: sandbox {id}: VMM pid {} still running; adopted (cid {})", vm.pid, vm.cid);
+                    self.cids.claim(vm.cid);
+                    if let Ok(mut vms) = self.vms.lock() {
+                        vms.insert(id, vm);
+                    }
+                }
+                None => {
+                    if let Err(e) = fs::remove_dir_all(&dir) {
+                        println!("appliance: cannot remove leftovers of sandbox {id}: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    fn exit_reporter(&self, id: &str) -> impl FnOnce(Option<i32>) + Send + 'static {
+        let id = id.to_string();
+        move |status| {
+            let code = status.map_or("signal".to_string(), |c| c.to_string());
+            println!("appliance: sandbox {id}: VMM ended: {} (exit {code})", vm::describe_exit(status));
+        }
+    }
+
+    fn vm(&self, id: &str) -> Result<Arc<Vm>, RuntimeError> {
+        let vms = self.vms.lock().map_err(|_| RuntimeError::Failed("runtime state poisoned".into()))?;
+        match vms.get(id) {
+            Some(vm) if !vm.has_ended() => Ok(Arc::clone(vm)),
+            _ => Err(RuntimeError::NotFound(format!("sandbox {id} is not running"))),
+        }
+    }
+
+    fn agent(&self, id: &str) -> Result<agent::Agent, RuntimeError> {
+        agent::connect(self.vm(id)?.cid)
+    }
+
+    /// Asks a sandbox's VMM to dump guest memory to `<sandbox dir>/memory.dump`.
+    pub fn request_memory_dump(&self, id: &str) -> Result<PathBuf, RuntimeError> {
+        let vm = self.vm(id)?;
+        if vm.request_memory_dump() {
+            Ok(vm.dir.join(vm::MEMORY_DUMP))
+        } else {
+            Err(RuntimeError::Failed(format!("sandbox {id}: the VMM did not take the dump request")))
+        }
+    }
+
+    fn boot_into(&self, spec: &BootSpec, dir: &Path, cid: u32) -> Result<Arc<Vm>, RuntimeError> {
+        let template = self.templates.resolve(&spec.template)?;
+        templates::reflink(&template, &dir.join(vm::ROOT_DISK))?;
+        let vm_spec = vm::VmSpec {
+            sandbox_id: &spec.sandbox_id,
+            dir,
+            vmm_bin: &self.config.vmm_bin,
+            kernel: &self.config.guest_kernel,
+            vcpus: spec.cpu_count,
+            memory_mib: spec.memory_mb,
+            cid,
+        };
+        let vm = vm::spawn(&vm_spec, self.exit_reporter(&spec.sandbox_id)).map_err(RuntimeError::Failed)?;
+        println!("appliance: sandbox {}: VMM pid {} started (cid {cid})", spec.sandbox_id, vm.pid);
+        if let Ok(mut vms) = self.vms.lock() {
+            vms.insert(spec.sandbox_id.clone(), Arc::clone(&vm));
+        }
+        let ended = Arc::clone(&vm);
+        let mut agent = agent::wait_ready(cid, AGENT_READY_LIMIT, &|| ended.has_ended())
+            .map_err(|e| RuntimeError::Failed(format!("{e}; console:\n{}", vm.console_tail(8))))?;
+        // Trust the appliance CA and route HTTP(S) through the egress forwarder.
+        agent.install_ca(self.config.ca_cert_pem.as_bytes()).map_err(agent::to_runtime)?;
+        let proxy: Vec<(String, String)> = ["HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"]
+            .iter()
+            .map(|name| (name.to_string(), PROXY_URL.to_string()))
+            .chain(["NO_PROXY", "no_proxy"].iter().map(|name| (name.to_string(), "localhost,127.0.0.1".to_string())))
+            .collect();
+        agent.set_env(&proxy, &[]).map_err(agent::to_runtime)?;
+        Ok(vm)
+    }
+}
+
+impl SandboxRuntime for VmmRuntime {
+    fn boot(&self, spec: &BootSpec) -> Result<Booted, RuntimeError> {
+        let cid = self.cids.allocate().ok_or_else(|| RuntimeError::Failed("no free vsock CID".into()))?;
+        let dir = self.sandboxes_dir.join(&spec.sandbox_id);
+        if let Err(e) = fs::create_dir(&dir) {
+            self.cids.release(cid);
+            return Err(RuntimeError::Failed(format!("cannot create {}: {e}", dir.display())));
+        }
+        match self.boot_into(spec, &dir, cid) {
+            Ok(_) => Ok(Booted { cid }),
+            Err(e) => {
+                let started = self.vms.lock().map(|v| v.contains_key(&spec.sandbox_id)).unwrap_or(false);
+                if started {
+                    // Kills the VMM, then frees its CID and directory once it is gone.
+                    if let Err(stop_error) = self.stop(&spec.sandbox_id) {
+                        println!("appliance: sandbox {}: cleanup after a failed boot: {stop_error}", spec.sandbox_id);
+                    }
+                } else {
+                    let _ = fs::remove_dir_all(&dir);
+                    self.cids.release(cid);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn set_env(&self, sandbox_id: &str, envs: &EnvVars) -> Result<(), RuntimeError> {
+        use zeroize::Zeroize;
+        let mut pairs: Vec<(String, String)> = envs.iter().map(|(k, v)| (k.clone(), v.to_string())).collect();
+        let result = self.agent(sandbox_id).and_then(|mut a| a.set_env(&pairs, &[]).map_err(agent::to_runtime));
+        for (_, value) in pairs.iter_mut() {
+            value.zeroize();
+        }
+        result
+    }
+
+    fn stop(&self, sandbox_id: &str) -> Result<(), RuntimeError> {
+        let vm = self.vms.lock().map_err(|_| RuntimeError::Failed("runtime state poisoned".into()))?.remove(sandbox_id);
+        let Some(vm) = vm else { return Ok(()) };
+        vm.kill();
+        if !vm.wait_ended(KILL_WAIT) {
+            return Err(RuntimeError::Failed(format!("sandbox {sandbox_id}: VMM pid {} did not die", vm.pid)));
+        }
+        self.cids.release(vm.cid);
+        fs::remove_dir_all(&vm.dir)
+            .map_err(|e| RuntimeError::Failed(format!("cannot remove {}: {e}", vm.dir.display())))
+    }
+
+    fn is_alive(&self, sandbox_id: &str) -> bool {
+        self.vm(sandbox_id).is_ok()
+    }
+
+    fn exec_run(&self, sandbox_id: &str, request: &ExecRequest) -> Result<ExecOutput, RuntimeError> {
+        agent::run(&mut self.agent(sandbox_id)?, request)
+    }
+
+    fn exec_start(&self, sandbox_id: &str, request: &ExecRequest) -> Result<String, RuntimeError> {
+        agent::session_start(&mut self.agent(sandbox_id)?, request)
+    }
+
+    fn exec_list(&self, sandbox_id: &str) -> Result<Vec<ExecSessionInfo>, RuntimeError> {
+        agent::session_list(&mut self.agent(sandbox_id)?)
+    }
+
+    fn exec_kill(&self, sandbox_id: &str, session_id: &str, signal: i32) -> Result<(), RuntimeError> {
+        let id = agent::session_id(session_id)?;
+        self.agent(sandbox_id)?.session_kill(id, signal).map_err(agent::to_runtime)
+    }
+
+    fn exec_attach(&self, sandbox_id: &str, session_id: &str) -> Result<ExecAttachment, RuntimeError> {
+        let id = agent::session_id(session_id)?;
+        agent::attach(self.agent(sandbox_id)?, id)
+    }
+
+    fn read_file(&self, sandbox_id: &str, path: &str) -> Result<Vec<u8>, RuntimeError> {
+        self.agent(sandbox_id)?.read_file(path, agent::MAX_FILE).map_err(agent::to_runtime)
+    }
+
+    fn write_file(&self, sandbox_id: &str, path: &str, data: &[u8]) -> Result<(), RuntimeError> {
+        let spec = init::agent::message::WriteSpec { path: path.to_string(), mode: None, create_parents: true };
+        self.agent(sandbox_id)?.write_file(&spec, data).map(|_| ()).map_err(agent::to_runtime)
+    }
+
+    fn remove_file(&self, sandbox_id: &str, path: &str) -> Result<(), RuntimeError> {
+        self.agent(sandbox_id)?.remove(path, true).map_err(agent::to_runtime)
+    }
+
+    fn list_dir(&self, sandbox_id: &str, path: &str) -> Result<Vec<DirEntry>, RuntimeError> {
+        agent::list_dir(&mut self.agent(sandbox_id)?, path)
+    }
+
+    fn make_dir(&self, sandbox_id: &str, path: &str) -> Result<(), RuntimeError> {
+        self.agent(sandbox_id)?.mkdir(path).map_err(agent::to_runtime)
+    }
+
+    fn exit_description(&self, sandbox_id: &str) -> Option<(bool, String)> {
+        self.vms.lock().ok()?.get(sandbox_id)?.exit()
+    }
+
+    fn resource_gauges(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let vmms = self.vms.lock().map(|v| v.len() as u64).unwrap_or(0);
+        let disks = fs::read_dir(&self.sandboxes_dir).map(|d| d.count() as u64).unwrap_or(0);
+        vec![
+            ("appliance_vmm_processes", "VMM processes the runtime tracks.", vmms),
+            ("appliance_vsock_cids_in_use", "Guest vsock CIDs held by sandboxes.", self.cids.in_use() as u64),
+            ("appliance_sandbox_disks", "Sandbox directories (root disk clones) on the data disk.", disks),
+        ]
+    }
+}

@@ -1,0 +1,239 @@
+//! One VMM process per sandbox: its directory on the data disk, its config, spawning it, noticing
+//! when it ends (and why), killing it, and adopting VMMs that outlived an appliance restart.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+/// Files in a sandbox's directory.
+pub const ROOT_DISK: &str = "root.ext4";
+const CONFIG: &str = "vm.json";
+const PID_FILE: &str = "vmm.pid";
+pub const CONSOLE_LOG: &str = "console.log";
+const VMM_LOG: &str = "vmm.log";
+pub const MEMORY_DUMP: &str = "memory.dump";
+/// Adopted VMMs are not our children; their end is noticed by polling.
+const ADOPTED_POLL: Duration = Duration::from_millis(500);
+
+/// What the guest kernel is told. `quiet` keeps console exits (each byte is a VM exit) rare.
+pub fn guest_cmdline(sandbox_id: &str) -> String {
+    format!("console=ttyS0 reboot=k panic=-1 pci=off quiet oc.hostname=sandbox-{} init=/sbin/oc-init -- sandbox", &sandbox_id[..8.min(sandbox_id.len())])
+}
+
+pub struct VmSpec<'a> {
+    pub sandbox_id: &'a str,
+    pub dir: &'a Path,
+    pub vmm_bin: &'a Path,
+    pub kernel: &'a Path,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub cid: u32,
+}
+
+/// How a VMM ended, in the words of its exit status (see vmm/NOTES.md).
+pub fn describe_exit(status: Option<i32>) -> &'static str {
+    match status {
+        Some(0) => "guest powered off",
+        Some(3) => "guest rebooted",
+        Some(4) => "guest kernel panicked",
+        Some(1) => "VMM error",
+        Some(2) => "VMM refused its configuration",
+        Some(_) => "VMM exited unexpectedly",
+        None => "VMM was killed",
+    }
+}
+
+/// A running (or ended) VMM.
+pub struct Vm {
+    pub pid: i32,
+    pub cid: u32,
+    pub dir: PathBuf,
+    /// None while running; Some(exit code or None when killed by a signal / unknown) once ended.
+    ended: Mutex<Option<Option<i32>>>,
+    ended_signal: Condvar,
+}
+
+impl Vm {
+    pub fn has_ended(&self) -> bool {
+        self.ended.lock().map(|e| e.is_some()).unwrap_or(true)
+    }
+
+    /// Waits up to `limit` for the process to be gone.
+    pub fn wait_ended(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let Ok(mut ended) = self.ended.lock() else { return true };
+        while ended.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            ended = match self.ended_signal.wait_timeout(ended, left) {
+                Ok((guard, _)) => guard,
+                Err(_) => return true,
+            };
+        }
+        true
+    }
+
+    /// How the VMM ended, once it has: (clean, description).
+    pub fn exit(&self) -> Option<(bool, String)> {
+        let status = (*self.ended.lock().ok()?)?;
+        let clean = matches!(status, Some(0) | Some(3));
+        Some((clean, describe_exit(status).to_string()))
+    }
+
+    pub fn kill(&self) {
+        if !self.has_ended() {
+            // SAFETY: kill(2) on a pid we started (or adopted after checking its command line);
+            // no memory is involved.
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        }
+    }
+
+    /// Asks the VMM to write guest RAM to its memory dump file.
+    pub fn request_memory_dump(&self) -> bool {
+        // SAFETY: as in kill(); SIGUSR1 is the VMM's documented dump request.
+        !self.has_ended() && unsafe { libc::kill(self.pid, libc::SIGUSR1) } == 0
+    }
+
+    fn mark_ended(&self, status: Option<i32>) {
+        if let Ok(mut ended) = self.ended.lock() {
+            *ended = Some(status);
+        }
+        self.ended_signal.notify_all();
+    }
+
+    /// The last lines of the guest console, to explain a failed boot.
+    pub fn console_tail(&self, lines: usize) -> String {
+        tail(&self.dir.join(CONSOLE_LOG), lines) + &tail(&self.dir.join(VMM_LOG), lines)
+    }
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].iter().map(|l| format!("{l}\n")).collect()
+}
+
+/// Writes the config and starts the VMM; `on_exit` runs once (on a waiter thread) when it ends.
+pub fn spawn(spec: &VmSpec, on_exit: impl FnOnce(Option<i32>) + Send + 'static) -> Result<Arc<Vm>, String> {
+    let config = json!({
+        "kernel": spec.kernel,
+        "cmdline": guest_cmdline(spec.sandbox_id),
+        "vcpus": spec.vcpus,
+        "memory_mib": spec.memory_mib,
+        "console_log": spec.dir.join(CONSOLE_LOG),
+        "disks": [{"path": spec.dir.join(ROOT_DISK), "read_only": false}],
+        "vsock_cid": spec.cid,
+        "memory_dump": spec.dir.join(MEMORY_DUMP),
+    });
+    let config_path = spec.dir.join(CONFIG);
+    fs::write(&config_path, config.to_string()).map_err(|e| format!("cannot write {}: {e}", config_path.display()))?;
+    let log = File::create(spec.dir.join(VMM_LOG)).map_err(|e| format!("cannot create the VMM log: {e}"))?;
+    let log_err = log.try_clone().map_err(|e| format!("cannot share the VMM log: {e}"))?;
+    let mut child: Child = Command::new(spec.vmm_bin)
+        .arg("run")
+        .arg("--config")
+        .arg(&config_path)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", spec.vmm_bin.display()))?;
+    let pid = child.id() as i32;
+    if let Err(e) = fs::write(spec.dir.join(PID_FILE), pid.to_string()) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(format!("cannot record the VMM pid: {e}"));
+    }
+    let vm = Arc::new(Vm { pid, cid: spec.cid, dir: spec.dir.to_path_buf(), ended: Mutex::new(None), ended_signal: Condvar::new() });
+    let watched = Arc::clone(&vm);
+    let waiter = std::thread::Builder::new().name(format!("vmm-{pid}")).spawn(move || {
+        let status = child.wait().ok().and_then(|s| s.code());
+        watched.mark_ended(status);
+        on_exit(status);
+    });
+    if let Err(e) = waiter {
+        vm.kill();
+        return Err(format!("cannot start the VMM waiter thread: {e}"));
+    }
+    Ok(vm)
+}
+
+/// Re-attaches to the VMM of the sandbox in `dir` if it is still running (the appliance
+/// restarted while sandboxes were up). `on_exit` runs when it ends.
+pub fn adopt(dir: &Path, on_exit: impl FnOnce(Option<i32>) + Send + 'static) -> Option<Arc<Vm>> {
+    let pid: i32 = fs::read_to_string(dir.join(PID_FILE)).ok()?.trim().parse().ok()?;
+    let config: serde_json::Value = serde_json::from_str(&fs::read_to_string(dir.join(CONFIG)).ok()?).ok()?;
+    let cid = u32::try_from(config.get("vsock_cid")?.as_u64()?).ok()?;
+    let config_path = dir.join(CONFIG);
+    if !runs_config(pid, &config_path) {
+        return None;
+    }
+    let vm = Arc::new(Vm { pid, cid, dir: dir.to_path_buf(), ended: Mutex::new(None), ended_signal: Condvar::new() });
+    let watched = Arc::clone(&vm);
+    std::thread::Builder::new()
+        .name(format!("vmm-{pid}"))
+        .spawn(move || {
+            while runs_config(pid, &config_path) {
+                std::thread::sleep(ADOPTED_POLL);
+            }
+            watched.mark_ended(None);
+            on_exit(None);
+        })
+        .ok()?;
+    Some(vm)
+}
+
+/// Whether process `pid` is a VMM started with `config` (pids are reused; the command line is not).
+fn runs_config(pid: i32, config: &Path) -> bool {
+    let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let wanted = config.as_os_str().as_encoded_bytes();
+    // A zombie has an empty command line: it has ended.
+    cmdline.split(|&b| b == 0).any(|arg| arg == wanted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_guest_command_line_hands_over_to_the_sandbox_init() {
+        let line = guest_cmdline("0123456789abcdef");
+        assert!(line.contains("init=/sbin/oc-init -- sandbox"), "{line}");
+        assert!(line.contains("oc.hostname=sandbox-01234567"), "{line}");
+        assert!(line.contains("reboot=k"), "{line}");
+    }
+
+    #[test]
+    fn exit_statuses_are_described() {
+        assert_eq!(describe_exit(Some(0)), "guest powered off");
+        assert_eq!(describe_exit(Some(3)), "guest rebooted");
+        assert_eq!(describe_exit(Some(4)), "guest kernel panicked");
+        assert_eq!(describe_exit(None), "VMM was killed");
+    }
+
+    #[test]
+    fn spawn_tracks_the_process_and_reports_its_status() {
+        let dir = std::env::temp_dir().join(format!("appliance-vm-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("mkdir");
+        // A stand-in VMM that fails at once, like a VMM refusing to start.
+        let fake = PathBuf::from("/bin/false");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spec = VmSpec { sandbox_id: "s1", dir: &dir, vmm_bin: &fake, kernel: Path::new("/k"), vcpus: 1, memory_mib: 128, cid: 9 };
+        let vm = spawn(&spec, move |status| tx.send(status).expect("send")).expect("spawn");
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)).expect("exit"), Some(1));
+        assert!(vm.wait_ended(Duration::from_secs(1)));
+        let config: serde_json::Value = serde_json::from_str(&fs::read_to_string(dir.join(CONFIG)).expect("cfg")).expect("json");
+        assert_eq!(config["vsock_cid"], 9);
+        assert_eq!(config["disks"][0]["read_only"], false);
+        // Its pid no longer runs that config: nothing to adopt.
+        assert!(adopt(&dir, |_| {}).is_none());
+        let _ = fs::remove_dir_all(&dir);
+    }
+}

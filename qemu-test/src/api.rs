@@ -1,0 +1,80 @@
+//! The appliance's public HTTP API as the tests use it: JSON in, status and JSON (or bytes) out,
+//! authenticated with the admin key. Only the documented wire contract, nothing internal.
+
+use image::err;
+use image::error::Result;
+use serde_json::Value;
+use std::time::Duration;
+
+/// Sandbox creation boots a nested microVM under TCG; commands may run for a while.
+const TIMEOUT: Duration = Duration::from_secs(240);
+
+pub struct Api {
+    pub port: u16,
+    pub key: String,
+}
+
+impl Api {
+    pub fn new(port: u16, key: &str) -> Api {
+        Api { port, key: key.to_string() }
+    }
+
+    /// `path` is below `/api`.
+    pub fn raw(&self, method: &str, path: &str, body: &[u8]) -> Result<(u16, Vec<u8>)> {
+        self.request(method, &format!("/api{path}"), body)
+    }
+
+    fn request(&self, method: &str, full_path: &str, body: &[u8]) -> Result<(u16, Vec<u8>)> {
+        let headers = [("X-API-Key", self.key.as_str()), ("Content-Type", "application/json")];
+        let resp = image::http::request(self.port, method, full_path, &headers, body, TIMEOUT)?;
+        Ok((resp.status, resp.body))
+    }
+
+    /// Sends `body` (JSON or empty) and parses the answer as JSON (`null` for an empty body).
+    pub fn call(&self, method: &str, path: &str, body: &Value) -> Result<(u16, Value)> {
+        let bytes = if body.is_null() { Vec::new() } else { body.to_string().into_bytes() };
+        let (status, answer) = self.raw(method, path, &bytes)?;
+        if answer.is_empty() {
+            return Ok((status, Value::Null));
+        }
+        let value = serde_json::from_slice(&answer)
+            .map_err(|e| err!("{method} {path}: answer is not JSON ({e}): {}", String::from_utf8_lossy(&answer)))?;
+        Ok((status, value))
+    }
+
+    /// Like `call`, but any status other than `want` is an error naming the answer.
+    pub fn expect(&self, want: u16, method: &str, path: &str, body: &Value) -> Result<Value> {
+        let (status, value) = self.call(method, path, body)?;
+        if status != want {
+            return Err(err!("{method} {path}: expected {want}, got {status}: {value}"));
+        }
+        Ok(value)
+    }
+
+    pub fn create_sandbox(&self, body: &Value) -> Result<String> {
+        let created = self.expect(201, "POST", "/sandboxes", body)?;
+        created["sandboxID"].as_str().map(str::to_string).ok_or_else(|| err!("no sandboxID in {created}"))
+    }
+
+    /// Runs a shell line; returns (exit code, stdout, stderr).
+    pub fn run(&self, sandbox: &str, cmd: &str, timeout_sec: u64) -> Result<(i64, String, String)> {
+        let body = serde_json::json!({"cmd": cmd, "timeout": timeout_sec});
+        let out = self.expect(200, "POST", &format!("/sandboxes/{sandbox}/commands"), &body)?;
+        let code = out["exitCode"].as_i64().ok_or_else(|| err!("no exitCode in {out}"))?;
+        let text = |k: &str| out[k].as_str().unwrap_or_default().to_string();
+        Ok((code, text("stdout"), text("stderr")))
+    }
+
+    pub fn metrics(&self) -> Result<String> {
+        let (status, body) = self.request("GET", "/metrics", b"")?;
+        if status != 200 {
+            return Err(err!("/metrics answered {status}"));
+        }
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+}
+
+/// The value of an unlabelled gauge or counter in Prometheus text.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
