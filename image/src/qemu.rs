@@ -35,6 +35,16 @@ pub fn detect_accel() -> (Accel, String) {
     }
 }
 
+/// vCPUs for the appliance VM. Under TCG one: with two, the emulated SVM occasionally
+/// livelocks the whole appliance during a nested boot (seen in about 1 of 20 boots; with one
+/// vCPU, 60 boots in a row passed and each was no slower, BENCHMARKS.md).
+pub fn default_cpus(accel: Accel) -> u32 {
+    match accel {
+        Accel::Kvm => 2,
+        Accel::Tcg => 1,
+    }
+}
+
 pub struct MachineConfig {
     pub artifacts: Artifacts,
     pub data_disk: PathBuf,
@@ -87,7 +97,10 @@ impl Machine {
         cmd.args(["-machine", "q35", "-nodefaults", "-no-user-config", "-display", "none"]);
         match cfg.accel {
             Accel::Kvm => cmd.args(["-accel", "kvm", "-cpu", "host"]),
-            Accel::Tcg => cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max"]),
+            Accel::Tcg => {
+                let threads = std::env::var("OC_TCG_THREAD").unwrap_or_else(|_| "multi".into());
+                cmd.args(["-accel", &format!("tcg,thread={threads}"), "-cpu", "max"])
+            }
         };
         cmd.arg("-smp").arg(cfg.cpus.to_string()).arg("-m").arg(cfg.memory_mib.to_string());
         cmd.arg("-chardev").arg(format!("file,id=console,path={},append=on", console_log.display()));

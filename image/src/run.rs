@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 pub struct RunOptions {
     pub port: u16,
-    pub cpus: u32,
+    /// None: qemu::default_cpus for the accelerator in use.
+    pub cpus: Option<u32>,
     pub memory_mib: u32,
     pub data_disk: Option<PathBuf>,
     pub data_disk_gib: u64,
@@ -22,7 +23,7 @@ pub struct RunOptions {
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { port: 8080, cpus: 2, memory_mib: 4096, data_disk: None, data_disk_gib: 32 }
+        RunOptions { port: 8080, cpus: None, memory_mib: 4096, data_disk: None, data_disk_gib: 32 }
     }
 }
 
@@ -97,7 +98,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
         artifacts,
         data_disk: data_disk.clone(),
         memory_mib: opts.memory_mib,
-        cpus: opts.cpus,
+        cpus: opts.cpus.unwrap_or(qemu::default_cpus(accel)),
         api_port,
         admin_key_file: Some(key_file),
         run_dir: run_dir.clone(),

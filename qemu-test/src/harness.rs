@@ -83,7 +83,7 @@ fn start(artifacts: &Artifacts, data_disk: &PathBuf, key_file: &PathBuf, dir: &P
         artifacts: artifacts.clone(),
         data_disk: data_disk.clone(),
         memory_mib: 3072,
-        cpus: 2,
+        cpus: std::env::var("OC_QEMU_CPUS").ok().and_then(|c| c.parse().ok()).unwrap_or(qemu::default_cpus(accel)),
         api_port: qemu::free_port(0)?,
         admin_key_file: Some(key_file.clone()),
         run_dir: dir.clone(),

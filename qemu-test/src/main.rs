@@ -26,8 +26,15 @@ fn e2e() -> ExitCode {
         }
     };
     eprintln!("[qemu-test] API ready after {:.1}s of boot", appliance.boot_time.as_secs_f64());
-    let all: Vec<Scenario> = [scenarios::foundation::SCENARIOS, scenarios::sandboxes::SCENARIOS, scenarios::foundation::FINAL_SCENARIOS]
-        .concat();
+    let all: Vec<Scenario> = [
+        scenarios::foundation::SCENARIOS,
+        scenarios::sandboxes::SCENARIOS,
+        scenarios::control_plane::SCENARIOS,
+        scenarios::foundation::REBOOT_SCENARIOS,
+        scenarios::control_plane::AFTER_REBOOT,
+        scenarios::foundation::FINAL_SCENARIOS,
+    ]
+    .concat();
     // OC_E2E_ONLY=<text>[,<text>...] runs only the scenarios whose name contains one of them.
     let only = std::env::var("OC_E2E_ONLY").unwrap_or_default();
     let wanted: Vec<&str> = only.split(',').collect();

@@ -136,18 +136,25 @@ impl VmmRuntime {
         if let Ok(mut vms) = self.vms.lock() {
             vms.insert(spec.sandbox_id.clone(), Arc::clone(&vm));
         }
-        let ended = Arc::clone(&vm);
-        let mut agent = agent::wait_ready(cid, AGENT_READY_LIMIT, &|| ended.has_ended())
-            .map_err(|e| RuntimeError::Failed(format!("{e}; console:\n{}", vm.console_tail(8))))?;
-        // Trust the appliance CA and route HTTP(S) through the egress forwarder.
+        let ready = self.prepare_guest(&vm, cid);
+        ready.map_err(|e| RuntimeError::Failed(format!("{e}; guest console:\n{}", vm.console_tail(12))))?;
+        Ok(vm)
+    }
+}
+
+impl VmmRuntime {
+    /// Waits for the agent, then trusts the appliance CA and routes HTTP(S) through the
+    /// agent's egress forwarder.
+    fn prepare_guest(&self, vm: &Arc<Vm>, cid: u32) -> Result<(), RuntimeError> {
+        let ended = Arc::clone(vm);
+        let mut agent = agent::wait_ready(cid, AGENT_READY_LIMIT, &|| ended.has_ended())?;
         agent.install_ca(self.config.ca_cert_pem.as_bytes()).map_err(agent::to_runtime)?;
         let proxy: Vec<(String, String)> = ["HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"]
             .iter()
             .map(|name| (name.to_string(), PROXY_URL.to_string()))
             .chain(["NO_PROXY", "no_proxy"].iter().map(|name| (name.to_string(), "localhost,127.0.0.1".to_string())))
             .collect();
-        agent.set_env(&proxy, &[]).map_err(agent::to_runtime)?;
-        Ok(vm)
+        agent.set_env(&proxy, &[]).map_err(agent::to_runtime)
     }
 }
 

@@ -1,0 +1,140 @@
+//! The documented control-plane flow through the real API on the booted appliance: projects
+//! with defaults and secrets, sandboxes that inherit them and see only sealed tokens, request
+//! fields that override, deletes that leave running sandboxes alone, and data that survives a
+//! reboot. No plaintext secret may appear in any API answer or in the console.
+
+use crate::api::Api;
+use crate::harness::{Appliance, Scenario};
+use image::err;
+use image::error::Result;
+use serde_json::{json, Value};
+
+pub const SCENARIOS: &[Scenario] = &[
+    Scenario { name: "project defaults and sealed secrets reach a sandbox through the API", run: documented_flow },
+    Scenario { name: "a project and its secrets are stored before a reboot", run: store_for_reboot },
+];
+
+/// Runs after the appliance rebooted (see foundation::FINAL_SCENARIOS).
+pub const AFTER_REBOOT: &[Scenario] =
+    &[Scenario { name: "the project and its secret names survived the reboot", run: check_after_reboot }];
+
+const SECRET_VALUE: &str = "sk-ant-e2e-plaintext-3f9c1b7a5d";
+const PERSISTED_VALUE: &str = "persisted-plaintext-8e21c4";
+
+fn api(appliance: &Appliance) -> Api {
+    Api::new(appliance.machine.api_port, &appliance.api_key)
+}
+
+fn check(ok: bool, what: impl FnOnce() -> String) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(err!("{}", what()))
+    }
+}
+
+/// Every answer is searched for the plaintexts.
+fn no_plaintext(answer: &Value) -> Result<()> {
+    let text = answer.to_string();
+    check(!text.contains(SECRET_VALUE) && !text.contains(PERSISTED_VALUE), || format!("an API answer carries a plaintext secret: {text}"))
+}
+
+fn documented_flow(appliance: &mut Appliance) -> Result<()> {
+    let api = api(appliance);
+    let project = api.expect(
+        201,
+        "POST",
+        "/projects",
+        &json!({"name": "my-agent", "cpuCount": 1, "memoryMB": 384, "timeoutSec": 900, "egressAllowlist": ["api.anthropic.com"]}),
+    )?;
+    let pid = project["id"].as_str().ok_or_else(|| err!("no id in {project}"))?.to_string();
+    let (status, dup) = api.call("POST", "/projects", &json!({"name": "my-agent"}))?;
+    check(status == 409, || format!("duplicate project name: {status} {dup}"))?;
+    api.expect(204, "PUT", &format!("/projects/{pid}/secrets/ANTHROPIC_API_KEY"), &json!({"value": SECRET_VALUE}))?;
+    api.expect(204, "PUT", &format!("/projects/{pid}/secrets/OTHER"), &json!({"value": "other-plaintext-value"}))?;
+    let names = api.expect(200, "GET", &format!("/projects/{pid}/secrets"), &Value::Null)?;
+    check(names == json!(["ANTHROPIC_API_KEY", "OTHER"]), || format!("secret names: {names}"))?;
+    no_plaintext(&names)?;
+
+    // Inherits the project's memory and timeout, overrides nothing.
+    let sandbox = api.expect(201, "POST", "/sandboxes", &json!({"project": "my-agent"}))?;
+    no_plaintext(&sandbox)?;
+    let sid = sandbox["sandboxID"].as_str().ok_or_else(|| err!("no sandboxID"))?.to_string();
+    check(sandbox["memoryMB"] == 384 && sandbox["cpuCount"] == 1, || format!("project defaults not applied: {sandbox}"))?;
+    let (code, out, _) = api.run(&sid, "echo $ANTHROPIC_API_KEY; grep MemTotal /proc/meminfo", 30)?;
+    let lines: Vec<&str> = out.lines().collect();
+    let token = lines.first().copied().unwrap_or_default();
+    check(code == 0 && token.starts_with("osb_sealed_") && token.len() == 43, || format!("the sandbox sees {out:?}"))?;
+    let mem_kib: u64 = lines.get(1).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0);
+    check(mem_kib > 300 * 1024 && mem_kib <= 384 * 1024, || format!("MemTotal {mem_kib} KiB for a 384 MiB project default"))?;
+
+    // Request-level fields override the project's.
+    let over = api.expect(
+        201,
+        "POST",
+        "/sandboxes",
+        &json!({"project": "my-agent", "timeout": 120, "cpuCount": 2, "memoryMB": 512, "envs": {"ANTHROPIC_API_KEY": "from-request", "EXTRA": "x1"}}),
+    )?;
+    let oid = over["sandboxID"].as_str().ok_or_else(|| err!("no sandboxID"))?.to_string();
+    let (code, out, _) = api.run(&oid, "nproc; echo $ANTHROPIC_API_KEY $EXTRA; echo ${OTHER%%_*}", 30)?;
+    check(code == 0 && out == "2\nfrom-request x1\nosb\n", || format!("request overrides inside the sandbox: {out:?}"))?;
+    let (start, end) = (over["startedAt"].as_str().unwrap_or(""), over["endAt"].as_str().unwrap_or(""));
+    check(seconds_between(start, end) == Some(120), || format!("timeout 120 gave startedAt {start}, endAt {end}"))?;
+    api.expect(204, "DELETE", &format!("/sandboxes/{oid}"), &Value::Null)?;
+
+    // Deleting a secret, then the project: the running sandbox keeps its token and keeps working.
+    api.expect(204, "DELETE", &format!("/projects/{pid}/secrets/OTHER"), &Value::Null)?;
+    let names = api.expect(200, "GET", &format!("/projects/{pid}/secrets"), &Value::Null)?;
+    check(names == json!(["ANTHROPIC_API_KEY"]), || format!("after deleting OTHER: {names}"))?;
+    api.expect(204, "DELETE", &format!("/projects/{pid}"), &Value::Null)?;
+    let (status, _) = api.call("GET", &format!("/projects/{pid}"), &Value::Null)?;
+    check(status == 404, || format!("deleted project answered {status}"))?;
+    let (status, gone) = api.call("POST", "/sandboxes", &json!({"project": "my-agent"}))?;
+    check(status == 404 && gone.to_string().contains("my-agent"), || format!("sandbox for a deleted project: {status} {gone}"))?;
+    let (code, out, _) = api.run(&sid, "echo $ANTHROPIC_API_KEY", 30)?;
+    check(code == 0 && out.trim() == token, || format!("after the project was deleted the sandbox printed {out:?}"))?;
+    api.expect(204, "DELETE", &format!("/sandboxes/{sid}"), &Value::Null)?;
+
+    let console = appliance.machine.console();
+    check(!console.contains(SECRET_VALUE), || "the plaintext secret appears in the console log".into())
+}
+
+/// Whole seconds between two RFC 3339 UTC timestamps of the same day (`...THH:MM:SSZ`).
+fn seconds_between(start: &str, end: &str) -> Option<i64> {
+    let secs = |t: &str| -> Option<i64> {
+        let time = t.split('T').nth(1)?.trim_end_matches('Z');
+        let mut parts = time.split(':').map(|p| p.split('.').next().unwrap_or(p).parse::<i64>().ok());
+        Some(parts.next()?? * 3600 + parts.next()?? * 60 + parts.next()??)
+    };
+    let d = secs(end)? - secs(start)?;
+    Some(if d < 0 { d + 86_400 } else { d })
+}
+
+fn store_for_reboot(appliance: &mut Appliance) -> Result<()> {
+    let api = api(appliance);
+    let project = api.expect(201, "POST", "/projects", &json!({"name": "survivor", "timeoutSec": 600}))?;
+    let pid = project["id"].as_str().ok_or_else(|| err!("no id"))?;
+    api.expect(204, "PUT", &format!("/projects/{pid}/secrets/KEPT"), &json!({"value": PERSISTED_VALUE}))?;
+    Ok(())
+}
+
+fn check_after_reboot(appliance: &mut Appliance) -> Result<()> {
+    let api = api(appliance);
+    let projects = api.expect(200, "GET", "/projects", &Value::Null)?;
+    no_plaintext(&projects)?;
+    let survivor = projects
+        .as_array()
+        .and_then(|all| all.iter().find(|p| p["name"] == "survivor"))
+        .ok_or_else(|| err!("project survivor is gone after the reboot: {projects}"))?;
+    check(survivor["timeoutSec"] == 600, || format!("survivor changed: {survivor}"))?;
+    let pid = survivor["id"].as_str().unwrap_or_default();
+    let names = api.expect(200, "GET", &format!("/projects/{pid}/secrets"), &Value::Null)?;
+    check(names == json!(["KEPT"]), || format!("secret names after reboot: {names}"))?;
+    // The secret still opens: a sandbox of the project gets a token for it.
+    let sid = api.create_sandbox(&json!({"project": "survivor"}))?;
+    let (code, out, _) = api.run(&sid, "echo $KEPT", 30)?;
+    api.expect(204, "DELETE", &format!("/sandboxes/{sid}"), &Value::Null)?;
+    check(code == 0 && out.starts_with("osb_sealed_"), || format!("after reboot the sandbox sees {out:?}"))?;
+    let console = appliance.machine.console();
+    check(!console.contains(PERSISTED_VALUE), || "the plaintext secret appears in the console log".into())
+}
