@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 const USAGE: &str = "usage:
   image build [--variant product|test]     build kernel, guest kernel and initramfs (cached)
-  image run [--port N] [--cpus N] [--memory MiB] [--data-disk PATH] [--data-disk-gib N]
+  image run [--port N] [--cpus N] [--memory MiB] [--data-disk PATH] [--data-disk-gib N] [--proxy-config JSON]
                                            build what is missing, boot the appliance in QEMU,
                                            print its API address; Ctrl-C shuts it down cleanly";
 
@@ -57,6 +57,13 @@ fn parse_run(args: &[String]) -> Result<RunOptions, String> {
             "--memory" => opts.memory_mib = u32::try_from(number("MiB")?).map_err(|_| format!("--memory {value}: out of range"))?,
             "--data-disk" => opts.data_disk = Some(value.into()),
             "--data-disk-gib" => opts.data_disk_gib = number("GiB")?,
+            "--proxy-config" => {
+                let path = std::path::PathBuf::from(value);
+                if !path.is_file() {
+                    return Err(format!("--proxy-config {value}: no such file"));
+                }
+                opts.proxy_config = Some(path);
+            }
             other => return Err(format!("unknown option {other:?}\n{USAGE}")),
         }
     }

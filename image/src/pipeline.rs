@@ -43,6 +43,8 @@ pub struct Artifacts {
 
 /// The name under which QEMU passes the admin API key (fw_cfg), read by the appliance service.
 pub const ADMIN_KEY_FW_CFG: &str = "opt/opencomputer/admin-key";
+/// The name under which QEMU passes the operator's proxy settings (read by the appliance).
+pub const PROXY_CONFIG_FW_CFG: &str = "opt/opencomputer/proxy-config";
 pub const API_PORT_IN_GUEST: u16 = 8080;
 pub const GUEST_KERNEL_PATH: &str = "/usr/share/opencomputer/guest/bzImage";
 /// Public CA roots for the proxy's upstream connections (Debian's bundle, from the template).

@@ -3,7 +3,7 @@
 
 use crate::err;
 use crate::error::{Context, Result};
-use crate::pipeline::{Artifacts, ADMIN_KEY_FW_CFG, API_PORT_IN_GUEST};
+use crate::pipeline::{Artifacts, ADMIN_KEY_FW_CFG, API_PORT_IN_GUEST, PROXY_CONFIG_FW_CFG};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -54,6 +54,8 @@ pub struct MachineConfig {
     pub api_port: u16,
     /// A 0600 file holding the admin API key, handed over with fw_cfg.
     pub admin_key_file: Option<PathBuf>,
+    /// Operator proxy settings (JSON), handed over with fw_cfg like the key.
+    pub proxy_config_file: Option<PathBuf>,
     /// Console log, monitor socket.
     pub run_dir: PathBuf,
     pub accel: Accel,
@@ -117,6 +119,9 @@ impl Machine {
         cmd.arg("-drive").arg(format!("file={},if=none,id=system,format=raw,readonly=on", cfg.artifacts.system_disk.display()));
         cmd.args(["-device", "virtio-blk-pci,drive=system"]);
         cmd.args(["-device", "virtio-rng-pci"]);
+        if let Some(config) = &cfg.proxy_config_file {
+            cmd.arg("-fw_cfg").arg(format!("name={PROXY_CONFIG_FW_CFG},file={}", config.display()));
+        }
         if let Some(key_file) = &cfg.admin_key_file {
             cmd.arg("-fw_cfg").arg(format!("name={ADMIN_KEY_FW_CFG},file={}", key_file.display()));
         }

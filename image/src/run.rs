@@ -19,11 +19,13 @@ pub struct RunOptions {
     pub memory_mib: u32,
     pub data_disk: Option<PathBuf>,
     pub data_disk_gib: u64,
+    /// Operator proxy settings (JSON) for the appliance's sealing proxy.
+    pub proxy_config: Option<PathBuf>,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { port: 8080, cpus: None, memory_mib: 4096, data_disk: None, data_disk_gib: 32 }
+        RunOptions { port: 8080, cpus: None, memory_mib: 4096, data_disk: None, data_disk_gib: 32, proxy_config: None }
     }
 }
 
@@ -101,6 +103,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
         cpus: opts.cpus.unwrap_or(qemu::default_cpus(accel)),
         api_port,
         admin_key_file: Some(key_file),
+        proxy_config_file: opts.proxy_config.clone(),
         run_dir: run_dir.clone(),
         accel,
     };

@@ -2,6 +2,7 @@
 
 use image::error::{Context, Result};
 use image::pipeline::{self, Artifacts, Variant};
+use crate::upstream::Upstream;
 use image::qemu::{self, Machine, MachineConfig};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -18,6 +19,9 @@ pub struct Appliance {
     pub run_dir: PathBuf,
     artifacts: Artifacts,
     key_file: PathBuf,
+    proxy_config: PathBuf,
+    /// The recording HTTPS server the sandboxes' sealed requests go to.
+    pub upstream: Upstream,
     pub boot_time: Duration,
 }
 
@@ -42,13 +46,18 @@ impl Appliance {
         let api_key = image::run::generate_api_key()?;
         let key_file = dir.join("admin-key");
         image::run::write_key_file(&key_file, &api_key)?;
+        let upstream = Upstream::start(&dir.join("upstream"))?;
+        let proxy_config = dir.join("proxy-config.json");
+        std::fs::write(&proxy_config, upstream.proxy_config().to_string()).ctx(|| "write the proxy settings".into())?;
         let mut appliance = Appliance {
-            machine: start(&artifacts, &data_disk, &key_file, &dir)?,
+            machine: start(&artifacts, &data_disk, &key_file, &proxy_config, &dir)?,
             api_key,
             data_disk,
             run_dir: dir,
             artifacts,
             key_file,
+            proxy_config,
+            upstream,
             boot_time: Duration::ZERO,
         };
         appliance.wait_ready()?;
@@ -67,7 +76,7 @@ impl Appliance {
 
     /// Boots the same disk again after the previous QEMU exited.
     pub fn boot_again(&mut self) -> Result<()> {
-        self.machine = start(&self.artifacts, &self.data_disk, &self.key_file, &self.run_dir)?;
+        self.machine = start(&self.artifacts, &self.data_disk, &self.key_file, &self.proxy_config, &self.run_dir)?;
         self.wait_ready().map(|_| ())
     }
 
@@ -76,7 +85,7 @@ impl Appliance {
     }
 }
 
-fn start(artifacts: &Artifacts, data_disk: &PathBuf, key_file: &PathBuf, dir: &PathBuf) -> Result<Machine> {
+fn start(artifacts: &Artifacts, data_disk: &PathBuf, key_file: &PathBuf, proxy_config: &PathBuf, dir: &PathBuf) -> Result<Machine> {
     let (accel, why) = qemu::detect_accel();
     eprintln!("[qemu-test] booting the test appliance ({accel:?}: {why}); console: {}", dir.join("console.log").display());
     let cfg = MachineConfig {
@@ -86,6 +95,7 @@ fn start(artifacts: &Artifacts, data_disk: &PathBuf, key_file: &PathBuf, dir: &P
         cpus: std::env::var("OC_QEMU_CPUS").ok().and_then(|c| c.parse().ok()).unwrap_or(qemu::default_cpus(accel)),
         api_port: qemu::free_port(0)?,
         admin_key_file: Some(key_file.clone()),
+        proxy_config_file: Some(proxy_config.clone()),
         run_dir: dir.clone(),
         accel,
     };

@@ -6,3 +6,4 @@
 pub mod api;
 pub mod harness;
 pub mod scenarios;
+pub mod upstream;

@@ -3,3 +3,4 @@
 pub mod control_plane;
 pub mod foundation;
 pub mod sandboxes;
+pub mod sealing;
