@@ -118,6 +118,12 @@ pub trait SandboxRuntime: Send + Sync {
     fn list_dir(&self, sandbox_id: &str, path: &str) -> Result<Vec<DirEntry>, RuntimeError>;
     fn make_dir(&self, sandbox_id: &str, path: &str) -> Result<(), RuntimeError>;
 
+    /// Has the VMM write all guest RAM to a file on the data disk (diagnostics and the
+    /// secret-search tests); returns where and how large.
+    fn memory_dump(&self, sandbox_id: &str) -> Result<(String, u64), RuntimeError> {
+        Err(RuntimeError::Invalid(format!("memory dumps are not supported by this runtime (sandbox {sandbox_id})")))
+    }
+
     /// For a sandbox whose VMM ended on its own: whether that was a clean end (the guest
     /// powered off or rebooted) and how it ended, in words.
     fn exit_description(&self, _sandbox_id: &str) -> Option<(bool, String)> {

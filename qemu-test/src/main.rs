@@ -34,6 +34,7 @@ fn e2e() -> ExitCode {
         scenarios::foundation::REBOOT_SCENARIOS,
         scenarios::control_plane::AFTER_REBOOT,
         scenarios::foundation::FINAL_SCENARIOS,
+        scenarios::sealing::AFTER_POWERDOWN,
     ]
     .concat();
     // OC_E2E_ONLY=<text>[,<text>...] runs only the scenarios whose name contains one of them.

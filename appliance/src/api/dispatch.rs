@@ -39,6 +39,7 @@ pub fn dispatch(app: &App, route: &Route, request: &mut Request, query: &str) ->
         (Route::Sandboxes, Post) => sandboxes::create(app, request),
         (Route::Sandboxes, Get) => sandboxes::list(app),
         (Route::Sandbox(id), Get) => sandboxes::get(app, id),
+        (Route::SandboxMemoryDump(id), Post) => sandboxes::memory_dump(app, id),
         (Route::Sandbox(id), Delete) => sandboxes::delete(app, id),
         (Route::SandboxTimeout(id), Post) => sandboxes::set_timeout(app, id, request),
         (Route::ExecRun(id), Post) | (Route::Commands(id), Post) => exec::run(app, id, request),

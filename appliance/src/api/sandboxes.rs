@@ -154,3 +154,12 @@ pub fn set_timeout(app: &App, raw_id: &str, request: &mut Request) -> Result<Rep
     lifecycle::set_timeout(app, &id, timeout)?;
     Ok(Reply::no_content())
 }
+
+/// Operator diagnostics: the sandbox's guest memory, written to its directory on the data disk.
+pub fn memory_dump(app: &App, raw_id: &str) -> Result<Reply, AppError> {
+    let id = validate::uuid("sandbox", raw_id)?;
+    let (backend, _) = lifecycle::require_running(app, &id)?;
+    let (path, bytes) = backend.runtime.memory_dump(&id).map_err(lifecycle::runtime_error)?;
+    println!("appliance: sandbox {id}: guest memory dumped to {path} ({} MiB)", bytes >> 20);
+    Ok(Reply::json(200, &json!({"path": path, "bytes": bytes})))
+}

@@ -23,6 +23,8 @@ use vm::Vm;
 /// A nested boot under TCG takes seconds; this bounds a hung one.
 const AGENT_READY_LIMIT: Duration = Duration::from_secs(90);
 const KILL_WAIT: Duration = Duration::from_secs(10);
+/// Writing guest RAM out (zero MiB are skipped) takes well under this, even nested.
+const DUMP_WAIT: Duration = Duration::from_secs(60);
 /// Where programs in the sandbox find the egress forwarder the agent runs.
 const PROXY_URL: &str = "http://127.0.0.1:3128";
 
@@ -107,16 +109,6 @@ impl VmmRuntime {
 
     fn agent(&self, id: &str) -> Result<agent::Agent, RuntimeError> {
         agent::connect(self.vm(id)?.cid)
-    }
-
-    /// Asks a sandbox's VMM to dump guest memory to `<sandbox dir>/memory.dump`.
-    pub fn request_memory_dump(&self, id: &str) -> Result<PathBuf, RuntimeError> {
-        let vm = self.vm(id)?;
-        if vm.request_memory_dump() {
-            Ok(vm.dir.join(vm::MEMORY_DUMP))
-        } else {
-            Err(RuntimeError::Failed(format!("sandbox {id}: the VMM did not take the dump request")))
-        }
     }
 
     fn boot_into(&self, spec: &BootSpec, dir: &Path, cid: u32) -> Result<Arc<Vm>, RuntimeError> {
@@ -251,6 +243,13 @@ impl SandboxRuntime for VmmRuntime {
 
     fn make_dir(&self, sandbox_id: &str, path: &str) -> Result<(), RuntimeError> {
         self.agent(sandbox_id)?.mkdir(path).map_err(agent::to_runtime)
+    }
+
+    fn memory_dump(&self, sandbox_id: &str) -> Result<(String, u64), RuntimeError> {
+        let vm = self.vm(sandbox_id)?;
+        let path = vm.dir.join(vm::MEMORY_DUMP);
+        let bytes = vm.dump_memory(DUMP_WAIT).map_err(RuntimeError::Failed)?;
+        Ok((path.display().to_string(), bytes))
     }
 
     fn exit_description(&self, sandbox_id: &str) -> Option<(bool, String)> {

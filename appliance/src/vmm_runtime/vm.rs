@@ -94,10 +94,28 @@ impl Vm {
         }
     }
 
-    /// Asks the VMM to write guest RAM to its memory dump file.
-    pub fn request_memory_dump(&self) -> bool {
+    /// Has the VMM write guest RAM to its memory dump file and waits until it says it is done
+    /// (it reports on its log); returns the dump's size.
+    pub fn dump_memory(&self, limit: Duration) -> Result<u64, String> {
+        let log = self.dir.join(VMM_LOG);
+        let seen = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
         // SAFETY: as in kill(); SIGUSR1 is the VMM's documented dump request.
-        !self.has_ended() && unsafe { libc::kill(self.pid, libc::SIGUSR1) } == 0
+        if self.has_ended() || unsafe { libc::kill(self.pid, libc::SIGUSR1) } != 0 {
+            return Err("the VMM is not running".into());
+        }
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            let text = fs::read(&log).unwrap_or_default();
+            let new = String::from_utf8_lossy(text.get(seen as usize..).unwrap_or_default()).into_owned();
+            if new.contains("guest memory dumped") {
+                return fs::metadata(self.dir.join(MEMORY_DUMP)).map(|m| m.len()).map_err(|e| format!("dump written but unreadable: {e}"));
+            }
+            if let Some(line) = new.lines().find(|l| l.contains("memory dump failed")) {
+                return Err(line.to_string());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(format!("the VMM did not finish the dump within {}s", limit.as_secs()))
     }
 
     fn mark_ended(&self, status: Option<i32>) {

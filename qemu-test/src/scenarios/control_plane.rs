@@ -18,8 +18,8 @@ pub const SCENARIOS: &[Scenario] = &[
 pub const AFTER_REBOOT: &[Scenario] =
     &[Scenario { name: "the project and its secret names survived the reboot", run: check_after_reboot }];
 
-const SECRET_VALUE: &str = "sk-ant-e2e-plaintext-3f9c1b7a5d";
-const PERSISTED_VALUE: &str = "persisted-plaintext-8e21c4";
+pub const SECRET_VALUE: &str = "sk-ant-e2e-plaintext-3f9c1b7a5d";
+pub const PERSISTED_VALUE: &str = "persisted-plaintext-8e21c4";
 
 fn api(appliance: &Appliance) -> Api {
     Api::new(appliance.machine.api_port, &appliance.api_key)
