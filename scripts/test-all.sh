@@ -14,7 +14,7 @@ phase() {
 
 phase "host tests (cargo test --release --workspace)" cargo test --release --workspace
 # The SDK's tests run against the real appliance server binary the host tests just built.
-target_dir="${CARGO_TARGET_DIR:-target}"
+target_dir="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)"
 phase "Python SDK tests (pytest, real appliance server)" \
   env OPENCOMPUTER_APPLIANCE_BIN="$target_dir/x86_64-unknown-linux-gnu/release/appliance" sdk/python/scripts/test.sh -q
 phase "end-to-end in QEMU (qemu-test e2e)" cargo run --release -p qemu-test -- e2e

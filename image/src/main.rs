@@ -5,7 +5,7 @@ use image::run::{self, RunOptions};
 use std::process::ExitCode;
 
 const USAGE: &str = "usage:
-  image build [--variant product|test]     build kernel, guest kernel and initramfs (cached)
+  image build [--variant product|test|bench]     build kernel, guest kernel and initramfs (cached)
   image run [--port N] [--cpus N] [--memory MiB] [--data-disk PATH] [--data-disk-gib N] [--proxy-config JSON]
                                            build what is missing, boot the appliance in QEMU,
                                            print its API address; Ctrl-C shuts it down cleanly";
@@ -39,7 +39,8 @@ fn parse_build(args: &[String]) -> Result<Variant, String> {
         [flag, value] if flag == "--variant" => match value.as_str() {
             "product" => Ok(Variant::Product),
             "test" => Ok(Variant::Test),
-            other => Err(format!("--variant {other:?}: expected product or test")),
+            "bench" => Ok(Variant::Bench),
+            other => Err(format!("--variant {other:?}: expected product, test or bench")),
         },
         _ => Err(format!("bad arguments {args:?}\n{USAGE}")),
     }

@@ -1,6 +1,7 @@
 //! The whole build: binaries, kernels, borrowed userland and the initramfs, for one image
-//! variant. The test variant adds a probe service used only by the end-to-end tests; the
-//! product variant carries no test entry points.
+//! variant. The test variant adds a probe service used only by the end-to-end tests; the bench
+//! variant adds a benchmark runner and QEMU to compare our VMM against; the product variant
+//! carries no test entry points.
 
 use crate::appliance_kernel;
 use crate::err;
@@ -20,6 +21,7 @@ use std::time::Instant;
 pub enum Variant {
     Product,
     Test,
+    Bench,
 }
 
 impl Variant {
@@ -27,6 +29,7 @@ impl Variant {
         match self {
             Variant::Product => "product",
             Variant::Test => "test",
+            Variant::Bench => "bench",
         }
     }
 }
@@ -67,8 +70,10 @@ pub fn build(variant: Variant) -> Result<Artifacts> {
     let kernel = appliance_kernel::build()?;
     let guest = guest_kernel::build()?;
     let mut bins: Vec<workspace::Bin> = vec![("init", "init"), ("appliance", "appliance"), ("vmm", "vmm")];
-    if variant == Variant::Test {
-        bins.push(("qemu-test", "oc-probe"));
+    match variant {
+        Variant::Product => {}
+        Variant::Test => bins.push(("qemu-test", "oc-probe")),
+        Variant::Bench => bins.push(("qemu-test", "oc-bench")),
     }
     let built = workspace::build(&bins)?;
     let base = template::build_base(&built[0])?;
@@ -84,8 +89,13 @@ pub fn build(variant: Variant) -> Result<Artifacts> {
     tree.host_file("/init", &built[0], 0o755)?;
     tree.host_file("/bin/appliance", &built[1], 0o755)?;
     tree.host_file("/bin/vmm", &built[2], 0o755)?;
-    if variant == Variant::Test {
-        tree.host_file("/bin/oc-probe", &built[3], 0o755)?;
+    match variant {
+        Variant::Product => {}
+        Variant::Test => tree.host_file("/bin/oc-probe", &built[3], 0o755)?,
+        Variant::Bench => {
+            tree.host_file("/bin/oc-bench", &built[3], 0o755)?;
+            add_comparison_qemu(&mut tree)?;
+        }
     }
     tree.host_tree("/", &kernel.modules_root)?;
     tree.bytes("/lib/modules/load-order", kernel.load_order.join("\n") + "\n", 0o644)?;
@@ -125,10 +135,37 @@ fn services_file(variant: Variant) -> String {
          --admin-key-file /sys/firmware/qemu_fw_cfg/by_name/{ADMIN_KEY_FW_CFG}/raw \
          --guest-kernel {GUEST_KERNEL_PATH} --templates-dir {SYSTEM_MOUNT}/templates --ca-roots {CA_ROOTS_PATH}\n"
     ));
-    if variant == Variant::Test {
-        text.push_str("probe /bin/oc-probe\n");
+    match variant {
+        Variant::Product => {}
+        Variant::Test => text.push_str("probe /bin/oc-probe\n"),
+        // Idle unless the kernel command line asks for a benchmark (oc.bench=vmm).
+        Variant::Bench => text.push_str("bench /bin/oc-bench\n"),
     }
     text
+}
+
+/// Where the bench variant keeps QEMU, the general-purpose VMM `qemu-test bench vmm` compares ours with.
+pub const COMPARISON_QEMU_PATH: &str = "/usr/bin/qemu-system-x86_64";
+/// Firmware `-M microvm` loads: qboot (named bios-microvm.bin by QEMU) and the option ROM that
+/// boots a `-kernel` image. QEMU looks for them in ../share/qemu beside its binary.
+const COMPARISON_QEMU_FIRMWARE: &[(&str, &str)] = &[
+    ("/usr/share/qemu/qboot.rom", "/usr/share/qemu/bios-microvm.bin"),
+    ("/usr/share/qemu/qboot.rom", "/usr/share/qemu/qboot.rom"),
+    ("/usr/share/qemu/linuxboot_dma.bin", "/usr/share/qemu/linuxboot_dma.bin"),
+];
+
+/// Debian's QEMU with its shared libraries and microvm firmware (bench variant only).
+fn add_comparison_qemu(tree: &mut Tree) -> Result<()> {
+    host::ensure(&[tool("qemu-system-x86_64", "qemu-system-x86")])?;
+    let qemu = which("qemu-system-x86_64")?;
+    for (source, image_path) in userland::with_libraries(&qemu, COMPARISON_QEMU_PATH)? {
+        tree.host_file(&image_path, &source, 0o755)?;
+    }
+    for (source, image_path) in COMPARISON_QEMU_FIRMWARE {
+        let source = std::fs::canonicalize(source).ctx(|| format!("find QEMU firmware {source} (package qemu-system-data)"))?;
+        tree.host_file(image_path, &source, 0o644)?;
+    }
+    Ok(())
 }
 
 fn which(command: &str) -> Result<PathBuf> {

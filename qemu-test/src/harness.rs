@@ -20,8 +20,8 @@ pub struct Appliance {
     artifacts: Artifacts,
     key_file: PathBuf,
     proxy_config: PathBuf,
-    /// The recording HTTPS server the sandboxes' sealed requests go to.
-    pub upstream: Upstream,
+    /// The recording HTTPS server the sandboxes' sealed requests go to (test variant only).
+    pub upstream: Option<Upstream>,
     pub boot_time: Duration,
 }
 
@@ -32,7 +32,16 @@ pub fn work_dir() -> PathBuf {
 impl Appliance {
     /// Builds the test image and boots it with a fresh, blank data disk.
     pub fn boot_fresh() -> Result<Appliance> {
-        let artifacts = pipeline::build(Variant::Test)?;
+        Appliance::boot_fresh_variant(Variant::Test, "")
+    }
+
+    /// Builds `variant` and boots it with `extra` appended to the appliance kernel's command
+    /// line (how the benchmarks tell their test-only service what to do).
+    pub fn boot_fresh_variant(variant: Variant, extra: &str) -> Result<Appliance> {
+        let mut artifacts = pipeline::build(variant)?;
+        if !extra.trim().is_empty() {
+            artifacts.cmdline = format!("{} {}", artifacts.cmdline, extra.trim());
+        }
         image::host::ensure(&[
             image::host::tool("qemu-system-x86_64", "qemu-system-x86"),
             image::host::tool("xfs_repair", "xfsprogs"),
@@ -46,9 +55,13 @@ impl Appliance {
         let api_key = image::run::generate_api_key()?;
         let key_file = dir.join("admin-key");
         image::run::write_key_file(&key_file, &api_key)?;
-        let upstream = Upstream::start(&dir.join("upstream"))?;
+        let upstream = match variant {
+            Variant::Test => Some(Upstream::start(&dir.join("upstream"))?),
+            _ => None,
+        };
         let proxy_config = dir.join("proxy-config.json");
-        std::fs::write(&proxy_config, upstream.proxy_config().to_string()).ctx(|| "write the proxy settings".into())?;
+        let settings = upstream.as_ref().map_or_else(|| serde_json::json!({}), Upstream::proxy_config);
+        std::fs::write(&proxy_config, settings.to_string()).ctx(|| "write the proxy settings".into())?;
         let mut appliance = Appliance {
             machine: start(&artifacts, &data_disk, &key_file, &proxy_config, &dir)?,
             api_key,

@@ -4,6 +4,7 @@
 //! does not have, and never talk to any network address but loopback.
 
 pub mod api;
+pub mod bench;
 pub mod harness;
 pub mod scenarios;
 pub mod upstream;

@@ -1,4 +1,5 @@
 //! `qemu-test e2e`: builds the test image, boots it once, runs every scenario against it.
+//! `qemu-test bench vmm`: our VMM against QEMU microvm inside the same appliance (issue 3).
 
 use qemu_test::harness::{run_all, Appliance, Scenario};
 use qemu_test::scenarios;
@@ -9,8 +10,9 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("e2e") => e2e(),
+        Some("bench") if args.get(1).map(String::as_str) == Some("vmm") => bench_vmm(),
         _ => {
-            eprintln!("usage: qemu-test e2e");
+            eprintln!("usage: qemu-test e2e | qemu-test bench vmm   (OC_BENCH_RUNS=N runs per VMM, default 5)");
             ExitCode::from(2)
         }
     }
@@ -49,4 +51,27 @@ fn e2e() -> ExitCode {
         started.elapsed().as_secs_f64()
     );
     if failures == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+fn bench_vmm() -> ExitCode {
+    let runs = match std::env::var("OC_BENCH_RUNS") {
+        Err(_) => 5,
+        Ok(text) => match text.parse::<u32>() {
+            Ok(n) if (1..=50).contains(&n) => n,
+            _ => {
+                eprintln!("[qemu-test] OC_BENCH_RUNS={text} is not a number in 1..=50");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    match qemu_test::bench::vmm(runs) {
+        Ok((summary, _)) => {
+            println!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("[qemu-test] the VMM benchmark failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

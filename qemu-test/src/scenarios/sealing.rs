@@ -39,7 +39,8 @@ fn sealed_requests(appliance: &mut Appliance) -> Result<()> {
     let sid = api.create_sandbox(&json!({"project": "sealing", "timeout": 600}))?;
     let (_, token, _) = api.run(&sid, "printf %s \"$ANTHROPIC_API_KEY\"", 30)?;
     check(token.starts_with("osb_sealed_"), || format!("the sandbox holds {token:?}"))?;
-    let before = appliance.upstream.received()?.len();
+    let upstream = appliance.upstream.as_ref().ok_or_else(|| err!("this appliance was booted without the test upstream"))?;
+    let before = upstream.received()?.len();
 
     // The documented request: the key in a header.
     let header_call = "curl -sS -o /dev/null -w '%{http_code}' https://api.anthropic.com/v1/messages \
@@ -52,7 +53,7 @@ fn sealed_requests(appliance: &mut Appliance) -> Result<()> {
     let (code, out, err) = api.run(&sid, body_call, 60)?;
     check(code == 0 && out == "200", || format!("curl with the key in the body: exit {code}, {out:?}, {err:?}"))?;
 
-    let received = appliance.upstream.received()?;
+    let received = upstream.received()?;
     let new = &received[before..];
     check(new.len() == 2, || format!("the upstream received {} requests: {new:?}", new.len()))?;
     check(header(&new[0], "x-api-key") == Some(SECRET), || format!("header request arrived as {}", new[0]))?;
@@ -71,7 +72,7 @@ fn sealed_requests(appliance: &mut Appliance) -> Result<()> {
     check(code != 0, || "curl --noproxy reached something".into())?;
     let (code, _, _) = api.run(&sid, "timeout 10 bash -c 'echo > /dev/tcp/10.0.2.2/443'", 30)?;
     check(code != 0, || "a raw TCP connect to 10.0.2.2:443 succeeded".into())?;
-    check(appliance.upstream.received()?.len() == received.len(), || "the upstream got a request past the proxy".into())?;
+    check(upstream.received()?.len() == received.len(), || "the upstream got a request past the proxy".into())?;
 
     // The sandbox stays up; its guest memory goes to the data disk for the search after power-off.
     let dump = api.expect(200, "POST", &format!("/sandboxes/{sid}/diagnostics/memory-dump"), &Value::Null)?;
