@@ -13,6 +13,7 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario { name: "a sandbox boots and its agent runs commands and moves files", run: commands_and_files },
     Scenario { name: "guest reboot and poweroff end the VMM with the right status", run: guest_power_ends_vmm },
     Scenario { name: "20 sandboxes booted and destroyed in a row leak nothing", run: twenty_in_a_row },
+    Scenario { name: "a sandbox is killed at its timeout, which POST /timeout moves", run: killed_at_timeout },
 ];
 
 const LEAK_GAUGES: &[&str] =
@@ -150,4 +151,31 @@ fn twenty_in_a_row(appliance: &mut Appliance) -> Result<()> {
         check(*a <= *b + allowed, || format!("{name} grew from {b} to {a} over {rounds} sandboxes"))?;
     }
     check(after.iter().any(|(n, v)| n == "appliance_vmm_processes" && *v == 0.0), || format!("VMMs left: {after:?}"))
+}
+
+fn status_of(api: &Api, id: &str) -> Result<Value> {
+    api.expect(200, "GET", &format!("/sandboxes/{id}"), &Value::Null)
+}
+
+fn killed_at_timeout(appliance: &mut Appliance) -> Result<()> {
+    let api = api(appliance);
+    let id = api.create_sandbox(&json!({"timeout": 5}))?;
+    // Moved out: still running well past the original 5 s.
+    api.expect(204, "POST", &format!("/sandboxes/{id}/timeout"), &json!({"timeout": 60}))?;
+    std::thread::sleep(Duration::from_secs(8));
+    let state = status_of(&api, &id)?;
+    check(state["status"] == "running", || format!("after moving the timeout to 60 s: {state}"))?;
+    let (code, out, _) = api.run(&id, "echo still-here", 30)?;
+    check(code == 0 && out == "still-here\n", || format!("command after the move: {code} {out:?}"))?;
+    // Moved in: gone within a few seconds of the new end.
+    let from = appliance.console_len();
+    api.expect(204, "POST", &format!("/sandboxes/{id}/timeout"), &json!({"timeout": 2}))?;
+    let line = appliance.machine.wait_for_console(&format!("sandbox {id} stopped"), from, Duration::from_secs(60))?;
+    check(line.contains("timeout reached"), || format!("stopped for another reason: {line}"))?;
+    let state = status_of(&api, &id)?;
+    check(state["status"] == "stopped", || format!("after its timeout: {state}"))?;
+    let (status, _) = api.call("POST", &format!("/sandboxes/{id}/commands"), &json!({"cmd": "true"}))?;
+    check(status == 404 || status == 409, || format!("a command after the timeout answered {status}"))?;
+    let gauges = leak_gauges(&api)?;
+    check(gauges.iter().any(|(n, v)| n == "appliance_vmm_processes" && *v == 0.0), || format!("VMM left after the timeout: {gauges:?}"))
 }
