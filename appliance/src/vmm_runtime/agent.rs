@@ -3,7 +3,7 @@
 
 use std::io::Write;
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use init::agent::client::{AgentClient, AgentError, AttachEvent, AttachWriter};
 use init::agent::message::{Command, ErrorCode, EnvVars, ExitStatus, OutputStream, RunSpec, SessionSpec};
@@ -26,20 +26,12 @@ pub fn connect(cid: u32) -> Result<Agent, RuntimeError> {
     AgentClient::connect_vsock(cid, AGENT_PORT, CONNECT_TIMEOUT).map_err(to_runtime)
 }
 
-/// Connects and pings until the agent answers, `limit` passes, or `gave_up` says the VM ended.
-pub fn wait_ready(cid: u32, limit: Duration, gave_up: &dyn Fn() -> bool) -> Result<Agent, RuntimeError> {
-    let deadline = Instant::now() + limit;
-    loop {
-        let attempt = AgentClient::connect_vsock(cid, AGENT_PORT, Duration::from_secs(1))
-            .and_then(|mut client| client.ping().map(|_| client));
-        match attempt {
-            Ok(client) => return Ok(client),
-            Err(_) if gave_up() => return Err(RuntimeError::Failed("the VM ended before its agent answered".into())),
-            Err(e) if Instant::now() >= deadline => {
-                return Err(RuntimeError::Failed(format!("the agent did not answer within {}s: {e}", limit.as_secs())))
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
+/// Connects and pings until the agent answers, `limit` passes, or `vm_ended` says so.
+pub fn wait_ready(cid: u32, limit: Duration, vm_ended: &dyn Fn() -> bool) -> Result<Agent, RuntimeError> {
+    match AgentClient::wait_for_agent(cid, AGENT_PORT, limit, vm_ended) {
+        Ok((client, _)) => Ok(client),
+        Err(_) if vm_ended() => Err(RuntimeError::Failed("the VM ended before its agent answered".into())),
+        Err(e) => Err(RuntimeError::Failed(format!("the agent did not answer within {}s: {e}", limit.as_secs()))),
     }
 }
 

@@ -25,8 +25,6 @@ const AGENT_READY_LIMIT: Duration = Duration::from_secs(90);
 const KILL_WAIT: Duration = Duration::from_secs(10);
 /// Writing guest RAM out (zero MiB are skipped) takes well under this, even nested.
 const DUMP_WAIT: Duration = Duration::from_secs(60);
-/// Where programs in the sandbox find the egress forwarder the agent runs.
-const PROXY_URL: &str = "http://127.0.0.1:3128";
 
 pub struct RuntimeConfig {
     pub vmm_bin: PathBuf,
@@ -141,9 +139,11 @@ impl VmmRuntime {
         let ended = Arc::clone(vm);
         let mut agent = agent::wait_ready(cid, AGENT_READY_LIMIT, &|| ended.has_ended())?;
         agent.install_ca(self.config.ca_cert_pem.as_bytes()).map_err(agent::to_runtime)?;
+        // Programs in the sandbox find the egress forwarder the agent runs here.
+        let proxy_url = format!("http://{}", init::agent::EGRESS_LISTEN);
         let proxy: Vec<(String, String)> = ["HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"]
             .iter()
-            .map(|name| (name.to_string(), PROXY_URL.to_string()))
+            .map(|name| (name.to_string(), proxy_url.clone()))
             .chain(["NO_PROXY", "no_proxy"].iter().map(|name| (name.to_string(), "localhost,127.0.0.1".to_string())))
             .collect();
         agent.set_env(&proxy, &[]).map_err(agent::to_runtime)

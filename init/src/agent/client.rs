@@ -98,8 +98,14 @@ impl AgentClient<VsockStream> {
     }
 
     /// Keeps connecting and pinging until the agent answers (a sandbox that is still booting
-    /// refuses or resets connections) or `total` has passed.
-    pub fn wait_for_agent(cid: u32, port: u32, total: Duration) -> Result<(Self, AgentInfo), AgentError> {
+    /// refuses or resets connections), `total` has passed, or `give_up` says there is no point
+    /// any more (e.g. the VM ended); the error is then the last attempt's.
+    pub fn wait_for_agent(
+        cid: u32,
+        port: u32,
+        total: Duration,
+        give_up: &dyn Fn() -> bool,
+    ) -> Result<(Self, AgentInfo), AgentError> {
         let deadline = Instant::now() + total;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -107,7 +113,7 @@ impl AgentClient<VsockStream> {
                 .and_then(|mut client| client.ping().map(|info| (client, info)));
             match attempt {
                 Ok(ready) => return Ok(ready),
-                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(e) if give_up() || Instant::now() >= deadline => return Err(e),
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
         }
