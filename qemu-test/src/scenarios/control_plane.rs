@@ -4,6 +4,7 @@
 //! reboot. No plaintext secret may appear in any API answer or in the console.
 
 use crate::api::Api;
+use super::check;
 use crate::harness::{Appliance, Scenario};
 use image::err;
 use image::error::Result;
@@ -21,18 +22,6 @@ pub const AFTER_REBOOT: &[Scenario] =
 pub const SECRET_VALUE: &str = "sk-ant-e2e-plaintext-3f9c1b7a5d";
 pub const PERSISTED_VALUE: &str = "persisted-plaintext-8e21c4";
 
-fn api(appliance: &Appliance) -> Api {
-    Api::new(appliance.machine.api_port, &appliance.api_key)
-}
-
-fn check(ok: bool, what: impl FnOnce() -> String) -> Result<()> {
-    if ok {
-        Ok(())
-    } else {
-        Err(err!("{}", what()))
-    }
-}
-
 /// Every answer is searched for the plaintexts.
 fn no_plaintext(answer: &Value) -> Result<()> {
     let text = answer.to_string();
@@ -40,7 +29,7 @@ fn no_plaintext(answer: &Value) -> Result<()> {
 }
 
 fn documented_flow(appliance: &mut Appliance) -> Result<()> {
-    let api = api(appliance);
+    let api = Api::of(appliance);
     let project = api.expect(
         201,
         "POST",
@@ -111,7 +100,7 @@ fn seconds_between(start: &str, end: &str) -> Option<i64> {
 }
 
 fn store_for_reboot(appliance: &mut Appliance) -> Result<()> {
-    let api = api(appliance);
+    let api = Api::of(appliance);
     let project = api.expect(201, "POST", "/projects", &json!({"name": "survivor", "timeoutSec": 600}))?;
     let pid = project["id"].as_str().ok_or_else(|| err!("no id"))?;
     api.expect(204, "PUT", &format!("/projects/{pid}/secrets/KEPT"), &json!({"value": PERSISTED_VALUE}))?;
@@ -119,7 +108,7 @@ fn store_for_reboot(appliance: &mut Appliance) -> Result<()> {
 }
 
 fn check_after_reboot(appliance: &mut Appliance) -> Result<()> {
-    let api = api(appliance);
+    let api = Api::of(appliance);
     let projects = api.expect(200, "GET", "/projects", &Value::Null)?;
     no_plaintext(&projects)?;
     let survivor = projects

@@ -3,6 +3,7 @@
 //! right status, and booting many sandboxes in a row leaks nothing.
 
 use crate::api::{metric, Api};
+use super::check;
 use crate::harness::{Appliance, Scenario};
 use image::err;
 use image::error::Result;
@@ -19,20 +20,8 @@ pub const SCENARIOS: &[Scenario] = &[
 const LEAK_GAUGES: &[&str] =
     &["process_open_fds", "appliance_vmm_processes", "appliance_vsock_cids_in_use", "appliance_sandbox_disks"];
 
-fn api(appliance: &Appliance) -> Api {
-    Api::new(appliance.machine.api_port, &appliance.api_key)
-}
-
-fn check(ok: bool, what: impl FnOnce() -> String) -> Result<()> {
-    if ok {
-        Ok(())
-    } else {
-        Err(err!("{}", what()))
-    }
-}
-
 fn commands_and_files(appliance: &mut Appliance) -> Result<()> {
-    let api = api(appliance);
+    let api = Api::of(appliance);
     let started = Instant::now();
     let id = api.create_sandbox(&json!({}))?;
     eprintln!("[qemu-test]   sandbox {id} created in {:.1}s", started.elapsed().as_secs_f64());
@@ -94,7 +83,7 @@ fn vmm_end_line(appliance: &mut Appliance, id: &str, from: usize) -> Result<Stri
 }
 
 fn guest_power_ends_vmm(appliance: &mut Appliance) -> Result<()> {
-    let api = api(appliance);
+    let api = Api::of(appliance);
     for (signal, expected) in [("INT", "guest rebooted (exit 3)"), ("TERM", "guest powered off (exit 0)")] {
         let from = appliance.console_len();
         let id = api.create_sandbox(&json!({}))?;
@@ -129,7 +118,7 @@ fn leak_gauges(api: &Api) -> Result<Vec<(String, f64)>> {
 }
 
 fn twenty_in_a_row(appliance: &mut Appliance) -> Result<()> {
-    let api = api(appliance);
+    let api = Api::of(appliance);
     let before = leak_gauges(&api)?;
     let started = Instant::now();
     let rounds: u32 = std::env::var("OC_E2E_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(20);
@@ -158,7 +147,7 @@ fn status_of(api: &Api, id: &str) -> Result<Value> {
 }
 
 fn killed_at_timeout(appliance: &mut Appliance) -> Result<()> {
-    let api = api(appliance);
+    let api = Api::of(appliance);
     let id = api.create_sandbox(&json!({"timeout": 5}))?;
     // Moved out: still running well past the original 5 s.
     api.expect(204, "POST", &format!("/sandboxes/{id}/timeout"), &json!({"timeout": 60}))?;

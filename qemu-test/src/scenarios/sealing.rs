@@ -3,6 +3,7 @@
 //! token; hosts outside the project's allowlist get 403; and there is no way out but the proxy.
 
 use crate::api::Api;
+use super::check;
 use crate::harness::{Appliance, Scenario};
 use image::err;
 use image::error::Result;
@@ -19,20 +20,12 @@ pub const AFTER_POWERDOWN: &[Scenario] = &[Scenario {
 
 const SECRET: &str = "sk-ant-sealing-e2e-6a1f0c9b2d";
 
-fn check(ok: bool, what: impl FnOnce() -> String) -> Result<()> {
-    if ok {
-        Ok(())
-    } else {
-        Err(err!("{}", what()))
-    }
-}
-
 fn header<'a>(record: &'a Value, name: &str) -> Option<&'a str> {
     record["headers"].as_array()?.iter().find(|h| h[0].as_str().is_some_and(|n| n.eq_ignore_ascii_case(name)))?[1].as_str()
 }
 
 fn sealed_requests(appliance: &mut Appliance) -> Result<()> {
-    let api = Api::new(appliance.machine.api_port, &appliance.api_key);
+    let api = Api::of(appliance);
     let project = api.expect(201, "POST", "/projects", &json!({"name": "sealing", "egressAllowlist": ["api.anthropic.com"]}))?;
     let pid = project["id"].as_str().ok_or_else(|| err!("no id"))?.to_string();
     api.expect(204, "PUT", &format!("/projects/{pid}/secrets/ANTHROPIC_API_KEY"), &json!({"value": SECRET}))?;
