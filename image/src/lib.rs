@@ -8,6 +8,7 @@ pub mod cache;
 pub mod cpio;
 pub mod debian;
 pub mod error;
+pub mod ext4;
 pub mod guest_kernel;
 pub mod host;
 pub mod http;

@@ -3,6 +3,7 @@
 //! each template once onto the XFS data disk, where sandboxes get reflink clones of it.
 
 use crate::cache::{self, Entry};
+use crate::ext4;
 use crate::err;
 use crate::error::{Context, Result};
 use crate::progress::{fmt_size, Outcome, Step};
@@ -58,20 +59,7 @@ fn pack(templates: &[Template], out: &Path) -> Result<()> {
         std::fs::write(dir.join(format!("{}.id", t.name)), format!("{}\n", t.id)).ctx(|| "write template id".into())?;
     }
     let size_kib = (allocated + allocated / 8 + SLACK_BYTES) / 1024;
-    let status = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", LABEL, "-U", FS_UUID, "-m", "0", "-E", &format!("hash_seed={HASH_SEED},root_owner=0:0")])
-        .arg("-d")
-        .arg(&staging)
-        .arg(out)
-        .arg(format!("{size_kib}k"))
-        .env("SOURCE_DATE_EPOCH", "0")
-        // mkfs.ext4 -d announces each file it creates even with -q.
-        .stdout(std::process::Stdio::null())
-        .status()
-        .ctx(|| "run mkfs.ext4".into())?;
-    std::fs::remove_dir_all(&staging).ctx(|| format!("remove {}", staging.display()))?;
-    if !status.success() {
-        return Err(err!("mkfs.ext4 -d for the system disk failed ({status})"));
-    }
+    let identity = ext4::Identity { label: LABEL, uuid: FS_UUID, hash_seed: HASH_SEED };
+    ext4::from_dir(&staging, out, &format!("{size_kib}k"), &identity, &["-m", "0"])?;
     Ok(())
 }

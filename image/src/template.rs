@@ -3,7 +3,7 @@
 //! copy-on-write for each sandbox.
 
 use crate::cache::{self, Entry};
-use crate::err;
+use crate::ext4;
 use crate::error::{Context, Result};
 use crate::host::{self, run_quiet, tool};
 use crate::progress::{fmt_size, Outcome, Step};
@@ -76,20 +76,7 @@ fn pack(rootfs_tar: &Path, sandbox_init: &Path, dir: &Path) -> Result<()> {
     run_quiet(Command::new("chmod").arg("0755").arg(&init_target))?;
     let roots = staging.join("etc/ssl/certs/ca-certificates.crt");
     std::fs::copy(&roots, dir.join(CA_BUNDLE_FILE)).ctx(|| format!("copy {}", roots.display()))?;
-    let status = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", "base", "-U", FS_UUID, "-E", &format!("hash_seed={HASH_SEED},root_owner=0:0")])
-        .arg("-d")
-        .arg(&staging)
-        .arg(&out)
-        .arg(DISK_SIZE)
-        .env("SOURCE_DATE_EPOCH", "0")
-        // mkfs.ext4 -d announces each file it creates even with -q.
-        .stdout(std::process::Stdio::null())
-        .status()
-        .ctx(|| "run mkfs.ext4".into())?;
-    std::fs::remove_dir_all(&staging).ctx(|| format!("remove {}", staging.display()))?;
-    if !status.success() {
-        return Err(err!("mkfs.ext4 -d failed ({status})"));
-    }
+    let identity = ext4::Identity { label: "base", uuid: FS_UUID, hash_seed: HASH_SEED };
+    ext4::from_dir(&staging, &out, DISK_SIZE, &identity, &[])?;
     Ok(())
 }
