@@ -52,9 +52,15 @@ impl Entry {
     }
 
     /// Runs `fill` on a fresh temporary directory and moves it into place when it succeeds.
+    /// Builds of the same entry on one machine take turns (a lock file beside it): the second
+    /// finds the first one's result and keeps it.
     pub fn fill(&self, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
         let parent = self.dir.parent().unwrap_or(Path::new("/"));
         std::fs::create_dir_all(parent).ctx(|| format!("create cache dir {}", parent.display()))?;
+        let _lock = lock(&self.dir.with_extension("lock"))?;
+        if self.is_complete() {
+            return Ok(());
+        }
         let tmp = self.dir.with_extension(format!("tmp-{}", std::process::id()));
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).ctx(|| format!("remove {}", tmp.display()))?;
@@ -67,6 +73,22 @@ impl Entry {
         }
         std::fs::rename(&tmp, &self.dir).ctx(|| format!("move {} into place", self.dir.display()))
     }
+}
+
+/// An exclusive advisory lock on `path`, held until the returned file is dropped.
+fn lock(path: &Path) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .ctx(|| format!("open lock file {}", path.display()))?;
+    // SAFETY: flock on a descriptor we own for the duration of the call; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(crate::err!("lock {}: {}", path.display(), std::io::Error::last_os_error()));
+    }
+    Ok(file)
 }
 
 #[cfg(test)]
