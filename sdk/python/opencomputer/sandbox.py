@@ -11,6 +11,10 @@ from opencomputer.errors import OpenComputerError
 from opencomputer.exec import Exec
 from opencomputer.files import Files
 
+#: The documented defaults of ``Sandbox.create``; they equal the appliance's own defaults.
+DEFAULT_TEMPLATE = "base"
+DEFAULT_TIMEOUT = 300
+
 #: Seconds a create call may take: the appliance answers once the microVM has booted,
 #: which under nested virtualization (the CI test bed) can take minutes.
 CREATE_TIMEOUT = 300.0
@@ -61,8 +65,8 @@ class Sandbox:
     async def create(
         cls,
         project: Optional[str] = None,
-        template: Optional[str] = None,
-        timeout: Optional[int] = None,
+        template: str = DEFAULT_TEMPLATE,
+        timeout: int = DEFAULT_TIMEOUT,
         envs: Optional[Dict[str, str]] = None,
         metadata: Optional[Dict[str, str]] = None,
         cpu_count: Optional[int] = None,
@@ -74,17 +78,20 @@ class Sandbox:
         """Boots a new sandbox and returns it once it runs.
 
         ``project`` names a project whose defaults and secrets the sandbox gets (each secret
-        appears as an env var holding a sealed ``osb_sealed_...`` token). Every argument left
-        as ``None`` is not sent, so the project's value applies, else the appliance default:
-        template ``base``, timeout 300 s, 1 vCPU, 512 MB. ``timeout`` is the sandbox's
-        lifetime in seconds; ``envs`` override same-named project secrets.
+        appears as an env var holding a sealed ``osb_sealed_...`` token). ``timeout`` is the
+        sandbox's lifetime in seconds; ``envs`` override same-named project secrets.
+
+        With a project, ``template`` and ``timeout`` left at their defaults (``'base'``, 300)
+        are not sent, so the project's own template and timeout apply; any other value
+        overrides them. ``cpu_count`` and ``memory_mb`` are sent only when given (else the
+        project's value, else the appliance default: 1 vCPU, 512 MB).
         """
         body: Dict[str, Any] = {}
         if project:
             body["project"] = project
-        if template:
+        if template and (project is None or template != DEFAULT_TEMPLATE):
             body["templateID"] = template
-        if timeout:
+        if timeout and (project is None or timeout != DEFAULT_TIMEOUT):
             body["timeout"] = timeout
         if envs:
             body["envs"] = dict(envs)

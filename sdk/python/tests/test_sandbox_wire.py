@@ -33,11 +33,23 @@ async def test_create_sends_every_given_field_with_contract_names(fake: FakeAppl
     await sandbox.close()
 
 
-async def test_create_without_arguments_sends_nothing_so_defaults_apply(fake: FakeAppliance) -> None:
+async def test_create_without_arguments_sends_the_documented_defaults(fake: FakeAppliance) -> None:
     fake.reply("POST", "/api/sandboxes", 201, sandbox_record())
     sandbox = await Sandbox.create()
-    assert fake.only().json == {}
+    assert fake.only().json == {"templateID": "base", "timeout": 300}
     await sandbox.close()
+
+
+async def test_create_with_a_project_leaves_default_template_and_timeout_to_it(fake: FakeAppliance) -> None:
+    fake.reply("POST", "/api/sandboxes", 201, sandbox_record())
+    first = await Sandbox.create(project="my-agent")
+    second = await Sandbox.create(project="my-agent", template="python", timeout=600)
+    assert [r.json for r in fake.requests] == [
+        {"project": "my-agent"},
+        {"project": "my-agent", "templateID": "python", "timeout": 600},
+    ]
+    await first.close()
+    await second.close()
 
 
 async def test_create_error_carries_status_and_server_message(fake: FakeAppliance) -> None:
