@@ -7,4 +7,5 @@ pub mod api;
 pub mod bench;
 pub mod harness;
 pub mod scenarios;
+pub mod snippets;
 pub mod upstream;

@@ -32,6 +32,7 @@ fn e2e() -> ExitCode {
         scenarios::foundation::SCENARIOS,
         scenarios::sandboxes::SCENARIOS,
         scenarios::control_plane::SCENARIOS,
+        scenarios::documented::SCENARIOS,
         scenarios::sealing::SCENARIOS,
         scenarios::foundation::REBOOT_SCENARIOS,
         scenarios::control_plane::AFTER_REBOOT,

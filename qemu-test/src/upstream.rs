@@ -10,8 +10,9 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-/// Names the proxy maps to the upstream. `blocked.example.com` is outside every allowlist.
-pub const HOSTS: &[&str] = &["api.anthropic.com", "blocked.example.com"];
+/// Names the proxy maps to the upstream (so no test request can leave for the real host).
+/// `blocked.example.com` and `example.com` are outside every allowlist.
+pub const HOSTS: &[&str] = &["api.anthropic.com", "blocked.example.com", "example.com"];
 /// Where the appliance (a QEMU user-network guest) reaches the host's loopback.
 const HOST_FROM_GUEST: &str = "10.0.2.2";
 /// HTTPS's port: the documented snippets use URLs without a port.

@@ -117,6 +117,7 @@ fn secret_search(appliance: &mut Appliance) -> Result<()> {
         ("the sealing secret", SECRET),
         ("the control-plane secret", super::control_plane::SECRET_VALUE),
         ("the persisted secret", super::control_plane::PERSISTED_VALUE),
+        ("the documented example's secret", super::documented::DOCUMENTED_SECRET),
     ];
     let mut report = Vec::new();
     for (label, secret) in plaintexts {

@@ -1,0 +1,167 @@
+//! Documented Python examples, taken from the Markdown files that show them and run with the SDK
+//! installed in its venv (sdk/python/scripts/venv.sh), so the documentation cannot drift from
+//! what works.
+
+use image::err;
+use image::error::{Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// One fenced ```python block and the heading it sits under.
+#[derive(Debug, PartialEq)]
+pub struct Snippet {
+    pub heading: String,
+    /// The file it came from, relative to the workspace.
+    pub source: String,
+    pub code: String,
+}
+
+/// Every ```python block of `documents` (paths relative to the workspace), in order. A block
+/// shown again in a later document (the quickstart is in both READMEs) is kept once.
+pub fn python_blocks(documents: &[&str]) -> Result<Vec<Snippet>> {
+    let mut all: Vec<Snippet> = Vec::new();
+    for doc in documents {
+        let path = image::workspace::root().join(doc);
+        let text = std::fs::read_to_string(&path).ctx(|| format!("read {}", path.display()))?;
+        for snippet in parse_markdown(&text, doc)? {
+            if !all.iter().any(|s| s.code == snippet.code) {
+                all.push(snippet);
+            }
+        }
+    }
+    Ok(all)
+}
+
+fn parse_markdown(text: &str, source: &str) -> Result<Vec<Snippet>> {
+    let mut found = Vec::new();
+    let mut heading = String::new();
+    let mut block: Option<String> = None;
+    for line in text.lines() {
+        match block.as_mut() {
+            Some(code) if line.trim_start().starts_with("```") => {
+                found.push(Snippet { heading: heading.clone(), source: source.to_string(), code: std::mem::take(code) });
+                block = None;
+            }
+            Some(code) => {
+                code.push_str(line);
+                code.push('\n');
+            }
+            None if line.trim_start() == "```python" => block = Some(String::new()),
+            None if line.starts_with('#') => heading = line.trim_start_matches('#').trim().to_string(),
+            None => {}
+        }
+    }
+    match block {
+        Some(_) => Err(err!("{source}: a ```python block is never closed")),
+        None => Ok(found),
+    }
+}
+
+/// The venv python with the SDK installed from this checkout (created on first use).
+pub fn sdk_python() -> Result<PathBuf> {
+    let script = image::workspace::root().join("sdk/python/scripts/venv.sh");
+    let out = Command::new(&script).stderr(Stdio::inherit()).output().ctx(|| format!("run {}", script.display()))?;
+    if !out.status.success() {
+        return Err(err!("{} failed ({}): cannot install the SDK", script.display(), out.status));
+    }
+    let python = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if python.is_file() {
+        Ok(python)
+    } else {
+        Err(err!("{} printed {python:?}, which is not a file", script.display()))
+    }
+}
+
+pub struct Outcome {
+    /// The exit code; `None` when killed by a signal or at the timeout.
+    pub status: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Writes `code` to `file` and runs it with `env`, killing it at `timeout`.
+pub fn run_python(python: &Path, code: &str, file: &Path, env: &[(&str, String)], timeout: Duration) -> Result<Outcome> {
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir).ctx(|| format!("create {}", dir.display()))?;
+    }
+    std::fs::write(file, code).ctx(|| format!("write {}", file.display()))?;
+    // Output goes to files, not pipes: a chatty example cannot block on a full pipe.
+    let stdout_path = file.with_extension("stdout");
+    let stderr_path = file.with_extension("stderr");
+    let stdout = std::fs::File::create(&stdout_path).ctx(|| format!("create {}", stdout_path.display()))?;
+    let stderr = std::fs::File::create(&stderr_path).ctx(|| format!("create {}", stderr_path.display()))?;
+    let mut cmd = Command::new(python);
+    cmd.arg(file).stdin(Stdio::null()).stdout(stdout).stderr(stderr);
+    for (name, value) in env {
+        cmd.env(name, value);
+    }
+    let mut child = cmd.spawn().ctx(|| format!("run {}", python.display()))?;
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().ctx(|| "wait for the example".into())? {
+            break status.code();
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let read = |p: &Path| std::fs::read(p).map(|b| String::from_utf8_lossy(&b).into_owned()).ctx(|| format!("read {}", p.display()));
+    Ok(Outcome { status, stdout: read(&stdout_path)?, stderr: read(&stderr_path)? })
+}
+
+/// Seconds since the epoch of an RFC 3339 UTC time (`2026-11-29T03:04:05Z`, fractions ignored).
+pub fn rfc3339_seconds(text: &str) -> Option<i64> {
+    let text = text.strip_suffix('Z').or_else(|| text.strip_suffix("+00:00"))?;
+    let (date, time) = text.split_once('T')?;
+    let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let time = time.split('.').next()?;
+    let mut t = time.split(':').map(|p| p.parse::<i64>().ok());
+    let (h, min, s) = (t.next()??, t.next()??, t.next()??);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || h > 23 || min > 59 || s > 60 {
+        return None;
+    }
+    // Days from 1970-01-01 to the date (proleptic Gregorian), counting from March so the
+    // leap day falls at the end of the year.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let year_of_era = y - era * 400;
+    let day_of_year = (153 * ((m + 9) % 12) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    let days = era * 146_097 + day_of_era - 719_468;
+    Some(days * 86_400 + h * 3600 + min * 60 + s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_are_found_under_their_headings_and_unclosed_ones_rejected() {
+        let text = "# Title\n\n## Quickstart\n\n```python\nprint(1)\n```\n\n```sh\nls\n```\n### Next one\n```python\nx = 2\n\nprint(x)\n```\n";
+        let found = parse_markdown(text, "doc.md").unwrap();
+        assert_eq!(found.len(), 2);
+        assert_eq!((found[0].heading.as_str(), found[0].code.as_str()), ("Quickstart", "print(1)\n"));
+        assert_eq!((found[1].heading.as_str(), found[1].code.as_str()), ("Next one", "x = 2\n\nprint(x)\n"));
+        let err = parse_markdown("## A\n```python\nprint(1)\n", "doc.md").unwrap_err().to_string();
+        assert!(err.contains("never closed"), "{err}");
+        // A '#' comment inside a block is code, not a heading.
+        let found = parse_markdown("## H\n```python\n# comment\n```\n", "doc.md").unwrap();
+        assert_eq!((found[0].heading.as_str(), found[0].code.as_str()), ("H", "# comment\n"));
+    }
+
+    #[test]
+    fn rfc3339_times_convert_to_epoch_seconds() {
+        assert_eq!(rfc3339_seconds("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(rfc3339_seconds("2000-03-01T00:00:00Z"), Some(951_868_800));
+        assert_eq!(rfc3339_seconds("2024-02-29T12:30:15.250Z"), Some(1_709_209_815));
+        assert_eq!(rfc3339_seconds("2026-11-29T03:04:05+00:00"), Some(1_795_921_445));
+        assert_eq!(rfc3339_seconds("2026-13-01T00:00:00Z"), None);
+        assert_eq!(rfc3339_seconds("yesterday"), None);
+        assert_eq!(rfc3339_seconds("2026-11-29T03:04:05+02:00"), None);
+    }
+}
