@@ -38,6 +38,7 @@ fn e2e() -> ExitCode {
         scenarios::control_plane::AFTER_REBOOT,
         scenarios::foundation::FINAL_SCENARIOS,
         scenarios::sealing::AFTER_POWERDOWN,
+        scenarios::power_loss::SCENARIOS,
     ]
     .concat();
     // OC_E2E_ONLY=<text>[,<text>...] runs only the scenarios whose name contains one of them.

@@ -3,8 +3,7 @@
 
 use crate::harness::{Appliance, Scenario, SHUTDOWN_TIMEOUT};
 use image::err;
-use image::error::{Context, Result};
-use std::process::Command;
+use image::error::Result;
 use std::time::Duration;
 
 /// Scenarios that leave the appliance running as they found it.
@@ -98,18 +97,5 @@ fn powerdown_is_clean(appliance: &mut Appliance) -> Result<()> {
         return Err(err!("QEMU exited with {status} after system_powerdown"));
     }
     appliance.machine.wait_for_console("/data unmounted cleanly", offset, Duration::from_secs(1))?;
-    let output = Command::new("xfs_repair")
-        .args(["-n", "-f"])
-        .arg(&appliance.data_disk)
-        .output()
-        .ctx(|| "run xfs_repair -n".into())?;
-    if !output.status.success() {
-        return Err(err!(
-            "xfs_repair -n found problems ({}):\n{}{}",
-            output.status,
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        ));
-    }
-    Ok(())
+    super::xfs_check(&appliance.data_disk)
 }
