@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 /// XFS needs ~300 MiB; below 1 GiB a data partition is not worth creating.
 pub const MIN_DATA_BYTES: u64 = 1 << 30;
+/// What datadisk reads to decide that a partition is blank.
+const WIPE_BYTES: u64 = 1 << 20;
 /// The firmware loaded us from this disk, so it exists; NVMe and SATA probe asynchronously.
 const SEARCH_TIME: Duration = Duration::from_secs(10);
 
@@ -85,6 +87,15 @@ pub fn plan(table: &mut Gpt, disk_sectors: u64, new_guid: Guid) -> Result<Change
 pub fn apply<F: Read + std::io::Write + std::io::Seek>(disk: &mut F, disk_sectors: u64, new_guid: Guid) -> Result<(Change, Gpt), String> {
     let (mut table, info) = Gpt::read_from(disk, disk_sectors)?;
     let change = plan(&mut table, disk_sectors, new_guid)?;
+    if let (Change::Created { slot }, Some(Some(data))) = (&change, table.slots.get(change.slot())) {
+        // The free space may hold stale bytes, e.g. the image's old backup GPT, which sits at the
+        // start of the new partition after the disk grew. Zeroing the head makes the partition
+        // blank, so datadisk formats it; nothing of ours can be there (it was not a partition).
+        let head = WIPE_BYTES.min(data.size_bytes());
+        let io = |e: std::io::Error| format!("clear the head of new partition {}: {e}", slot + 1);
+        disk.seek(std::io::SeekFrom::Start(data.offset_bytes())).map_err(io)?;
+        disk.write_all(&vec![0u8; head as usize]).map_err(io)?;
+    }
     let backup_misplaced = info.alternate_lba != disk_sectors - 1 || info.my_lba != 1;
     if change != (Change::Unchanged { slot: change.slot() }) || backup_misplaced {
         table.write_to(disk, disk_sectors)?;
@@ -281,6 +292,11 @@ mod tests {
         let (_, data) = table.find(layout::DATA_NAME).expect("data partition");
         assert_eq!(data.first_lba, 193 * MIB_SECTORS);
         assert_eq!(data.last_lba, gpt::last_usable(sectors));
+        // The image's old backup GPT was in what is now the partition's first MiB: wiped.
+        let mut head = vec![1u8; WIPE_BYTES as usize];
+        file.seek(SeekFrom::Start(data.offset_bytes())).expect("seek");
+        file.read_exact(&mut head).expect("read");
+        assert!(head.iter().all(|&b| b == 0), "the new partition starts blank");
         // The backup header really is in the last sector now.
         let mut last = [0u8; 8];
         file.seek(SeekFrom::Start((sectors - 1) * SECTOR)).expect("seek");
