@@ -23,6 +23,9 @@ pub const WANTED_MODULES: &[&str] = &[
     "xfs",
     // The read-only system disk with the sandbox templates.
     "ext4",
+    // The EFI system partition (FAT), where the operator's configuration file lives, with the
+    // code pages its file names are decoded with (no modprobe to load them on demand).
+    "vfat", "nls_cp437", "nls_ascii",
     // Common server NICs and disks.
     "e1000", "e1000e", "igb", "nvme", "ahci", "sd_mod",
     // The ACPI power button, read through evdev, for clean shutdowns.
@@ -31,6 +34,8 @@ pub const WANTED_MODULES: &[&str] = &[
 
 pub struct ApplianceKernel {
     pub version: String,
+    /// Debian package and version it came from.
+    pub package: String,
     pub vmlinuz: PathBuf,
     /// Directory holding `lib/modules/<version>/...` for the selected modules.
     pub modules_root: PathBuf,
@@ -57,6 +62,7 @@ pub fn build() -> Result<ApplianceKernel> {
     let order = std::fs::read_to_string(entry.path("load-order")).ctx(|| "read cached module order".into())?;
     let kernel = ApplianceKernel {
         version: kver.trim().to_string(),
+        package: format!("{package} {version}"),
         vmlinuz: entry.path("vmlinuz"),
         modules_root: entry.path("root"),
         load_order: order.lines().map(str::to_string).collect(),

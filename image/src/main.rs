@@ -5,17 +5,19 @@ use image::run::{self, RunOptions};
 use std::process::ExitCode;
 
 const USAGE: &str = "usage:
-  image build [--variant product|test|bench]     build kernel, guest kernel and initramfs (cached)
-  image run [--port N] [--cpus N] [--memory MiB] [--data-disk PATH] [--data-disk-gib N] [--proxy-config JSON]
+  image build [--variant product|test|bench] [--disk]
+                                           build kernel, guest kernel and initramfs (cached);
+                                           --disk: also the bootable UEFI disk image and its manifest
+  image run [--disk] [--port N] [--cpus N] [--memory MiB] [--data-disk PATH] [--data-disk-gib N] [--proxy-config JSON]
                                            build what is missing, boot the appliance in QEMU,
-                                           print its API address; Ctrl-C shuts it down cleanly";
+                                           print its API address; Ctrl-C shuts it down cleanly.
+                                           --disk: boot the disk image under UEFI (--data-disk is then
+                                           the persistent copy of it, grown to --data-disk-gib)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("build") => parse_build(&args[1..]).and_then(|v| pipeline::build(v).map_err(|e| e.to_string())).map(|a| {
-            println!("kernel: {}\ninitramfs: {}\ncmdline: {}", a.kernel.display(), a.initramfs.display(), a.cmdline);
-        }),
+        Some("build") => parse_build(&args[1..]).and_then(|(v, disk)| build(v, disk).map_err(|e| e.to_string())),
         Some("run") => parse_run(&args[1..]).and_then(|o| run::run(o).map_err(|e| e.to_string())),
         Some("help") | Some("--help") | Some("-h") => {
             println!("{USAGE}");
@@ -33,23 +35,42 @@ fn main() -> ExitCode {
     }
 }
 
-fn parse_build(args: &[String]) -> Result<Variant, String> {
-    match args {
-        [] => Ok(Variant::Product),
-        [flag, value] if flag == "--variant" => match value.as_str() {
-            "product" => Ok(Variant::Product),
-            "test" => Ok(Variant::Test),
-            "bench" => Ok(Variant::Bench),
-            other => Err(format!("--variant {other:?}: expected product, test or bench")),
-        },
-        _ => Err(format!("bad arguments {args:?}\n{USAGE}")),
+fn build(variant: Variant, disk: bool) -> image::Result<()> {
+    if disk {
+        let (a, d) = pipeline::build_disk(variant)?;
+        println!("kernel: {}\ninitramfs: {}\ncmdline: {}", a.kernel.display(), a.initramfs.display(), a.cmdline);
+        println!("disk image: {}\nsha256: {}\nmanifest: {}", d.path.display(), d.sha256, d.manifest.display());
+    } else {
+        let a = pipeline::build(variant)?;
+        println!("kernel: {}\ninitramfs: {}\ncmdline: {}", a.kernel.display(), a.initramfs.display(), a.cmdline);
     }
+    Ok(())
+}
+
+fn parse_build(args: &[String]) -> Result<(Variant, bool), String> {
+    let disk = args.iter().any(|a| a == "--disk");
+    let rest: Vec<&String> = args.iter().filter(|a| *a != "--disk").collect();
+    let variant = match rest.as_slice() {
+        [] => Variant::Product,
+        [flag, value] if *flag == "--variant" => match value.as_str() {
+            "product" => Variant::Product,
+            "test" => Variant::Test,
+            "bench" => Variant::Bench,
+            other => return Err(format!("--variant {other:?}: expected product, test or bench")),
+        },
+        _ => return Err(format!("bad arguments {args:?}\n{USAGE}")),
+    };
+    Ok((variant, disk))
 }
 
 fn parse_run(args: &[String]) -> Result<RunOptions, String> {
     let mut opts = RunOptions::default();
     let mut iter = args.iter();
     while let Some(flag) = iter.next() {
+        if flag == "--disk" {
+            opts.disk = true;
+            continue;
+        }
         let value = iter.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let number = |what: &str| value.parse::<u64>().map_err(|_| format!("{flag} {value:?}: {what} expected"));
         match flag.as_str() {

@@ -42,18 +42,51 @@ pub struct Artifacts {
     pub cmdline: String,
     /// Read-only disk with the sandbox templates (see system_disk).
     pub system_disk: PathBuf,
+    /// What went in, for the disk image's manifest.
+    pub inputs: BuildInputs,
+}
+
+#[derive(Clone, Debug)]
+pub struct BuildInputs {
+    pub variant: Variant,
+    /// The appliance kernel's release (uname -r) and its Debian package and version.
+    pub appliance_kernel: String,
+    pub guest_kernel: String,
+    pub templates: Vec<TemplateInfo>,
+}
+
+#[derive(Clone, Debug)]
+pub struct TemplateInfo {
+    pub name: String,
+    pub id: String,
+    pub packages: Vec<(String, String)>,
 }
 
 /// The name under which QEMU passes the admin API key (fw_cfg), read by the appliance service.
 pub const ADMIN_KEY_FW_CFG: &str = "opt/opencomputer/admin-key";
 /// The name under which QEMU passes the operator's proxy settings (read by the appliance).
 pub const PROXY_CONFIG_FW_CFG: &str = "opt/opencomputer/proxy-config";
+/// Where init hands the appliance service its admin key and proxy settings (a tmpfs), taken
+/// from fw_cfg or the configuration file on the EFI partition (init/src/appliance/operator.rs).
+pub const ADMIN_KEY_RUN_FILE: &str = init::appliance::ADMIN_KEY_FILE;
+pub const PROXY_CONFIG_RUN_FILE: &str = init::appliance::PROXY_CONFIG_FILE;
 pub const API_PORT_IN_GUEST: u16 = 8080;
 pub const GUEST_KERNEL_PATH: &str = "/usr/share/opencomputer/guest/bzImage";
 /// Public CA roots for the proxy's upstream connections (Debian's bundle, from the template).
 pub const CA_ROOTS_PATH: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// Where init mounts the system disk (read-only).
 pub const SYSTEM_MOUNT: &str = "/system";
+
+/// On the command line of the disk image's unified kernel image: tells init it booted from the
+/// GPT boot disk (which then gets its data partition and its configuration file from there).
+pub const DISK_BOOT_ARG: &str = "oc.boot=disk";
+
+/// The artifacts plus the bootable disk image made from them.
+pub fn build_disk(variant: Variant) -> Result<(Artifacts, crate::disk_image::DiskImage)> {
+    let artifacts = build(variant)?;
+    let disk = crate::disk_image::build(&artifacts)?;
+    Ok((artifacts, disk))
+}
 
 pub fn build(variant: Variant) -> Result<Artifacts> {
     let started = Instant::now();
@@ -100,9 +133,11 @@ pub fn build(variant: Variant) -> Result<Artifacts> {
     tree.host_tree("/", &kernel.modules_root)?;
     tree.bytes("/lib/modules/load-order", kernel.load_order.join("\n") + "\n", 0o644)?;
     tree.host_file(GUEST_KERNEL_PATH, &guest.bzimage, 0o644)?;
-    let mkfs = which("mkfs.xfs")?;
-    for (source, image_path) in userland::with_libraries(&mkfs, "/sbin/mkfs.xfs")? {
-        tree.host_file(&image_path, &source, 0o755)?;
+    // mkfs.xfs formats a blank data disk; xfs_growfs grows it after the data partition grew.
+    for (program, image_path) in [("mkfs.xfs", "/sbin/mkfs.xfs"), ("xfs_growfs", "/sbin/xfs_growfs")] {
+        for (source, image_path) in userland::with_libraries(&which(program)?, image_path)? {
+            tree.host_file(&image_path, &source, 0o755)?;
+        }
     }
     tree.bytes("/etc/opencomputer/services", services_file(variant), 0o644)?;
     tree.host_file(CA_ROOTS_PATH, &base.ca_bundle, 0o644)?;
@@ -120,7 +155,13 @@ pub fn build(variant: Variant) -> Result<Artifacts> {
     step.finish(Outcome::Built, &format!("{} ({} uncompressed) at {}", fmt_size(compressed), fmt_size(raw), initramfs.display()));
 
     eprintln!("[image] build finished in {} (kernel {})", crate::progress::fmt_duration(started.elapsed()), kernel.version);
-    Ok(Artifacts { kernel: vmlinuz, initramfs, cmdline: kernel_cmdline(), system_disk })
+    let inputs = BuildInputs {
+        variant,
+        appliance_kernel: format!("{} ({})", kernel.version, kernel.package),
+        guest_kernel: format!("linux-source {} with image/guest-kernel.config", guest.source_version),
+        templates: vec![TemplateInfo { name: base.name.to_string(), id: base.id.clone(), packages: base.installed_packages()? }],
+    };
+    Ok(Artifacts { kernel: vmlinuz, initramfs, cmdline: kernel_cmdline(), system_disk, inputs })
 }
 
 fn kernel_cmdline() -> String {
@@ -132,7 +173,7 @@ fn services_file(variant: Variant) -> String {
     let mut text = String::from("# name program args... (started in order, stopped in reverse)\n");
     text.push_str(&format!(
         "appliance /bin/appliance serve --listen 0.0.0.0:{API_PORT_IN_GUEST} --data-dir /data --vmm-bin /bin/vmm \
-         --admin-key-file /sys/firmware/qemu_fw_cfg/by_name/{ADMIN_KEY_FW_CFG}/raw \
+         --admin-key-file {ADMIN_KEY_RUN_FILE} --proxy-config {PROXY_CONFIG_RUN_FILE} \
          --guest-kernel {GUEST_KERNEL_PATH} --templates-dir {SYSTEM_MOUNT}/templates --ca-roots {CA_ROOTS_PATH}\n"
     ));
     match variant {

@@ -45,9 +45,50 @@ pub fn default_cpus(accel: Accel) -> u32 {
     }
 }
 
+/// What the machine boots from.
+#[derive(Clone, Debug)]
+pub enum Boot {
+    /// `-kernel/-initrd/-append` from the build artifacts, with a separate data disk and the
+    /// system disk attached read-only.
+    Kernel { artifacts: Artifacts, data_disk: PathBuf },
+    /// UEFI firmware (OVMF) boots the GPT disk image alone: no -kernel, no other disk.
+    Disk { image: PathBuf, format: DiskFormat },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskFormat {
+    Raw,
+    Qcow2,
+}
+
+impl DiskFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// The machine's one NIC (QEMU user networking, with the API port forwarded from loopback).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Network {
+    /// Outbound connections work (NAT to the host's network).
+    Outbound,
+    /// `restrict=on`: the guest can reach nothing outside (no NAT, no host services), but
+    /// QEMU's DHCP server and the host's port forward into the guest still work. This is the
+    /// network-unplugged appliance as far as the appliance can tell, yet still testable.
+    Unplugged,
+}
+
+/// Debian's OVMF: the firmware code is shared read-only; each machine gets its own copy of the
+/// variable store (boot entries), since firmware writes to it.
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE.fd";
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS.fd";
+
 pub struct MachineConfig {
-    pub artifacts: Artifacts,
-    pub data_disk: PathBuf,
+    pub boot: Boot,
+    pub network: Network,
     pub memory_mib: u32,
     pub cpus: u32,
     /// Host loopback port forwarded to the API port inside.
@@ -66,6 +107,36 @@ pub struct Machine {
     pub console_log: PathBuf,
     monitor_socket: PathBuf,
     pub api_port: u16,
+}
+
+/// Installs what booting a disk image needs: UEFI firmware and qemu-img.
+pub fn ensure_disk_tools() -> Result<()> {
+    crate::host::ensure(&[
+        crate::host::tool("qemu-system-x86_64", "qemu-system-x86"),
+        crate::host::tool(OVMF_CODE, "ovmf"),
+        crate::host::tool("qemu-img", "qemu-utils"),
+    ])
+}
+
+/// Copies a built disk image to `target` (sparse) and grows it to `gib` GiB, the room the
+/// appliance's data partition gets on first boot.
+pub fn prepare_disk_copy(image: &Path, target: &Path, gib: u64) -> Result<()> {
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent).ctx(|| format!("create {}", parent.display()))?;
+    }
+    let _ = std::fs::remove_file(target);
+    crate::host::run_quiet(Command::new("cp").arg("--sparse=always").arg(image).arg(target))?;
+    resize(target, DiskFormat::Raw, gib)
+}
+
+/// Grows a disk image to `gib` GiB (never shrinks).
+pub fn resize(image: &Path, format: DiskFormat, gib: u64) -> Result<()> {
+    let current = std::fs::metadata(image).ctx(|| format!("stat {}", image.display()))?.len();
+    if format == DiskFormat::Raw && current >= gib << 30 {
+        return Ok(());
+    }
+    crate::host::run_quiet(Command::new("qemu-img").args(["resize", "-q", "-f", format.name()]).arg(image).arg(format!("{gib}G")))
+        .map(|_| ())
 }
 
 /// Creates a sparse raw disk of `gib` GiB if it does not exist yet.
@@ -108,16 +179,32 @@ impl Machine {
         cmd.arg("-chardev").arg(format!("file,id=console,path={},append=on", console_log.display()));
         cmd.args(["-serial", "chardev:console"]);
         cmd.arg("-monitor").arg(format!("unix:{},server=on,wait=off", monitor_socket.display()));
-        cmd.arg("-kernel").arg(&cfg.artifacts.kernel);
-        cmd.arg("-initrd").arg(&cfg.artifacts.initramfs);
-        cmd.arg("-append").arg(&cfg.artifacts.cmdline);
-        cmd.arg("-netdev").arg(format!("user,id=net0,hostfwd=tcp:127.0.0.1:{}-:{API_PORT_IN_GUEST}", cfg.api_port));
+        match &cfg.boot {
+            Boot::Kernel { artifacts, data_disk } => {
+                cmd.arg("-kernel").arg(&artifacts.kernel);
+                cmd.arg("-initrd").arg(&artifacts.initramfs);
+                cmd.arg("-append").arg(&artifacts.cmdline);
+                cmd.arg("-drive").arg(format!("file={},if=none,id=data,format=raw,discard=unmap", data_disk.display()));
+                cmd.args(["-device", "virtio-blk-pci,drive=data"]);
+                // Read-only: the appliance must not change it, and init never mistakes it for the data disk.
+                cmd.arg("-drive").arg(format!("file={},if=none,id=system,format=raw,readonly=on", artifacts.system_disk.display()));
+                cmd.args(["-device", "virtio-blk-pci,drive=system"]);
+            }
+            Boot::Disk { image, format } => {
+                let vars = cfg.run_dir.join("OVMF_VARS.fd");
+                std::fs::copy(OVMF_VARS, &vars).ctx(|| format!("copy {OVMF_VARS} (package ovmf) to {}", vars.display()))?;
+                cmd.arg("-drive").arg(format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"));
+                cmd.arg("-drive").arg(format!("if=pflash,format=raw,unit=1,file={}", vars.display()));
+                cmd.arg("-drive").arg(format!("file={},if=none,id=boot,format={},discard=unmap", image.display(), format.name()));
+                cmd.args(["-device", "virtio-blk-pci,drive=boot,bootindex=0"]);
+            }
+        }
+        let restrict = match cfg.network {
+            Network::Outbound => "",
+            Network::Unplugged => "restrict=on,",
+        };
+        cmd.arg("-netdev").arg(format!("user,id=net0,{restrict}hostfwd=tcp:127.0.0.1:{}-:{API_PORT_IN_GUEST}", cfg.api_port));
         cmd.args(["-device", "virtio-net-pci,netdev=net0"]);
-        cmd.arg("-drive").arg(format!("file={},if=none,id=data,format=raw,discard=unmap", cfg.data_disk.display()));
-        cmd.args(["-device", "virtio-blk-pci,drive=data"]);
-        // Read-only: the appliance must not change it, and init never mistakes it for the data disk.
-        cmd.arg("-drive").arg(format!("file={},if=none,id=system,format=raw,readonly=on", cfg.artifacts.system_disk.display()));
-        cmd.args(["-device", "virtio-blk-pci,drive=system"]);
         cmd.args(["-device", "virtio-rng-pci"]);
         if let Some(config) = &cfg.proxy_config_file {
             cmd.arg("-fw_cfg").arg(format!("name={PROXY_CONFIG_FW_CFG},file={}", config.display()));

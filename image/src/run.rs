@@ -5,7 +5,8 @@ use crate::err;
 use crate::error::{Context, Result};
 use crate::host::{self, tool};
 use crate::pipeline::{self, Variant};
-use crate::qemu::{self, Machine, MachineConfig};
+use crate::disk_image::DiskImage;
+use crate::qemu::{self, Boot, DiskFormat, Machine, MachineConfig, Network};
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
@@ -21,11 +22,13 @@ pub struct RunOptions {
     pub data_disk_gib: u64,
     /// Operator proxy settings (JSON) for the appliance's sealing proxy.
     pub proxy_config: Option<PathBuf>,
+    /// Boot the GPT disk image under UEFI instead of -kernel with separate disks.
+    pub disk: bool,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { port: 8080, cpus: None, memory_mib: 4096, data_disk: None, data_disk_gib: 32, proxy_config: None }
+        RunOptions { port: 8080, cpus: None, memory_mib: 4096, data_disk: None, data_disk_gib: 32, proxy_config: None, disk: false }
     }
 }
 
@@ -84,12 +87,20 @@ pub fn run(opts: RunOptions) -> Result<()> {
         Ok(key) if !key.trim().is_empty() => (key.trim().to_string(), false),
         _ => (generate_api_key()?, true),
     };
-    let artifacts = pipeline::build(Variant::Product)?;
-    host::ensure(&[tool("qemu-system-x86_64", "qemu-system-x86")])?;
-
     let state = state_dir();
-    let data_disk = opts.data_disk.clone().unwrap_or_else(|| state.join("data.img"));
-    qemu::create_data_disk(&data_disk, opts.data_disk_gib)?;
+    let boot = if opts.disk {
+        let (_, built) = pipeline::build_disk(Variant::Product)?;
+        qemu::ensure_disk_tools()?;
+        let image = opts.data_disk.clone().unwrap_or_else(|| state.join("opencomputer.img"));
+        persistent_disk_copy(&built, &image, opts.data_disk_gib)?;
+        Boot::Disk { image, format: DiskFormat::Raw }
+    } else {
+        let artifacts = pipeline::build(Variant::Product)?;
+        host::ensure(&[tool("qemu-system-x86_64", "qemu-system-x86")])?;
+        let data_disk = opts.data_disk.clone().unwrap_or_else(|| state.join("data.img"));
+        qemu::create_data_disk(&data_disk, opts.data_disk_gib)?;
+        Boot::Kernel { artifacts, data_disk }
+    };
     let run_dir = state.join("run");
     std::fs::create_dir_all(&run_dir).ctx(|| format!("create {}", run_dir.display()))?;
     let key_file = run_dir.join("admin-key");
@@ -97,8 +108,8 @@ pub fn run(opts: RunOptions) -> Result<()> {
     let (accel, why) = qemu::detect_accel();
     let api_port = qemu::free_port(opts.port)?;
     let cfg = MachineConfig {
-        artifacts,
-        data_disk: data_disk.clone(),
+        boot,
+        network: Network::Outbound,
         memory_mib: opts.memory_mib,
         cpus: opts.cpus.unwrap_or(qemu::default_cpus(accel)),
         api_port,
@@ -110,7 +121,10 @@ pub fn run(opts: RunOptions) -> Result<()> {
     let started = Instant::now();
     let mut machine = Machine::start(&cfg)?;
     eprintln!("[run] booting the appliance ({accel:?}: {why}); console log: {}", machine.console_log.display());
-    eprintln!("[run] data disk: {}", data_disk.display());
+    match &cfg.boot {
+        Boot::Kernel { data_disk, .. } => eprintln!("[run] data disk: {}", data_disk.display()),
+        Boot::Disk { image, .. } => eprintln!("[run] boot disk (UEFI, data partition inside): {}", image.display()),
+    }
     let ready = machine.wait_api_ready(BOOT_TIMEOUT, &|| STOP.load(Ordering::SeqCst));
     match ready {
         Ok(_) => {}
@@ -136,6 +150,24 @@ pub fn run(opts: RunOptions) -> Result<()> {
         std::thread::sleep(Duration::from_millis(300));
     }
     shut_down(&mut machine)
+}
+
+/// The operator's disk (with its data partition) is made from the build once and then kept;
+/// a newer build does not replace it (that is what A/B upgrades will do), but says so.
+fn persistent_disk_copy(built: &DiskImage, image: &std::path::Path, gib: u64) -> Result<()> {
+    let stamp = image.with_extension("img.sha256");
+    if image.exists() {
+        let made_from = std::fs::read_to_string(&stamp).unwrap_or_default();
+        if made_from.trim() != built.sha256 {
+            eprintln!(
+                "[run] {} was made from an older build and keeps its data; delete it to boot the new image",
+                image.display()
+            );
+        }
+        return qemu::resize(image, DiskFormat::Raw, gib);
+    }
+    qemu::prepare_disk_copy(&built.path, image, gib)?;
+    std::fs::write(&stamp, &built.sha256).ctx(|| format!("write {}", stamp.display()))
 }
 
 fn shut_down(machine: &mut Machine) -> Result<()> {

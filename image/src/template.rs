@@ -29,6 +29,30 @@ pub struct Template {
     pub id: String,
     /// The distribution's bundle of public CA roots, which the appliance's proxy trusts upstream.
     pub ca_bundle: PathBuf,
+    /// The root filesystem archive the disk was made from (for the manifest's package list).
+    pub rootfs_tar: PathBuf,
+}
+
+impl Template {
+    /// (package, version) of every package installed in the template, from its dpkg status.
+    pub fn installed_packages(&self) -> Result<Vec<(String, String)>> {
+        let status = run_quiet(Command::new("tar").arg("-xOf").arg(&self.rootfs_tar).arg("./var/lib/dpkg/status"))?;
+        Ok(parse_dpkg_status(&status))
+    }
+}
+
+/// Installed (package, version) pairs from a dpkg status file, sorted by name.
+pub fn parse_dpkg_status(status: &str) -> Vec<(String, String)> {
+    let mut packages = Vec::new();
+    for stanza in status.split("\n\n") {
+        let field = |name: &str| stanza.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_string());
+        let installed = field("Status:").is_some_and(|s| s.ends_with(" installed"));
+        if let (true, Some(package), Some(version)) = (installed, field("Package:"), field("Version:")) {
+            packages.push((package, version));
+        }
+    }
+    packages.sort();
+    packages
 }
 
 /// Builds (or takes from the cache) the `base` template with `sandbox_init` installed.
@@ -58,7 +82,7 @@ pub fn build_base(sandbox_init: &Path) -> Result<Template> {
         disk.fill(|dir| pack(&rootfs.path("rootfs.tar"), sandbox_init, dir))?;
         outcome = Outcome::Built;
     }
-    let template = Template { name: "base", disk: disk.path("base.ext4"), id: disk_key, ca_bundle: disk.path(CA_BUNDLE_FILE) };
+    let template = Template { name: "base", disk: disk.path("base.ext4"), id: disk_key, ca_bundle: disk.path(CA_BUNDLE_FILE), rootfs_tar: rootfs.path("rootfs.tar") };
     let used = std::fs::metadata(rootfs.path("rootfs.tar")).map(|m| m.len()).unwrap_or(0);
     step.finish(outcome, &format!("{} of files in a {DISK_SIZE} sparse ext4 disk", fmt_size(used)));
     Ok(template)
@@ -79,4 +103,20 @@ fn pack(rootfs_tar: &Path, sandbox_init: &Path, dir: &Path) -> Result<()> {
     let identity = ext4::Identity { label: "base", uuid: FS_UUID, hash_seed: HASH_SEED };
     ext4::from_dir(&staging, &out, DISK_SIZE, &identity, &[])?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dpkg_status_gives_installed_packages_only() {
+        let status = "Package: bash\nStatus: install ok installed\nVersion: 5.2.15-2+b2\n\n\
+                      Package: gone\nStatus: deinstall ok config-files\nVersion: 1\n\n\
+                      Package: apt\nStatus: install ok installed\nVersion: 2.6.1\n";
+        assert_eq!(
+            parse_dpkg_status(status),
+            vec![("apt".to_string(), "2.6.1".to_string()), ("bash".to_string(), "5.2.15-2+b2".to_string())]
+        );
+    }
 }

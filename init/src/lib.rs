@@ -5,5 +5,7 @@
 
 pub mod agent;
 pub mod appliance;
+pub mod gpt;
+pub mod layout;
 pub mod sandbox;
 pub mod sys;

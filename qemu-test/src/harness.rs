@@ -102,8 +102,8 @@ fn start(artifacts: &Artifacts, data_disk: &PathBuf, key_file: &PathBuf, proxy_c
     let (accel, why) = qemu::detect_accel();
     eprintln!("[qemu-test] booting the test appliance ({accel:?}: {why}); console: {}", dir.join("console.log").display());
     let cfg = MachineConfig {
-        artifacts: artifacts.clone(),
-        data_disk: data_disk.clone(),
+        boot: qemu::Boot::Kernel { artifacts: artifacts.clone(), data_disk: data_disk.clone() },
+        network: qemu::Network::Outbound,
         memory_mib: 3072,
         cpus: std::env::var("OC_QEMU_CPUS").ok().and_then(|c| c.parse().ok()).unwrap_or(qemu::default_cpus(accel)),
         api_port: qemu::free_port(0)?,

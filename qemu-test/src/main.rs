@@ -1,4 +1,5 @@
 //! `qemu-test e2e`: builds the test image, boots it once, runs every scenario against it.
+//! `qemu-test e2e-disk`: the UEFI disk image booted on its own (scenarios/disk_image.rs).
 //! `qemu-test bench vmm`: our VMM against QEMU microvm inside the same appliance (issue 3).
 
 use qemu_test::harness::{run_all, Appliance, Scenario};
@@ -10,9 +11,20 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("e2e") => e2e(),
+        Some("e2e-disk") => match scenarios::disk_image::run() {
+            Ok(report) => {
+                println!("{report}");
+                eprintln!("[qemu-test] e2e-disk passed");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("[qemu-test] e2e-disk FAILED: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Some("bench") if args.get(1).map(String::as_str) == Some("vmm") => bench_vmm(),
         _ => {
-            eprintln!("usage: qemu-test e2e | qemu-test bench vmm   (OC_BENCH_RUNS=N runs per VMM, default 5)");
+            eprintln!("usage: qemu-test e2e | qemu-test e2e-disk | qemu-test bench vmm   (OC_BENCH_RUNS=N runs per VMM, default 5)");
             ExitCode::from(2)
         }
     }

@@ -1,8 +1,10 @@
 //! The data disk: found, formatted with XFS on first boot if (and only if) it is blank, mounted
 //! at /data. XFS because sandbox disks are reflink clones of their template (no byte copy).
 //!
-//! Which device: `oc.data=/dev/...` on the kernel command line, else a partition named
+//! Which device: `oc.data=/dev/...` on the kernel command line, else the data partition that
+//! bootdisk prepared on the boot disk (disk-image boots), else a partition named
 //! `opencomputer-data`, else the first whole disk (virtio, NVMe, SATA) that has no partitions.
+//! A data partition on the boot disk is grown with xfs_growfs after mounting, in case it grew.
 //! A disk holding anything we do not recognise is never formatted.
 
 use crate::sys::mount::{self, Mount};
@@ -14,6 +16,7 @@ use std::process::Command;
 pub const MOUNT_POINT: &str = "/data";
 pub const PARTITION_NAME: &str = "opencomputer-data";
 const MKFS: &str = "/sbin/mkfs.xfs";
+const GROWFS: &str = "/sbin/xfs_growfs";
 /// Blank means: these first bytes are all zero (labels and signatures live here).
 const BLANK_PROBE_BYTES: usize = 1 << 20;
 
@@ -46,8 +49,8 @@ pub fn classify(head: &[u8]) -> Content {
 }
 
 /// Finds, prepares and mounts the data disk. Returns the device used.
-pub fn mount_data(cmdline: &str) -> Result<String, String> {
-    let device = match crate::sys::fs::cmdline_value(cmdline, "oc.data") {
+pub fn mount_data(cmdline: &str, prepared: Option<&str>) -> Result<String, String> {
+    let device = match crate::sys::fs::cmdline_value(cmdline, "oc.data").or(prepared) {
         Some(dev) => dev.to_string(),
         None => find_device().ok_or_else(|| {
             "no data disk found: attach a blank disk or a partition named opencomputer-data, or set oc.data=/dev/...".to_string()
@@ -75,7 +78,25 @@ pub fn mount_data(cmdline: &str) -> Result<String, String> {
         data: "",
     })
     .map_err(|e| e.to_string())?;
+    if prepared == Some(device.as_str()) {
+        grow(&device);
+    }
     Ok(device)
+}
+
+/// Grows the mounted XFS to its partition's size (a no-op when it already fills it). A failure
+/// leaves the filesystem as it was, so it is reported, not fatal.
+fn grow(device: &str) {
+    match Command::new(GROWFS).arg(MOUNT_POINT).output() {
+        Ok(out) if out.status.success() => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            if let Some(line) = text.lines().find(|l| l.contains("data blocks changed")) {
+                crate::log!("data filesystem on {device} grown: {}", line.trim());
+            }
+        }
+        Ok(out) => crate::log!("{GROWFS} {MOUNT_POINT} failed: {}", String::from_utf8_lossy(&out.stderr).trim()),
+        Err(e) => crate::log!("cannot run {GROWFS}: {e}"),
+    }
 }
 
 fn format(device: &str) -> Result<(), String> {

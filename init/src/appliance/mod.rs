@@ -4,9 +4,12 @@
 //! Shutdown requests: SIGTERM, SIGUSR2, SIGPWR or the ACPI power button power off; SIGINT
 //! (Ctrl-Alt-Del) and SIGUSR1 reboot. A service asks for either by signalling PID 1.
 
+mod bootdisk;
+mod config;
 mod datadisk;
 mod systemdisk;
 mod modules;
+mod operator;
 mod powerbutton;
 mod services;
 
@@ -16,6 +19,8 @@ use crate::sys::net;
 use crate::sys::power::{self, PowerAction};
 use crate::sys::process::{self, SignalFd};
 use std::time::{Duration, Instant};
+
+pub use operator::{ADMIN_KEY_FILE, PROXY_CONFIG_FILE};
 
 /// Time a service gets between SIGTERM and SIGKILL at shutdown.
 const SERVICE_GRACE: Duration = Duration::from_secs(10);
@@ -40,9 +45,16 @@ pub fn run() -> ! {
     let cmdline = crate::sys::fs::kernel_cmdline();
 
     modules::load_all();
-    set_hostname(crate::sys::fs::cmdline_value(&cmdline, "oc.hostname").unwrap_or(HOSTNAME_DEFAULT));
-    bring_up_network(&cmdline);
-    match datadisk::mount_data(&cmdline) {
+    let from_disk = crate::sys::fs::cmdline_value(&cmdline, "oc.boot") == Some("disk");
+    let data_partition = if from_disk { prepare_data_partition() } else { None };
+    let operator = operator::load(&cmdline, from_disk);
+    operator::hand_over(&operator);
+    // The configuration file's settings with the kernel command line's on top, in the
+    // command-line form the network and data-disk code read.
+    let settings = operator.config.as_cmdline();
+    set_hostname(operator.config.get("hostname").unwrap_or(HOSTNAME_DEFAULT));
+    bring_up_network(&settings, &operator.config);
+    match datadisk::mount_data(&settings, data_partition.as_deref()) {
         Ok(device) => log!("data disk {device} mounted at {}", datadisk::MOUNT_POINT),
         Err(e) => log!("DATA DISK PROBLEM: {e}"),
     }
@@ -100,13 +112,33 @@ fn set_hostname(name: &str) {
     }
 }
 
-fn bring_up_network(cmdline: &str) {
+/// Creates or grows the data partition on the boot disk; its device, or None (said why).
+fn prepare_data_partition() -> Option<String> {
+    match bootdisk::prepare() {
+        Ok(p) => {
+            let size = p.size_bytes >> 20;
+            match p.change {
+                bootdisk::Change::Created { .. } => log!("data partition {} created ({size} MiB, first boot)", p.device),
+                bootdisk::Change::Grown { .. } => log!("data partition {} grown to {size} MiB (the disk grew)", p.device),
+                bootdisk::Change::Unchanged { .. } => log!("data partition {} ({size} MiB) fills the disk", p.device),
+            }
+            Some(p.device)
+        }
+        Err(e) => {
+            log!("DATA PARTITION PROBLEM: {e}");
+            None
+        }
+    }
+}
+
+fn bring_up_network(cmdline: &str, settings: &config::Config) {
     if let Err(e) = net::bring_up_loopback() {
         log!("loopback: {e}");
     }
     let config = match net::NetConfig::from_cmdline(cmdline) {
         Ok(config) => config,
         Err(e) => {
+            let e = settings.explain(&e, crate::layout::CONFIG_FILE);
             log!("NETWORK CONFIGURATION PROBLEM: {e}; the network stays down");
             return;
         }

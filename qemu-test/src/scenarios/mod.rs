@@ -1,6 +1,7 @@
 //! End-to-end scenarios, grouped by the capability they prove.
 
 pub mod control_plane;
+pub mod disk_image;
 pub mod documented;
 pub mod foundation;
 pub mod power_loss;

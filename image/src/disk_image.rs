@@ -1,0 +1,219 @@
+//! The bootable disk image: a GPT disk with an EFI system partition holding the unified kernel
+//! image (and the documented operator configuration file), system partition A carrying the
+//! `oc-system` ext4 with the templates, and an empty system partition B of the same size for
+//! A/B upgrades later. No data partition: PID 1 creates it in the free space at the end of the
+//! disk on first boot, so the same image fits any disk size. Same inputs give the same bytes.
+
+use crate::err;
+use crate::error::{Context, Result};
+use crate::esp;
+use crate::manifest;
+use crate::pipeline::Artifacts;
+use crate::progress::{fmt_size, Outcome, Step};
+use crate::uki;
+use crate::workspace;
+use init::gpt::{self, Gpt, Guid, Partition, ALIGN, SECTOR};
+use init::layout;
+use sha2::{Digest, Sha256};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+const MIB: u64 = 1 << 20;
+/// The ESP holds two unified kernel images (A/B) plus slack; never below this.
+const ESP_MIN: u64 = 64 * MIB;
+/// System partitions leave room for the templates to grow a little in later versions.
+const SYSTEM_ROUND: u64 = 64 * MIB;
+/// The operator configuration file's name on the ESP.
+pub const CONFIG_FILE: &str = layout::CONFIG_FILE;
+/// Its content as shipped: every setting documented and commented out.
+pub const CONFIG_TEMPLATE: &str = include_str!("../opencomputer.conf");
+
+pub struct DiskImage {
+    pub path: PathBuf,
+    pub manifest: PathBuf,
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// Builds target/image/<variant>/opencomputer.img from the pipeline's artifacts.
+pub fn build(artifacts: &Artifacts) -> Result<DiskImage> {
+    let out_dir = workspace::target_dir().join("image").join(artifacts.inputs.variant.name());
+    std::fs::create_dir_all(&out_dir).ctx(|| format!("create {}", out_dir.display()))?;
+
+    let step = Step::start("unified kernel image");
+    let cmdline = out_dir.join("uki.cmdline");
+    let cmdline_text = format!("{} {}", artifacts.cmdline, crate::pipeline::DISK_BOOT_ARG);
+    std::fs::write(&cmdline, &cmdline_text).ctx(|| "write the command line".into())?;
+    let osrel = out_dir.join("uki.osrel");
+    std::fs::write(&osrel, uki::os_release(env!("CARGO_PKG_VERSION"))).ctx(|| "write os-release".into())?;
+    let uki_path = out_dir.join("BOOTX64.EFI");
+    uki::build(
+        &[
+            uki::Section { name: ".osrel", file: &osrel },
+            uki::Section { name: ".cmdline", file: &cmdline },
+            uki::Section { name: ".linux", file: &artifacts.kernel },
+            uki::Section { name: ".initrd", file: &artifacts.initramfs },
+        ],
+        &uki_path,
+    )?;
+    let uki_size = size_of(&uki_path)?;
+    step.finish(Outcome::Built, &format!("{} at {}", fmt_size(uki_size), uki_path.display()));
+
+    let step = Step::start("EFI system partition");
+    let conf = out_dir.join(layout::CONFIG_FILE);
+    std::fs::write(&conf, CONFIG_TEMPLATE).ctx(|| format!("write {}", conf.display()))?;
+    let esp_size = round_up(2 * uki_size + 16 * MIB, MIB).max(ESP_MIN);
+    let esp_path = out_dir.join("esp.fat");
+    esp::build(&esp_path, esp_size, &[(layout::UKI_PATH, &uki_path), (layout::CONFIG_FILE, &conf)])?;
+    step.finish(Outcome::Built, &format!("FAT32 {}", fmt_size(esp_size)));
+
+    let step = Step::start("disk image");
+    let system_size = size_of(&artifacts.system_disk)?;
+    let slot_size = round_up(system_size + system_size / 4, SYSTEM_ROUND);
+    let identity = identity_hash(&uki_path, &artifacts.system_disk)?;
+    let table = plan(&identity, esp_size, slot_size)?;
+    let disk_sectors = table.end_of_partitions() + gpt::ALIGN;
+    let image = out_dir.join("opencomputer.img");
+    let _ = std::fs::remove_file(&image);
+    let mut file = File::create(&image).ctx(|| format!("create {}", image.display()))?;
+    file.set_len(disk_sectors * SECTOR).ctx(|| format!("size {}", image.display()))?;
+    table.write_to(&mut file, disk_sectors).map_err(|e| err!("{}: {e}", image.display()))?;
+    let part = |name: &str| table.find(name).map(|(_, p)| p.clone()).ok_or_else(|| err!("no {name} partition planned"));
+    copy_sparse(&esp_path, &mut file, part(layout::ESP_NAME)?.offset_bytes())?;
+    copy_sparse(&artifacts.system_disk, &mut file, part(layout::SYSTEM_A_NAME)?.offset_bytes())?;
+    file.sync_all().ctx(|| format!("sync {}", image.display()))?;
+    drop(file);
+    let sha256 = sha256_file(&image)?;
+    let size = disk_sectors * SECTOR;
+    let manifest_path = out_dir.join("opencomputer.manifest");
+    let files = [("UKI EFI/BOOT/BOOTX64.EFI", uki_size), ("  .linux (appliance kernel)", size_of(&artifacts.kernel)?),
+        ("  .initrd (initramfs, zstd)", size_of(&artifacts.initramfs)?), ("system ext4 (partition A)", system_size)];
+    let text = manifest::render(&manifest::Manifest {
+        image: &image,
+        sha256: &sha256,
+        size,
+        cmdline: &cmdline_text,
+        inputs: &artifacts.inputs,
+        table: &table,
+        files: &files,
+    });
+    std::fs::write(&manifest_path, &text).ctx(|| format!("write {}", manifest_path.display()))?;
+    step.finish(Outcome::Built, &format!("{} at {}", fmt_size(size), image.display()));
+    eprint!("{}", manifest::summary(&text));
+    eprintln!("[image] sha256 {sha256}  {}", image.display());
+    eprintln!("[image] manifest: {}", manifest_path.display());
+    let _ = std::fs::remove_file(&esp_path);
+    Ok(DiskImage { path: image, manifest: manifest_path, sha256, size })
+}
+
+/// The partition table for the given sizes; GUIDs come from `identity` (a hash of the inputs).
+pub fn plan(identity: &[u8], esp_size: u64, slot_size: u64) -> Result<Gpt> {
+    let guid = |what: &str| {
+        let digest = Sha256::new().chain_update(identity).chain_update(what.as_bytes()).finalize();
+        let mut raw = [0u8; 16];
+        raw.copy_from_slice(&digest[..16]);
+        Guid::from_random(raw)
+    };
+    let mut table = Gpt::new(guid("disk"));
+    let mut next = ALIGN;
+    for (name, type_guid, size) in [
+        (layout::ESP_NAME, gpt::ESP_TYPE, esp_size),
+        (layout::SYSTEM_A_NAME, gpt::LINUX_FS_TYPE, slot_size),
+        (layout::SYSTEM_B_NAME, gpt::LINUX_FS_TYPE, slot_size),
+    ] {
+        let sectors = round_up(size, MIB) / SECTOR;
+        table.add(Partition { type_guid, guid: guid(name), first_lba: next, last_lba: next + sectors - 1, attributes: 0, name: name.into() })
+            .map_err(|e| err!("{e}"))?;
+        next += sectors;
+    }
+    Ok(table)
+}
+
+fn identity_hash(uki: &Path, system_disk: &Path) -> Result<Vec<u8>> {
+    // The system disk's cache directory is named after the hash of what it was built from.
+    let mut hasher = Sha256::new();
+    hasher.update(sha256_file(uki)?.as_bytes());
+    hasher.update(system_disk.to_string_lossy().as_bytes().rsplit(|&b| b == b'/').nth(1).unwrap_or_default());
+    Ok(hasher.finalize().to_vec())
+}
+
+/// Copies `source` into `out` at `offset`, skipping all-zero blocks so the image stays sparse.
+fn copy_sparse(source: &Path, out: &mut File, offset: u64) -> Result<()> {
+    let mut input = File::open(source).ctx(|| format!("open {}", source.display()))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = offset;
+    loop {
+        let n = read_full(&mut input, &mut buf).ctx(|| format!("read {}", source.display()))?;
+        if n == 0 {
+            return Ok(());
+        }
+        for chunk in buf[..n].chunks(64 << 10) {
+            if chunk.iter().any(|&b| b != 0) {
+                out.seek(SeekFrom::Start(at)).ctx(|| "seek in the disk image".into())?;
+                out.write_all(chunk).ctx(|| "write the disk image".into())?;
+            }
+            at += chunk.len() as u64;
+        }
+    }
+}
+
+fn read_full(input: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match input.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
+
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut file = File::open(path).ctx(|| format!("open {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).ctx(|| format!("read {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(crate::cache::hex(&hasher.finalize()))
+}
+
+fn size_of(path: &Path) -> Result<u64> {
+    Ok(std::fs::metadata(path).ctx(|| format!("stat {}", path.display()))?.len())
+}
+
+fn round_up(value: u64, to: u64) -> u64 {
+    value.div_ceil(to) * to
+}
+
+/// The byte offset of the ESP inside an image built here, in mtools' `@@offset` form.
+pub fn esp_offset_spec(image: &Path) -> Result<String> {
+    let mut file = File::open(image).ctx(|| format!("open {}", image.display()))?;
+    let sectors = file.metadata().ctx(|| format!("stat {}", image.display()))?.len() / SECTOR;
+    let (table, _) = Gpt::read_from(&mut file, sectors).map_err(|e| err!("{}: {e}", image.display()))?;
+    let (_, esp) = table.find(layout::ESP_NAME).ok_or_else(|| err!("{} has no {} partition", image.display(), layout::ESP_NAME))?;
+    Ok(format!("@@{}", esp.offset_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plan_is_aligned_deterministic_and_leaves_b_the_size_of_a() {
+        let a = plan(b"inputs", 100 * MIB, 512 * MIB).expect("plan");
+        assert_eq!(a, plan(b"inputs", 100 * MIB, 512 * MIB).expect("plan"));
+        assert_ne!(a.disk_guid, plan(b"other", 100 * MIB, 512 * MIB).expect("plan").disk_guid);
+        let parts: Vec<&Partition> = a.partitions().map(|(_, p)| p).collect();
+        assert_eq!(parts.len(), 3);
+        assert!(parts.iter().all(|p| p.first_lba % ALIGN == 0 && (p.last_lba + 1) % ALIGN == 0));
+        assert_eq!(parts[1].sectors(), parts[2].sectors());
+        assert_eq!(parts[0].type_guid, gpt::ESP_TYPE);
+        a.validate(a.end_of_partitions() + ALIGN).expect("fits with 1 MiB for the backup table");
+    }
+}

@@ -1,0 +1,296 @@
+//! Operator configuration: `opencomputer.conf` (`key = value` lines, documented in
+//! image/opencomputer.conf and the README) on the EFI system partition, with `oc.<key>=` on the
+//! kernel command line overriding the file. Problems are collected as plain sentences naming the
+//! key and the line, printed on the console, and never stop the boot.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+/// Keys the file may set (besides `host.<name>`).
+const KEYS: &[&str] = &["admin_key", "hostname", "net", "ip", "gw", "dns", "iface", "data", "trusted_ca", "allow_private"];
+/// Keys that never come from the kernel command line: the kernel prints it on the console.
+const FILE_ONLY: &[&str] = &["admin_key"];
+/// Keys whose values init's existing command-line parsers read (as `oc.<key>=`).
+const CMDLINE_KEYS: &[&str] = &["hostname", "net", "ip", "gw", "dns", "iface", "data"];
+pub const HOST_PREFIX: &str = "host.";
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// Line number in the file.
+    File(usize),
+    Cmdline,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Setting {
+    pub value: String,
+    pub origin: Origin,
+}
+
+#[derive(Debug, Default)]
+pub struct Config {
+    pub settings: BTreeMap<String, Setting>,
+    pub problems: Vec<String>,
+}
+
+impl Config {
+    /// The file (if any) with the kernel command line's `oc.*` values on top.
+    pub fn merge(file: Option<&str>, file_name: &str, cmdline: &str) -> Config {
+        let mut config = Config::default();
+        if let Some(text) = file {
+            config.read_file(text, file_name);
+        }
+        for word in cmdline.split_ascii_whitespace().take_while(|w| *w != "--") {
+            let Some((key, value)) = word.split_once('=') else { continue };
+            let Some(key) = key.strip_prefix("oc.") else { continue };
+            if FILE_ONLY.contains(&key) {
+                config.problems.push(format!(
+                    "oc.{key} on the kernel command line is ignored: it would be printed on the console. Set {key} in {file_name}"
+                ));
+                continue;
+            }
+            if known(key) && !value.is_empty() {
+                config.settings.insert(key.to_string(), Setting { value: value.to_string(), origin: Origin::Cmdline });
+            }
+        }
+        config.validate(file_name);
+        config
+    }
+
+    fn read_file(&mut self, text: &str, file_name: &str) {
+        for (n, raw) in text.lines().enumerate() {
+            let line_no = n + 1;
+            let line = raw.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let Some((key, value)) = line.split_once('=') else {
+                self.problems.push(format!("{file_name} line {line_no}: expected `key = value`, found {line:?}"));
+                continue;
+            };
+            let (key, value) = (key.trim(), value.trim());
+            if !known(key) {
+                self.problems.push(format!(
+                    "{file_name} line {line_no}: unknown key {key:?} (known: {}, host.<name>)",
+                    KEYS.join(", ")
+                ));
+                continue;
+            }
+            if value.is_empty() {
+                self.problems.push(format!("{file_name} line {line_no}: {key} has no value"));
+                continue;
+            }
+            if let Some(earlier) = self.settings.get(key) {
+                if let Origin::File(first) = earlier.origin {
+                    self.problems.push(format!("{file_name} line {line_no}: {key} was already set on line {first}; using line {line_no}"));
+                }
+            }
+            self.settings.insert(key.to_string(), Setting { value: value.to_string(), origin: Origin::File(line_no) });
+        }
+    }
+
+    /// Checks values no later parser looks at; a bad one is reported and dropped.
+    fn validate(&mut self, file_name: &str) {
+        let mut bad = Vec::new();
+        let mut warnings = Vec::new();
+        for (key, setting) in &self.settings {
+            let problem = if let Some(name) = key.strip_prefix(HOST_PREFIX) {
+                if name.is_empty() || !valid_host_name(name) {
+                    Some(format!("{key}: {name:?} is not a valid host name"))
+                } else if setting.value.parse::<IpAddr>().is_err() {
+                    Some(format!("{key} = {}: not an IP address", setting.value))
+                } else {
+                    None
+                }
+            } else {
+                match key.as_str() {
+                    "hostname" if !valid_host_name(&setting.value) || setting.value.len() > 64 => {
+                        Some(format!("hostname = {}: use letters, digits, '-' and '.', at most 64 characters", setting.value))
+                    }
+                    "allow_private" => setting.value.split(',').map(str::trim).find(|c| !valid_cidr(c)).map(|c| {
+                        format!("allow_private: {c:?} is not an address range like 10.1.2.0/24")
+                    }),
+                    "trusted_ca" if !valid_esp_path(&setting.value) => {
+                        Some(format!("trusted_ca = {}: name a file on the EFI partition, without '..'", setting.value))
+                    }
+                    "admin_key" if setting.value.len() < 16 => {
+                        // Accepted (refusing would lock the operator out), but said plainly.
+                        warnings.push(format!("{}admin_key is shorter than 16 characters; use a long random key", self.where_set(key, file_name)));
+                        None
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(problem) = problem {
+                bad.push((key.clone(), problem));
+            }
+        }
+        self.problems.extend(warnings);
+        for (key, problem) in bad {
+            self.problems.push(format!("{}{problem}; ignored", self.where_set(&key, file_name)));
+            self.settings.remove(&key);
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.settings.get(key).map(|s| s.value.as_str())
+    }
+
+    /// "opencomputer.conf line 4: " or "kernel command line: " for a set key.
+    pub fn where_set(&self, key: &str, file_name: &str) -> String {
+        match self.settings.get(key).map(|s| &s.origin) {
+            Some(Origin::File(line)) => format!("{file_name} line {line}: "),
+            Some(Origin::Cmdline) => "kernel command line: ".to_string(),
+            None => String::new(),
+        }
+    }
+
+    /// The settings init's command-line parsers read, as `oc.key=value` words.
+    pub fn as_cmdline(&self) -> String {
+        CMDLINE_KEYS
+            .iter()
+            .filter_map(|k| self.get(k).map(|v| format!("oc.{k}={v}")))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// A parser's error about `oc.<key>=...`, told with where that key was set.
+    pub fn explain(&self, error: &str, file_name: &str) -> String {
+        let key = error.strip_prefix("oc.").and_then(|rest| rest.split(['=', ' ']).next()).unwrap_or_default();
+        let prefix = self.where_set(key, file_name);
+        if prefix.is_empty() {
+            error.to_string()
+        } else {
+            format!("{prefix}{error}")
+        }
+    }
+
+    /// `host.<name>` settings.
+    pub fn hosts(&self) -> Vec<(&str, &str)> {
+        self.settings
+            .iter()
+            .filter_map(|(k, s)| k.strip_prefix(HOST_PREFIX).map(|name| (name, s.value.as_str())))
+            .collect()
+    }
+
+    /// The sealing proxy's settings (the appliance's proxy-config JSON), if any key asks for one.
+    pub fn proxy_json(&self, trusted_ca_pem: Option<&str>) -> Option<String> {
+        let hosts = self.hosts();
+        let allow: Vec<&str> = self.get("allow_private").map(|v| v.split(',').map(str::trim).collect()).unwrap_or_default();
+        if hosts.is_empty() && allow.is_empty() && trusted_ca_pem.is_none() {
+            return None;
+        }
+        let hosts: Vec<String> = hosts.iter().map(|(n, a)| format!("{}: {}", json_string(n), json_string(a))).collect();
+        let allow: Vec<String> = allow.iter().map(|c| json_string(c)).collect();
+        let mut json = format!("{{\"hosts\": {{{}}}, \"allowPrivate\": [{}]", hosts.join(", "), allow.join(", "));
+        if let Some(pem) = trusted_ca_pem {
+            json.push_str(&format!(", \"trustedCaPem\": {}", json_string(pem)));
+        }
+        json.push_str("}\n");
+        Some(json)
+    }
+}
+
+fn known(key: &str) -> bool {
+    KEYS.contains(&key) || key.strip_prefix(HOST_PREFIX).is_some_and(|n| !n.is_empty())
+}
+
+fn valid_host_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+fn valid_cidr(text: &str) -> bool {
+    let Some((addr, prefix)) = text.split_once('/') else { return false };
+    let Ok(addr) = addr.parse::<IpAddr>() else { return false };
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    !prefix.is_empty() && prefix.bytes().all(|b| b.is_ascii_digit()) && prefix.parse::<u32>().is_ok_and(|p| p <= max)
+}
+
+/// A relative path inside the ESP.
+fn valid_esp_path(path: &str) -> bool {
+    let trimmed = path.trim_start_matches('/');
+    !trimmed.is_empty() && trimmed.split('/').all(|p| !p.is_empty() && p != "..")
+}
+
+/// A JSON string literal.
+pub fn json_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "opencomputer.conf";
+
+    #[test]
+    fn reads_keys_comments_and_host_maps() {
+        let text = "# comment\n\nadmin_key = 0123456789abcdef0123\nnet = static\nip = 10.0.2.15/24\nhost.api.internal = 10.1.2.3\n";
+        let c = Config::merge(Some(text), FILE, "console=ttyS0");
+        assert!(c.problems.is_empty(), "{:?}", c.problems);
+        assert_eq!(c.get("admin_key"), Some("0123456789abcdef0123"));
+        assert_eq!(c.as_cmdline(), "oc.net=static oc.ip=10.0.2.15/24");
+        assert_eq!(c.hosts(), vec![("api.internal", "10.1.2.3")]);
+        assert_eq!(c.where_set("ip", FILE), "opencomputer.conf line 5: ");
+    }
+
+    #[test]
+    fn the_kernel_command_line_overrides_the_file_but_never_carries_the_key() {
+        let c = Config::merge(Some("hostname = from-file\nnet = static\n"), FILE, "oc.hostname=from-cmdline oc.net=dhcp oc.admin_key=leaked -- sandbox oc.iface=x");
+        assert_eq!(c.get("hostname"), Some("from-cmdline"));
+        assert_eq!(c.get("net"), Some("dhcp"));
+        assert_eq!(c.get("admin_key"), None);
+        assert_eq!(c.get("iface"), None, "words after -- are init's arguments");
+        assert!(c.problems.iter().any(|p| p.contains("oc.admin_key") && !p.contains("leaked")), "{:?}", c.problems);
+    }
+
+    #[test]
+    fn problems_name_the_line_and_the_key_and_bad_values_are_dropped() {
+        let text = "hostnmae = x\nno equals sign\nhost.api = not-an-ip\nallow_private = 10.0.0.0/33\ntrusted_ca = ../etc/passwd\nhostname =\nadmin_key = short\n";
+        let c = Config::merge(Some(text), FILE, "");
+        let all = c.problems.join("\n");
+        assert!(all.contains("line 1: unknown key \"hostnmae\""), "{all}");
+        assert!(all.contains("line 2: expected `key = value`"), "{all}");
+        assert!(all.contains("line 3: host.api = not-an-ip: not an IP address"), "{all}");
+        assert!(all.contains("line 4: allow_private"), "{all}");
+        assert!(all.contains("line 5: trusted_ca"), "{all}");
+        assert!(all.contains("line 6: hostname has no value"), "{all}");
+        assert!(all.contains("line 7: admin_key is shorter than 16"), "{all}");
+        assert!(!all.contains("short\""), "the key's value is never repeated: {all}");
+        assert_eq!(c.get("host.api"), None);
+        assert_eq!(c.get("admin_key"), Some("short"), "a short key still works");
+    }
+
+    #[test]
+    fn parser_errors_are_explained_with_their_origin() {
+        let c = Config::merge(Some("net = static\n"), FILE, "oc.ip=1.2.3.4/99");
+        assert_eq!(c.explain("oc.net=static needs oc.ip", FILE), "opencomputer.conf line 1: oc.net=static needs oc.ip");
+        assert_eq!(c.explain("oc.ip=1.2.3.4/99: bad", FILE), "kernel command line: oc.ip=1.2.3.4/99: bad");
+    }
+
+    #[test]
+    fn proxy_settings_become_the_appliances_json() {
+        let c = Config::merge(Some("host.api.internal = 10.1.2.3\nallow_private = 10.1.2.3/32, 10.9.0.0/16\n"), FILE, "");
+        let json = c.proxy_json(Some("-----BEGIN CERTIFICATE-----\nAB\"C\n")).expect("json");
+        assert_eq!(
+            json,
+            "{\"hosts\": {\"api.internal\": \"10.1.2.3\"}, \"allowPrivate\": [\"10.1.2.3/32\", \"10.9.0.0/16\"], \
+             \"trustedCaPem\": \"-----BEGIN CERTIFICATE-----\\nAB\\\"C\\n\"}\n"
+        );
+        assert_eq!(Config::merge(None, FILE, "").proxy_json(None), None);
+    }
+}

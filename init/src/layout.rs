@@ -1,0 +1,14 @@
+//! The boot disk's layout, shared by the image build (which writes it) and PID 1 (which finds
+//! its partitions by these GPT names and adds the data partition on first boot).
+
+/// The EFI system partition: the unified kernel image and the operator's configuration file.
+pub const ESP_NAME: &str = "oc-esp";
+/// System partition A holds the `oc-system` ext4 (templates); B is reserved for A/B upgrades.
+pub const SYSTEM_A_NAME: &str = "oc-system-a";
+pub const SYSTEM_B_NAME: &str = "oc-system-b";
+/// The data partition PID 1 creates in the free space at the end of the disk.
+pub const DATA_NAME: &str = "opencomputer-data";
+/// Where UEFI firmware looks for a boot loader on removable media and fresh disks.
+pub const UKI_PATH: &str = "EFI/BOOT/BOOTX64.EFI";
+/// The operator configuration file, at the root of the ESP.
+pub const CONFIG_FILE: &str = "opencomputer.conf";
