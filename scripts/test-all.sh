@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs every test: host unit and integration tests, then the end-to-end suite, which builds the
-# test image and boots it in QEMU. Prints the time of each phase.
+# Runs every test: host unit and integration tests, the SDK's tests, then the end-to-end suites,
+# which build the test image and the UEFI disk image and boot them in QEMU. Prints the time of each phase.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,4 +18,5 @@ target_dir="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)"
 phase "Python SDK tests (pytest, real appliance server)" \
   env OPENCOMPUTER_APPLIANCE_BIN="$target_dir/x86_64-unknown-linux-gnu/release/appliance" sdk/python/scripts/test.sh -q
 phase "end-to-end in QEMU (qemu-test e2e)" cargo run --release -p qemu-test -- e2e
+phase "the UEFI disk image on its own (qemu-test e2e-disk)" cargo run --release -p qemu-test -- e2e-disk
 echo "=== all tests passed in ${SECONDS}s"
