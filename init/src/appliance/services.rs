@@ -253,23 +253,41 @@ fn drain(name: &str, pipe: &mut OutputPipe, flush_partial: bool) -> bool {
         }
         while let Some(pos) = pipe.partial.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = pipe.partial.drain(..=pos).collect();
-            console::line(name, String::from_utf8_lossy(&line[..line.len() - 1]).as_ref());
+            emit(name, &line[..line.len() - 1]);
         }
         if pipe.partial.len() >= MAX_LINE {
             let line: Vec<u8> = std::mem::take(&mut pipe.partial);
-            console::line(name, String::from_utf8_lossy(&line).as_ref());
+            emit(name, &line);
         }
     }
     if (eof || flush_partial) && !pipe.partial.is_empty() {
         let line = std::mem::take(&mut pipe.partial);
-        console::line(name, String::from_utf8_lossy(&line).as_ref());
+        emit(name, &line);
     }
     eof
+}
+
+/// One console line of a service's output, labelled with the service's name.
+fn emit(name: &str, line: &[u8]) {
+    console::line(name, without_own_label(name, &String::from_utf8_lossy(line)));
+}
+
+/// A service that labels its own lines (`appliance: ...`, useful when it runs outside the
+/// appliance) would otherwise show the label twice.
+fn without_own_label<'a>(name: &str, text: &'a str) -> &'a str {
+    text.strip_prefix(name).and_then(|rest| rest.strip_prefix(": ")).unwrap_or(text)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_service_label_is_not_repeated() {
+        assert_eq!(without_own_label("appliance", "appliance: store open"), "store open");
+        assert_eq!(without_own_label("appliance", "appliances: 2"), "appliances: 2");
+        assert_eq!(without_own_label("probe", "appliance: x"), "appliance: x");
+    }
 
     #[test]
     fn parses_services_with_comments_and_args() {
