@@ -113,29 +113,6 @@ pub fn run_python(python: &Path, code: &str, file: &Path, env: &[(&str, String)]
     Ok(Outcome { status, stdout: read(&stdout_path)?, stderr: read(&stderr_path)? })
 }
 
-/// Seconds since the epoch of an RFC 3339 UTC time (`2026-11-29T03:04:05Z`, fractions ignored).
-pub fn rfc3339_seconds(text: &str) -> Option<i64> {
-    let text = text.strip_suffix('Z').or_else(|| text.strip_suffix("+00:00"))?;
-    let (date, time) = text.split_once('T')?;
-    let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
-    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
-    let time = time.split('.').next()?;
-    let mut t = time.split(':').map(|p| p.parse::<i64>().ok());
-    let (h, min, s) = (t.next()??, t.next()??, t.next()??);
-    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || h > 23 || min > 59 || s > 60 {
-        return None;
-    }
-    // Days from 1970-01-01 to the date (proleptic Gregorian), counting from March so the
-    // leap day falls at the end of the year.
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let year_of_era = y - era * 400;
-    let day_of_year = (153 * ((m + 9) % 12) + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    let days = era * 146_097 + day_of_era - 719_468;
-    Some(days * 86_400 + h * 3600 + min * 60 + s)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,16 +129,5 @@ mod tests {
         // A '#' comment inside a block is code, not a heading.
         let found = parse_markdown("## H\n```python\n# comment\n```\n", "doc.md").unwrap();
         assert_eq!((found[0].heading.as_str(), found[0].code.as_str()), ("H", "# comment\n"));
-    }
-
-    #[test]
-    fn rfc3339_times_convert_to_epoch_seconds() {
-        assert_eq!(rfc3339_seconds("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(rfc3339_seconds("2000-03-01T00:00:00Z"), Some(951_868_800));
-        assert_eq!(rfc3339_seconds("2024-02-29T12:30:15.250Z"), Some(1_709_209_815));
-        assert_eq!(rfc3339_seconds("2026-11-29T03:04:05+00:00"), Some(1_795_921_445));
-        assert_eq!(rfc3339_seconds("2026-13-01T00:00:00Z"), None);
-        assert_eq!(rfc3339_seconds("yesterday"), None);
-        assert_eq!(rfc3339_seconds("2026-11-29T03:04:05+02:00"), None);
     }
 }

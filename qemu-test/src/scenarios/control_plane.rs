@@ -90,13 +90,7 @@ fn documented_flow(appliance: &mut Appliance) -> Result<()> {
 
 /// Whole seconds between two RFC 3339 UTC timestamps of the same day (`...THH:MM:SSZ`).
 fn seconds_between(start: &str, end: &str) -> Option<i64> {
-    let secs = |t: &str| -> Option<i64> {
-        let time = t.split('T').nth(1)?.trim_end_matches('Z');
-        let mut parts = time.split(':').map(|p| p.split('.').next().unwrap_or(p).parse::<i64>().ok());
-        Some(parts.next()?? * 3600 + parts.next()?? * 60 + parts.next()??)
-    };
-    let d = secs(end)? - secs(start)?;
-    Some(if d < 0 { d + 86_400 } else { d })
+    Some(crate::api::rfc3339_seconds(end)? - crate::api::rfc3339_seconds(start)?)
 }
 
 fn store_for_reboot(appliance: &mut Appliance) -> Result<()> {

@@ -118,7 +118,7 @@ fn overrides(lines: &[&str], _: &mut Appliance, _: usize) -> Result<()> {
     // MemTotal is the guest RAM less what the kernel keeps for itself.
     check((600 << 10..=768 << 10).contains(&kib), || format!("{} for a 768 MB sandbox", lines[1]))?;
     check(lines[2] == "batch", || format!("MODE is {:?}", lines[2]))?;
-    let times: Vec<i64> = lines[3].split_whitespace().filter_map(snippets::rfc3339_seconds).collect();
+    let times: Vec<i64> = lines[3].split_whitespace().filter_map(crate::api::rfc3339_seconds).collect();
     check(times.len() == 2 && times[1] - times[0] == 120, || format!("lifetime {:?} is not 120 s", lines[3]))
 }
 
