@@ -134,6 +134,7 @@ pub fn run(options: &BenchOptions) -> Result<String, String> {
         admin_key_file: Some(key_file),
         master_key_file: None,
         log_requests: false,
+        stopped_retention: Duration::from_secs(3600),
     };
     let running = serve::start(&config, SandboxSide::Unavailable("benchmark runs without sandboxes".into()))?;
     println!(

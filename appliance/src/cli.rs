@@ -8,9 +8,12 @@ use crate::serve::ServeConfig;
 pub const USAGE: &str = "usage:
   appliance serve [--listen ADDR] [--data-dir DIR] [--vmm-bin PATH] [--admin-key-file FILE]
                   [--master-key-file FILE] [--guest-kernel BZIMAGE] [--templates-dir DIR]
-                  [--ca-roots PEM] [--proxy-config JSON] [--quiet]
+                  [--ca-roots PEM] [--proxy-config JSON] [--stopped-retention-sec N] [--quiet]
   appliance bench api [--clients N] [--requests N] [--data-dir DIR]
   appliance rotate-key --data-dir DIR [--master-key-file OLD --new-master-key-file NEW]";
+
+/// How long a stopped sandbox's record stays visible (status, endAt) before it is forgotten.
+pub const DEFAULT_STOPPED_RETENTION_SEC: usize = 3600;
 
 pub const DEFAULT_ADMIN_KEY_FILE: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/opencomputer/admin-key/raw";
 
@@ -87,6 +90,9 @@ pub fn parse(args: Vec<String>) -> Result<Command, String> {
                 )),
                 master_key_file: flags.value("--master-key-file")?.map(PathBuf::from),
                 log_requests: !flags.switch("--quiet"),
+                stopped_retention: std::time::Duration::from_secs(
+                    number("--stopped-retention-sec", flags.value("--stopped-retention-sec")?, DEFAULT_STOPPED_RETENTION_SEC)? as u64,
+                ),
             };
             let sandbox = SandboxOptions {
                 vmm_bin: config.vmm_bin.clone(),

@@ -233,6 +233,8 @@ pub fn stop(app: &App, id: &str, status: SandboxStatus, why: &str) -> Result<(),
         if let Some(mut record) = dbs.sandboxes.get(wtxn, &id_owned)? {
             if record.status == SandboxStatus::Running {
                 record.status = status;
+                // endAt says when it ended, which may be before its timeout.
+                record.end_at = record.end_at.min(now_unix());
                 dbs.sandboxes.put(wtxn, &id_owned, &record)?;
             }
         }
@@ -353,13 +355,48 @@ pub fn reap(app: &App) {
     }
 }
 
-/// Runs `reap` every `period` until `stop_flag` is set.
-pub fn spawn_reaper(app: Arc<App>, stop_flag: Arc<AtomicBool>, period: Duration) -> Option<std::thread::JoinHandle<()>> {
+/// Deletes the records of sandboxes that ended more than `retention` ago; returns how many.
+pub fn purge_stopped(app: &App, now: i64, retention: Duration) -> Result<usize, AppError> {
+    let cutoff = now.saturating_sub(i64::try_from(retention.as_secs()).unwrap_or(i64::MAX));
+    app.store.write(move |wtxn, dbs| {
+        let mut old = Vec::new();
+        for item in dbs.sandboxes.iter(wtxn)? {
+            let (id, record) = item?;
+            if record.status != SandboxStatus::Running && record.end_at <= cutoff {
+                old.push(id.to_string());
+            }
+        }
+        for id in &old {
+            dbs.sandboxes.delete(wtxn, id)?;
+        }
+        Ok(old.len())
+    })
+}
+
+/// How often the reaper looks for stopped sandboxes to forget.
+const PURGE_PERIOD: Duration = Duration::from_secs(5);
+
+/// Runs `reap` every `period`, and `purge_stopped` every few seconds, until `stop_flag` is set.
+pub fn spawn_reaper(
+    app: Arc<App>,
+    stop_flag: Arc<AtomicBool>,
+    period: Duration,
+    retention: Duration,
+) -> Option<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("sandbox-reaper".into())
         .spawn(move || {
+            let mut last_purge = std::time::Instant::now();
             while !stop_flag.load(Ordering::Relaxed) {
                 reap(&app);
+                if last_purge.elapsed() >= PURGE_PERIOD {
+                    last_purge = std::time::Instant::now();
+                    match purge_stopped(&app, now_unix(), retention) {
+                        Ok(0) => {}
+                        Ok(n) => println!("appliance: forgot {n} sandbox record(s) that ended over {}s ago", retention.as_secs()),
+                        Err(e) => println!("appliance: could not purge stopped sandboxes: {}", e.message),
+                    }
+                }
                 std::thread::sleep(period);
             }
         })

@@ -26,6 +26,8 @@ pub struct ServeConfig {
     pub admin_key_file: Option<PathBuf>,
     pub master_key_file: Option<PathBuf>,
     pub log_requests: bool,
+    /// Stopped sandboxes' records are deleted this long after they ended.
+    pub stopped_retention: Duration,
 }
 
 /// Builds the sandbox side once the store and keys are open (it needs both for the CA).
@@ -103,7 +105,7 @@ pub fn start(config: &ServeConfig, side: SandboxSide) -> Result<Running, String>
     });
     lifecycle::reconcile_after_start(&app).map_err(|e| e.message)?;
     let reaper_stop = Arc::new(AtomicBool::new(false));
-    let reaper = lifecycle::spawn_reaper(Arc::clone(&app), Arc::clone(&reaper_stop), Duration::from_millis(250));
+    let reaper = lifecycle::spawn_reaper(Arc::clone(&app), Arc::clone(&reaper_stop), Duration::from_millis(250), config.stopped_retention);
     let http = HttpServer::start(Arc::clone(&app), &config.listen)?;
     println!("appliance: listening on http://{}", http.addr());
     Ok(Running { app, http, reaper_stop, reaper, _lock: lock })

@@ -203,6 +203,41 @@ fn get_list_timeout_delete_and_expiry() {
     assert_eq!(status, 404);
 }
 
+#[test]
+fn a_stopped_sandbox_is_forgotten_after_the_retention_and_a_running_one_never() {
+    let h = Harness::start_with_retention("sbx-purge", Duration::from_secs(1));
+    let mut c = h.client();
+    let (_, short) = c.call("POST", "/api/sandboxes", r#"{"timeout":1}"#);
+    let (_, long) = c.call("POST", "/api/sandboxes", r#"{"timeout":600}"#);
+    let short_id = short["sandboxID"].as_str().expect("id").to_string();
+    let long_id = long["sandboxID"].as_str().expect("id").to_string();
+    // Stopped at its timeout, it is still visible for a while, with endAt when it ended.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let stopped = loop {
+        let (_, s) = c.call("GET", &format!("/api/sandboxes/{short_id}"), "");
+        if s["status"] == "stopped" {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "sandbox was not stopped at its timeout: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(time_of(&stopped["endAt"]) <= time_of(&short["endAt"]));
+    // The reaper forgets it within its purge period (5 s) once the 1 s retention has passed.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, _) = c.call("GET", &format!("/api/sandboxes/{short_id}"), "");
+        if status == 404 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the stopped sandbox was never forgotten");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (status, s) = c.call("GET", &format!("/api/sandboxes/{long_id}"), "");
+    assert_eq!((status, s["status"].as_str()), (200, Some("running")));
+    let (_, list) = c.call("GET", "/api/sandboxes", "");
+    assert_eq!(list.as_array().expect("list").len(), 1);
+}
+
 trait AliveExt {
     fn is_alive_pub(&self, id: &str) -> bool;
 }

@@ -282,6 +282,7 @@ pub fn config(data_dir: &Path, key_file: Option<PathBuf>) -> ServeConfig {
         admin_key_file: key_file,
         master_key_file: None,
         log_requests: false,
+        stopped_retention: std::time::Duration::from_secs(3600),
     }
 }
 
@@ -298,9 +299,28 @@ impl Harness {
     }
 
     pub fn start_in(data_dir: PathBuf, runtime: Arc<FakeRuntime>, publisher: Arc<FakePublisher>) -> Harness {
+        Self::start_configured(data_dir, runtime, publisher, |_| {})
+    }
+
+    /// Like `start`, with stopped sandboxes forgotten `retention` after they ended.
+    pub fn start_with_retention(tag: &str, retention: Duration) -> Harness {
+        let data_dir = temp_dir(tag);
+        Self::start_configured(data_dir, Arc::new(FakeRuntime::default()), Arc::new(FakePublisher::default()), |c| {
+            c.stopped_retention = retention
+        })
+    }
+
+    fn start_configured(
+        data_dir: PathBuf,
+        runtime: Arc<FakeRuntime>,
+        publisher: Arc<FakePublisher>,
+        adjust: impl FnOnce(&mut ServeConfig),
+    ) -> Harness {
         let key_file = write_key_file(&data_dir);
         let backend = Backend { runtime: runtime.clone(), publisher: publisher.clone() };
-        let running = serve::start(&config(&data_dir, Some(key_file)), SandboxSide::Wired(backend)).expect("start");
+        let mut cfg = config(&data_dir, Some(key_file));
+        adjust(&mut cfg);
+        let running = serve::start(&cfg, SandboxSide::Wired(backend)).expect("start");
         let addr = running.addr();
         Harness { running: Some(running), runtime, publisher, data_dir, addr }
     }
