@@ -67,6 +67,8 @@ pub fn upgrade(app: &App, request: &mut Request) -> Result<Reply, AppError> {
             "entry": installed.entry,
             "from": candidate.entry_name,
             "state": "staged",
+            "receiveSeconds": received.as_secs_f64(),
+            "installSeconds": (started.elapsed() - received).as_secs_f64(),
         }),
     ))
 }

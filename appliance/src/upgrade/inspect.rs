@@ -84,6 +84,100 @@ fn ext4_size(file: &mut File, offset: u64) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use init::gpt::{Guid, Partition, ESP_TYPE, LINUX_FS_TYPE};
+    use std::io::Write;
+    use std::process::Command;
+
+    const MIB: u64 = 1 << 20;
+
+    /// A minimal PE32+ carrying the given sections (what Uki::parse reads).
+    fn fake_uki(parts: &[(&str, &[u8])]) -> Vec<u8> {
+        let (coff, table) = (0x40usize, 0x40 + 24 + 240);
+        let mut pe = vec![0u8; table + 40 * parts.len()];
+        pe[..2].copy_from_slice(b"MZ");
+        pe[0x3C] = coff as u8;
+        pe[coff..coff + 4].copy_from_slice(b"PE\0\0");
+        pe[coff + 6] = parts.len() as u8;
+        pe[coff + 20] = 240;
+        pe[coff + 24..coff + 26].copy_from_slice(&0x20Bu16.to_le_bytes());
+        for (i, (name, data)) in parts.iter().enumerate() {
+            let (s, offset) = (table + 40 * i, pe.len() as u32);
+            pe[s..s + name.len()].copy_from_slice(name.as_bytes());
+            pe[s + 8..s + 12].copy_from_slice(&(data.len() as u32).to_le_bytes());
+            pe[s + 16..s + 20].copy_from_slice(&(data.len() as u32).to_le_bytes());
+            pe[s + 20..s + 24].copy_from_slice(&offset.to_le_bytes());
+            pe.extend_from_slice(data);
+        }
+        pe
+    }
+
+    /// A disk image laid out like `image build --disk` makes it: GPT, FAT32 ESP with `uki` as
+    /// the slot A entry, an ext4 superblock labelled oc-system in A (4096 blocks of 1 KiB).
+    fn disk_image(dir: &Path, uki: &[u8], with_b: bool) -> std::path::PathBuf {
+        let fat = dir.join("esp.fat");
+        let _ = std::fs::remove_file(&fat);
+        let ok = Command::new("mkfs.fat").args(["-C", "-F", "32"]).arg(&fat).arg("40960").output().expect("mkfs.fat");
+        assert!(ok.status.success(), "{ok:?}");
+        std::fs::write(dir.join("uki"), uki).expect("write");
+        let img = fat.display().to_string();
+        for args in [vec!["mmd", "-i", &img, "::/EFI", "::/EFI/Linux"], vec!["mcopy", "-i", &img, &dir.join("uki").display().to_string(), "::/EFI/Linux/opencomputer-1-a.efi"]] {
+            let out = Command::new(args[0]).args(&args[1..]).env("MTOOLS_SKIP_CHECK", "1").output().expect("mtools");
+            assert!(out.status.success(), "{args:?}: {out:?}");
+        }
+        let mut table = Gpt::new(Guid::from_random([3; 16]));
+        let mut next = MIB / SECTOR;
+        let mut parts = vec![(layout::ESP_NAME, ESP_TYPE, 41 * MIB), (layout::SYSTEM_A_NAME, LINUX_FS_TYPE, 8 * MIB)];
+        if with_b {
+            parts.push((layout::SYSTEM_B_NAME, LINUX_FS_TYPE, 8 * MIB));
+        }
+        for (i, (name, type_guid, size)) in parts.into_iter().enumerate() {
+            let sectors = size / SECTOR;
+            let p = Partition { type_guid, guid: Guid::from_random([i as u8 + 10; 16]), first_lba: next, last_lba: next + sectors - 1, attributes: 0, name: name.into() };
+            table.add(p).expect("add");
+            next += sectors;
+        }
+        let sectors = next + MIB / SECTOR;
+        let path = dir.join("disk.img");
+        let mut file = File::create(&path).expect("create");
+        file.set_len(sectors * SECTOR).expect("size");
+        table.write_to(&mut file, sectors).expect("gpt");
+        let at = |name: &str| table.find(name).map(|(_, p)| p.offset_bytes()).expect("partition");
+        file.seek(SeekFrom::Start(at(layout::ESP_NAME))).expect("seek");
+        file.write_all(&std::fs::read(&fat).expect("read fat")).expect("write fat");
+        let mut sb = vec![0u8; 2048];
+        sb[1024 + 4..1024 + 8].copy_from_slice(&4096u32.to_le_bytes());
+        sb[1024 + 56..1024 + 58].copy_from_slice(&[0x53, 0xEF]);
+        sb[1024 + 120..1024 + 129].copy_from_slice(b"oc-system");
+        file.seek(SeekFrom::Start(at(layout::SYSTEM_A_NAME))).expect("seek");
+        file.write_all(&sb).expect("write superblock");
+        path
+    }
+
+    #[test]
+    fn accepts_an_image_laid_out_like_ours_and_names_what_is_wrong_otherwise() {
+        if Command::new("mkfs.fat").arg("--help").output().is_err() || Command::new("mcopy").arg("-V").output().is_err() {
+            eprintln!("dosfstools/mtools not installed; skipped");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("appliance-inspect-img-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let osrel = b"ID=opencomputer\nOPENCOMPUTER_VERSION=2.0-test\n";
+        let good = fake_uki(&[(".osrel", osrel), (".cmdline", b"console=ttyS0 oc.boot=disk oc.slot=a"), (".linux", b"kernel"), (".initrd", b"initrd")]);
+        let candidate = inspect(&disk_image(&dir, &good, true)).expect("accepted");
+        assert_eq!((candidate.version.as_str(), candidate.entry_name.as_str()), ("2.0-test", "opencomputer-1-a.efi"));
+        assert_eq!(candidate.system_len, 4096 * 1024);
+        assert!(candidate.uki == good);
+
+        let no_b = inspect(&disk_image(&dir, &good, false)).err().unwrap_or_default();
+        assert!(no_b.contains("no partition named oc-system-b"), "{no_b}");
+        let no_initrd = fake_uki(&[(".osrel", osrel), (".cmdline", b"oc.slot=a"), (".linux", b"kernel")]);
+        let error = inspect(&disk_image(&dir, &no_initrd, true)).err().unwrap_or_default();
+        assert!(error.contains("not a complete unified kernel image: no .initrd section"), "{error}");
+        let slot_b = fake_uki(&[(".osrel", osrel), (".cmdline", b"oc.slot=b"), (".linux", b"k"), (".initrd", b"i")]);
+        let error = inspect(&disk_image(&dir, &slot_b, true)).err().unwrap_or_default();
+        assert!(error.contains("does not name slot A"), "{error}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn refuses_files_that_are_not_disk_images_with_the_reason() {

@@ -85,8 +85,8 @@ pub fn run() -> Result<String> {
     let qcow2_size = if only_upgrade { 0 } else { qcow2_boot(&mut run, &pristine)? };
 
     let mut report = format!(
-        "disk image {}\n  sha256 {}\n  raw size {} MiB ({} MiB allocated), qcow2 -c {} MiB\n  upgrade (upload + reboot to API ready on slot B): {upgrade_secs:.1}s\n",
-        built.path.display(),
+        "disk image {} (a copy of the first build)\n  sha256 {}\n  raw size {} MiB ({} MiB allocated), qcow2 -c {} MiB\n  upgrade (upload + reboot to API ready on slot B): {upgrade_secs:.1}s\n",
+        original.display(),
         built.sha256,
         built.size >> 20,
         base_allocated >> 20,
@@ -184,6 +184,9 @@ fn upgrade(run: &mut Run, disk: &Path, id: &str, rebuilt: &Path, base: &str, reb
     let upload = started.elapsed().as_secs_f64();
     eprintln!("[qemu-test] staged in {upload:.1}s: {staged}");
     run.times.push(("upgrade: upload + stage".into(), upload));
+    for (key, what) in [("receiveSeconds", "upgrade: of which upload to the data disk"), ("installSeconds", "upgrade: of which checks + install into slot B")] {
+        run.times.push((what.into(), staged[key].as_f64().unwrap_or(f64::NAN)));
+    }
     check(staged["slot"] == "b" && staged["version"] == rebuilt_version, || format!("staged: {staged}"))?;
     let system = api.expect(200, "GET", "/system", &Value::Null)?;
     check(system["staged"]["state"] == "staged", || format!("after staging: {system}"))?;
