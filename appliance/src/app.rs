@@ -18,4 +18,6 @@ pub struct App {
     pub kvm: Value,
     /// One log line per request (off for benchmarks).
     pub log_requests: bool,
+    /// Staging of A/B upgrades (`/api/system/upgrade`).
+    pub upgrades: crate::upgrade::Upgrades,
 }

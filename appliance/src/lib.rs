@@ -27,5 +27,6 @@ pub mod selfcheck;
 pub mod serve;
 pub mod signals;
 pub mod store;
+pub mod upgrade;
 pub mod vmm_runtime;
 pub mod websocket;

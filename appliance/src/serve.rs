@@ -102,6 +102,7 @@ pub fn start(config: &ServeConfig, side: SandboxSide) -> Result<Running, String>
         metrics: Metrics::new(),
         kvm,
         log_requests: config.log_requests,
+        upgrades: crate::upgrade::Upgrades::new(&config.data_dir),
     });
     lifecycle::reconcile_after_start(&app).map_err(|e| e.message)?;
     let reaper_stop = Arc::new(AtomicBool::new(false));

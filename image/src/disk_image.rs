@@ -1,7 +1,8 @@
-//! The bootable disk image: a GPT disk with an EFI system partition holding the unified kernel
-//! image (and the documented operator configuration file), system partition A carrying the
-//! `oc-system` ext4 with the templates, and an empty system partition B of the same size for
-//! A/B upgrades later. No data partition: PID 1 creates it in the free space at the end of the
+//! The bootable disk image: a GPT disk with an EFI system partition holding systemd-boot (at the
+//! removable-media path, so no NVRAM boot entry is needed), the unified kernel image as the boot
+//! entry of slot A (`EFI/Linux/`, init/src/boot/entry.rs) and the documented operator
+//! configuration file; system partition A carrying the `oc-system` ext4 with the templates, and
+//! an empty system partition B of the same size that an upgrade is staged into. No data partition: PID 1 creates it in the free space at the end of the
 //! disk on first boot, so the same image fits any disk size. Same inputs give the same bytes.
 
 use crate::err;
@@ -13,6 +14,7 @@ use crate::progress::{fmt_size, Outcome, Step};
 use crate::uki;
 use crate::workspace;
 use init::gpt::{self, Gpt, Guid, Partition, ALIGN, SECTOR};
+use init::boot::entry::{Entry, Slot};
 use init::layout;
 use sha2::{Digest, Sha256};
 use std::fs::File;
@@ -28,6 +30,15 @@ const SYSTEM_ROUND: u64 = 64 * MIB;
 pub const CONFIG_FILE: &str = layout::CONFIG_FILE;
 /// Its content as shipped: every setting documented and commented out.
 pub const CONFIG_TEMPLATE: &str = include_str!("../opencomputer.conf");
+/// systemd-boot from Debian's systemd-boot-efi (252 in bookworm: boot counting, Type #2 entries).
+pub const BOOTLOADER: &str = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi";
+/// No menu: boot the first entry in systemd-boot's order at once (the menu still opens with a
+/// key held down); no automatic firmware or Windows entries.
+pub const LOADER_CONF: &str = "timeout 0\neditor no\nauto-entries no\nauto-firmware no\n";
+/// The entry of the image as built: generation 1, slot A, committed.
+pub fn initial_entry() -> Entry {
+    Entry::new(1, Slot::A, None)
+}
 
 pub struct DiskImage {
     pub path: PathBuf,
@@ -37,17 +48,20 @@ pub struct DiskImage {
 }
 
 /// Builds target/image/<variant>/opencomputer.img from the pipeline's artifacts.
-pub fn build(artifacts: &Artifacts) -> Result<DiskImage> {
+pub fn build(artifacts: &Artifacts, options: &crate::pipeline::DiskOptions) -> Result<DiskImage> {
     let out_dir = workspace::target_dir().join("image").join(artifacts.inputs.variant.name());
     std::fs::create_dir_all(&out_dir).ctx(|| format!("create {}", out_dir.display()))?;
 
     let step = Step::start("unified kernel image");
     let cmdline = out_dir.join("uki.cmdline");
-    let cmdline_text = format!("{} {}", artifacts.cmdline, crate::pipeline::DISK_BOOT_ARG);
+    let mut cmdline_text = format!("{} {} {}", artifacts.cmdline, crate::pipeline::DISK_BOOT_ARG, initial_entry().slot.cmdline_arg());
+    if !options.extra_cmdline.is_empty() {
+        cmdline_text = format!("{cmdline_text} {}", options.extra_cmdline);
+    }
     std::fs::write(&cmdline, &cmdline_text).ctx(|| "write the command line".into())?;
     let osrel = out_dir.join("uki.osrel");
-    std::fs::write(&osrel, uki::os_release(env!("CARGO_PKG_VERSION"))).ctx(|| "write os-release".into())?;
-    let uki_path = out_dir.join("BOOTX64.EFI");
+    std::fs::write(&osrel, uki::os_release(&artifacts.version)).ctx(|| "write os-release".into())?;
+    let uki_path = out_dir.join(initial_entry().file_name());
     uki::build(
         &[
             uki::Section { name: ".osrel", file: &osrel },
@@ -63,9 +77,24 @@ pub fn build(artifacts: &Artifacts) -> Result<DiskImage> {
     let step = Step::start("EFI system partition");
     let conf = out_dir.join(layout::CONFIG_FILE);
     std::fs::write(&conf, CONFIG_TEMPLATE).ctx(|| format!("write {}", conf.display()))?;
-    let esp_size = round_up(2 * uki_size + 16 * MIB, MIB).max(ESP_MIN);
+    let loader_conf = out_dir.join("loader.conf");
+    std::fs::write(&loader_conf, LOADER_CONF).ctx(|| format!("write {}", loader_conf.display()))?;
+    crate::host::ensure(&[crate::host::tool(BOOTLOADER, uki::STUB_PACKAGE)])?;
+    // Room for two unified kernel images (the running one and a staged upgrade) plus one
+    // being written, and slack.
+    let esp_size = round_up(3 * uki_size + 16 * MIB, MIB).max(ESP_MIN);
     let esp_path = out_dir.join("esp.fat");
-    esp::build(&esp_path, esp_size, &[(layout::UKI_PATH, &uki_path), (layout::CONFIG_FILE, &conf)])?;
+    let entry_path = initial_entry().path();
+    esp::build(
+        &esp_path,
+        esp_size,
+        &[
+            (layout::BOOTLOADER_PATH, Path::new(BOOTLOADER)),
+            (layout::LOADER_CONF, &loader_conf),
+            (&entry_path, &uki_path),
+            (layout::CONFIG_FILE, &conf),
+        ],
+    )?;
     step.finish(Outcome::Built, &format!("FAT32 {}", fmt_size(esp_size)));
 
     let step = Step::start("disk image");
@@ -87,7 +116,8 @@ pub fn build(artifacts: &Artifacts) -> Result<DiskImage> {
     let sha256 = sha256_file(&image)?;
     let size = disk_sectors * SECTOR;
     let manifest_path = out_dir.join("opencomputer.manifest");
-    let files = [("UKI EFI/BOOT/BOOTX64.EFI", uki_size), ("  .linux (appliance kernel)", size_of(&artifacts.kernel)?),
+    let uki_label = format!("UKI {entry_path}");
+    let files = [(uki_label.as_str(), uki_size), ("  .linux (appliance kernel)", size_of(&artifacts.kernel)?),
         ("  .initrd (initramfs, zstd)", size_of(&artifacts.initramfs)?), ("system ext4 (partition A)", system_size)];
     let text = manifest::render(&manifest::Manifest {
         image: &image,

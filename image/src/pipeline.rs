@@ -44,6 +44,8 @@ pub struct Artifacts {
     pub system_disk: PathBuf,
     /// What went in, for the disk image's manifest.
     pub inputs: BuildInputs,
+    /// The version in its os-release.
+    pub version: String,
 }
 
 #[derive(Clone, Debug)]
@@ -70,7 +72,7 @@ pub const PROXY_CONFIG_FW_CFG: &str = "opt/opencomputer/proxy-config";
 /// from fw_cfg or the configuration file on the EFI partition (init/src/appliance/operator.rs).
 pub const ADMIN_KEY_RUN_FILE: &str = init::appliance::ADMIN_KEY_FILE;
 pub const PROXY_CONFIG_RUN_FILE: &str = init::appliance::PROXY_CONFIG_FILE;
-pub const API_PORT_IN_GUEST: u16 = 8080;
+pub const API_PORT_IN_GUEST: u16 = init::layout::API_PORT;
 pub const GUEST_KERNEL_PATH: &str = "/usr/share/opencomputer/guest/bzImage";
 /// Public CA roots for the proxy's upstream connections (Debian's bundle, from the template).
 pub const CA_ROOTS_PATH: &str = "/etc/ssl/certs/ca-certificates.crt";
@@ -81,14 +83,42 @@ pub const SYSTEM_MOUNT: &str = "/system";
 /// GPT boot disk (which then gets its data partition and its configuration file from there).
 pub const DISK_BOOT_ARG: &str = "oc.boot=disk";
 
+/// The version an image reports (os-release, `GET /api/system`): `OC_IMAGE_VERSION` if set,
+/// else the workspace version. A rebuilt image for an upgrade gets its own.
+pub fn image_version() -> String {
+    std::env::var("OC_IMAGE_VERSION").ok().filter(|v| !v.trim().is_empty()).unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string())
+}
+
+/// What distinguishes one build of the disk image from another of the same sources.
+#[derive(Clone, Debug)]
+pub struct DiskOptions {
+    pub version: String,
+    /// Appended to the unified kernel image's command line (the tests build a broken image so).
+    pub extra_cmdline: String,
+}
+
+impl Default for DiskOptions {
+    fn default() -> Self {
+        DiskOptions { version: image_version(), extra_cmdline: String::new() }
+    }
+}
+
 /// The artifacts plus the bootable disk image made from them.
 pub fn build_disk(variant: Variant) -> Result<(Artifacts, crate::disk_image::DiskImage)> {
-    let artifacts = build(variant)?;
-    let disk = crate::disk_image::build(&artifacts)?;
+    build_disk_with(variant, &DiskOptions::default())
+}
+
+pub fn build_disk_with(variant: Variant, options: &DiskOptions) -> Result<(Artifacts, crate::disk_image::DiskImage)> {
+    let artifacts = build_versioned(variant, &options.version)?;
+    let disk = crate::disk_image::build(&artifacts, options)?;
     Ok((artifacts, disk))
 }
 
 pub fn build(variant: Variant) -> Result<Artifacts> {
+    build_versioned(variant, &image_version())
+}
+
+fn build_versioned(variant: Variant, version: &str) -> Result<Artifacts> {
     let started = Instant::now();
     let step = Step::start("host tools");
     host::ensure(&[
@@ -143,6 +173,7 @@ pub fn build(variant: Variant) -> Result<Artifacts> {
     tree.host_file(CA_ROOTS_PATH, &base.ca_bundle, 0o644)?;
     tree.dir(SYSTEM_MOUNT)?;
     tree.bytes("/etc/hostname", "opencomputer\n", 0o644)?;
+    tree.bytes("/etc/os-release", crate::uki::os_release(version), 0o644)?;
     tree.bytes("/etc/passwd", "root:x:0:0:root:/root:/bin/false\n", 0o644)?;
     tree.bytes("/etc/group", "root:x:0:\n", 0o644)?;
 
@@ -161,7 +192,7 @@ pub fn build(variant: Variant) -> Result<Artifacts> {
         guest_kernel: format!("linux-source {} with image/guest-kernel.config", guest.source_version),
         templates: vec![TemplateInfo { name: base.name.to_string(), id: base.id.clone(), packages: base.installed_packages()? }],
     };
-    Ok(Artifacts { kernel: vmlinuz, initramfs, cmdline: kernel_cmdline(), system_disk, inputs })
+    Ok(Artifacts { kernel: vmlinuz, initramfs, cmdline: kernel_cmdline(), system_disk, inputs, version: version.to_string() })
 }
 
 fn kernel_cmdline() -> String {

@@ -1,6 +1,6 @@
 //! The unified kernel image: systemd's EFI stub (Debian package systemd-boot-efi) with the
-//! kernel, initramfs, command line and an os-release added as PE sections, so UEFI firmware
-//! boots the appliance from one file with no boot loader. The new sections are placed after the
+//! kernel, initramfs, command line and an os-release added as PE sections: one file that
+//! systemd-boot (or UEFI firmware directly) boots. The new sections are placed after the
 //! stub's own, at addresses computed from its section table so nothing overlaps.
 
 use crate::err;
@@ -127,31 +127,19 @@ pub fn normalize(pe: &mut [u8]) -> Result<()> {
     }
     pe[stamp..stamp + 4].fill(0);
     pe[checksum..checksum + 4].fill(0);
-    let value = pe_checksum(pe, checksum);
+    let value = init::boot::pe::checksum(pe, checksum);
     pe[checksum..checksum + 4].copy_from_slice(&value.to_le_bytes());
     Ok(())
 }
 
-/// The PE image checksum: 16-bit one's-complement-style sum of the file (skipping the checksum
-/// field at `skip`) plus the file length.
-fn pe_checksum(pe: &[u8], skip: usize) -> u32 {
-    let mut sum: u64 = 0;
-    for (i, pair) in pe.chunks(2).enumerate() {
-        let at = 2 * i;
-        if at >= skip && at < skip + 4 {
-            continue;
-        }
-        let word = u64::from(pair[0]) | u64::from(pair.get(1).copied().unwrap_or(0)) << 8;
-        sum += word;
-        sum = (sum & 0xFFFF) + (sum >> 16);
-    }
-    sum = (sum & 0xFFFF) + (sum >> 16);
-    (sum as u32).wrapping_add(pe.len() as u32)
-}
-
-/// The os-release text the stub (and boot menus) show for this image.
+/// The os-release text of an image (in its initramfs and the unified kernel image's .osrel).
+/// No VERSION_ID: systemd-boot would order entries by it before their file names, and the
+/// A/B scheme needs the order of the names alone (init/src/boot/entry.rs).
 pub fn os_release(version: &str) -> String {
-    format!("NAME=\"OpenComputer appliance\"\nID=opencomputer\nVERSION_ID={version}\nPRETTY_NAME=\"OpenComputer appliance {version}\"\n")
+    format!(
+        "NAME=\"OpenComputer appliance\"\nID=opencomputer\n{}={version}\nPRETTY_NAME=\"OpenComputer appliance {version}\"\n",
+        init::boot::entry::VERSION_KEY
+    )
 }
 
 #[cfg(test)]

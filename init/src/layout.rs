@@ -3,12 +3,19 @@
 
 /// The EFI system partition: the unified kernel image and the operator's configuration file.
 pub const ESP_NAME: &str = "oc-esp";
-/// System partition A holds the `oc-system` ext4 (templates); B is reserved for A/B upgrades.
+/// The two system slots: each holds an `oc-system` ext4 (templates); an upgrade goes into the
+/// one not running (see boot/entry.rs).
 pub const SYSTEM_A_NAME: &str = "oc-system-a";
 pub const SYSTEM_B_NAME: &str = "oc-system-b";
 /// The data partition PID 1 creates in the free space at the end of the disk.
 pub const DATA_NAME: &str = "opencomputer-data";
-/// Where UEFI firmware looks for a boot loader on removable media and fresh disks.
-pub const UKI_PATH: &str = "EFI/BOOT/BOOTX64.EFI";
 /// The operator configuration file, at the root of the ESP.
 pub const CONFIG_FILE: &str = "opencomputer.conf";
+/// The boot loader (systemd-boot) at the removable-media path UEFI firmware boots by default.
+pub const BOOTLOADER_PATH: &str = "EFI/BOOT/BOOTX64.EFI";
+/// systemd-boot's configuration on the ESP.
+pub const LOADER_CONF: &str = "loader/loader.conf";
+/// The port the appliance API listens on inside the appliance.
+pub const API_PORT: u16 = 8080;
+/// Where init tells the appliance which slot it booted and whether that boot is committed.
+pub const BOOT_STATE_FILE: &str = "/run/opencomputer/boot-slot";

@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod appliance;
+pub mod boot;
 pub mod gpt;
 pub mod layout;
 pub mod sandbox;

@@ -3,7 +3,7 @@
 use serde_json::json;
 use tiny_http::{Method, Request};
 
-use crate::api::{exec, files, projects, sandboxes, secrets};
+use crate::api::{exec, files, projects, sandboxes, secrets, system};
 use crate::app::App;
 use crate::error::AppError;
 use crate::http::reply::Reply;
@@ -52,6 +52,8 @@ pub fn dispatch(app: &App, route: &Route, request: &mut Request, query: &str) ->
         (Route::Files(id), Delete) => files::remove(app, id, query),
         (Route::FilesList(id), Get) => files::list(app, id, query),
         (Route::FilesMkdir(id), Post) => files::mkdir(app, id, query),
+        (Route::System, Get) => Ok(system::get()),
+        (Route::SystemUpgrade, Post) => system::upgrade(app, request),
         _ => Err(not_allowed(&method, route)),
     }
 }

@@ -6,4 +6,5 @@ pub mod files;
 pub mod projects;
 pub mod sandboxes;
 pub mod secrets;
+pub mod system;
 pub mod validate;

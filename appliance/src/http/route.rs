@@ -24,6 +24,10 @@ pub enum Route {
     Files(String),
     FilesList(String),
     FilesMkdir(String),
+    /// The running slot and version, and a staged upgrade.
+    System,
+    /// Stage an A/B upgrade from a disk image in the request body.
+    SystemUpgrade,
 }
 
 impl Route {
@@ -48,6 +52,8 @@ impl Route {
             Self::Files(_) => "/api/sandboxes/{id}/files",
             Self::FilesList(_) => "/api/sandboxes/{id}/files/list",
             Self::FilesMkdir(_) => "/api/sandboxes/{id}/files/mkdir",
+            Self::System => "/api/system",
+            Self::SystemUpgrade => "/api/system/upgrade",
         }
     }
 }
@@ -85,6 +91,8 @@ pub fn match_route(path: &str) -> Result<Option<Route>, AppError> {
         ["sandboxes", id, "files"] => Route::Files(id.to_string()),
         ["sandboxes", id, "files", "list"] => Route::FilesList(id.to_string()),
         ["sandboxes", id, "files", "mkdir"] => Route::FilesMkdir(id.to_string()),
+        ["system"] => Route::System,
+        ["system", "upgrade"] => Route::SystemUpgrade,
         _ => return Ok(None),
     };
     Ok(Some(route))
@@ -107,6 +115,7 @@ mod tests {
             match_route("/api/sandboxes/s1/exec/x%2Fy/kill").expect("ok"),
             Some(Route::ExecKill("s1".into(), "x/y".into()))
         );
+        assert_eq!(match_route("/api/system/upgrade").expect("ok"), Some(Route::SystemUpgrade));
         assert_eq!(match_route("/api/nothing").expect("ok"), None);
         assert_eq!(match_route("/other").expect("ok"), None);
         assert!(match_route("/api/projects/%zz").is_err());

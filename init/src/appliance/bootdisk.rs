@@ -152,16 +152,7 @@ fn find_boot_disk() -> Result<String, String> {
     }
 }
 
-/// The kernel name (e.g. `vda3`) of the partition with this GPT name.
-pub fn find_partition(name: &str) -> Option<String> {
-    let mut entries: Vec<_> = fs::read_dir("/sys/class/block").ok()?.flatten().collect();
-    entries.sort_by_key(|e| e.file_name());
-    entries.into_iter().find_map(|entry| {
-        let uevent = fs::read_to_string(entry.path().join("uevent")).ok()?;
-        let named = uevent.lines().any(|l| l.strip_prefix("PARTNAME=") == Some(name));
-        named.then(|| entry.file_name().to_string_lossy().into_owned())
-    })
-}
+pub use crate::boot::disk::find_partition;
 
 /// `vda` + 4 -> `vda4`; `nvme0n1` + 4 -> `nvme0n1p4` (a name ending in a digit takes a `p`).
 pub fn partition_device(disk: &str, number: usize) -> String {

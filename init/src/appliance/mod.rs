@@ -7,11 +7,12 @@
 mod bootdisk;
 mod config;
 mod datadisk;
-mod systemdisk;
+pub mod systemdisk;
 mod modules;
 mod operator;
 mod powerbutton;
 mod services;
+mod slot;
 
 use crate::log;
 use crate::sys::mount::{self, Mount};
@@ -58,7 +59,8 @@ pub fn run() -> ! {
         Ok(device) => log!("data disk {device} mounted at {}", datadisk::MOUNT_POINT),
         Err(e) => log!("DATA DISK PROBLEM: {e}"),
     }
-    match systemdisk::mount_system() {
+    let slot = if from_disk { slot::from_cmdline(&cmdline) } else { None };
+    match systemdisk::mount_system(slot) {
         Ok(device) => log!("system disk {device} mounted read-only at {}", systemdisk::MOUNT_POINT),
         Err(e) => log!("SYSTEM DISK PROBLEM: {e}; sandboxes cannot start (no templates)"),
     }
@@ -77,6 +79,9 @@ pub fn run() -> ! {
     };
     let mut supervisor = services::Supervisor::new(specs);
     supervisor.start_all();
+    if let Some(slot) = slot {
+        slot::watch(slot);
+    }
     log!("boot complete");
 
     let (action, reason) = event_loop(&signals, &mut buttons, &mut supervisor);

@@ -1,6 +1,7 @@
 //! The read-only system disk (ext4 labelled `oc-system`, built by the image pipeline) holds the
-//! sandbox templates. It is found by its label, on a whole disk or a partition, and mounted
-//! read-only; the appliance imports templates from it onto the data disk.
+//! sandbox templates. On a disk-image boot it is the partition of the booted slot (both slots
+//! carry the same label, so the slot's GPT name decides); otherwise the disk with that label. It
+//! is mounted read-only; the appliance imports templates from it onto the data disk.
 
 use crate::sys::mount::{self, Mount};
 use std::fs::{self, File};
@@ -27,8 +28,11 @@ pub fn ext4_label(head: &[u8]) -> Option<String> {
     Some(String::from_utf8_lossy(&raw[..end]).into_owned())
 }
 
-pub fn mount_system() -> Result<String, String> {
-    let device = find_device().ok_or_else(|| format!("no disk or partition with an ext4 filesystem labelled {LABEL}"))?;
+pub fn mount_system(slot: Option<crate::boot::entry::Slot>) -> Result<String, String> {
+    let device = match slot {
+        Some(slot) => slot_device(slot)?,
+        None => find_device().ok_or_else(|| format!("no disk or partition with an ext4 filesystem labelled {LABEL}"))?,
+    };
     fs::create_dir_all(MOUNT_POINT).map_err(|e| format!("cannot create {MOUNT_POINT}: {e}"))?;
     mount::mount(&Mount {
         source: &device,
@@ -40,6 +44,22 @@ pub fn mount_system() -> Result<String, String> {
     })
     .map_err(|e| e.to_string())?;
     Ok(device)
+}
+
+fn slot_device(slot: crate::boot::entry::Slot) -> Result<String, String> {
+    let name = slot.partition_name();
+    let device = crate::boot::disk::partition_path(name)?;
+    let label = read_label(&device);
+    if label.as_deref() != Some(LABEL) {
+        return Err(format!("partition {name} ({device}, slot {slot}) holds no ext4 filesystem labelled {LABEL} (found {label:?})"));
+    }
+    Ok(device)
+}
+
+fn read_label(dev: &str) -> Option<String> {
+    let mut head = Vec::with_capacity(LABEL_OFFSET + LABEL_LEN);
+    File::open(dev).and_then(|f| f.take((LABEL_OFFSET + LABEL_LEN) as u64).read_to_end(&mut head)).ok()?;
+    ext4_label(&head)
 }
 
 fn find_device() -> Option<String> {
@@ -59,14 +79,7 @@ fn scan() -> Option<String> {
     let mut names: Vec<String> =
         fs::read_dir("/sys/class/block").ok()?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     names.sort();
-    names.into_iter().map(|name| format!("/dev/{name}")).find(|dev| {
-        let mut head = Vec::with_capacity(LABEL_OFFSET + LABEL_LEN);
-        File::open(dev)
-            .and_then(|f| f.take((LABEL_OFFSET + LABEL_LEN) as u64).read_to_end(&mut head))
-            .ok()
-            .and_then(|_| ext4_label(&head))
-            .is_some_and(|label| label == LABEL)
-    })
+    names.into_iter().map(|name| format!("/dev/{name}")).find(|dev| read_label(dev).is_some_and(|label| label == LABEL))
 }
 
 #[cfg(test)]

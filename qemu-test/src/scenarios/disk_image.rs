@@ -3,7 +3,11 @@
 //! configuration file on its EFI partition. Checks: API ready, a project survives a reboot (on
 //! a disk grown in between, so the data partition is grown too), the appliance serves and runs
 //! a sandbox with the network unplugged (templates come from the image), and the same image
-//! converted to compressed qcow2 boots. No test upstream is started. Prints the measurements.
+//! converted to compressed qcow2 boots. A/B upgrade: a rebuilt image (another version) is staged
+//! through `POST /api/system/upgrade`, the reboot runs it from slot B with the project and secret
+//! intact and commits it; a deliberately broken image staged next panics on each of its tries
+//! and systemd-boot falls back to the committed slot, data intact. No test upstream is started.
+//! Prints the measurements. `OC_E2E_DISK_ONLY=upgrade` runs only the first boot and the upgrade.
 
 use crate::api::Api;
 use super::check;
@@ -20,6 +24,12 @@ use std::time::{Duration, Instant};
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(180);
 const PROJECT: &str = "disk-e2e";
+const SECRET: &str = "UPGRADE_SURVIVES";
+/// An upload of the raw image through QEMU's user network into an emulated guest is slow.
+const UPLOAD_TIMEOUT: Duration = Duration::from_secs(1200);
+/// The broken image makes the kernel panic: no such initramfs init, so it falls back to
+/// mounting a root device, which does not exist. panic=10 reboots.
+const BROKEN_CMDLINE: &str = "rdinit=/no-such-init";
 
 struct Run {
     dir: PathBuf,
@@ -29,10 +39,20 @@ struct Run {
 
 pub fn run() -> Result<String> {
     let started = Instant::now();
+    let only_upgrade = std::env::var("OC_E2E_DISK_ONLY").is_ok_and(|v| v == "upgrade");
     let (_, built) = pipeline::build_disk(Variant::Product)?;
     qemu::ensure_disk_tools()?;
     let dir = image::workspace::target_dir().join("qemu-test-disk");
     std::fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
+    let base_allocated = allocated(&built.path)?;
+    let base_version = pipeline::image_version();
+    // The images an upgrade installs, rebuilt from the same sources (the build overwrites its
+    // output, so each is copied away; the original is used only through copies below).
+    let original = dir.join("original.img");
+    qemu::prepare_disk_copy(&built.path, &original, 0)?;
+    let rebuilt_version = format!("{base_version}-rebuilt");
+    let rebuilt = build_variant(&dir, "rebuilt.img", &rebuilt_version, "")?;
+    let broken = build_variant(&dir, "broken.img", &format!("{base_version}-broken"), BROKEN_CMDLINE)?;
     let mut run = Run { dir: dir.clone(), key: image::run::generate_api_key()?, times: Vec::new() };
 
     // The operator's configuration goes onto the copy's EFI partition, like an operator would.
@@ -40,7 +60,7 @@ pub fn run() -> Result<String> {
     std::fs::write(&conf, format!("# written by qemu-test e2e-disk\nadmin_key = {}\nhostname = oc-disk-e2e\n", run.key))
         .ctx(|| "write the test configuration".into())?;
     let pristine = dir.join("configured.img");
-    qemu::prepare_disk_copy(&built.path, &pristine, 0)?;
+    qemu::prepare_disk_copy(&original, &pristine, 0)?;
     esp::copy_in(&pristine, &image::disk_image::esp_offset_spec(&pristine)?, image::disk_image::CONFIG_FILE, &conf)?;
 
     let disk = dir.join("disk.img");
@@ -54,8 +74,41 @@ pub fn run() -> Result<String> {
     let api = Api::new(m.api_port, &run.key);
     let project = api.expect(201, "POST", "/projects", &json!({"name": PROJECT}))?;
     let id = project["id"].as_str().ok_or_else(|| err!("no id in {project}"))?.to_string();
+    api.expect(204, "PUT", &format!("/projects/{id}/secrets/{SECRET}"), &json!({"value": "kept-across-upgrades"}))?;
     power_down(&mut m)?;
 
+    if !only_upgrade {
+        more_boots(&mut run, &disk, &id)?;
+    }
+    let upgrade_secs = upgrade(&mut run, &disk, &id, &rebuilt, &base_version, &rebuilt_version)?;
+    fallback(&mut run, &disk, &id, &broken, &rebuilt_version)?;
+    let qcow2_size = if only_upgrade { 0 } else { qcow2_boot(&mut run, &pristine)? };
+
+    let mut report = format!(
+        "disk image {} (a copy of the first build)\n  sha256 {}\n  raw size {} MiB ({} MiB allocated), qcow2 -c {} MiB\n  upgrade (upload + reboot to API ready on slot B): {upgrade_secs:.1}s\n",
+        original.display(),
+        built.sha256,
+        built.size >> 20,
+        base_allocated >> 20,
+        qcow2_size >> 20
+    );
+    for (what, secs) in &run.times {
+        report.push_str(&format!("  {what}: {secs:.1}s\n"));
+    }
+    report.push_str(&format!("  e2e-disk total {:.0}s\n", started.elapsed().as_secs_f64()));
+    Ok(report)
+}
+
+/// Builds the product disk image with another version (and command-line suffix), copied to `dir`.
+fn build_variant(dir: &Path, name: &str, version: &str, extra_cmdline: &str) -> Result<PathBuf> {
+    let options = pipeline::DiskOptions { version: version.to_string(), extra_cmdline: extra_cmdline.to_string() };
+    let (_, image) = pipeline::build_disk_with(Variant::Product, &options)?;
+    let copy = dir.join(name);
+    qemu::prepare_disk_copy(&image.path, &copy, 0)?;
+    Ok(copy)
+}
+
+fn more_boots(run: &mut Run, disk: &Path, id: &str) -> Result<()> {
     // Boot 2, after the disk grew: the partition and filesystem grow, the project is still there.
     qemu::resize(&disk, DiskFormat::Raw, 12)?;
     let mut m = run.boot("second boot (disk grown to 12 GiB)", &disk, DiskFormat::Raw, Network::Outbound)?;
@@ -74,9 +127,12 @@ pub fn run() -> Result<String> {
     let (code, out, err_out) = api.run(&sid, "echo hi", 60)?;
     check(code == 0 && out == "hi\n", || format!("echo hi in a sandbox: exit {code}, stdout {out:?}, stderr {err_out:?}"))?;
     run.times.push(("sandbox created + echo hi (unplugged)".into(), sandbox_started.elapsed().as_secs_f64()));
-    power_down(&mut m)?;
+    power_down(&mut m)
+}
 
-    // The configured image as compressed qcow2, booted fresh.
+/// The configured image as compressed qcow2, booted fresh; returns the qcow2 file's size.
+fn qcow2_boot(run: &mut Run, pristine: &Path) -> Result<u64> {
+    let dir = run.dir.clone();
     let qcow2 = dir.join("disk.qcow2");
     let _ = std::fs::remove_file(&qcow2);
     image::host::run_quiet(Command::new("qemu-img").args(["convert", "-c", "-O", "qcow2"]).arg(&pristine).arg(&qcow2))?;
@@ -85,21 +141,83 @@ pub fn run() -> Result<String> {
     let mut m = run.boot("qcow2 first boot", &qcow2, DiskFormat::Qcow2, Network::Outbound)?;
     m.wait_for_console("data partition /dev/vda4 created", 0, Duration::from_secs(5))?;
     power_down(&mut m)?;
+    Ok(qcow2_size)
+}
 
-    let allocated = allocated(&built.path)?;
-    let mut report = format!(
-        "disk image {}\n  sha256 {}\n  raw size {} MiB ({} MiB allocated), qcow2 -c {} MiB\n",
-        built.path.display(),
-        built.sha256,
-        built.size >> 20,
-        allocated >> 20,
-        qcow2_size >> 20
-    );
-    for (what, secs) in &run.times {
-        report.push_str(&format!("  {what}: {secs:.1}s\n"));
+/// Stages `image` through the API; returns the answer.
+fn stage(api_port: u16, key: &str, image: &Path) -> Result<Value> {
+    let body = std::fs::read(image).ctx(|| format!("read {}", image.display()))?;
+    let headers = [("X-API-Key", key), ("Content-Type", "application/octet-stream")];
+    let resp = image::http::request(api_port, "POST", "/api/system/upgrade", &headers, &body, UPLOAD_TIMEOUT)?;
+    let value: Value = serde_json::from_slice(&resp.body).unwrap_or(Value::Null);
+    check(resp.status == 200, || format!("POST /api/system/upgrade: {} {}", resp.status, resp.text()))?;
+    Ok(value)
+}
+
+/// Ctrl-Alt-Del (init reboots cleanly); waits until the old system is gone, then for the API.
+fn reboot(run: &mut Run, m: &mut Machine, what: &str, timeout: Duration) -> Result<usize> {
+    let from = m.console().len();
+    m.monitor("sendkey ctrl-alt-delete")?;
+    m.wait_for_console("reboot now", from, Duration::from_secs(120))?;
+    let started = Instant::now();
+    m.wait_api_ready(timeout, &|| false).map_err(|e| err!("{what}: {e}\nlast console lines:\n{}", m.console_tail(40)))?;
+    run.times.push((format!("{what}: reboot to API ready"), started.elapsed().as_secs_f64()));
+    Ok(from)
+}
+
+fn data_intact(api: &Api, id: &str) -> Result<()> {
+    let project = api.expect(200, "GET", &format!("/projects/{id}"), &Value::Null)?;
+    check(project["name"] == PROJECT, || format!("the project did not survive: {project}"))?;
+    let secrets = api.expect(200, "GET", &format!("/projects/{id}/secrets"), &Value::Null)?;
+    check(secrets.as_array().is_some_and(|s| s.iter().any(|n| n == SECRET)), || format!("the secret did not survive: {secrets}"))
+}
+
+/// Boot A, stage the rebuilt image, reboot into B, data intact, committed. Returns the upgrade
+/// time: upload start to the API answering on B.
+fn upgrade(run: &mut Run, disk: &Path, id: &str, rebuilt: &Path, base: &str, rebuilt_version: &str) -> Result<f64> {
+    let mut m = run.boot("upgrade: slot A", disk, DiskFormat::Raw, Network::Outbound)?;
+    let api = Api::new(m.api_port, &run.key);
+    let system = api.expect(200, "GET", "/system", &Value::Null)?;
+    check(system["slot"] == "a" && system["version"] == base && system["state"] == "committed", || format!("before the upgrade: {system}"))?;
+    let started = Instant::now();
+    let staged = stage(m.api_port, &run.key, rebuilt)?;
+    let upload = started.elapsed().as_secs_f64();
+    eprintln!("[qemu-test] staged in {upload:.1}s: {staged}");
+    run.times.push(("upgrade: upload + stage".into(), upload));
+    for (key, what) in [("receiveSeconds", "upgrade: of which upload to the data disk"), ("installSeconds", "upgrade: of which checks + install into slot B")] {
+        run.times.push((what.into(), staged[key].as_f64().unwrap_or(f64::NAN)));
     }
-    report.push_str(&format!("  e2e-disk total {:.0}s\n", started.elapsed().as_secs_f64()));
-    Ok(report)
+    check(staged["slot"] == "b" && staged["version"] == rebuilt_version, || format!("staged: {staged}"))?;
+    let system = api.expect(200, "GET", "/system", &Value::Null)?;
+    check(system["staged"]["state"] == "staged", || format!("after staging: {system}"))?;
+    let from = reboot(run, &mut m, "upgrade: slot B", BOOT_TIMEOUT)?;
+    let upgrade_secs = started.elapsed().as_secs_f64();
+    let api = Api::new(m.api_port, &run.key);
+    let system = api.expect(200, "GET", "/system", &Value::Null)?;
+    check(system["slot"] == "b" && system["version"] == rebuilt_version, || format!("after the upgrade reboot: {system}"))?;
+    data_intact(&api, id)?;
+    m.wait_for_console("UPGRADE COMMITTED: slot b", from, Duration::from_secs(60))?;
+    let system = api.expect(200, "GET", "/system", &Value::Null)?;
+    check(system["state"] == "committed", || format!("after the commit: {system}"))?;
+    power_down(&mut m)?;
+    Ok(upgrade_secs)
+}
+
+/// On the committed slot B, stage a broken image into A and reboot: each try panics, then
+/// systemd-boot boots B again, data intact.
+fn fallback(run: &mut Run, disk: &Path, id: &str, broken: &Path, good_version: &str) -> Result<()> {
+    let mut m = run.boot("fallback: slot B", disk, DiskFormat::Raw, Network::Outbound)?;
+    let staged = stage(m.api_port, &run.key, broken)?;
+    check(staged["slot"] == "a", || format!("broken image staged: {staged}"))?;
+    let from = reboot(run, &mut m, "fallback: broken slot A tried, back on B", Duration::from_secs(1800))?;
+    let panics = m.console()[from..].matches("Kernel panic").count();
+    check(panics == init::boot::entry::DEFAULT_TRIES as usize, || format!("expected {} panicking tries of the broken image, saw {panics}", init::boot::entry::DEFAULT_TRIES))?;
+    let api = Api::new(m.api_port, &run.key);
+    let system = api.expect(200, "GET", "/system", &Value::Null)?;
+    check(system["slot"] == "b" && system["version"] == good_version && system["state"] == "committed", || format!("after the fallback: {system}"))?;
+    check(system["staged"]["state"] == "failed", || format!("the broken upgrade is not reported as failed: {system}"))?;
+    data_intact(&api, id)?;
+    power_down(&mut m)
 }
 
 impl Run {

@@ -1,0 +1,74 @@
+//! `GET /api/system` (running slot, version, staged upgrade) and `POST /api/system/upgrade`
+//! (the raw body is a disk image built by `image build --disk`; it is staged into the slot
+//! that is not running and boots on the next reboot, see crate::upgrade).
+
+use serde_json::json;
+use tiny_http::Request;
+
+use crate::app::App;
+use crate::error::AppError;
+use crate::http::reply::Reply;
+use crate::upgrade::{inspect, install, receive, status};
+
+/// Far above a real image (~1 GiB raw), far below a data disk.
+const MAX_IMAGE_BYTES: u64 = 16 << 30;
+
+pub fn get() -> Reply {
+    Reply::json(200, &status::report())
+}
+
+pub fn upgrade(app: &App, request: &mut Request) -> Result<Reply, AppError> {
+    let Some((running, _, _)) = status::boot_state() else {
+        return Err(AppError::unavailable("upgrades need an appliance booted from the disk image (no A/B slots here)"));
+    };
+    if request.body_length().is_some_and(|n| n as u64 > MAX_IMAGE_BYTES) {
+        return Err(AppError::too_large(format!("an image larger than {MAX_IMAGE_BYTES} bytes is refused")));
+    }
+    let Some(_guard) = app.upgrades.try_lock() else {
+        return Err(AppError::conflict("another upgrade is being staged"));
+    };
+    let dir = app.upgrades.dir();
+    std::fs::create_dir_all(dir).map_err(|e| AppError::internal(format!("create {}: {e}", dir.display())))?;
+    let staging = app.upgrades.staging_file();
+    let started = std::time::Instant::now();
+    let (bytes, sha256) = receive::receive(request.as_reader(), &staging, MAX_IMAGE_BYTES).map_err(|e| match e {
+        receive::ReceiveError::TooLarge(limit) => AppError::too_large(format!("an image larger than {limit} bytes is refused")),
+        receive::ReceiveError::Read(e) => AppError::bad_request(format!("cannot read the uploaded image: {e}")),
+        receive::ReceiveError::Write(e) => AppError::internal(format!("cannot store the uploaded image: {e}")),
+    })?;
+    let received = started.elapsed();
+    // The staging file goes whatever happens next: it is the only thing written to the data disk.
+    let result = inspect::inspect(&staging)
+        .map_err(|e| AppError::new(422, format!("not an installable OpenComputer disk image: {e}")))
+        .and_then(|candidate| {
+            let installed = install::install(&staging, &candidate, running).map_err(|e| match e {
+                install::InstallError::Conflict(m) => AppError::conflict(m),
+                install::InstallError::Failed(m) => AppError::internal(format!("staging the upgrade failed: {m}")),
+            })?;
+            Ok((candidate, installed))
+        });
+    let _ = std::fs::remove_file(&staging);
+    let (candidate, installed) = result?;
+    println!(
+        "appliance: upgrade to {} staged in slot {} as {} (sha256 {sha256}, {bytes} bytes received in {:.1}s, installed in {:.1}s)",
+        candidate.version,
+        installed.slot,
+        installed.entry,
+        received.as_secs_f64(),
+        (started.elapsed() - received).as_secs_f64()
+    );
+    Ok(Reply::json(
+        200,
+        &json!({
+            "sha256": sha256,
+            "bytes": bytes,
+            "version": candidate.version,
+            "slot": installed.slot.letter(),
+            "entry": installed.entry,
+            "from": candidate.entry_name,
+            "state": "staged",
+            "receiveSeconds": received.as_secs_f64(),
+            "installSeconds": (started.elapsed() - received).as_secs_f64(),
+        }),
+    ))
+}
