@@ -49,7 +49,10 @@ pub const ADMIN_KEY_FW_CFG: &str = "opt/opencomputer/admin-key";
 /// The name under which QEMU passes the operator's proxy settings (read by the appliance).
 pub const PROXY_CONFIG_FW_CFG: &str = "opt/opencomputer/proxy-config";
 pub const API_PORT_IN_GUEST: u16 = 8080;
-pub const GUEST_KERNEL_PATH: &str = "/usr/share/opencomputer/guest/bzImage";
+/// The compressed guest kernel (kept for QEMU in the bench variant and as a fallback).
+pub const GUEST_BZIMAGE_PATH: &str = "/usr/share/opencomputer/guest/bzImage";
+/// The uncompressed ELF guest kernel: what the appliance hands our VMM (it boots faster).
+pub const GUEST_KERNEL_PATH: &str = "/usr/share/opencomputer/guest/vmlinux";
 /// Public CA roots for the proxy's upstream connections (Debian's bundle, from the template).
 pub const CA_ROOTS_PATH: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// Where init mounts the system disk (read-only).
@@ -99,7 +102,8 @@ pub fn build(variant: Variant) -> Result<Artifacts> {
     }
     tree.host_tree("/", &kernel.modules_root)?;
     tree.bytes("/lib/modules/load-order", kernel.load_order.join("\n") + "\n", 0o644)?;
-    tree.host_file(GUEST_KERNEL_PATH, &guest.bzimage, 0o644)?;
+    tree.host_file(GUEST_BZIMAGE_PATH, &guest.bzimage, 0o644)?;
+    tree.host_file(GUEST_KERNEL_PATH, &guest.vmlinux, 0o644)?;
     let mkfs = which("mkfs.xfs")?;
     for (source, image_path) in userland::with_libraries(&mkfs, "/sbin/mkfs.xfs")? {
         tree.host_file(&image_path, &source, 0o755)?;
@@ -152,6 +156,8 @@ const COMPARISON_QEMU_FIRMWARE: &[(&str, &str)] = &[
     ("/usr/share/qemu/qboot.rom", "/usr/share/qemu/bios-microvm.bin"),
     ("/usr/share/qemu/qboot.rom", "/usr/share/qemu/qboot.rom"),
     ("/usr/share/qemu/linuxboot_dma.bin", "/usr/share/qemu/linuxboot_dma.bin"),
+    // The option ROM that enters an ELF vmlinux through its PVH note.
+    ("/usr/share/qemu/pvh.bin", "/usr/share/qemu/pvh.bin"),
 ];
 
 /// Debian's QEMU with its shared libraries and microvm firmware (bench variant only).
