@@ -64,7 +64,9 @@ fn bench_vmm() -> ExitCode {
             }
         },
     };
-    match qemu_test::bench::vmm(runs) {
+    // OC_BENCH_DIAG=1: diagnostic boots (timelines, KVM counters) before the measured runs.
+    let diag = std::env::var("OC_BENCH_DIAG").is_ok_and(|v| v == "1");
+    match qemu_test::bench::vmm(runs, diag) {
         Ok((summary, _)) => {
             println!("{summary}");
             ExitCode::SUCCESS
