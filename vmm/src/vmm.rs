@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch;
@@ -153,11 +153,12 @@ fn create_vcpus(kvm: &Kvm, vm: &VmFd, count: u8, entry: u64) -> Result<Vec<Vcpu>
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| format!("KVM_GET_SUPPORTED_CPUID failed: {e}"))?;
+    let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
     (0..count)
         .map(|id| {
             let fd = vm.create_vcpu(id as u64).map_err(|e| format!("KVM_CREATE_VCPU {id} failed: {e}"))?;
             let mut cpuid = supported.clone();
-            arch::cpuid::patch_for_vcpu(cpuid.as_mut_slice(), id, count);
+            arch::cpuid::patch_for_vcpu(cpuid.as_mut_slice(), id, count, tsc_deadline);
             fd.set_cpuid2(&cpuid).map_err(|e| format!("KVM_SET_CPUID2 failed: {e}"))?;
             arch::regs::configure_vcpu(&fd, id == 0, entry)?;
             Ok(Vcpu { id, fd })
