@@ -24,15 +24,38 @@ pub fn ram_ranges(mem_bytes: u64) -> Vec<(GuestAddress, usize)> {
 /// x86-64 huge page. KVM can map guest RAM with 2 MiB pages only where the host address and the
 /// guest-physical address agree modulo 2 MiB, so each region starts on such a boundary.
 pub const HUGE_PAGE: usize = 2 << 20;
-/// Diagnostic switch: `OC_VMM_HUGEPAGES=0` marks guest RAM MADV_NOHUGEPAGE instead (to measure
-/// what huge pages are worth, also where the host's THP mode is "always"; the default is on).
+/// Diagnostic switch for measuring what huge pages are worth: `OC_VMM_HUGEPAGES=madvise` marks
+/// guest RAM MADV_HUGEPAGE, `never` MADV_NOHUGEPAGE, `system` (the default) gives no advice.
 pub const HUGEPAGES_ENV: &str = "OC_VMM_HUGEPAGES";
 
-/// Maps anonymous guest RAM (reserved lazily: untouched pages cost nothing), 2 MiB aligned and
-/// marked for transparent huge pages: one fault (and one nested-paging exit) then brings in
-/// 2 MiB instead of 4 KiB, which counts when every exit is expensive (nested KVM).
+/// What guest RAM asks of transparent huge pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HugePages {
+    /// MADV_HUGEPAGE: huge pages even at the price of direct compaction when a fault finds
+    /// no free 2 MiB block (the host's `defrag` setting decides).
+    Advise,
+    /// No advice: the host's THP mode decides (with `always`, huge pages when one is free).
+    System,
+    /// MADV_NOHUGEPAGE: 4 KiB pages only.
+    Never,
+}
+
+impl HugePages {
+    pub fn from_env() -> HugePages {
+        match std::env::var(HUGEPAGES_ENV).as_deref() {
+            Ok("madvise") => HugePages::Advise,
+            Ok("never") => HugePages::Never,
+            _ => HugePages::System,
+        }
+    }
+}
+
+/// Maps anonymous guest RAM (reserved lazily: untouched pages cost nothing), 2 MiB aligned so
+/// that where the host hands out a transparent huge page, KVM maps it as one: one fault (and
+/// one nested-paging exit) then brings in 2 MiB instead of 4 KiB. No MADV_HUGEPAGE by default:
+/// measured nested, it made faults wait for direct compaction (see qemu-test/BENCH_RESULT.md).
 pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemory, String> {
-    let hugepages = std::env::var(HUGEPAGES_ENV).map(|v| v != "0").unwrap_or(true);
+    let hugepages = HugePages::from_env();
     let fail = |e: String| format!("cannot map {} MiB of guest memory: {e}", mem_bytes >> 20);
     let regions = ram_ranges(mem_bytes)
         .into_iter()
@@ -58,7 +81,7 @@ const MAP_FLAGS: libc::c_int = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::M
 
 /// Maps `size` bytes of anonymous memory starting on a `HUGE_PAGE` boundary: reserves a huge
 /// page more than needed and gives back the unaligned head and the tail.
-fn map_aligned(size: usize, hugepages: bool) -> Result<*mut u8, String> {
+fn map_aligned(size: usize, hugepages: HugePages) -> Result<*mut u8, String> {
     let reserve = size.checked_add(HUGE_PAGE).ok_or("size overflows")?;
     // SAFETY: a new anonymous mapping at an address of the kernel's choosing; no existing
     // memory is affected and the result is checked.
@@ -79,10 +102,16 @@ fn map_aligned(size: usize, hugepages: bool) -> Result<*mut u8, String> {
             libc::munmap((start + size) as *mut libc::c_void, tail);
         }
     }
-    let advice = if hugepages { libc::MADV_HUGEPAGE } else { libc::MADV_NOHUGEPAGE };
-    // SAFETY: advice on our own fresh mapping. It fails harmlessly (EINVAL) where the kernel
-    // has no transparent huge pages; guest RAM then simply uses 4 KiB pages.
-    unsafe { libc::madvise(start as *mut libc::c_void, size, advice) };
+    let advice = match hugepages {
+        HugePages::Advise => Some(libc::MADV_HUGEPAGE),
+        HugePages::Never => Some(libc::MADV_NOHUGEPAGE),
+        HugePages::System => None,
+    };
+    if let Some(advice) = advice {
+        // SAFETY: advice on our own fresh mapping. It fails harmlessly (EINVAL) where the kernel
+        // has no transparent huge pages; guest RAM then simply uses 4 KiB pages.
+        unsafe { libc::madvise(start as *mut libc::c_void, size, advice) };
+    }
     Ok(start as *mut u8)
 }
 
