@@ -12,7 +12,7 @@ fn main() -> ExitCode {
         Some("e2e") => e2e(),
         Some("bench") if args.get(1).map(String::as_str) == Some("vmm") => bench_vmm(),
         _ => {
-            eprintln!("usage: qemu-test e2e | qemu-test bench vmm   (OC_BENCH_RUNS=N runs per VMM, default 5)");
+            eprintln!("usage: qemu-test e2e | qemu-test bench vmm   (OC_BENCH_RUNS=N runs per VMM, default 5; OC_BENCH_DIAG=N diagnostic rounds first)");
             ExitCode::from(2)
         }
     }
@@ -64,8 +64,18 @@ fn bench_vmm() -> ExitCode {
             }
         },
     };
-    // OC_BENCH_DIAG=1: diagnostic boots (timelines, KVM counters) before the measured runs.
-    let diag = std::env::var("OC_BENCH_DIAG").is_ok_and(|v| v == "1");
+    // OC_BENCH_DIAG=N: diagnostic boots (timelines, KVM counters, N rounds of each variant)
+    // before the measured runs.
+    let diag = match std::env::var("OC_BENCH_DIAG") {
+        Err(_) => None,
+        Ok(text) => match text.parse::<u32>() {
+            Ok(n) if (1..=50).contains(&n) => Some(n),
+            _ => {
+                eprintln!("[qemu-test] OC_BENCH_DIAG={text} is not a number in 1..=50");
+                return ExitCode::from(2);
+            }
+        },
+    };
     match qemu_test::bench::vmm(runs, diag) {
         Ok((summary, _)) => {
             println!("{summary}");

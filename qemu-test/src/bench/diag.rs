@@ -1,5 +1,7 @@
-//! Diagnostic boots for `qemu-test bench vmm` with `OC_BENCH_DIAG=1` (kernel argument
-//! `oc.bench_diag=1`): before the measured runs, a few boots print where their time goes.
+//! Diagnostic boots for `qemu-test bench vmm` with `OC_BENCH_DIAG=N` (kernel argument
+//! `oc.bench_diag=N`): before the measured runs, one boot per case prints where its time goes,
+//! then N-1 more rounds of the quiet cases (interleaved) give each case a median, so that
+//! variants (ELF vs bzImage, huge pages or not) are compared within one appliance boot.
 //!
 //! - our VMM's own timeline (`OC_VMM_TIMELINE=1`: its milestones and, per console line, the VM
 //!   exits that reached userspace), shifted to milliseconds since `spawn()` with the appliance's
@@ -30,13 +32,15 @@ const CASES: &[Case] = &[
     Case { name: "ours-vmlinux-verbose", vmm: Vmm::Ours, elf: true, quiet: false, env: &[] },
     Case { name: "ours-vmlinux", vmm: Vmm::Ours, elf: true, quiet: true, env: &[] },
     Case { name: "ours-bzimage", vmm: Vmm::Ours, elf: false, quiet: true, env: &[] },
-    Case { name: "ours-vmlinux-no-thp", vmm: Vmm::Ours, elf: true, quiet: true, env: &[("OC_VMM_HUGEPAGES", "0")] },
+    Case { name: "ours-vmlinux-thp-madvise", vmm: Vmm::Ours, elf: true, quiet: true, env: &[("OC_VMM_HUGEPAGES", "madvise")] },
+    Case { name: "ours-vmlinux-no-thp", vmm: Vmm::Ours, elf: true, quiet: true, env: &[("OC_VMM_HUGEPAGES", "never")] },
     Case { name: "qemu-bzimage", vmm: Vmm::Qemu, elf: false, quiet: true, env: &[] },
     Case { name: "qemu-pvh-vmlinux", vmm: Vmm::QemuPvh, elf: true, quiet: true, env: &[] },
 ];
 
-/// Runs every diagnostic case, printing through `out`; a failed case is reported and skipped.
-pub fn run(plan: &Plan, out: &dyn Fn(&str)) {
+/// Runs every diagnostic case `rounds` times, printing through `out`; a failed boot is
+/// reported and skipped.
+pub fn run(plan: &Plan, rounds: u32, out: &dyn Fn(&str)) {
     for knob in ["enabled", "defrag"] {
         let path = format!("/sys/kernel/mm/transparent_hugepage/{knob}");
         let value = std::fs::read_to_string(&path).unwrap_or_else(|e| format!("unreadable: {e}"));
@@ -45,10 +49,23 @@ pub fn run(plan: &Plan, out: &dyn Fn(&str)) {
     if let Err(e) = mount_debugfs() {
         out(&format!("diag no KVM counters: {e}"));
     }
-    for case in CASES {
-        if let Err(e) = run_case(plan, case, out) {
-            out(&format!("diag {} failed: {e}", case.name));
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); CASES.len()];
+    for round in 1..=rounds {
+        for (case, times) in CASES.iter().zip(times.iter_mut()) {
+            // The verbose boot is for its timeline only: once is enough.
+            if round > 1 && !case.quiet {
+                continue;
+            }
+            match run_case(plan, case, round == 1, out) {
+                Ok(ms) => times.push(ms),
+                Err(e) => out(&format!("diag {} failed: {e}", case.name)),
+            }
         }
+    }
+    for (case, times) in CASES.iter().zip(times.iter()) {
+        let list: Vec<String> = times.iter().map(|t| format!("{t:.0}")).collect();
+        let median = super::report::median(times).map_or("-".to_string(), |m| format!("{m:.0}"));
+        out(&format!("diag median {} first_command_ms={median} runs=[{}]", case.name, list.join(" ")));
     }
 }
 
@@ -73,7 +90,8 @@ fn monotonic_us() -> u64 {
     (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1000
 }
 
-fn run_case(plan: &Plan, case: &Case, out: &dyn Fn(&str)) -> Result<(), String> {
+/// One boot; prints its timeline and counters when `detail`; returns the first-command ms.
+fn run_case(plan: &Plan, case: &Case, detail: bool, out: &dyn Fn(&str)) -> Result<f64, String> {
     let disk = plan.work_dir.join(format!("diag-{}.ext4", case.name));
     let console = plan.work_dir.join(format!("diag-{}.console", case.name));
     let stderr = plan.work_dir.join(format!("diag-{}.stderr", case.name));
@@ -98,6 +116,12 @@ fn run_case(plan: &Plan, case: &Case, out: &dyn Fn(&str)) -> Result<(), String> 
     let _ = child.wait();
     let _ = std::fs::remove_file(&disk);
     let took = marker.map_err(|e| format!("{e}; console: {}; stderr: {}", tail(&console, 5), tail(&stderr, 5)))?;
+    let ms = took.as_secs_f64() * 1000.0;
+    if !detail {
+        let _ = std::fs::remove_file(&console);
+        let _ = std::fs::remove_file(&stderr);
+        return Ok(ms);
+    }
     out(&format!("diag {} first command after {} ms; AnonHugePages {huge} KiB", case.name, took.as_millis()));
     out(&format!("diag {} kvm {}", case.name, counters.unwrap_or_else(|e| format!("unavailable: {e}"))));
     let text = std::fs::read_to_string(&stderr).unwrap_or_default();
@@ -111,7 +135,7 @@ fn run_case(plan: &Plan, case: &Case, out: &dyn Fn(&str)) -> Result<(), String> 
     }
     let _ = std::fs::remove_file(&console);
     let _ = std::fs::remove_file(&stderr);
-    Ok(())
+    Ok(ms)
 }
 
 /// KVM's counters for the VM of process `pid`: every non-zero file of its debugfs directory.

@@ -18,13 +18,13 @@ use std::time::{Duration, Instant};
 const QUIET_LIMIT: Duration = Duration::from_secs(600);
 const POLL: Duration = Duration::from_millis(500);
 
-/// Boots the appliance, waits for every run, prints each, and returns the summary. With `diag`,
-/// oc-bench first prints diagnostic boots (bench::diag).
-pub fn vmm(runs: u32, diag: bool) -> Result<(Summary, Vec<Run>)> {
+/// Boots the appliance, waits for every run, prints each, and returns the summary. With
+/// `diag_rounds`, oc-bench first prints diagnostic boots (bench::diag).
+pub fn vmm(runs: u32, diag_rounds: Option<u32>) -> Result<(Summary, Vec<Run>)> {
     let started = Instant::now();
     let mut args = format!("oc.bench=vmm oc.bench_runs={runs}");
-    if diag {
-        args.push_str(" oc.bench_diag=1");
+    if let Some(rounds) = diag_rounds {
+        args.push_str(&format!(" oc.bench_diag={rounds}"));
     }
     let mut appliance = Appliance::boot_fresh_variant(image::pipeline::Variant::Bench, &args)?;
     eprintln!("[qemu-test] appliance up after {:.1}s; waiting for oc-bench ({runs} runs per VMM)", appliance.boot_time.as_secs_f64());

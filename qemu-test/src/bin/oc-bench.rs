@@ -92,8 +92,9 @@ fn run(plan: &Plan) -> Result<(), String> {
         qemu_test::bench::runner::guest_cmdline()
     ));
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    if cmdline_value(&cmdline, "oc.bench_diag") == Some("1") {
-        qemu_test::bench::diag::run(plan, &|line| report(line));
+    if cmdline_value(&cmdline, "oc.bench_diag").is_some() {
+        let rounds = number(&cmdline, "oc.bench_diag", 1, MAX_RUNS)?;
+        qemu_test::bench::diag::run(plan, rounds, &|line| report(line));
     }
     // Alternating, so that a slow phase of the shared machine hits every VMM alike.
     for n in 1..=plan.runs {
