@@ -39,11 +39,11 @@ static EXITS: [AtomicU64; 5] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64:
 /// Milestones that are reported only the first time they happen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Once {
-    FirstKvmRun,
-    FirstExit,
-    FirstSerialByte,
-    FirstVirtioAccess,
-    FirstQueueNotify,
+    KvmRun,
+    UserspaceExit,
+    SerialByte,
+    VirtioAccess,
+    QueueNotify,
 }
 
 static ONCE: [AtomicBool; 5] = [AtomicBool::new(false), AtomicBool::new(false), AtomicBool::new(false), AtomicBool::new(false), AtomicBool::new(false)];

@@ -335,7 +335,7 @@ fn event_loop(
                 t => {
                     if let Some(s) = served.get((t - TOKEN_QUEUE_BASE) as usize) {
                         let _ = s.kick.read();
-                        timeline::once(timeline::Once::FirstQueueNotify, "first block queue notify");
+                        timeline::once(timeline::Once::QueueNotify, "first block queue notify");
                         if let Ok(mut transport) = s.transport.lock() {
                             transport.process_queue(0);
                         }

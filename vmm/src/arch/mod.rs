@@ -49,6 +49,10 @@ pub fn load_and_configure(
     acpi_devices: Option<&[acpi::MmioDevice]>,
 ) -> Result<u64, String> {
     let loaded = loader::load(mem, kernel)?;
+    crate::timeline::mark(match loaded.format {
+        loader::Format::Elf => "ELF vmlinux read into guest memory",
+        loader::Format::BzImage => "bzImage read into guest memory",
+    });
     let header = loaded.header;
     if cmdline.len() > loaded.cmdline_max {
         return Err(format!("kernel command line is {} bytes; this kernel takes at most {}", cmdline.len(), loaded.cmdline_max));

@@ -31,7 +31,7 @@ impl Bus {
             .and_then(|rel| Some((self.virtio.get((rel / VIRTIO_MMIO_SIZE) as usize)?, rel % VIRTIO_MMIO_SIZE)));
         if found.is_some() {
             timeline::exit(Exit::VirtioMmio);
-            timeline::once(Once::FirstVirtioAccess, "first virtio-mmio access");
+            timeline::once(Once::VirtioAccess, "first virtio-mmio access");
         } else {
             timeline::exit(Exit::OtherMmio);
         }

@@ -20,6 +20,8 @@ pub const PANIC_BANNER: &[u8] = b"Kernel panic - not syncing";
 /// What kernel/reboot.c prints right before halting or powering off the machine.
 pub const HALT_LINES: [&[u8]; 2] = [b"reboot: System halted", b"reboot: Power down"];
 const LONGEST_MARKER: usize = 26;
+/// The timeline keeps this much of a console line (a guest may never end one).
+const TIMELINE_LINE_MAX: usize = 200;
 
 pub struct ConsoleLog<W: Write> {
     out: LineWriter<W>,
@@ -59,12 +61,12 @@ impl<W: Write> Write for ConsoleLog<W> {
             self.scan(b);
         }
         if timeline::enabled() {
-            timeline::once(Once::FirstSerialByte, "first serial byte");
+            timeline::once(Once::SerialByte, "first serial byte");
             for &b in buf {
                 if b == b'\n' {
                     timeline::console_line(&self.line);
                     self.line.clear();
-                } else {
+                } else if self.line.len() < TIMELINE_LINE_MAX {
                     self.line.push(b);
                 }
             }

@@ -23,11 +23,11 @@ impl Vcpu {
                 return;
             }
             if self.id == 0 {
-                timeline::once(Once::FirstKvmRun, "first KVM_RUN");
+                timeline::once(Once::KvmRun, "first KVM_RUN");
             }
             let result = self.fd.run();
             if self.id == 0 {
-                timeline::once(Once::FirstExit, "first exit to userspace");
+                timeline::once(Once::UserspaceExit, "first exit to userspace");
             }
             match result {
                 Ok(VcpuExit::IoIn(port, data)) => bus.pio_read(port, data),
