@@ -53,7 +53,8 @@ impl HugePages {
 /// Maps anonymous guest RAM (reserved lazily: untouched pages cost nothing), 2 MiB aligned so
 /// that where the host hands out a transparent huge page, KVM maps it as one: one fault (and
 /// one nested-paging exit) then brings in 2 MiB instead of 4 KiB. No MADV_HUGEPAGE by default:
-/// measured nested, it made faults wait for direct compaction (see qemu-test/BENCH_RESULT.md).
+/// measured nested it was no faster than no advice (qemu-test/BENCH_RESULT.md), and with the
+/// host's `defrag=madvise` it lets a fault stall in direct compaction.
 pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemory, String> {
     let hugepages = HugePages::from_env();
     let fail = |e: String| format!("cannot map {} MiB of guest memory: {e}", mem_bytes >> 20);
