@@ -7,7 +7,7 @@ use crate::serve::ServeConfig;
 
 pub const USAGE: &str = "usage:
   appliance serve [--listen ADDR] [--data-dir DIR] [--vmm-bin PATH] [--admin-key-file FILE]
-                  [--master-key-file FILE] [--guest-kernel BZIMAGE] [--templates-dir DIR]
+                  [--master-key-file FILE] [--guest-kernel VMLINUX] [--templates-dir DIR]
                   [--ca-roots PEM] [--proxy-config JSON] [--stopped-retention-sec N] [--quiet]
   appliance bench api [--clients N] [--requests N] [--data-dir DIR]
   appliance rotate-key --data-dir DIR [--master-key-file OLD --new-master-key-file NEW]";

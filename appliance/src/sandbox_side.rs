@@ -13,7 +13,8 @@ use crate::sealing::{self, OperatorEgress, RegistryPublisher};
 use crate::store::Store;
 use crate::vmm_runtime::{RuntimeConfig, VmmRuntime};
 
-pub const DEFAULT_GUEST_KERNEL: &str = "/usr/share/opencomputer/guest/bzImage";
+/// The uncompressed ELF kernel (the VMM also boots a bzImage, more slowly when nested).
+pub const DEFAULT_GUEST_KERNEL: &str = "/usr/share/opencomputer/guest/vmlinux";
 pub const DEFAULT_CA_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
 pub const DEFAULT_PROXY_CONFIG: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/opencomputer/proxy-config/raw";
 

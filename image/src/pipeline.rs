@@ -73,7 +73,10 @@ pub const PROXY_CONFIG_FW_CFG: &str = "opt/opencomputer/proxy-config";
 pub const ADMIN_KEY_RUN_FILE: &str = init::appliance::ADMIN_KEY_FILE;
 pub const PROXY_CONFIG_RUN_FILE: &str = init::appliance::PROXY_CONFIG_FILE;
 pub const API_PORT_IN_GUEST: u16 = init::layout::API_PORT;
-pub const GUEST_KERNEL_PATH: &str = "/usr/share/opencomputer/guest/bzImage";
+/// The compressed guest kernel (bench variant only: QEMU boots it).
+pub const GUEST_BZIMAGE_PATH: &str = "/usr/share/opencomputer/guest/bzImage";
+/// The uncompressed ELF guest kernel: what the appliance hands our VMM (it boots faster).
+pub const GUEST_KERNEL_PATH: &str = "/usr/share/opencomputer/guest/vmlinux";
 /// Public CA roots for the proxy's upstream connections (Debian's bundle, from the template).
 pub const CA_ROOTS_PATH: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// Where init mounts the system disk (read-only).
@@ -162,7 +165,11 @@ fn build_versioned(variant: Variant, version: &str) -> Result<Artifacts> {
     }
     tree.host_tree("/", &kernel.modules_root)?;
     tree.bytes("/lib/modules/load-order", kernel.load_order.join("\n") + "\n", 0o644)?;
-    tree.host_file(GUEST_KERNEL_PATH, &guest.bzimage, 0o644)?;
+    tree.host_file(GUEST_KERNEL_PATH, &guest.vmlinux, 0o644)?;
+    if variant == Variant::Bench {
+        // QEMU's -kernel takes the compressed kernel; the benchmark boots both forms.
+        tree.host_file(GUEST_BZIMAGE_PATH, &guest.bzimage, 0o644)?;
+    }
     // mkfs.xfs formats a blank data disk; xfs_growfs grows it after the data partition grew.
     for (program, image_path) in [("mkfs.xfs", "/sbin/mkfs.xfs"), ("xfs_growfs", "/sbin/xfs_growfs")] {
         for (source, image_path) in userland::with_libraries(&which(program)?, image_path)? {
@@ -224,6 +231,8 @@ const COMPARISON_QEMU_FIRMWARE: &[(&str, &str)] = &[
     ("/usr/share/qemu/qboot.rom", "/usr/share/qemu/bios-microvm.bin"),
     ("/usr/share/qemu/qboot.rom", "/usr/share/qemu/qboot.rom"),
     ("/usr/share/qemu/linuxboot_dma.bin", "/usr/share/qemu/linuxboot_dma.bin"),
+    // The option ROM that enters an ELF vmlinux through its PVH note.
+    ("/usr/share/qemu/pvh.bin", "/usr/share/qemu/pvh.bin"),
 ];
 
 /// Debian's QEMU with its shared libraries and microvm firmware (bench variant only).

@@ -24,7 +24,7 @@ fn main() -> ExitCode {
         },
         Some("bench") if args.get(1).map(String::as_str) == Some("vmm") => bench_vmm(),
         _ => {
-            eprintln!("usage: qemu-test e2e | qemu-test e2e-disk | qemu-test bench vmm   (OC_BENCH_RUNS=N runs per VMM, default 5)");
+            eprintln!("usage: qemu-test e2e | qemu-test e2e-disk | qemu-test bench vmm   (OC_BENCH_RUNS=N runs per VMM, default 5; OC_BENCH_DIAG=N diagnostic rounds first)");
             ExitCode::from(2)
         }
     }
@@ -78,7 +78,19 @@ fn bench_vmm() -> ExitCode {
             }
         },
     };
-    match qemu_test::bench::vmm(runs) {
+    // OC_BENCH_DIAG=N: diagnostic boots (timelines, KVM counters, N rounds of each variant)
+    // before the measured runs.
+    let diag = match std::env::var("OC_BENCH_DIAG") {
+        Err(_) => None,
+        Ok(text) => match text.parse::<u32>() {
+            Ok(n) if (1..=50).contains(&n) => Some(n),
+            _ => {
+                eprintln!("[qemu-test] OC_BENCH_DIAG={text} is not a number in 1..=50");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    match qemu_test::bench::vmm(runs, diag) {
         Ok((summary, _)) => {
             println!("{summary}");
             ExitCode::SUCCESS

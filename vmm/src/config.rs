@@ -1,7 +1,8 @@
 //! `vmm run` configuration: a JSON file (`--config`), command-line flags, or both (flags win).
 //!
 //! JSON keys (snake_case, unknown keys rejected):
-//! `kernel` (path, required), `initrd` (path), `cmdline`, `vcpus` (default 1), `memory_mib` (default 128),
+//! `kernel` (path, required: an ELF vmlinux, entered at its 64-bit entry without decompression,
+//! or a bzImage; told apart by their first bytes), `initrd` (path), `cmdline`, `vcpus` (default 1), `memory_mib` (default 128),
 //! `console_log` (path; the guest's ttyS0 is discarded without it),
 //! `disks` (list of `{"path", "read_only"}`; the first is the root disk, /dev/vda),
 //! `vsock_cid` (guest CID for vhost-vsock; no vsock device without it),
@@ -76,7 +77,7 @@ pub enum DeviceSpec {
     Vsock(u64),
 }
 
-pub const USAGE: &str = "usage: vmm run [--config FILE] [--kernel BZIMAGE] [--initrd FILE] [--cmdline ARGS] [--vcpus N]
+pub const USAGE: &str = "usage: vmm run [--config FILE] [--kernel VMLINUX|BZIMAGE] [--initrd FILE] [--cmdline ARGS] [--vcpus N]
                [--memory-mib M] [--console-log FILE] [--disk PATH] [--disk-ro PATH]
                [--vsock-cid CID] [--memory-dump FILE] [--acpi true|false]
        vmm selfcheck

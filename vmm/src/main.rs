@@ -15,6 +15,7 @@ mod layout;
 mod memory;
 mod seccomp;
 mod selfcheck;
+mod timeline;
 mod vmm;
 mod vstate;
 
@@ -44,6 +45,8 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &[String]) -> ExitCode {
+    timeline::init_from_env();
+    timeline::mark("start");
     let cfg = match config::VmConfig::from_args(args) {
         Ok(c) => c,
         Err(e) => {

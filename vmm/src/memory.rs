@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress};
 
 use crate::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
@@ -21,10 +21,99 @@ pub fn ram_ranges(mem_bytes: u64) -> Vec<(GuestAddress, usize)> {
     ranges
 }
 
-/// Maps anonymous guest RAM (reserved lazily: untouched pages cost nothing).
+/// x86-64 huge page. KVM can map guest RAM with 2 MiB pages only where the host address and the
+/// guest-physical address agree modulo 2 MiB, so each region starts on such a boundary.
+pub const HUGE_PAGE: usize = 2 << 20;
+/// Diagnostic switch for measuring what huge pages are worth: `OC_VMM_HUGEPAGES=madvise` marks
+/// guest RAM MADV_HUGEPAGE, `never` MADV_NOHUGEPAGE, `system` (the default) gives no advice.
+pub const HUGEPAGES_ENV: &str = "OC_VMM_HUGEPAGES";
+
+/// What guest RAM asks of transparent huge pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HugePages {
+    /// MADV_HUGEPAGE: huge pages even at the price of direct compaction when a fault finds
+    /// no free 2 MiB block (the host's `defrag` setting decides).
+    Advise,
+    /// No advice: the host's THP mode decides (with `always`, huge pages when one is free).
+    System,
+    /// MADV_NOHUGEPAGE: 4 KiB pages only.
+    Never,
+}
+
+impl HugePages {
+    pub fn from_env() -> HugePages {
+        match std::env::var(HUGEPAGES_ENV).as_deref() {
+            Ok("madvise") => HugePages::Advise,
+            Ok("never") => HugePages::Never,
+            _ => HugePages::System,
+        }
+    }
+}
+
+/// Maps anonymous guest RAM (reserved lazily: untouched pages cost nothing), 2 MiB aligned so
+/// that where the host hands out a transparent huge page, KVM maps it as one: one fault (and
+/// one nested-paging exit) then brings in 2 MiB instead of 4 KiB. No MADV_HUGEPAGE by default:
+/// measured nested it was no faster than no advice (qemu-test/BENCH_RESULT.md), and with the
+/// host's `defrag=madvise` it lets a fault stall in direct compaction.
 pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemory, String> {
-    GuestMemory::from_ranges(&ram_ranges(mem_bytes))
-        .map_err(|e| format!("cannot map {} MiB of guest memory: {e}", mem_bytes >> 20))
+    let hugepages = HugePages::from_env();
+    let fail = |e: String| format!("cannot map {} MiB of guest memory: {e}", mem_bytes >> 20);
+    let regions = ram_ranges(mem_bytes)
+        .into_iter()
+        .map(|(start, size)| {
+            let host = map_aligned(size, hugepages).map_err(fail)?;
+            // SAFETY: `host` is the start of a fresh anonymous mapping of exactly `size` bytes
+            // that this process never unmaps (guest RAM lives until exit; KVM slots point at it).
+            let mapping = unsafe {
+                vm_memory::mmap::MmapRegionBuilder::new(size)
+                    .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                    .with_mmap_flags(MAP_FLAGS)
+                    .with_raw_mmap_pointer(host)
+            }
+            .build()
+            .map_err(|e| fail(e.to_string()))?;
+            GuestRegionMmap::new(mapping, start).ok_or_else(|| fail("region end overflows".into()))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    GuestMemory::from_regions(regions).map_err(|e| fail(e.to_string()))
+}
+
+const MAP_FLAGS: libc::c_int = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+
+/// Maps `size` bytes of anonymous memory starting on a `HUGE_PAGE` boundary: reserves a huge
+/// page more than needed and gives back the unaligned head and the tail.
+fn map_aligned(size: usize, hugepages: HugePages) -> Result<*mut u8, String> {
+    let reserve = size.checked_add(HUGE_PAGE).ok_or("size overflows")?;
+    // SAFETY: a new anonymous mapping at an address of the kernel's choosing; no existing
+    // memory is affected and the result is checked.
+    let base = unsafe { libc::mmap(std::ptr::null_mut(), reserve, libc::PROT_READ | libc::PROT_WRITE, MAP_FLAGS, -1, 0) };
+    if base == libc::MAP_FAILED {
+        return Err(format!("mmap failed: {}", std::io::Error::last_os_error()));
+    }
+    let base = base as usize;
+    let start = base.next_multiple_of(HUGE_PAGE);
+    let head = start - base;
+    let tail = reserve - head - size;
+    // SAFETY: both ranges lie inside the mapping made above, and nothing refers to them.
+    unsafe {
+        if head > 0 {
+            libc::munmap(base as *mut libc::c_void, head);
+        }
+        if tail > 0 {
+            libc::munmap((start + size) as *mut libc::c_void, tail);
+        }
+    }
+    let advice = match hugepages {
+        HugePages::Advise => Some(libc::MADV_HUGEPAGE),
+        HugePages::Never => Some(libc::MADV_NOHUGEPAGE),
+        HugePages::System => None,
+    };
+    if let Some(advice) = advice {
+        // SAFETY: advice on our own fresh mapping. It fails harmlessly (EINVAL) where the kernel
+        // has no transparent huge pages; guest RAM then simply uses 4 KiB pages.
+        unsafe { libc::madvise(start as *mut libc::c_void, size, advice) };
+    }
+    Ok(start as *mut u8)
 }
 
 /// Chunk size for the dump: big enough to be fast, small enough to skip zero runs.
@@ -81,6 +170,23 @@ mod tests {
         assert_eq!(r.len(), 2);
         assert_eq!(r[0], (GuestAddress(0), MMIO_GAP_START as usize));
         assert_eq!(r[1], (GuestAddress(MMIO_GAP_END), ((4u64 << 30) - MMIO_GAP_START) as usize));
+    }
+
+    #[test]
+    fn guest_ram_starts_on_a_huge_page_boundary_and_is_one_mapping_of_its_size() {
+        let mem = create_guest_memory(64 << 20).unwrap();
+        let region = mem.iter().next().unwrap();
+        let host = region.as_ptr() as usize;
+        assert_eq!(host % HUGE_PAGE, 0);
+        mem.write_slice(b"end", GuestAddress((64 << 20) - 3)).unwrap();
+        // /proc/self/maps shows a mapping from that address covering the guest (the bench's
+        // memory accounting looks for the mapping of the guest's size).
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let line = maps.lines().find(|l| l.starts_with(&format!("{host:x}-"))).expect("mapping listed");
+        let (range, _) = line.split_once(' ').unwrap();
+        let (a, b) = range.split_once('-').unwrap();
+        let len = usize::from_str_radix(b, 16).unwrap() - usize::from_str_radix(a, 16).unwrap();
+        assert!(len >= 64 << 20, "{line}");
     }
 
     #[test]

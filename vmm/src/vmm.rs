@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch;
@@ -25,6 +25,7 @@ use crate::jail;
 use crate::layout::COM1_IRQ;
 use crate::memory::{create_guest_memory, dump_guest_memory, GuestMemory};
 use crate::seccomp::{self, Role};
+use crate::timeline;
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::create_vm;
 
@@ -152,11 +153,12 @@ fn create_vcpus(kvm: &Kvm, vm: &VmFd, count: u8, entry: u64) -> Result<Vec<Vcpu>
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| format!("KVM_GET_SUPPORTED_CPUID failed: {e}"))?;
+    let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
     (0..count)
         .map(|id| {
             let fd = vm.create_vcpu(id as u64).map_err(|e| format!("KVM_CREATE_VCPU {id} failed: {e}"))?;
             let mut cpuid = supported.clone();
-            arch::cpuid::patch_for_vcpu(cpuid.as_mut_slice(), id, count);
+            arch::cpuid::patch_for_vcpu(cpuid.as_mut_slice(), id, count, tsc_deadline);
             fd.set_cpuid2(&cpuid).map_err(|e| format!("KVM_SET_CPUID2 failed: {e}"))?;
             arch::regs::configure_vcpu(&fd, id == 0, entry)?;
             Ok(Vcpu { id, fd })
@@ -235,6 +237,7 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, Option<String>), String> {
     // KVM's memory slots point at it.
     std::mem::forget(Arc::clone(&mem));
     let vm = create_vm(&kvm, &mem)?;
+    timeline::mark("memory and VM created");
     let cmdline = cfg.kernel_cmdline();
     let windows = cfg.device_windows();
     let acpi_devices = cfg.acpi.then_some(windows.as_slice());
@@ -247,6 +250,7 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, Option<String>), String> {
         cfg.vcpus,
         acpi_devices,
     )?;
+    timeline::mark("kernel loaded");
 
     let exit = Arc::new(ExitSignal::new().map_err(|e| format!("cannot create an eventfd: {e}"))?);
     let serial_irq = eventfd()?;
@@ -256,6 +260,7 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, Option<String>), String> {
     let (virtio, served) = build_devices(&vm, &mem, cfg, &mut files)?;
     let bus = Arc::new(Bus { legacy, virtio });
     let vcpus = create_vcpus(&kvm, &vm, cfg.vcpus, entry)?;
+    timeline::mark("devices and vCPUs set up");
 
     let epoll = Epoll::new()?;
     epoll.add(exit.event.as_raw_fd(), TOKEN_EXIT)?;
@@ -267,6 +272,7 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, Option<String>), String> {
 
     seccomp::install_sigsys_handler()?;
     jail::enter()?;
+    timeline::mark("jailed");
     for vcpu in vcpus {
         let (bus, exit) = (bus.clone(), exit.clone());
         std::thread::Builder::new()
@@ -329,6 +335,7 @@ fn event_loop(
                 t => {
                     if let Some(s) = served.get((t - TOKEN_QUEUE_BASE) as usize) {
                         let _ = s.kick.read();
+                        timeline::once(timeline::Once::QueueNotify, "first block queue notify");
                         if let Ok(mut transport) = s.transport.lock() {
                             transport.process_queue(0);
                         }

@@ -2,6 +2,7 @@
 //! test-only `oc-bench` service inside it boot the sandbox guest with our VMM and with QEMU
 //! `-M microvm` several times each, and reduces its `BENCH` console lines to one summary line.
 
+pub mod diag;
 pub mod memory;
 pub mod report;
 pub mod runner;
@@ -17,10 +18,15 @@ use std::time::{Duration, Instant};
 const QUIET_LIMIT: Duration = Duration::from_secs(600);
 const POLL: Duration = Duration::from_millis(500);
 
-/// Boots the appliance, waits for every run, prints each, and returns the summary.
-pub fn vmm(runs: u32) -> Result<(Summary, Vec<Run>)> {
+/// Boots the appliance, waits for every run, prints each, and returns the summary. With
+/// `diag_rounds`, oc-bench first prints diagnostic boots (bench::diag).
+pub fn vmm(runs: u32, diag_rounds: Option<u32>) -> Result<(Summary, Vec<Run>)> {
     let started = Instant::now();
-    let mut appliance = Appliance::boot_fresh_variant(image::pipeline::Variant::Bench, &format!("oc.bench=vmm oc.bench_runs={runs}"))?;
+    let mut args = format!("oc.bench=vmm oc.bench_runs={runs}");
+    if let Some(rounds) = diag_rounds {
+        args.push_str(&format!(" oc.bench_diag={rounds}"));
+    }
+    let mut appliance = Appliance::boot_fresh_variant(image::pipeline::Variant::Bench, &args)?;
     eprintln!("[qemu-test] appliance up after {:.1}s; waiting for oc-bench ({runs} runs per VMM)", appliance.boot_time.as_secs_f64());
     let mut done: Vec<Run> = Vec::new();
     let mut seen_lines = 0;
@@ -51,7 +57,8 @@ pub fn vmm(runs: u32) -> Result<(Summary, Vec<Run>)> {
             } else if text == "done" {
                 let summary = Summary::from_runs(&done).map_err(|e| err!("{e}"))?;
                 eprintln!(
-                    "[qemu-test] for comparison, QEMU microvm keeps {:.2} MiB beyond guest RAM (median); {:.0}s in all",
+                    "[qemu-test] QEMU's fastest configuration: {} (median); it keeps {:.2} MiB beyond guest RAM (median); {:.0}s in all",
+                    summary.qemu_best.name(),
                     summary.qemu_rss_overhead_mib,
                     started.elapsed().as_secs_f64()
                 );

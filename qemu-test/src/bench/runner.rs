@@ -41,7 +41,10 @@ pub struct Plan {
     pub runs: u32,
     pub vcpus: u32,
     pub memory_mib: u32,
+    /// The ELF vmlinux: what the appliance boots sandboxes with (our VMM), and QEMU's PVH boot.
     pub kernel: PathBuf,
+    /// The same kernel as a bzImage, QEMU's usual `-kernel` format.
+    pub bzimage: PathBuf,
     /// The template disk every run gets a clone of.
     pub template: PathBuf,
     /// On the same (reflink-capable) filesystem as the template.
@@ -52,16 +55,22 @@ pub struct Plan {
 
 impl Plan {
     fn command(&self, vmm: Vmm, disk: &Path, console: &Path) -> Command {
+        let kernel = if vmm == Vmm::Qemu { &self.bzimage } else { &self.kernel };
+        self.command_with(vmm, kernel, &guest_cmdline(), disk, console)
+    }
+
+    /// The command line that boots `kernel` with `vmm`, `cmdline` for the guest.
+    pub fn command_with(&self, vmm: Vmm, kernel: &Path, cmdline: &str, disk: &Path, console: &Path) -> Command {
         let mut cmd;
         match vmm {
             Vmm::Ours => {
                 cmd = Command::new(&self.vmm_bin);
-                cmd.arg("run").arg("--kernel").arg(&self.kernel);
+                cmd.arg("run").arg("--kernel").arg(kernel);
                 cmd.arg("--vcpus").arg(self.vcpus.to_string()).arg("--memory-mib").arg(self.memory_mib.to_string());
                 cmd.arg("--disk").arg(disk).arg("--console-log").arg(console);
-                cmd.arg("--cmdline").arg(guest_cmdline());
+                cmd.arg("--cmdline").arg(cmdline);
             }
-            Vmm::Qemu => {
+            Vmm::Qemu | Vmm::QemuPvh => {
                 cmd = Command::new(&self.qemu_bin);
                 // acpi=off: the guest kernel has no ACPI and finds devices on its command line,
                 // which microvm then fills in (auto-kernel-cmdline).
@@ -69,7 +78,7 @@ impl Plan {
                 cmd.args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
                 cmd.arg("-smp").arg(self.vcpus.to_string()).arg("-m").arg(self.memory_mib.to_string());
                 cmd.arg("-serial").arg(format!("file:{}", console.display()));
-                cmd.arg("-kernel").arg(&self.kernel).arg("-append").arg(guest_cmdline());
+                cmd.arg("-kernel").arg(kernel).arg("-append").arg(cmdline);
                 cmd.arg("-drive").arg(format!("id=root,file={},format=raw,if=none", disk.display()));
                 cmd.args(["-device", "virtio-blk-device,drive=root"]);
             }
@@ -113,7 +122,7 @@ impl Plan {
 }
 
 /// Polls the console file until it contains the marker; returns the time since `started`.
-fn wait_for_marker(child: &mut Child, console: &Path, started: Instant) -> Result<Duration, String> {
+pub fn wait_for_marker(child: &mut Child, console: &Path, started: Instant) -> Result<Duration, String> {
     loop {
         // Read whole each time: with `quiet` the guest prints nothing before the marker.
         if let Ok(text) = std::fs::read(console) {
@@ -148,7 +157,7 @@ fn worst_memory_sample(pid: u32, memory_mib: u32) -> Result<memory::Sample, Stri
 }
 
 /// Makes `to` a copy-on-write clone of `from`.
-fn reflink(from: &Path, to: &Path) -> Result<(), String> {
+pub fn reflink(from: &Path, to: &Path) -> Result<(), String> {
     let _ = std::fs::remove_file(to);
     let src = File::open(from).map_err(|e| format!("open {}: {e}", from.display()))?;
     let dst = File::create(to).map_err(|e| format!("create {}: {e}", to.display()))?;
@@ -164,7 +173,7 @@ fn reflink(from: &Path, to: &Path) -> Result<(), String> {
 }
 
 /// The last `lines` lines of a file, joined with " | ", for error messages on one console line.
-fn tail(path: &Path, lines: usize) -> String {
+pub fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
     let all: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
     all[all.len().saturating_sub(lines)..].join(" | ")
@@ -191,18 +200,19 @@ mod tests {
             runs: 1,
             vcpus: 1,
             memory_mib: 512,
-            kernel: PathBuf::from("/k/bzImage"),
+            kernel: PathBuf::from("/k/vmlinux"),
+            bzimage: PathBuf::from("/k/bzImage"),
             template: PathBuf::from("/t/base.ext4"),
             work_dir: PathBuf::from("/w"),
             vmm_bin: PathBuf::from("/bin/vmm"),
             qemu_bin: PathBuf::from("/usr/bin/qemu-system-x86_64"),
         };
-        for vmm in [Vmm::Ours, Vmm::Qemu] {
+        for (vmm, kernel) in [(Vmm::Ours, "/k/vmlinux"), (Vmm::Qemu, "/k/bzImage"), (Vmm::QemuPvh, "/k/vmlinux")] {
             let cmd = plan.command(vmm, Path::new("/w/d.ext4"), Path::new("/w/c.log"));
             let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
             let joined = args.join(" ");
             assert!(args.contains(&guest_cmdline()), "{vmm:?}: {joined}");
-            assert!(args.iter().any(|a| a == "/k/bzImage"), "{vmm:?}: {joined}");
+            assert!(args.iter().any(|a| a == kernel), "{vmm:?}: {joined}");
             assert!(joined.contains("/w/d.ext4") && joined.contains("/w/c.log"), "{vmm:?}: {joined}");
             assert!(joined.contains("512") && joined.contains(" 1 "), "{vmm:?}: {joined}");
         }

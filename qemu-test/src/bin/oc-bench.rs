@@ -67,6 +67,7 @@ fn plan(cmdline: &str) -> Result<Plan, String> {
         vcpus: number(cmdline, "oc.bench_vcpus", DEFAULT_VCPUS, 8)?,
         memory_mib: number(cmdline, "oc.bench_memory_mib", DEFAULT_MEMORY_MIB, 2048)?,
         kernel: PathBuf::from(image::pipeline::GUEST_KERNEL_PATH),
+        bzimage: PathBuf::from(image::pipeline::GUEST_BZIMAGE_PATH),
         template: PathBuf::from(TEMPLATE),
         work_dir: PathBuf::from(WORK_DIR),
         vmm_bin: PathBuf::from(VMM_BIN),
@@ -76,7 +77,7 @@ fn plan(cmdline: &str) -> Result<Plan, String> {
 
 fn run(plan: &Plan) -> Result<(), String> {
     wait_for(Path::new(TEMPLATE_ID), TEMPLATE_WAIT)?;
-    for needed in [&plan.kernel, &plan.template, &plan.vmm_bin, &plan.qemu_bin, &PathBuf::from("/dev/kvm")] {
+    for needed in [&plan.kernel, &plan.bzimage, &plan.template, &plan.vmm_bin, &plan.qemu_bin, &PathBuf::from("/dev/kvm")] {
         if !needed.exists() {
             return Err(format!("{} does not exist", needed.display()));
         }
@@ -90,9 +91,14 @@ fn run(plan: &Plan) -> Result<(), String> {
         plan.memory_mib,
         qemu_test::bench::runner::guest_cmdline()
     ));
-    // Alternating, so that a slow phase of the shared machine hits both VMMs alike.
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if cmdline_value(&cmdline, "oc.bench_diag").is_some() {
+        let rounds = number(&cmdline, "oc.bench_diag", 1, MAX_RUNS)?;
+        qemu_test::bench::diag::run(plan, rounds, &|line| report(line));
+    }
+    // Alternating, so that a slow phase of the shared machine hits every VMM alike.
     for n in 1..=plan.runs {
-        for vmm in [Vmm::Ours, Vmm::Qemu] {
+        for vmm in [Vmm::Ours, Vmm::Qemu, Vmm::QemuPvh] {
             let run = plan.run_once(vmm, n)?;
             print_line(&run.line());
         }

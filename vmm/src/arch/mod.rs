@@ -1,28 +1,20 @@
-//! x86-64 guest setup: loading the bzImage, the zero page, ACPI tables, boot page tables
+//! x86-64 guest setup: loading the kernel (ELF vmlinux or bzImage), the zero page, ACPI tables, boot page tables
 //! and the initial vCPU state.
 
 pub mod acpi;
 pub mod cpuid;
 pub mod gdt;
+pub mod loader;
 pub mod mptable;
 pub mod regs;
 pub mod zero_page;
 
 use std::fs::File;
 
-use linux_loader::loader::bzimage::BzImage;
-use linux_loader::loader::KernelLoader;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::layout::{CMDLINE_ADDR, CMDLINE_MAX_SIZE, HIGH_RAM_START, ZERO_PAGE_ADDR};
+use crate::layout::{CMDLINE_ADDR, ZERO_PAGE_ADDR};
 use crate::memory::GuestMemory;
-
-/// Offset of the 64-bit entry point from the start of the protected-mode kernel.
-const ENTRY_64_OFFSET: u64 = 0x200;
-/// xloadflags bit: the kernel has a 64-bit entry point at +0x200.
-const XLF_KERNEL_64: u16 = 1;
-/// First boot protocol version that reports the maximum command-line size.
-const PROTOCOL_WITH_CMDLINE_SIZE: u16 = 0x206;
 
 /// Before boot protocol 2.03 the kernel doesn't say how high an initrd may go.
 const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
@@ -45,7 +37,8 @@ fn load_initrd(
     Ok((addr, size))
 }
 
-/// Loads `kernel` (a bzImage), writes every boot structure and returns the entry point.
+/// Loads `kernel` (an ELF vmlinux or a bzImage), writes every boot structure and returns
+/// the entry point.
 pub fn load_and_configure(
     mem: &GuestMemory,
     kernel: &mut File,
@@ -55,20 +48,14 @@ pub fn load_and_configure(
     vcpus: u8,
     acpi_devices: Option<&[acpi::MmioDevice]>,
 ) -> Result<u64, String> {
-    let loaded = BzImage::load(mem, None, kernel, Some(GuestAddress(HIGH_RAM_START)))
-        .map_err(|e| format!("cannot load the kernel (a bzImage is required): {e}"))?;
-    let header = loaded.setup_header.ok_or("the kernel image has no setup header")?;
-    if header.xloadflags & XLF_KERNEL_64 == 0 {
-        return Err("the kernel has no 64-bit entry point (boot protocol 2.12+ needed)".into());
-    }
-    let limit = if header.version >= PROTOCOL_WITH_CMDLINE_SIZE {
-        (header.cmdline_size as usize).min(CMDLINE_MAX_SIZE)
-    } else {
-        255
-    };
-    if cmdline.len() >= limit {
-        let most = limit.saturating_sub(1);
-        return Err(format!("kernel command line is {} bytes; this kernel takes at most {most}", cmdline.len()));
+    let loaded = loader::load(mem, kernel)?;
+    crate::timeline::mark(match loaded.format {
+        loader::Format::Elf => "ELF vmlinux read into guest memory",
+        loader::Format::BzImage => "bzImage read into guest memory",
+    });
+    let header = loaded.header;
+    if cmdline.len() > loaded.cmdline_max {
+        return Err(format!("kernel command line is {} bytes; this kernel takes at most {}", cmdline.len(), loaded.cmdline_max));
     }
     if cmdline.as_bytes().contains(&0) {
         return Err("kernel command line contains a NUL byte".into());
@@ -86,14 +73,14 @@ pub fn load_and_configure(
     };
     let mut params = zero_page::build(header, mem_bytes, cmdline.len(), rsdp)?;
     if let Some(initrd) = initrd {
-        let (addr, size) = load_initrd(mem, initrd, &header, mem_bytes, loaded.kernel_end)?;
+        let (addr, size) = load_initrd(mem, initrd, &header, mem_bytes, loaded.end)?;
         params.hdr.ramdisk_image = addr as u32;
         params.hdr.ramdisk_size = size as u32;
     }
     mem.write_obj(params, GuestAddress(ZERO_PAGE_ADDR))
         .map_err(|e| format!("cannot write the zero page: {e}"))?;
     regs::write_boot_tables(mem)?;
-    Ok(loaded.kernel_load.0 + ENTRY_64_OFFSET)
+    Ok(loaded.entry)
 }
 
 #[cfg(test)]
@@ -102,6 +89,8 @@ mod tests {
     use crate::memory::create_guest_memory;
     use linux_loader::loader::bootparam::boot_params;
     use std::io::Write;
+
+    const XLF_KERNEL_64: u16 = 1;
 
     /// A synthetic bzImage: a setup header saying "64-bit entry, protocol 2.15, two setup
     /// sectors", then `payload` as the protected-mode kernel.
@@ -169,7 +158,7 @@ mod tests {
         let err = load_and_configure(&mem, &mut fake_bzimage(XLF_KERNEL_64, b"x"), None, &long, 64 << 20, 1, None).unwrap_err();
         assert!(err.contains("at most 2047"), "{err}");
         let err = load_and_configure(&mem, &mut temp_file(b"not a kernel at all"), None, "", 64 << 20, 1, None).unwrap_err();
-        assert!(err.contains("bzImage"), "{err}");
+        assert!(err.contains("bzImage or an ELF"), "{err}");
     }
 
     #[test]
@@ -185,6 +174,37 @@ mod tests {
         let mut fp = [0u8; 4];
         mem.read_slice(&mut fp, GuestAddress(mptable::MPTABLE_ADDR)).unwrap();
         assert_eq!(&fp, b"_MP_");
+    }
+
+    #[test]
+    fn an_elf_kernel_is_entered_at_its_entry_with_a_zero_page_and_page_tables() {
+        let mem = create_guest_memory(64 << 20).unwrap();
+        let image = loader::tests::fake_vmlinux(0x100_0000, 0x100_0000, b"VMLINUX", 0x20_0000);
+        let mut kernel = loader::tests::file_with(&image);
+        let mut initrd = temp_file(&[0x17; 3000]);
+        let cmdline = format!("console=ttyS0 {}", "x".repeat(600));
+        let entry = load_and_configure(&mem, &mut kernel, Some(&mut initrd), &cmdline, 64 << 20, 1, None).unwrap();
+        assert_eq!(entry, 0x100_0000);
+        let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_ADDR)).unwrap();
+        let hdr = params.hdr;
+        // What the kernel's startup code reads back: the magic, the loader, the command line,
+        // the memory map and the initrd (above the kernel's end, in low RAM).
+        assert_eq!(({ hdr.boot_flag }, { hdr.header }, hdr.type_of_loader), (0xaa55, 0x5372_6448, 0xff));
+        assert_eq!({ hdr.cmd_line_ptr } as u64, CMDLINE_ADDR);
+        assert_eq!({ hdr.cmdline_size } as usize, cmdline.len());
+        assert_eq!(params.e820_entries, 3);
+        assert!({ hdr.ramdisk_image } as u64 >= 0x120_0000 && { hdr.ramdisk_size } == 3000);
+        let mut line = vec![0u8; cmdline.len() + 1];
+        mem.read_slice(&mut line, GuestAddress(CMDLINE_ADDR)).unwrap();
+        assert_eq!(&line[..cmdline.len()], cmdline.as_bytes());
+        assert_eq!(line[cmdline.len()], 0);
+        // The identity map covers the entry point.
+        let pde: u64 = mem.read_obj(GuestAddress(crate::layout::PD_ADDR + 8 * (entry >> 21))).unwrap();
+        assert_eq!(pde & !0x1f_ffff, entry & !0x1f_ffff);
+        // An ELF kernel takes up to 2047 bytes of command line.
+        let long = "a".repeat(2048);
+        let err = load_and_configure(&mem, &mut loader::tests::file_with(&image), None, &long, 64 << 20, 1, None).unwrap_err();
+        assert!(err.contains("at most 2047"), "{err}");
     }
 
     #[test]

@@ -6,7 +6,17 @@ use std::sync::{Arc, Mutex};
 
 use super::legacy::LegacyDevices;
 use super::virtio::mmio::MmioTransport;
-use crate::layout::{VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use crate::layout::{COM1_PORT, COM1_PORT_COUNT, I8042_COMMAND_PORT, I8042_DATA_PORT, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use crate::timeline::{self, Exit, Once};
+
+/// Counts a port exit for the diagnostic timeline.
+fn count_port(port: u16) {
+    timeline::exit(match port {
+        p if (COM1_PORT..COM1_PORT + COM1_PORT_COUNT).contains(&p) => Exit::Serial,
+        I8042_DATA_PORT | I8042_COMMAND_PORT => Exit::I8042,
+        _ => Exit::OtherPort,
+    });
+}
 
 pub struct Bus {
     pub legacy: LegacyDevices,
@@ -16,18 +26,27 @@ pub struct Bus {
 
 impl Bus {
     fn virtio_at(&self, addr: u64) -> Option<(&Arc<Mutex<MmioTransport>>, u64)> {
-        let rel = addr.checked_sub(VIRTIO_MMIO_BASE)?;
-        let dev = self.virtio.get((rel / VIRTIO_MMIO_SIZE) as usize)?;
-        Some((dev, rel % VIRTIO_MMIO_SIZE))
+        let found = addr
+            .checked_sub(VIRTIO_MMIO_BASE)
+            .and_then(|rel| Some((self.virtio.get((rel / VIRTIO_MMIO_SIZE) as usize)?, rel % VIRTIO_MMIO_SIZE)));
+        if found.is_some() {
+            timeline::exit(Exit::VirtioMmio);
+            timeline::once(Once::VirtioAccess, "first virtio-mmio access");
+        } else {
+            timeline::exit(Exit::OtherMmio);
+        }
+        found
     }
 
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
+        count_port(port);
         if !self.legacy.read(port, data) {
             data.fill(0xff);
         }
     }
 
     pub fn pio_write(&self, port: u16, data: &[u8]) {
+        count_port(port);
         self.legacy.write(port, data);
     }
 

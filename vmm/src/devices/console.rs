@@ -12,6 +12,7 @@ use std::io::{self, LineWriter, Write};
 use std::sync::Arc;
 
 use crate::exit::{ExitReason, ExitSignal};
+use crate::timeline::{self, Once};
 
 /// What Linux prints first when it panics (kernel/panic.c). Documented as our panic
 /// detection: a guest that prints this itself only ends its own VM as "panicked".
@@ -19,16 +20,20 @@ pub const PANIC_BANNER: &[u8] = b"Kernel panic - not syncing";
 /// What kernel/reboot.c prints right before halting or powering off the machine.
 pub const HALT_LINES: [&[u8]; 2] = [b"reboot: System halted", b"reboot: Power down"];
 const LONGEST_MARKER: usize = 26;
+/// The timeline keeps this much of a console line (a guest may never end one).
+const TIMELINE_LINE_MAX: usize = 200;
 
 pub struct ConsoleLog<W: Write> {
     out: LineWriter<W>,
     recent: VecDeque<u8>,
     exit: Arc<ExitSignal>,
+    /// The line being written, kept only for the diagnostic timeline.
+    line: Vec<u8>,
 }
 
 impl<W: Write> ConsoleLog<W> {
     pub fn new(out: W, exit: Arc<ExitSignal>) -> Self {
-        ConsoleLog { out: LineWriter::new(out), recent: VecDeque::with_capacity(LONGEST_MARKER), exit }
+        ConsoleLog { out: LineWriter::new(out), recent: VecDeque::with_capacity(LONGEST_MARKER), exit, line: Vec::new() }
     }
 
     fn scan(&mut self, byte: u8) {
@@ -54,6 +59,17 @@ impl<W: Write> Write for ConsoleLog<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         for &b in buf {
             self.scan(b);
+        }
+        if timeline::enabled() {
+            timeline::once(Once::SerialByte, "first serial byte");
+            for &b in buf {
+                if b == b'\n' {
+                    timeline::console_line(&self.line);
+                    self.line.clear();
+                } else if self.line.len() < TIMELINE_LINE_MAX {
+                    self.line.push(b);
+                }
+            }
         }
         // A console log that can't be written must not stop the guest: drop the bytes.
         if self.out.write_all(buf).is_err() {

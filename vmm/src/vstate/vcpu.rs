@@ -8,6 +8,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::devices::bus::Bus;
 use crate::exit::{ExitReason, ExitSignal};
+use crate::timeline::{self, Once};
 
 pub struct Vcpu {
     pub id: u8,
@@ -21,7 +22,14 @@ impl Vcpu {
             if exit.reason().is_some() {
                 return;
             }
-            match self.fd.run() {
+            if self.id == 0 {
+                timeline::once(Once::KvmRun, "first KVM_RUN");
+            }
+            let result = self.fd.run();
+            if self.id == 0 {
+                timeline::once(Once::UserspaceExit, "first exit to userspace");
+            }
+            match result {
                 Ok(VcpuExit::IoIn(port, data)) => bus.pio_read(port, data),
                 Ok(VcpuExit::IoOut(port, data)) => bus.pio_write(port, data),
                 Ok(VcpuExit::MmioRead(addr, data)) => bus.mmio_read(addr, data),

@@ -185,6 +185,7 @@ impl MmioTransport {
             }
         }
         if newly & STATUS_DRIVER_OK != 0 && !self.active {
+            crate::timeline::mark(&format!("virtio device type {} DRIVER_OK", self.device.device_id()));
             if let Err(e) = self.activate() {
                 eprintln!("vmm: virtio device {} not started: {e}", self.device.device_id());
                 self.status |= STATUS_NEEDS_RESET;
