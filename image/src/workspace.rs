@@ -24,6 +24,7 @@ pub type Bin = (&'static str, &'static str);
 /// Builds the given binaries in release mode and returns their paths, in the same order.
 pub fn build(bins: &[Bin]) -> Result<Vec<PathBuf>> {
     let step = Step::start("workspace binaries");
+    crate::host::ensure(&[crate::host::tool("objcopy", "binutils")])?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(root()).args(["build", "--release", "--target", TARGET]);
@@ -42,9 +43,23 @@ pub fn build(bins: &[Bin]) -> Result<Vec<PathBuf>> {
         if crate::userland::elf_interpreter(&elf)?.is_some() {
             return Err(err!("{} is dynamically linked; the workspace must build with crt-static (.cargo/config.toml)", path.display()));
         }
-        paths.push(path);
+        paths.push(stripped(&path)?);
     }
     let names: Vec<&str> = bins.iter().map(|(_, b)| *b).collect();
     step.finish(Outcome::Done, &names.join(", "));
     Ok(paths)
+}
+
+/// A copy of `binary` without symbols or build ID, beside it in `image-bins/`. The image carries
+/// these: they are smaller, and two builds of the same sources in different checkouts can differ
+/// in an LLVM-internal symbol name (and so in the build ID) while their code is identical.
+fn stripped(binary: &Path) -> Result<PathBuf> {
+    let name = binary.file_name().ok_or_else(|| err!("{} has no file name", binary.display()))?;
+    let dir = binary.with_file_name("image-bins");
+    std::fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
+    let out = dir.join(name);
+    crate::host::run_quiet(
+        Command::new("objcopy").args(["--strip-all", "--remove-section=.note.gnu.build-id"]).arg(binary).arg(&out),
+    )?;
+    Ok(out)
 }
