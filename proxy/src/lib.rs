@@ -16,7 +16,6 @@ pub mod hostmatch;
 pub mod http;
 pub mod io;
 pub mod listener;
-mod pipe;
 pub mod registry;
 pub mod server;
 mod session;

@@ -279,8 +279,6 @@ async fn intercept<S>(
         policy,
         repl,
     };
-    // Re-encrypting for the upstream runs in its own task, beside decrypting and rewriting.
-    let upstream_w = crate::pipe::spawn(upstream_w);
     let requests = request_loop(&shared, sandbox, &host, first, inbound, upstream_w, true);
     run_pipeline(
         &shared, sandbox, &host, requests, upstream_r, client_w, activity,
