@@ -57,7 +57,7 @@ pub fn run() -> Result<String> {
 
     // The operator's configuration goes onto the copy's EFI partition, like an operator would.
     let conf = dir.join("opencomputer.conf");
-    std::fs::write(&conf, format!("# written by qemu-test e2e-disk\nadmin_key = {}\nhostname = oc-disk-e2e\n", run.key))
+    std::fs::write(&conf, format!("# written by qemu-test e2e-disk\nadmin_key = {}\nhostname = oc-disk-e2e\nhostnmae = a-typo\n", run.key))
         .ctx(|| "write the test configuration".into())?;
     let pristine = dir.join("configured.img");
     qemu::prepare_disk_copy(&original, &pristine, 0)?;
@@ -70,6 +70,8 @@ pub fn run() -> Result<String> {
     let mut m = run.boot("first boot (raw, 8 GiB)", &disk, DiskFormat::Raw, Network::Outbound)?;
     m.wait_for_console("data partition /dev/vda4 created", 0, Duration::from_secs(5))?;
     m.wait_for_console("admin API key: from opencomputer.conf line 2", 0, Duration::from_secs(1))?;
+    // A mistake in the file is named on the console, and the rest of the file still applies.
+    m.wait_for_console("CONFIGURATION PROBLEM: opencomputer.conf line 4: unknown key \"hostnmae\"", 0, Duration::from_secs(1))?;
     check(!m.console().contains(&run.key), || "the admin key appears on the console".into())?;
     let api = Api::new(m.api_port, &run.key);
     let project = api.expect(201, "POST", "/projects", &json!({"name": PROJECT}))?;
