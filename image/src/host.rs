@@ -78,7 +78,8 @@ fn uid_is_root() -> bool {
     unsafe { libc::getuid() == 0 }
 }
 
-/// Runs a command, returning stdout; on failure the error carries the command and its stderr.
+/// Runs a command, returning stdout; on failure the error carries the command and the end of
+/// its stdout and stderr (some tools, xfs_repair among them, report problems on stdout).
 pub fn run_quiet(cmd: &mut Command) -> Result<String> {
     let shown = format!("{cmd:?}");
     let output = cmd
@@ -86,10 +87,12 @@ pub fn run_quiet(cmd: &mut Command) -> Result<String> {
         .output()
         .map_err(|e| err!("cannot run {shown}: {e}"))?;
     if !output.status.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let tail: Vec<&str> = stderr.lines().rev().take(20).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
-        return Err(err!("{shown} failed ({}):\n{}", output.status, tail.join("\n")));
+        let tail = |bytes: &[u8]| {
+            let text = String::from_utf8_lossy(bytes);
+            let lines: Vec<&str> = text.lines().rev().take(20).collect();
+            lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+        };
+        return Err(err!("{shown} failed ({}):\n{}{}", output.status, tail(&output.stdout), tail(&output.stderr)));
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }

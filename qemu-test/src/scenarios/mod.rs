@@ -9,7 +9,7 @@ pub mod sandboxes;
 pub mod sealing;
 
 use image::err;
-use image::error::{Context, Result};
+use image::error::Result;
 use std::path::Path;
 use std::process::Command;
 
@@ -24,16 +24,5 @@ pub fn check(ok: bool, what: impl FnOnce() -> String) -> Result<()> {
 
 /// `xfs_repair -n`: the XFS filesystem in `disk` (an image file) has no inconsistency.
 pub fn xfs_check(disk: &Path) -> Result<()> {
-    run(Command::new("xfs_repair").args(["-n", "-f"]).arg(disk))
-}
-
-/// Runs a host command; a failure carries its output.
-pub fn run(cmd: &mut Command) -> Result<()> {
-    let what = format!("{cmd:?}");
-    let out = cmd.output().ctx(|| format!("run {what}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(err!("{what} failed ({}):\n{}{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-    }
+    image::host::run_quiet(Command::new("xfs_repair").args(["-n", "-f"]).arg(disk)).map(|_| ())
 }

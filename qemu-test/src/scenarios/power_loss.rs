@@ -3,7 +3,8 @@
 //! its log replayed, checks clean. Repeated `OC_POWER_LOSS_ROUNDS` times (default 10), each cut
 //! at a different point of the stream.
 
-use super::{check, run, xfs_check};
+use super::{check, xfs_check};
+use image::host::run_quiet;
 use crate::api::Api;
 use crate::harness::{Appliance, Scenario, SHUTDOWN_TIMEOUT};
 use image::err;
@@ -120,11 +121,11 @@ fn check_filesystem_after_cut(appliance: &Appliance, round: usize) -> Result<()>
     let copy = appliance.run_dir.join("power-cut-copy.img");
     let mount_point = appliance.run_dir.join("power-cut-mnt");
     let _ = std::fs::remove_file(&copy);
-    run(Command::new("cp").arg("--sparse=always").arg("--reflink=auto").arg(&appliance.data_disk).arg(&copy))?;
+    run_quiet(Command::new("cp").arg("--sparse=always").arg("--reflink=auto").arg(&appliance.data_disk).arg(&copy))?;
     std::fs::create_dir_all(&mount_point).ctx(|| format!("create {}", mount_point.display()))?;
-    let mounted = run(Command::new("mount").args(["-t", "xfs", "-o", "loop"]).arg(&copy).arg(&mount_point));
-    let unmounted = mounted.and_then(|()| run(Command::new("umount").arg(&mount_point)));
-    let checked = unmounted.and_then(|()| xfs_check(&copy));
+    let mounted = run_quiet(Command::new("mount").args(["-t", "xfs", "-o", "loop"]).arg(&copy).arg(&mount_point));
+    let unmounted = mounted.and_then(|_| run_quiet(Command::new("umount").arg(&mount_point)));
+    let checked = unmounted.and_then(|_| xfs_check(&copy));
     let _ = std::fs::remove_file(&copy);
     checked.map_err(|e| err!("round {round}: {e}"))
 }
