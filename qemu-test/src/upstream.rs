@@ -3,6 +3,7 @@
 //! 10.0.2.2. The appliance's proxy is told to map the test names to that address and to trust
 //! the test CA (operator proxy settings), exactly as an operator would for an internal API.
 
+use crate::scenarios::check;
 use image::err;
 use image::error::{Context, Result};
 use serde_json::{json, Value};
@@ -60,6 +61,22 @@ impl Upstream {
         json!({"hosts": hosts, "allowPrivate": [format!("{HOST_FROM_GUEST}/32")], "trustedCaPem": self.ca_pem})
     }
 
+    /// The real `secret` arrived in the two requests received after the first `before`: in the
+    /// `x-api-key` header of the first and as `api_key` in the JSON body of the second; and no
+    /// sealed token is in anything received so far. Returns everything received.
+    pub fn expect_real_key(&self, before: usize, secret: &str) -> Result<Vec<Value>> {
+        let received = self.received()?;
+        let new = &received[before.min(received.len())..];
+        check(new.len() == 2, || format!("the upstream received {} requests: {new:?}", new.len()))?;
+        check(header(&new[0], "x-api-key") == Some(secret), || format!("the header request arrived as {}", new[0]))?;
+        let body: Value = serde_json::from_str(new[1]["body"].as_str().unwrap_or("")).unwrap_or(Value::Null);
+        check(body["api_key"] == secret, || format!("the body request arrived as {}", new[1]))?;
+        let all = serde_json::to_string(&received).unwrap_or_default();
+        let tokens = all.matches("osb_sealed_").count();
+        check(tokens == 0, || format!("the upstream saw {tokens} sealed token(s)"))?;
+        Ok(received)
+    }
+
     /// Every request received so far, in order.
     pub fn received(&self) -> Result<Vec<Value>> {
         let text = std::fs::read_to_string(&self.records).ctx(|| format!("read {}", self.records.display()))?;
@@ -72,6 +89,10 @@ impl Drop for Upstream {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn header<'a>(record: &'a Value, name: &str) -> Option<&'a str> {
+    record["headers"].as_array()?.iter().find(|h| h[0].as_str().is_some_and(|n| n.eq_ignore_ascii_case(name)))?[1].as_str()
 }
 
 /// A test CA and a leaf for the test names, made with the openssl CLI.
