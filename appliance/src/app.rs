@@ -20,4 +20,7 @@ pub struct App {
     pub log_requests: bool,
     /// Staging of A/B upgrades (`/api/system/upgrade`).
     pub upgrades: crate::upgrade::Upgrades,
+    /// This process is the appliance's system service under oc-init (PID 1), which reboots or
+    /// powers off the machine when asked (`/api/system/reboot`, `/api/system/poweroff`).
+    pub power_control: bool,
 }

@@ -135,6 +135,8 @@ pub fn run(options: &BenchOptions) -> Result<String, String> {
         master_key_file: None,
         log_requests: false,
         stopped_retention: Duration::from_secs(3600),
+        power_control: false,
+        require_data_mount: false,
     };
     let running = serve::start(&config, SandboxSide::Unavailable("benchmark runs without sandboxes".into()))?;
     println!(

@@ -9,6 +9,7 @@ pub const USAGE: &str = "usage:
   appliance serve [--listen ADDR] [--data-dir DIR] [--vmm-bin PATH] [--admin-key-file FILE]
                   [--master-key-file FILE] [--guest-kernel VMLINUX] [--templates-dir DIR]
                   [--ca-roots PEM] [--proxy-config JSON] [--stopped-retention-sec N] [--quiet]
+                  [--power-control] [--require-data-mount]
   appliance bench api [--clients N] [--requests N] [--data-dir DIR]
   appliance rotate-key --data-dir DIR [--master-key-file OLD --new-master-key-file NEW]";
 
@@ -93,6 +94,8 @@ pub fn parse(args: Vec<String>) -> Result<Command, String> {
                 stopped_retention: std::time::Duration::from_secs(
                     number("--stopped-retention-sec", flags.value("--stopped-retention-sec")?, DEFAULT_STOPPED_RETENTION_SEC)? as u64,
                 ),
+                power_control: flags.switch("--power-control"),
+                require_data_mount: flags.switch("--require-data-mount"),
             };
             let sandbox = SandboxOptions {
                 vmm_bin: config.vmm_bin.clone(),

@@ -13,6 +13,7 @@ pub mod client;
 pub mod clock;
 pub mod connsock;
 pub mod crypto;
+pub mod degraded;
 pub mod error;
 pub mod http;
 pub mod keyfiles;

@@ -28,6 +28,11 @@ pub struct ServeConfig {
     pub log_requests: bool,
     /// Stopped sandboxes' records are deleted this long after they ended.
     pub stopped_retention: Duration,
+    /// Started by oc-init as the system service: may ask PID 1 to reboot or power off.
+    pub power_control: bool,
+    /// The data directory must be a mounted filesystem (the appliance's data disk); if it is
+    /// not, nothing is stored and every route answers 503 saying why (crate::degraded).
+    pub require_data_mount: bool,
 }
 
 /// Builds the sandbox side once the store and keys are open (it needs both for the CA).
@@ -103,6 +108,7 @@ pub fn start(config: &ServeConfig, side: SandboxSide) -> Result<Running, String>
         kvm,
         log_requests: config.log_requests,
         upgrades: crate::upgrade::Upgrades::new(&config.data_dir),
+        power_control: config.power_control,
     });
     lifecycle::reconcile_after_start(&app).map_err(|e| e.message)?;
     let reaper_stop = Arc::new(AtomicBool::new(false));
@@ -146,6 +152,11 @@ impl Running {
 /// The `serve` subcommand: runs until SIGTERM/SIGINT, then shuts down cleanly.
 pub fn run(config: &ServeConfig, side: SandboxSide) -> Result<(), String> {
     crate::signals::block_termination_signals()?;
+    if config.require_data_mount {
+        if let Some(reason) = crate::degraded::data_dir_problem(&config.data_dir) {
+            return crate::degraded::serve_until_terminated(&config.listen, &reason);
+        }
+    }
     let running = start(config, side)?;
     let signal = crate::signals::wait_for_termination();
     println!("appliance: {signal} received; finishing in-flight requests");

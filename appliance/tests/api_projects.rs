@@ -18,6 +18,22 @@ fn healthz_needs_no_key_and_reports_version_and_kvm() {
 }
 
 #[test]
+fn power_routes_refuse_plainly_when_init_does_not_control_the_machine() {
+    let h = Harness::start("power");
+    let mut admin = Client::new(h.addr, Some(common::ADMIN_KEY));
+    for path in ["/api/system/reboot", "/api/system/poweroff"] {
+        let (status, body) = admin.call("POST", path, "");
+        assert_eq!(status, 503, "{path}: {body}");
+        assert!(body["error"].as_str().unwrap_or("").contains("does not control the machine's power"), "{body}");
+        let (status, _) = admin.call("GET", path, "");
+        assert_eq!(status, 405);
+    }
+    let mut anon = Client::new(h.addr, None);
+    let (status, _) = anon.call("POST", "/api/system/reboot", "");
+    assert_eq!(status, 401);
+}
+
+#[test]
 fn every_other_route_needs_a_valid_key() {
     let h = Harness::start("auth");
     let mut anon = Client::new(h.addr, None);

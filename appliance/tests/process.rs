@@ -231,6 +231,45 @@ fn secret_values_never_reach_disk_logs_or_responses() {
 }
 
 #[test]
+fn without_its_data_disk_the_appliance_stores_nothing_and_every_route_says_why() {
+    let dir = temp_dir("nodatadisk");
+    let log = dir.join("appliance.log");
+    let out = File::create(&log).expect("log");
+    let data = dir.join("data");
+    fs::create_dir_all(&data).expect("data dir");
+    let key = write_key_file(&dir);
+    let child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--vmm-bin", "/nonexistent/vmm", "--require-data-mount", "--admin-key-file"])
+        .arg(&key)
+        .arg("--data-dir")
+        .arg(&data)
+        .stdout(Stdio::from(out.try_clone().expect("clone")))
+        .stderr(Stdio::from(out))
+        .spawn()
+        .expect("spawn");
+    let child = ServerProcess(Some(child));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let addr: SocketAddr = loop {
+        let text = fs::read_to_string(&log).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains("listening on http://")) {
+            break line.rsplit("http://").next().expect("addr").parse().expect("addr");
+        }
+        assert!(Instant::now() < deadline, "no start: {text}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut admin = Client::new(addr, Some(ADMIN_KEY));
+    let (status, v) = admin.call("GET", "/api/healthz", "");
+    assert_eq!(status, 503, "{v}");
+    assert!(v["error"].as_str().expect("msg").contains("data disk is not available"), "{v}");
+    let (status, v) = admin.call("POST", "/api/projects", r#"{"name": "lost"}"#);
+    assert_eq!(status, 503, "{v}");
+    assert!(fs::read_dir(&data).expect("data dir").next().is_none(), "nothing may be written to the unmounted data directory");
+    assert_eq!(sigterm_and_wait(child), 0);
+    assert!(fs::read_to_string(&log).expect("log").contains("DATA DISK MISSING"));
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn binary_reports_bad_usage_and_missing_admin_key_plainly() {
     let out = Command::new(BIN).arg("frobnicate").output().expect("run");
     assert_eq!(out.status.code(), Some(2));

@@ -203,8 +203,9 @@ fn build_versioned(variant: Variant, version: &str) -> Result<Artifacts> {
 }
 
 fn kernel_cmdline() -> String {
-    // panic=10: a kernel panic reboots instead of hanging the appliance.
-    "console=ttyS0,115200 panic=10 oc.hostname=opencomputer".to_string()
+    // panic=10: a kernel panic reboots instead of hanging the appliance. No oc.* settings: on
+    // the kernel command line they would override the operator's opencomputer.conf.
+    "console=ttyS0,115200 panic=10".to_string()
 }
 
 fn services_file(variant: Variant) -> String {
@@ -212,7 +213,8 @@ fn services_file(variant: Variant) -> String {
     text.push_str(&format!(
         "appliance /bin/appliance serve --listen 0.0.0.0:{API_PORT_IN_GUEST} --data-dir /data --vmm-bin /bin/vmm \
          --admin-key-file {ADMIN_KEY_RUN_FILE} --proxy-config {PROXY_CONFIG_RUN_FILE} \
-         --guest-kernel {GUEST_KERNEL_PATH} --templates-dir {SYSTEM_MOUNT}/templates --ca-roots {CA_ROOTS_PATH}\n"
+         --guest-kernel {GUEST_KERNEL_PATH} --templates-dir {SYSTEM_MOUNT}/templates --ca-roots {CA_ROOTS_PATH} \
+         --power-control --require-data-mount\n"
     ));
     match variant {
         Variant::Product => {}

@@ -93,6 +93,9 @@ pub struct MachineConfig {
     pub cpus: u32,
     /// Host loopback port forwarded to the API port inside.
     pub api_port: u16,
+    /// The guest address that forward goes to; None: the one QEMU's DHCP server hands out.
+    /// Set for an appliance configured with a static address.
+    pub api_guest_addr: Option<std::net::Ipv4Addr>,
     /// A 0600 file holding the admin API key, handed over with fw_cfg.
     pub admin_key_file: Option<PathBuf>,
     /// Operator proxy settings (JSON), handed over with fw_cfg like the key.
@@ -203,7 +206,8 @@ impl Machine {
             Network::Outbound => "",
             Network::Unplugged => "restrict=on,",
         };
-        cmd.arg("-netdev").arg(format!("user,id=net0,{restrict}hostfwd=tcp:127.0.0.1:{}-:{API_PORT_IN_GUEST}", cfg.api_port));
+        let guest = cfg.api_guest_addr.map(|a| a.to_string()).unwrap_or_default();
+        cmd.arg("-netdev").arg(format!("user,id=net0,{restrict}hostfwd=tcp:127.0.0.1:{}-{guest}:{API_PORT_IN_GUEST}", cfg.api_port));
         cmd.args(["-device", "virtio-net-pci,netdev=net0"]);
         cmd.args(["-device", "virtio-rng-pci"]);
         if let Some(config) = &cfg.proxy_config_file {

@@ -113,6 +113,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
         memory_mib: opts.memory_mib,
         cpus: opts.cpus.unwrap_or(qemu::default_cpus(accel)),
         api_port,
+        api_guest_addr: None,
         admin_key_file: Some(key_file),
         proxy_config_file: opts.proxy_config.clone(),
         run_dir: run_dir.clone(),

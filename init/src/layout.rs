@@ -19,3 +19,5 @@ pub const LOADER_CONF: &str = "loader/loader.conf";
 pub const API_PORT: u16 = 8080;
 /// Where init tells the appliance which slot it booted and whether that boot is committed.
 pub const BOOT_STATE_FILE: &str = "/run/opencomputer/boot-slot";
+/// Where init tells the appliance why the data disk could not be mounted (absent when it was).
+pub const DATA_PROBLEM_FILE: &str = "/run/opencomputer/data-problem";

@@ -107,6 +107,7 @@ fn start(artifacts: &Artifacts, data_disk: &PathBuf, key_file: &PathBuf, proxy_c
         memory_mib: 3072,
         cpus: std::env::var("OC_QEMU_CPUS").ok().and_then(|c| c.parse().ok()).unwrap_or(qemu::default_cpus(accel)),
         api_port: qemu::free_port(0)?,
+        api_guest_addr: None,
         admin_key_file: Some(key_file.clone()),
         proxy_config_file: Some(proxy_config.clone()),
         run_dir: dir.clone(),

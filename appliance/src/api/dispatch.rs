@@ -54,6 +54,8 @@ pub fn dispatch(app: &App, route: &Route, request: &mut Request, query: &str) ->
         (Route::FilesMkdir(id), Post) => files::mkdir(app, id, query),
         (Route::System, Get) => Ok(system::get()),
         (Route::SystemUpgrade, Post) => system::upgrade(app, request),
+        (Route::SystemReboot, Post) => system::power(app, system::PowerAction::Reboot),
+        (Route::SystemPoweroff, Post) => system::power(app, system::PowerAction::PowerOff),
         _ => Err(not_allowed(&method, route)),
     }
 }

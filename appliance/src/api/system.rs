@@ -1,6 +1,9 @@
-//! `GET /api/system` (running slot, version, staged upgrade) and `POST /api/system/upgrade`
+//! `GET /api/system` (running slot, version, staged upgrade), `POST /api/system/upgrade`
 //! (the raw body is a disk image built by `image build --disk`; it is staged into the slot
-//! that is not running and boots on the next reboot, see crate::upgrade).
+//! that is not running and boots on the next reboot, see crate::upgrade), and
+//! `POST /api/system/reboot` / `poweroff`.
+
+use std::time::Duration;
 
 use serde_json::json;
 use tiny_http::Request;
@@ -37,6 +40,10 @@ pub fn upgrade(app: &App, request: &mut Request) -> Result<Reply, AppError> {
         receive::ReceiveError::Write(e) => AppError::internal(format!("cannot store the uploaded image: {e}")),
     })?;
     let received = started.elapsed();
+    println!(
+        "appliance: upgrade image received ({bytes} bytes in {:.1}s); checking it and installing it into the other slot",
+        received.as_secs_f64()
+    );
     // The staging file goes whatever happens next: it is the only thing written to the data disk.
     let result = inspect::inspect(&staging)
         .map_err(|e| AppError::new(422, format!("not an installable OpenComputer disk image: {e}")))
@@ -71,4 +78,42 @@ pub fn upgrade(app: &App, request: &mut Request) -> Result<Reply, AppError> {
             "installSeconds": (started.elapsed() - received).as_secs_f64(),
         }),
     ))
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum PowerAction {
+    Reboot,
+    PowerOff,
+}
+
+/// Time for the 202 answer to reach the client before services are stopped.
+const POWER_DELAY: Duration = Duration::from_millis(500);
+
+/// `POST /api/system/reboot` and `/api/system/poweroff`: asks oc-init (PID 1), which stops the
+/// services, syncs and unmounts the data disk, then reboots or powers off.
+pub fn power(app: &App, action: PowerAction) -> Result<Reply, AppError> {
+    if !app.power_control {
+        return Err(AppError::unavailable(
+            "this appliance process does not control the machine's power (it was not started by the appliance's init)",
+        ));
+    }
+    // A reboot would cut a staging short (which install survives, but the upload is lost).
+    if app.upgrades.try_lock().is_none() {
+        return Err(AppError::conflict("an upgrade is being staged; try again when it has finished"));
+    }
+    let (signal, state) = match action {
+        PowerAction::Reboot => (libc::SIGUSR1, "rebooting"),
+        PowerAction::PowerOff => (libc::SIGUSR2, "powering off"),
+    };
+    println!("appliance: {state} on request");
+    let spawned = std::thread::Builder::new().name("power".into()).spawn(move || {
+        std::thread::sleep(POWER_DELAY);
+        // SAFETY: kill(2) sends a signal PID 1 (oc-init) handles as a reboot or power-off
+        // request; it touches no memory of ours.
+        if unsafe { libc::kill(1, signal) } != 0 {
+            println!("appliance: cannot signal init: {}", std::io::Error::last_os_error());
+        }
+    });
+    spawned.map_err(|e| AppError::internal(format!("cannot start the power request: {e}")))?;
+    Ok(Reply::json(202, &json!({"state": state})))
 }

@@ -28,6 +28,10 @@ pub enum Route {
     System,
     /// Stage an A/B upgrade from a disk image in the request body.
     SystemUpgrade,
+    /// Reboot the appliance (e.g. into a staged upgrade).
+    SystemReboot,
+    /// Power the appliance off.
+    SystemPoweroff,
 }
 
 impl Route {
@@ -54,6 +58,8 @@ impl Route {
             Self::FilesMkdir(_) => "/api/sandboxes/{id}/files/mkdir",
             Self::System => "/api/system",
             Self::SystemUpgrade => "/api/system/upgrade",
+            Self::SystemReboot => "/api/system/reboot",
+            Self::SystemPoweroff => "/api/system/poweroff",
         }
     }
 }
@@ -93,6 +99,8 @@ pub fn match_route(path: &str) -> Result<Option<Route>, AppError> {
         ["sandboxes", id, "files", "mkdir"] => Route::FilesMkdir(id.to_string()),
         ["system"] => Route::System,
         ["system", "upgrade"] => Route::SystemUpgrade,
+        ["system", "reboot"] => Route::SystemReboot,
+        ["system", "poweroff"] => Route::SystemPoweroff,
         _ => return Ok(None),
     };
     Ok(Some(route))
@@ -116,6 +124,8 @@ mod tests {
             Some(Route::ExecKill("s1".into(), "x/y".into()))
         );
         assert_eq!(match_route("/api/system/upgrade").expect("ok"), Some(Route::SystemUpgrade));
+        assert_eq!(match_route("/api/system/reboot").expect("ok"), Some(Route::SystemReboot));
+        assert_eq!(match_route("/api/system/poweroff").expect("ok"), Some(Route::SystemPoweroff));
         assert_eq!(match_route("/api/nothing").expect("ok"), None);
         assert_eq!(match_route("/other").expect("ok"), None);
         assert!(match_route("/api/projects/%zz").is_err());

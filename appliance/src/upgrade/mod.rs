@@ -23,8 +23,18 @@ pub struct Upgrades {
 }
 
 impl Upgrades {
+    /// Removes an upload that an interruption (power cut, crash) left behind: it would hold a
+    /// disk image's worth of the data disk forever.
     pub fn new(data_dir: &Path) -> Upgrades {
-        Upgrades { dir: data_dir.join(STAGING_DIR), busy: Mutex::new(()) }
+        let upgrades = Upgrades { dir: data_dir.join(STAGING_DIR), busy: Mutex::new(()) };
+        let leftover = upgrades.staging_file();
+        if let Ok(meta) = std::fs::metadata(&leftover) {
+            match std::fs::remove_file(&leftover) {
+                Ok(()) => println!("appliance: removed an interrupted upgrade upload ({} bytes)", meta.len()),
+                Err(e) => println!("appliance: cannot remove the interrupted upgrade upload {}: {e}", leftover.display()),
+            }
+        }
+        upgrades
     }
 
     pub fn staging_file(&self) -> PathBuf {

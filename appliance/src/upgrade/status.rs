@@ -19,10 +19,15 @@ pub fn boot_state() -> Option<(Slot, String, String)> {
     Some((Slot::parse(&get("slot"))?, get("entry"), get("state")))
 }
 
+/// The machine's host name (set by init from the operator's configuration).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+}
+
 pub fn report() -> Value {
     let version = running_version();
     let Some((slot, entry_name, state)) = boot_state() else {
-        return json!({"slot": null, "version": version, "state": "not booted from the disk image", "staged": null, "entries": []});
+        return json!({"slot": null, "version": version, "hostname": hostname(), "state": "not booted from the disk image", "staged": null, "entries": []});
     };
     let (entries, problem) = match init::boot::disk::read_entries() {
         Ok(entries) => (entries, None),
@@ -41,6 +46,7 @@ pub fn report() -> Value {
     json!({
         "slot": slot.letter(),
         "version": version,
+        "hostname": hostname(),
         "entry": entry_name,
         "state": state,
         "staged": staged,

@@ -283,6 +283,8 @@ pub fn config(data_dir: &Path, key_file: Option<PathBuf>) -> ServeConfig {
         master_key_file: None,
         log_requests: false,
         stopped_retention: std::time::Duration::from_secs(3600),
+        power_control: false,
+        require_data_mount: false,
     }
 }
 

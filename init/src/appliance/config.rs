@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 /// Keys the file may set (besides `host.<name>`).
-const KEYS: &[&str] = &["admin_key", "hostname", "net", "ip", "gw", "dns", "iface", "data", "trusted_ca", "allow_private"];
+const KEYS: &[&str] = &["admin_key", "hostname", "net", "ip", "gw", "dns", "iface", "data", "trusted_ca", "allow_private", "trial_timeout"];
 /// Keys that never come from the kernel command line: the kernel prints it on the console.
 const FILE_ONLY: &[&str] = &["admin_key"];
 /// Keys whose values init's existing command-line parsers read (as `oc.<key>=`).
@@ -110,6 +110,10 @@ impl Config {
                     "allow_private" => setting.value.split(',').map(str::trim).find(|c| !valid_cidr(c)).map(|c| {
                         format!("allow_private: {c:?} is not an address range like 10.1.2.0/24")
                     }),
+                    "trial_timeout" if trial_timeout_secs(&setting.value).is_none() => Some(format!(
+                        "trial_timeout = {}: a number of seconds from {} to {}",
+                        setting.value, TRIAL_TIMEOUT_RANGE.start(), TRIAL_TIMEOUT_RANGE.end()
+                    )),
                     "trusted_ca" if !valid_esp_path(&setting.value) => {
                         Some(format!("trusted_ca = {}: name a file on the EFI partition, without '..'", setting.value))
                     }
@@ -189,6 +193,13 @@ impl Config {
         json.push_str("}\n");
         Some(json)
     }
+}
+
+/// How long a trial boot of an upgrade may take to answer healthy (init::appliance::slot).
+pub const TRIAL_TIMEOUT_RANGE: std::ops::RangeInclusive<u64> = 30..=86_400;
+
+pub fn trial_timeout_secs(value: &str) -> Option<u64> {
+    value.parse::<u64>().ok().filter(|s| TRIAL_TIMEOUT_RANGE.contains(s))
 }
 
 fn known(key: &str) -> bool {
@@ -273,6 +284,17 @@ mod tests {
         assert!(!all.contains("short\""), "the key's value is never repeated: {all}");
         assert_eq!(c.get("host.api"), None);
         assert_eq!(c.get("admin_key"), Some("short"), "a short key still works");
+    }
+
+    #[test]
+    fn trial_timeout_comes_from_the_file_or_the_command_line_within_bounds() {
+        let c = Config::merge(Some("trial_timeout = 600\n"), FILE, "oc.trial_timeout=45");
+        assert_eq!(c.get("trial_timeout").and_then(trial_timeout_secs), Some(45));
+        let c = Config::merge(Some("trial_timeout = 5\n"), FILE, "");
+        assert_eq!(c.get("trial_timeout"), None, "below the minimum is dropped");
+        assert!(c.problems.iter().any(|p| p.contains("line 1: trial_timeout = 5: a number of seconds from 30 to 86400")), "{:?}", c.problems);
+        let c = Config::merge(None, FILE, "oc.trial_timeout=soon");
+        assert!(c.problems.iter().any(|p| p.starts_with("kernel command line: trial_timeout = soon")), "{:?}", c.problems);
     }
 
     #[test]

@@ -53,11 +53,21 @@ pub fn run() -> ! {
     // The configuration file's settings with the kernel command line's on top, in the
     // command-line form the network and data-disk code read.
     let settings = operator.config.as_cmdline();
-    set_hostname(operator.config.get("hostname").unwrap_or(HOSTNAME_DEFAULT));
+    let hostname = operator.config.get("hostname").unwrap_or(HOSTNAME_DEFAULT);
+    set_hostname(hostname);
+    let origin = operator.config.where_set("hostname", crate::layout::CONFIG_FILE);
+    log!("hostname {hostname} ({})", if origin.is_empty() { "default" } else { origin.trim_end_matches(": ") });
     bring_up_network(&settings, &operator.config);
     match datadisk::mount_data(&settings, data_partition.as_deref()) {
         Ok(device) => log!("data disk {device} mounted at {}", datadisk::MOUNT_POINT),
-        Err(e) => log!("DATA DISK PROBLEM: {e}"),
+        Err(e) => {
+            log!("DATA DISK PROBLEM: {e}");
+            // The appliance serves 503 with this reason instead of storing into RAM.
+            let written = std::fs::create_dir_all(operator::RUN_DIR).and_then(|_| std::fs::write(crate::layout::DATA_PROBLEM_FILE, &e));
+            if let Err(w) = written {
+                log!("cannot write {}: {w}", crate::layout::DATA_PROBLEM_FILE);
+            }
+        }
     }
     let slot = if from_disk { slot::from_cmdline(&cmdline) } else { None };
     match systemdisk::mount_system(slot) {
@@ -80,7 +90,7 @@ pub fn run() -> ! {
     let mut supervisor = services::Supervisor::new(specs);
     supervisor.start_all();
     if let Some(slot) = slot {
-        slot::watch(slot);
+        slot::watch(slot, slot::trial_timeout(&operator.config));
     }
     log!("boot complete");
 

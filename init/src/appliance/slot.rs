@@ -14,15 +14,21 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 /// Boot to a healthy API takes about a minute under emulation; real hardware is much faster.
-const TRIAL_TIMEOUT: Duration = Duration::from_secs(900);
+/// `trial_timeout` (seconds) in the configuration file or on the kernel command line sets it.
+const DEFAULT_TRIAL_TIMEOUT: Duration = Duration::from_secs(900);
 const ESP_COMMIT_MOUNT: &str = "/run/esp-commit";
 
 pub fn from_cmdline(cmdline: &str) -> Option<Slot> {
     crate::sys::fs::cmdline_value(cmdline, entry::SLOT_KEY).and_then(Slot::parse)
 }
 
+/// The configured trial timeout (validated when the configuration was read), or the default.
+pub fn trial_timeout(config: &super::config::Config) -> Duration {
+    config.get("trial_timeout").and_then(super::config::trial_timeout_secs).map(Duration::from_secs).unwrap_or(DEFAULT_TRIAL_TIMEOUT)
+}
+
 /// Records the slot and, for a trial boot, starts the thread that commits or gives up on it.
-pub fn watch(slot: Slot) {
+pub fn watch(slot: Slot, trial_timeout: Duration) {
     let current = match disk::read_entries() {
         Ok(entries) => entry::current_for(&entries, slot).cloned(),
         Err(e) => {
@@ -40,18 +46,25 @@ pub fn watch(slot: Slot) {
         log!("booted slot {slot} ({}, committed)", current.file_name());
         return;
     }
-    log!("booted slot {slot} on trial ({}); committing once the API answers", current.file_name());
-    let spawned = std::thread::Builder::new().name("commit".into()).spawn(move || commit_when_healthy(slot, &current));
+    log!(
+        "booted slot {slot} on trial ({}); committing once the API answers healthy, rebooting if it does not within {}s",
+        current.file_name(),
+        trial_timeout.as_secs()
+    );
+    let spawned = std::thread::Builder::new().name("commit".into()).spawn(move || commit_when_healthy(slot, &current, trial_timeout));
     if let Err(e) = spawned {
         log!("cannot start the commit thread: {e}; this trial boot stays uncommitted");
     }
 }
 
-fn commit_when_healthy(slot: Slot, current: &Entry) {
+fn commit_when_healthy(slot: Slot, current: &Entry, trial_timeout: Duration) {
     let started = Instant::now();
     while !api_healthy() {
-        if started.elapsed() > TRIAL_TIMEOUT {
-            log!("UPGRADE FAILED: the API did not answer within {TRIAL_TIMEOUT:?} on slot {slot}; rebooting so the boot loader falls back");
+        if started.elapsed() > trial_timeout {
+            log!(
+                "UPGRADE FAILED: the API did not answer healthy within {}s on slot {slot}; rebooting so the boot loader counts a failed try",
+                trial_timeout.as_secs()
+            );
             // SAFETY: kill(2) with our own pid and a signal PID 1 handles (reboot) has no memory effects.
             unsafe { libc::kill(1, libc::SIGUSR1) };
             return;

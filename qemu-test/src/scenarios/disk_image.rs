@@ -3,13 +3,19 @@
 //! configuration file on its EFI partition. Checks: API ready, a project survives a reboot (on
 //! a disk grown in between, so the data partition is grown too), the appliance serves and runs
 //! a sandbox with the network unplugged (templates come from the image), and the same image
-//! converted to compressed qcow2 boots. A/B upgrade: a rebuilt image (another version) is staged
-//! through `POST /api/system/upgrade`, the reboot runs it from slot B with the project and secret
-//! intact and commits it; a deliberately broken image staged next panics on each of its tries
-//! and systemd-boot falls back to the committed slot, data intact. No test upstream is started.
-//! Prints the measurements. `OC_E2E_DISK_ONLY=upgrade` runs only the first boot and the upgrade.
+//! converted to compressed qcow2 boots. The configuration file also sets a static address (the
+//! port forward goes to it), a host name, and the sealing proxy's host map and extra trusted CA
+//! for the test upstream, which a sandbox's sealed key then reaches. A/B upgrade: a power cut
+//! while an upgrade is being installed leaves the running slot in charge and the upload is
+//! cleaned up; a rebuilt image (another version) staged through `POST /api/system/upgrade` runs
+//! from slot B after `POST /api/system/reboot` with the project and secret intact and is
+//! committed; a broken image staged next panics on each of its tries and systemd-boot falls back
+//! to the committed slot; an image whose API never answers healthy (its data disk is missing)
+//! is rebooted by init's trial watchdog on each try and falls back too; data intact throughout.
+//! Prints the measurements. `OC_E2E_DISK_ONLY=upgrade` runs only the first boot and the upgrades.
 
 use crate::api::Api;
+use crate::upstream::Upstream;
 use super::check;
 use image::err;
 use image::error::{Context, Result};
@@ -30,6 +36,15 @@ const UPLOAD_TIMEOUT: Duration = Duration::from_secs(1200);
 /// The broken image makes the kernel panic: no such initramfs init, so it falls back to
 /// mounting a root device, which does not exist. panic=10 reboots.
 const BROKEN_CMDLINE: &str = "rdinit=/no-such-init";
+/// An image that boots but never gets healthy: its data disk is not found, so the appliance
+/// answers 503; init gives each try TRIAL_SECS before rebooting.
+const TRIAL_SECS: u64 = 40;
+const UNHEALTHY_CMDLINE: &str = "oc.data=/dev/no-such-disk oc.trial_timeout=40";
+/// The static address the configuration file gives the appliance (QEMU's user network).
+const STATIC_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 0, 2, 50);
+const SEALED_VALUE: &str = "sk-disk-e2e-sealed-0123456789";
+/// The ESP file name of the extra CA the configuration file names.
+const CA_FILE: &str = "upstream-ca.pem";
 
 struct Run {
     dir: PathBuf,
@@ -53,15 +68,26 @@ pub fn run() -> Result<String> {
     let rebuilt_version = format!("{base_version}-rebuilt");
     let rebuilt = build_variant(&dir, "rebuilt.img", &rebuilt_version, "")?;
     let broken = build_variant(&dir, "broken.img", &format!("{base_version}-broken"), BROKEN_CMDLINE)?;
+    let unhealthy = build_variant(&dir, "unhealthy.img", &format!("{base_version}-unhealthy"), UNHEALTHY_CMDLINE)?;
     let mut run = Run { dir: dir.clone(), key: image::run::generate_api_key()?, times: Vec::new() };
+    let upstream = Upstream::start(&dir.join("upstream"))?;
 
     // The operator's configuration goes onto the copy's EFI partition, like an operator would.
     let conf = dir.join("opencomputer.conf");
-    std::fs::write(&conf, format!("# written by qemu-test e2e-disk\nadmin_key = {}\nhostname = oc-disk-e2e\nhostnmae = a-typo\n", run.key))
-        .ctx(|| "write the test configuration".into())?;
+    let text = format!(
+        "# written by qemu-test e2e-disk\nadmin_key = {}\nhostname = oc-disk-e2e\nhostnmae = a-typo\n\
+         net = static\nip = {STATIC_IP}/24\ngw = 10.0.2.2\ndns = 10.0.2.3\n\
+         trusted_ca = {CA_FILE}\nhost.api.anthropic.com = 10.0.2.2\nallow_private = 10.0.2.2/32\n",
+        run.key
+    );
+    std::fs::write(&conf, text).ctx(|| "write the test configuration".into())?;
+    let ca = dir.join(CA_FILE);
+    std::fs::write(&ca, &upstream.ca_pem).ctx(|| "write the upstream CA".into())?;
     let pristine = dir.join("configured.img");
     qemu::prepare_disk_copy(&original, &pristine, 0)?;
-    esp::copy_in(&pristine, &image::disk_image::esp_offset_spec(&pristine)?, image::disk_image::CONFIG_FILE, &conf)?;
+    let esp_at = image::disk_image::esp_offset_spec(&pristine)?;
+    esp::copy_in(&pristine, &esp_at, image::disk_image::CONFIG_FILE, &conf)?;
+    esp::copy_in(&pristine, &esp_at, CA_FILE, &ca)?;
 
     let disk = dir.join("disk.img");
     qemu::prepare_disk_copy(&pristine, &disk, 8)?;
@@ -73,17 +99,31 @@ pub fn run() -> Result<String> {
     // A mistake in the file is named on the console, and the rest of the file still applies.
     m.wait_for_console("CONFIGURATION PROBLEM: opencomputer.conf line 4: unknown key \"hostnmae\"", 0, Duration::from_secs(1))?;
     check(!m.console().contains(&run.key), || "the admin key appears on the console".into())?;
+    // The rest of the file: host name, static address (the API is reached through it).
+    m.wait_for_console("hostname oc-disk-e2e (opencomputer.conf line 3)", 0, Duration::from_secs(1))?;
+    m.wait_for_console(&format!("{STATIC_IP}/24 via 10.0.2.2 (static)"), 0, Duration::from_secs(1))?;
     let api = Api::new(m.api_port, &run.key);
-    let project = api.expect(201, "POST", "/projects", &json!({"name": PROJECT}))?;
+    let system = api.expect(200, "GET", "/system", &Value::Null)?;
+    check(system["hostname"] == "oc-disk-e2e", || format!("GET /api/system: {system}"))?;
+    let project = api.expect(201, "POST", "/projects", &json!({"name": PROJECT, "egressAllowlist": ["api.anthropic.com"]}))?;
     let id = project["id"].as_str().ok_or_else(|| err!("no id in {project}"))?.to_string();
-    api.expect(204, "PUT", &format!("/projects/{id}/secrets/{SECRET}"), &json!({"value": "kept-across-upgrades"}))?;
+    api.expect(204, "PUT", &format!("/projects/{id}/secrets/{SECRET}"), &json!({"value": SEALED_VALUE}))?;
+    // The host map, private-range permission and extra CA from the file: a sandbox's sealed
+    // key reaches the test upstream (on the host) as the real value.
+    let sid = api.create_sandbox(&json!({"project": PROJECT}))?;
+    let before = upstream.received()?.len();
+    super::sealing::send_key_twice(&api, &sid, SECRET)?;
+    upstream.expect_real_key(before, SEALED_VALUE)?;
+    check(!m.console().contains(SEALED_VALUE), || "the secret appears on the console".into())?;
     power_down(&mut m)?;
 
     if !only_upgrade {
         more_boots(&mut run, &disk, &id)?;
     }
+    power_cut_while_installing(&mut run, &disk, &id, &rebuilt, &base_version)?;
     let upgrade_secs = upgrade(&mut run, &disk, &id, &rebuilt, &base_version, &rebuilt_version)?;
     fallback(&mut run, &disk, &id, &broken, &rebuilt_version)?;
+    watchdog_fallback(&mut run, &disk, &id, &unhealthy, &rebuilt_version)?;
     let qcow2_size = if only_upgrade { 0 } else { qcow2_boot(&mut run, &pristine)? };
 
     let mut report = format!(
@@ -156,10 +196,26 @@ fn stage(api_port: u16, key: &str, image: &Path) -> Result<Value> {
     Ok(value)
 }
 
-/// Ctrl-Alt-Del (init reboots cleanly); waits until the old system is gone, then for the API.
-fn reboot(run: &mut Run, m: &mut Machine, what: &str, timeout: Duration) -> Result<usize> {
+#[derive(Clone, Copy)]
+enum RebootBy {
+    /// `POST /api/system/reboot`.
+    Api,
+    /// Ctrl-Alt-Del on the console's keyboard.
+    Keyboard,
+}
+
+/// Asks for a clean reboot; waits until the old system is gone, then for the API.
+fn reboot(run: &mut Run, m: &mut Machine, by: RebootBy, what: &str, timeout: Duration) -> Result<usize> {
     let from = m.console().len();
-    m.monitor("sendkey ctrl-alt-delete")?;
+    match by {
+        RebootBy::Api => {
+            let answer = Api::new(m.api_port, &run.key).expect(202, "POST", "/system/reboot", &Value::Null)?;
+            check(answer["state"] == "rebooting", || format!("POST /api/system/reboot: {answer}"))?;
+        }
+        RebootBy::Keyboard => {
+            m.monitor("sendkey ctrl-alt-delete")?;
+        }
+    }
     m.wait_for_console("reboot now", from, Duration::from_secs(120))?;
     let started = Instant::now();
     m.wait_api_ready(timeout, &|| false).map_err(|e| err!("{what}: {e}\nlast console lines:\n{}", m.console_tail(40)))?;
@@ -192,7 +248,7 @@ fn upgrade(run: &mut Run, disk: &Path, id: &str, rebuilt: &Path, base: &str, reb
     check(staged["slot"] == "b" && staged["version"] == rebuilt_version, || format!("staged: {staged}"))?;
     let system = api.expect(200, "GET", "/system", &Value::Null)?;
     check(system["staged"]["state"] == "staged", || format!("after staging: {system}"))?;
-    let from = reboot(run, &mut m, "upgrade: slot B", BOOT_TIMEOUT)?;
+    let from = reboot(run, &mut m, RebootBy::Api, "upgrade: slot B", BOOT_TIMEOUT)?;
     let upgrade_secs = started.elapsed().as_secs_f64();
     let api = Api::new(m.api_port, &run.key);
     let system = api.expect(200, "GET", "/system", &Value::Null)?;
@@ -211,13 +267,57 @@ fn fallback(run: &mut Run, disk: &Path, id: &str, broken: &Path, good_version: &
     let mut m = run.boot("fallback: slot B", disk, DiskFormat::Raw, Network::Outbound)?;
     let staged = stage(m.api_port, &run.key, broken)?;
     check(staged["slot"] == "a", || format!("broken image staged: {staged}"))?;
-    let from = reboot(run, &mut m, "fallback: broken slot A tried, back on B", Duration::from_secs(1800))?;
+    let from = reboot(run, &mut m, RebootBy::Keyboard, "fallback: broken slot A tried, back on B", Duration::from_secs(1800))?;
     let panics = m.console()[from..].matches("Kernel panic").count();
     check(panics == init::boot::entry::DEFAULT_TRIES as usize, || format!("expected {} panicking tries of the broken image, saw {panics}", init::boot::entry::DEFAULT_TRIES))?;
     let api = Api::new(m.api_port, &run.key);
     let system = api.expect(200, "GET", "/system", &Value::Null)?;
     check(system["slot"] == "b" && system["version"] == good_version && system["state"] == "committed", || format!("after the fallback: {system}"))?;
     check(system["staged"]["state"] == "failed", || format!("the broken upgrade is not reported as failed: {system}"))?;
+    data_intact(&api, id)?;
+    power_down(&mut m)
+}
+
+/// On slot A, the power is cut while a staged image is being installed into slot B: the next
+/// boot is slot A, committed, nothing staged, the upload removed, data intact.
+fn power_cut_while_installing(run: &mut Run, disk: &Path, id: &str, image: &Path, base: &str) -> Result<()> {
+    let mut m = run.boot("power cut while installing: slot A", disk, DiskFormat::Raw, Network::Outbound)?;
+    let from = m.console().len();
+    let (port, key, image) = (m.api_port, run.key.clone(), image.to_path_buf());
+    let staging = std::thread::spawn(move || stage(port, &key, &image));
+    m.wait_for_console("upgrade image received", from, UPLOAD_TIMEOUT)?;
+    // Into the copy of the system partition (it takes tens of seconds under emulation).
+    std::thread::sleep(Duration::from_secs(5));
+    m.kill();
+    let cut = staging.join().map_err(|_| err!("the staging thread panicked"))?;
+    check(cut.is_err(), || format!("the staging finished before the power cut: {cut:?}"))?;
+    let mut m = run.boot("power cut while installing: next boot", disk, DiskFormat::Raw, Network::Outbound)?;
+    m.wait_for_console("removed an interrupted upgrade upload", 0, Duration::from_secs(5))?;
+    let api = Api::new(m.api_port, &run.key);
+    let system = api.expect(200, "GET", "/system", &Value::Null)?;
+    check(system["slot"] == "a" && system["version"] == base && system["state"] == "committed", || format!("after the power cut: {system}"))?;
+    check(system["staged"].is_null(), || format!("a half-installed slot is offered for booting: {system}"))?;
+    data_intact(&api, id)?;
+    power_down(&mut m)
+}
+
+/// On the committed slot B, stage an image whose API never answers healthy into A and reboot:
+/// on each try init's watchdog reboots after TRIAL_SECS, then systemd-boot boots B again.
+fn watchdog_fallback(run: &mut Run, disk: &Path, id: &str, unhealthy: &Path, good_version: &str) -> Result<()> {
+    let mut m = run.boot("watchdog: slot B", disk, DiskFormat::Raw, Network::Outbound)?;
+    let staged = stage(m.api_port, &run.key, unhealthy)?;
+    check(staged["slot"] == "a", || format!("unhealthy image staged: {staged}"))?;
+    let timeout = Duration::from_secs(600 + 3 * TRIAL_SECS);
+    let from = reboot(run, &mut m, RebootBy::Api, "watchdog: unhealthy slot A tried, back on B", timeout)?;
+    let tail = &m.console()[from..];
+    let missing = tail.matches("DATA DISK MISSING").count();
+    let gave_up = tail.matches(&format!("UPGRADE FAILED: the API did not answer healthy within {TRIAL_SECS}s on slot a")).count();
+    let tries = init::boot::entry::DEFAULT_TRIES as usize;
+    check(missing == tries && gave_up == tries, || format!("expected {tries} unhealthy tries each ended by the watchdog; saw {missing} data-disk reports and {gave_up} watchdog reboots"))?;
+    let api = Api::new(m.api_port, &run.key);
+    let system = api.expect(200, "GET", "/system", &Value::Null)?;
+    check(system["slot"] == "b" && system["version"] == good_version && system["state"] == "committed", || format!("after the watchdog fallback: {system}"))?;
+    check(system["staged"]["state"] == "failed", || format!("the unhealthy upgrade is not reported as failed: {system}"))?;
     data_intact(&api, id)?;
     power_down(&mut m)
 }
@@ -235,6 +335,8 @@ impl Run {
             memory_mib: 3072,
             cpus: std::env::var("OC_QEMU_CPUS").ok().and_then(|c| c.parse().ok()).unwrap_or(qemu::default_cpus(accel)),
             api_port: qemu::free_port(0)?,
+            // The configuration file gives the appliance this address.
+            api_guest_addr: Some(STATIC_IP),
             // The key comes from the configuration file on the EFI partition, not fw_cfg.
             admin_key_file: None,
             proxy_config_file: None,

@@ -31,17 +31,7 @@ fn sealed_requests(appliance: &mut Appliance) -> Result<()> {
     let upstream = appliance.upstream.as_ref().ok_or_else(|| err!("this appliance was booted without the test upstream"))?;
     let before = upstream.received()?.len();
 
-    // The documented request: the key in a header.
-    let header_call = "curl -sS -o /dev/null -w '%{http_code}' https://api.anthropic.com/v1/messages \
-        -H \"x-api-key: $ANTHROPIC_API_KEY\" -H 'content-type: application/json' -d '{\"model\":\"m\"}'";
-    let (code, out, err) = api.run(&sid, header_call, 60)?;
-    check(code == 0 && out == "200", || format!("curl with the key in a header: exit {code}, {out:?}, {err:?}"))?;
-    // The key in a JSON body.
-    let body_call = "curl -sS -o /dev/null -w '%{http_code}' https://api.anthropic.com/v1/complete \
-        -H 'content-type: application/json' -d \"{\\\"api_key\\\": \\\"$ANTHROPIC_API_KEY\\\", \\\"n\\\": 1}\"";
-    let (code, out, err) = api.run(&sid, body_call, 60)?;
-    check(code == 0 && out == "200", || format!("curl with the key in the body: exit {code}, {out:?}, {err:?}"))?;
-
+    send_key_twice(&api, &sid, "ANTHROPIC_API_KEY")?;
     let received = upstream.expect_real_key(before, SECRET)?;
 
     // A host outside the allowlist: the proxy answers 403 naming it.
@@ -118,4 +108,24 @@ fn secret_search(appliance: &mut Appliance) -> Result<()> {
     let tokens = count_in_file(&appliance.data_disk, b"osb_sealed_")?;
     eprintln!("[qemu-test]   secret search: {}; sealed tokens on the data disk (memory dump, sandbox disks): {tokens}", report.join("; "));
     check(tokens > 0, || "no sealed token found on the data disk: the search does not see the memory dump".into())
+}
+
+/// From sandbox `sid`, curl sends the sealed token in `$env` to api.anthropic.com twice (through
+/// the proxy): in an `x-api-key` header, then in a JSON body; both must answer 200.
+/// Upstream::expect_real_key checks what arrived.
+pub fn send_key_twice(api: &Api, sid: &str, env: &str) -> Result<()> {
+    // The documented request: the key in a header.
+    let header_call = format!(
+        "curl -sS -o /dev/null -w '%{{http_code}}' https://api.anthropic.com/v1/messages \\
+        -H \"x-api-key: ${env}\" -H 'content-type: application/json' -d '{{\"model\":\"m\"}}'"
+    );
+    let (code, out, err) = api.run(sid, &header_call, 60)?;
+    check(code == 0 && out == "200", || format!("curl with the key in a header: exit {code}, {out:?}, {err:?}"))?;
+    // The key in a JSON body.
+    let body_call = format!(
+        "curl -sS -o /dev/null -w '%{{http_code}}' https://api.anthropic.com/v1/complete \\
+        -H 'content-type: application/json' -d \"{{\\\"api_key\\\": \\\"${env}\\\", \\\"n\\\": 1}}\""
+    );
+    let (code, out, err) = api.run(sid, &body_call, 60)?;
+    check(code == 0 && out == "200", || format!("curl with the key in the body: exit {code}, {out:?}, {err:?}"))
 }
