@@ -236,6 +236,16 @@ struct SmallResult {
     p50_ms: f64,
 }
 
+impl SmallResult {
+    /// `OC_PROXY_BENCH_LARGE_ONLY`: the small-request phase was not run (NaN in the last line).
+    fn skipped() -> Self {
+        SmallResult {
+            rps: f64::NAN,
+            p50_ms: f64::NAN,
+        }
+    }
+}
+
 async fn small_phase(t: &Target) -> Result<SmallResult, BoxError> {
     let mut body = vec![b'x'; SMALL_BODY];
     body[100..100 + TOKEN.len()].copy_from_slice(TOKEN.as_bytes());
@@ -312,6 +322,72 @@ async fn large_once(t: &Target, body: &Arc<Vec<u8>>) -> Result<f64, BoxError> {
     Ok(body.len() as f64 / 1e6 / secs)
 }
 
+/// CPU time of this process's threads by role (thread name prefix), from
+/// /proc/self/task/*/schedstat: shows which stage of the pipeline costs what.
+#[derive(Default)]
+struct CpuByRole {
+    upstream_ns: u64,
+    proxy_ns: u64,
+    client_ns: u64,
+}
+
+impl CpuByRole {
+    fn now() -> Self {
+        let mut t = CpuByRole::default();
+        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+            return t;
+        };
+        for task in tasks.flatten() {
+            let dir = task.path();
+            let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+            let ns: u64 = std::fs::read_to_string(dir.join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0);
+            if comm.starts_with("bench-upstream") {
+                t.upstream_ns += ns;
+            } else if comm.starts_with("bench-proxy") {
+                t.proxy_ns += ns;
+            } else {
+                t.client_ns += ns;
+            }
+        }
+        t
+    }
+
+    /// Milliseconds spent since `earlier`: (client, proxy, upstream).
+    fn since(&self, earlier: &CpuByRole) -> [f64; 3] {
+        let ms = |a: u64, b: u64| a.saturating_sub(b) as f64 / 1e6;
+        [
+            ms(self.client_ns, earlier.client_ns),
+            ms(self.proxy_ns, earlier.proxy_ns),
+            ms(self.upstream_ns, earlier.upstream_ns),
+        ]
+    }
+}
+
+fn cpu_text([client, proxy, upstream]: [f64; 3]) -> String {
+    format!("cpu ms: client {client:.0} proxy {proxy:.0} upstream {upstream:.0}")
+}
+
+/// What the CPU times imply for the proxy path: a body cannot cross it faster than its CPU
+/// divided by the cores, nor faster than the proxy's own stage (one connection is one task, so
+/// one thread at a time). Against the measured direct speed that caps the ratio.
+fn cpu_bound_text(direct: &[[f64; 3]], via: &[[f64; 3]], direct_mbps: f64) -> String {
+    let total = |v: &[[f64; 3]]| median(v.iter().map(|c| c.iter().sum()).collect());
+    let proxy_stage = median(via.iter().map(|c| c[1]).collect());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let (d, p) = (total(direct), total(via));
+    let floor_ms = (p / cores).max(proxy_stage);
+    let best_mbps = LARGE_BODY as f64 / 1e6 / (floor_ms / 1e3);
+    format!(
+        "cpu per body (medians): direct {d:.0} ms, through the proxy {p:.0} ms, of which the proxy's stage \
+         {proxy_stage:.0} ms; on {cores} cores the proxy path needs >= {floor_ms:.0} ms per body (<= {best_mbps:.0} MB/s), \
+         so against direct {direct_mbps:.0} MB/s large_ratio <= {:.2} here",
+        best_mbps / direct_mbps
+    )
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
@@ -362,6 +438,7 @@ fn start_servers() -> Result<Servers, BoxError> {
     let pki = upstream_pki()?;
     let upstream_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
+        .thread_name("bench-upstream")
         .enable_all()
         .build()?;
     let upstream_listener = upstream_rt.block_on(TcpListener::bind("127.0.0.1:0"))?;
@@ -394,6 +471,7 @@ fn start_servers() -> Result<Servers, BoxError> {
     let proxy = Proxy::new(cfg, registry)?;
     let proxy_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_name("bench-proxy")
         .enable_all()
         .build()?;
     let proxy_listener = proxy_rt.block_on(TcpListener::bind("127.0.0.1:0"))?;
@@ -437,8 +515,12 @@ async fn run_async(servers: &Servers) -> Result<String, BoxError> {
         client_config: client_config(proxy_ca)?,
     };
 
-    let d_small = small_phase(&direct).await?;
-    let p_small = small_phase(&via).await?;
+    let large_only = std::env::var_os("OC_PROXY_BENCH_LARGE_ONLY").is_some();
+    let (d_small, p_small) = if large_only {
+        (SmallResult::skipped(), SmallResult::skipped())
+    } else {
+        (small_phase(&direct).await?, small_phase(&via).await?)
+    };
     println!(
         "small (1 KiB POST, {SMALL_CONNS} conns, {}s each): direct {:.0} rps p50 {:.3} ms; proxy {:.0} rps p50 {:.3} ms",
         SMALL_DURATION.as_secs(),
@@ -450,14 +532,25 @@ async fn run_async(servers: &Servers) -> Result<String, BoxError> {
 
     let body = Arc::new(body_with_tokens(LARGE_BODY));
     let (mut d_large, mut p_large) = (Vec::new(), Vec::new());
+    let (mut d_cpu, mut p_cpu) = (Vec::new(), Vec::new());
     for round in 0..LARGE_ROUNDS {
+        let before = CpuByRole::now();
         let d = large_once(&direct, &body).await?;
+        let mid = CpuByRole::now();
         let p = large_once(&via, &body).await?;
-        println!("large round {round}: direct {d:.0} MB/s, proxy {p:.0} MB/s");
+        let after = CpuByRole::now();
+        d_cpu.push(mid.since(&before));
+        p_cpu.push(after.since(&mid));
+        println!(
+            "large round {round}: direct {d:.0} MB/s ({}), proxy {p:.0} MB/s ({})",
+            cpu_text(mid.since(&before)),
+            cpu_text(after.since(&mid))
+        );
         d_large.push(d);
         p_large.push(p);
     }
     let (d_large, p_large) = (median(d_large), median(p_large));
+    println!("{}", cpu_bound_text(&d_cpu, &p_cpu, d_large));
     let subst = tokio::task::spawn_blocking(subst_gbps).await?;
     Ok(format!(
         "proxy-bench small_rps={:.0} direct_small_rps={:.0} added_p50_ms={:.3} large_mbps={:.0} direct_large_mbps={:.0} large_ratio={:.2} subst_gbps={:.2}",
@@ -475,6 +568,7 @@ pub fn run() -> Result<(), BoxError> {
     let servers = start_servers()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_name("bench-client")
         .enable_all()
         .build()?;
     let line = rt.block_on(run_async(&servers))?;
