@@ -32,9 +32,26 @@ pub fn upgrade(app: &App, request: &mut Request) -> Result<Reply, AppError> {
     };
     let dir = app.upgrades.dir();
     std::fs::create_dir_all(dir).map_err(|e| AppError::internal(format!("create {}: {e}", dir.display())))?;
+    let gzip = match crate::http::request::header(request, "Content-Encoding").map(|v| v.trim().to_ascii_lowercase()) {
+        None => false,
+        Some(v) if v == "identity" => false,
+        Some(v) if v == "gzip" => true,
+        Some(other) => {
+            return Err(AppError::new(415, format!("Content-Encoding {other:?} is not supported: send the raw image, or gzip it with Content-Encoding: gzip")));
+        }
+    };
     let staging = app.upgrades.staging_file();
     let started = std::time::Instant::now();
-    let (bytes, sha256) = receive::receive(request.as_reader(), &staging, MAX_IMAGE_BYTES).map_err(|e| match e {
+    // The image is checked and hashed as it was built (uncompressed); the size limit applies to
+    // it too, so a small gzip bomb is refused like a large image.
+    let mut gunzip;
+    let body: &mut dyn std::io::Read = if gzip {
+        gunzip = flate2::read::MultiGzDecoder::new(request.as_reader());
+        &mut gunzip
+    } else {
+        request.as_reader()
+    };
+    let (bytes, sha256) = receive::receive(body, &staging, MAX_IMAGE_BYTES).map_err(|e| match e {
         receive::ReceiveError::TooLarge(limit) => AppError::too_large(format!("an image larger than {limit} bytes is refused")),
         receive::ReceiveError::Read(e) => AppError::bad_request(format!("cannot read the uploaded image: {e}")),
         receive::ReceiveError::Write(e) => AppError::internal(format!("cannot store the uploaded image: {e}")),

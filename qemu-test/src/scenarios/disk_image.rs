@@ -7,7 +7,8 @@
 //! port forward goes to it), a host name, and the sealing proxy's host map and extra trusted CA
 //! for the test upstream, which a sandbox's sealed key then reaches. A/B upgrade: a power cut
 //! while an upgrade is being installed leaves the running slot in charge and the upload is
-//! cleaned up; a rebuilt image (another version) staged through `POST /api/system/upgrade` runs
+//! cleaned up; a rebuilt image (another version) staged gzip-compressed through
+//! `POST /api/system/upgrade` (uploads it cannot read are refused first) runs
 //! from slot B after `POST /api/system/reboot` with the project and secret intact and is
 //! committed; a broken image staged next panics on each of its tries and systemd-boot falls back
 //! to the committed slot; an image whose API never answers healthy (its data disk is missing)
@@ -37,7 +38,8 @@ const UPLOAD_TIMEOUT: Duration = Duration::from_secs(1200);
 /// mounting a root device, which does not exist. panic=10 reboots.
 const BROKEN_CMDLINE: &str = "rdinit=/no-such-init";
 /// An image that boots but never gets healthy: its data disk is not found, so the appliance
-/// answers 503; init gives each try TRIAL_SECS before rebooting.
+/// answers 503; init gives each try TRIAL_SECS before rebooting. Its kernel command line
+/// overrides both the default data partition and the file's `trial_timeout = 600`.
 const TRIAL_SECS: u64 = 40;
 const UNHEALTHY_CMDLINE: &str = "oc.data=/dev/no-such-disk oc.trial_timeout=40";
 /// The static address the configuration file gives the appliance (QEMU's user network).
@@ -77,7 +79,8 @@ pub fn run() -> Result<String> {
     let text = format!(
         "# written by qemu-test e2e-disk\nadmin_key = {}\nhostname = oc-disk-e2e\nhostnmae = a-typo\n\
          net = static\nip = {STATIC_IP}/24\ngw = 10.0.2.2\ndns = 10.0.2.3\n\
-         trusted_ca = {CA_FILE}\nhost.api.anthropic.com = 10.0.2.2\nallow_private = 10.0.2.2/32\n",
+         trusted_ca = {CA_FILE}\nhost.api.anthropic.com = 10.0.2.2\nallow_private = 10.0.2.2/32\n\
+         trial_timeout = 600\n",
         run.key
     );
     std::fs::write(&conf, text).ctx(|| "write the test configuration".into())?;
@@ -186,10 +189,26 @@ fn qcow2_boot(run: &mut Run, pristine: &Path) -> Result<u64> {
     Ok(qcow2_size)
 }
 
+#[derive(Clone, Copy, Debug)]
+enum Upload {
+    Raw,
+    /// `gzip -1`, sent with `Content-Encoding: gzip` (about a tenth of the bytes).
+    Gzip,
+}
+
 /// Stages `image` through the API; returns the answer.
-fn stage(api_port: u16, key: &str, image: &Path) -> Result<Value> {
-    let body = std::fs::read(image).ctx(|| format!("read {}", image.display()))?;
-    let headers = [("X-API-Key", key), ("Content-Type", "application/octet-stream")];
+fn stage(api_port: u16, key: &str, image: &Path, upload: Upload) -> Result<Value> {
+    let mut headers = vec![("X-API-Key", key), ("Content-Type", "application/octet-stream")];
+    let body = match upload {
+        Upload::Raw => std::fs::read(image).ctx(|| format!("read {}", image.display()))?,
+        Upload::Gzip => {
+            headers.push(("Content-Encoding", "gzip"));
+            let out = Command::new("gzip").args(["-1", "-c"]).arg(image).output().ctx(|| "run gzip".into())?;
+            check(out.status.success(), || format!("gzip {}: {}", image.display(), String::from_utf8_lossy(&out.stderr)))?;
+            out.stdout
+        }
+    };
+    eprintln!("[qemu-test] uploading {} ({upload:?}, {} MiB)", image.display(), body.len() >> 20);
     let resp = image::http::request(api_port, "POST", "/api/system/upgrade", &headers, &body, UPLOAD_TIMEOUT)?;
     let value: Value = serde_json::from_slice(&resp.body).unwrap_or(Value::Null);
     check(resp.status == 200, || format!("POST /api/system/upgrade: {} {}", resp.status, resp.text()))?;
@@ -237,12 +256,20 @@ fn upgrade(run: &mut Run, disk: &Path, id: &str, rebuilt: &Path, base: &str, reb
     let api = Api::new(m.api_port, &run.key);
     let system = api.expect(200, "GET", "/system", &Value::Null)?;
     check(system["slot"] == "a" && system["version"] == base && system["state"] == "committed", || format!("before the upgrade: {system}"))?;
+    // Uploads the appliance cannot read are refused plainly and leave nothing staged.
+    for (encoding, body, status, says) in [("br", &b"x"[..], 415, "Content-Encoding \"br\" is not supported"), ("gzip", &b"not gzip at all"[..], 400, "cannot read the uploaded image")] {
+        let headers = [("X-API-Key", run.key.as_str()), ("Content-Encoding", encoding)];
+        let resp = image::http::request(m.api_port, "POST", "/api/system/upgrade", &headers, body, Duration::from_secs(60))?;
+        check(resp.status == status && resp.text().contains(says), || format!("a {encoding} upload of {body:?}: {} {}", resp.status, resp.text()))?;
+    }
+    let system = api.expect(200, "GET", "/system", &Value::Null)?;
+    check(system["staged"].is_null(), || format!("a refused upload left something staged: {system}"))?;
     let started = Instant::now();
-    let staged = stage(m.api_port, &run.key, rebuilt)?;
+    let staged = stage(m.api_port, &run.key, rebuilt, Upload::Gzip)?;
     let upload = started.elapsed().as_secs_f64();
     eprintln!("[qemu-test] staged in {upload:.1}s: {staged}");
-    run.times.push(("upgrade: upload + stage".into(), upload));
-    for (key, what) in [("receiveSeconds", "upgrade: of which upload to the data disk"), ("installSeconds", "upgrade: of which checks + install into slot B")] {
+    run.times.push(("upgrade: upload (gzip) + stage".into(), upload));
+    for (key, what) in [("receiveSeconds", "upgrade: of which upload + gunzip to the data disk"), ("installSeconds", "upgrade: of which checks + install into slot B")] {
         run.times.push((what.into(), staged[key].as_f64().unwrap_or(f64::NAN)));
     }
     check(staged["slot"] == "b" && staged["version"] == rebuilt_version, || format!("staged: {staged}"))?;
@@ -265,7 +292,7 @@ fn upgrade(run: &mut Run, disk: &Path, id: &str, rebuilt: &Path, base: &str, reb
 /// systemd-boot boots B again, data intact.
 fn fallback(run: &mut Run, disk: &Path, id: &str, broken: &Path, good_version: &str) -> Result<()> {
     let mut m = run.boot("fallback: slot B", disk, DiskFormat::Raw, Network::Outbound)?;
-    let staged = stage(m.api_port, &run.key, broken)?;
+    let staged = stage(m.api_port, &run.key, broken, Upload::Raw)?;
     check(staged["slot"] == "a", || format!("broken image staged: {staged}"))?;
     let from = reboot(run, &mut m, RebootBy::Keyboard, "fallback: broken slot A tried, back on B", Duration::from_secs(1800))?;
     let panics = m.console()[from..].matches("Kernel panic").count();
@@ -284,7 +311,7 @@ fn power_cut_while_installing(run: &mut Run, disk: &Path, id: &str, image: &Path
     let mut m = run.boot("power cut while installing: slot A", disk, DiskFormat::Raw, Network::Outbound)?;
     let from = m.console().len();
     let (port, key, image) = (m.api_port, run.key.clone(), image.to_path_buf());
-    let staging = std::thread::spawn(move || stage(port, &key, &image));
+    let staging = std::thread::spawn(move || stage(port, &key, &image, Upload::Gzip));
     m.wait_for_console("upgrade image received", from, UPLOAD_TIMEOUT)?;
     // Into the copy of the system partition (it takes tens of seconds under emulation).
     std::thread::sleep(Duration::from_secs(5));
@@ -305,7 +332,7 @@ fn power_cut_while_installing(run: &mut Run, disk: &Path, id: &str, image: &Path
 /// on each try init's watchdog reboots after TRIAL_SECS, then systemd-boot boots B again.
 fn watchdog_fallback(run: &mut Run, disk: &Path, id: &str, unhealthy: &Path, good_version: &str) -> Result<()> {
     let mut m = run.boot("watchdog: slot B", disk, DiskFormat::Raw, Network::Outbound)?;
-    let staged = stage(m.api_port, &run.key, unhealthy)?;
+    let staged = stage(m.api_port, &run.key, unhealthy, Upload::Gzip)?;
     check(staged["slot"] == "a", || format!("unhealthy image staged: {staged}"))?;
     let timeout = Duration::from_secs(600 + 3 * TRIAL_SECS);
     let from = reboot(run, &mut m, RebootBy::Api, "watchdog: unhealthy slot A tried, back on B", timeout)?;
