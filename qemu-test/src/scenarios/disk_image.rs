@@ -260,7 +260,9 @@ fn upgrade(run: &mut Run, disk: &Path, id: &str, rebuilt: &Path, base: &str, reb
     for (encoding, body, status, says) in [("br", &b"x"[..], 415, "Content-Encoding \"br\" is not supported"), ("gzip", &b"not gzip at all"[..], 400, "cannot read the uploaded image")] {
         let headers = [("X-API-Key", run.key.as_str()), ("Content-Encoding", encoding)];
         let resp = image::http::request(m.api_port, "POST", "/api/system/upgrade", &headers, body, Duration::from_secs(60))?;
-        check(resp.status == status && resp.text().contains(says), || format!("a {encoding} upload of {body:?}: {} {}", resp.status, resp.text()))?;
+        let error: Value = serde_json::from_slice(&resp.body).unwrap_or(Value::Null);
+        let error = error["error"].as_str().unwrap_or("");
+        check(resp.status == status && error.contains(says), || format!("a {encoding} upload of {body:?}: {} {}", resp.status, resp.text()))?;
     }
     let system = api.expect(200, "GET", "/system", &Value::Null)?;
     check(system["staged"].is_null(), || format!("a refused upload left something staged: {system}"))?;
