@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -35,20 +36,24 @@ impl Drop for ServerProcess {
     }
 }
 
-/// Starts `appliance serve` on a free port; stdout and stderr go to `log`.
-// The child is returned to the caller inside a guard that waits for it.
-#[allow(clippy::zombie_processes)]
+/// Starts `appliance serve` on a free port with a temporary data directory and key.
 fn spawn_server(data_dir: &Path, log: &Path) -> (ServerProcess, SocketAddr) {
     let key = write_key_file(data_dir);
+    spawn_serve(&[OsStr::new("--data-dir"), data_dir.as_os_str(), OsStr::new("--admin-key-file"), key.as_os_str()], log)
+}
+
+/// Starts `appliance serve --listen 127.0.0.1:0 --vmm-bin /nonexistent/vmm` plus `args`;
+/// stdout and stderr go to `log`. Returns once it says where it listens.
+// The child is returned to the caller inside a guard that waits for it.
+#[allow(clippy::zombie_processes)]
+fn spawn_serve(args: &[&OsStr], log: &Path) -> (ServerProcess, SocketAddr) {
     // Logs are appended across restarts: only lines after this offset belong to this start.
     let offset = fs::metadata(log).map(|m| m.len() as usize).unwrap_or(0);
     let out = File::options().create(true).append(true).open(log).expect("log");
     let err = out.try_clone().expect("log");
     let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--vmm-bin", "/nonexistent/vmm", "--data-dir"])
-        .arg(data_dir)
-        .arg("--admin-key-file")
-        .arg(&key)
+        .args(["serve", "--listen", "127.0.0.1:0", "--vmm-bin", "/nonexistent/vmm"])
+        .args(args)
         .stdout(Stdio::from(out))
         .stderr(Stdio::from(err))
         .spawn()
@@ -234,29 +239,11 @@ fn secret_values_never_reach_disk_logs_or_responses() {
 fn without_its_data_disk_the_appliance_stores_nothing_and_every_route_says_why() {
     let dir = temp_dir("nodatadisk");
     let log = dir.join("appliance.log");
-    let out = File::create(&log).expect("log");
     let data = dir.join("data");
     fs::create_dir_all(&data).expect("data dir");
     let key = write_key_file(&dir);
-    let child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--vmm-bin", "/nonexistent/vmm", "--require-data-mount", "--admin-key-file"])
-        .arg(&key)
-        .arg("--data-dir")
-        .arg(&data)
-        .stdout(Stdio::from(out.try_clone().expect("clone")))
-        .stderr(Stdio::from(out))
-        .spawn()
-        .expect("spawn");
-    let child = ServerProcess(Some(child));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let addr: SocketAddr = loop {
-        let text = fs::read_to_string(&log).unwrap_or_default();
-        if let Some(line) = text.lines().find(|l| l.contains("listening on http://")) {
-            break line.rsplit("http://").next().expect("addr").parse().expect("addr");
-        }
-        assert!(Instant::now() < deadline, "no start: {text}");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let args = [OsStr::new("--require-data-mount"), OsStr::new("--admin-key-file"), key.as_os_str(), OsStr::new("--data-dir"), data.as_os_str()];
+    let (child, addr) = spawn_serve(&args, &log);
     let mut admin = Client::new(addr, Some(ADMIN_KEY));
     let (status, v) = admin.call("GET", "/api/healthz", "");
     assert_eq!(status, 503, "{v}");
@@ -277,24 +264,7 @@ fn binary_reports_bad_usage_and_missing_admin_key_plainly() {
 
     let dir = temp_dir("nokey");
     let log = dir.join("appliance.log");
-    let out = File::create(&log).expect("log");
-    let child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--vmm-bin", "/nonexistent/vmm", "--admin-key-file", "/nonexistent/key", "--data-dir"])
-        .arg(&dir)
-        .stdout(Stdio::from(out.try_clone().expect("clone")))
-        .stderr(Stdio::from(out))
-        .spawn()
-        .expect("spawn");
-    let child = ServerProcess(Some(child));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let addr: SocketAddr = loop {
-        let text = fs::read_to_string(&log).unwrap_or_default();
-        if let Some(line) = text.lines().find(|l| l.contains("listening on http://")) {
-            break line.rsplit("http://").next().expect("addr").parse().expect("addr");
-        }
-        assert!(Instant::now() < deadline, "no start: {text}");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let (child, addr) = spawn_serve(&[OsStr::new("--admin-key-file"), OsStr::new("/nonexistent/key"), OsStr::new("--data-dir"), dir.as_os_str()], &log);
     let text = fs::read_to_string(&log).expect("log");
     assert!(text.contains("no admin API key configured"), "{text}");
     let mut anon = Client::new(addr, Some("whatever-key-0123456789"));

@@ -242,6 +242,13 @@ fn reboot(run: &mut Run, m: &mut Machine, by: RebootBy, what: &str, timeout: Dur
     Ok(from)
 }
 
+/// `GET /api/system` says the appliance runs `version` from `slot`, committed; returns the answer.
+fn expect_committed(api: &Api, slot: &str, version: &str, when: &str) -> Result<Value> {
+    let system = api.expect(200, "GET", "/system", &Value::Null)?;
+    check(system["slot"] == slot && system["version"] == version && system["state"] == "committed", || format!("{when}: {system}"))?;
+    Ok(system)
+}
+
 fn data_intact(api: &Api, id: &str) -> Result<()> {
     let project = api.expect(200, "GET", &format!("/projects/{id}"), &Value::Null)?;
     check(project["name"] == PROJECT, || format!("the project did not survive: {project}"))?;
@@ -254,8 +261,7 @@ fn data_intact(api: &Api, id: &str) -> Result<()> {
 fn upgrade(run: &mut Run, disk: &Path, id: &str, rebuilt: &Path, base: &str, rebuilt_version: &str) -> Result<f64> {
     let mut m = run.boot("upgrade: slot A", disk, DiskFormat::Raw, Network::Outbound)?;
     let api = Api::new(m.api_port, &run.key);
-    let system = api.expect(200, "GET", "/system", &Value::Null)?;
-    check(system["slot"] == "a" && system["version"] == base && system["state"] == "committed", || format!("before the upgrade: {system}"))?;
+    expect_committed(&api, "a", base, "before the upgrade")?;
     // Uploads the appliance cannot read are refused plainly and leave nothing staged.
     for (encoding, body, status, says) in [("br", &b"x"[..], 415, "Content-Encoding \"br\" is not supported"), ("gzip", &b"not gzip at all"[..], 400, "cannot read the uploaded image")] {
         let headers = [("X-API-Key", run.key.as_str()), ("Content-Encoding", encoding)];
@@ -300,8 +306,7 @@ fn fallback(run: &mut Run, disk: &Path, id: &str, broken: &Path, good_version: &
     let panics = m.console()[from..].matches("Kernel panic").count();
     check(panics == init::boot::entry::DEFAULT_TRIES as usize, || format!("expected {} panicking tries of the broken image, saw {panics}", init::boot::entry::DEFAULT_TRIES))?;
     let api = Api::new(m.api_port, &run.key);
-    let system = api.expect(200, "GET", "/system", &Value::Null)?;
-    check(system["slot"] == "b" && system["version"] == good_version && system["state"] == "committed", || format!("after the fallback: {system}"))?;
+    let system = expect_committed(&api, "b", good_version, "after the fallback")?;
     check(system["staged"]["state"] == "failed", || format!("the broken upgrade is not reported as failed: {system}"))?;
     data_intact(&api, id)?;
     power_down(&mut m)
@@ -323,8 +328,7 @@ fn power_cut_while_installing(run: &mut Run, disk: &Path, id: &str, image: &Path
     let mut m = run.boot("power cut while installing: next boot", disk, DiskFormat::Raw, Network::Outbound)?;
     m.wait_for_console("removed an interrupted upgrade upload", 0, Duration::from_secs(5))?;
     let api = Api::new(m.api_port, &run.key);
-    let system = api.expect(200, "GET", "/system", &Value::Null)?;
-    check(system["slot"] == "a" && system["version"] == base && system["state"] == "committed", || format!("after the power cut: {system}"))?;
+    let system = expect_committed(&api, "a", base, "after the power cut")?;
     check(system["staged"].is_null(), || format!("a half-installed slot is offered for booting: {system}"))?;
     data_intact(&api, id)?;
     power_down(&mut m)
@@ -344,8 +348,7 @@ fn watchdog_fallback(run: &mut Run, disk: &Path, id: &str, unhealthy: &Path, goo
     let tries = init::boot::entry::DEFAULT_TRIES as usize;
     check(missing == tries && gave_up == tries, || format!("expected {tries} unhealthy tries each ended by the watchdog; saw {missing} data-disk reports and {gave_up} watchdog reboots"))?;
     let api = Api::new(m.api_port, &run.key);
-    let system = api.expect(200, "GET", "/system", &Value::Null)?;
-    check(system["slot"] == "b" && system["version"] == good_version && system["state"] == "committed", || format!("after the watchdog fallback: {system}"))?;
+    let system = expect_committed(&api, "b", good_version, "after the watchdog fallback")?;
     check(system["staged"]["state"] == "failed", || format!("the unhealthy upgrade is not reported as failed: {system}"))?;
     data_intact(&api, id)?;
     power_down(&mut m)
