@@ -9,8 +9,6 @@ use crate::host::{self, run_quiet, tool};
 use std::path::Path;
 use std::process::Command;
 
-/// Files and directories on the ESP get this date (FAT cannot store dates before 1980).
-pub const EPOCH: &str = "946684800"; // 2000-01-01 00:00:00 UTC
 pub const VOLUME_LABEL: &str = "OC-ESP";
 
 pub fn ensure_tools() -> Result<()> {
@@ -27,7 +25,7 @@ pub fn build(out: &Path, size_bytes: u64, files: &[(&str, &Path)]) -> Result<()>
             .args(["-C", "-F", "32", "-S", "512", "-n", VOLUME_LABEL, "--invariant"])
             .arg(out)
             .arg(kib.to_string())
-            .env("SOURCE_DATE_EPOCH", EPOCH),
+            .env("SOURCE_DATE_EPOCH", crate::SOURCE_DATE_EPOCH.to_string()),
     )?;
     let mut dirs: Vec<String> = Vec::new();
     for (path, _) in files {
@@ -59,7 +57,7 @@ pub fn copy_in(image: &Path, offset_spec: &str, path: &str, source: &Path) -> Re
     let mut cmd = Command::new("mcopy");
     // -o: overwrite without asking. File and directory times come from SOURCE_DATE_EPOCH.
     cmd.arg("-o").arg("-i").arg(format!("{}{offset_spec}", image.display())).arg(source).arg(&target);
-    cmd.env("SOURCE_DATE_EPOCH", EPOCH).env("MTOOLS_SKIP_CHECK", "1");
+    cmd.env("SOURCE_DATE_EPOCH", crate::SOURCE_DATE_EPOCH.to_string()).env("MTOOLS_SKIP_CHECK", "1");
     run_quiet(&mut cmd).map(|_| ()).ctx(|| format!("copy {} to {target}", source.display()))
 }
 
@@ -73,7 +71,7 @@ pub fn read_file(image: &Path, offset_spec: &str, path: &str) -> Result<String> 
 
 fn mtools(command: &str, image: &Path) -> Command {
     let mut cmd = Command::new(command);
-    cmd.arg("-i").arg(image).env("SOURCE_DATE_EPOCH", EPOCH).env("MTOOLS_SKIP_CHECK", "1");
+    cmd.arg("-i").arg(image).env("SOURCE_DATE_EPOCH", crate::SOURCE_DATE_EPOCH.to_string()).env("MTOOLS_SKIP_CHECK", "1");
     cmd
 }
 

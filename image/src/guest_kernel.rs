@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 const SOURCE_PACKAGE: &str = "linux-source-6.1";
 /// Bump when the build commands below change in a way that changes the output.
-const RECIPE: &[u8] = b"allnoconfig+fragment, make bzImage, keep stripped vmlinux, v2";
+const RECIPE: &[u8] = b"allnoconfig+fragment, make bzImage, keep stripped vmlinux, fixed build identity, v3";
 
 pub struct GuestKernel {
     pub bzimage: PathBuf,
@@ -100,6 +100,12 @@ fn compile(source: &Path, fragment_file: &Path, fragment: &str, out: &Path, step
     let make = |args: &[&str]| -> Command {
         let mut cmd = Command::new("make");
         cmd.arg("-C").arg(source).arg(format!("O={}", build.display())).arg("ARCH=x86_64").args(args);
+        // The version string (`uname -v`, the boot banner) would carry the build's clock, user
+        // and host name; fixed, two builds of the same inputs give the same kernel.
+        cmd.env("KBUILD_BUILD_TIMESTAMP", "Sat Jan  1 00:00:00 UTC 2000")
+            .env("KBUILD_BUILD_USER", "opencomputer")
+            .env("KBUILD_BUILD_HOST", "opencomputer")
+            .env("KBUILD_BUILD_VERSION", "1");
         cmd
     };
     let mut configure = make(&["allnoconfig"]);

@@ -27,4 +27,8 @@ pub mod uki;
 pub mod userland;
 pub mod workspace;
 
+/// The date files the build itself writes carry in the image (FAT cannot store dates before
+/// 1980), so that a build does not depend on when it ran.
+pub const SOURCE_DATE_EPOCH: i64 = 946_684_800; // 2000-01-01 00:00:00 UTC
+
 pub use error::{Error, Result};

@@ -25,7 +25,7 @@ const SLACK_BYTES: u64 = 64 << 20;
 /// the appliance uses to notice a changed template after an upgrade.
 pub fn build(templates: &[Template]) -> Result<PathBuf> {
     let step = Step::start("system disk");
-    let mut inputs: Vec<(String, Vec<u8>)> = vec![("recipe".into(), b"system ext4 v1".to_vec())];
+    let mut inputs: Vec<(String, Vec<u8>)> = vec![("recipe".into(), b"system ext4 v2".to_vec())];
     for t in templates {
         inputs.push((format!("template {}", t.name), t.id.as_bytes().to_vec()));
     }
@@ -60,6 +60,6 @@ fn pack(templates: &[Template], out: &Path) -> Result<()> {
     }
     let size_kib = (allocated + allocated / 8 + SLACK_BYTES) / 1024;
     let identity = ext4::Identity { label: LABEL, uuid: FS_UUID, hash_seed: HASH_SEED };
-    ext4::from_dir(&staging, out, &format!("{size_kib}k"), &identity, &["-m", "0"])?;
+    ext4::from_dir(&staging, out, &format!("{size_kib}k"), &identity, &["-m", "0"], crate::SOURCE_DATE_EPOCH)?;
     Ok(())
 }

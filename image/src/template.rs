@@ -21,6 +21,15 @@ const DISK_SIZE: &str = "2G";
 const FS_UUID: &str = "5a1db0c5-0c0c-4e1e-9b2a-0a7c0ffee000";
 const HASH_SEED: &str = "0c0ffee0-5a1d-4b0c-8e3a-5eed00000000";
 const CA_BUNDLE_FILE: &str = "ca-certificates.crt";
+/// Files mmdebstrap copies from the build host (or leaves out) that a sandbox gets its own
+/// version of: a sandbox resolves no names itself (its traffic goes through the appliance's
+/// proxy, which resolves them), its hostname comes from its kernel command line, and
+/// `localhost` must resolve without a DNS server.
+const SANDBOX_FILES: &[(&str, &str)] = &[
+    ("etc/resolv.conf", "# Names are resolved by the appliance's proxy (HTTPS_PROXY), not here.\n"),
+    ("etc/hostname", "sandbox\n"),
+    ("etc/hosts", "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"),
+];
 
 pub struct Template {
     pub name: &'static str,
@@ -60,7 +69,7 @@ pub fn build_base(sandbox_init: &Path) -> Result<Template> {
     let step = Step::start("template base");
     host::ensure(&[tool("mmdebstrap", "mmdebstrap"), tool("mkfs.ext4", "e2fsprogs")])?;
     let packages = BASE_PACKAGES.join(",");
-    let rootfs_key = cache::key(&[("suite", SUITE.as_bytes()), ("packages", packages.as_bytes()), ("recipe", b"minbase v1")]);
+    let rootfs_key = cache::key(&[("suite", SUITE.as_bytes()), ("packages", packages.as_bytes()), ("recipe", b"minbase, SOURCE_DATE_EPOCH, v2")]);
     let rootfs = Entry::new("rootfs-base", &rootfs_key);
     let mut outcome = Outcome::Cached;
     if !rootfs.is_complete() {
@@ -69,14 +78,17 @@ pub fn build_base(sandbox_init: &Path) -> Result<Template> {
             run_quiet(
                 Command::new("mmdebstrap")
                     .args(["--variant=minbase", "--quiet", "--mode=root", &format!("--include={packages}"), SUITE])
-                    .arg(dir.join("rootfs.tar")),
+                    .arg(dir.join("rootfs.tar"))
+                    // Reproducible output: fixed file times, no logs or caches that record the
+                    // run, and Python byte code checked by the source's hash instead of its time.
+                    .env("SOURCE_DATE_EPOCH", crate::SOURCE_DATE_EPOCH.to_string()),
             )
             .map(|_| ())
         })?;
         outcome = Outcome::Built;
     }
     let init_bytes = std::fs::read(sandbox_init).ctx(|| format!("read {}", sandbox_init.display()))?;
-    let disk_key = cache::key(&[("rootfs", rootfs_key.as_bytes()), ("init", &init_bytes), ("size", DISK_SIZE.as_bytes()), ("recipe", b"ext4 v2")]);
+    let disk_key = cache::key(&[("rootfs", rootfs_key.as_bytes()), ("init", &init_bytes), ("size", DISK_SIZE.as_bytes()), ("recipe", b"ext4 v4")]);
     let disk = Entry::new("template-base", &disk_key);
     if !disk.is_complete() {
         disk.fill(|dir| pack(&rootfs.path("rootfs.tar"), sandbox_init, dir))?;
@@ -95,13 +107,22 @@ fn pack(rootfs_tar: &Path, sandbox_init: &Path, dir: &Path) -> Result<()> {
     let staging = dir.join("staging");
     std::fs::create_dir_all(&staging).ctx(|| format!("create {}", staging.display()))?;
     run_quiet(Command::new("tar").arg("-xpf").arg(rootfs_tar).arg("-C").arg(&staging).arg("--numeric-owner"))?;
+    // What the root filesystem brought keeps its times (Python's caches record them); what is
+    // written below gets the newest of them, not the build's clock.
+    let newest = ext4::newest_mtime(&staging)?;
+    for (path, content) in SANDBOX_FILES {
+        let target = staging.join(path);
+        // resolv.conf may be a symlink into the build host's resolver; replace, not follow.
+        let _ = std::fs::remove_file(&target);
+        std::fs::write(&target, content).ctx(|| format!("write {}", target.display()))?;
+    }
     let init_target = staging.join(SANDBOX_INIT_PATH.trim_start_matches('/'));
     std::fs::copy(sandbox_init, &init_target).ctx(|| format!("install {}", init_target.display()))?;
     run_quiet(Command::new("chmod").arg("0755").arg(&init_target))?;
     let roots = staging.join("etc/ssl/certs/ca-certificates.crt");
     std::fs::copy(&roots, dir.join(CA_BUNDLE_FILE)).ctx(|| format!("copy {}", roots.display()))?;
     let identity = ext4::Identity { label: "base", uuid: FS_UUID, hash_seed: HASH_SEED };
-    ext4::from_dir(&staging, &out, DISK_SIZE, &identity, &[])?;
+    ext4::from_dir(&staging, &out, DISK_SIZE, &identity, &[], newest)?;
     Ok(())
 }
 

@@ -30,6 +30,10 @@ fn commands_and_files(appliance: &mut Appliance) -> Result<()> {
     check(code == 0 && out == "hi\n", || format!("echo hi: exit {code}, stdout {out:?}"))?;
     let (code, out, _) = api.run(&id, "uname -a", 30)?;
     check(code == 0 && out.starts_with("Linux sandbox-"), || format!("uname -a: exit {code}, {out:?}"))?;
+    // The template's own name files, not the build host's: localhost resolves without DNS,
+    // and the build machine's resolver address is not in it.
+    let (code, out, _) = api.run(&id, "getent ahostsv4 localhost | head -n1 | cut -d' ' -f1; grep -c nameserver /etc/resolv.conf; cat /etc/hostname", 30)?;
+    check(code == 0 && out == "127.0.0.1\n0\nsandbox\n", || format!("name files: exit {code}, {out:?}"))?;
     let (code, _, err) = api.run(&id, "echo oops >&2; exit 7", 30)?;
     check(code == 7 && err == "oops\n", || format!("failing command: exit {code}, stderr {err:?}"))?;
 
