@@ -223,11 +223,17 @@ fn round_up(value: u64, to: u64) -> u64 {
 
 /// The byte offset of the ESP inside an image built here, in mtools' `@@offset` form.
 pub fn esp_offset_spec(image: &Path) -> Result<String> {
+    let (offset, _) = partition_extent(image, layout::ESP_NAME)?;
+    Ok(format!("@@{offset}"))
+}
+
+/// Where the partition named `name` lies in a disk image: (byte offset, size in bytes).
+pub fn partition_extent(image: &Path, name: &str) -> Result<(u64, u64)> {
     let mut file = File::open(image).ctx(|| format!("open {}", image.display()))?;
     let sectors = file.metadata().ctx(|| format!("stat {}", image.display()))?.len() / SECTOR;
     let (table, _) = Gpt::read_from(&mut file, sectors).map_err(|e| err!("{}: {e}", image.display()))?;
-    let (_, esp) = table.find(layout::ESP_NAME).ok_or_else(|| err!("{} has no {} partition", image.display(), layout::ESP_NAME))?;
-    Ok(format!("@@{}", esp.offset_bytes()))
+    let (_, partition) = table.find(name).ok_or_else(|| err!("{} has no {name} partition", image.display()))?;
+    Ok((partition.offset_bytes(), partition.size_bytes()))
 }
 
 #[cfg(test)]

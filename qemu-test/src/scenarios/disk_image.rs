@@ -3,7 +3,8 @@
 //! configuration file on its EFI partition. Checks: API ready, a project survives a reboot (on
 //! a disk grown in between, so the data partition is grown too), the appliance serves and runs
 //! a sandbox with the network unplugged (templates come from the image), and the same image
-//! converted to compressed qcow2 boots. The configuration file also sets a static address (the
+//! converted to compressed qcow2 boots. Power is cut three times during API writes: every
+//! acknowledged write survives and the data partition checks clean. The configuration file also sets a static address (the
 //! port forward goes to it), a host name, and the sealing proxy's host map and extra trusted CA
 //! for the test upstream, which a sandbox's sealed key then reaches. A/B upgrade: a power cut
 //! while an upgrade is being installed leaves the running slot in charge and the upload is
@@ -13,11 +14,12 @@
 //! committed; a broken image staged next panics on each of its tries and systemd-boot falls back
 //! to the committed slot; an image whose API never answers healthy (its data disk is missing)
 //! is rebooted by init's trial watchdog on each try and falls back too; data intact throughout.
-//! Prints the measurements. `OC_E2E_DISK_ONLY=upgrade` runs only the first boot and the upgrades.
+//! Prints the measurements. `OC_E2E_DISK_ONLY=upgrade` runs only the first boot and the upgrades,
+//! `OC_E2E_DISK_ONLY=cuts` only the rest.
 
 use crate::api::Api;
 use crate::upstream::Upstream;
-use super::check;
+use super::{check, power_loss};
 use image::err;
 use image::error::{Context, Result};
 use image::esp;
@@ -43,6 +45,8 @@ const BROKEN_CMDLINE: &str = "rdinit=/no-such-init";
 const TRIAL_SECS: u64 = 40;
 const UNHEALTHY_CMDLINE: &str = "oc.data=/dev/no-such-disk oc.trial_timeout=40";
 /// The static address the configuration file gives the appliance (QEMU's user network).
+/// Power cuts during API writes on the disk image (the kernel-boot e2e suite does ten).
+const DISK_CUT_ROUNDS: usize = 3;
 const STATIC_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 0, 2, 50);
 const SEALED_VALUE: &str = "sk-disk-e2e-sealed-0123456789";
 /// The ESP file name of the extra CA the configuration file names.
@@ -56,7 +60,13 @@ struct Run {
 
 pub fn run() -> Result<String> {
     let started = Instant::now();
-    let only_upgrade = std::env::var("OC_E2E_DISK_ONLY").is_ok_and(|v| v == "upgrade");
+    let only = std::env::var("OC_E2E_DISK_ONLY").ok();
+    let (upgrades, others) = match only.as_deref() {
+        None => (true, true),
+        Some("upgrade") => (true, false),
+        Some("cuts") => (false, true),
+        Some(other) => return Err(err!("OC_E2E_DISK_ONLY={other}: expected upgrade or cuts")),
+    };
     let (_, built) = pipeline::build_disk(Variant::Product)?;
     qemu::ensure_disk_tools()?;
     let dir = image::workspace::target_dir().join("qemu-test-disk");
@@ -120,14 +130,18 @@ pub fn run() -> Result<String> {
     check(!m.console().contains(SEALED_VALUE), || "the secret appears on the console".into())?;
     power_down(&mut m)?;
 
-    if !only_upgrade {
+    if others {
         more_boots(&mut run, &disk, &id)?;
+        power_cuts_during_writes(&mut run, &disk)?;
     }
-    power_cut_while_installing(&mut run, &disk, &id, &rebuilt, &base_version)?;
-    let upgrade_secs = upgrade(&mut run, &disk, &id, &rebuilt, &base_version, &rebuilt_version)?;
-    fallback(&mut run, &disk, &id, &broken, &rebuilt_version)?;
-    watchdog_fallback(&mut run, &disk, &id, &unhealthy, &rebuilt_version)?;
-    let qcow2_size = if only_upgrade { 0 } else { qcow2_boot(&mut run, &pristine)? };
+    let mut upgrade_secs = 0.0;
+    if upgrades {
+        power_cut_while_installing(&mut run, &disk, &id, &rebuilt, &base_version)?;
+        upgrade_secs = upgrade(&mut run, &disk, &id, &rebuilt, &base_version, &rebuilt_version)?;
+        fallback(&mut run, &disk, &id, &broken, &rebuilt_version)?;
+        watchdog_fallback(&mut run, &disk, &id, &unhealthy, &rebuilt_version)?;
+    }
+    let qcow2_size = if others { qcow2_boot(&mut run, &pristine)? } else { 0 };
 
     let mut report = format!(
         "disk image {} (a copy of the first build)\n  sha256 {}\n  raw size {} MiB ({} MiB allocated), qcow2 -c {} MiB\n  upgrade (upload + reboot to API ready on slot B): {upgrade_secs:.1}s\n",
@@ -172,6 +186,29 @@ fn more_boots(run: &mut Run, disk: &Path, id: &str) -> Result<()> {
     let (code, out, err_out) = api.run(&sid, "echo hi", 60)?;
     check(code == 0 && out == "hi\n", || format!("echo hi in a sandbox: exit {code}, stdout {out:?}, stderr {err_out:?}"))?;
     run.times.push(("sandbox created + echo hi (unplugged)".into(), sandbox_started.elapsed().as_secs_f64()));
+    power_down(&mut m)
+}
+
+/// Power cuts during API writes on the disk image itself (the data filesystem on partition 4
+/// of the boot disk): each round boots, finds every write acknowledged so far, has four
+/// clients write projects, kills QEMU mid-stream and checks the data partition of a copy.
+fn power_cuts_during_writes(run: &mut Run, disk: &Path) -> Result<()> {
+    let mut acknowledged: Vec<String> = Vec::new();
+    for round in 0..DISK_CUT_ROUNDS {
+        let mut m = run.boot(&format!("power cut {} of {DISK_CUT_ROUNDS} during writes", round + 1), disk, DiskFormat::Raw, Network::Outbound)?;
+        power_loss::check_present(&Api::new(m.api_port, &run.key), &acknowledged)?;
+        let prefix = format!("disk-cut-{round}");
+        // Early, middle and late in the stream of 200.
+        let (acked, in_flight) = power_loss::write_until_cut(&mut m, &run.key, &prefix, power_loss::cut_point(round * 4))?;
+        let cut_at = acked.len();
+        acknowledged.extend(acked);
+        let extent = image::disk_image::partition_extent(disk, init::layout::DATA_NAME)?;
+        power_loss::check_xfs_after_cut(disk, Some(extent), &run.dir).map_err(|e| err!("{prefix}: {e}"))?;
+        eprintln!("[qemu-test]   {prefix}: cut after {cut_at} acknowledged writes ({in_flight} in flight), data partition clean");
+    }
+    let mut m = run.boot("after the power cuts", disk, DiskFormat::Raw, Network::Outbound)?;
+    power_loss::check_present(&Api::new(m.api_port, &run.key), &acknowledged)?;
+    eprintln!("[qemu-test]   {DISK_CUT_ROUNDS} power cuts on the disk image, {} acknowledged writes, none lost", acknowledged.len());
     power_down(&mut m)
 }
 

@@ -7,10 +7,12 @@ use super::{check, xfs_check};
 use image::host::run_quiet;
 use crate::api::Api;
 use crate::harness::{Appliance, Scenario, SHUTDOWN_TIMEOUT};
+use image::qemu::Machine;
 use image::err;
 use image::error::{Context, Result};
 use serde_json::{json, Value};
 use std::collections::HashSet;
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -41,12 +43,11 @@ fn power_cuts(appliance: &mut Appliance) -> Result<()> {
         let boot = started.elapsed();
         check_present(&Api::of(appliance), &acknowledged)?;
         // Cut after a different number of acknowledged writes each round, from early to late.
-        let cut_after = 10 + (round * 173) % (WRITES - 40);
-        let (acked, in_flight) = write_until_cut(appliance, round, cut_after)?;
-        check(acked.len() < WRITES, || format!("round {round}: all {WRITES} writes finished before the cut"))?;
+        let key = appliance.api_key.clone();
+        let (acked, in_flight) = write_until_cut(&mut appliance.machine, &key, &format!("cut-{round}"), cut_point(round))?;
         let cut_at = acked.len();
         acknowledged.extend(acked);
-        check_filesystem_after_cut(appliance, round)?;
+        check_xfs_after_cut(&appliance.data_disk, None, &appliance.run_dir).map_err(|e| err!("round {round}: {e}"))?;
         eprintln!(
             "[qemu-test]   round {}: booted in {:.1}s, cut after {} acknowledged writes ({in_flight} in flight), filesystem clean",
             round + 1,
@@ -64,10 +65,16 @@ fn power_cuts(appliance: &mut Appliance) -> Result<()> {
     Ok(())
 }
 
-/// Four clients write projects `cut-<round>-<n>`; QEMU is killed once `cut_after` have been
+/// After how many acknowledged writes round `round` cuts: a different point each round, from
+/// early to late in the stream.
+pub fn cut_point(round: usize) -> usize {
+    10 + (round * 173) % (WRITES - 40)
+}
+
+/// Four clients write projects `<prefix>-<n>`; QEMU is killed once `cut_after` have been
 /// acknowledged. Returns the acknowledged names and how many requests were in flight at the cut.
-fn write_until_cut(appliance: &mut Appliance, round: usize, cut_after: usize) -> Result<(Vec<String>, usize)> {
-    let (port, key) = (appliance.machine.api_port, appliance.api_key.clone());
+pub fn write_until_cut(machine: &mut Machine, key: &str, prefix: &str, cut_after: usize) -> Result<(Vec<String>, usize)> {
+    let port = machine.api_port;
     let next = AtomicUsize::new(0);
     let sent = AtomicUsize::new(0);
     let acked: Mutex<Vec<String>> = Mutex::new(Vec::new());
@@ -75,13 +82,13 @@ fn write_until_cut(appliance: &mut Appliance, round: usize, cut_after: usize) ->
     std::thread::scope(|scope| -> Result<()> {
         for _ in 0..WRITERS {
             scope.spawn(|| {
-                let api = Api::new(port, &key);
+                let api = Api::new(port, key);
                 loop {
                     let n = next.fetch_add(1, Ordering::SeqCst);
                     if n >= WRITES {
                         return;
                     }
-                    let name = format!("cut-{round}-{n}");
+                    let name = format!("{prefix}-{n}");
                     sent.fetch_add(1, Ordering::SeqCst);
                     match api.call("POST", "/projects", &json!({"name": name, "memoryMB": 256 + n})) {
                         Ok((201, _)) => acked.lock().unwrap_or_else(|e| e.into_inner()).push(name),
@@ -94,20 +101,22 @@ fn write_until_cut(appliance: &mut Appliance, round: usize, cut_after: usize) ->
         let deadline = Instant::now() + Duration::from_secs(120);
         while acked.lock().unwrap_or_else(|e| e.into_inner()).len() < cut_after {
             if Instant::now() > deadline {
-                appliance.machine.kill();
-                return Err(err!("round {round}: fewer than {cut_after} writes acknowledged in 120 s"));
+                machine.kill();
+                return Err(err!("{prefix}: fewer than {cut_after} writes acknowledged in 120 s"));
             }
             std::thread::sleep(Duration::from_millis(1));
         }
         let acked_now = acked.lock().unwrap_or_else(|e| e.into_inner()).len();
-        appliance.machine.kill();
+        machine.kill();
         in_flight = sent.load(Ordering::SeqCst).saturating_sub(acked_now);
         Ok(())
     })?;
-    Ok((acked.into_inner().unwrap_or_else(|e| e.into_inner()), in_flight))
+    let acked = acked.into_inner().unwrap_or_else(|e| e.into_inner());
+    check(acked.len() < WRITES, || format!("{prefix}: all {WRITES} writes finished before the cut"))?;
+    Ok((acked, in_flight))
 }
 
-fn check_present(api: &Api, acknowledged: &[String]) -> Result<()> {
+pub fn check_present(api: &Api, acknowledged: &[String]) -> Result<()> {
     let listing = api.expect(200, "GET", "/projects", &Value::Null)?;
     let names: HashSet<&str> = listing.as_array().map(|a| a.iter().filter_map(|p| p["name"].as_str()).collect()).unwrap_or_default();
     let missing: Vec<&String> = acknowledged.iter().filter(|n| !names.contains(n.as_str())).collect();
@@ -116,16 +125,27 @@ fn check_present(api: &Api, acknowledged: &[String]) -> Result<()> {
 
 /// A cut leaves a dirty XFS log, which `xfs_repair -n` refuses to judge. A copy of the disk is
 /// mounted on the host (replaying its log exactly as the next boot will) and then checked; the
-/// original stays untouched for the appliance's own recovery.
-fn check_filesystem_after_cut(appliance: &Appliance, round: usize) -> Result<()> {
-    let copy = appliance.run_dir.join("power-cut-copy.img");
-    let mount_point = appliance.run_dir.join("power-cut-mnt");
+/// original stays untouched for the appliance's own recovery. `extent` (byte offset, size)
+/// picks the data partition out of a whole disk image.
+pub fn check_xfs_after_cut(disk: &Path, extent: Option<(u64, u64)>, scratch: &Path) -> Result<()> {
+    let copy = scratch.join("power-cut-copy.img");
+    let mount_point = scratch.join("power-cut-mnt");
     let _ = std::fs::remove_file(&copy);
-    run_quiet(Command::new("cp").arg("--sparse=always").arg("--reflink=auto").arg(&appliance.data_disk).arg(&copy))?;
+    run_quiet(Command::new("cp").arg("--sparse=always").arg("--reflink=auto").arg(disk).arg(&copy))?;
     std::fs::create_dir_all(&mount_point).ctx(|| format!("create {}", mount_point.display()))?;
-    let mounted = run_quiet(Command::new("mount").args(["-t", "xfs", "-o", "loop"]).arg(&copy).arg(&mount_point));
-    let unmounted = mounted.and_then(|_| run_quiet(Command::new("umount").arg(&mount_point)));
-    let checked = unmounted.and_then(|_| xfs_check(&copy));
+    let mut attach = Command::new("losetup");
+    attach.args(["--find", "--show"]);
+    if let Some((offset, size)) = extent {
+        attach.arg("--offset").arg(offset.to_string()).arg("--sizelimit").arg(size.to_string());
+    }
+    let checked = run_quiet(attach.arg(&copy)).and_then(|out| {
+        let device = out.trim().to_string();
+        let mounted = run_quiet(Command::new("mount").args(["-t", "xfs", &device]).arg(&mount_point));
+        let unmounted = mounted.and_then(|_| run_quiet(Command::new("umount").arg(&mount_point)));
+        let checked = unmounted.and_then(|_| run_quiet(Command::new("xfs_repair").arg("-n").arg(&device)).map(|_| ()));
+        let detached = run_quiet(Command::new("losetup").arg("--detach").arg(&device));
+        checked.and(detached.map(|_| ()))
+    });
     let _ = std::fs::remove_file(&copy);
-    checked.map_err(|e| err!("round {round}: {e}"))
+    checked
 }
