@@ -349,16 +349,26 @@ fn fallback(run: &mut Run, disk: &Path, id: &str, broken: &Path, good_version: &
     power_down(&mut m)
 }
 
-/// On slot A, the power is cut while a staged image is being installed into slot B: the next
-/// boot is slot A, committed, nothing staged, the upload removed, data intact.
+/// On slot A, the power is cut while a staged image is being installed into slot B (reboot,
+/// power-off and a second upgrade are refused with 409 meanwhile): the next boot is slot A,
+/// committed, nothing staged, the upload removed, data intact.
 fn power_cut_while_installing(run: &mut Run, disk: &Path, id: &str, image: &Path, base: &str) -> Result<()> {
     let mut m = run.boot("power cut while installing: slot A", disk, DiskFormat::Raw, Network::Outbound)?;
     let from = m.console().len();
     let (port, key, image) = (m.api_port, run.key.clone(), image.to_path_buf());
     let staging = std::thread::spawn(move || stage(port, &key, &image, Upload::Gzip));
     m.wait_for_console("upgrade image received", from, UPLOAD_TIMEOUT)?;
+    let received = Instant::now();
+    // While it installs, power requests and a second upgrade are refused, not queued.
+    let api = Api::new(m.api_port, &run.key);
+    for (path, body) in [("/system/reboot", &b""[..]), ("/system/poweroff", &b""[..]), ("/system/upgrade", &b"not an image"[..])] {
+        let (status, answer) = api.raw("POST", path, body)?;
+        let answer: Value = serde_json::from_slice(&answer).unwrap_or(Value::Null);
+        let said = answer["error"].as_str().unwrap_or("");
+        check(status == 409 && said.contains("upgrade is being staged"), || format!("POST {path} while installing: {status} {answer}"))?;
+    }
     // Into the copy of the system partition (it takes tens of seconds under emulation).
-    std::thread::sleep(Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(5).saturating_sub(received.elapsed()));
     m.kill();
     let cut = staging.join().map_err(|_| err!("the staging thread panicked"))?;
     check(cut.is_err(), || format!("the staging finished before the power cut: {cut:?}"))?;

@@ -25,35 +25,49 @@ fn commands_and_files(appliance: &mut Appliance) -> Result<()> {
     let started = Instant::now();
     let id = api.create_sandbox(&json!({}))?;
     eprintln!("[qemu-test]   sandbox {id} created in {:.1}s", started.elapsed().as_secs_f64());
+    if let Err(e) = commands_and_files_in(&api, &id) {
+        // Leave no VMM behind for the leak checks of the scenarios that follow.
+        let _ = api.call("DELETE", &format!("/sandboxes/{id}"), &Value::Null);
+        return Err(e);
+    }
 
-    let (code, out, _) = api.run(&id, "echo hi", 30)?;
+    api.expect(204, "DELETE", &format!("/sandboxes/{id}"), &Value::Null)?;
+    let (status, after) = api.call("GET", &format!("/sandboxes/{id}"), &Value::Null)?;
+    check(status == 404, || format!("after DELETE: {status} {after}"))?;
+    let (status, _) = api.call("POST", &format!("/sandboxes/{id}/commands"), &json!({"cmd": "true"}))?;
+    check(status == 404, || format!("a command for a deleted sandbox answered {status}"))
+}
+
+/// Commands and files in the running sandbox `id`.
+fn commands_and_files_in(api: &Api, id: &str) -> Result<()> {
+    let (code, out, _) = api.run(id, "echo hi", 30)?;
     check(code == 0 && out == "hi\n", || format!("echo hi: exit {code}, stdout {out:?}"))?;
-    let (code, out, _) = api.run(&id, "uname -a", 30)?;
+    let (code, out, _) = api.run(id, "uname -a", 30)?;
     check(code == 0 && out.starts_with("Linux sandbox-"), || format!("uname -a: exit {code}, {out:?}"))?;
     // The template's own name files, not the build host's: localhost resolves without DNS
     // (as a program asks for it, through Python), and no build machine's resolver is in it.
     let names = "python3 -c 'import socket; print(socket.gethostbyname(\"localhost\"))'; grep -c nameserver /etc/resolv.conf; cat /etc/hostname";
-    let (code, out, err) = api.run(&id, names, 60)?;
+    let (code, out, err) = api.run(id, names, 60)?;
     check(code == 0 && out == "127.0.0.1\n0\nsandbox\n", || format!("name files: exit {code}, {out:?}, stderr {err:?}"))?;
-    let (code, _, err) = api.run(&id, "echo oops >&2; exit 7", 30)?;
+    let (code, _, err) = api.run(id, "echo oops >&2; exit 7", 30)?;
     check(code == 7 && err == "oops\n", || format!("failing command: exit {code}, stderr {err:?}"))?;
 
     let t = Instant::now();
-    let (code, _, err) = api.run(&id, "sleep 60", 2)?;
+    let (code, _, err) = api.run(id, "sleep 60", 2)?;
     let took = t.elapsed();
     check(code == 124 && err.contains("timeout") && took < Duration::from_secs(30), || {
         format!("timeout: exit {code}, stderr {err:?}, after {took:?}")
     })?;
     // The whole process group died with it: no sleep is left behind.
-    let (_, out, _) = api.run(&id, "ps -eo comm | grep -c '^sleep$' || true", 30)?;
+    let (_, out, _) = api.run(id, "ps -eo comm | grep -c '^sleep$' || true", 30)?;
     check(out.trim() == "0", || format!("{} sleep process(es) outlived the timeout", out.trim()))?;
 
-    let (code, out, _) = api.run(&id, "head -c 1048576 /dev/zero | tr '\\0' x", 60)?;
+    let (code, out, _) = api.run(id, "head -c 1048576 /dev/zero | tr '\\0' x", 60)?;
     check(code == 0 && out.len() == 1 << 20 && out.bytes().all(|b| b == b'x'), || {
         format!("1 MiB of output: exit {code}, {} bytes", out.len())
     })?;
 
-    let (code, out, _) = api.run(&id, "echo $SSL_CERT_FILE; grep -c 'BEGIN CERTIFICATE' $SSL_CERT_FILE; echo $HTTPS_PROXY", 30)?;
+    let (code, out, _) = api.run(id, "echo $SSL_CERT_FILE; grep -c 'BEGIN CERTIFICATE' $SSL_CERT_FILE; echo $HTTPS_PROXY", 30)?;
     let lines: Vec<&str> = out.lines().collect();
     check(code == 0 && lines.len() == 3 && lines[1].parse::<u32>().unwrap_or(0) > 100 && lines[2] == "http://127.0.0.1:3128", || {
         format!("CA bundle and proxy settings: {out:?}")
@@ -68,18 +82,12 @@ fn commands_and_files(appliance: &mut Appliance) -> Result<()> {
     check(listing[0]["name"] == "blob.bin" && listing[0]["size"] == 65536 && listing[0]["isDir"] == false, || {
         format!("listing: {listing}")
     })?;
-    let (code, out, _) = api.run(&id, "sha256sum /root/data/blob.bin | cut -c1-16", 30)?;
+    let (code, out, _) = api.run(id, "sha256sum /root/data/blob.bin | cut -c1-16", 30)?;
     check(code == 0 && out.len() == 17, || format!("the agent's file is visible to commands: {out:?}"))?;
     api.expect(204, "POST", &format!("/sandboxes/{id}/files/mkdir?path=/root/a/b/c"), &Value::Null)?;
     api.expect(204, "DELETE", &format!("/sandboxes/{id}/files?path=/root/a"), &Value::Null)?;
     let (status, _) = api.call("GET", &format!("/sandboxes/{id}/files?path=/root/a/b"), &Value::Null)?;
-    check(status == 404, || format!("a removed directory answered {status}"))?;
-
-    api.expect(204, "DELETE", &format!("/sandboxes/{id}"), &Value::Null)?;
-    let (status, after) = api.call("GET", &format!("/sandboxes/{id}"), &Value::Null)?;
-    check(status == 404, || format!("after DELETE: {status} {after}"))?;
-    let (status, _) = api.call("POST", &format!("/sandboxes/{id}/commands"), &json!({"cmd": "true"}))?;
-    check(status == 404, || format!("a command for a deleted sandbox answered {status}"))
+    check(status == 404, || format!("a removed directory answered {status}"))
 }
 
 /// Waits for the appliance's log line about the VMM of `id` ending.
