@@ -539,13 +539,14 @@ async fn run_async(servers: &Servers) -> Result<String, BoxError> {
         let mid = CpuByRole::now();
         let p = large_once(&via, &body).await?;
         let after = CpuByRole::now();
-        d_cpu.push(mid.since(&before));
-        p_cpu.push(after.since(&mid));
+        let (d_ms, p_ms) = (mid.since(&before), after.since(&mid));
         println!(
             "large round {round}: direct {d:.0} MB/s ({}), proxy {p:.0} MB/s ({})",
-            cpu_text(mid.since(&before)),
-            cpu_text(after.since(&mid))
+            cpu_text(d_ms),
+            cpu_text(p_ms)
         );
+        d_cpu.push(d_ms);
+        p_cpu.push(p_ms);
         d_large.push(d);
         p_large.push(p);
     }

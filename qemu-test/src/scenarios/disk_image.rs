@@ -4,9 +4,10 @@
 //! a disk grown in between, so the data partition is grown too), the appliance serves and runs
 //! a sandbox with the network unplugged (templates come from the image), and the same image
 //! converted to compressed qcow2 boots. Power is cut three times during API writes: every
-//! acknowledged write survives and the data partition checks clean. The configuration file also sets a static address (the
-//! port forward goes to it), a host name, and the sealing proxy's host map and extra trusted CA
-//! for the test upstream, which a sandbox's sealed key then reaches. A/B upgrade: a power cut
+//! acknowledged write survives and the data partition checks clean. The configuration file
+//! also sets a static address (the port forward goes to it), a host name, and the sealing
+//! proxy's host map and extra trusted CA for the test upstream, which a sandbox's sealed key
+//! then reaches. A/B upgrade: a power cut
 //! while an upgrade is being installed leaves the running slot in charge and the upload is
 //! cleaned up; a rebuilt image (another version) staged gzip-compressed through
 //! `POST /api/system/upgrade` (uploads it cannot read are refused first) runs
@@ -44,9 +45,9 @@ const BROKEN_CMDLINE: &str = "rdinit=/no-such-init";
 /// overrides both the default data partition and the file's `trial_timeout = 600`.
 const TRIAL_SECS: u64 = 40;
 const UNHEALTHY_CMDLINE: &str = "oc.data=/dev/no-such-disk oc.trial_timeout=40";
-/// The static address the configuration file gives the appliance (QEMU's user network).
 /// Power cuts during API writes on the disk image (the kernel-boot e2e suite does ten).
 const DISK_CUT_ROUNDS: usize = 3;
+/// The static address the configuration file gives the appliance (QEMU's user network).
 const STATIC_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 0, 2, 50);
 const SEALED_VALUE: &str = "sk-disk-e2e-sealed-0123456789";
 /// The ESP file name of the extra CA the configuration file names.
@@ -193,6 +194,8 @@ fn more_boots(run: &mut Run, disk: &Path, id: &str) -> Result<()> {
 /// of the boot disk): each round boots, finds every write acknowledged so far, has four
 /// clients write projects, kills QEMU mid-stream and checks the data partition of a copy.
 fn power_cuts_during_writes(run: &mut Run, disk: &Path) -> Result<()> {
+    // The data partition was created and grown by the boots before; it stays where it is.
+    let extent = image::disk_image::partition_extent(disk, init::layout::DATA_NAME)?;
     let mut acknowledged: Vec<String> = Vec::new();
     for round in 0..DISK_CUT_ROUNDS {
         let mut m = run.boot(&format!("power cut {} of {DISK_CUT_ROUNDS} during writes", round + 1), disk, DiskFormat::Raw, Network::Outbound)?;
@@ -202,7 +205,6 @@ fn power_cuts_during_writes(run: &mut Run, disk: &Path) -> Result<()> {
         let (acked, in_flight) = power_loss::write_until_cut(&mut m, &run.key, &prefix, power_loss::cut_point(round * 4))?;
         let cut_at = acked.len();
         acknowledged.extend(acked);
-        let extent = image::disk_image::partition_extent(disk, init::layout::DATA_NAME)?;
         power_loss::check_xfs_after_cut(disk, Some(extent), &run.dir).map_err(|e| err!("{prefix}: {e}"))?;
         eprintln!("[qemu-test]   {prefix}: cut after {cut_at} acknowledged writes ({in_flight} in flight), data partition clean");
     }
@@ -361,9 +363,8 @@ fn power_cut_while_installing(run: &mut Run, disk: &Path, id: &str, image: &Path
     let received = Instant::now();
     // While it installs, power requests and a second upgrade are refused, not queued.
     let api = Api::new(m.api_port, &run.key);
-    for (path, body) in [("/system/reboot", &b""[..]), ("/system/poweroff", &b""[..]), ("/system/upgrade", &b"not an image"[..])] {
-        let (status, answer) = api.raw("POST", path, body)?;
-        let answer: Value = serde_json::from_slice(&answer).unwrap_or(Value::Null);
+    for path in ["/system/reboot", "/system/poweroff", "/system/upgrade"] {
+        let (status, answer) = api.call("POST", path, &Value::Null)?;
         let said = answer["error"].as_str().unwrap_or("");
         check(status == 409 && said.contains("upgrade is being staged"), || format!("POST {path} while installing: {status} {answer}"))?;
     }

@@ -22,7 +22,14 @@ pub fn check(ok: bool, what: impl FnOnce() -> String) -> Result<()> {
     }
 }
 
-/// `xfs_repair -n`: the XFS filesystem in `disk` (an image file) has no inconsistency.
+/// `xfs_repair -n`: the XFS filesystem in `disk` (an image file or a block device such as a
+/// loop device) has no inconsistency.
 pub fn xfs_check(disk: &Path) -> Result<()> {
-    image::host::run_quiet(Command::new("xfs_repair").args(["-n", "-f"]).arg(disk)).map(|_| ())
+    let mut cmd = Command::new("xfs_repair");
+    cmd.arg("-n");
+    // -f: the filesystem is in a regular file, not on a device.
+    if std::fs::metadata(disk).is_ok_and(|m| m.is_file()) {
+        cmd.arg("-f");
+    }
+    image::host::run_quiet(cmd.arg(disk)).map(|_| ())
 }

@@ -142,7 +142,7 @@ pub fn check_xfs_after_cut(disk: &Path, extent: Option<(u64, u64)>, scratch: &Pa
         let device = out.trim().to_string();
         let mounted = run_quiet(Command::new("mount").args(["-t", "xfs", &device]).arg(&mount_point));
         let unmounted = mounted.and_then(|_| run_quiet(Command::new("umount").arg(&mount_point)));
-        let checked = unmounted.and_then(|_| run_quiet(Command::new("xfs_repair").arg("-n").arg(&device)).map(|_| ()));
+        let checked = unmounted.and_then(|_| xfs_check(Path::new(&device)));
         let detached = run_quiet(Command::new("losetup").arg("--detach").arg(&device));
         checked.and(detached.map(|_| ()))
     });
