@@ -73,9 +73,7 @@ pub fn configure_admin_key(store: &Store, key_file: Option<&Path>) -> Result<Aut
         }
         return Ok(Auth { admin_hash: Some(hash) });
     }
-    let stored = store
-        .read(|rtxn, dbs| Ok(dbs.api_keys.get(rtxn, ADMIN_KEY_ID)?))
-        .map_err(|e| e.message)?;
+    let stored = store.read(|rtxn, dbs| Ok(dbs.api_keys.get(rtxn, ADMIN_KEY_ID)?)).map_err(|e| e.message)?;
     match stored.and_then(|r| parse_hash(&r.hash_hex)) {
         Some(hash) => {
             println!("appliance: using the stored admin API key hash (no key file given)");

@@ -55,7 +55,8 @@ pub fn run_load(addr: SocketAddr, api_key: &str, clients: usize, requests: usize
             for i in 0..requests {
                 let started = Instant::now();
                 let result = if i % 2 == 0 {
-                    let body = format!(r#"{{"name":"bench-{tag}-{c}-{i}","cpuCount":1,"memoryMB":512,"timeoutSec":300}}"#);
+                    let body =
+                        format!(r#"{{"name":"bench-{tag}-{c}-{i}","cpuCount":1,"memoryMB":512,"timeoutSec":300}}"#);
                     client.request("POST", "/api/projects", body.as_bytes())
                 } else {
                     let path = format!("/api/projects/{project_id}/secrets/API_KEY");
@@ -160,7 +161,10 @@ pub fn run(options: &BenchOptions) -> Result<String, String> {
         let _ = fs::remove_dir_all(&data_dir);
     }
     if real.errors > 0 || baseline.errors > 0 {
-        return Err(format!("benchmark requests failed: real {} errors, baseline {} errors", real.errors, baseline.errors));
+        return Err(format!(
+            "benchmark requests failed: real {} errors, baseline {} errors",
+            real.errors, baseline.errors
+        ));
     }
     println!(
         "api-bench: baseline p50_ms={:.3} p99_ms={:.3}",

@@ -71,7 +71,9 @@ impl Flags {
 fn number(name: &str, v: Option<String>, default: usize) -> Result<usize, String> {
     match v {
         None => Ok(default),
-        Some(s) => s.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| format!("{name} must be a positive integer")),
+        Some(s) => {
+            s.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| format!("{name} must be a positive integer"))
+        }
     }
 }
 
@@ -91,15 +93,19 @@ pub fn parse(args: Vec<String>) -> Result<Command, String> {
                 )),
                 master_key_file: flags.value("--master-key-file")?.map(PathBuf::from),
                 log_requests: !flags.switch("--quiet"),
-                stopped_retention: std::time::Duration::from_secs(
-                    number("--stopped-retention-sec", flags.value("--stopped-retention-sec")?, DEFAULT_STOPPED_RETENTION_SEC)? as u64,
-                ),
+                stopped_retention: std::time::Duration::from_secs(number(
+                    "--stopped-retention-sec",
+                    flags.value("--stopped-retention-sec")?,
+                    DEFAULT_STOPPED_RETENTION_SEC,
+                )? as u64),
                 power_control: flags.switch("--power-control"),
                 require_data_mount: flags.switch("--require-data-mount"),
             };
             let sandbox = SandboxOptions {
                 vmm_bin: config.vmm_bin.clone(),
-                guest_kernel: PathBuf::from(flags.value("--guest-kernel")?.unwrap_or_else(|| DEFAULT_GUEST_KERNEL.into())),
+                guest_kernel: PathBuf::from(
+                    flags.value("--guest-kernel")?.unwrap_or_else(|| DEFAULT_GUEST_KERNEL.into()),
+                ),
                 templates_dir: flags.value("--templates-dir")?.map(PathBuf::from),
                 ca_roots: PathBuf::from(flags.value("--ca-roots")?.unwrap_or_else(|| DEFAULT_CA_ROOTS.into())),
                 proxy_config: Some(PathBuf::from(

@@ -22,9 +22,14 @@ pub fn data_dir_problem(data_dir: &Path) -> Option<String> {
     if mounted {
         return None;
     }
-    let from_init = std::fs::read_to_string(init::layout::DATA_PROBLEM_FILE).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+    let from_init = std::fs::read_to_string(init::layout::DATA_PROBLEM_FILE)
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty());
     let why = from_init.unwrap_or_else(|| format!("{} is not a mounted filesystem", data_dir.display()));
-    Some(format!("the data disk is not available ({why}); nothing can be stored until it is fixed, see the appliance console"))
+    Some(format!(
+        "the data disk is not available ({why}); nothing can be stored until it is fixed, see the appliance console"
+    ))
 }
 
 /// Answers every request with 503 and `reason` until SIGTERM or SIGINT.
@@ -60,7 +65,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("oc-degraded-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("create dir");
         let problem = data_dir_problem(&dir).expect("a plain directory is refused");
-        assert!(problem.contains("data disk is not available") && problem.contains("see the appliance console"), "{problem}");
+        assert!(
+            problem.contains("data disk is not available") && problem.contains("see the appliance console"),
+            "{problem}"
+        );
         let _ = std::fs::remove_dir(&dir);
         // /proc is always its own filesystem.
         assert_eq!(data_dir_problem(Path::new("/proc")), None);

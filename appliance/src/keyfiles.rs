@@ -32,9 +32,8 @@ pub fn read_master_key(path: &Path) -> Result<MasterKey, String> {
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut raw))
         .map_err(|e| format!("cannot read master key {}: {e}", path.display()))?;
-    let bytes = decode_key(&raw).ok_or_else(|| {
-        format!("master key {} must hold 64 hex characters or 32 raw bytes", path.display())
-    })?;
+    let bytes = decode_key(&raw)
+        .ok_or_else(|| format!("master key {} must hold 64 hex characters or 32 raw bytes", path.display()))?;
     MasterKey::from_bytes(bytes.as_ref()).map_err(|e| format!("master key {}: {e}", path.display()))
 }
 
@@ -109,9 +108,7 @@ fn warn_if_readable_by_others(path: &Path) {
 
 pub fn sync_parent_dir(path: &Path) -> Result<(), String> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| format!("cannot fsync directory {}: {e}", dir.display()))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| format!("cannot fsync directory {}: {e}", dir.display()))
 }
 
 /// Exclusive ownership of a data directory for the life of this value.

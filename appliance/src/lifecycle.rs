@@ -393,7 +393,10 @@ pub fn spawn_reaper(
                     last_purge = std::time::Instant::now();
                     match purge_stopped(&app, now_unix(), retention) {
                         Ok(0) => {}
-                        Ok(n) => println!("appliance: forgot {n} sandbox record(s) that ended over {}s ago", retention.as_secs()),
+                        Ok(n) => println!(
+                            "appliance: forgot {n} sandbox record(s) that ended over {}s ago",
+                            retention.as_secs()
+                        ),
                         Err(e) => println!("appliance: could not purge stopped sandboxes: {}", e.message),
                     }
                 }

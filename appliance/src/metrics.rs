@@ -104,7 +104,9 @@ impl Metrics {
         out.push_str("# HELP appliance_sandbox_boot_failures_total Sandbox boots that failed.\n");
         out.push_str("# TYPE appliance_sandbox_boot_failures_total counter\n");
         let _ = writeln!(out, "appliance_sandbox_boot_failures_total {}", self.boot_failures.load(Ordering::Relaxed));
-        out.push_str("# HELP appliance_sandbox_boot_seconds Time from boot request to a sandbox ready for its environment.\n");
+        out.push_str(
+            "# HELP appliance_sandbox_boot_seconds Time from boot request to a sandbox ready for its environment.\n",
+        );
         out.push_str("# TYPE appliance_sandbox_boot_seconds histogram\n");
         self.boot_time.render(&mut out, "appliance_sandbox_boot_seconds");
         out.push_str("# HELP appliance_http_requests_total HTTP requests by route and status.\n");

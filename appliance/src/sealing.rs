@@ -142,7 +142,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("appliance-sealing-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("mkdir");
         let file = dir.join("proxy.json");
-        std::fs::write(&file, r#"{"hosts": {"API.example.com": "10.0.2.2"}, "allowPrivate": ["10.0.2.2/32"]}"#).expect("write");
+        std::fs::write(&file, r#"{"hosts": {"API.example.com": "10.0.2.2"}, "allowPrivate": ["10.0.2.2/32"]}"#)
+            .expect("write");
         let parsed = OperatorEgress::load(Some(&file)).expect("parse");
         let ca = CaPem::generate().expect("ca");
         let config = proxy_config(ca, "/etc/ssl/certs/ca-certificates.crt".into(), parsed).expect("config");

@@ -53,7 +53,10 @@ pub struct Running {
     _lock: DataDirLock,
 }
 
-fn open_keyring(config: &ServeConfig, store_needed: impl FnOnce() -> Result<Store, String>) -> Result<(Keyring, Store), String> {
+fn open_keyring(
+    config: &ServeConfig,
+    store_needed: impl FnOnce() -> Result<Store, String>,
+) -> Result<(Keyring, Store), String> {
     if let Some(path) = &config.master_key_file {
         let key = read_master_key(path)?;
         println!("appliance: master key {} loaded from {}", key.id_hex(), path.display());
@@ -112,7 +115,12 @@ pub fn start(config: &ServeConfig, side: SandboxSide) -> Result<Running, String>
     });
     lifecycle::reconcile_after_start(&app).map_err(|e| e.message)?;
     let reaper_stop = Arc::new(AtomicBool::new(false));
-    let reaper = lifecycle::spawn_reaper(Arc::clone(&app), Arc::clone(&reaper_stop), Duration::from_millis(250), config.stopped_retention);
+    let reaper = lifecycle::spawn_reaper(
+        Arc::clone(&app),
+        Arc::clone(&reaper_stop),
+        Duration::from_millis(250),
+        config.stopped_retention,
+    );
     let http = HttpServer::start(Arc::clone(&app), &config.listen)?;
     println!("appliance: listening on http://{}", http.addr());
     Ok(Running { app, http, reaper_stop, reaper, _lock: lock })

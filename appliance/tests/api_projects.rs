@@ -37,12 +37,9 @@ fn power_routes_refuse_plainly_when_init_does_not_control_the_machine() {
 fn every_other_route_needs_a_valid_key() {
     let h = Harness::start("auth");
     let mut anon = Client::new(h.addr, None);
-    for (method, path) in [
-        ("GET", "/api/projects"),
-        ("POST", "/api/sandboxes"),
-        ("GET", "/metrics"),
-        ("GET", "/api/does-not-exist"),
-    ] {
+    for (method, path) in
+        [("GET", "/api/projects"), ("POST", "/api/sandboxes"), ("GET", "/metrics"), ("GET", "/api/does-not-exist")]
+    {
         let (status, body) = anon.call(method, path, "");
         assert_eq!(status, 401, "{method} {path}");
         assert_eq!(body["error"], "missing X-API-Key header");
@@ -76,8 +73,10 @@ fn project_crud_with_validation() {
     // Defaults fill what is not given.
     let (status, d) = c.call("POST", "/api/projects", r#"{"name":"defaults"}"#);
     assert_eq!(status, 201);
-    assert_eq!((d["template"].as_str(), d["cpuCount"].as_u64(), d["memoryMB"].as_u64(), d["timeoutSec"].as_u64()),
-        (Some("base"), Some(1), Some(512), Some(300)));
+    assert_eq!(
+        (d["template"].as_str(), d["cpuCount"].as_u64(), d["memoryMB"].as_u64(), d["timeoutSec"].as_u64()),
+        (Some("base"), Some(1), Some(512), Some(300))
+    );
 
     let (status, body) = c.call("POST", "/api/projects", r#"{"name":"my-agent"}"#);
     assert_eq!(status, 409);

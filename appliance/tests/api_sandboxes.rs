@@ -16,7 +16,8 @@ fn project_with_secret(c: &mut Client, name: &str, secret: &str) -> String {
     let (status, p) = c.call("POST", "/api/projects", &body);
     assert_eq!(status, 201);
     let id = p["id"].as_str().expect("id").to_string();
-    let (status, _) = c.call("PUT", &format!("/api/projects/{id}/secrets/OPENAI_API_KEY"), &json!({"value": secret}).to_string());
+    let (status, _) =
+        c.call("PUT", &format!("/api/projects/{id}/secrets/OPENAI_API_KEY"), &json!({"value": secret}).to_string());
     assert_eq!(status, 204);
     id
 }
@@ -97,7 +98,10 @@ fn request_fields_override_project_and_envs_override_secrets() {
     );
     assert_eq!(status, 201, "{s}");
     let id = s["sandboxID"].as_str().expect("id");
-    assert_eq!((s["templateID"].as_str(), s["cpuCount"].as_u64(), s["memoryMB"].as_u64()), (Some("base"), Some(1), Some(256)));
+    assert_eq!(
+        (s["templateID"].as_str(), s["cpuCount"].as_u64(), s["memoryMB"].as_u64()),
+        (Some("base"), Some(1), Some(256))
+    );
     let started = time_of(&s["startedAt"]);
     let end = time_of(&s["endAt"]);
     assert_eq!(end - started, 30, "request timeout overrides the project's 600");
@@ -114,7 +118,10 @@ fn appliance_defaults_apply_without_project_and_bad_input_is_refused() {
     let mut c = h.client();
     let (status, s) = c.call("POST", "/api/sandboxes", "{}");
     assert_eq!(status, 201);
-    assert_eq!((s["templateID"].as_str(), s["cpuCount"].as_u64(), s["memoryMB"].as_u64()), (Some("base"), Some(1), Some(512)));
+    assert_eq!(
+        (s["templateID"].as_str(), s["cpuCount"].as_u64(), s["memoryMB"].as_u64()),
+        (Some("base"), Some(1), Some(512))
+    );
     assert_eq!(time_of(&s["endAt"]) - time_of(&s["startedAt"]), 300);
 
     let (status, v) = c.call("POST", "/api/sandboxes", r#"{"project":"ghost"}"#);
@@ -300,7 +307,8 @@ fn exec_run_commands_and_sessions() {
     );
     assert_eq!(status, 200);
     assert_eq!(out, json!({"exitCode": 0, "stdout": "a b\n", "stderr": ""}));
-    let (status, out) = c.call("POST", &format!("/api/sandboxes/{id}/commands"), r#"{"cmd":"echo $X","envs":{"X":"42"}}"#);
+    let (status, out) =
+        c.call("POST", &format!("/api/sandboxes/{id}/commands"), r#"{"cmd":"echo $X","envs":{"X":"42"}}"#);
     assert_eq!((status, out["stdout"].as_str()), (200, Some("42\n")));
     let (_, out) = c.call("POST", &format!("/api/sandboxes/{id}/commands"), r#"{"cmd":"nosuchcmd"}"#);
     assert_eq!(out["exitCode"], 127);
@@ -461,8 +469,9 @@ fn without_a_runtime_sandbox_routes_answer_503_and_nothing_is_stored() {
     use appliance::serve::{self, SandboxSide};
     let dir = common::temp_dir("sbx-503");
     let key = common::write_key_file(&dir);
-    let running = serve::start(&common::config(&dir, Some(key)), SandboxSide::Unavailable("not wired in this test".into()))
-        .expect("start");
+    let running =
+        serve::start(&common::config(&dir, Some(key)), SandboxSide::Unavailable("not wired in this test".into()))
+            .expect("start");
     let mut c = Client::new(running.addr(), Some(ADMIN_KEY));
     c.call("POST", "/api/projects", r#"{"name":"p"}"#);
     let (status, v) = c.call("POST", "/api/sandboxes", r#"{"project":"p"}"#);

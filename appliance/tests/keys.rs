@@ -115,7 +115,10 @@ fn operator_supplied_master_keys_rotate_between_files() {
     let (status, s) = c.call("POST", "/api/sandboxes", r#"{"project":"op"}"#);
     assert_eq!(status, 201, "{s}");
     let id = s["sandboxID"].as_str().expect("id").to_string();
-    assert_eq!(publisher.published.lock().expect("lock").get(&id).expect("seal").bindings[0].value.as_slice(), b"op-value");
+    assert_eq!(
+        publisher.published.lock().expect("lock").get(&id).expect("seal").bindings[0].value.as_slice(),
+        b"op-value"
+    );
     drop(c);
     running.shutdown(Duration::from_secs(5));
     // The old key no longer opens anything: starting with it fails to decrypt on use.

@@ -101,7 +101,9 @@ fn kill_9_during_1000_concurrent_writes_loses_no_acknowledged_write() {
     for t in 0..20 {
         let (acked, stop) = (Arc::clone(&acked), Arc::clone(&stop));
         clients.push(std::thread::spawn(move || {
-            let Ok(mut client) = appliance::client::HttpClient::connect(addr, Some(ADMIN_KEY.to_string())) else { return };
+            let Ok(mut client) = appliance::client::HttpClient::connect(addr, Some(ADMIN_KEY.to_string())) else {
+                return;
+            };
             for i in 0..50 {
                 if stop.load(Ordering::Relaxed) {
                     return;
@@ -135,12 +137,8 @@ fn kill_9_during_1000_concurrent_writes_loses_no_acknowledged_write() {
     let mut c = Client::new(addr, Some(ADMIN_KEY));
     let (status, list) = c.call("GET", "/api/projects", "");
     assert_eq!(status, 200);
-    let stored: Vec<String> = list
-        .as_array()
-        .expect("array")
-        .iter()
-        .map(|p| p["name"].as_str().expect("name").to_string())
-        .collect();
+    let stored: Vec<String> =
+        list.as_array().expect("array").iter().map(|p| p["name"].as_str().expect("name").to_string()).collect();
     let missing: Vec<&String> = acked.iter().filter(|n| !stored.contains(n)).collect();
     assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
     // Every stored project is complete (name index and record agree).
@@ -186,13 +184,22 @@ fn secret_values_never_reach_disk_logs_or_responses() {
     let (_, p) = c.call("POST", "/api/projects", r#"{"name":"secrecy-project","egressAllowlist":["api.example.com"]}"#);
     let id = p["id"].as_str().expect("id").to_string();
     for (i, s) in secrets.iter().enumerate() {
-        let (status, _) = c.call("PUT", &format!("/api/projects/{id}/secrets/KEY_{i}"), &json!({ "value": s }).to_string());
+        let (status, _) =
+            c.call("PUT", &format!("/api/projects/{id}/secrets/KEY_{i}"), &json!({ "value": s }).to_string());
         assert_eq!(status, 204);
     }
     // Bodies that fail to parse must not be echoed back either.
     c.raw("PUT", &format!("/api/projects/{id}/secrets/BROKEN"), format!(r#"{{"value":"{}"#, secrets[0]).as_bytes());
-    c.raw("PUT", &format!("/api/projects/{id}/secrets/BROKEN"), format!(r#"{{"value":["{}"]}}"#, secrets[1]).as_bytes());
-    c.raw("PUT", &format!("/api/projects/{id}/secrets/BROKEN"), format!(r#"{{"value":"{}","value":"x"}}"#, secrets[2]).as_bytes());
+    c.raw(
+        "PUT",
+        &format!("/api/projects/{id}/secrets/BROKEN"),
+        format!(r#"{{"value":["{}"]}}"#, secrets[1]).as_bytes(),
+    );
+    c.raw(
+        "PUT",
+        &format!("/api/projects/{id}/secrets/BROKEN"),
+        format!(r#"{{"value":"{}","value":"x"}}"#, secrets[2]).as_bytes(),
+    );
     c.call("GET", &format!("/api/projects/{id}/secrets"), "");
     c.call("GET", &format!("/api/projects/{id}"), "");
     c.call("GET", "/api/projects", "");
@@ -242,7 +249,13 @@ fn without_its_data_disk_the_appliance_stores_nothing_and_every_route_says_why()
     let data = dir.join("data");
     fs::create_dir_all(&data).expect("data dir");
     let key = write_key_file(&dir);
-    let args = [OsStr::new("--require-data-mount"), OsStr::new("--admin-key-file"), key.as_os_str(), OsStr::new("--data-dir"), data.as_os_str()];
+    let args = [
+        OsStr::new("--require-data-mount"),
+        OsStr::new("--admin-key-file"),
+        key.as_os_str(),
+        OsStr::new("--data-dir"),
+        data.as_os_str(),
+    ];
     let (child, addr) = spawn_serve(&args, &log);
     let mut admin = Client::new(addr, Some(ADMIN_KEY));
     let (status, v) = admin.call("GET", "/api/healthz", "");
@@ -250,7 +263,10 @@ fn without_its_data_disk_the_appliance_stores_nothing_and_every_route_says_why()
     assert!(v["error"].as_str().expect("msg").contains("data disk is not available"), "{v}");
     let (status, v) = admin.call("POST", "/api/projects", r#"{"name": "lost"}"#);
     assert_eq!(status, 503, "{v}");
-    assert!(fs::read_dir(&data).expect("data dir").next().is_none(), "nothing may be written to the unmounted data directory");
+    assert!(
+        fs::read_dir(&data).expect("data dir").next().is_none(),
+        "nothing may be written to the unmounted data directory"
+    );
     assert_eq!(sigterm_and_wait(child), 0);
     assert!(fs::read_to_string(&log).expect("log").contains("DATA DISK MISSING"));
     let _ = fs::remove_dir_all(&dir);
@@ -264,7 +280,10 @@ fn binary_reports_bad_usage_and_missing_admin_key_plainly() {
 
     let dir = temp_dir("nokey");
     let log = dir.join("appliance.log");
-    let (child, addr) = spawn_serve(&[OsStr::new("--admin-key-file"), OsStr::new("/nonexistent/key"), OsStr::new("--data-dir"), dir.as_os_str()], &log);
+    let (child, addr) = spawn_serve(
+        &[OsStr::new("--admin-key-file"), OsStr::new("/nonexistent/key"), OsStr::new("--data-dir"), dir.as_os_str()],
+        &log,
+    );
     let text = fs::read_to_string(&log).expect("log");
     assert!(text.contains("no admin API key configured"), "{text}");
     let mut anon = Client::new(addr, Some("whatever-key-0123456789"));

@@ -14,22 +14,37 @@ use std::process::Command;
 /// What the appliance loads at boot. Dependencies are not listed here: they are resolved.
 pub const WANTED_MODULES: &[&str] = &[
     // KVM for the sandboxes (vendor modules fail harmlessly on the other vendor's CPUs).
-    "kvm", "kvm_amd", "kvm_intel",
+    "kvm",
+    "kvm_amd",
+    "kvm_intel",
     // The host side of sandbox vsock.
     "vhost_vsock",
     // Virtual hardware when the appliance itself runs in a VM.
-    "virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "virtio_rng", "qemu_fw_cfg",
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_net",
+    "virtio_console",
+    "virtio_rng",
+    "qemu_fw_cfg",
     // The data filesystem (XFS, for reflink clones of templates).
     "xfs",
     // The read-only system disk with the sandbox templates.
     "ext4",
     // The EFI system partition (FAT), where the operator's configuration file lives, with the
     // code pages its file names are decoded with (no modprobe to load them on demand).
-    "vfat", "nls_cp437", "nls_ascii",
+    "vfat",
+    "nls_cp437",
+    "nls_ascii",
     // Common server NICs and disks.
-    "e1000", "e1000e", "igb", "nvme", "ahci", "sd_mod",
+    "e1000",
+    "e1000e",
+    "igb",
+    "nvme",
+    "ahci",
+    "sd_mod",
     // The ACPI power button, read through evdev, for clean shutdowns.
-    "button", "evdev",
+    "button",
+    "evdev",
 ];
 
 pub struct ApplianceKernel {
@@ -50,7 +65,12 @@ pub fn build() -> Result<ApplianceKernel> {
     let package = format!("{image_pkg}-unsigned");
     let version = debian::candidate_version(&package)?;
     let wanted = WANTED_MODULES.join(",");
-    let key = cache::key(&[("package", package.as_bytes()), ("version", version.as_bytes()), ("modules", wanted.as_bytes()), ("recipe", b"v1")]);
+    let key = cache::key(&[
+        ("package", package.as_bytes()),
+        ("version", version.as_bytes()),
+        ("modules", wanted.as_bytes()),
+        ("recipe", b"v1"),
+    ]);
     let entry = Entry::new("appliance-kernel", &key);
     let outcome = if entry.is_complete() {
         Outcome::Cached
@@ -105,7 +125,8 @@ fn fill(dir: &Path, package: &str, version: &str, step: &Step) -> Result<()> {
     }
     let vmlinuz = tree.join("boot").join(format!("vmlinuz-{kver}"));
     std::fs::copy(&vmlinuz, dir.join("vmlinuz")).ctx(|| format!("copy {}", vmlinuz.display()))?;
-    std::fs::copy(tree.join("boot").join(format!("config-{kver}")), dir.join("config")).ctx(|| "copy kernel config".into())?;
+    std::fs::copy(tree.join("boot").join(format!("config-{kver}")), dir.join("config"))
+        .ctx(|| "copy kernel config".into())?;
     std::fs::write(dir.join("kernel-version"), &kver).ctx(|| "write kernel version".into())?;
     std::fs::write(dir.join("load-order"), image_paths.join("\n") + "\n").ctx(|| "write load order".into())?;
     std::fs::remove_dir_all(&scratch).ctx(|| "remove scratch".into())?;

@@ -52,7 +52,15 @@ impl<W: Write> CpioWriter<W> {
         Ok((self.out, self.written))
     }
 
-    fn header(&mut self, inode: u32, mode: u32, nlink: u32, size: usize, rdev: (u32, u32), name: &str) -> io::Result<()> {
+    fn header(
+        &mut self,
+        inode: u32,
+        mode: u32,
+        nlink: u32,
+        size: usize,
+        rdev: (u32, u32),
+        name: &str,
+    ) -> io::Result<()> {
         let size = u32::try_from(size)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("{name} is larger than 4 GiB")))?;
         let fields = [inode, mode, 0, 0, nlink, 0, size, 0, 0, rdev.0, rdev.1, name.len() as u32 + 1, 0];

@@ -13,16 +13,13 @@ pub fn candidate_version(package: &str) -> Result<String> {
         return Ok(version);
     }
     run_quiet(Command::new("apt-get").args(["update", "-qq"]))?;
-    policy_candidate(package)?.ok_or_else(|| err!("Debian package {package} is not available from the configured apt sources"))
+    policy_candidate(package)?
+        .ok_or_else(|| err!("Debian package {package} is not available from the configured apt sources"))
 }
 
 fn policy_candidate(package: &str) -> Result<Option<String>> {
     let out = run_quiet(Command::new("apt-cache").args(["policy", package]))?;
-    Ok(out
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Candidate: "))
-        .filter(|v| *v != "(none)")
-        .map(str::to_string))
+    Ok(out.lines().find_map(|l| l.trim().strip_prefix("Candidate: ")).filter(|v| *v != "(none)").map(str::to_string))
 }
 
 /// The first `Depends:` of a metapackage, e.g. linux-image-amd64 -> linux-image-6.1.0-NN-amd64.

@@ -13,8 +13,8 @@ use crate::pipeline::Artifacts;
 use crate::progress::{fmt_size, Outcome, Step};
 use crate::uki;
 use crate::workspace;
-use init::gpt::{self, Gpt, Guid, Partition, ALIGN, SECTOR};
 use init::boot::entry::{Entry, Slot};
+use init::gpt::{self, Gpt, Guid, Partition, ALIGN, SECTOR};
 use init::layout;
 use sha2::{Digest, Sha256};
 use std::fs::File;
@@ -54,7 +54,8 @@ pub fn build(artifacts: &Artifacts, options: &crate::pipeline::DiskOptions) -> R
 
     let step = Step::start("unified kernel image");
     let cmdline = out_dir.join("uki.cmdline");
-    let mut cmdline_text = format!("{} {} {}", artifacts.cmdline, crate::pipeline::DISK_BOOT_ARG, initial_entry().slot.cmdline_arg());
+    let mut cmdline_text =
+        format!("{} {} {}", artifacts.cmdline, crate::pipeline::DISK_BOOT_ARG, initial_entry().slot.cmdline_arg());
     if !options.extra_cmdline.is_empty() {
         cmdline_text = format!("{cmdline_text} {}", options.extra_cmdline);
     }
@@ -117,8 +118,12 @@ pub fn build(artifacts: &Artifacts, options: &crate::pipeline::DiskOptions) -> R
     let size = disk_sectors * SECTOR;
     let manifest_path = out_dir.join("opencomputer.manifest");
     let uki_label = format!("UKI {entry_path}");
-    let files = [(uki_label.as_str(), uki_size), ("  .linux (appliance kernel)", size_of(&artifacts.kernel)?),
-        ("  .initrd (initramfs, zstd)", size_of(&artifacts.initramfs)?), ("system ext4 (partition A)", system_size)];
+    let files = [
+        (uki_label.as_str(), uki_size),
+        ("  .linux (appliance kernel)", size_of(&artifacts.kernel)?),
+        ("  .initrd (initramfs, zstd)", size_of(&artifacts.initramfs)?),
+        ("system ext4 (partition A)", system_size),
+    ];
     let text = manifest::render(&manifest::Manifest {
         image: &image,
         sha256: &sha256,
@@ -153,7 +158,15 @@ pub fn plan(identity: &[u8], esp_size: u64, slot_size: u64) -> Result<Gpt> {
         (layout::SYSTEM_B_NAME, gpt::LINUX_FS_TYPE, slot_size),
     ] {
         let sectors = round_up(size, MIB) / SECTOR;
-        table.add(Partition { type_guid, guid: guid(name), first_lba: next, last_lba: next + sectors - 1, attributes: 0, name: name.into() })
+        table
+            .add(Partition {
+                type_guid,
+                guid: guid(name),
+                first_lba: next,
+                last_lba: next + sectors - 1,
+                attributes: 0,
+                name: name.into(),
+            })
             .map_err(|e| err!("{e}"))?;
         next += sectors;
     }

@@ -65,13 +65,20 @@ pub fn copy_in(image: &Path, offset_spec: &str, path: &str, source: &Path) -> Re
 pub fn read_file(image: &Path, offset_spec: &str, path: &str) -> Result<String> {
     let source = format!("::/{}", path.trim_start_matches('/'));
     run_quiet(
-        Command::new("mtype").arg("-i").arg(format!("{}{offset_spec}", image.display())).arg(&source).env("MTOOLS_SKIP_CHECK", "1"),
+        Command::new("mtype")
+            .arg("-i")
+            .arg(format!("{}{offset_spec}", image.display()))
+            .arg(&source)
+            .env("MTOOLS_SKIP_CHECK", "1"),
     )
 }
 
 fn mtools(command: &str, image: &Path) -> Command {
     let mut cmd = Command::new(command);
-    cmd.arg("-i").arg(image).env("SOURCE_DATE_EPOCH", crate::SOURCE_DATE_EPOCH.to_string()).env("MTOOLS_SKIP_CHECK", "1");
+    cmd.arg("-i")
+        .arg(image)
+        .env("SOURCE_DATE_EPOCH", crate::SOURCE_DATE_EPOCH.to_string())
+        .env("MTOOLS_SKIP_CHECK", "1");
     cmd
 }
 

@@ -60,7 +60,10 @@ fn list_tree(root: &Path) -> Result<Vec<Entry>> {
             path.extend_from_slice(item.file_name().as_bytes());
             // debugfs reads one command per line with double-quoted arguments.
             if path.iter().any(|b| matches!(b, b'"' | b'\\' | b'\n' | b'\r')) {
-                return Err(err!("{}: file names with quotes, backslashes or line breaks cannot go into an ext4 image", host_path.display()));
+                return Err(err!(
+                    "{}: file names with quotes, backslashes or line breaks cannot go into an ext4 image",
+                    host_path.display()
+                ));
             }
             if meta.is_dir() {
                 pending.push((host_path, path.clone()));
@@ -147,7 +150,11 @@ mod tests {
         }
         let dir = std::env::temp_dir().join(format!("image-ext4-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let id = Identity { label: "oc-test", uuid: "5a1db0c5-0c0c-4e1e-9b2a-0a7c0ffee0ff", hash_seed: "0c0ffee0-5a1d-4b0c-8e3a-5eed000000ff" };
+        let id = Identity {
+            label: "oc-test",
+            uuid: "5a1db0c5-0c0c-4e1e-9b2a-0a7c0ffee0ff",
+            hash_seed: "0c0ffee0-5a1d-4b0c-8e3a-5eed000000ff",
+        };
         let newest: i64 = 1_000_000_000;
         let input_time = newest - 1000;
         let mut images = Vec::new();
@@ -175,7 +182,9 @@ mod tests {
         let kept = stat(&image, "/sub/from-input");
         let clamped = stat(&image, "\"/sub/new file\"");
         for field in ["atime", "mtime", "ctime", "crtime"] {
-            let shows = |stat: &str, time: i64| stat.lines().any(|l| l.trim_start().starts_with(&format!("{field}: {time:#010x}:")));
+            let shows = |stat: &str, time: i64| {
+                stat.lines().any(|l| l.trim_start().starts_with(&format!("{field}: {time:#010x}:")))
+            };
             assert!(shows(&kept, input_time), "{field} of an input file is its mtime: {kept}");
             assert!(shows(&clamped, newest), "{field} of a new file is `newest`: {clamped}");
         }

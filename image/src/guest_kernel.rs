@@ -55,9 +55,17 @@ pub fn build() -> Result<GuestKernel> {
         entry.fill(|dir| compile(&source, &fragment_file, &fragment, dir, &step))?;
         Outcome::Built
     };
-    let kernel = GuestKernel { bzimage: entry.path("bzImage"), vmlinux: entry.path("vmlinux"), config: entry.path("config"), source_version: version };
+    let kernel = GuestKernel {
+        bzimage: entry.path("bzImage"),
+        vmlinux: entry.path("vmlinux"),
+        config: entry.path("config"),
+        source_version: version,
+    };
     let size = std::fs::metadata(&kernel.bzimage).map(|m| m.len()).unwrap_or(0);
-    step.finish(outcome, &format!("linux-source {}, bzImage {}", kernel.source_version, crate::progress::fmt_size(size)));
+    step.finish(
+        outcome,
+        &format!("linux-source {}, bzImage {}", kernel.source_version, crate::progress::fmt_size(size)),
+    );
     Ok(kernel)
 }
 
@@ -130,7 +138,8 @@ fn compile(source: &Path, fragment_file: &Path, fragment: &str, out: &Path, step
 
 /// Runs a long command with its output appended to `log`, printing a heartbeat every minute.
 fn run_logged(cmd: &mut Command, log: &Path, step: &Step) -> Result<()> {
-    let file = std::fs::OpenOptions::new().create(true).append(true).open(log).ctx(|| format!("open {}", log.display()))?;
+    let file =
+        std::fs::OpenOptions::new().create(true).append(true).open(log).ctx(|| format!("open {}", log.display()))?;
     let shown = format!("{cmd:?}");
     let mut child = cmd
         .stdin(Stdio::null())

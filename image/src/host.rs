@@ -64,7 +64,10 @@ fn apt_install(packages: &[&str]) -> Result<()> {
         ));
     }
     let mut install = Command::new("apt-get");
-    install.env("DEBIAN_FRONTEND", "noninteractive").args(["install", "-y", "-qq", "--no-install-recommends"]).args(packages);
+    install
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(packages);
     if run_quiet(&mut install).is_err() {
         // The package lists may be missing or stale on a fresh machine.
         run_quiet(Command::new("apt-get").args(["update", "-qq"]))?;
@@ -82,10 +85,7 @@ fn uid_is_root() -> bool {
 /// its stdout and stderr (some tools, xfs_repair among them, report problems on stdout).
 pub fn run_quiet(cmd: &mut Command) -> Result<String> {
     let shown = format!("{cmd:?}");
-    let output = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| err!("cannot run {shown}: {e}"))?;
+    let output = cmd.stdin(Stdio::null()).output().map_err(|e| err!("cannot run {shown}: {e}"))?;
     if !output.status.success() {
         let tail = |bytes: &[u8]| {
             let text = String::from_utf8_lossy(bytes);

@@ -19,12 +19,22 @@ impl Response {
 }
 
 /// Sends one request with `Connection: close` and reads the whole response.
-pub fn request(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8], timeout: Duration) -> Result<Response> {
+pub fn request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    timeout: Duration,
+) -> Result<Response> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let mut stream = TcpStream::connect_timeout(&addr, timeout).ctx(|| format!("connect to {addr}"))?;
     stream.set_read_timeout(Some(timeout)).ctx(|| "set read timeout".into())?;
     stream.set_write_timeout(Some(timeout)).ctx(|| "set write timeout".into())?;
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     for (name, value) in headers {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
@@ -82,7 +92,9 @@ mod tests {
     fn parses_plain_and_chunked_responses() {
         let plain = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").expect("plain");
         assert_eq!((plain.status, plain.text().as_str()), (200, "ok"));
-        let chunked = parse(b"HTTP/1.1 401 Unauthorized\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n").expect("chunked");
+        let chunked =
+            parse(b"HTTP/1.1 401 Unauthorized\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+                .expect("chunked");
         assert_eq!((chunked.status, chunked.text().as_str()), (401, "abcde"));
         assert!(parse(b"HTTP/1.1 200 OK\r\n").is_err());
         assert!(parse(b"garbage\r\n\r\n").is_err());

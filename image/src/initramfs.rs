@@ -114,7 +114,9 @@ impl Tree {
                 }
                 Node::Bytes { data, mode } => writer.add(path, *mode, Kind::File(data)),
                 Node::Symlink(target) => writer.add(path, 0o777, Kind::Symlink(target)),
-                Node::CharDevice { major, minor, mode } => writer.add(path, *mode, Kind::CharDevice { major: *major, minor: *minor }),
+                Node::CharDevice { major, minor, mode } => {
+                    writer.add(path, *mode, Kind::CharDevice { major: *major, minor: *minor })
+                }
             }
             .ctx(|| format!("write {path} to the initramfs"))?;
         }

@@ -74,9 +74,17 @@ fn parse_run(args: &[String]) -> Result<RunOptions, String> {
         let value = iter.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let number = |what: &str| value.parse::<u64>().map_err(|_| format!("{flag} {value:?}: {what} expected"));
         match flag.as_str() {
-            "--port" => opts.port = u16::try_from(number("a port")?).map_err(|_| format!("--port {value}: out of range"))?,
-            "--cpus" => opts.cpus = Some(u32::try_from(number("a CPU count")?).map_err(|_| format!("--cpus {value}: out of range"))?),
-            "--memory" => opts.memory_mib = u32::try_from(number("MiB")?).map_err(|_| format!("--memory {value}: out of range"))?,
+            "--port" => {
+                opts.port = u16::try_from(number("a port")?).map_err(|_| format!("--port {value}: out of range"))?
+            }
+            "--cpus" => {
+                opts.cpus =
+                    Some(u32::try_from(number("a CPU count")?).map_err(|_| format!("--cpus {value}: out of range"))?)
+            }
+            "--memory" => {
+                opts.memory_mib =
+                    u32::try_from(number("MiB")?).map_err(|_| format!("--memory {value}: out of range"))?
+            }
             "--data-disk" => opts.data_disk = Some(value.into()),
             "--data-disk-gib" => opts.data_disk_gib = number("GiB")?,
             "--proxy-config" => {

@@ -42,7 +42,10 @@ pub fn render(m: &Manifest) -> String {
             p.guid
         );
     }
-    let _ = writeln!(out, "  (no data partition: the appliance creates it in the free space at the end of the disk on first boot)");
+    let _ = writeln!(
+        out,
+        "  (no data partition: the appliance creates it in the free space at the end of the disk on first boot)"
+    );
     let _ = writeln!(out, "files:");
     for (what, bytes) in m.files {
         let _ = writeln!(out, "  {what:<30} {bytes:>12} bytes ({})", fmt_size(*bytes));

@@ -32,9 +32,8 @@ impl ModuleIndex {
             if line.trim().is_empty() {
                 continue;
             }
-            let (module, rest) = line
-                .split_once(':')
-                .ok_or_else(|| err!("modules.dep line {}: no ':' in {line:?}", n + 1))?;
+            let (module, rest) =
+                line.split_once(':').ok_or_else(|| err!("modules.dep line {}: no ':' in {line:?}", n + 1))?;
             let name = canonical(module);
             paths.insert(name.clone(), module.trim().to_string());
             deps.insert(name, rest.split_whitespace().map(canonical).collect());
@@ -81,7 +80,13 @@ impl ModuleIndex {
         Ok(order)
     }
 
-    fn visit(&self, name: &str, done: &mut BTreeSet<String>, stack: &mut Vec<String>, order: &mut Vec<String>) -> Result<()> {
+    fn visit(
+        &self,
+        name: &str,
+        done: &mut BTreeSet<String>,
+        stack: &mut Vec<String>,
+        order: &mut Vec<String>,
+    ) -> Result<()> {
         if done.contains(name) {
             return Ok(());
         }

@@ -89,7 +89,10 @@ pub const DISK_BOOT_ARG: &str = "oc.boot=disk";
 /// The version an image reports (os-release, `GET /api/system`): `OC_IMAGE_VERSION` if set,
 /// else the workspace version. A rebuilt image for an upgrade gets its own.
 pub fn image_version() -> String {
-    std::env::var("OC_IMAGE_VERSION").ok().filter(|v| !v.trim().is_empty()).unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string())
+    std::env::var("OC_IMAGE_VERSION")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string())
 }
 
 /// What distinguishes one build of the disk image from another of the same sources.
@@ -190,16 +193,34 @@ fn build_versioned(variant: Variant, version: &str) -> Result<Artifacts> {
     let (raw, compressed) = tree.write_compressed(&initramfs)?;
     let vmlinuz = out_dir.join("vmlinuz");
     std::fs::copy(&kernel.vmlinuz, &vmlinuz).ctx(|| format!("copy kernel to {}", vmlinuz.display()))?;
-    step.finish(Outcome::Built, &format!("{} ({} uncompressed) at {}", fmt_size(compressed), fmt_size(raw), initramfs.display()));
+    step.finish(
+        Outcome::Built,
+        &format!("{} ({} uncompressed) at {}", fmt_size(compressed), fmt_size(raw), initramfs.display()),
+    );
 
-    eprintln!("[image] build finished in {} (kernel {})", crate::progress::fmt_duration(started.elapsed()), kernel.version);
+    eprintln!(
+        "[image] build finished in {} (kernel {})",
+        crate::progress::fmt_duration(started.elapsed()),
+        kernel.version
+    );
     let inputs = BuildInputs {
         variant,
         appliance_kernel: format!("{} ({})", kernel.version, kernel.package),
         guest_kernel: format!("linux-source {} with image/guest-kernel.config", guest.source_version),
-        templates: vec![TemplateInfo { name: base.name.to_string(), id: base.id.clone(), packages: base.installed_packages()? }],
+        templates: vec![TemplateInfo {
+            name: base.name.to_string(),
+            id: base.id.clone(),
+            packages: base.installed_packages()?,
+        }],
     };
-    Ok(Artifacts { kernel: vmlinuz, initramfs, cmdline: kernel_cmdline(), system_disk, inputs, version: version.to_string() })
+    Ok(Artifacts {
+        kernel: vmlinuz,
+        initramfs,
+        cmdline: kernel_cmdline(),
+        system_disk,
+        inputs,
+        version: version.to_string(),
+    })
 }
 
 fn kernel_cmdline() -> String {
@@ -245,7 +266,8 @@ fn add_comparison_qemu(tree: &mut Tree) -> Result<()> {
         tree.host_file(&image_path, &source, 0o755)?;
     }
     for (source, image_path) in COMPARISON_QEMU_FIRMWARE {
-        let source = std::fs::canonicalize(source).ctx(|| format!("find QEMU firmware {source} (package qemu-system-data)"))?;
+        let source =
+            std::fs::canonicalize(source).ctx(|| format!("find QEMU firmware {source} (package qemu-system-data)"))?;
         tree.host_file(image_path, &source, 0o644)?;
     }
     Ok(())
@@ -253,6 +275,7 @@ fn add_comparison_qemu(tree: &mut Tree) -> Result<()> {
 
 fn which(command: &str) -> Result<PathBuf> {
     let path = std::env::var("PATH").unwrap_or_default();
-    let found = path.split(':').chain(["/usr/sbin", "/sbin"]).map(|dir| PathBuf::from(dir).join(command)).find(|p| p.is_file());
+    let found =
+        path.split(':').chain(["/usr/sbin", "/sbin"]).map(|dir| PathBuf::from(dir).join(command)).find(|p| p.is_file());
     found.ok_or_else(|| err!("{command} not found on this host"))
 }

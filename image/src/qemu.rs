@@ -30,7 +30,10 @@ pub fn detect_accel() -> (Accel, String) {
     let hardware_module = ["kvm_intel", "kvm_amd"].into_iter().find(|m| Path::new("/sys/module").join(m).exists());
     match (kvm_usable, hardware_module) {
         (true, Some(module)) => (Accel::Kvm, format!("/dev/kvm backed by {module}")),
-        (true, None) => (Accel::Tcg, "/dev/kvm is not a hardware KVM (no kvm_intel/kvm_amd); using TCG with nested KVM inside".into()),
+        (true, None) => (
+            Accel::Tcg,
+            "/dev/kvm is not a hardware KVM (no kvm_intel/kvm_amd); using TCG with nested KVM inside".into(),
+        ),
         (false, _) => (Accel::Tcg, "no usable /dev/kvm; using TCG with nested KVM inside".into()),
     }
 }
@@ -138,8 +141,10 @@ pub fn resize(image: &Path, format: DiskFormat, gib: u64) -> Result<()> {
     if format == DiskFormat::Raw && current >= gib << 30 {
         return Ok(());
     }
-    crate::host::run_quiet(Command::new("qemu-img").args(["resize", "-q", "-f", format.name()]).arg(image).arg(format!("{gib}G")))
-        .map(|_| ())
+    crate::host::run_quiet(
+        Command::new("qemu-img").args(["resize", "-q", "-f", format.name()]).arg(image).arg(format!("{gib}G")),
+    )
+    .map(|_| ())
 }
 
 /// Creates a sparse raw disk of `gib` GiB if it does not exist yet.
@@ -190,15 +195,21 @@ impl Machine {
                 cmd.arg("-drive").arg(format!("file={},if=none,id=data,format=raw,discard=unmap", data_disk.display()));
                 cmd.args(["-device", "virtio-blk-pci,drive=data"]);
                 // Read-only: the appliance must not change it, and init never mistakes it for the data disk.
-                cmd.arg("-drive").arg(format!("file={},if=none,id=system,format=raw,readonly=on", artifacts.system_disk.display()));
+                cmd.arg("-drive")
+                    .arg(format!("file={},if=none,id=system,format=raw,readonly=on", artifacts.system_disk.display()));
                 cmd.args(["-device", "virtio-blk-pci,drive=system"]);
             }
             Boot::Disk { image, format } => {
                 let vars = cfg.run_dir.join("OVMF_VARS.fd");
-                std::fs::copy(OVMF_VARS, &vars).ctx(|| format!("copy {OVMF_VARS} (package ovmf) to {}", vars.display()))?;
+                std::fs::copy(OVMF_VARS, &vars)
+                    .ctx(|| format!("copy {OVMF_VARS} (package ovmf) to {}", vars.display()))?;
                 cmd.arg("-drive").arg(format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"));
                 cmd.arg("-drive").arg(format!("if=pflash,format=raw,unit=1,file={}", vars.display()));
-                cmd.arg("-drive").arg(format!("file={},if=none,id=boot,format={},discard=unmap", image.display(), format.name()));
+                cmd.arg("-drive").arg(format!(
+                    "file={},if=none,id=boot,format={},discard=unmap",
+                    image.display(),
+                    format.name()
+                ));
                 cmd.args(["-device", "virtio-blk-pci,drive=boot,bootindex=0"]);
             }
         }
@@ -207,7 +218,8 @@ impl Machine {
             Network::Unplugged => "restrict=on,",
         };
         let guest = cfg.api_guest_addr.map(|a| a.to_string()).unwrap_or_default();
-        cmd.arg("-netdev").arg(format!("user,id=net0,{restrict}hostfwd=tcp:127.0.0.1:{}-{guest}:{API_PORT_IN_GUEST}", cfg.api_port));
+        cmd.arg("-netdev")
+            .arg(format!("user,id=net0,{restrict}hostfwd=tcp:127.0.0.1:{}-{guest}:{API_PORT_IN_GUEST}", cfg.api_port));
         cmd.args(["-device", "virtio-net-pci,netdev=net0"]);
         cmd.args(["-device", "virtio-rng-pci"]);
         if let Some(config) = &cfg.proxy_config_file {
@@ -227,7 +239,8 @@ impl Machine {
 
     /// Runs one human-monitor command and returns its output.
     pub fn monitor(&self, command: &str) -> Result<String> {
-        let mut stream = UnixStream::connect(&self.monitor_socket).ctx(|| format!("connect to QEMU monitor {}", self.monitor_socket.display()))?;
+        let mut stream = UnixStream::connect(&self.monitor_socket)
+            .ctx(|| format!("connect to QEMU monitor {}", self.monitor_socket.display()))?;
         stream.set_read_timeout(Some(Duration::from_secs(10))).ctx(|| "monitor timeout".into())?;
         read_until_prompt(&mut stream)?;
         stream.write_all(format!("{command}\n").as_bytes()).ctx(|| format!("send {command} to QEMU"))?;
@@ -294,7 +307,9 @@ impl Machine {
     pub fn wait_api_ready(&mut self, timeout: Duration, stop: &dyn Fn() -> bool) -> Result<String> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Ok(resp) = crate::http::request(self.api_port, "GET", "/api/healthz", &[], b"", Duration::from_secs(5)) {
+            if let Ok(resp) =
+                crate::http::request(self.api_port, "GET", "/api/healthz", &[], b"", Duration::from_secs(5))
+            {
                 if resp.status == 200 {
                     return Ok(resp.text());
                 }
@@ -315,8 +330,7 @@ impl Machine {
     /// Asks the guest to power off (ACPI power button) and waits for QEMU to exit.
     pub fn power_down(&mut self, timeout: Duration) -> Result<ExitStatus> {
         self.monitor("system_powerdown")?;
-        self.wait_exit(timeout)?
-            .ok_or_else(|| err!("the appliance did not power off within {timeout:?}"))
+        self.wait_exit(timeout)?.ok_or_else(|| err!("the appliance did not power off within {timeout:?}"))
     }
 
     /// Ends QEMU at once (a power cut, from the guest's point of view).

@@ -1,11 +1,11 @@
 //! The main command: build what is missing, boot the appliance, print where its API is, and
 //! shut it down cleanly on Ctrl-C or SIGTERM.
 
+use crate::disk_image::DiskImage;
 use crate::err;
 use crate::error::{Context, Result};
 use crate::host::{self, tool};
 use crate::pipeline::{self, Variant};
-use crate::disk_image::DiskImage;
 use crate::qemu::{self, Boot, DiskFormat, Machine, MachineConfig, Network};
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
@@ -28,7 +28,15 @@ pub struct RunOptions {
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { port: 8080, cpus: None, memory_mib: 4096, data_disk: None, data_disk_gib: 32, proxy_config: None, disk: false }
+        RunOptions {
+            port: 8080,
+            cpus: None,
+            memory_mib: 4096,
+            data_disk: None,
+            data_disk_gib: 32,
+            proxy_config: None,
+            disk: false,
+        }
     }
 }
 
@@ -143,7 +151,10 @@ pub fn run(opts: RunOptions) -> Result<()> {
     } else {
         eprintln!("[run] admin API key: the value of OPENCOMPUTER_API_KEY");
     }
-    eprintln!("[run] booted in {:.1}s; Ctrl-C or SIGTERM shuts the appliance down cleanly", started.elapsed().as_secs_f64());
+    eprintln!(
+        "[run] booted in {:.1}s; Ctrl-C or SIGTERM shuts the appliance down cleanly",
+        started.elapsed().as_secs_f64()
+    );
     while !STOP.load(Ordering::SeqCst) {
         if let Some(status) = machine.try_exit()? {
             return Err(err!("the appliance stopped by itself ({status}); console: {}", machine.console_log.display()));

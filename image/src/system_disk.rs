@@ -3,9 +3,9 @@
 //! each template once onto the XFS data disk, where sandboxes get reflink clones of it.
 
 use crate::cache::{self, Entry};
-use crate::ext4;
 use crate::err;
 use crate::error::{Context, Result};
+use crate::ext4;
 use crate::progress::{fmt_size, Outcome, Step};
 use crate::template::Template;
 use std::os::unix::fs::MetadataExt;
@@ -51,7 +51,8 @@ fn pack(templates: &[Template], out: &Path) -> Result<()> {
     for t in templates {
         let target = dir.join(format!("{}.ext4", t.name));
         // Sparse copy: the template is mostly holes and mkfs.ext4 -d keeps them.
-        let status = Command::new("cp").arg("--sparse=always").arg(&t.disk).arg(&target).status().ctx(|| "run cp".into())?;
+        let status =
+            Command::new("cp").arg("--sparse=always").arg(&t.disk).arg(&target).status().ctx(|| "run cp".into())?;
         if !status.success() {
             return Err(err!("copying template {} failed ({status})", t.name));
         }

@@ -3,8 +3,8 @@
 //! copy-on-write for each sandbox.
 
 use crate::cache::{self, Entry};
-use crate::ext4;
 use crate::error::{Context, Result};
+use crate::ext4;
 use crate::host::{self, run_quiet, tool};
 use crate::progress::{fmt_size, Outcome, Step};
 use std::path::{Path, PathBuf};
@@ -69,7 +69,11 @@ pub fn build_base(sandbox_init: &Path) -> Result<Template> {
     let step = Step::start("template base");
     host::ensure(&[tool("mmdebstrap", "mmdebstrap"), tool("mkfs.ext4", "e2fsprogs")])?;
     let packages = BASE_PACKAGES.join(",");
-    let rootfs_key = cache::key(&[("suite", SUITE.as_bytes()), ("packages", packages.as_bytes()), ("recipe", b"minbase, SOURCE_DATE_EPOCH, v2")]);
+    let rootfs_key = cache::key(&[
+        ("suite", SUITE.as_bytes()),
+        ("packages", packages.as_bytes()),
+        ("recipe", b"minbase, SOURCE_DATE_EPOCH, v2"),
+    ]);
     let rootfs = Entry::new("rootfs-base", &rootfs_key);
     let mut outcome = Outcome::Cached;
     if !rootfs.is_complete() {
@@ -88,13 +92,24 @@ pub fn build_base(sandbox_init: &Path) -> Result<Template> {
         outcome = Outcome::Built;
     }
     let init_bytes = std::fs::read(sandbox_init).ctx(|| format!("read {}", sandbox_init.display()))?;
-    let disk_key = cache::key(&[("rootfs", rootfs_key.as_bytes()), ("init", &init_bytes), ("size", DISK_SIZE.as_bytes()), ("recipe", b"ext4 v4")]);
+    let disk_key = cache::key(&[
+        ("rootfs", rootfs_key.as_bytes()),
+        ("init", &init_bytes),
+        ("size", DISK_SIZE.as_bytes()),
+        ("recipe", b"ext4 v4"),
+    ]);
     let disk = Entry::new("template-base", &disk_key);
     if !disk.is_complete() {
         disk.fill(|dir| pack(&rootfs.path("rootfs.tar"), sandbox_init, dir))?;
         outcome = Outcome::Built;
     }
-    let template = Template { name: "base", disk: disk.path("base.ext4"), id: disk_key, ca_bundle: disk.path(CA_BUNDLE_FILE), rootfs_tar: rootfs.path("rootfs.tar") };
+    let template = Template {
+        name: "base",
+        disk: disk.path("base.ext4"),
+        id: disk_key,
+        ca_bundle: disk.path(CA_BUNDLE_FILE),
+        rootfs_tar: rootfs.path("rootfs.tar"),
+    };
     let used = std::fs::metadata(rootfs.path("rootfs.tar")).map(|m| m.len()).unwrap_or(0);
     step.finish(outcome, &format!("{} of files in a {DISK_SIZE} sparse ext4 disk", fmt_size(used)));
     Ok(template)

@@ -26,8 +26,10 @@ pub struct PeLayout {
 pub fn pe_layout(pe: &[u8]) -> Result<PeLayout> {
     let truncated = || err!("EFI stub: truncated PE headers");
     let u16_at = |o: usize| pe.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]])).ok_or_else(truncated);
-    let u32_at = |o: usize| pe.get(o..o + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).ok_or_else(truncated);
-    let u64_at = |o: usize| pe.get(o..o + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes).ok_or_else(truncated);
+    let u32_at =
+        |o: usize| pe.get(o..o + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).ok_or_else(truncated);
+    let u64_at =
+        |o: usize| pe.get(o..o + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes).ok_or_else(truncated);
     if pe.get(..2) != Some(b"MZ") {
         return Err(err!("EFI stub: not a PE file (no MZ header)"));
     }
@@ -119,7 +121,10 @@ pub fn build(sections: &[Section], out: &Path) -> Result<()> {
 
 /// Sets the COFF header's TimeDateStamp to 0 and recomputes the optional header's CheckSum.
 pub fn normalize(pe: &mut [u8]) -> Result<()> {
-    let coff = pe.get(0x3C..0x40).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize).ok_or_else(|| err!("truncated PE"))?;
+    let coff = pe
+        .get(0x3C..0x40)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .ok_or_else(|| err!("truncated PE"))?;
     let stamp = coff + 8;
     let checksum = coff + 24 + 64;
     if pe.len() < checksum + 4 {
@@ -148,7 +153,8 @@ mod tests {
 
     #[test]
     fn sections_follow_the_stub_aligned_and_without_overlap() {
-        let layout = PeLayout { image_base: 0x1_0000_0000, section_alignment: 0x1000, end_rva: 0x19300, sections: vec![] };
+        let layout =
+            PeLayout { image_base: 0x1_0000_0000, section_alignment: 0x1000, end_rva: 0x19300, sections: vec![] };
         let vmas = place(&layout, &[10, 0x2000, 1]);
         assert_eq!(vmas, vec![0x1_0001_A000, 0x1_0001_B000, 0x1_0001_D000]);
     }

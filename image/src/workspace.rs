@@ -41,7 +41,10 @@ pub fn build(bins: &[Bin]) -> Result<Vec<PathBuf>> {
         let path = dir.join(bin);
         let elf = std::fs::read(&path).ctx(|| format!("read {}", path.display()))?;
         if crate::userland::elf_interpreter(&elf)?.is_some() {
-            return Err(err!("{} is dynamically linked; the workspace must build with crt-static (.cargo/config.toml)", path.display()));
+            return Err(err!(
+                "{} is dynamically linked; the workspace must build with crt-static (.cargo/config.toml)",
+                path.display()
+            ));
         }
         paths.push(stripped(&path)?);
     }

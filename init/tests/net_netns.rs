@@ -15,18 +15,10 @@ use std::time::{Duration, Instant};
 fn prerequisites_met(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    let ip = Command::new("ip")
-        .arg("-V")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    let udhcpd = Command::new("busybox")
-        .args(["udhcpd", "--help"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
+    let ip =
+        Command::new("ip").arg("-V").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+    let udhcpd =
+        Command::new("busybox").args(["udhcpd", "--help"]).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok();
     if root && ip && udhcpd {
         return true;
     }
@@ -39,15 +31,8 @@ fn prerequisites_met(test: &str) -> bool {
 }
 
 fn run(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -56,10 +41,7 @@ struct Netns(String);
 
 impl Netns {
     fn new(name: String) -> Netns {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(Stdio::null())
-            .status();
+        let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
         run(&["ip", "netns", "add", &name]);
         run(&["ip", "-n", &name, "link", "set", "lo", "up"]);
         Netns(name)
@@ -104,12 +86,7 @@ fn enter_isolated(name: &str) {
         std::io::Error::last_os_error()
     );
     // SAFETY: unshare with a constant flag; only this thread's mount namespace changes.
-    assert_eq!(
-        unsafe { libc::unshare(libc::CLONE_NEWNS) },
-        0,
-        "unshare: {}",
-        std::io::Error::last_os_error()
-    );
+    assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNS) }, 0, "unshare: {}", std::io::Error::last_os_error());
     let root = c"/";
     let etc = c"/etc";
     let tmpfs = c"tmpfs";
@@ -125,16 +102,7 @@ fn enter_isolated(name: &str) {
             ),
             0
         );
-        assert_eq!(
-            libc::mount(
-                tmpfs.as_ptr(),
-                etc.as_ptr(),
-                tmpfs.as_ptr(),
-                0,
-                std::ptr::null()
-            ),
-            0
-        );
+        assert_eq!(libc::mount(tmpfs.as_ptr(), etc.as_ptr(), tmpfs.as_ptr(), 0, std::ptr::null()), 0);
     }
 }
 
@@ -160,13 +128,7 @@ fn record(line: &str) {
 fn wait_for_log(needle: &str, after: usize, timeout: Duration) -> bool {
     let until = Instant::now() + timeout;
     while Instant::now() < until {
-        if RENEWAL_LOG
-            .lock()
-            .unwrap()
-            .iter()
-            .skip(after)
-            .any(|l| l.contains(needle))
-        {
+        if RENEWAL_LOG.lock().unwrap().iter().skip(after).any(|l| l.contains(needle)) {
             return true;
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -204,20 +166,8 @@ fn dhcp_pair(tag: &str) -> (Netns, Netns, String, String, ScratchDir) {
     let srv = Netns::new(format!("ocnet-{tag}srv-{pid}"));
     let cli = Netns::new(format!("ocnet-{tag}cli-{pid}"));
     let (vs, vc) = (format!("o{tag}s{pid}"), format!("o{tag}c{pid}"));
-    run(&[
-        "ip", "-n", &srv.0, "link", "add", &vs, "type", "veth", "peer", "name", &vc, "netns",
-        &cli.0,
-    ]);
-    run(&[
-        "ip",
-        "-n",
-        &srv.0,
-        "addr",
-        "add",
-        "10.199.0.1/24",
-        "dev",
-        &vs,
-    ]);
+    run(&["ip", "-n", &srv.0, "link", "add", &vs, "type", "veth", "peer", "name", &vc, "netns", &cli.0]);
+    run(&["ip", "-n", &srv.0, "addr", "add", "10.199.0.1/24", "dev", &vs]);
     run(&["ip", "-n", &srv.0, "link", "set", &vs, "up"]);
     let dir = std::env::temp_dir().join(format!("ocnet-udhcpd-{tag}-{pid}"));
     std::fs::create_dir_all(&dir).unwrap();
@@ -256,31 +206,15 @@ fn dhcp_configures_the_interface_and_renews_the_lease() {
     assert_eq!(status.source, "dhcp");
     assert_eq!(status.interface, vc);
     let octets = status.address.octets();
-    assert!(
-        octets[..3] == [10, 199, 0] && (100..=110).contains(&octets[3]),
-        "address {}",
-        status.address
-    );
+    assert!(octets[..3] == [10, 199, 0] && (100..=110).contains(&octets[3]), "address {}", status.address);
     assert_eq!(status.prefix_len, 24);
     assert_eq!(status.gateway, Some(Ipv4Addr::new(10, 199, 0, 1)));
-    assert_eq!(
-        status.dns,
-        vec![Ipv4Addr::new(10, 199, 0, 53), Ipv4Addr::new(10, 199, 0, 54)]
-    );
+    assert_eq!(status.dns, vec![Ipv4Addr::new(10, 199, 0, 53), Ipv4Addr::new(10, 199, 0, 54)]);
     assert_eq!(status.lease_secs, Some(6));
     assert!(took < Duration::from_secs(10), "took {took:?}");
-    assert!(
-        addr.contains(&format!("inet {}/24", status.address)),
-        "ip addr: {addr}"
-    );
-    assert!(
-        route.contains(&format!("default via 10.199.0.1 dev {vc}")),
-        "ip route: {route}"
-    );
-    assert!(
-        resolv.contains("nameserver 10.199.0.53\nnameserver 10.199.0.54\n"),
-        "resolv.conf: {resolv}"
-    );
+    assert!(addr.contains(&format!("inet {}/24", status.address)), "ip addr: {addr}");
+    assert!(route.contains(&format!("default via 10.199.0.1 dev {vc}")), "ip route: {route}");
+    assert!(resolv.contains("nameserver 10.199.0.53\nnameserver 10.199.0.54\n"), "resolv.conf: {resolv}");
 
     // T1 is 3 s into the 6 s lease: two renewals must succeed with the address unchanged.
     assert!(
@@ -289,36 +223,23 @@ fn dhcp_configures_the_interface_and_renews_the_lease() {
         RENEWAL_LOG.lock().unwrap()
     );
     let seen = RENEWAL_LOG.lock().unwrap().len();
-    assert!(
-        wait_for_log("renewed for 6 s", seen, Duration::from_secs(10)),
-        "no second renewal"
-    );
+    assert!(wait_for_log("renewed for 6 s", seen, Duration::from_secs(10)), "no second renewal");
     let addr_after = in_namespace(&cli.0, {
         let vc = vc.clone();
         move || run(&["ip", "-4", "-o", "addr", "show", "dev", &vc])
     });
-    assert!(
-        addr_after.contains(&format!("inet {}/24", status.address)),
-        "after renewal: {addr_after}"
-    );
+    assert!(addr_after.contains(&format!("inet {}/24", status.address)), "after renewal: {addr_after}");
 
     // Server gone: renewal and rebinding fail, the lease expires and the address is removed.
     drop(server);
     let seen = RENEWAL_LOG.lock().unwrap().len();
-    assert!(
-        wait_for_log("expired", seen, Duration::from_secs(12)),
-        "no expiry: {:?}",
-        RENEWAL_LOG.lock().unwrap()
-    );
+    assert!(wait_for_log("expired", seen, Duration::from_secs(12)), "no expiry: {:?}", RENEWAL_LOG.lock().unwrap());
     assert!(wait_for_log("removed", seen, Duration::from_secs(2)));
     let addr_gone = in_namespace(&cli.0, {
         let vc = vc.clone();
         move || run(&["ip", "-4", "-o", "addr", "show", "dev", &vc])
     });
-    assert!(
-        !addr_gone.contains("inet "),
-        "address still there after expiry: {addr_gone}"
-    );
+    assert!(!addr_gone.contains("inet "), "address still there after expiry: {addr_gone}");
 
     // Server back: the thread finds it again and configures a new lease.
     let _server = start_udhcpd(&dir.0, &srv.0, &vs, 6);
@@ -329,16 +250,9 @@ fn dhcp_configures_the_interface_and_renews_the_lease() {
         RENEWAL_LOG.lock().unwrap()
     );
     let route_back = in_namespace(&cli.0, || run(&["ip", "-4", "route", "show", "default"]));
-    assert!(
-        route_back.contains("default via 10.199.0.1"),
-        "route after new lease: {route_back}"
-    );
+    assert!(route_back.contains("default via 10.199.0.1"), "route after new lease: {route_back}");
 
-    assert_eq!(
-        std::fs::read("/etc/resolv.conf").ok(),
-        host_resolv_before,
-        "host resolv.conf changed"
-    );
+    assert_eq!(std::fs::read("/etc/resolv.conf").ok(), host_resolv_before, "host resolv.conf changed");
 }
 
 #[test]
@@ -350,9 +264,7 @@ fn static_configuration_sets_address_routes_and_dns() {
     let pid = std::process::id();
     let ns = Netns::new(format!("ocnet-static-{pid}"));
     let (dev, peer) = (format!("ocd{pid}"), format!("ocp{pid}"));
-    run(&[
-        "ip", "-n", &ns.0, "link", "add", &dev, "type", "veth", "peer", "name", &peer,
-    ]);
+    run(&["ip", "-n", &ns.0, "link", "add", &dev, "type", "veth", "peer", "name", &peer]);
 
     let iface = dev.clone();
     let (status, addr, routes, resolv, off_link) = in_namespace(&ns.0, move || {
@@ -364,41 +276,21 @@ fn static_configuration_sets_address_routes_and_dns() {
         let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap();
 
         // A /32 with a gateway outside it (as some clouds hand out): reached via a host route.
-        let cfg =
-            NetConfig::from_cmdline("oc.net=static oc.ip=10.197.5.5/32 oc.gw=10.197.0.1").unwrap();
+        let cfg = NetConfig::from_cmdline("oc.net=static oc.ip=10.197.5.5/32 oc.gw=10.197.0.1").unwrap();
         net::configure(&cfg, &iface).unwrap();
         let off_link = run(&["ip", "-4", "route", "show"]);
         (status, addr, routes, resolv, off_link)
     });
     assert_eq!(status.source, "static");
-    assert_eq!(
-        (status.address, status.prefix_len),
-        (Ipv4Addr::new(10, 198, 0, 7), 24)
-    );
+    assert_eq!((status.address, status.prefix_len), (Ipv4Addr::new(10, 198, 0, 7), 24));
     assert_eq!(status.lease_secs, None);
     assert!(addr.contains("inet 10.198.0.7/24"), "{addr}");
-    assert!(
-        routes.contains(&format!("default via 10.198.0.1 dev {dev}")),
-        "{routes}"
-    );
-    assert!(
-        routes.contains(&format!("10.198.0.0/24 dev {dev}")),
-        "{routes}"
-    );
+    assert!(routes.contains(&format!("default via 10.198.0.1 dev {dev}")), "{routes}");
+    assert!(routes.contains(&format!("10.198.0.0/24 dev {dev}")), "{routes}");
     assert!(resolv.ends_with("nameserver 10.198.0.53\n"), "{resolv}");
-    assert!(
-        off_link.contains(&format!("default via 10.197.0.1 dev {dev}")),
-        "{off_link}"
-    );
-    assert!(
-        off_link.contains(&format!("10.197.0.1 dev {dev}")),
-        "{off_link}"
-    );
-    assert_eq!(
-        std::fs::read("/etc/resolv.conf").ok(),
-        host_resolv_before,
-        "host resolv.conf changed"
-    );
+    assert!(off_link.contains(&format!("default via 10.197.0.1 dev {dev}")), "{off_link}");
+    assert!(off_link.contains(&format!("10.197.0.1 dev {dev}")), "{off_link}");
+    assert_eq!(std::fs::read("/etc/resolv.conf").ok(), host_resolv_before, "host resolv.conf changed");
 }
 
 /// The fallback transport for kernels without packet sockets: a UDP socket on an interface
@@ -415,27 +307,16 @@ fn udp_fallback_obtains_a_lease_without_an_address() {
     let lease = in_namespace(&cli.0, move || {
         run(&["ip", "link", "set", &vc, "up"]);
         let link = run(&["ip", "-o", "link", "show", "dev", &vc]);
-        let mac_text = link
-            .split("link/ether ")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .unwrap();
-        let mac: Vec<u8> = mac_text
-            .split(':')
-            .map(|h| u8::from_str_radix(h, 16).unwrap())
-            .collect();
+        let mac_text = link.split("link/ether ").nth(1).and_then(|rest| rest.split_whitespace().next()).unwrap();
+        let mac: Vec<u8> = mac_text.split(':').map(|h| u8::from_str_radix(h, 16).unwrap()).collect();
         let mut socket = UdpTransport::open(&vc).unwrap();
         Client::new(&mut socket, mac.try_into().unwrap(), Backoff::BOOT)
             .obtain(Instant::now() + Duration::from_secs(10))
     })
     .unwrap();
     assert!(
-        lease.address.octets()[..3] == [10, 199, 0]
-            && (100..=110).contains(&lease.address.octets()[3]),
+        lease.address.octets()[..3] == [10, 199, 0] && (100..=110).contains(&lease.address.octets()[3]),
         "{lease:?}"
     );
-    assert_eq!(
-        (lease.server, lease.lease_secs, lease.prefix_len),
-        (Ipv4Addr::new(10, 199, 0, 1), 60, 24)
-    );
+    assert_eq!((lease.server, lease.lease_secs, lease.prefix_len), (Ipv4Addr::new(10, 199, 0, 1), 60, 24));
 }

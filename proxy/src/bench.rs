@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 use proxy::http::chunked::ChunkedDecoder;
 use proxy::subst::{Replacements, Substituter};
 use proxy::{
-    CaPem, Cidr, Proxy, ProxyConfig, SandboxBindings, SealRegistry, SealedSecret, SecretValue,
-    TcpSource, UpstreamTrust,
+    CaPem, Cidr, Proxy, ProxyConfig, SandboxBindings, SealRegistry, SealedSecret, SecretValue, TcpSource, UpstreamTrust,
 };
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use rustls::pki_types::pem::PemObject;
@@ -43,9 +42,7 @@ fn upstream_pki() -> Result<Pki, BoxError> {
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "bench upstream CA");
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "bench upstream CA");
     let ca_cert = ca_params.self_signed(&ca_key)?;
     let issuer = Issuer::new(ca_params, ca_key);
     let key = KeyPair::generate()?;
@@ -53,15 +50,9 @@ fn upstream_pki() -> Result<Pki, BoxError> {
     let mut server = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes())?,
-        )?;
+        .with_single_cert(vec![cert.der().clone()], PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes())?)?;
     server.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Pki {
-        ca_pem: ca_cert.pem(),
-        server,
-    })
+    Ok(Pki { ca_pem: ca_cert.pem(), server })
 }
 
 /// Upstream: reads each request body (Content-Length or chunked), answers with the
@@ -121,12 +112,7 @@ async fn upstream_conn<S: AsyncRead + AsyncWrite + Unpin>(stream: S) -> Result<(
                 out.clear();
             }
         } else if let Some(pos) = lower.find("content-length:") {
-            let len: usize = lower[pos + 15..]
-                .lines()
-                .next()
-                .unwrap_or("")
-                .trim()
-                .parse()?;
+            let len: usize = lower[pos + 15..].lines().next().unwrap_or("").trim().parse()?;
             let mut remaining = len;
             while remaining > 0 {
                 let buf = r.fill_buf().await?;
@@ -140,10 +126,7 @@ async fn upstream_conn<S: AsyncRead + AsyncWrite + Unpin>(stream: S) -> Result<(
             }
         }
         let body = format!("bytes={bytes} secrets={secrets}");
-        let resp = format!(
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
+        let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
         r.get_mut().write_all(resp.as_bytes()).await?;
         r.get_mut().flush().await?;
     }
@@ -164,10 +147,7 @@ async fn connect(t: &Target) -> Result<Client, BoxError> {
         Some(p) => {
             let mut tcp = TcpStream::connect(p).await?;
             let port = t.upstream.port();
-            tcp.write_all(
-                format!("CONNECT {HOST}:{port} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n").as_bytes(),
-            )
-            .await?;
+            tcp.write_all(format!("CONNECT {HOST}:{port} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n").as_bytes()).await?;
             let mut answer = Vec::new();
             while !answer.ends_with(b"\r\n\r\n") {
                 let mut b = [0u8; 1];
@@ -177,17 +157,14 @@ async fn connect(t: &Target) -> Result<Client, BoxError> {
                 answer.push(b[0]);
             }
             if !answer.starts_with(b"HTTP/1.1 200") {
-                return Err(
-                    format!("CONNECT refused: {}", String::from_utf8_lossy(&answer)).into(),
-                );
+                return Err(format!("CONNECT refused: {}", String::from_utf8_lossy(&answer)).into());
             }
             tcp
         }
     };
     tcp.set_nodelay(true)?;
-    let tls = tokio_rustls::TlsConnector::from(t.client_config.clone())
-        .connect(ServerName::try_from(HOST)?, tcp)
-        .await?;
+    let tls =
+        tokio_rustls::TlsConnector::from(t.client_config.clone()).connect(ServerName::try_from(HOST)?, tcp).await?;
     Ok(BufReader::with_capacity(64 * 1024, tls))
 }
 
@@ -207,15 +184,8 @@ async fn read_answer(c: &mut Client) -> Result<String, BoxError> {
         return Err(format!("unexpected response: {}", head.lines().next().unwrap_or("")).into());
     }
     let lower = head.to_ascii_lowercase();
-    let pos = lower
-        .find("content-length:")
-        .ok_or("response without Content-Length")?;
-    let len: usize = lower[pos + 15..]
-        .lines()
-        .next()
-        .unwrap_or("")
-        .trim()
-        .parse()?;
+    let pos = lower.find("content-length:").ok_or("response without Content-Length")?;
+    let len: usize = lower[pos + 15..].lines().next().unwrap_or("").trim().parse()?;
     let mut body = vec![0u8; len];
     c.read_exact(&mut body).await?;
     Ok(String::from_utf8_lossy(&body).into_owned())
@@ -239,19 +209,14 @@ struct SmallResult {
 impl SmallResult {
     /// `OC_PROXY_BENCH_LARGE_ONLY`: the small-request phase was not run (NaN in the last line).
     fn skipped() -> Self {
-        SmallResult {
-            rps: f64::NAN,
-            p50_ms: f64::NAN,
-        }
+        SmallResult { rps: f64::NAN, p50_ms: f64::NAN }
     }
 }
 
 async fn small_phase(t: &Target) -> Result<SmallResult, BoxError> {
     let mut body = vec![b'x'; SMALL_BODY];
     body[100..100 + TOKEN.len()].copy_from_slice(TOKEN.as_bytes());
-    let mut req =
-        format!("POST /small HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {SMALL_BODY}\r\n\r\n")
-            .into_bytes();
+    let mut req = format!("POST /small HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {SMALL_BODY}\r\n\r\n").into_bytes();
     req.extend_from_slice(&body);
     let req = Arc::new(req);
     let mut tasks = Vec::new();
@@ -272,9 +237,7 @@ async fn small_phase(t: &Target) -> Result<SmallResult, BoxError> {
                 let answer = read_answer(&mut c).await?;
                 lat.push(start.elapsed().as_secs_f64() * 1000.0);
                 if t.proxy.is_some() && !answer.ends_with("secrets=1") {
-                    return Err::<Vec<f64>, BoxError>(
-                        format!("token not replaced: {answer}").into(),
-                    );
+                    return Err::<Vec<f64>, BoxError>(format!("token not replaced: {answer}").into());
                 }
             }
             Ok(lat)
@@ -286,19 +249,13 @@ async fn small_phase(t: &Target) -> Result<SmallResult, BoxError> {
     }
     all.sort_by(|a, b| a.total_cmp(b));
     let p50 = all.get(all.len() / 2).copied().unwrap_or(f64::NAN);
-    Ok(SmallResult {
-        rps: all.len() as f64 / SMALL_DURATION.as_secs_f64(),
-        p50_ms: p50,
-    })
+    Ok(SmallResult { rps: all.len() as f64 / SMALL_DURATION.as_secs_f64(), p50_ms: p50 })
 }
 
 /// One 100 MiB upload; returns MB/s (10^6 bytes per second).
 async fn large_once(t: &Target, body: &Arc<Vec<u8>>) -> Result<f64, BoxError> {
     let mut c = connect(t).await?;
-    let head = format!(
-        "POST /large HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
+    let head = format!("POST /large HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {}\r\n\r\n", body.len());
     let start = Instant::now();
     c.get_mut().write_all(head.as_bytes()).await?;
     for piece in body.chunks(256 * 1024) {
@@ -307,15 +264,8 @@ async fn large_once(t: &Target, body: &Arc<Vec<u8>>) -> Result<f64, BoxError> {
     c.get_mut().flush().await?;
     let answer = read_answer(&mut c).await?;
     let secs = start.elapsed().as_secs_f64();
-    let tokens = body
-        .len()
-        .saturating_sub(TOKEN_EVERY / 2)
-        .div_ceil(TOKEN_EVERY);
-    let expected = if t.proxy.is_some() {
-        format!("secrets={tokens}")
-    } else {
-        "secrets=0".into()
-    };
+    let tokens = body.len().saturating_sub(TOKEN_EVERY / 2).div_ceil(TOKEN_EVERY);
+    let expected = if t.proxy.is_some() { format!("secrets={tokens}") } else { "secrets=0".into() };
     if !answer.ends_with(&expected) {
         return Err(format!("large body check failed: {answer} (expected {expected})").into());
     }
@@ -396,10 +346,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// The engine alone on 256 MiB in 64 KiB pieces; GB/s (10^9 bytes per second), best of 3.
 fn subst_gbps() -> f64 {
     let mut repl = Replacements::new();
-    repl.insert(
-        TOKEN.as_bytes(),
-        Arc::new(SecretValue::new(SECRET.as_bytes().to_vec())),
-    );
+    repl.insert(TOKEN.as_bytes(), Arc::new(SecretValue::new(SECRET.as_bytes().to_vec())));
     let repl = Arc::new(repl);
     let data = body_with_tokens(256 * 1024 * 1024);
     let mut out = Vec::with_capacity(128 * 1024);
@@ -452,20 +399,14 @@ fn start_servers() -> Result<Servers, BoxError> {
             egress_allowlist: vec![HOST.to_string()],
             tokens: vec![(
                 TOKEN.to_string(),
-                SealedSecret {
-                    value: SecretValue::from(SECRET.to_string()),
-                    allowed_hosts: vec![HOST.to_string()],
-                },
+                SealedSecret { value: SecretValue::from(SECRET.to_string()), allowed_hosts: vec![HOST.to_string()] },
             )],
         },
     )?;
     let mut cfg = ProxyConfig::new(CaPem::generate()?);
-    cfg.upstream_trust = UpstreamTrust {
-        system_bundle: None,
-        operator_bundle_pem: Some(pki.ca_pem.clone().into_bytes()),
-    };
-    cfg.address_overrides
-        .insert(HOST.to_string(), upstream.ip());
+    cfg.upstream_trust =
+        UpstreamTrust { system_bundle: None, operator_bundle_pem: Some(pki.ca_pem.clone().into_bytes()) };
+    cfg.address_overrides.insert(HOST.to_string(), upstream.ip());
     cfg.allowed_private = vec!["127.0.0.0/8".parse::<Cidr>()?];
     let proxy_ca = CertificateDer::from_pem_slice(cfg.ca.cert_pem.as_bytes())?;
     let proxy = Proxy::new(cfg, registry)?;
@@ -491,29 +432,22 @@ async fn run_async(servers: &Servers) -> Result<String, BoxError> {
     let upstream = servers.upstream;
     let proxy_addr = servers.proxy;
     let proxy_ca = servers.proxy_ca.clone();
-    let client_config =
-        |root: CertificateDer<'static>| -> Result<Arc<rustls::ClientConfig>, BoxError> {
-            let mut roots = rustls::RootCertStore::empty();
-            roots.add(root)?;
-            let mut c = rustls::ClientConfig::builder_with_provider(provider())
-                .with_safe_default_protocol_versions()?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            c.alpn_protocols = vec![b"http/1.1".to_vec()];
-            Ok(Arc::new(c))
-        };
+    let client_config = |root: CertificateDer<'static>| -> Result<Arc<rustls::ClientConfig>, BoxError> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(root)?;
+        let mut c = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        c.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(c))
+    };
     let direct = Target {
         upstream,
         proxy: None,
-        client_config: client_config(CertificateDer::from_pem_slice(
-            servers.upstream_ca_pem.as_bytes(),
-        )?)?,
+        client_config: client_config(CertificateDer::from_pem_slice(servers.upstream_ca_pem.as_bytes())?)?,
     };
-    let via = Target {
-        upstream,
-        proxy: Some(proxy_addr),
-        client_config: client_config(proxy_ca)?,
-    };
+    let via = Target { upstream, proxy: Some(proxy_addr), client_config: client_config(proxy_ca)? };
 
     let large_only = std::env::var_os("OC_PROXY_BENCH_LARGE_ONLY").is_some();
     let (d_small, p_small) = if large_only {

@@ -5,9 +5,7 @@
 use std::io::{self, Write};
 use std::sync::Arc;
 
-use flate2::write::{
-    DeflateDecoder, DeflateEncoder, GzEncoder, MultiGzDecoder, ZlibDecoder, ZlibEncoder,
-};
+use flate2::write::{DeflateDecoder, DeflateEncoder, GzEncoder, MultiGzDecoder, ZlibDecoder, ZlibEncoder};
 use flate2::Compression;
 use zeroize::Zeroizing;
 
@@ -29,12 +27,7 @@ pub fn request_coding(head: &RequestHead) -> Coding {
         .headers
         .iter()
         .filter(|h| h.name.eq_ignore_ascii_case("content-encoding"))
-        .flat_map(|h| {
-            h.value
-                .split(|&b| b == b',')
-                .map(|t| t.trim_ascii().to_ascii_lowercase())
-                .collect::<Vec<_>>()
-        })
+        .flat_map(|h| h.value.split(|&b| b == b',').map(|t| t.trim_ascii().to_ascii_lowercase()).collect::<Vec<_>>())
         .filter(|t| !t.is_empty() && t.as_slice() != b"identity")
         .collect();
     match values.as_slice() {
@@ -161,18 +154,11 @@ pub struct BodyRewriter {
 }
 
 fn is_zlib_header(b: &[u8]) -> bool {
-    b.len() >= 2
-        && (b[0] & 0x0f) == 8
-        && (b[0] >> 4) <= 7
-        && ((u16::from(b[0]) << 8) | u16::from(b[1])) % 31 == 0
+    b.len() >= 2 && (b[0] & 0x0f) == 8 && (b[0] >> 4) <= 7 && ((u16::from(b[0]) << 8) | u16::from(b[1])) % 31 == 0
 }
 
 fn sink(repl: &Arc<Replacements>, encoder: Reencoder) -> SubstSink {
-    SubstSink {
-        subst: Substituter::new(repl.clone()),
-        scratch: Zeroizing::new(Vec::new()),
-        encoder,
-    }
+    SubstSink { subst: Substituter::new(repl.clone()), scratch: Zeroizing::new(Vec::new()), encoder }
 }
 
 impl BodyRewriter {
@@ -187,11 +173,7 @@ impl BodyRewriter {
             ))))),
             Coding::Deflate => Stage::SniffDeflate(Vec::with_capacity(2)),
         };
-        Self {
-            stage: Some(stage),
-            repl,
-            plain_replaced: 0,
-        }
+        Self { stage: Some(stage), repl, plain_replaced: 0 }
     }
 
     /// Feeds decoded-framing body bytes; rewritten output is appended to `out`
@@ -208,10 +190,7 @@ impl BodyRewriter {
             let head = std::mem::take(head);
             let fast = Compression::fast();
             let decoder = if is_zlib_header(&head) {
-                Decoder::Zlib(ZlibDecoder::new(sink(
-                    &self.repl,
-                    Reencoder::Zlib(ZlibEncoder::new(Vec::new(), fast)),
-                )))
+                Decoder::Zlib(ZlibDecoder::new(sink(&self.repl, Reencoder::Zlib(ZlibEncoder::new(Vec::new(), fast)))))
             } else {
                 Decoder::Raw(DeflateDecoder::new(sink(
                     &self.repl,
@@ -247,10 +226,7 @@ impl BodyRewriter {
                 Ok(replaced)
             }
             Some(Stage::SniffDeflate(head)) if head.is_empty() => Ok(0),
-            Some(Stage::SniffDeflate(_)) => Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "truncated deflate body",
-            )),
+            Some(Stage::SniffDeflate(_)) => Err(io::Error::new(io::ErrorKind::InvalidData, "truncated deflate body")),
             None => Ok(self.plain_replaced),
         }
     }
@@ -266,10 +242,7 @@ mod tests {
 
     fn repl() -> Arc<Replacements> {
         let mut r = Replacements::new();
-        r.insert(
-            TOKEN.as_bytes(),
-            Arc::new(SecretValue::new(b"the-secret".to_vec())),
-        );
+        r.insert(TOKEN.as_bytes(), Arc::new(SecretValue::new(b"the-secret".to_vec())));
         Arc::new(r)
     }
 
@@ -300,15 +273,8 @@ mod tests {
         let (out, n) = run(Coding::Gzip, &gz, 777);
         assert_eq!(n, 2000);
         let mut decoded = String::new();
-        flate2::read::GzDecoder::new(&out[..])
-            .read_to_string(&mut decoded)
-            .unwrap();
-        assert_eq!(
-            decoded,
-            String::from_utf8(body)
-                .unwrap()
-                .replace(TOKEN, "the-secret")
-        );
+        flate2::read::GzDecoder::new(&out[..]).read_to_string(&mut decoded).unwrap();
+        assert_eq!(decoded, String::from_utf8(body).unwrap().replace(TOKEN, "the-secret"));
     }
 
     #[test]
@@ -319,9 +285,7 @@ mod tests {
         let (out, n) = run(Coding::Deflate, &z.finish().unwrap(), 1);
         assert_eq!(n, 2000);
         let mut s = String::new();
-        flate2::read::ZlibDecoder::new(&out[..])
-            .read_to_string(&mut s)
-            .unwrap();
+        flate2::read::ZlibDecoder::new(&out[..]).read_to_string(&mut s).unwrap();
         assert!(s.contains("the-secret") && !s.contains(TOKEN));
 
         let mut raw = DeflateEncoder::new(Vec::new(), Compression::default());
@@ -329,9 +293,7 @@ mod tests {
         let (out, n) = run(Coding::Deflate, &raw.finish().unwrap(), 4096);
         assert_eq!(n, 2000);
         let mut s = String::new();
-        flate2::read::DeflateDecoder::new(&out[..])
-            .read_to_string(&mut s)
-            .unwrap();
+        flate2::read::DeflateDecoder::new(&out[..]).read_to_string(&mut s).unwrap();
         assert!(s.contains("the-secret") && !s.contains(TOKEN));
     }
 
@@ -342,31 +304,19 @@ mod tests {
         assert_eq!((out, n), (body.clone(), 0));
         let mut w = BodyRewriter::new(Coding::Gzip, repl());
         let mut out = Vec::new();
-        let corrupt = w
-            .push(b"not gzip at all, definitely not", &mut out)
-            .and_then(|_| w.finish(&mut out).map(|_| ()));
+        let corrupt = w.push(b"not gzip at all, definitely not", &mut out).and_then(|_| w.finish(&mut out).map(|_| ()));
         assert!(corrupt.is_err());
     }
 
     #[test]
     fn coding_detection() {
         let h = |v: &str| {
-            crate::http::head::parse_request_head(
-                format!("POST / HTTP/1.1\r\n{v}\r\n\r\n").as_bytes(),
-                10,
-            )
-            .unwrap()
+            crate::http::head::parse_request_head(format!("POST / HTTP/1.1\r\n{v}\r\n\r\n").as_bytes(), 10).unwrap()
         };
         assert_eq!(request_coding(&h("X: y")), Coding::Identity);
         assert_eq!(request_coding(&h("Content-Encoding: GZIP")), Coding::Gzip);
-        assert_eq!(
-            request_coding(&h("Content-Encoding: deflate")),
-            Coding::Deflate
-        );
+        assert_eq!(request_coding(&h("Content-Encoding: deflate")), Coding::Deflate);
         assert_eq!(request_coding(&h("Content-Encoding: br")), Coding::Opaque);
-        assert_eq!(
-            request_coding(&h("Content-Encoding: gzip, br")),
-            Coding::Opaque
-        );
+        assert_eq!(request_coding(&h("Content-Encoding: gzip, br")), Coding::Opaque);
     }
 }

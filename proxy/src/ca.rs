@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
 };
 use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::pem::PemObject;
@@ -35,10 +35,7 @@ pub struct CaPem {
 
 impl fmt::Debug for CaPem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CaPem")
-            .field("cert_pem", &self.cert_pem)
-            .field("key_pem", &"<redacted>")
-            .finish()
+        f.debug_struct("CaPem").field("cert_pem", &self.cert_pem).field("key_pem", &"<redacted>").finish()
     }
 }
 
@@ -77,11 +74,7 @@ fn ca_params() -> CertificateParams {
     dn.push(DnType::OrganizationName, CA_ORGANIZATION);
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     params
 }
 
@@ -94,10 +87,7 @@ impl CaPem {
         params.not_before = now - Duration::from_secs(24 * 3600);
         params.not_after = now + Duration::from_secs(10 * 365 * 24 * 3600);
         let cert = params.self_signed(&key).map_err(gen_err)?;
-        Ok(Self {
-            cert_pem: cert.pem(),
-            key_pem: Zeroizing::new(key.serialize_pem()),
-        })
+        Ok(Self { cert_pem: cert.pem(), key_pem: Zeroizing::new(key.serialize_pem()) })
     }
 }
 
@@ -118,10 +108,7 @@ impl CertificateAuthority {
         if key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
             return Err(CaError::BadPem("private key is not ECDSA P-256".into()));
         }
-        let ca = Self {
-            issuer: Issuer::new(ca_params(), key),
-            cert_der,
-        };
+        let ca = Self { issuer: Issuer::new(ca_params(), key), cert_der };
         ca.self_check()?;
         Ok(ca)
     }
@@ -130,15 +117,10 @@ impl CertificateAuthority {
         let probe = "probe.invalid";
         let (leaf, _) = self.issue_leaf(probe)?;
         let mut roots = RootCertStore::empty();
-        roots
-            .add(self.cert_der.clone())
+        roots.add(self.cert_der.clone()).map_err(|e| CaError::Mismatch(e.to_string()))?;
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), crypto_provider())
+            .build()
             .map_err(|e| CaError::Mismatch(e.to_string()))?;
-        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
-            Arc::new(roots),
-            crypto_provider(),
-        )
-        .build()
-        .map_err(|e| CaError::Mismatch(e.to_string()))?;
         let name = ServerName::try_from(probe).map_err(|e| CaError::Mismatch(e.to_string()))?;
         verifier
             .verify_server_cert(&leaf, &[], &name, &[], UnixTime::now())
@@ -151,10 +133,7 @@ impl CertificateAuthority {
     }
 
     /// Issues a certificate for `host` (DNS name or IP literal) with a fresh key.
-    pub fn issue_leaf(
-        &self,
-        host: &str,
-    ) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), CaError> {
+    pub fn issue_leaf(&self, host: &str) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(gen_err)?;
         let mut params = CertificateParams::new(vec![host.to_string()]).map_err(gen_err)?;
         let mut dn = DistinguishedName::new();
@@ -199,11 +178,7 @@ pub struct LeafCache {
 
 impl LeafCache {
     pub fn new(ca: CertificateAuthority, capacity: usize) -> Self {
-        Self {
-            ca,
-            capacity: capacity.max(1),
-            inner: Mutex::new((HashMap::new(), 0)),
-        }
+        Self { ca, capacity: capacity.max(1), inner: Mutex::new((HashMap::new(), 0)) }
     }
 
     pub fn len(&self) -> usize {
@@ -234,22 +209,11 @@ impl LeafCache {
         *clock += 1;
         if map.len() >= self.capacity && !map.contains_key(host) {
             // Linear scan: only on a miss, which already paid for a key generation.
-            if let Some(oldest) = map
-                .iter()
-                .min_by_key(|(_, e)| e.last_used)
-                .map(|(k, _)| k.clone())
-            {
+            if let Some(oldest) = map.iter().min_by_key(|(_, e)| e.last_used).map(|(k, _)| k.clone()) {
                 map.remove(&oldest);
             }
         }
-        map.insert(
-            host.to_string(),
-            CacheEntry {
-                config: config.clone(),
-                created: Instant::now(),
-                last_used: *clock,
-            },
-        );
+        map.insert(host.to_string(), CacheEntry { config: config.clone(), created: Instant::now(), last_used: *clock });
         Ok(config)
     }
 }
@@ -272,22 +236,10 @@ mod tests {
     fn mismatched_key_is_rejected() {
         let a = CaPem::generate().unwrap();
         let b = CaPem::generate().unwrap();
-        let mixed = CaPem {
-            cert_pem: a.cert_pem.clone(),
-            key_pem: b.key_pem.clone(),
-        };
-        assert!(matches!(
-            CertificateAuthority::from_pem(&mixed),
-            Err(CaError::Mismatch(_))
-        ));
-        let garbage = CaPem {
-            cert_pem: a.cert_pem,
-            key_pem: Zeroizing::new("not a key".into()),
-        };
-        let err = CertificateAuthority::from_pem(&garbage)
-            .err()
-            .unwrap()
-            .to_string();
+        let mixed = CaPem { cert_pem: a.cert_pem.clone(), key_pem: b.key_pem.clone() };
+        assert!(matches!(CertificateAuthority::from_pem(&mixed), Err(CaError::Mismatch(_))));
+        let garbage = CaPem { cert_pem: a.cert_pem, key_pem: Zeroizing::new("not a key".into()) };
+        let err = CertificateAuthority::from_pem(&garbage).err().unwrap().to_string();
         assert!(!err.contains("not a key"));
     }
 

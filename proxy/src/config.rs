@@ -22,10 +22,7 @@ pub struct UpstreamTrust {
 
 impl Default for UpstreamTrust {
     fn default() -> Self {
-        Self {
-            system_bundle: Some(PathBuf::from(SYSTEM_BUNDLE)),
-            operator_bundle_pem: None,
-        }
+        Self { system_bundle: Some(PathBuf::from(SYSTEM_BUNDLE)), operator_bundle_pem: None }
     }
 }
 
@@ -41,11 +38,7 @@ pub struct Timeouts {
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Self {
-            connect: Duration::from_secs(10),
-            header: Duration::from_secs(30),
-            idle: Duration::from_secs(120),
-        }
+        Self { connect: Duration::from_secs(10), header: Duration::from_secs(30), idle: Duration::from_secs(120) }
     }
 }
 

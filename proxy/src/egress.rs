@@ -26,12 +26,8 @@ impl Cidr {
 
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, canonical(ip)) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                prefix_eq(&net.octets(), &ip.octets(), self.prefix)
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                prefix_eq(&net.octets(), &ip.octets(), self.prefix)
-            }
+            (IpAddr::V4(net), IpAddr::V4(ip)) => prefix_eq(&net.octets(), &ip.octets(), self.prefix),
+            (IpAddr::V6(net), IpAddr::V6(ip)) => prefix_eq(&net.octets(), &ip.octets(), self.prefix),
             _ => false,
         }
     }
@@ -90,10 +86,7 @@ fn restriction_v4(ip: Ipv4Addr) -> Option<&'static str> {
         Some("loopback")
     } else if ip.is_link_local() {
         Some("link-local (metadata)")
-    } else if ip.is_private()
-        || (o[0] == 100 && (o[1] & 0xc0) == 64)
-        || (o[0] == 198 && (o[1] & 0xfe) == 18)
-    {
+    } else if ip.is_private() || (o[0] == 100 && (o[1] & 0xc0) == 64) || (o[0] == 198 && (o[1] & 0xfe) == 18) {
         Some("private")
     } else if o[0] == 0
         || ip.is_broadcast()
@@ -124,11 +117,7 @@ fn restriction_v6(ip: Ipv6Addr) -> Option<&'static str> {
         Some("link-local (metadata)")
     } else if (s[0] & 0xfe00) == 0xfc00 {
         Some("private")
-    } else if ip.is_unspecified()
-        || ip.is_multicast()
-        || (s[0] == 0x2001 && s[1] == 0xdb8)
-        || s[0] == 0
-    {
+    } else if ip.is_unspecified() || ip.is_multicast() || (s[0] == 0x2001 && s[1] == 0xdb8) || s[0] == 0 {
         Some("reserved")
     } else {
         None
@@ -155,9 +144,7 @@ pub fn own_addresses() -> Vec<IpAddr> {
                 match i32::from((*entry.ifa_addr).sa_family) {
                     libc::AF_INET => {
                         let sin = &*(entry.ifa_addr as *const libc::sockaddr_in);
-                        out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(
-                            sin.sin_addr.s_addr,
-                        ))));
+                        out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))));
                     }
                     libc::AF_INET6 => {
                         let sin6 = &*(entry.ifa_addr as *const libc::sockaddr_in6);
@@ -192,10 +179,7 @@ impl fmt::Display for EgressError {
         match self {
             Self::Resolve(msg) => write!(f, "name resolution failed: {msg}"),
             Self::Refused { addr, reason } => {
-                write!(
-                    f,
-                    "destination address {addr} is {reason} and not allowed by the operator"
-                )
+                write!(f, "destination address {addr} is {reason} and not allowed by the operator")
             }
             Self::Connect(e) => write!(f, "connection failed: {e}"),
             Self::Timeout => f.write_str("connection timed out"),
@@ -216,10 +200,8 @@ pub struct EgressPolicy {
 impl EgressPolicy {
     /// Why `ip` is refused, or `None` if it may be dialed.
     pub fn refusal(&self, ip: IpAddr, own: &[IpAddr]) -> Option<&'static str> {
-        let reason = restriction(ip).or_else(|| {
-            own.contains(&canonical(ip))
-                .then_some("an address of this appliance")
-        })?;
+        let reason =
+            restriction(ip).or_else(|| own.contains(&canonical(ip)).then_some("an address of this appliance"))?;
         if self.allowed.iter().any(|c| c.contains(ip)) {
             None
         } else {
@@ -245,11 +227,7 @@ impl EgressPolicy {
     }
 
     /// Resolves `host` and connects to the first permitted address that answers.
-    pub async fn dial(
-        &self,
-        host: &str,
-        port: u16,
-    ) -> Result<(TcpStream, SocketAddr), EgressError> {
+    pub async fn dial(&self, host: &str, port: u16) -> Result<(TcpStream, SocketAddr), EgressError> {
         let attempt = async {
             let addrs = self.resolve(host, port).await?;
             let own = own_addresses();
@@ -257,10 +235,7 @@ impl EgressPolicy {
             let mut refused = None;
             for addr in addrs {
                 if let Some(reason) = self.refusal(addr.ip(), &own) {
-                    refused.get_or_insert(EgressError::Refused {
-                        addr: addr.ip(),
-                        reason,
-                    });
+                    refused.get_or_insert(EgressError::Refused { addr: addr.ip(), reason });
                     continue;
                 }
                 match TcpStream::connect(addr).await {
@@ -272,13 +247,9 @@ impl EgressPolicy {
                     Err(e) => last_err = Some(EgressError::Connect(e)),
                 }
             }
-            Err(last_err
-                .or(refused)
-                .unwrap_or_else(|| EgressError::Resolve("no addresses".into())))
+            Err(last_err.or(refused).unwrap_or_else(|| EgressError::Resolve("no addresses".into())))
         };
-        tokio::time::timeout(self.connect_timeout, attempt)
-            .await
-            .unwrap_or(Err(EgressError::Timeout))
+        tokio::time::timeout(self.connect_timeout, attempt).await.unwrap_or(Err(EgressError::Timeout))
     }
 }
 
@@ -326,10 +297,7 @@ mod tests {
         assert_eq!(p.refusal(ip("127.0.0.2"), &[]), None);
         assert_eq!(p.refusal(ip("::ffff:127.0.0.2"), &[]), None);
         assert!(p.refusal(ip("10.0.0.1"), &[]).is_some());
-        assert_eq!(
-            p.refusal(ip("203.0.114.7"), &[ip("203.0.114.7")]),
-            Some("an address of this appliance")
-        );
+        assert_eq!(p.refusal(ip("203.0.114.7"), &[ip("203.0.114.7")]), Some("an address of this appliance"));
         assert!(own_addresses().contains(&ip("127.0.0.1")));
     }
 
@@ -340,9 +308,6 @@ mod tests {
         assert!(!c.contains(ip("10.128.0.0")));
         assert!("10.0.0.0/33".parse::<Cidr>().is_err());
         assert!("fd00::/8".parse::<Cidr>().unwrap().contains(ip("fdff::1")));
-        assert_eq!(
-            "1.2.3.4".parse::<Cidr>().unwrap(),
-            Cidr::new(ip("1.2.3.4"), 32).unwrap()
-        );
+        assert_eq!("1.2.3.4".parse::<Cidr>().unwrap(), Cidr::new(ip("1.2.3.4"), 32).unwrap());
     }
 }

@@ -34,9 +34,7 @@ impl fmt::Display for ForwardError {
             Self::Chunk(e) => write!(f, "bad chunked body: {e}"),
             Self::ClientClosed => f.write_str("client closed the connection mid-body"),
             Self::Coding(e) => write!(f, "cannot decode compressed body: {e}"),
-            Self::Http10BodyTooLarge => {
-                f.write_str("HTTP/1.0 request body too large to rewrite; use HTTP/1.1")
-            }
+            Self::Http10BodyTooLarge => f.write_str("HTTP/1.0 request body too large to rewrite; use HTTP/1.1"),
             Self::Io(e) => write!(f, "i/o error: {}", e.kind()),
         }
     }
@@ -52,11 +50,7 @@ impl From<io::Error> for ForwardError {
 const GATHER: usize = 128 * 1024;
 
 /// Size and framing rules checked before anything is sent upstream.
-pub fn precheck(
-    head: &RequestHead,
-    max_buffered: usize,
-    may_rewrite: bool,
-) -> Result<BodyFraming, ForwardError> {
+pub fn precheck(head: &RequestHead, max_buffered: usize, may_rewrite: bool) -> Result<BodyFraming, ForwardError> {
     let framing = head.framing().map_err(ForwardError::Head)?;
     if head.method.eq_ignore_ascii_case("CONNECT") {
         return Err(ForwardError::Head(HeadError::BadRequestLine));
@@ -103,9 +97,7 @@ fn wipe_head(head: &mut RequestHead) {
     }
 }
 
-async fn ensure_buffered<R: AsyncRead + Unpin>(
-    inbound: &mut Inbound<R>,
-) -> Result<(), ForwardError> {
+async fn ensure_buffered<R: AsyncRead + Unpin>(inbound: &mut Inbound<R>) -> Result<(), ForwardError> {
     if inbound.buffered().is_empty() && inbound.fill().await? == 0 {
         return Err(ForwardError::ClientClosed);
     }
@@ -114,10 +106,7 @@ async fn ensure_buffered<R: AsyncRead + Unpin>(
 
 /// Like `ensure_buffered`, then also takes whatever else is already readable, up
 /// to `want` bytes, so large bodies move in few big chunks and writes.
-async fn gather<R: AsyncRead + Unpin>(
-    inbound: &mut Inbound<R>,
-    want: usize,
-) -> Result<(), ForwardError> {
+async fn gather<R: AsyncRead + Unpin>(inbound: &mut Inbound<R>, want: usize) -> Result<(), ForwardError> {
     ensure_buffered(inbound).await?;
     while inbound.buffered().len() < want && inbound.fill_ready(want).await? > 0 {}
     Ok(())
@@ -141,8 +130,7 @@ where
     head.remove_header("proxy-connection");
     head.remove_header("proxy-authorization");
     let coding = request_coding(&head);
-    let expect_continue =
-        head.version == Version::Http11 && head.has_token("expect", "100-continue");
+    let expect_continue = head.version == Version::Http11 && head.has_token("expect", "100-continue");
     let mut wire = Zeroizing::new(Vec::with_capacity(64 * 1024));
 
     match framing {
@@ -155,12 +143,8 @@ where
             upstream.write_all(&wire).await?;
             copy_body_unchanged(framing, inbound, upstream, max_trailer_bytes).await?;
         }
-        BodyFraming::Length(n)
-            if n <= max_buffered as u64
-                && (!expect_continue || head.version == Version::Http10) =>
-        {
-            replaced +=
-                forward_buffered(&mut head, n, coding, inbound, upstream, repl, &mut wire).await?;
+        BodyFraming::Length(n) if n <= max_buffered as u64 && (!expect_continue || head.version == Version::Http10) => {
+            replaced += forward_buffered(&mut head, n, coding, inbound, upstream, repl, &mut wire).await?;
         }
         BodyFraming::Length(_) | BodyFraming::Chunked => {
             head.remove_header("content-length");
@@ -170,8 +154,7 @@ where
             // The sandbox may wait for `100 Continue` before sending the body.
             upstream.flush().await?;
             wire.clear();
-            replaced +=
-                stream_body(framing, coding, inbound, upstream, repl, max_trailer_bytes).await?;
+            replaced += stream_body(framing, coding, inbound, upstream, repl, max_trailer_bytes).await?;
         }
     }
     wipe_head(&mut head);
@@ -203,9 +186,7 @@ where
     }
     let mut rewritten = Zeroizing::new(Vec::with_capacity(len + 256));
     let mut rewriter = BodyRewriter::new(coding, repl.clone());
-    let outcome = rewriter
-        .push(&body, &mut rewritten)
-        .and_then(|_| rewriter.finish(&mut rewritten));
+    let outcome = rewriter.push(&body, &mut rewritten).and_then(|_| rewriter.finish(&mut rewritten));
     let (payload, replaced): (&[u8], u64) = match outcome {
         Ok(n) if n > 0 => (&rewritten, n),
         // No token inside, or a body that does not decode: send it exactly as received.
@@ -242,18 +223,10 @@ where
     match framing {
         BodyFraming::Length(mut remaining) => {
             while remaining > 0 {
-                gather(
-                    inbound,
-                    usize::try_from(remaining).unwrap_or(usize::MAX).min(GATHER),
-                )
-                .await?;
-                let take = usize::try_from(remaining)
-                    .unwrap_or(usize::MAX)
-                    .min(inbound.buffered().len());
+                gather(inbound, usize::try_from(remaining).unwrap_or(usize::MAX).min(GATHER)).await?;
+                let take = usize::try_from(remaining).unwrap_or(usize::MAX).min(inbound.buffered().len());
                 let at = begin_chunk(&mut wire);
-                rewriter
-                    .push(&inbound.buffered()[..take], &mut wire)
-                    .map_err(coding_err)?;
+                rewriter.push(&inbound.buffered()[..take], &mut wire).map_err(coding_err)?;
                 end_chunk(&mut wire, at);
                 inbound.consume(take);
                 remaining -= take as u64;
@@ -264,9 +237,7 @@ where
             let mut decoder = ChunkedDecoder::new(max_trailer_bytes);
             while !decoder.is_done() {
                 gather(inbound, GATHER).await?;
-                let used = decoder
-                    .decode(inbound.buffered(), &mut decoded)
-                    .map_err(ForwardError::Chunk)?;
+                let used = decoder.decode(inbound.buffered(), &mut decoded).map_err(ForwardError::Chunk)?;
                 inbound.consume(used);
                 let at = begin_chunk(&mut wire);
                 rewriter.push(&decoded, &mut wire).map_err(coding_err)?;
@@ -314,10 +285,7 @@ fn end_chunk(wire: &mut Vec<u8>, at: usize) {
     }
 }
 
-async fn flush_chunk<W: AsyncWrite + Unpin>(
-    upstream: &mut W,
-    wire: &mut Vec<u8>,
-) -> Result<(), ForwardError> {
+async fn flush_chunk<W: AsyncWrite + Unpin>(upstream: &mut W, wire: &mut Vec<u8>) -> Result<(), ForwardError> {
     if !wire.is_empty() {
         upstream.write_all(wire).await?;
         wire.clear();
@@ -340,14 +308,8 @@ where
         BodyFraming::None => {}
         BodyFraming::Length(mut remaining) => {
             while remaining > 0 {
-                gather(
-                    inbound,
-                    usize::try_from(remaining).unwrap_or(usize::MAX).min(GATHER),
-                )
-                .await?;
-                let take = usize::try_from(remaining)
-                    .unwrap_or(usize::MAX)
-                    .min(inbound.buffered().len());
+                gather(inbound, usize::try_from(remaining).unwrap_or(usize::MAX).min(GATHER)).await?;
+                let take = usize::try_from(remaining).unwrap_or(usize::MAX).min(inbound.buffered().len());
                 upstream.write_all(&inbound.buffered()[..take]).await?;
                 inbound.consume(take);
                 remaining -= take as u64;
@@ -359,9 +321,7 @@ where
             let mut discard = Vec::with_capacity(64 * 1024);
             while !decoder.is_done() {
                 ensure_buffered(inbound).await?;
-                let used = decoder
-                    .decode(inbound.buffered(), &mut discard)
-                    .map_err(ForwardError::Chunk)?;
+                let used = decoder.decode(inbound.buffered(), &mut discard).map_err(ForwardError::Chunk)?;
                 discard.clear();
                 upstream.write_all(&inbound.buffered()[..used]).await?;
                 inbound.consume(used);

@@ -14,10 +14,7 @@ pub fn normalize_host(host: &str) -> Option<String> {
         return Some(ip.to_string());
     }
     let valid_label = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && l.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     };
     if host.split('.').all(valid_label) {
         Some(host.to_ascii_lowercase())
@@ -46,9 +43,7 @@ impl HostPattern {
                 .map(Self::Subdomains)
                 .ok_or_else(|| format!("invalid host pattern {pattern:?}"));
         }
-        normalize_host(p)
-            .map(Self::Exact)
-            .ok_or_else(|| format!("invalid host pattern {pattern:?}"))
+        normalize_host(p).map(Self::Exact).ok_or_else(|| format!("invalid host pattern {pattern:?}"))
     }
 
     /// `host` must already be normalised.
@@ -56,9 +51,9 @@ impl HostPattern {
         match self {
             Self::Any => true,
             Self::Exact(h) => h == host,
-            Self::Subdomains(suffix) => host
-                .strip_suffix(suffix.as_str())
-                .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
+            Self::Subdomains(suffix) => {
+                host.strip_suffix(suffix.as_str()).is_some_and(|head| head.len() > 1 && head.ends_with('.'))
+            }
         }
     }
 }
@@ -79,11 +74,7 @@ pub struct HostList(Vec<HostPattern>);
 
 impl HostList {
     pub fn parse(patterns: &[String]) -> Result<Self, String> {
-        patterns
-            .iter()
-            .map(|p| HostPattern::parse(p))
-            .collect::<Result<Vec<_>, _>>()
-            .map(Self)
+        patterns.iter().map(|p| HostPattern::parse(p)).collect::<Result<Vec<_>, _>>().map(Self)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -101,10 +92,7 @@ mod tests {
 
     #[test]
     fn normalizes_names_and_ips() {
-        assert_eq!(
-            normalize_host("API.Example.COM.").as_deref(),
-            Some("api.example.com")
-        );
+        assert_eq!(normalize_host("API.Example.COM.").as_deref(), Some("api.example.com"));
         assert_eq!(normalize_host("127.0.0.1").as_deref(), Some("127.0.0.1"));
         assert_eq!(normalize_host("::1").as_deref(), Some("::1"));
         assert_eq!(normalize_host("bad host"), None);

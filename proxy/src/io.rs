@@ -20,10 +20,7 @@ pub struct Activity {
 
 impl Activity {
     pub fn new() -> Arc<Self> {
-        Arc::new(Self {
-            base: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        })
+        Arc::new(Self { base: Instant::now(), last_ms: AtomicU64::new(0) })
     }
 
     pub fn touch(&self) {
@@ -79,13 +76,7 @@ pub struct Inbound<R> {
 
 impl<R: AsyncRead + Unpin> Inbound<R> {
     pub fn new(inner: R, activity: Arc<Activity>) -> Self {
-        Self {
-            inner,
-            buf: vec![0; READ_CHUNK],
-            start: 0,
-            end: 0,
-            activity,
-        }
+        Self { inner, buf: vec![0; READ_CHUNK], start: 0, end: 0, activity }
     }
 
     pub fn buffered(&self) -> &[u8] {
@@ -155,11 +146,7 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
     /// Reads one request head. `Ok(None)`: the peer closed cleanly between requests.
     /// The wait for the first byte is unbounded here (callers bound it); once a
     /// head has started it must complete within `header_timeout`.
-    pub async fn read_head(
-        &mut self,
-        max: usize,
-        header_timeout: Duration,
-    ) -> Result<Option<Vec<u8>>, HeadReadError> {
+    pub async fn read_head(&mut self, max: usize, header_timeout: Duration) -> Result<Option<Vec<u8>>, HeadReadError> {
         let mut deadline = None;
         let mut scanned = 0;
         loop {
@@ -187,9 +174,7 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
                 deadline = Some(tokio::time::Instant::now() + header_timeout);
             }
             let n = match deadline {
-                Some(d) => tokio::time::timeout_at(d, self.fill())
-                    .await
-                    .map_err(|_| HeadReadError::Timeout)?,
+                Some(d) => tokio::time::timeout_at(d, self.fill()).await.map_err(|_| HeadReadError::Timeout)?,
                 None => self.fill().await,
             }
             .map_err(HeadReadError::Io)?;
@@ -219,20 +204,12 @@ pub struct Prefixed<S> {
 
 impl<S> Prefixed<S> {
     pub fn new(prefix: Vec<u8>, inner: S) -> Self {
-        Self {
-            prefix,
-            pos: 0,
-            inner,
-        }
+        Self { prefix, pos: 0, inner }
     }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         if self.pos < self.prefix.len() {
             let n = (self.prefix.len() - self.pos).min(buf.remaining());
             let start = self.pos;
@@ -245,11 +222,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -270,38 +243,21 @@ mod tests {
     async fn reads_heads_across_keep_alive_and_reports_truncation() {
         let data: &[u8] = b"\r\nGET / HTTP/1.1\r\nA: b\r\n\r\nBODYGET /2 HTTP/1.1\r\n\r\nPART";
         let mut r = Inbound::new(data, Activity::new());
-        let h1 = r
-            .read_head(1024, Duration::from_secs(1))
-            .await
-            .unwrap()
-            .unwrap();
+        let h1 = r.read_head(1024, Duration::from_secs(1)).await.unwrap().unwrap();
         assert_eq!(h1, b"GET / HTTP/1.1\r\nA: b\r\n\r\n");
         assert_eq!(r.buffered(), b"BODYGET /2 HTTP/1.1\r\n\r\nPART");
         r.consume(4);
-        let h2 = r
-            .read_head(1024, Duration::from_secs(1))
-            .await
-            .unwrap()
-            .unwrap();
+        let h2 = r.read_head(1024, Duration::from_secs(1)).await.unwrap().unwrap();
         assert_eq!(h2, b"GET /2 HTTP/1.1\r\n\r\n");
-        assert!(matches!(
-            r.read_head(1024, Duration::from_secs(1)).await,
-            Err(HeadReadError::Truncated)
-        ));
+        assert!(matches!(r.read_head(1024, Duration::from_secs(1)).await, Err(HeadReadError::Truncated)));
     }
 
     #[tokio::test]
     async fn limits_head_size() {
         let big = vec![b'a'; 5000];
         let mut r = Inbound::new(&big[..], Activity::new());
-        assert!(matches!(
-            r.read_head(1024, Duration::from_secs(1)).await,
-            Err(HeadReadError::TooLarge)
-        ));
+        assert!(matches!(r.read_head(1024, Duration::from_secs(1)).await, Err(HeadReadError::TooLarge)));
         let mut empty = Inbound::new(&b""[..], Activity::new());
-        assert!(matches!(
-            empty.read_head(1024, Duration::from_secs(1)).await,
-            Ok(None)
-        ));
+        assert!(matches!(empty.read_head(1024, Duration::from_secs(1)).await, Ok(None)));
     }
 }

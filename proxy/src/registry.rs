@@ -67,10 +67,9 @@ impl fmt::Display for RegistryError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             // The token itself is not echoed: it is harmless alone, but keep errors terse.
-            Self::InvalidToken { index } => write!(
-                f,
-                "token #{index} is not of the form osb_sealed_<32 lowercase hex>"
-            ),
+            Self::InvalidToken { index } => {
+                write!(f, "token #{index} is not of the form osb_sealed_<32 lowercase hex>")
+            }
             Self::InvalidHostPattern(msg) => f.write_str(msg),
         }
     }
@@ -108,10 +107,7 @@ impl SandboxPolicy {
 
 impl fmt::Debug for SandboxPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SandboxPolicy")
-            .field("egress", &self.egress)
-            .field("tokens", &self.tokens.len())
-            .finish()
+        f.debug_struct("SandboxPolicy").field("egress", &self.egress).field("tokens", &self.tokens.len()).finish()
     }
 }
 
@@ -128,56 +124,32 @@ impl SealRegistry {
     }
 
     /// Registers or replaces a sandbox's bindings. Nothing changes on error.
-    pub fn register(
-        &self,
-        sandbox: SandboxId,
-        bindings: SandboxBindings,
-    ) -> Result<(), RegistryError> {
-        let egress = HostList::parse(&bindings.egress_allowlist)
-            .map_err(RegistryError::InvalidHostPattern)?;
+    pub fn register(&self, sandbox: SandboxId, bindings: SandboxBindings) -> Result<(), RegistryError> {
+        let egress = HostList::parse(&bindings.egress_allowlist).map_err(RegistryError::InvalidHostPattern)?;
         let mut tokens = Vec::with_capacity(bindings.tokens.len());
         for (index, (token, secret)) in bindings.tokens.into_iter().enumerate() {
             if !is_token(token.as_bytes()) {
                 return Err(RegistryError::InvalidToken { index });
             }
-            let hosts = HostList::parse(&secret.allowed_hosts)
-                .map_err(RegistryError::InvalidHostPattern)?;
-            tokens.push(TokenBinding {
-                token,
-                value: Arc::new(secret.value),
-                hosts,
-            });
+            let hosts = HostList::parse(&secret.allowed_hosts).map_err(RegistryError::InvalidHostPattern)?;
+            tokens.push(TokenBinding { token, value: Arc::new(secret.value), hosts });
         }
         let policy = Arc::new(SandboxPolicy { egress, tokens });
-        self.sandboxes
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(sandbox, policy);
+        self.sandboxes.write().unwrap_or_else(|e| e.into_inner()).insert(sandbox, policy);
         Ok(())
     }
 
     /// Forgets a sandbox; its open connections stop at their next request.
     pub fn unregister(&self, sandbox: SandboxId) -> bool {
-        self.sandboxes
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&sandbox)
-            .is_some()
+        self.sandboxes.write().unwrap_or_else(|e| e.into_inner()).remove(&sandbox).is_some()
     }
 
     pub fn policy(&self, sandbox: SandboxId) -> Option<Arc<SandboxPolicy>> {
-        self.sandboxes
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&sandbox)
-            .cloned()
+        self.sandboxes.read().unwrap_or_else(|e| e.into_inner()).get(&sandbox).cloned()
     }
 
     pub fn len(&self) -> usize {
-        self.sandboxes
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
+        self.sandboxes.read().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -226,10 +198,7 @@ mod tests {
         };
         let err = reg.register(1, bad).unwrap_err();
         assert!(!err.to_string().contains("hunter2"));
-        let bad_host = SandboxBindings {
-            egress_allowlist: vec!["bad host".into()],
-            tokens: vec![],
-        };
+        let bad_host = SandboxBindings { egress_allowlist: vec!["bad host".into()], tokens: vec![] };
         assert!(reg.register(1, bad_host).is_err());
         assert!(reg.is_empty());
     }
@@ -237,20 +206,11 @@ mod tests {
     #[test]
     fn empty_egress_allows_all_but_empty_secret_hosts_allow_none() {
         let reg = SealRegistry::new();
-        reg.register(
-            2,
-            SandboxBindings {
-                egress_allowlist: vec![],
-                tokens: vec![(T1.into(), secret("v", &[]))],
-            },
-        )
-        .unwrap();
+        reg.register(2, SandboxBindings { egress_allowlist: vec![], tokens: vec![(T1.into(), secret("v", &[]))] })
+            .unwrap();
         let p = reg.policy(2).unwrap();
         assert!(p.allows_host("anything.example"));
         assert!(p.replacements_for("anything.example").is_empty());
-        assert_eq!(
-            format!("{:?}", SecretValue::from("hunter2".to_string())),
-            "SecretValue(<redacted>)"
-        );
+        assert_eq!(format!("{:?}", SecretValue::from("hunter2".to_string())), "SecretValue(<redacted>)");
     }
 }

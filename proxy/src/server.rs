@@ -51,11 +51,7 @@ struct ConnectionSlot {
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        let mut guard = self
-            .shared
-            .connections
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.shared.connections.lock().unwrap_or_else(|e| e.into_inner());
         let (per_sandbox, total) = &mut *guard;
         *total = total.saturating_sub(1);
         if let Some(n) = per_sandbox.get_mut(&self.sandbox) {
@@ -81,10 +77,7 @@ impl Shared {
         }
         *mine += 1;
         *total += 1;
-        Some(ConnectionSlot {
-            shared: self.clone(),
-            sandbox,
-        })
+        Some(ConnectionSlot { shared: self.clone(), sandbox })
     }
 }
 
@@ -98,8 +91,7 @@ impl Proxy {
     /// Loads the CA and the upstream trust; fails with a clear message on bad input.
     pub fn new(config: ProxyConfig, registry: Arc<SealRegistry>) -> Result<Self, ProxyError> {
         let ca = CertificateAuthority::from_pem(&config.ca).map_err(ProxyError::Ca)?;
-        let upstream_tls =
-            upstream_client_config(&config.upstream_trust).map_err(ProxyError::Trust)?;
+        let upstream_tls = upstream_client_config(&config.upstream_trust).map_err(ProxyError::Trust)?;
         let egress = EgressPolicy {
             overrides: config.address_overrides.clone(),
             allowed: config.allowed_private.clone(),
@@ -120,14 +112,7 @@ impl Proxy {
 
     /// Open connections of one sandbox (for the appliance's metrics).
     pub fn connections_of(&self, sandbox: SandboxId) -> usize {
-        self.shared
-            .connections
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .0
-            .get(&sandbox)
-            .copied()
-            .unwrap_or(0)
+        self.shared.connections.lock().unwrap_or_else(|e| e.into_inner()).0.get(&sandbox).copied().unwrap_or(0)
     }
 
     /// Accepts connections until the source fails permanently. Each connection
@@ -148,12 +133,8 @@ impl Proxy {
                 let Some(slot) = shared.try_acquire(sandbox) else {
                     info!("sandbox {sandbox}: connection limit reached");
                     use tokio::io::AsyncWriteExt;
-                    let body = simple_response(
-                        429,
-                        "Too Many Requests",
-                        "too many open connections for this sandbox",
-                        true,
-                    );
+                    let body =
+                        simple_response(429, "Too Many Requests", "too many open connections for this sandbox", true);
                     let _ = stream.write_all(&body).await;
                     let _ = stream.shutdown().await;
                     return;
@@ -167,11 +148,6 @@ impl Proxy {
 
 fn is_transient(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
-    matches!(
-        e.kind(),
-        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock | TimedOut
-    ) || matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EPROTO)
-    )
+    matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted | WouldBlock | TimedOut)
+        || matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EPROTO))
 }

@@ -31,33 +31,20 @@ struct Reject {
 
 impl Reject {
     fn new(status: u16, reason: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            reason,
-            message: message.into(),
-        }
+        Self { status, reason, message: message.into() }
     }
 }
 
 async fn send_reject<W: AsyncWrite + Unpin>(w: &mut W, sandbox: SandboxId, r: &Reject) {
-    info!(
-        "sandbox {sandbox}: {} {}: {}",
-        r.status, r.reason, r.message
-    );
-    let _ = w
-        .write_all(&simple_response(r.status, r.reason, &r.message, true))
-        .await;
+    info!("sandbox {sandbox}: {} {}: {}", r.status, r.reason, r.message);
+    let _ = w.write_all(&simple_response(r.status, r.reason, &r.message, true)).await;
     let _ = w.flush().await;
     let _ = w.shutdown().await;
 }
 
 fn head_read_reject(e: &HeadReadError) -> Option<Reject> {
     match e {
-        HeadReadError::TooLarge => Some(Reject::new(
-            431,
-            "Request Header Fields Too Large",
-            e.to_string(),
-        )),
+        HeadReadError::TooLarge => Some(Reject::new(431, "Request Header Fields Too Large", e.to_string())),
         HeadReadError::Timeout => Some(Reject::new(408, "Request Timeout", e.to_string())),
         HeadReadError::Truncated | HeadReadError::Io(_) => None,
     }
@@ -72,34 +59,19 @@ fn forward_reject(e: &ForwardError) -> Reject {
 
 fn egress_reject(host: &str, e: &EgressError) -> Reject {
     match e {
-        EgressError::Refused { .. } => {
-            Reject::new(403, "Forbidden", format!("destination {host} refused: {e}"))
-        }
-        EgressError::Timeout => {
-            Reject::new(504, "Gateway Timeout", format!("upstream {host}: {e}"))
-        }
+        EgressError::Refused { .. } => Reject::new(403, "Forbidden", format!("destination {host} refused: {e}")),
+        EgressError::Timeout => Reject::new(504, "Gateway Timeout", format!("upstream {host}: {e}")),
         _ => Reject::new(502, "Bad Gateway", format!("upstream {host}: {e}")),
     }
 }
 
-fn current_policy(
-    shared: &Shared,
-    sandbox: SandboxId,
-    host: &str,
-) -> Result<Arc<SandboxPolicy>, Reject> {
-    let policy = shared.registry.policy(sandbox).ok_or_else(|| {
-        Reject::new(
-            403,
-            "Forbidden",
-            format!("sandbox {sandbox} is not registered with the proxy"),
-        )
-    })?;
+fn current_policy(shared: &Shared, sandbox: SandboxId, host: &str) -> Result<Arc<SandboxPolicy>, Reject> {
+    let policy = shared
+        .registry
+        .policy(sandbox)
+        .ok_or_else(|| Reject::new(403, "Forbidden", format!("sandbox {sandbox} is not registered with the proxy")))?;
     if !policy.allows_host(host) {
-        return Err(Reject::new(
-            403,
-            "Forbidden",
-            format!("host {host} is not in this sandbox's egress allowlist"),
-        ));
+        return Err(Reject::new(403, "Forbidden", format!("host {host} is not in this sandbox's egress allowlist")));
     }
     Ok(policy)
 }
@@ -113,11 +85,8 @@ where
     let timeouts = &shared.config.timeouts;
     let activity = Activity::new();
     let mut inbound = Inbound::new(stream, activity.clone());
-    let raw = match tokio::time::timeout(
-        timeouts.header,
-        inbound.read_head(limits.max_header_bytes, timeouts.header),
-    )
-    .await
+    let raw = match tokio::time::timeout(timeouts.header, inbound.read_head(limits.max_header_bytes, timeouts.header))
+        .await
     {
         Ok(Ok(Some(raw))) => raw,
         Ok(Ok(None)) => return,
@@ -134,11 +103,7 @@ where
             send_reject(
                 &mut s,
                 sandbox,
-                &Reject::new(
-                    408,
-                    "Request Timeout",
-                    "timed out waiting for the request head",
-                ),
+                &Reject::new(408, "Request Timeout", "timed out waiting for the request head"),
             )
             .await;
             return;
@@ -148,14 +113,7 @@ where
     let (mut stream, leftover) = inbound.into_parts();
     let head = match head {
         Ok(h) => h,
-        Err(e) => {
-            return send_reject(
-                &mut stream,
-                sandbox,
-                &Reject::new(400, "Bad Request", e.to_string()),
-            )
-            .await
-        }
+        Err(e) => return send_reject(&mut stream, sandbox, &Reject::new(400, "Bad Request", e.to_string())).await,
     };
     if head.method.eq_ignore_ascii_case("CONNECT") {
         let Some(authority) = parse_authority(&head.target, None) else {
@@ -165,61 +123,26 @@ where
         if let Err(r) = current_policy(&shared, sandbox, &authority.host) {
             return send_reject(&mut stream, sandbox, &r).await;
         }
-        if stream
-            .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            .await
-            .is_err()
-        {
+        if stream.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await.is_err() {
             return;
         }
-        info!(
-            "sandbox {sandbox}: CONNECT {}:{}",
-            authority.host, authority.port
-        );
-        intercept(
-            shared,
-            Prefixed::new(leftover, stream),
-            sandbox,
-            authority,
-            activity,
-        )
-        .await;
+        info!("sandbox {sandbox}: CONNECT {}:{}", authority.host, authority.port);
+        intercept(shared, Prefixed::new(leftover, stream), sandbox, authority, activity).await;
     } else if let Some((authority, origin_target)) = parse_absolute_http(&head.target) {
         if let Err(r) = current_policy(&shared, sandbox, &authority.host) {
             return send_reject(&mut stream, sandbox, &r).await;
         }
-        info!(
-            "sandbox {sandbox}: plain HTTP to {}:{}",
-            authority.host, authority.port
-        );
-        plain_forward(
-            shared,
-            Prefixed::new(leftover, stream),
-            sandbox,
-            authority,
-            head,
-            origin_target,
-            activity,
-        )
-        .await;
+        info!("sandbox {sandbox}: plain HTTP to {}:{}", authority.host, authority.port);
+        plain_forward(shared, Prefixed::new(leftover, stream), sandbox, authority, head, origin_target, activity).await;
     } else {
-        let r = Reject::new(
-            400,
-            "Bad Request",
-            "expected CONNECT host:port or an absolute http:// URL",
-        );
+        let r = Reject::new(400, "Bad Request", "expected CONNECT host:port or an absolute http:// URL");
         send_reject(&mut stream, sandbox, &r).await;
     }
 }
 
 /// TLS interception of a CONNECT tunnel.
-async fn intercept<S>(
-    shared: Arc<Shared>,
-    stream: S,
-    sandbox: SandboxId,
-    authority: Authority,
-    activity: Arc<Activity>,
-) where
+async fn intercept<S>(shared: Arc<Shared>, stream: S, sandbox: SandboxId, authority: Authority, activity: Arc<Activity>)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let host = authority.host.clone();
@@ -228,8 +151,7 @@ async fn intercept<S>(
         Err(e) => return warn!("sandbox {sandbox}: cannot issue a certificate for {host}: {e}"),
     };
     // rustls reads the socket 4 KiB at a time; a buffer below it saves most syscalls.
-    let accept =
-        TlsAcceptor::from(server_config).accept(BufReader::with_capacity(SOCKET_BUFFER, stream));
+    let accept = TlsAcceptor::from(server_config).accept(BufReader::with_capacity(SOCKET_BUFFER, stream));
     let tls = match tokio::time::timeout(shared.config.timeouts.header, accept).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => return info!("sandbox {sandbox}: TLS handshake for {host} failed: {e}"),
@@ -239,11 +161,7 @@ async fn intercept<S>(
     let mut inbound = Inbound::new(client_r, activity.clone());
     let limits = &shared.config.limits;
     let timeouts = &shared.config.timeouts;
-    let first = tokio::time::timeout(
-        timeouts.idle,
-        inbound.read_head(limits.max_header_bytes, timeouts.header),
-    )
-    .await;
+    let first = tokio::time::timeout(timeouts.idle, inbound.read_head(limits.max_header_bytes, timeouts.header)).await;
     let raw = match first {
         Ok(Ok(Some(raw))) => raw,
         Ok(Ok(None)) => return,
@@ -260,8 +178,8 @@ async fn intercept<S>(
         .and_then(|head| {
             let policy = current_policy(&shared, sandbox, &host)?;
             let repl = Arc::new(policy.replacements_for(&host));
-            let framing = precheck(&head, limits.max_buffered_body, !repl.is_empty())
-                .map_err(|e| forward_reject(&e))?;
+            let framing =
+                precheck(&head, limits.max_buffered_body, !repl.is_empty()).map_err(|e| forward_reject(&e))?;
             Ok((head, framing, policy, repl))
         });
     let (head, framing, policy, repl) = match prepared {
@@ -273,17 +191,9 @@ async fn intercept<S>(
         Err(r) => return send_reject(&mut client_w, sandbox, &r).await,
     };
     let (upstream_r, upstream_w) = tokio::io::split(upstream);
-    let first = FirstRequest {
-        head,
-        framing,
-        policy,
-        repl,
-    };
+    let first = FirstRequest { head, framing, policy, repl };
     let requests = request_loop(&shared, sandbox, &host, first, inbound, upstream_w, true);
-    run_pipeline(
-        &shared, sandbox, &host, requests, upstream_r, client_w, activity,
-    )
-    .await;
+    run_pipeline(&shared, sandbox, &host, requests, upstream_r, client_w, activity).await;
 }
 
 /// Plain-HTTP proxying: one request per connection, never any substitution
@@ -317,35 +227,18 @@ async fn plain_forward<S>(
     head.target = origin_target;
     head.set_header("Connection", b"close");
     let (upstream_r, upstream_w) = upstream.into_split();
-    let first = FirstRequest {
-        head,
-        framing,
-        policy,
-        repl: Arc::new(Replacements::new()),
-    };
+    let first = FirstRequest { head, framing, policy, repl: Arc::new(Replacements::new()) };
     let requests = request_loop(&shared, sandbox, &host, first, inbound, upstream_w, false);
-    run_pipeline(
-        &shared, sandbox, &host, requests, upstream_r, client_w, activity,
-    )
-    .await;
+    run_pipeline(&shared, sandbox, &host, requests, upstream_r, client_w, activity).await;
 }
 
 type UpstreamTls = tokio_rustls::client::TlsStream<BufReader<TcpStream>>;
 
 async fn dial_tls(shared: &Shared, authority: &Authority) -> Result<UpstreamTls, Reject> {
     let host = &authority.host;
-    let (tcp, addr) = shared
-        .egress
-        .dial(host, authority.port)
-        .await
-        .map_err(|e| egress_reject(host, &e))?;
-    let name = ServerName::try_from(host.clone()).map_err(|_| {
-        Reject::new(
-            400,
-            "Bad Request",
-            format!("{host} is not a valid TLS server name"),
-        )
-    })?;
+    let (tcp, addr) = shared.egress.dial(host, authority.port).await.map_err(|e| egress_reject(host, &e))?;
+    let name = ServerName::try_from(host.clone())
+        .map_err(|_| Reject::new(400, "Bad Request", format!("{host} is not a valid TLS server name")))?;
     let connector = TlsConnector::from(shared.upstream_tls.clone());
     match tokio::time::timeout(
         shared.config.timeouts.connect,
@@ -357,16 +250,8 @@ async fn dial_tls(shared: &Shared, authority: &Authority) -> Result<UpstreamTls,
             debug!("upstream {host} ({addr}) TLS established");
             Ok(tls)
         }
-        Ok(Err(e)) => Err(Reject::new(
-            502,
-            "Bad Gateway",
-            format!("upstream TLS with {host} failed: {e}"),
-        )),
-        Err(_) => Err(Reject::new(
-            504,
-            "Gateway Timeout",
-            format!("upstream TLS handshake with {host} timed out"),
-        )),
+        Ok(Err(e)) => Err(Reject::new(502, "Bad Gateway", format!("upstream TLS with {host} failed: {e}"))),
+        Err(_) => Err(Reject::new(504, "Gateway Timeout", format!("upstream TLS handshake with {host} timed out"))),
     }
 }
 
@@ -393,12 +278,7 @@ where
     W: AsyncWrite + Unpin,
 {
     let limits = &shared.config.limits;
-    let FirstRequest {
-        mut head,
-        mut framing,
-        policy,
-        repl,
-    } = first;
+    let FirstRequest { mut head, mut framing, policy, repl } = first;
     let mut cached = (policy, repl);
     loop {
         let upgrade = is_upgrade(&head);
@@ -417,17 +297,12 @@ where
         .map_err(|e| e.to_string())?;
         debug!("sandbox {sandbox}: {method} {host}: {replaced} token(s) replaced");
         if upgrade {
-            return copy_raw(&mut inbound, &mut upstream)
-                .await
-                .map_err(|e| e.to_string());
+            return copy_raw(&mut inbound, &mut upstream).await.map_err(|e| e.to_string());
         }
         if !keep_alive {
             return Ok(());
         }
-        let raw = match inbound
-            .read_head(limits.max_header_bytes, shared.config.timeouts.header)
-            .await
-        {
+        let raw = match inbound.read_head(limits.max_header_bytes, shared.config.timeouts.header).await {
             Ok(Some(raw)) => raw,
             Ok(None) => {
                 let _ = upstream.shutdown().await;
@@ -441,8 +316,7 @@ where
             cached = (policy, repl);
         }
         head = parse_request_head(&raw, limits.max_headers).map_err(|e| e.to_string())?;
-        framing = precheck(&head, limits.max_buffered_body, !cached.1.is_empty())
-            .map_err(|e| e.to_string())?;
+        framing = precheck(&head, limits.max_buffered_body, !cached.1.is_empty()).map_err(|e| e.to_string())?;
     }
 }
 

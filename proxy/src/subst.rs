@@ -30,9 +30,7 @@ fn is_token_hex(b: u8) -> bool {
 
 /// True if `s` is exactly one well-formed sealed token.
 pub fn is_token(s: &[u8]) -> bool {
-    s.len() == TOKEN_LEN
-        && s.starts_with(TOKEN_PREFIX)
-        && s[TOKEN_PREFIX.len()..].iter().all(|b| is_token_hex(*b))
+    s.len() == TOKEN_LEN && s.starts_with(TOKEN_PREFIX) && s[TOKEN_PREFIX.len()..].iter().all(|b| is_token_hex(*b))
 }
 
 /// The tokens that may be replaced in one request: only the calling sandbox's
@@ -85,9 +83,7 @@ impl Replacements {
 
 impl std::fmt::Debug for Replacements {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Replacements")
-            .field("tokens", &self.by_hex.len())
-            .finish()
+        f.debug_struct("Replacements").field("tokens", &self.by_hex.len()).finish()
     }
 }
 
@@ -130,9 +126,7 @@ fn scan(repl: &Replacements, data: &[u8], out: &mut Vec<u8>, last: bool) -> (usi
     }
     // Hold back a tail that could be the beginning of the prefix.
     let tail_from = emitted.max(data.len().saturating_sub(TOKEN_PREFIX.len() - 1));
-    let hold = (tail_from..data.len())
-        .find(|&s| TOKEN_PREFIX.starts_with(&data[s..]))
-        .unwrap_or(data.len());
+    let hold = (tail_from..data.len()).find(|&s| TOKEN_PREFIX.starts_with(&data[s..])).unwrap_or(data.len());
     out.extend_from_slice(&data[emitted..hold]);
     (hold, replaced)
 }
@@ -199,19 +193,13 @@ mod tests {
 
     fn token(n: u8) -> Vec<u8> {
         let mut t = TOKEN_PREFIX.to_vec();
-        t.extend(std::iter::repeat_n(
-            b"0123456789abcdef"[usize::from(n % 16)],
-            TOKEN_HEX_LEN,
-        ));
+        t.extend(std::iter::repeat_n(b"0123456789abcdef"[usize::from(n % 16)], TOKEN_HEX_LEN));
         t
     }
 
     fn repl() -> Arc<Replacements> {
         let mut r = Replacements::new();
-        assert!(r.insert(
-            &token(1),
-            Arc::new(SecretValue::new(b"SECRET-ONE".to_vec()))
-        ));
+        assert!(r.insert(&token(1), Arc::new(SecretValue::new(b"SECRET-ONE".to_vec()))));
         assert!(r.insert(&token(2), Arc::new(SecretValue::new(b"two".to_vec()))));
         Arc::new(r)
     }
@@ -270,11 +258,7 @@ mod tests {
         let expected = reference(&r, &input);
         assert!(expected.windows(10).any(|w| w == b"SECRET-ONE"));
         for k in 0..=input.len() {
-            assert_eq!(
-                streamed(&r, &[&input[..k], &input[k..]]),
-                expected,
-                "split at {k}"
-            );
+            assert_eq!(streamed(&r, &[&input[..k], &input[k..]]), expected, "split at {k}");
         }
         let singles: Vec<&[u8]> = input.chunks(1).collect();
         assert_eq!(streamed(&r, &singles), expected);

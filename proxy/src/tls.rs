@@ -19,8 +19,7 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
 pub fn root_store(trust: &UpstreamTrust) -> Result<RootCertStore, String> {
     let mut roots = RootCertStore::empty();
     if let Some(path) = &trust.system_bundle {
-        let pem = std::fs::read(path)
-            .map_err(|e| format!("cannot read trust bundle {}: {e}", path.display()))?;
+        let pem = std::fs::read(path).map_err(|e| format!("cannot read trust bundle {}: {e}", path.display()))?;
         add_pem(&mut roots, &pem).map_err(|e| format!("trust bundle {}: {e}", path.display()))?;
     }
     if let Some(pem) = &trust.operator_bundle_pem {
@@ -33,9 +32,8 @@ pub fn root_store(trust: &UpstreamTrust) -> Result<RootCertStore, String> {
 }
 
 fn add_pem(roots: &mut RootCertStore, pem: &[u8]) -> Result<(), String> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| e.to_string())?;
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(pem).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
     let (added, _ignored) = roots.add_parsable_certificates(certs);
     if added == 0 {
         return Err("no usable certificate".into());

@@ -31,13 +31,8 @@ fn sockaddr(cid: u32, port: u32) -> libc::sockaddr_vm {
 
 fn vsock_socket() -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2) call; the result is checked before use.
-    let fd = cvt(unsafe {
-        libc::socket(
-            libc::AF_VSOCK,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    })?;
+    let fd =
+        cvt(unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: `fd` is a fresh descriptor owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -45,9 +40,7 @@ fn vsock_socket() -> io::Result<OwnedFd> {
 /// Registers a descriptor with the current tokio reactor.
 fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
     if tokio::runtime::Handle::try_current().is_err() {
-        return Err(io::Error::other(
-            "vsock sockets must be created inside a tokio runtime",
-        ));
+        return Err(io::Error::other("vsock sockets must be created inside a tokio runtime"));
     }
     // SAFETY: an OwnedFd keeps its descriptor open until dropped and always returns
     // the same raw fd, which is what AsyncFd requires for its whole lifetime.
@@ -69,13 +62,7 @@ impl VsockListener {
         let addr = sockaddr(cid, port);
         let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
         // SAFETY: `addr` is a valid sockaddr_vm of `len` bytes for the duration of the call.
-        cvt(unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&addr as *const libc::sockaddr_vm).cast(),
-                len,
-            )
-        })?;
+        cvt(unsafe { libc::bind(fd.as_raw_fd(), (&addr as *const libc::sockaddr_vm).cast(), len) })?;
         // SAFETY: listen(2) on a descriptor we own.
         cvt(unsafe { libc::listen(fd.as_raw_fd(), 1024) })?;
         Ok(Self { fd: register(fd)? })
@@ -86,13 +73,7 @@ impl VsockListener {
         let mut addr = sockaddr(0, 0);
         let mut len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
         // SAFETY: getsockname writes at most `len` bytes into `addr`.
-        cvt(unsafe {
-            libc::getsockname(
-                self.fd.as_raw_fd(),
-                (&mut addr as *mut libc::sockaddr_vm).cast(),
-                &mut len,
-            )
-        })?;
+        cvt(unsafe { libc::getsockname(self.fd.as_raw_fd(), (&mut addr as *mut libc::sockaddr_vm).cast(), &mut len) })?;
         Ok(addr.svm_port)
     }
 
@@ -145,13 +126,7 @@ impl VsockStream {
         let addr = sockaddr(cid, port);
         let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
         // SAFETY: `addr` is a valid sockaddr_vm of `len` bytes.
-        let ret = unsafe {
-            libc::connect(
-                fd.as_raw_fd(),
-                (&addr as *const libc::sockaddr_vm).cast(),
-                len,
-            )
-        };
+        let ret = unsafe { libc::connect(fd.as_raw_fd(), (&addr as *const libc::sockaddr_vm).cast(), len) };
         if ret < 0 {
             let err = io::Error::last_os_error();
             if err.raw_os_error() != Some(libc::EINPROGRESS) {
@@ -180,19 +155,13 @@ impl VsockStream {
 }
 
 impl AsyncRead for VsockStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         loop {
             let mut guard = ready!(self.fd.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
             let res = guard.try_io(|fd| {
                 // SAFETY: reads at most `unfilled.len()` bytes into initialised memory we borrow.
-                let n = unsafe {
-                    libc::read(fd.as_raw_fd(), unfilled.as_mut_ptr().cast(), unfilled.len())
-                };
+                let n = unsafe { libc::read(fd.as_raw_fd(), unfilled.as_mut_ptr().cast(), unfilled.len()) };
                 if n < 0 {
                     Err(io::Error::last_os_error())
                 } else {
@@ -212,24 +181,13 @@ impl AsyncRead for VsockStream {
 }
 
 impl AsyncWrite for VsockStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         loop {
             let mut guard = ready!(self.fd.poll_write_ready(cx))?;
             let res = guard.try_io(|fd| {
                 // SAFETY: writes at most `data.len()` bytes from a slice we borrow;
                 // MSG_NOSIGNAL turns a closed peer into EPIPE instead of SIGPIPE.
-                let n = unsafe {
-                    libc::send(
-                        fd.as_raw_fd(),
-                        data.as_ptr().cast(),
-                        data.len(),
-                        libc::MSG_NOSIGNAL,
-                    )
-                };
+                let n = unsafe { libc::send(fd.as_raw_fd(), data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL) };
                 if n < 0 {
                     Err(io::Error::last_os_error())
                 } else {

@@ -24,12 +24,7 @@ async fn setup(upstream: &Upstream, tweak: impl FnOnce(&mut proxy::ProxyConfig))
         &["api.test", "*.other.test", "other.test"],
         vec![(token(1), secret("sk-live-alpha", &["api.test"]))],
     );
-    register(
-        &reg,
-        S2,
-        &["api.test"],
-        vec![(token(2), secret("sk-live-beta", &["api.test"]))],
-    );
+    register(&reg, S2, &["api.test"], vec![(token(2), secret("sk-live-beta", &["api.test"]))]);
     let mut cfg = base_config(upstream);
     tweak(&mut cfg);
     start_proxy(cfg, reg, &[S1, S2]).await
@@ -52,16 +47,10 @@ async fn header_and_body_substitution() {
     assert_eq!(resp.status, 200);
     let got = up.next().await;
     assert_eq!(got.request_line(), "POST /v1/chat?k=sk-live-alpha HTTP/1.1");
-    assert_eq!(
-        got.header("authorization").as_deref(),
-        Some("Bearer sk-live-alpha")
-    );
+    assert_eq!(got.header("authorization").as_deref(), Some("Bearer sk-live-alpha"));
     let expected_body = "{\"key\":\"sk-live-alpha\",\"again\":\"sk-live-alpha\"}";
     assert_eq!(String::from_utf8(got.body.clone()).unwrap(), expected_body);
-    assert_eq!(
-        got.header("content-length"),
-        Some(expected_body.len().to_string())
-    );
+    assert_eq!(got.header("content-length"), Some(expected_body.len().to_string()));
     assert!(!got.chunked);
     assert!(!got.head.contains(&t));
     assert_not_logged(&SECRETS);
@@ -89,20 +78,13 @@ async fn token_split_at_every_byte_offset_across_writes() {
         let resp = roundtrip(&mut c, &req[k..]).await;
         assert_eq!(resp.status, 200, "split at {k}");
         let got = up.next().await;
-        assert_eq!(
-            got.header("x-key").as_deref(),
-            Some("sk-live-alpha"),
-            "split at {k}"
-        );
+        assert_eq!(got.header("x-key").as_deref(), Some("sk-live-alpha"), "split at {k}");
         assert_eq!(got.body, b"v=sk-live-alpha;", "split at {k}");
     }
     // Also a Content-Length body large enough to be streamed, split inside the token.
     let big_prefix = "x".repeat(1024 * 1024 + 10);
     let body = format!("{big_prefix}{t}");
-    let head = format!(
-        "PUT /big HTTP/1.1\r\nHost: api.test\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
+    let head = format!("PUT /big HTTP/1.1\r\nHost: api.test\r\nContent-Length: {}\r\n\r\n", body.len());
     let mut whole = head.into_bytes();
     whole.extend_from_slice(body.as_bytes());
     for cut in [whole.len() - 43, whole.len() - 30, whole.len() - 1] {
@@ -144,11 +126,8 @@ async fn chunked_content_length_and_compressed_bodies() {
         body.extend_from_slice(t.as_bytes());
         n_tokens += 1;
     }
-    let mut req = format!(
-        "POST /big HTTP/1.1\r\nHost: api.test\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
+    let mut req =
+        format!("POST /big HTTP/1.1\r\nHost: api.test\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
     req.extend_from_slice(&body);
     assert_eq!(roundtrip(&mut c, &req).await.status, 200);
     let got = up.next().await;
@@ -170,14 +149,9 @@ async fn chunked_content_length_and_compressed_bodies() {
     req.extend_from_slice(&gz);
     assert_eq!(roundtrip(&mut c, &req).await.status, 200);
     let got = up.next().await;
-    assert_eq!(
-        got.header("content-length"),
-        Some(got.body.len().to_string())
-    );
+    assert_eq!(got.header("content-length"), Some(got.body.len().to_string()));
     let mut decoded = String::new();
-    flate2::read::GzDecoder::new(&got.body[..])
-        .read_to_string(&mut decoded)
-        .unwrap();
+    flate2::read::GzDecoder::new(&got.body[..]).read_to_string(&mut decoded).unwrap();
     assert_eq!(decoded, plain.replace(&t, "sk-live-alpha"));
 
     // A gzip body without any token is forwarded byte for byte.
@@ -206,17 +180,11 @@ async fn several_requests_on_one_keep_alive_connection() {
         let req = if i % 2 == 0 {
             format!("GET /r{i}?t={t} HTTP/1.1\r\nHost: api.test\r\n\r\n")
         } else {
-            format!(
-                "POST /r{i} HTTP/1.1\r\nHost: api.test\r\nContent-Length: {}\r\n\r\n{t}",
-                t.len()
-            )
+            format!("POST /r{i} HTTP/1.1\r\nHost: api.test\r\nContent-Length: {}\r\n\r\n{t}", t.len())
         };
         let resp = roundtrip(&mut c, req.as_bytes()).await;
         assert_eq!(resp.status, 200);
-        assert!(resp.body_str().starts_with(&format!(
-            "{} /r{i}",
-            if i % 2 == 0 { "GET" } else { "POST" }
-        )));
+        assert!(resp.body_str().starts_with(&format!("{} /r{i}", if i % 2 == 0 { "GET" } else { "POST" })));
         let got = up.next().await;
         conns.push(got.conn);
         if i % 2 == 1 {
@@ -225,12 +193,10 @@ async fn several_requests_on_one_keep_alive_connection() {
             assert!(got.request_line().contains("t=sk-live-alpha"));
         }
     }
-    assert!(
-        conns.iter().all(|c| *c == conns[0]),
-        "all requests used one upstream connection: {conns:?}"
-    );
+    assert!(conns.iter().all(|c| *c == conns[0]), "all requests used one upstream connection: {conns:?}");
     // A body announced with Expect: 100-continue is streamed (head sent at once).
-    let req = format!("PUT /e HTTP/1.1\r\nHost: api.test\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n{t}", t.len());
+    let req =
+        format!("PUT /e HTTP/1.1\r\nHost: api.test\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n{t}", t.len());
     assert_eq!(roundtrip(&mut c, req.as_bytes()).await.status, 200);
     let got = up.next().await;
     assert!(got.chunked);
@@ -240,13 +206,8 @@ async fn several_requests_on_one_keep_alive_connection() {
     let req = format!("GET /after HTTP/1.1\r\nHost: api.test\r\nAuthorization: Bearer {t}\r\n\r\n");
     c.get_mut().write_all(req.as_bytes()).await.unwrap();
     let mut rest = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest))
-        .await
-        .expect("closed in time");
-    assert!(
-        up.try_next().is_none(),
-        "nothing forwarded after unregister"
-    );
+    let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest)).await.expect("closed in time");
+    assert!(up.try_next().is_none(), "nothing forwarded after unregister");
     assert_not_logged(&SECRETS);
 }
 
@@ -256,22 +217,15 @@ async fn another_sandboxs_token_is_forwarded_untouched() {
     let h = setup(&up, |_| {}).await;
     let mut c = connect_tls(&h, S1, "api.test", up.port).await.unwrap();
     let foreign = token(2); // minted for S2
-    let req =
-        format!("GET / HTTP/1.1\r\nHost: api.test\r\nAuthorization: Bearer {foreign}\r\n\r\n");
+    let req = format!("GET / HTTP/1.1\r\nHost: api.test\r\nAuthorization: Bearer {foreign}\r\n\r\n");
     assert_eq!(roundtrip(&mut c, req.as_bytes()).await.status, 200);
     let got = up.next().await;
-    assert_eq!(
-        got.header("authorization"),
-        Some(format!("Bearer {foreign}"))
-    );
+    assert_eq!(got.header("authorization"), Some(format!("Bearer {foreign}")));
     assert!(!got.head.contains("sk-live-beta"));
     // The same token from its own sandbox is replaced.
     let mut c2 = connect_tls(&h, S2, "api.test", up.port).await.unwrap();
     assert_eq!(roundtrip(&mut c2, req.as_bytes()).await.status, 200);
-    assert_eq!(
-        up.next().await.header("authorization").as_deref(),
-        Some("Bearer sk-live-beta")
-    );
+    assert_eq!(up.next().await.header("authorization").as_deref(), Some("Bearer sk-live-beta"));
     assert_not_logged(&SECRETS);
 }
 
@@ -302,32 +256,19 @@ async fn token_towards_host_its_secret_may_not_reach_is_untouched() {
 async fn host_outside_allowlist_gets_403_naming_the_host() {
     let up = start_upstream(true).await;
     let h = setup(&up, |_| {}).await;
-    let resp = connect_raw(h.listeners[&S1], &format!("blocked.test:{}", up.port))
-        .await
-        .err()
-        .unwrap();
+    let resp = connect_raw(h.listeners[&S1], &format!("blocked.test:{}", up.port)).await.err().unwrap();
     assert_eq!(resp.status, 403);
-    assert!(
-        resp.body_str().contains("blocked.test"),
-        "{}",
-        resp.body_str()
-    );
+    assert!(resp.body_str().contains("blocked.test"), "{}", resp.body_str());
     // Plain HTTP too.
     let tcp = TcpStream::connect(h.listeners[&S1]).await.unwrap();
     let mut r = BufReader::new(tcp);
-    r.get_mut()
-        .write_all(b"GET http://blocked.test/ HTTP/1.1\r\nHost: blocked.test\r\n\r\n")
-        .await
-        .unwrap();
+    r.get_mut().write_all(b"GET http://blocked.test/ HTTP/1.1\r\nHost: blocked.test\r\n\r\n").await.unwrap();
     let resp = read_response(&mut r).await.unwrap();
     assert_eq!(resp.status, 403);
     assert!(resp.body_str().contains("blocked.test"));
     // An unregistered sandbox (listener exists, no bindings) is refused outright.
     h.registry.unregister(S2);
-    let resp = connect_raw(h.listeners[&S2], &format!("api.test:{}", up.port))
-        .await
-        .err()
-        .unwrap();
+    let resp = connect_raw(h.listeners[&S2], &format!("api.test:{}", up.port)).await.err().unwrap();
     assert_eq!(resp.status, 403);
 }
 
@@ -337,29 +278,18 @@ async fn private_destination_is_refused_without_explicit_allowance() {
     // No allowance for 127.0.0.0/8 in this proxy.
     let h = setup(&up, |cfg| cfg.allowed_private.clear()).await;
     let t = token(1);
-    let cases = [
-        ("api.test".to_string(), up.port),
-        ("127.0.0.1".to_string(), up.port),
-        ("169.254.169.254".to_string(), 443),
-    ];
+    let cases =
+        [("api.test".to_string(), up.port), ("127.0.0.1".to_string(), up.port), ("169.254.169.254".to_string(), 443)];
     for (host, port) in cases {
         let reg = &h.registry;
-        register(
-            reg,
-            S1,
-            &[],
-            vec![(token(1), secret("sk-live-alpha", &["*"]))],
-        );
+        register(reg, S1, &[], vec![(token(1), secret("sk-live-alpha", &["*"]))]);
         let mut c = connect_tls(&h, S1, &host, port).await.unwrap();
         let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {t}\r\n\r\n");
         let resp = roundtrip(&mut c, req.as_bytes()).await;
         assert_eq!(resp.status, 403, "{host}: {}", resp.body_str());
         let body = resp.body_str();
         assert!(body.contains("refused") && body.contains(&host), "{body}");
-        assert!(
-            body.contains("loopback") || body.contains("link-local"),
-            "{body}"
-        );
+        assert!(body.contains("loopback") || body.contains("link-local"), "{body}");
     }
     assert!(up.try_next().is_none(), "nothing reached the upstream");
     assert_not_logged(&SECRETS);
@@ -369,20 +299,14 @@ async fn private_destination_is_refused_without_explicit_allowance() {
 async fn upstream_certificate_failure_is_502_saying_why() {
     let up = start_upstream(true).await;
     let other_ca = upstream_pki(&["unrelated.test"]).ca_pem;
-    let h = setup(&up, |cfg| {
-        cfg.upstream_trust.operator_bundle_pem = Some(other_ca.into_bytes())
-    })
-    .await;
+    let h = setup(&up, |cfg| cfg.upstream_trust.operator_bundle_pem = Some(other_ca.into_bytes())).await;
     let mut c = connect_tls(&h, S1, "api.test", up.port).await.unwrap();
     let t = token(1);
     let req = format!("GET / HTTP/1.1\r\nHost: api.test\r\nAuthorization: Bearer {t}\r\n\r\n");
     let resp = roundtrip(&mut c, req.as_bytes()).await;
     assert_eq!(resp.status, 502);
     let body = resp.body_str();
-    assert!(
-        body.contains("api.test") && body.contains("certificate"),
-        "{body}"
-    );
+    assert!(body.contains("api.test") && body.contains("certificate"), "{body}");
     assert_not_logged(&SECRETS);
 }
 
@@ -412,23 +336,14 @@ async fn malformed_http_tls_garbage_and_slow_clients_neither_crash_nor_leak() {
         answers.push(resp.body_str());
     }
     // TLS garbage inside the tunnel: the proxy just drops the connection.
-    let mut raw = connect_raw(addr, &format!("api.test:{}", up.port))
-        .await
-        .unwrap();
-    raw.get_mut()
-        .write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, 1, 2, 3, 4, 5, 6, 7, 8])
-        .await
-        .unwrap();
+    let mut raw = connect_raw(addr, &format!("api.test:{}", up.port)).await.unwrap();
+    raw.get_mut().write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, 1, 2, 3, 4, 5, 6, 7, 8]).await.unwrap();
     let mut sink = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut sink))
-        .await
-        .expect("closed in time");
+    let _ = tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut sink)).await.expect("closed in time");
 
     // Malformed requests inside TLS: 400 on the first request, then closed.
     let bad_requests = [
-        format!(
-            "POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\nX: {t}\r\n\r\n"
-        ),
+        format!("POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\nX: {t}\r\n\r\n"),
         format!("GET / HTTP/1.1\r\nBad Header {t}\r\n\r\n"),
         format!("GET /{t} HTTP/1.1\nHost: a\r\n\r\n"),
     ];
@@ -441,15 +356,10 @@ async fn malformed_http_tls_garbage_and_slow_clients_neither_crash_nor_leak() {
     // A bad chunk after a good start: the connection is closed, nothing half-sent
     // reaches the upstream as a complete request.
     let mut c = connect_tls(&h, S1, "api.test", up.port).await.unwrap();
-    let req = format!(
-        "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{}\r\nZZ\r\n",
-        &t[..5]
-    );
+    let req = format!("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{}\r\nZZ\r\n", &t[..5]);
     c.get_mut().write_all(req.as_bytes()).await.unwrap();
     let mut rest = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest))
-        .await
-        .expect("closed in time");
+    let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest)).await.expect("closed in time");
 
     // Oversized head.
     let mut c = connect_tls(&h, S1, "api.test", up.port).await.unwrap();
@@ -471,13 +381,9 @@ async fn malformed_http_tls_garbage_and_slow_clients_neither_crash_nor_leak() {
     assert_eq!(resp.status, 408);
     assert!(start.elapsed() < Duration::from_secs(5));
     // A client that opens a tunnel and never speaks TLS is dropped after the timeout.
-    let mut idle = connect_raw(addr, &format!("api.test:{}", up.port))
-        .await
-        .unwrap();
+    let mut idle = connect_raw(addr, &format!("api.test:{}", up.port)).await.unwrap();
     let mut buf = Vec::new();
-    let n = tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut buf))
-        .await
-        .expect("dropped in time");
+    let n = tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut buf)).await.expect("dropped in time");
     assert_eq!(n.unwrap_or(0), 0);
 
     // The proxy still works, and nothing leaked anywhere.
@@ -488,11 +394,7 @@ async fn malformed_http_tls_garbage_and_slow_clients_neither_crash_nor_leak() {
     while let Some(r) = up.try_next() {
         seen.push(r);
     }
-    assert_eq!(
-        seen.len(),
-        1,
-        "only the good request reached the upstream: {seen:?}"
-    );
+    assert_eq!(seen.len(), 1, "only the good request reached the upstream: {seen:?}");
     for a in &answers {
         for s in SECRETS {
             assert!(!a.contains(s), "secret in an error answer: {a}");
@@ -528,10 +430,7 @@ async fn connections_per_sandbox_are_limited() {
     let h = setup(&up, |cfg| cfg.limits.max_connections_per_sandbox = 2).await;
     let a = connect_tls(&h, S1, "api.test", up.port).await.unwrap();
     let b = connect_tls(&h, S1, "api.test", up.port).await.unwrap();
-    let third = connect_raw(h.listeners[&S1], &format!("api.test:{}", up.port))
-        .await
-        .err()
-        .unwrap();
+    let third = connect_raw(h.listeners[&S1], &format!("api.test:{}", up.port)).await.err().unwrap();
     assert_eq!(third.status, 429);
     // Another sandbox is not affected.
     assert!(connect_tls(&h, S2, "api.test", up.port).await.is_ok());
@@ -554,19 +453,13 @@ async fn vsock_listener_reports_peer_cid_when_loopback_transport_exists() {
     let port = listener.local_port().unwrap();
     let accept = tokio::spawn(async move { listener.accept().await });
     // The kernel bounds a vsock connect (2 s by default), so this must finish.
-    let connect = tokio::time::timeout(
-        Duration::from_secs(10),
-        VsockStream::connect(libc::VMADDR_CID_LOCAL, port),
-    )
-    .await
-    .expect("vsock connect neither succeeded nor failed");
+    let connect = tokio::time::timeout(Duration::from_secs(10), VsockStream::connect(libc::VMADDR_CID_LOCAL, port))
+        .await
+        .expect("vsock connect neither succeeded nor failed");
     match connect {
         Ok(mut client) => {
-            let (mut server, cid) = tokio::time::timeout(Duration::from_secs(5), accept)
-                .await
-                .unwrap()
-                .unwrap()
-                .unwrap();
+            let (mut server, cid) =
+                tokio::time::timeout(Duration::from_secs(5), accept).await.unwrap().unwrap().unwrap();
             assert_eq!(cid, libc::VMADDR_CID_LOCAL);
             client.write_all(b"ping").await.unwrap();
             let mut buf = [0u8; 4];

@@ -1,8 +1,8 @@
 //! The shared test appliance and the scenario runner.
 
+use crate::upstream::Upstream;
 use image::error::{Context, Result};
 use image::pipeline::{self, Artifacts, Variant};
-use crate::upstream::Upstream;
 use image::qemu::{self, Machine, MachineConfig};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -80,9 +80,10 @@ impl Appliance {
     /// Waits for `GET /api/healthz`, recording how long the boot took.
     pub fn wait_ready(&mut self) -> Result<String> {
         let started = Instant::now();
-        let body = self.machine.wait_api_ready(BOOT_TIMEOUT, &|| false).map_err(|e| {
-            image::err!("{e}\nlast console lines:\n{}", self.machine.console_tail(40))
-        })?;
+        let body = self
+            .machine
+            .wait_api_ready(BOOT_TIMEOUT, &|| false)
+            .map_err(|e| image::err!("{e}\nlast console lines:\n{}", self.machine.console_tail(40)))?;
         self.boot_time = started.elapsed();
         Ok(body)
     }
@@ -98,9 +99,18 @@ impl Appliance {
     }
 }
 
-fn start(artifacts: &Artifacts, data_disk: &PathBuf, key_file: &PathBuf, proxy_config: &PathBuf, dir: &PathBuf) -> Result<Machine> {
+fn start(
+    artifacts: &Artifacts,
+    data_disk: &PathBuf,
+    key_file: &PathBuf,
+    proxy_config: &PathBuf,
+    dir: &PathBuf,
+) -> Result<Machine> {
     let (accel, why) = qemu::detect_accel();
-    eprintln!("[qemu-test] booting the test appliance ({accel:?}: {why}); console: {}", dir.join("console.log").display());
+    eprintln!(
+        "[qemu-test] booting the test appliance ({accel:?}: {why}); console: {}",
+        dir.join("console.log").display()
+    );
     let cfg = MachineConfig {
         boot: qemu::Boot::Kernel { artifacts: artifacts.clone(), data_disk: data_disk.clone() },
         network: qemu::Network::Outbound,

@@ -64,7 +64,11 @@ fn e2e() -> ExitCode {
         scenarios.len() - failures,
         started.elapsed().as_secs_f64()
     );
-    if failures == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if failures == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 fn bench_vmm() -> ExitCode {

@@ -40,7 +40,11 @@ fn parse_markdown(text: &str, source: &str) -> Result<Vec<Snippet>> {
     for line in text.lines() {
         match block.as_mut() {
             Some(code) if line.trim_start().starts_with("```") => {
-                found.push(Snippet { heading: heading.clone(), source: source.to_string(), code: std::mem::take(code) });
+                found.push(Snippet {
+                    heading: heading.clone(),
+                    source: source.to_string(),
+                    code: std::mem::take(code),
+                });
                 block = None;
             }
             Some(code) => {
@@ -81,7 +85,13 @@ pub struct Outcome {
 }
 
 /// Writes `code` to `file` and runs it with `env`, killing it at `timeout`.
-pub fn run_python(python: &Path, code: &str, file: &Path, env: &[(&str, String)], timeout: Duration) -> Result<Outcome> {
+pub fn run_python(
+    python: &Path,
+    code: &str,
+    file: &Path,
+    env: &[(&str, String)],
+    timeout: Duration,
+) -> Result<Outcome> {
     if let Some(dir) = file.parent() {
         std::fs::create_dir_all(dir).ctx(|| format!("create {}", dir.display()))?;
     }
@@ -109,7 +119,9 @@ pub fn run_python(python: &Path, code: &str, file: &Path, env: &[(&str, String)]
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    let read = |p: &Path| std::fs::read(p).map(|b| String::from_utf8_lossy(&b).into_owned()).ctx(|| format!("read {}", p.display()));
+    let read = |p: &Path| {
+        std::fs::read(p).map(|b| String::from_utf8_lossy(&b).into_owned()).ctx(|| format!("read {}", p.display()))
+    };
     Ok(Outcome { status, stdout: read(&stdout_path)?, stderr: read(&stderr_path)? })
 }
 

@@ -50,14 +50,17 @@ impl Upstream {
         if first.trim() != "listening" {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(err!("the test upstream did not start on 127.0.0.1:{PORT} (is the port free? tests run as root)"));
+            return Err(err!(
+                "the test upstream did not start on 127.0.0.1:{PORT} (is the port free? tests run as root)"
+            ));
         }
         Ok(Upstream { child, records, ca_pem })
     }
 
     /// The appliance's proxy settings that route the test names here.
     pub fn proxy_config(&self) -> Value {
-        let hosts: serde_json::Map<String, Value> = HOSTS.iter().map(|h| (h.to_string(), json!(HOST_FROM_GUEST))).collect();
+        let hosts: serde_json::Map<String, Value> =
+            HOSTS.iter().map(|h| (h.to_string(), json!(HOST_FROM_GUEST))).collect();
         json!({"hosts": hosts, "allowPrivate": [format!("{HOST_FROM_GUEST}/32")], "trustedCaPem": self.ca_pem})
     }
 
@@ -92,7 +95,8 @@ impl Drop for Upstream {
 }
 
 fn header<'a>(record: &'a Value, name: &str) -> Option<&'a str> {
-    record["headers"].as_array()?.iter().find(|h| h[0].as_str().is_some_and(|n| n.eq_ignore_ascii_case(name)))?[1].as_str()
+    record["headers"].as_array()?.iter().find(|h| h[0].as_str().is_some_and(|n| n.eq_ignore_ascii_case(name)))?[1]
+        .as_str()
 }
 
 /// A test CA and a leaf for the test names, made with the openssl CLI.
@@ -106,11 +110,57 @@ fn make_certificates(dir: &Path) -> Result<(String, PathBuf, PathBuf)> {
             Err(err!("openssl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr)))
         }
     };
-    run(&["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2", "-subj", "/CN=OpenComputer e2e test CA", "-keyout", "ca.key", "-out", "ca.pem"])?;
-    run(&["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=api.anthropic.com", "-keyout", "leaf.key", "-out", "leaf.csr"])?;
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=OpenComputer e2e test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ])?;
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-subj",
+        "/CN=api.anthropic.com",
+        "-keyout",
+        "leaf.key",
+        "-out",
+        "leaf.csr",
+    ])?;
     let san = format!("subjectAltName={}", HOSTS.iter().map(|h| format!("DNS:{h}")).collect::<Vec<_>>().join(","));
-    std::fs::write(path("leaf.ext"), format!("{san}\nextendedKeyUsage=serverAuth\n")).ctx(|| "write leaf.ext".into())?;
-    run(&["x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-extfile", "leaf.ext", "-out", "leaf.pem"])?;
+    std::fs::write(path("leaf.ext"), format!("{san}\nextendedKeyUsage=serverAuth\n"))
+        .ctx(|| "write leaf.ext".into())?;
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "leaf.ext",
+        "-out",
+        "leaf.pem",
+    ])?;
     let ca_pem = std::fs::read_to_string(path("ca.pem")).ctx(|| "read ca.pem".into())?;
     Ok((ca_pem, path("leaf.pem"), path("leaf.key")))
 }

@@ -77,7 +77,8 @@ pub enum DeviceSpec {
     Vsock(u64),
 }
 
-pub const USAGE: &str = "usage: vmm run [--config FILE] [--kernel VMLINUX|BZIMAGE] [--initrd FILE] [--cmdline ARGS] [--vcpus N]
+pub const USAGE: &str =
+    "usage: vmm run [--config FILE] [--kernel VMLINUX|BZIMAGE] [--initrd FILE] [--cmdline ARGS] [--vcpus N]
                [--memory-mib M] [--console-log FILE] [--disk PATH] [--disk-ro PATH]
                [--vsock-cid CID] [--memory-dump FILE] [--acpi true|false]
        vmm selfcheck
@@ -247,7 +248,9 @@ mod tests {
 
     #[test]
     fn flags_build_a_config() {
-        let c = VmConfig::from_args(&args("--kernel /k --vcpus 2 --memory-mib 256 --disk /a --disk-ro /b --vsock-cid 7")).unwrap();
+        let c =
+            VmConfig::from_args(&args("--kernel /k --vcpus 2 --memory-mib 256 --disk /a --disk-ro /b --vsock-cid 7"))
+                .unwrap();
         assert_eq!((c.vcpus, c.memory_mib, c.vsock_cid), (2, 256, Some(7)));
         assert_eq!(c.disks.len(), 2);
         assert!(c.disks[1].read_only);
@@ -269,7 +272,10 @@ mod tests {
 
     #[test]
     fn cmdline_declares_devices_and_root() {
-        let c = VmConfig::from_json(r#"{"kernel": "/k", "disks": [{"path": "/r", "read_only": true}, {"path": "/d"}], "vsock_cid": 9}"#).unwrap();
+        let c = VmConfig::from_json(
+            r#"{"kernel": "/k", "disks": [{"path": "/r", "read_only": true}, {"path": "/d"}], "vsock_cid": 9}"#,
+        )
+        .unwrap();
         assert_eq!(
             c.kernel_cmdline(),
             format!(
@@ -277,13 +283,17 @@ mod tests {
                  virtio_mmio.device=4K@0xd0001000:6 virtio_mmio.device=4K@0xd0002000:7"
             )
         );
-        let own_root = VmConfig::from_json(r#"{"kernel": "/k", "cmdline": "console=ttyS0 root=/dev/vdb", "disks": [{"path": "/r"}]}"#).unwrap();
+        let own_root = VmConfig::from_json(
+            r#"{"kernel": "/k", "cmdline": "console=ttyS0 root=/dev/vdb", "disks": [{"path": "/r"}]}"#,
+        )
+        .unwrap();
         assert_eq!(own_root.kernel_cmdline(), "console=ttyS0 root=/dev/vdb virtio_mmio.device=4K@0xd0000000:5");
     }
 
     #[test]
     fn with_acpi_devices_leave_the_cmdline() {
-        let mut c = VmConfig::from_json(r#"{"kernel": "/k", "acpi": true, "disks": [{"path": "/r"}], "vsock_cid": 3}"#).unwrap();
+        let mut c = VmConfig::from_json(r#"{"kernel": "/k", "acpi": true, "disks": [{"path": "/r"}], "vsock_cid": 3}"#)
+            .unwrap();
         assert_eq!(c.kernel_cmdline(), format!("{DEFAULT_CMDLINE} root=/dev/vda rw"));
         // Arguments for init stay last, after the kernel's.
         c.cmdline = Some("console=ttyS0 init=/sbin/oc-init -- sandbox".into());

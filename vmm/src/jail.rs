@@ -34,12 +34,21 @@ fn check(what: &str, r: libc::c_long) -> Result<libc::c_long, String> {
 pub fn enter() -> Result<(), String> {
     // SAFETY: plain syscalls with constant flags or pointers to NUL-terminated literals.
     unsafe {
-        check("unshare(mount, IPC, UTS namespaces)", libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) as libc::c_long)
-            .map_err(|e| format!("{e} (the VMM must start as root to confine itself)"))?;
+        check(
+            "unshare(mount, IPC, UTS namespaces)",
+            libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) as libc::c_long,
+        )
+        .map_err(|e| format!("{e} (the VMM must start as root to confine itself)"))?;
         // Nothing we do to mounts may propagate back to the host.
         check(
             "making mounts private",
-            libc::mount(std::ptr::null(), c"/".as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) as libc::c_long,
+            libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) as libc::c_long,
         )?;
     }
     chroot_into_empty_tmpfs()?;
@@ -59,7 +68,14 @@ fn chroot_into_empty_tmpfs() -> Result<(), String> {
         string_opt(fs, c"mode", c"0555")?;
         // SAFETY: CMD_CREATE takes no key or value pointers.
         check("fsconfig(create)", unsafe {
-            libc::syscall(libc::SYS_fsconfig, fs, FSCONFIG_CMD_CREATE, std::ptr::null::<u8>(), std::ptr::null::<u8>(), 0)
+            libc::syscall(
+                libc::SYS_fsconfig,
+                fs,
+                FSCONFIG_CMD_CREATE,
+                std::ptr::null::<u8>(),
+                std::ptr::null::<u8>(),
+                0,
+            )
         })?;
         let attrs = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC;
         // SAFETY: fsmount turns the configured context `fs` into a detached mount fd.
@@ -103,7 +119,10 @@ fn drop_privileges() -> Result<(), String> {
                 if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
                     break;
                 }
-                return Err(format!("dropping capability {cap} from the bounding set failed: {}", std::io::Error::last_os_error()));
+                return Err(format!(
+                    "dropping capability {cap} from the bounding set failed: {}",
+                    std::io::Error::last_os_error()
+                ));
             }
         }
         check(
@@ -166,7 +185,12 @@ mod tests {
         }
         let exe = std::env::current_exe().unwrap();
         let out = std::process::Command::new(exe)
-            .args(["--exact", "jail::tests::jailed_process_sees_an_empty_root_and_has_no_capabilities", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "jail::tests::jailed_process_sees_an_empty_root_and_has_no_capabilities",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD_ENV, "1")
             .output()
             .unwrap();

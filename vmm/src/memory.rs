@@ -4,7 +4,9 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress};
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress,
+};
 
 use crate::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
@@ -86,7 +88,8 @@ fn map_aligned(size: usize, hugepages: HugePages) -> Result<*mut u8, String> {
     let reserve = size.checked_add(HUGE_PAGE).ok_or("size overflows")?;
     // SAFETY: a new anonymous mapping at an address of the kernel's choosing; no existing
     // memory is affected and the result is checked.
-    let base = unsafe { libc::mmap(std::ptr::null_mut(), reserve, libc::PROT_READ | libc::PROT_WRITE, MAP_FLAGS, -1, 0) };
+    let base =
+        unsafe { libc::mmap(std::ptr::null_mut(), reserve, libc::PROT_READ | libc::PROT_WRITE, MAP_FLAGS, -1, 0) };
     if base == libc::MAP_FAILED {
         return Err(format!("mmap failed: {}", std::io::Error::last_os_error()));
     }
@@ -136,8 +139,7 @@ pub fn dump_guest_memory(mem: &GuestMemory, out: &File) -> Result<u64, String> {
                 .read_slice(&mut chunk[..n], MemoryRegionAddress(off))
                 .map_err(|e| format!("cannot read guest memory at {:#x}: {e}", start + off))?;
             if chunk[..n].iter().any(|&b| b != 0) {
-                out.write_all_at(&chunk[..n], start + off)
-                    .map_err(|e| format!("cannot write the memory dump: {e}"))?;
+                out.write_all_at(&chunk[..n], start + off).map_err(|e| format!("cannot write the memory dump: {e}"))?;
             }
             off += n as u64;
         }

@@ -207,7 +207,9 @@ mod tests {
         // KVM_CREATE_VCPU, and a high-bits variant of KVM_RUN are still KVM_RUN for the kernel.
         assert_eq!(run(&p, AUDIT_ARCH_X86_64, libc::SYS_ioctl, 0xae41), SECCOMP_RET_TRAP);
         assert_eq!(run(&p, AUDIT_ARCH_X86_64, libc::SYS_write, 0), SECCOMP_RET_ALLOW);
-        for nr in [libc::SYS_openat, libc::SYS_execve, libc::SYS_socket, libc::SYS_kill, libc::SYS_ptrace, libc::SYS_pread64] {
+        for nr in
+            [libc::SYS_openat, libc::SYS_execve, libc::SYS_socket, libc::SYS_kill, libc::SYS_ptrace, libc::SYS_pread64]
+        {
             assert_eq!(run(&p, AUDIT_ARCH_X86_64, nr, 0), SECCOMP_RET_TRAP, "syscall {nr}");
         }
     }
@@ -215,7 +217,9 @@ mod tests {
     #[test]
     fn main_thread_does_block_io_but_no_ioctl() {
         let p = program(Role::Main);
-        for nr in [libc::SYS_pread64, libc::SYS_pwrite64, libc::SYS_fdatasync, libc::SYS_epoll_wait, libc::SYS_exit_group] {
+        for nr in
+            [libc::SYS_pread64, libc::SYS_pwrite64, libc::SYS_fdatasync, libc::SYS_epoll_wait, libc::SYS_exit_group]
+        {
             assert_eq!(run(&p, AUDIT_ARCH_X86_64, nr, 0), SECCOMP_RET_ALLOW, "syscall {nr}");
         }
         assert_eq!(run(&p, AUDIT_ARCH_X86_64, libc::SYS_ioctl, KVM_RUN), SECCOMP_RET_TRAP);
@@ -258,7 +262,12 @@ mod tests {
         }
         let exe = std::env::current_exe().unwrap();
         let out = std::process::Command::new(exe)
-            .args(["--exact", "seccomp::tests::installed_filter_blocks_a_call_on_this_thread_only", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "seccomp::tests::installed_filter_blocks_a_call_on_this_thread_only",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD_ENV, "1")
             .output()
             .unwrap();

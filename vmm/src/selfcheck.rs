@@ -15,23 +15,14 @@ pub struct SelfCheck {
 pub fn run() -> Result<SelfCheck, String> {
     let kvm = Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
     let api_version = kvm.get_api_version();
-    let vm = kvm
-        .create_vm()
-        .map_err(|e| format!("KVM_CREATE_VM failed: {e}"))?;
-    vm.create_vcpu(0)
-        .map_err(|e| format!("KVM_CREATE_VCPU failed: {e}"))?;
-    Ok(SelfCheck {
-        api_version,
-        max_vcpus: kvm.get_max_vcpus(),
-    })
+    let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM failed: {e}"))?;
+    vm.create_vcpu(0).map_err(|e| format!("KVM_CREATE_VCPU failed: {e}"))?;
+    Ok(SelfCheck { api_version, max_vcpus: kvm.get_max_vcpus() })
 }
 
 impl SelfCheck {
     pub fn to_json(&self) -> String {
-        format!(
-            "{{\"kvm\":\"ok\",\"apiVersion\":{},\"vcpu\":true,\"maxVcpus\":{}}}",
-            self.api_version, self.max_vcpus
-        )
+        format!("{{\"kvm\":\"ok\",\"apiVersion\":{},\"vcpu\":true,\"maxVcpus\":{}}}", self.api_version, self.max_vcpus)
     }
 }
 
@@ -55,10 +46,7 @@ mod tests {
 
     #[test]
     fn error_json_escapes_quotes_and_controls() {
-        assert_eq!(
-            error_json("bad \"x\"\n\\"),
-            "{\"kvm\":\"error\",\"error\":\"bad \\\"x\\\"\\u000a\\\\\"}"
-        );
+        assert_eq!(error_json("bad \"x\"\n\\"), "{\"kvm\":\"error\",\"error\":\"bad \\\"x\\\"\\u000a\\\\\"}");
     }
 
     #[test]

@@ -34,7 +34,8 @@ const EXIT_KINDS: [(Exit, &str); 5] = [
     (Exit::OtherMmio, "other_mmio"),
 ];
 
-static EXITS: [AtomicU64; 5] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+static EXITS: [AtomicU64; 5] =
+    [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
 
 /// Milestones that are reported only the first time they happen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,7 +47,13 @@ pub enum Once {
     QueueNotify,
 }
 
-static ONCE: [AtomicBool; 5] = [AtomicBool::new(false), AtomicBool::new(false), AtomicBool::new(false), AtomicBool::new(false), AtomicBool::new(false)];
+static ONCE: [AtomicBool; 5] = [
+    AtomicBool::new(false),
+    AtomicBool::new(false),
+    AtomicBool::new(false),
+    AtomicBool::new(false),
+    AtomicBool::new(false),
+];
 
 /// Reads the switch from the environment; call once, first thing in `main`.
 pub fn init_from_env() {

@@ -123,7 +123,8 @@ fn build_devices(
             DeviceSpec::Disk(d) => {
                 let file = disks.next().ok_or("disk list changed while building devices")?;
                 let name = format!("vd{}", (b'a' + i as u8) as char);
-                let block = Block::new(file, d.read_only, &name).map_err(|e| format!("disk {}: {e}", d.path.display()))?;
+                let block =
+                    Block::new(file, d.read_only, &name).map_err(|e| format!("disk {}: {e}", d.path.display()))?;
                 let kick = eventfd()?;
                 vm.register_ioevent(&kick, &notify, 0u32).map_err(|e| format!("KVM_IOEVENTFD failed: {e}"))?;
                 let t = Arc::new(Mutex::new(MmioTransport::new(Box::new(block), mem.clone(), irq_for_transport)));
@@ -138,7 +139,11 @@ fn build_devices(
                     vm.register_ioevent(kick, &notify, q as u32).map_err(|e| format!("KVM_IOEVENTFD failed: {e}"))?;
                 }
                 let vsock = Vsock::new(cid, backend, kicks, irq)?;
-                transports.push(Arc::new(Mutex::new(MmioTransport::new(Box::new(vsock), mem.clone(), irq_for_transport))));
+                transports.push(Arc::new(Mutex::new(MmioTransport::new(
+                    Box::new(vsock),
+                    mem.clone(),
+                    irq_for_transport,
+                ))));
             }
         }
     }
@@ -150,9 +155,8 @@ fn create_vcpus(kvm: &Kvm, vm: &VmFd, count: u8, entry: u64) -> Result<Vec<Vcpu>
     if count as usize > max {
         return Err(format!("this host allows at most {max} vCPUs per VM"));
     }
-    let supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| format!("KVM_GET_SUPPORTED_CPUID failed: {e}"))?;
+    let supported =
+        kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| format!("KVM_GET_SUPPORTED_CPUID failed: {e}"))?;
     let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
     (0..count)
         .map(|id| {
@@ -215,7 +219,11 @@ impl Epoll {
         out.clear();
         if n < 0 {
             let e = std::io::Error::last_os_error();
-            return if e.kind() == std::io::ErrorKind::Interrupted { Ok(()) } else { Err(format!("epoll_wait failed: {e}")) };
+            return if e.kind() == std::io::ErrorKind::Interrupted {
+                Ok(())
+            } else {
+                Err(format!("epoll_wait failed: {e}"))
+            };
         }
         out.extend(events[..n as usize].iter().map(|e| e.u64));
         Ok(())
@@ -322,7 +330,7 @@ fn event_loop(
                 }
                 TOKEN_DUMP => {
                     let mut info = [0u8; 128]; // struct signalfd_siginfo
-                    // SAFETY: reads at most 128 bytes into a 128-byte buffer.
+                                               // SAFETY: reads at most 128 bytes into a 128-byte buffer.
                     while unsafe { libc::read(dump_fd, info.as_mut_ptr() as *mut libc::c_void, info.len()) } > 0 {}
                     match dump_file {
                         Some(f) => match dump_guest_memory(mem, f) {

@@ -114,7 +114,8 @@ pub fn list_sessions(app: &App, raw_id: &str) -> Result<Reply, AppError> {
 }
 
 fn session_id(raw: &str) -> Result<String, AppError> {
-    let ok = !raw.is_empty() && raw.len() <= 128 && raw.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    let ok =
+        !raw.is_empty() && raw.len() <= 128 && raw.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     if ok {
         Ok(raw.to_string())
     } else {
@@ -126,11 +127,7 @@ pub fn kill_session(app: &App, raw_id: &str, raw_sid: &str, request: &mut Reques
     let id = validate::uuid("sandbox", raw_id)?;
     let sid = session_id(raw_sid)?;
     let body = read_body(request, MAX_JSON_BODY)?;
-    let signal = if body.iter().all(u8::is_ascii_whitespace) {
-        None
-    } else {
-        parse_json::<KillBody>(&body)?.signal
-    };
+    let signal = if body.iter().all(u8::is_ascii_whitespace) { None } else { parse_json::<KillBody>(&body)?.signal };
     let signal = signal.unwrap_or(libc::SIGKILL);
     if !(1..=64).contains(&signal) {
         return Err(AppError::bad_request(format!("signal must be between 1 and 64, got {signal}")));
@@ -198,7 +195,8 @@ fn stream_session(socket: TcpStream, attachment: crate::runtime::ExecAttachment)
                 match websocket::read_message(&mut read_half) {
                     Ok(Incoming::Data(msg)) => {
                         // Only stdin frames travel client -> server; others are ignored.
-                        if msg.first() == Some(&0x00) && stdin.write_all(&msg[1..]).and_then(|_| stdin.flush()).is_err() {
+                        if msg.first() == Some(&0x00) && stdin.write_all(&msg[1..]).and_then(|_| stdin.flush()).is_err()
+                        {
                             break;
                         }
                     }
@@ -279,7 +277,13 @@ mod tests {
         assert_eq!(shell_quote("a b"), "'a b'");
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
         let req = exec_request(
-            ExecBody { cmd: "echo".into(), args: vec!["$HOME".into()], envs: BTreeMap::new(), cwd: None, timeout: None },
+            ExecBody {
+                cmd: "echo".into(),
+                args: vec!["$HOME".into()],
+                envs: BTreeMap::new(),
+                cwd: None,
+                timeout: None,
+            },
             60,
         )
         .expect("valid");

@@ -43,10 +43,8 @@ pub fn list(app: &App, raw_id: &str, query: &str) -> Result<Reply, AppError> {
     let (id, path) = target(app, raw_id, query)?;
     let backend = app.lifecycle.backend()?;
     let entries = backend.runtime.list_dir(&id, &path).map_err(runtime_error)?;
-    let body: Vec<Value> = entries
-        .iter()
-        .map(|e| json!({"name": e.name, "isDir": e.is_dir, "path": e.path, "size": e.size}))
-        .collect();
+    let body: Vec<Value> =
+        entries.iter().map(|e| json!({"name": e.name, "isDir": e.is_dir, "path": e.path, "size": e.size})).collect();
     Ok(Reply::json(200, &body))
 }
 

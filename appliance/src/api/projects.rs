@@ -142,10 +142,8 @@ pub fn update(app: &App, raw_id: &str, request: &mut Request) -> Result<Reply, A
     let egress = body.egress_allowlist.filter(|l| !l.is_empty()).map(allowlist).transpose()?;
     let now = now_unix();
     let updated = app.store.write(move |wtxn, dbs| {
-        let mut record = dbs
-            .projects
-            .get(wtxn, &id)?
-            .ok_or_else(|| AppError::not_found(format!("project {id} not found")))?;
+        let mut record =
+            dbs.projects.get(wtxn, &id)?.ok_or_else(|| AppError::not_found(format!("project {id} not found")))?;
         if let Some(new_name) = name.filter(|n| *n != record.name) {
             if dbs.project_names.get(wtxn, &new_name)?.is_some() {
                 return Err(AppError::conflict(format!("a project named {new_name:?} already exists")));
@@ -181,10 +179,8 @@ pub fn update(app: &App, raw_id: &str, request: &mut Request) -> Result<Reply, A
 pub fn delete(app: &App, raw_id: &str) -> Result<Reply, AppError> {
     let id = validate::uuid("project", raw_id)?;
     app.store.write(move |wtxn, dbs| {
-        let record = dbs
-            .projects
-            .get(wtxn, &id)?
-            .ok_or_else(|| AppError::not_found(format!("project {id} not found")))?;
+        let record =
+            dbs.projects.get(wtxn, &id)?.ok_or_else(|| AppError::not_found(format!("project {id} not found")))?;
         let prefix = format!("{id}/");
         let mut secret_keys = Vec::new();
         for item in dbs.secrets.prefix_iter(wtxn, &prefix)? {

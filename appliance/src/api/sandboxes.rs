@@ -95,21 +95,12 @@ pub fn create(app: &App, request: &mut Request) -> Result<Reply, AppError> {
         .or_else(|| project.as_ref().map(|p| p.template.clone()))
         .unwrap_or_else(|| DEFAULT_TEMPLATE.to_string());
     validate::template(&template)?;
-    let cpu_count = body
-        .cpu_count
-        .filter(|c| *c != 0)
-        .or(project.as_ref().map(|p| p.cpu_count))
-        .unwrap_or(DEFAULT_CPU_COUNT);
-    let memory_mb = body
-        .memory_mb
-        .filter(|m| *m != 0)
-        .or(project.as_ref().map(|p| p.memory_mb))
-        .unwrap_or(DEFAULT_MEMORY_MB);
-    let timeout_sec = body
-        .timeout
-        .filter(|t| *t != 0)
-        .or(project.as_ref().map(|p| p.timeout_sec))
-        .unwrap_or(DEFAULT_TIMEOUT_SEC);
+    let cpu_count =
+        body.cpu_count.filter(|c| *c != 0).or(project.as_ref().map(|p| p.cpu_count)).unwrap_or(DEFAULT_CPU_COUNT);
+    let memory_mb =
+        body.memory_mb.filter(|m| *m != 0).or(project.as_ref().map(|p| p.memory_mb)).unwrap_or(DEFAULT_MEMORY_MB);
+    let timeout_sec =
+        body.timeout.filter(|t| *t != 0).or(project.as_ref().map(|p| p.timeout_sec)).unwrap_or(DEFAULT_TIMEOUT_SEC);
     let spec = CreateSpec {
         template,
         cpu_count: validate::cpu_count(cpu_count)?,

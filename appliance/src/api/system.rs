@@ -52,7 +52,9 @@ pub fn upgrade(app: &App, request: &mut Request) -> Result<Reply, AppError> {
         request.as_reader()
     };
     let (bytes, sha256) = receive::receive(body, &staging, MAX_IMAGE_BYTES).map_err(|e| match e {
-        receive::ReceiveError::TooLarge(limit) => AppError::too_large(format!("an image larger than {limit} bytes is refused")),
+        receive::ReceiveError::TooLarge(limit) => {
+            AppError::too_large(format!("an image larger than {limit} bytes is refused"))
+        }
         receive::ReceiveError::Read(e) => AppError::bad_request(format!("cannot read the uploaded image: {e}")),
         receive::ReceiveError::Write(e) => AppError::internal(format!("cannot store the uploaded image: {e}")),
     })?;

@@ -14,11 +14,7 @@ pub const MAX_JSON_BODY: usize = 1 << 20;
 pub const MAX_FILE_BODY: usize = 64 << 20;
 
 pub fn header<'a>(request: &'a Request, name: &str) -> Option<&'a str> {
-    request
-        .headers()
-        .iter()
-        .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
-        .map(|h| h.value.as_str())
+    request.headers().iter().find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name)).map(|h| h.value.as_str())
 }
 
 /// Reads the whole body, refusing more than `limit` bytes with 413. The buffer is

@@ -31,10 +31,8 @@ pub struct HttpServer {
 impl HttpServer {
     pub fn start(app: Arc<App>, listen: &str) -> Result<Self, String> {
         let server = Server::http(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-        let addr = server
-            .server_addr()
-            .to_ip()
-            .ok_or_else(|| format!("listening address of {listen} is not an IP socket"))?;
+        let addr =
+            server.server_addr().to_ip().ok_or_else(|| format!("listening address of {listen} is not an IP socket"))?;
         let server = Arc::new(server);
         let stopping = Arc::new(AtomicBool::new(false));
         let mut workers = Vec::with_capacity(WORKERS);

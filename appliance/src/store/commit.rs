@@ -5,9 +5,9 @@
 //! call is still atomic and durable, but N concurrent calls cost one pair of fsyncs.
 
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TryRecvError};
-use std::time::{Duration, Instant};
 use std::sync::Mutex;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use heed::{Env, RwTxn};
 
@@ -75,10 +75,8 @@ pub struct Committer {
 impl Committer {
     pub fn start(env: Env, dbs: Dbs) -> Self {
         let (sender, receiver) = mpsc::channel::<Box<dyn Job>>();
-        let thread = std::thread::Builder::new()
-            .name("store-commit".into())
-            .spawn(move || run(env, dbs, receiver))
-            .ok();
+        let thread =
+            std::thread::Builder::new().name("store-commit".into()).spawn(move || run(env, dbs, receiver)).ok();
         if thread.is_none() {
             eprintln!("appliance: cannot start the store commit thread; writes will fail");
         }

@@ -23,9 +23,7 @@ pub fn read_version(wtxn: &RwTxn, dbs: &Dbs) -> Result<Option<u32>, String> {
     match raw {
         None => Ok(None),
         Some(bytes) => {
-            let arr: [u8; 4] = bytes
-                .try_into()
-                .map_err(|_| "store: schema version record is corrupt".to_string())?;
+            let arr: [u8; 4] = bytes.try_into().map_err(|_| "store: schema version record is corrupt".to_string())?;
             Ok(Some(u32::from_be_bytes(arr)))
         }
     }

@@ -31,8 +31,11 @@ pub fn inspect(image: &Path) -> Result<Candidate, String> {
     if size == 0 || size % SECTOR != 0 {
         return Err(format!("{size} bytes is not a whole number of 512-byte sectors: not a disk image"));
     }
-    let (table, _) = Gpt::read_from(&mut file, size / SECTOR).map_err(|e| format!("no valid GPT partition table: {e}"))?;
-    let part = |name: &str| table.find(name).map(|(_, p)| p.clone()).ok_or_else(|| format!("the image has no partition named {name}"));
+    let (table, _) =
+        Gpt::read_from(&mut file, size / SECTOR).map_err(|e| format!("no valid GPT partition table: {e}"))?;
+    let part = |name: &str| {
+        table.find(name).map(|(_, p)| p.clone()).ok_or_else(|| format!("the image has no partition named {name}"))
+    };
     let esp = part(layout::ESP_NAME)?;
     let system = part(layout::SYSTEM_A_NAME)?;
     part(layout::SYSTEM_B_NAME)?;
@@ -49,12 +52,18 @@ pub fn inspect(image: &Path) -> Result<Candidate, String> {
     let mut fat = Fat::open(&mut file, esp.offset_bytes()).map_err(|e| format!("EFI partition: {e}"))?;
     let listing = fat.list(entry::ENTRIES_DIR).map_err(|e| format!("EFI partition: {e}"))?;
     let names: Vec<&str> = listing.iter().map(|e| e.name.as_str()).collect();
-    let committed_a: Vec<_> = entry::from_names(names).into_iter().filter(|e| e.slot == Slot::A && !e.is_trial()).collect();
+    let committed_a: Vec<_> =
+        entry::from_names(names).into_iter().filter(|e| e.slot == Slot::A && !e.is_trial()).collect();
     let [found] = committed_a.as_slice() else {
-        return Err(format!("the EFI partition must hold exactly one committed slot A entry in {}, found {}", entry::ENTRIES_DIR, committed_a.len()));
+        return Err(format!(
+            "the EFI partition must hold exactly one committed slot A entry in {}, found {}",
+            entry::ENTRIES_DIR,
+            committed_a.len()
+        ));
     };
     let uki = fat.read_file(&found.path(), MAX_UKI_BYTES).map_err(|e| format!("EFI partition: {e}"))?;
-    let parsed = Uki::parse(&uki).map_err(|e| format!("{} is not a complete unified kernel image: {e}", found.file_name()))?;
+    let parsed =
+        Uki::parse(&uki).map_err(|e| format!("{} is not a complete unified kernel image: {e}", found.file_name()))?;
     if parsed.slot() != Some(Slot::A) {
         return Err(format!("the command line of {} does not name slot A ({}=a)", found.file_name(), entry::SLOT_KEY));
     }
@@ -65,10 +74,15 @@ pub fn inspect(image: &Path) -> Result<Candidate, String> {
 /// The size of the ext4 filesystem (labelled `oc-system`) starting at `offset`.
 fn ext4_size(file: &mut File, offset: u64) -> Result<u64, String> {
     let mut head = vec![0u8; 2048];
-    file.seek(SeekFrom::Start(offset)).and_then(|_| file.read_exact(&mut head)).map_err(|e| format!("read the system partition: {e}"))?;
+    file.seek(SeekFrom::Start(offset))
+        .and_then(|_| file.read_exact(&mut head))
+        .map_err(|e| format!("read the system partition: {e}"))?;
     let label = init::appliance::systemdisk::ext4_label(&head);
     if label.as_deref() != Some(init::appliance::systemdisk::LABEL) {
-        return Err(format!("system partition A holds no ext4 filesystem labelled {} (found {label:?})", init::appliance::systemdisk::LABEL));
+        return Err(format!(
+            "system partition A holds no ext4 filesystem labelled {} (found {label:?})",
+            init::appliance::systemdisk::LABEL
+        ));
     }
     let sb = &head[1024..];
     let u32_at = |o: usize| u64::from(u32::from_le_bytes([sb[o], sb[o + 1], sb[o + 2], sb[o + 3]]));
@@ -120,7 +134,10 @@ mod tests {
         assert!(ok.status.success(), "{ok:?}");
         std::fs::write(dir.join("uki"), uki).expect("write");
         let img = fat.display().to_string();
-        for args in [vec!["mmd", "-i", &img, "::/EFI", "::/EFI/Linux"], vec!["mcopy", "-i", &img, &dir.join("uki").display().to_string(), "::/EFI/Linux/opencomputer-1-a.efi"]] {
+        for args in [
+            vec!["mmd", "-i", &img, "::/EFI", "::/EFI/Linux"],
+            vec!["mcopy", "-i", &img, &dir.join("uki").display().to_string(), "::/EFI/Linux/opencomputer-1-a.efi"],
+        ] {
             let out = Command::new(args[0]).args(&args[1..]).env("MTOOLS_SKIP_CHECK", "1").output().expect("mtools");
             assert!(out.status.success(), "{args:?}: {out:?}");
         }
@@ -132,7 +149,14 @@ mod tests {
         }
         for (i, (name, type_guid, size)) in parts.into_iter().enumerate() {
             let sectors = size / SECTOR;
-            let p = Partition { type_guid, guid: Guid::from_random([i as u8 + 10; 16]), first_lba: next, last_lba: next + sectors - 1, attributes: 0, name: name.into() };
+            let p = Partition {
+                type_guid,
+                guid: Guid::from_random([i as u8 + 10; 16]),
+                first_lba: next,
+                last_lba: next + sectors - 1,
+                attributes: 0,
+                name: name.into(),
+            };
             table.add(p).expect("add");
             next += sectors;
         }
@@ -155,14 +179,20 @@ mod tests {
 
     #[test]
     fn accepts_an_image_laid_out_like_ours_and_names_what_is_wrong_otherwise() {
-        if Command::new("mkfs.fat").arg("--help").output().is_err() || Command::new("mcopy").arg("-V").output().is_err() {
+        if Command::new("mkfs.fat").arg("--help").output().is_err() || Command::new("mcopy").arg("-V").output().is_err()
+        {
             eprintln!("dosfstools/mtools not installed; skipped");
             return;
         }
         let dir = std::env::temp_dir().join(format!("appliance-inspect-img-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("mkdir");
         let osrel = b"ID=opencomputer\nOPENCOMPUTER_VERSION=2.0-test\n";
-        let good = fake_uki(&[(".osrel", osrel), (".cmdline", b"console=ttyS0 oc.boot=disk oc.slot=a"), (".linux", b"kernel"), (".initrd", b"initrd")]);
+        let good = fake_uki(&[
+            (".osrel", osrel),
+            (".cmdline", b"console=ttyS0 oc.boot=disk oc.slot=a"),
+            (".linux", b"kernel"),
+            (".initrd", b"initrd"),
+        ]);
         let candidate = inspect(&disk_image(&dir, &good, true)).expect("accepted");
         assert_eq!((candidate.version.as_str(), candidate.entry_name.as_str()), ("2.0-test", "opencomputer-1-a.efi"));
         assert_eq!(candidate.system_len, 4096 * 1024);

@@ -53,7 +53,8 @@ pub fn install(image: &Path, candidate: &Candidate, running: Slot) -> Result<Ins
     let old: Vec<Entry> = entries.iter().filter(|e| e.slot == target).cloned().collect();
     disk::with_esp_rw(ESP_MOUNT, |root| {
         for e in &old {
-            std::fs::remove_file(format!("{root}/{}", e.path())).map_err(|err| format!("remove the old entry {}: {err}", e.file_name()))?;
+            std::fs::remove_file(format!("{root}/{}", e.path()))
+                .map_err(|err| format!("remove the old entry {}: {err}", e.file_name()))?;
         }
         Ok(())
     })
@@ -94,6 +95,7 @@ fn copy_range(image: &Path, offset: u64, len: u64, device: &str) -> Result<(), S
 /// The size of a partition, from sysfs (in 512-byte units whatever the sector size).
 fn partition_bytes(device: &str) -> Result<u64, String> {
     let name = device.trim_start_matches("/dev/");
-    let text = std::fs::read_to_string(format!("/sys/class/block/{name}/size")).map_err(|e| format!("size of {device}: {e}"))?;
+    let text = std::fs::read_to_string(format!("/sys/class/block/{name}/size"))
+        .map_err(|e| format!("size of {device}: {e}"))?;
     text.trim().parse::<u64>().map(|s| s * 512).map_err(|e| format!("size of {device}: {e}"))
 }

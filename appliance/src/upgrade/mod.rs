@@ -31,7 +31,9 @@ impl Upgrades {
         if let Ok(meta) = std::fs::metadata(&leftover) {
             match std::fs::remove_file(&leftover) {
                 Ok(()) => println!("appliance: removed an interrupted upgrade upload ({} bytes)", meta.len()),
-                Err(e) => println!("appliance: cannot remove the interrupted upgrade upload {}: {e}", leftover.display()),
+                Err(e) => {
+                    println!("appliance: cannot remove the interrupted upgrade upload {}: {e}", leftover.display())
+                }
             }
         }
         upgrades

@@ -8,14 +8,20 @@ use serde_json::{json, Value};
 pub fn running_version() -> String {
     std::fs::read_to_string("/etc/os-release")
         .ok()
-        .and_then(|text| text.lines().find_map(|l| l.strip_prefix(VERSION_KEY).and_then(|r| r.strip_prefix('=')).map(|v| v.trim_matches('"').to_string())))
+        .and_then(|text| {
+            text.lines().find_map(|l| {
+                l.strip_prefix(VERSION_KEY).and_then(|r| r.strip_prefix('=')).map(|v| v.trim_matches('"').to_string())
+            })
+        })
         .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string())
 }
 
 /// The booted slot and its state, as init recorded them (None: not booted from the disk image).
 pub fn boot_state() -> Option<(Slot, String, String)> {
     let text = std::fs::read_to_string(init::layout::BOOT_STATE_FILE).ok()?;
-    let get = |key: &str| text.lines().find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('='))).unwrap_or("").to_string();
+    let get = |key: &str| {
+        text.lines().find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('='))).unwrap_or("").to_string()
+    };
     Some((Slot::parse(&get("slot"))?, get("entry"), get("state")))
 }
 

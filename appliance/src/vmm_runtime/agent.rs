@@ -6,7 +6,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use init::agent::client::{AgentClient, AgentError, AttachEvent, AttachWriter};
-use init::agent::message::{Command, ErrorCode, EnvVars, ExitStatus, OutputStream, RunSpec, SessionSpec};
+use init::agent::message::{Command, EnvVars, ErrorCode, ExitStatus, OutputStream, RunSpec, SessionSpec};
 use init::agent::vsock::VsockStream;
 use init::agent::AGENT_PORT;
 
@@ -70,10 +70,14 @@ pub fn run(agent: &mut Agent, request: &ExecRequest) -> Result<ExecOutput, Runti
     let mut stderr = out.stderr;
     // The wire contract has no fields for these, so they are told where a person looks.
     if out.exit.stdout_truncated || out.exit.stderr_truncated {
-        stderr.extend_from_slice(format!("\n[opencomputer: output beyond {} MiB per stream was dropped]\n", MAX_OUTPUT >> 20).as_bytes());
+        stderr.extend_from_slice(
+            format!("\n[opencomputer: output beyond {} MiB per stream was dropped]\n", MAX_OUTPUT >> 20).as_bytes(),
+        );
     }
     let exit_code = if out.exit.timed_out {
-        stderr.extend_from_slice(format!("\n[opencomputer: command killed after its {}s timeout]\n", request.timeout_sec).as_bytes());
+        stderr.extend_from_slice(
+            format!("\n[opencomputer: command killed after its {}s timeout]\n", request.timeout_sec).as_bytes(),
+        );
         TIMED_OUT_EXIT
     } else {
         out.exit.status.shell_code()
@@ -82,7 +86,11 @@ pub fn run(agent: &mut Agent, request: &ExecRequest) -> Result<ExecOutput, Runti
 }
 
 pub fn session_start(agent: &mut Agent, request: &ExecRequest) -> Result<String, RuntimeError> {
-    let spec = SessionSpec { command: Command::Shell(request.command_line.clone()), env: env_of(request), cwd: request.cwd.clone() };
+    let spec = SessionSpec {
+        command: Command::Shell(request.command_line.clone()),
+        env: env_of(request),
+        cwd: request.cwd.clone(),
+    };
     agent.session_start(&spec).map(|(id, _pid)| id.to_string()).map_err(to_runtime)
 }
 

@@ -61,8 +61,13 @@ impl VmmRuntime {
         println!("appliance: sandbox templates: {}", names.join(", "));
         let sandboxes_dir = config.data_dir.join("sandboxes");
         fs::create_dir_all(&sandboxes_dir).map_err(|e| format!("cannot create {}: {e}", sandboxes_dir.display()))?;
-        let runtime =
-            VmmRuntime { config, templates, sandboxes_dir, cids: Arc::new(CidPool::default()), vms: Mutex::new(HashMap::new()) };
+        let runtime = VmmRuntime {
+            config,
+            templates,
+            sandboxes_dir,
+            cids: Arc::new(CidPool::default()),
+            vms: Mutex::new(HashMap::new()),
+        };
         runtime.recover();
         Ok(runtime)
     }

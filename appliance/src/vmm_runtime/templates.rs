@@ -26,7 +26,8 @@ impl TemplateStore {
     pub fn import(source: Option<&Path>, dir: &Path) -> Result<(TemplateStore, Vec<String>), String> {
         fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         if let Some(source) = source {
-            let entries = fs::read_dir(source).map_err(|e| format!("cannot read templates in {}: {e}", source.display()))?;
+            let entries =
+                fs::read_dir(source).map_err(|e| format!("cannot read templates in {}: {e}", source.display()))?;
             for entry in entries.flatten() {
                 let path = entry.path();
                 let Some(name) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".ext4")) else {

@@ -21,7 +21,10 @@ const ADOPTED_POLL: Duration = Duration::from_millis(500);
 
 /// What the guest kernel is told. `quiet` keeps console exits (each byte is a VM exit) rare.
 pub fn guest_cmdline(sandbox_id: &str) -> String {
-    format!("console=ttyS0 reboot=k panic=-1 pci=off quiet oc.hostname=sandbox-{} init=/sbin/oc-init -- sandbox", &sandbox_id[..8.min(sandbox_id.len())])
+    format!(
+        "console=ttyS0 reboot=k panic=-1 pci=off quiet oc.hostname=sandbox-{} init=/sbin/oc-init -- sandbox",
+        &sandbox_id[..8.min(sandbox_id.len())]
+    )
 }
 
 pub struct VmSpec<'a> {
@@ -108,7 +111,9 @@ impl Vm {
             let text = fs::read(&log).unwrap_or_default();
             let new = String::from_utf8_lossy(text.get(seen as usize..).unwrap_or_default()).into_owned();
             if new.contains("guest memory dumped") {
-                return fs::metadata(self.dir.join(MEMORY_DUMP)).map(|m| m.len()).map_err(|e| format!("dump written but unreadable: {e}"));
+                return fs::metadata(self.dir.join(MEMORY_DUMP))
+                    .map(|m| m.len())
+                    .map_err(|e| format!("dump written but unreadable: {e}"));
             }
             if let Some(line) = new.lines().find(|l| l.contains("memory dump failed")) {
                 return Err(line.to_string());
@@ -168,7 +173,13 @@ pub fn spawn(spec: &VmSpec, on_exit: impl FnOnce(Option<i32>) + Send + 'static) 
         let _ = child.wait();
         return Err(format!("cannot record the VMM pid: {e}"));
     }
-    let vm = Arc::new(Vm { pid, cid: spec.cid, dir: spec.dir.to_path_buf(), ended: Mutex::new(None), ended_signal: Condvar::new() });
+    let vm = Arc::new(Vm {
+        pid,
+        cid: spec.cid,
+        dir: spec.dir.to_path_buf(),
+        ended: Mutex::new(None),
+        ended_signal: Condvar::new(),
+    });
     let watched = Arc::clone(&vm);
     let waiter = std::thread::Builder::new().name(format!("vmm-{pid}")).spawn(move || {
         let status = child.wait().ok().and_then(|s| s.code());
@@ -243,11 +254,20 @@ mod tests {
         // A stand-in VMM that fails at once, like a VMM refusing to start.
         let fake = PathBuf::from("/bin/false");
         let (tx, rx) = std::sync::mpsc::channel();
-        let spec = VmSpec { sandbox_id: "s1", dir: &dir, vmm_bin: &fake, kernel: Path::new("/k"), vcpus: 1, memory_mib: 128, cid: 9 };
+        let spec = VmSpec {
+            sandbox_id: "s1",
+            dir: &dir,
+            vmm_bin: &fake,
+            kernel: Path::new("/k"),
+            vcpus: 1,
+            memory_mib: 128,
+            cid: 9,
+        };
         let vm = spawn(&spec, move |status| tx.send(status).expect("send")).expect("spawn");
         assert_eq!(rx.recv_timeout(Duration::from_secs(10)).expect("exit"), Some(1));
         assert!(vm.wait_ended(Duration::from_secs(1)));
-        let config: serde_json::Value = serde_json::from_str(&fs::read_to_string(dir.join(CONFIG)).expect("cfg")).expect("json");
+        let config: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(dir.join(CONFIG)).expect("cfg")).expect("json");
         assert_eq!(config["vsock_cid"], 9);
         assert_eq!(config["disks"][0]["read_only"], false);
         // Its pid no longer runs that config: nothing to adopt.

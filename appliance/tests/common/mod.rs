@@ -230,7 +230,12 @@ impl SandboxRuntime for FakeRuntime {
                 .files
                 .iter()
                 .filter(|(p, _)| p.starts_with(&prefix) && !p[prefix.len()..].contains('/'))
-                .map(|(p, d)| DirEntry { name: p[prefix.len()..].to_string(), path: p.clone(), is_dir: false, size: d.len() as u64 })
+                .map(|(p, d)| DirEntry {
+                    name: p[prefix.len()..].to_string(),
+                    path: p.clone(),
+                    is_dir: false,
+                    size: d.len() as u64,
+                })
                 .collect();
             for d in &s.dirs {
                 if d.starts_with(&prefix) && !d[prefix.len()..].contains('/') {

@@ -4,8 +4,8 @@
 
 use super::frame::{self, FrameError};
 use super::message::{
-    Command, DirEntry, EnvVars, ErrorCode, ExitStatus, FileStat, OutputStream, Power, Reply, Request, RunExit,
-    RunSpec, SessionInfo, SessionSpec, WriteSpec,
+    Command, DirEntry, EnvVars, ErrorCode, ExitStatus, FileStat, OutputStream, Power, Reply, Request, RunExit, RunSpec,
+    SessionInfo, SessionSpec, WriteSpec,
 };
 use super::transport::Connection;
 use super::vsock::VsockStream;
@@ -76,9 +76,15 @@ pub struct RunOutput {
 /// What an attached session sends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AttachEvent {
-    Output { stream: OutputStream, data: Vec<u8> },
+    Output {
+        stream: OutputStream,
+        data: Vec<u8>,
+    },
     /// A problem delivering stdin (e.g. the process closed it); the attachment continues.
-    Notice { code: ErrorCode, message: String },
+    Notice {
+        code: ErrorCode,
+        message: String,
+    },
     /// The session ended; nothing follows.
     Ended(ExitStatus),
 }
@@ -109,8 +115,9 @@ impl AgentClient<VsockStream> {
         let deadline = Instant::now() + total;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let attempt = AgentClient::connect_vsock(cid, port, left.clamp(Duration::from_millis(1), Duration::from_secs(1)))
-                .and_then(|mut client| client.ping().map(|info| (client, info)));
+            let attempt =
+                AgentClient::connect_vsock(cid, port, left.clamp(Duration::from_millis(1), Duration::from_secs(1)))
+                    .and_then(|mut client| client.ping().map(|info| (client, info)));
             match attempt {
                 Ok(ready) => return Ok(ready),
                 Err(e) if give_up() || Instant::now() >= deadline => return Err(e),
@@ -164,7 +171,8 @@ impl<C: Connection> AgentClient<C> {
                     };
                     *total += data.len() as u64;
                     if *total > spec.max_output {
-                        return Err(self.fail(format!("agent sent more than the {} bytes of output asked for", spec.max_output)));
+                        return Err(self
+                            .fail(format!("agent sent more than the {} bytes of output asked for", spec.max_output)));
                     }
                     on_output(stream, &data);
                 }
@@ -341,9 +349,8 @@ impl<C: Connection> AgentClient<C> {
         if let Some(why) = &self.broken {
             return Err(AgentError::Protocol(format!("connection unusable after an earlier failure ({why})")));
         }
-        let bytes = request
-            .to_frame()
-            .map_err(|e| AgentError::InvalidRequest(format!("{} request: {e}", request.name())))?;
+        let bytes =
+            request.to_frame().map_err(|e| AgentError::InvalidRequest(format!("{} request: {e}", request.name())))?;
         self.conn.write_all(&bytes).and_then(|_| self.conn.flush()).map_err(|e| {
             self.broken = Some(format!("write failed: {e}"));
             AgentError::Io(e)

@@ -183,9 +183,7 @@ impl<'a> Decoder<'a> {
         let n = self.u32()? as usize;
         let remaining = self.data.len() - self.pos;
         if n.saturating_mul(min_item_len.max(1)) > remaining {
-            return Err(DecodeError(format!(
-                "list at offset {at} claims {n} items but only {remaining} bytes follow"
-            )));
+            return Err(DecodeError(format!("list at offset {at} claims {n} items but only {remaining} bytes follow")));
         }
         Ok(n)
     }

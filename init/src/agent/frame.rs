@@ -29,9 +29,15 @@ pub enum FrameError {
     /// No frame began within the idle timeout.
     Idle,
     /// The peer closed the connection inside a frame.
-    Truncated { got: usize, want: usize },
+    Truncated {
+        got: usize,
+        want: usize,
+    },
     /// A frame began but was not complete within the frame timeout.
-    Stalled { got: usize, want: usize },
+    Stalled {
+        got: usize,
+        want: usize,
+    },
     BadMagic(u8),
     UnsupportedVersion(u8),
     TooLarge(u64),
@@ -143,7 +149,13 @@ pub fn read_frame<R: TimedRead>(r: &mut R, idle: Option<Duration>, within: Durat
 }
 
 /// Fills `buf[from..]` before `deadline`.
-fn fill<R: TimedRead>(r: &mut R, buf: &mut [u8], from: usize, deadline: Instant, want: usize) -> Result<(), FrameError> {
+fn fill<R: TimedRead>(
+    r: &mut R,
+    buf: &mut [u8],
+    from: usize,
+    deadline: Instant,
+    want: usize,
+) -> Result<(), FrameError> {
     let mut got = from;
     while got < buf.len() {
         let left = deadline.saturating_duration_since(Instant::now());

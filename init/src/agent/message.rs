@@ -203,19 +203,44 @@ pub enum Request {
     Run(RunSpec),
     SessionStart(SessionSpec),
     SessionList,
-    SessionKill { id: u32, signal: i32 },
+    SessionKill {
+        id: u32,
+        signal: i32,
+    },
     /// Takes over the connection: output streams back until the session ends.
-    SessionAttach { id: u32 },
-    SessionStdin { id: u32, data: Vec<u8> },
+    SessionAttach {
+        id: u32,
+    },
+    SessionStdin {
+        id: u32,
+        data: Vec<u8>,
+    },
     /// `limit` 0 means no limit.
-    FileRead { path: String, limit: u64 },
+    FileRead {
+        path: String,
+        limit: u64,
+    },
     FileWrite(WriteSpec),
-    FileList { path: String },
-    FileStat { path: String },
-    Mkdir { path: String },
-    Remove { path: String, recursive: bool },
-    SetEnv { set: EnvVars, unset: Vec<String> },
-    InstallCa { pem: Vec<u8> },
+    FileList {
+        path: String,
+    },
+    FileStat {
+        path: String,
+    },
+    Mkdir {
+        path: String,
+    },
+    Remove {
+        path: String,
+        recursive: bool,
+    },
+    SetEnv {
+        set: EnvVars,
+        unset: Vec<String>,
+    },
+    InstallCa {
+        pem: Vec<u8>,
+    },
     Power(Power),
     /// A chunk of a file write.
     Data(Vec<u8>),
@@ -377,9 +402,7 @@ impl Request {
                 }
                 e.bool(spec.create_parents);
             }
-            Request::FileList { path }
-            | Request::FileStat { path }
-            | Request::Mkdir { path } => e.str(path),
+            Request::FileList { path } | Request::FileStat { path } | Request::Mkdir { path } => e.str(path),
             Request::Remove { path, recursive } => {
                 e.str(path);
                 e.bool(*recursive);
@@ -591,12 +614,7 @@ impl Reply {
                 let n = d.count(17)?;
                 let mut entries = Vec::with_capacity(n);
                 for _ in 0..n {
-                    entries.push(DirEntry {
-                        name: d.string()?,
-                        is_dir: d.bool()?,
-                        path: d.string()?,
-                        size: d.u64()?,
-                    });
+                    entries.push(DirEntry { name: d.string()?, is_dir: d.bool()?, path: d.string()?, size: d.u64()? });
                 }
                 Reply::DirEntries { entries, more: d.bool()? }
             }

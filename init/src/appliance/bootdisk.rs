@@ -42,7 +42,10 @@ pub fn plan(table: &mut Gpt, disk_sectors: u64, new_guid: Guid) -> Result<Change
     if let Some((slot, data)) = table.find(layout::DATA_NAME) {
         let old_last = data.last_lba;
         if table.partitions().any(|(_, p)| p.first_lba > old_last) {
-            return Err(format!("the {} partition is not the last one on the disk; not resizing it", layout::DATA_NAME));
+            return Err(format!(
+                "the {} partition is not the last one on the disk; not resizing it",
+                layout::DATA_NAME
+            ));
         }
         if last_usable < old_last {
             return Err(format!(
@@ -84,7 +87,11 @@ pub fn plan(table: &mut Gpt, disk_sectors: u64, new_guid: Guid) -> Result<Change
 /// Creates or grows the data partition on `disk` (a file or block device of `disk_sectors`) and
 /// returns what changed; the table is rewritten (both copies) whenever anything changed or the
 /// backup header is not at the end of the disk yet.
-pub fn apply<F: Read + std::io::Write + std::io::Seek>(disk: &mut F, disk_sectors: u64, new_guid: Guid) -> Result<(Change, Gpt), String> {
+pub fn apply<F: Read + std::io::Write + std::io::Seek>(
+    disk: &mut F,
+    disk_sectors: u64,
+    new_guid: Guid,
+) -> Result<(Change, Gpt), String> {
     let (mut table, info) = Gpt::read_from(disk, disk_sectors)?;
     let change = plan(&mut table, disk_sectors, new_guid)?;
     if let (Change::Created { slot }, Some(Some(data))) = (&change, table.slots.get(change.slot())) {
@@ -114,10 +121,13 @@ pub struct Prepared {
 pub fn prepare() -> Result<Prepared, String> {
     let disk = find_boot_disk()?;
     let path = format!("/dev/{disk}");
-    let mut file = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| format!("cannot open {path}: {e}"))?;
+    let mut file =
+        OpenOptions::new().read(true).write(true).open(&path).map_err(|e| format!("cannot open {path}: {e}"))?;
     let sector_size = ioctl_int(&file, BLKSSZGET).map_err(|e| format!("{path}: sector size: {e}"))?;
     if sector_size != SECTOR as i64 {
-        return Err(format!("{path} has {sector_size}-byte sectors; the image's partition table is for 512-byte sectors"));
+        return Err(format!(
+            "{path} has {sector_size}-byte sectors; the image's partition table is for 512-byte sectors"
+        ));
     }
     let bytes = ioctl_u64(&file, BLKGETSIZE64).map_err(|e| format!("{path}: size: {e}"))?;
     let (change, table) = apply(&mut file, bytes / SECTOR, random_guid()?).map_err(|e| format!("{path}: {e}"))?;
@@ -131,7 +141,11 @@ pub fn prepare() -> Result<Prepared, String> {
         Change::Grown { .. } => tell_kernel(&file, BLKPG_RESIZE_PARTITION, slot, data),
         Change::Unchanged { .. } => Ok(()),
     }
-    .map_err(|e| format!("{path}: the partition table is written, but the kernel was not told ({e}); it will see it after a reboot"))?;
+    .map_err(|e| {
+        format!(
+            "{path}: the partition table is written, but the kernel was not told ({e}); it will see it after a reboot"
+        )
+    })?;
     Ok(Prepared { device: partition_device(&disk, slot + 1), change, size_bytes: data.size_bytes() })
 }
 
@@ -141,12 +155,16 @@ fn find_boot_disk() -> Result<String, String> {
     loop {
         if let Some(part) = find_partition(layout::SYSTEM_A_NAME) {
             // /sys/class/block/vda2 -> .../block/vda/vda2: the parent directory is the disk.
-            let real = fs::canonicalize(format!("/sys/class/block/{part}")).map_err(|e| format!("resolve {part} in sysfs: {e}"))?;
+            let real = fs::canonicalize(format!("/sys/class/block/{part}"))
+                .map_err(|e| format!("resolve {part} in sysfs: {e}"))?;
             let disk = real.parent().and_then(Path::file_name).map(|n| n.to_string_lossy().into_owned());
             return disk.ok_or_else(|| format!("cannot tell which disk holds {part}"));
         }
         if Instant::now() >= deadline {
-            return Err(format!("booted from a disk image (oc.boot=disk), but no partition named {} appeared", layout::SYSTEM_A_NAME));
+            return Err(format!(
+                "booted from a disk image (oc.boot=disk), but no partition named {} appeared",
+                layout::SYSTEM_A_NAME
+            ));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -162,7 +180,9 @@ pub fn partition_device(disk: &str, number: usize) -> String {
 
 fn random_guid() -> Result<Guid, String> {
     let mut raw = [0u8; 16];
-    File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut raw)).map_err(|e| format!("read /dev/urandom: {e}"))?;
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut raw))
+        .map_err(|e| format!("read /dev/urandom: {e}"))?;
     Ok(Guid::from_random(raw))
 }
 
@@ -250,13 +270,24 @@ mod tests {
 
     fn image_table() -> Gpt {
         let mut t = Gpt::new(Guid::from_random([1; 16]));
-        for (i, (name, ty)) in [(layout::ESP_NAME, ESP_TYPE), (layout::SYSTEM_A_NAME, gpt::LINUX_FS_TYPE), (layout::SYSTEM_B_NAME, gpt::LINUX_FS_TYPE)]
-            .into_iter()
-            .enumerate()
+        for (i, (name, ty)) in [
+            (layout::ESP_NAME, ESP_TYPE),
+            (layout::SYSTEM_A_NAME, gpt::LINUX_FS_TYPE),
+            (layout::SYSTEM_B_NAME, gpt::LINUX_FS_TYPE),
+        ]
+        .into_iter()
+        .enumerate()
         {
             let first = MIB_SECTORS * (1 + 64 * i as u64);
-            t.add(Partition { type_guid: ty, guid: Guid::from_random([i as u8; 16]), first_lba: first, last_lba: first + 64 * MIB_SECTORS - 1, attributes: 0, name: name.into() })
-                .expect("slot");
+            t.add(Partition {
+                type_guid: ty,
+                guid: Guid::from_random([i as u8; 16]),
+                first_lba: first,
+                last_lba: first + 64 * MIB_SECTORS - 1,
+                attributes: 0,
+                name: name.into(),
+            })
+            .expect("slot");
         }
         t
     }
@@ -264,7 +295,8 @@ mod tests {
     /// A sparse file holding the built image's table on a disk of `mib` MiB.
     fn image_file(name: &str, mib: u64) -> (std::path::PathBuf, File) {
         let path = std::env::temp_dir().join(format!("init-bootdisk-{}-{name}", std::process::id()));
-        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).expect("create");
+        let mut file =
+            OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).expect("create");
         let built_sectors = 194 * MIB_SECTORS;
         file.set_len(built_sectors * SECTOR).expect("size");
         image_table().write_to(&mut file, built_sectors).expect("write");

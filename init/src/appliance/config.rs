@@ -7,7 +7,19 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 /// Keys the file may set (besides `host.<name>`).
-const KEYS: &[&str] = &["admin_key", "hostname", "net", "ip", "gw", "dns", "iface", "data", "trusted_ca", "allow_private", "trial_timeout"];
+const KEYS: &[&str] = &[
+    "admin_key",
+    "hostname",
+    "net",
+    "ip",
+    "gw",
+    "dns",
+    "iface",
+    "data",
+    "trusted_ca",
+    "allow_private",
+    "trial_timeout",
+];
 /// Keys that never come from the kernel command line: the kernel prints it on the console.
 const FILE_ONLY: &[&str] = &["admin_key"];
 /// Keys whose values init's existing command-line parsers read (as `oc.<key>=`).
@@ -82,7 +94,9 @@ impl Config {
             }
             if let Some(earlier) = self.settings.get(key) {
                 if let Origin::File(first) = earlier.origin {
-                    self.problems.push(format!("{file_name} line {line_no}: {key} was already set on line {first}; using line {line_no}"));
+                    self.problems.push(format!(
+                        "{file_name} line {line_no}: {key} was already set on line {first}; using line {line_no}"
+                    ));
                 }
             }
             self.settings.insert(key.to_string(), Setting { value: value.to_string(), origin: Origin::File(line_no) });
@@ -104,22 +118,31 @@ impl Config {
                 }
             } else {
                 match key.as_str() {
-                    "hostname" if !valid_host_name(&setting.value) || setting.value.len() > 64 => {
-                        Some(format!("hostname = {}: use letters, digits, '-' and '.', at most 64 characters", setting.value))
-                    }
-                    "allow_private" => setting.value.split(',').map(str::trim).find(|c| !valid_cidr(c)).map(|c| {
-                        format!("allow_private: {c:?} is not an address range like 10.1.2.0/24")
-                    }),
+                    "hostname" if !valid_host_name(&setting.value) || setting.value.len() > 64 => Some(format!(
+                        "hostname = {}: use letters, digits, '-' and '.', at most 64 characters",
+                        setting.value
+                    )),
+                    "allow_private" => setting
+                        .value
+                        .split(',')
+                        .map(str::trim)
+                        .find(|c| !valid_cidr(c))
+                        .map(|c| format!("allow_private: {c:?} is not an address range like 10.1.2.0/24")),
                     "trial_timeout" if trial_timeout_secs(&setting.value).is_none() => Some(format!(
                         "trial_timeout = {}: a number of seconds from {} to {}",
-                        setting.value, TRIAL_TIMEOUT_RANGE.start(), TRIAL_TIMEOUT_RANGE.end()
+                        setting.value,
+                        TRIAL_TIMEOUT_RANGE.start(),
+                        TRIAL_TIMEOUT_RANGE.end()
                     )),
                     "trusted_ca" if !valid_esp_path(&setting.value) => {
                         Some(format!("trusted_ca = {}: name a file on the EFI partition, without '..'", setting.value))
                     }
                     "admin_key" if setting.value.len() < 16 => {
                         // Accepted (refusing would lock the operator out), but said plainly.
-                        warnings.push(format!("{}admin_key is shorter than 16 characters; use a long random key", self.where_set(key, file_name)));
+                        warnings.push(format!(
+                            "{}admin_key is shorter than 16 characters; use a long random key",
+                            self.where_set(key, file_name)
+                        ));
                         None
                     }
                     _ => None,
@@ -151,11 +174,7 @@ impl Config {
 
     /// The settings init's command-line parsers read, as `oc.key=value` words.
     pub fn as_cmdline(&self) -> String {
-        CMDLINE_KEYS
-            .iter()
-            .filter_map(|k| self.get(k).map(|v| format!("oc.{k}={v}")))
-            .collect::<Vec<_>>()
-            .join(" ")
+        CMDLINE_KEYS.iter().filter_map(|k| self.get(k).map(|v| format!("oc.{k}={v}"))).collect::<Vec<_>>().join(" ")
     }
 
     /// A parser's error about `oc.<key>=...`, told with where that key was set.
@@ -180,7 +199,8 @@ impl Config {
     /// The sealing proxy's settings (the appliance's proxy-config JSON), if any key asks for one.
     pub fn proxy_json(&self, trusted_ca_pem: Option<&str>) -> Option<String> {
         let hosts = self.hosts();
-        let allow: Vec<&str> = self.get("allow_private").map(|v| v.split(',').map(str::trim).collect()).unwrap_or_default();
+        let allow: Vec<&str> =
+            self.get("allow_private").map(|v| v.split(',').map(str::trim).collect()).unwrap_or_default();
         if hosts.is_empty() && allow.is_empty() && trusted_ca_pem.is_none() {
             return None;
         }
@@ -261,7 +281,11 @@ mod tests {
 
     #[test]
     fn the_kernel_command_line_overrides_the_file_but_never_carries_the_key() {
-        let c = Config::merge(Some("hostname = from-file\nnet = static\n"), FILE, "oc.hostname=from-cmdline oc.net=dhcp oc.admin_key=leaked -- sandbox oc.iface=x");
+        let c = Config::merge(
+            Some("hostname = from-file\nnet = static\n"),
+            FILE,
+            "oc.hostname=from-cmdline oc.net=dhcp oc.admin_key=leaked -- sandbox oc.iface=x",
+        );
         assert_eq!(c.get("hostname"), Some("from-cmdline"));
         assert_eq!(c.get("net"), Some("dhcp"));
         assert_eq!(c.get("admin_key"), None);
@@ -292,9 +316,17 @@ mod tests {
         assert_eq!(c.get("trial_timeout").and_then(trial_timeout_secs), Some(45));
         let c = Config::merge(Some("trial_timeout = 5\n"), FILE, "");
         assert_eq!(c.get("trial_timeout"), None, "below the minimum is dropped");
-        assert!(c.problems.iter().any(|p| p.contains("line 1: trial_timeout = 5: a number of seconds from 30 to 86400")), "{:?}", c.problems);
+        assert!(
+            c.problems.iter().any(|p| p.contains("line 1: trial_timeout = 5: a number of seconds from 30 to 86400")),
+            "{:?}",
+            c.problems
+        );
         let c = Config::merge(None, FILE, "oc.trial_timeout=soon");
-        assert!(c.problems.iter().any(|p| p.starts_with("kernel command line: trial_timeout = soon")), "{:?}", c.problems);
+        assert!(
+            c.problems.iter().any(|p| p.starts_with("kernel command line: trial_timeout = soon")),
+            "{:?}",
+            c.problems
+        );
     }
 
     #[test]
@@ -306,7 +338,8 @@ mod tests {
 
     #[test]
     fn proxy_settings_become_the_appliances_json() {
-        let c = Config::merge(Some("host.api.internal = 10.1.2.3\nallow_private = 10.1.2.3/32, 10.9.0.0/16\n"), FILE, "");
+        let c =
+            Config::merge(Some("host.api.internal = 10.1.2.3\nallow_private = 10.1.2.3/32, 10.9.0.0/16\n"), FILE, "");
         let json = c.proxy_json(Some("-----BEGIN CERTIFICATE-----\nAB\"C\n")).expect("json");
         assert_eq!(
             json,

@@ -155,16 +155,19 @@ fn find_whole_disk() -> Option<String> {
         .filter(|name| ["vd", "nvme", "sd", "xvd"].iter().any(|p| name.starts_with(p)))
         .collect();
     disks.sort();
-    disks.into_iter().find(|name| {
-        let sys = Path::new("/sys/block").join(name);
-        let removable = crate::sys::fs::read_trimmed(sys.join("removable")).map(|v| v == "1").unwrap_or(false);
-        // A read-only disk (the system disk, a CD) can never hold the data.
-        let read_only = crate::sys::fs::read_trimmed(sys.join("ro")).map(|v| v == "1").unwrap_or(false);
-        let has_partitions = fs::read_dir(&sys)
-            .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with(name.as_str())))
-            .unwrap_or(false);
-        !removable && !read_only && !has_partitions
-    }).map(|name| format!("/dev/{name}"))
+    disks
+        .into_iter()
+        .find(|name| {
+            let sys = Path::new("/sys/block").join(name);
+            let removable = crate::sys::fs::read_trimmed(sys.join("removable")).map(|v| v == "1").unwrap_or(false);
+            // A read-only disk (the system disk, a CD) can never hold the data.
+            let read_only = crate::sys::fs::read_trimmed(sys.join("ro")).map(|v| v == "1").unwrap_or(false);
+            let has_partitions = fs::read_dir(&sys)
+                .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with(name.as_str())))
+                .unwrap_or(false);
+            !removable && !read_only && !has_partitions
+        })
+        .map(|name| format!("/dev/{name}"))
 }
 
 #[cfg(test)]

@@ -7,12 +7,12 @@
 mod bootdisk;
 mod config;
 mod datadisk;
-pub mod systemdisk;
 mod modules;
 mod operator;
 mod powerbutton;
 mod services;
 mod slot;
+pub mod systemdisk;
 
 use crate::log;
 use crate::sys::mount::{self, Mount};
@@ -63,7 +63,8 @@ pub fn run() -> ! {
         Err(e) => {
             log!("DATA DISK PROBLEM: {e}");
             // The appliance serves 503 with this reason instead of storing into RAM.
-            let written = std::fs::create_dir_all(operator::RUN_DIR).and_then(|_| std::fs::write(crate::layout::DATA_PROBLEM_FILE, &e));
+            let written = std::fs::create_dir_all(operator::RUN_DIR)
+                .and_then(|_| std::fs::write(crate::layout::DATA_PROBLEM_FILE, &e));
             if let Err(w) = written {
                 log!("cannot write {}: {w}", crate::layout::DATA_PROBLEM_FILE);
             }
@@ -107,10 +108,22 @@ fn early_mounts() {
         Mount { source: "proc", target: "/proc", fstype: "proc", flags: nosuid_nodev | libc::MS_NOEXEC, data: "" },
         Mount { source: "sysfs", target: "/sys", fstype: "sysfs", flags: nosuid_nodev | libc::MS_NOEXEC, data: "" },
         Mount { source: "devtmpfs", target: "/dev", fstype: "devtmpfs", flags: libc::MS_NOSUID, data: "mode=0755" },
-        Mount { source: "devpts", target: "/dev/pts", fstype: "devpts", flags: libc::MS_NOSUID | libc::MS_NOEXEC, data: "mode=0620,ptmxmode=0666" },
+        Mount {
+            source: "devpts",
+            target: "/dev/pts",
+            fstype: "devpts",
+            flags: libc::MS_NOSUID | libc::MS_NOEXEC,
+            data: "mode=0620,ptmxmode=0666",
+        },
         Mount { source: "tmpfs", target: "/run", fstype: "tmpfs", flags: nosuid_nodev, data: "mode=0755" },
         Mount { source: "tmpfs", target: "/tmp", fstype: "tmpfs", flags: nosuid_nodev, data: "mode=1777" },
-        Mount { source: "cgroup2", target: "/sys/fs/cgroup", fstype: "cgroup2", flags: nosuid_nodev | libc::MS_NOEXEC, data: "" },
+        Mount {
+            source: "cgroup2",
+            target: "/sys/fs/cgroup",
+            fstype: "cgroup2",
+            flags: nosuid_nodev | libc::MS_NOEXEC,
+            data: "",
+        },
     ];
     for m in &mounts {
         if let Err(e) = mount::mount(m) {
@@ -133,8 +146,12 @@ fn prepare_data_partition() -> Option<String> {
         Ok(p) => {
             let size = p.size_bytes >> 20;
             match p.change {
-                bootdisk::Change::Created { .. } => log!("data partition {} created ({size} MiB, first boot)", p.device),
-                bootdisk::Change::Grown { .. } => log!("data partition {} grown to {size} MiB (the disk grew)", p.device),
+                bootdisk::Change::Created { .. } => {
+                    log!("data partition {} created ({size} MiB, first boot)", p.device)
+                }
+                bootdisk::Change::Grown { .. } => {
+                    log!("data partition {} grown to {size} MiB (the disk grew)", p.device)
+                }
                 bootdisk::Change::Unchanged { .. } => log!("data partition {} ({size} MiB) fills the disk", p.device),
             }
             Some(p.device)
@@ -189,10 +206,7 @@ fn event_loop(
         let mut fds = vec![signals.as_raw_fd()];
         fds.extend(buttons.fds());
         fds.extend(supervisor.output_fds());
-        let timeout_ms = supervisor
-            .next_deadline()
-            .map(|d| d.as_millis().min(i32::MAX as u128) as i32)
-            .unwrap_or(-1);
+        let timeout_ms = supervisor.next_deadline().map(|d| d.as_millis().min(i32::MAX as u128) as i32).unwrap_or(-1);
         let ready = match process::poll_readable(&fds, timeout_ms) {
             Ok(ready) => ready,
             Err(e) => {

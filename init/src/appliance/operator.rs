@@ -69,7 +69,8 @@ pub fn load(cmdline: &str, from_disk: bool) -> Loaded {
 
 /// Mounts the ESP of the boot disk read-only at ESP_MOUNT.
 fn mount_esp() -> Result<(), String> {
-    let part = bootdisk::find_partition(layout::ESP_NAME).ok_or_else(|| format!("no partition named {}", layout::ESP_NAME))?;
+    let part =
+        bootdisk::find_partition(layout::ESP_NAME).ok_or_else(|| format!("no partition named {}", layout::ESP_NAME))?;
     let device = format!("/dev/{part}");
     mount::mount(&Mount {
         source: &device,
@@ -85,7 +86,9 @@ fn mount_esp() -> Result<(), String> {
 fn read_config_file() -> Result<Option<String>, String> {
     let path = format!("{ESP_MOUNT}/{}", layout::CONFIG_FILE);
     match std::fs::read(&path) {
-        Ok(bytes) => String::from_utf8(bytes).map(Some).map_err(|_| format!("{} is not UTF-8 text", layout::CONFIG_FILE)),
+        Ok(bytes) => {
+            String::from_utf8(bytes).map(Some).map_err(|_| format!("{} is not UTF-8 text", layout::CONFIG_FILE))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(format!("cannot read {}: {e}", layout::CONFIG_FILE)),
     }

@@ -28,7 +28,11 @@ impl PowerButtons {
                 if label != "Power Button" {
                     continue;
                 }
-                match OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC).open(format!("/dev/input/{name}")) {
+                match OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+                    .open(format!("/dev/input/{name}"))
+                {
                     Ok(file) => devices.push(file),
                     Err(e) => crate::log!("cannot open power button /dev/input/{name}: {e}"),
                 }

@@ -53,9 +53,14 @@ pub fn parse_services(text: &str) -> Result<Vec<ServiceSpec>, String> {
 }
 
 enum State {
-    Running { pid: libc::pid_t, since: Instant },
+    Running {
+        pid: libc::pid_t,
+        since: Instant,
+    },
     /// Waiting for its restart time.
-    Backoff { until: Instant },
+    Backoff {
+        until: Instant,
+    },
     Stopped,
 }
 
@@ -110,10 +115,8 @@ impl Supervisor {
 
     /// Records a reaped child. Returns false if it was not one of ours (an orphan PID 1 adopted).
     pub fn on_exit(&mut self, pid: libc::pid_t, status: ExitStatus) -> bool {
-        let Some(service) = self
-            .services
-            .iter_mut()
-            .find(|s| matches!(s.state, State::Running { pid: p, .. } if p == pid))
+        let Some(service) =
+            self.services.iter_mut().find(|s| matches!(s.state, State::Running { pid: p, .. } if p == pid))
         else {
             return false;
         };
@@ -230,9 +233,7 @@ fn spawn(spec: &ServiceSpec) -> io::Result<(libc::pid_t, io::PipeReader)> {
     // SAFETY: the closure only calls pthread_sigmask, which is async-signal-safe, between
     // fork and exec.
     unsafe { cmd.pre_exec(process::unblock_all_signals) };
-    let child = cmd
-        .spawn()
-        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", spec.program)))?;
+    let child = cmd.spawn().map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", spec.program)))?;
     // The child's handle is dropped on purpose: PID 1 reaps with waitpid(-1) for everyone.
     Ok((child.id() as libc::pid_t, reader))
 }
@@ -291,8 +292,10 @@ mod tests {
 
     #[test]
     fn parses_services_with_comments_and_args() {
-        let specs = parse_services("# the API\nappliance /bin/appliance serve --listen 0.0.0.0:8080\n\n probe /bin/probe # test\n")
-            .expect("valid file");
+        let specs = parse_services(
+            "# the API\nappliance /bin/appliance serve --listen 0.0.0.0:8080\n\n probe /bin/probe # test\n",
+        )
+        .expect("valid file");
         assert_eq!(specs.len(), 2);
         assert_eq!(specs[0].name, "appliance");
         assert_eq!(specs[0].args, vec!["serve", "--listen", "0.0.0.0:8080"]);
@@ -327,11 +330,8 @@ mod tests {
 
     #[test]
     fn supervisor_restarts_a_crashed_service_with_growing_backoff() {
-        let mut sup = Supervisor::new(vec![ServiceSpec {
-            name: "t".into(),
-            program: "/bin/true".into(),
-            args: vec![],
-        }]);
+        let mut sup =
+            Supervisor::new(vec![ServiceSpec { name: "t".into(), program: "/bin/true".into(), args: vec![] }]);
         sup.start_all();
         let pid = sup.pid_of("t").expect("running");
         let mut status = 0;

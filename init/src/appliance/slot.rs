@@ -24,7 +24,11 @@ pub fn from_cmdline(cmdline: &str) -> Option<Slot> {
 
 /// The configured trial timeout (validated when the configuration was read), or the default.
 pub fn trial_timeout(config: &super::config::Config) -> Duration {
-    config.get("trial_timeout").and_then(super::config::trial_timeout_secs).map(Duration::from_secs).unwrap_or(DEFAULT_TRIAL_TIMEOUT)
+    config
+        .get("trial_timeout")
+        .and_then(super::config::trial_timeout_secs)
+        .map(Duration::from_secs)
+        .unwrap_or(DEFAULT_TRIAL_TIMEOUT)
 }
 
 /// Records the slot and, for a trial boot, starts the thread that commits or gives up on it.
@@ -51,7 +55,9 @@ pub fn watch(slot: Slot, trial_timeout: Duration) {
         current.file_name(),
         trial_timeout.as_secs()
     );
-    let spawned = std::thread::Builder::new().name("commit".into()).spawn(move || commit_when_healthy(slot, &current, trial_timeout));
+    let spawned = std::thread::Builder::new()
+        .name("commit".into())
+        .spawn(move || commit_when_healthy(slot, &current, trial_timeout));
     if let Err(e) = spawned {
         log!("cannot start the commit thread: {e}; this trial boot stays uncommitted");
     }
@@ -75,7 +81,8 @@ fn commit_when_healthy(slot: Slot, current: &Entry, trial_timeout: Duration) {
     let renamed = disk::with_esp_rw(ESP_COMMIT_MOUNT, |root| {
         let from = format!("{root}/{}", current.path());
         let to = format!("{root}/{}", blessed.path());
-        std::fs::rename(&from, &to).map_err(|e| format!("rename {} to {}: {e}", current.file_name(), blessed.file_name()))
+        std::fs::rename(&from, &to)
+            .map_err(|e| format!("rename {} to {}: {e}", current.file_name(), blessed.file_name()))
     });
     match renamed {
         Ok(()) => {

@@ -31,7 +31,9 @@ pub fn ext4_label(head: &[u8]) -> Option<String> {
 pub fn mount_system(slot: Option<crate::boot::entry::Slot>) -> Result<String, String> {
     let device = match slot {
         Some(slot) => slot_device(slot)?,
-        None => find_device().ok_or_else(|| format!("no disk or partition with an ext4 filesystem labelled {LABEL}"))?,
+        None => {
+            find_device().ok_or_else(|| format!("no disk or partition with an ext4 filesystem labelled {LABEL}"))?
+        }
     };
     fs::create_dir_all(MOUNT_POINT).map_err(|e| format!("cannot create {MOUNT_POINT}: {e}"))?;
     mount::mount(&Mount {
@@ -51,7 +53,9 @@ fn slot_device(slot: crate::boot::entry::Slot) -> Result<String, String> {
     let device = crate::boot::disk::partition_path(name)?;
     let label = read_label(&device);
     if label.as_deref() != Some(LABEL) {
-        return Err(format!("partition {name} ({device}, slot {slot}) holds no ext4 filesystem labelled {LABEL} (found {label:?})"));
+        return Err(format!(
+            "partition {name} ({device}, slot {slot}) holds no ext4 filesystem labelled {LABEL} (found {label:?})"
+        ));
     }
     Ok(device)
 }
@@ -76,8 +80,11 @@ fn find_device() -> Option<String> {
 }
 
 fn scan() -> Option<String> {
-    let mut names: Vec<String> =
-        fs::read_dir("/sys/class/block").ok()?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> = fs::read_dir("/sys/class/block")
+        .ok()?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     names.sort();
     names.into_iter().map(|name| format!("/dev/{name}")).find(|dev| read_label(dev).is_some_and(|label| label == LABEL))
 }

@@ -19,7 +19,9 @@ pub fn find_partition(name: &str) -> Option<String> {
 
 /// `/dev/...` of the partition with this GPT name.
 pub fn partition_path(name: &str) -> Result<String, String> {
-    find_partition(name).map(|p| format!("/dev/{p}")).ok_or_else(|| format!("no partition named {name} on this machine"))
+    find_partition(name)
+        .map(|p| format!("/dev/{p}"))
+        .ok_or_else(|| format!("no partition named {name} on this machine"))
 }
 
 /// The boot entries on the ESP, read without mounting it.

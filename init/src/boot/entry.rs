@@ -172,21 +172,34 @@ mod tests {
 
     #[test]
     fn names_round_trip_with_and_without_counters() {
-        for name in ["opencomputer-1-a.efi", "opencomputer-2-b+3.efi", "opencomputer-12-a+0-3.efi", "opencomputer-2-b+2-1.efi"] {
+        for name in
+            ["opencomputer-1-a.efi", "opencomputer-2-b+3.efi", "opencomputer-12-a+0-3.efi", "opencomputer-2-b+2-1.efi"]
+        {
             let entry = Entry::parse(name).unwrap_or_else(|| panic!("{name} parses"));
             assert_eq!(entry.file_name(), name);
         }
         let e = Entry::parse("opencomputer-2-b+2-1.efi").expect("parses");
         assert_eq!(e, Entry { generation: 2, slot: Slot::B, tries: Some(Tries { left: 2, done: Some(1) }) });
         assert_eq!(e.blessed().file_name(), "opencomputer-2-b.efi");
-        assert_eq!(Entry::parse("OPENCOMPUTER-3-A.EFI"), Some(Entry::new(3, Slot::A, None)), "FAT names are case-insensitive");
+        assert_eq!(
+            Entry::parse("OPENCOMPUTER-3-A.EFI"),
+            Some(Entry::new(3, Slot::A, None)),
+            "FAT names are case-insensitive"
+        );
     }
 
     #[test]
     fn other_files_are_not_entries() {
-        for name in ["BOOTX64.EFI", "opencomputer-a.efi", "opencomputer-1-c.efi", "opencomputer-1-a.efi.tmp", "opencomputer--a.efi",
-            "opencomputer-1-a+x.efi", "opencomputer-+1-a.efi", "opencomputer-1-a+1-.efi"]
-        {
+        for name in [
+            "BOOTX64.EFI",
+            "opencomputer-a.efi",
+            "opencomputer-1-c.efi",
+            "opencomputer-1-a.efi.tmp",
+            "opencomputer--a.efi",
+            "opencomputer-1-a+x.efi",
+            "opencomputer-+1-a.efi",
+            "opencomputer-1-a+1-.efi",
+        ] {
             assert_eq!(Entry::parse(name), None, "{name}");
         }
     }

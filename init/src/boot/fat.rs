@@ -47,7 +47,11 @@ impl<R: Read + Seek> Fat<R> {
         let fat_size16 = u16_at(22);
         let fat_size32 = u64::from(u32_at(36));
         let total = if u16_at(19) != 0 { u16_at(19) } else { u64::from(u32_at(32)) };
-        if !matches!(bytes_per_sector, 512 | 1024 | 2048 | 4096) || !sectors_per_cluster.is_power_of_two() || fats == 0 || reserved == 0 {
+        if !matches!(bytes_per_sector, 512 | 1024 | 2048 | 4096)
+            || !sectors_per_cluster.is_power_of_two()
+            || fats == 0
+            || reserved == 0
+        {
             return Err("not a FAT filesystem (implausible boot sector)".into());
         }
         if fat_size16 != 0 || root_entries != 0 || fat_size32 == 0 {
@@ -186,7 +190,8 @@ fn parse_dir(raw: &[u8]) -> Vec<DirEntry> {
         if name == "." || name == ".." {
             continue;
         }
-        let cluster = u32::from(u16::from_le_bytes([e[20], e[21]])) << 16 | u32::from(u16::from_le_bytes([e[26], e[27]]));
+        let cluster =
+            u32::from(u16::from_le_bytes([e[20], e[21]])) << 16 | u32::from(u16::from_le_bytes([e[26], e[27]]));
         let size = u32::from_le_bytes([e[28], e[29], e[30], e[31]]);
         entries.push(DirEntry { name, is_dir: attr & ATTR_DIRECTORY != 0, size, first_cluster: cluster });
     }
@@ -195,7 +200,8 @@ fn parse_dir(raw: &[u8]) -> Vec<DirEntry> {
 
 fn long_name(parts: &mut [(u8, Vec<u16>)]) -> String {
     parts.sort_by_key(|(seq, _)| *seq);
-    let units: Vec<u16> = parts.iter().flat_map(|(_, u)| u.iter().copied()).take_while(|&u| u != 0 && u != 0xFFFF).collect();
+    let units: Vec<u16> =
+        parts.iter().flat_map(|(_, u)| u.iter().copied()).take_while(|&u| u != 0 && u != 0xFFFF).collect();
     String::from_utf16_lossy(&units)
 }
 
@@ -203,11 +209,19 @@ fn short_name(e: &[u8]) -> String {
     // NT reserved byte: 0x08 base name in lower case, 0x10 extension in lower case.
     let case = |bytes: &[u8], lower: bool| {
         let text = String::from_utf8_lossy(bytes).trim_end().to_string();
-        if lower { text.to_ascii_lowercase() } else { text }
+        if lower {
+            text.to_ascii_lowercase()
+        } else {
+            text
+        }
     };
     let base = case(&e[0..8], e[12] & 0x08 != 0);
     let ext = case(&e[8..11], e[12] & 0x10 != 0);
-    if ext.is_empty() { base } else { format!("{base}.{ext}") }
+    if ext.is_empty() {
+        base
+    } else {
+        format!("{base}.{ext}")
+    }
 }
 
 fn read_at<R: Read + Seek>(disk: &mut R, at: u64, buf: &mut [u8]) -> Result<(), String> {
@@ -236,7 +250,12 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("mkdir");
         let fs = dir.join("esp.fat");
-        let ok = Command::new("mkfs.fat").args(["-C", "-F", "32", "-n", "TEST"]).arg(&fs).arg("40960").output().expect("mkfs");
+        let ok = Command::new("mkfs.fat")
+            .args(["-C", "-F", "32", "-n", "TEST"])
+            .arg(&fs)
+            .arg("40960")
+            .output()
+            .expect("mkfs");
         assert!(ok.status.success(), "{ok:?}");
         let big: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
         std::fs::write(dir.join("big"), &big).expect("write");

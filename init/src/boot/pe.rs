@@ -18,7 +18,9 @@ pub struct Section {
 pub fn sections(pe: &[u8]) -> Result<Vec<Section>, String> {
     let truncated = || "truncated PE headers".to_string();
     let u16_at = |o: usize| pe.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize).ok_or_else(truncated);
-    let u32_at = |o: usize| pe.get(o..o + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize).ok_or_else(truncated);
+    let u32_at = |o: usize| {
+        pe.get(o..o + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize).ok_or_else(truncated)
+    };
     if pe.get(..2) != Some(b"MZ") {
         return Err("not a PE file (no MZ header)".into());
     }
@@ -62,18 +64,24 @@ impl Uki {
     /// Checks that `pe` is a PE32+ image with every required section.
     pub fn parse(pe: &[u8]) -> Result<Uki, String> {
         let all = sections(pe)?;
-        let find = |name: &str| all.iter().find(|s| s.name == name).cloned().ok_or_else(|| format!("no {name} section"));
+        let find =
+            |name: &str| all.iter().find(|s| s.name == name).cloned().ok_or_else(|| format!("no {name} section"));
         for name in REQUIRED {
             find(name)?;
         }
-        let text = |s: &Section| String::from_utf8_lossy(&pe[s.offset..s.offset + s.len]).trim_end_matches('\0').to_string();
+        let text =
+            |s: &Section| String::from_utf8_lossy(&pe[s.offset..s.offset + s.len]).trim_end_matches('\0').to_string();
         let cmdline_section = find(".cmdline")?;
         Ok(Uki { cmdline: text(&cmdline_section), os_release: text(&find(".osrel")?), cmdline_section })
     }
 
     /// A value from the os-release section (quotes removed).
     pub fn os_release_value(&self, key: &str) -> Option<String> {
-        self.os_release.lines().filter_map(|l| l.split_once('=')).find(|(k, _)| k.trim() == key).map(|(_, v)| v.trim().trim_matches('"').to_string())
+        self.os_release
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .find(|(k, _)| k.trim() == key)
+            .map(|(_, v)| v.trim().trim_matches('"').to_string())
     }
 
     /// The slot its command line names.
@@ -87,7 +95,8 @@ impl Uki {
         let from = self.slot().ok_or_else(|| format!("its command line names no {SLOT_KEY}"))?.cmdline_arg();
         let s = &self.cmdline_section;
         let section = &mut pe[s.offset..s.offset + s.len];
-        let at = section.windows(from.len()).position(|w| w == from.as_bytes()).ok_or("command line changed under us")?;
+        let at =
+            section.windows(from.len()).position(|w| w == from.as_bytes()).ok_or("command line changed under us")?;
         section[at..at + from.len()].copy_from_slice(slot.cmdline_arg().as_bytes());
         set_checksum(pe)
     }
@@ -95,7 +104,8 @@ impl Uki {
 
 /// Recomputes the optional header's CheckSum field.
 pub fn set_checksum(pe: &mut [u8]) -> Result<(), String> {
-    let coff = pe.get(0x3C..0x40).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize).ok_or("truncated PE")?;
+    let coff =
+        pe.get(0x3C..0x40).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize).ok_or("truncated PE")?;
     let field = coff + 24 + 64;
     if pe.len() < field + 4 {
         return Err("truncated PE headers".into());
@@ -152,7 +162,12 @@ mod tests {
     }
 
     fn uki(cmdline: &[u8]) -> Vec<u8> {
-        fake_pe(&[(".osrel", b"ID=opencomputer\nOPENCOMPUTER_VERSION=\"1.2\"\n"), (".cmdline", cmdline), (".linux", b"k"), (".initrd", b"i")])
+        fake_pe(&[
+            (".osrel", b"ID=opencomputer\nOPENCOMPUTER_VERSION=\"1.2\"\n"),
+            (".cmdline", cmdline),
+            (".linux", b"k"),
+            (".initrd", b"i"),
+        ])
     }
 
     #[test]

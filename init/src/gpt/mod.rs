@@ -81,15 +81,24 @@ impl fmt::Display for Guid {
             u32::from_le_bytes([g[0], g[1], g[2], g[3]]),
             u16::from_le_bytes([g[4], g[5]]),
             u16::from_le_bytes([g[6], g[7]]),
-            g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15]
+            g[8],
+            g[9],
+            g[10],
+            g[11],
+            g[12],
+            g[13],
+            g[14],
+            g[15]
         )
     }
 }
 
 /// EFI system partition.
-pub const ESP_TYPE: Guid = Guid::from_fields(0xC12A_7328, 0xF81F, 0x11D2, [0xBA, 0x4B, 0x00, 0xA0, 0xC9, 0x3E, 0xC9, 0x3B]);
+pub const ESP_TYPE: Guid =
+    Guid::from_fields(0xC12A_7328, 0xF81F, 0x11D2, [0xBA, 0x4B, 0x00, 0xA0, 0xC9, 0x3E, 0xC9, 0x3B]);
 /// Linux filesystem data.
-pub const LINUX_FS_TYPE: Guid = Guid::from_fields(0x0FC6_3DAF, 0x8483, 0x4772, [0x8E, 0x79, 0x3D, 0x69, 0xD8, 0x47, 0x7D, 0xE4]);
+pub const LINUX_FS_TYPE: Guid =
+    Guid::from_fields(0x0FC6_3DAF, 0x8483, 0x4772, [0x8E, 0x79, 0x3D, 0x69, 0xD8, 0x47, 0x7D, 0xE4]);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Partition {
@@ -184,7 +193,10 @@ impl Gpt {
                 return Err(format!("{what} has no type GUID"));
             }
             if p.first_lba > p.last_lba || p.first_lba < low || p.last_lba > high {
-                return Err(format!("{what} spans sectors {}..={}, outside the usable {low}..={high}", p.first_lba, p.last_lba));
+                return Err(format!(
+                    "{what} spans sectors {}..={}, outside the usable {low}..={high}",
+                    p.first_lba, p.last_lba
+                ));
             }
             if p.name.encode_utf16().count() > NAME_UNITS {
                 return Err(format!("{what}: the name is longer than {NAME_UNITS} UTF-16 units"));
@@ -217,7 +229,14 @@ impl Gpt {
         array
     }
 
-    fn header(&self, disk_sectors: u64, my_lba: u64, alternate_lba: u64, entries_lba: u64, entries_crc: u32) -> Vec<u8> {
+    fn header(
+        &self,
+        disk_sectors: u64,
+        my_lba: u64,
+        alternate_lba: u64,
+        entries_lba: u64,
+        entries_crc: u32,
+    ) -> Vec<u8> {
         let mut h = vec![0u8; SECTOR as usize];
         h[0..8].copy_from_slice(SIGNATURE);
         h[8..12].copy_from_slice(&REVISION_1_0.to_le_bytes());
@@ -267,9 +286,8 @@ impl Gpt {
     /// Reads the table of a `disk_sectors` disk: the primary if its CRCs check, else the backup
     /// in the last sector.
     pub fn read_from<R: Read + Seek>(disk: &mut R, disk_sectors: u64) -> Result<(Gpt, HeaderInfo), String> {
-        let primary = read_at(disk, SECTOR, SECTOR as usize)
-            .and_then(|h| decode_header(&h, 1))
-            .and_then(|h| read_table(disk, h));
+        let primary =
+            read_at(disk, SECTOR, SECTOR as usize).and_then(|h| decode_header(&h, 1)).and_then(|h| read_table(disk, h));
         match primary {
             Ok(found) => Ok(found),
             Err(primary_error) => {
@@ -321,7 +339,9 @@ fn decode_header(sector: &[u8], expected_lba: u64) -> Result<Header, String> {
     let count = le32(sector, 80) as usize;
     let entry_size = le32(sector, 84) as usize;
     if count != ENTRIES || entry_size != ENTRY_SIZE {
-        return Err(format!("unsupported GPT layout: {count} entries of {entry_size} bytes (expected {ENTRIES} of {ENTRY_SIZE})"));
+        return Err(format!(
+            "unsupported GPT layout: {count} entries of {entry_size} bytes (expected {ENTRIES} of {ENTRY_SIZE})"
+        ));
     }
     let mut disk_guid = Guid::ZERO;
     disk_guid.0.copy_from_slice(&sector[56..72]);
@@ -392,7 +412,14 @@ mod tests {
     const DISK: u64 = 64 * ALIGN; // 64 MiB
 
     fn part(name: &str, first: u64, last: u64) -> Partition {
-        Partition { type_guid: LINUX_FS_TYPE, guid: Guid::from_random([7; 16]), first_lba: first, last_lba: last, attributes: 0, name: name.into() }
+        Partition {
+            type_guid: LINUX_FS_TYPE,
+            guid: Guid::from_random([7; 16]),
+            first_lba: first,
+            last_lba: last,
+            attributes: 0,
+            name: name.into(),
+        }
     }
 
     fn sample() -> Gpt {
@@ -469,7 +496,8 @@ mod tests {
     fn a_corrupt_entry_array_is_detected() {
         let mut disk = disk_with(&sample(), DISK);
         disk.get_mut()[1024 + 130] ^= 1;
-        let primary_only = Gpt::read_from(&mut Cursor::new(disk.get_ref()[..(DISK * SECTOR / 2) as usize].to_vec()), DISK / 2);
+        let primary_only =
+            Gpt::read_from(&mut Cursor::new(disk.get_ref()[..(DISK * SECTOR / 2) as usize].to_vec()), DISK / 2);
         assert!(primary_only.is_err());
     }
 

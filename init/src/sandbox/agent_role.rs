@@ -30,14 +30,17 @@ pub fn run() -> ! {
         say(&format!("cannot clear the signal mask: {e}"));
     }
     let cmdline = kernel_cmdline();
-    let port_from = |key: &str, default: u32| cmdline_value(&cmdline, key).and_then(|v| v.parse().ok()).unwrap_or(default);
+    let port_from =
+        |key: &str, default: u32| cmdline_value(&cmdline, key).and_then(|v| v.parse().ok()).unwrap_or(default);
     let agent_port = port_from("oc.agent_port", AGENT_PORT);
     let egress_port = port_from("oc.egress_port", EGRESS_PORT);
 
     match TcpListener::bind(EGRESS_LISTEN) {
         Ok(listener) => {
             let started = std::thread::Builder::new().name("egress".into()).spawn(move || {
-                egress::serve(listener, move || VsockStream::connect(HOST_CID, egress_port, Some(Duration::from_secs(5))))
+                egress::serve(listener, move || {
+                    VsockStream::connect(HOST_CID, egress_port, Some(Duration::from_secs(5)))
+                })
             });
             if let Err(e) = started {
                 say(&format!("cannot start the egress forwarder: {e}"));

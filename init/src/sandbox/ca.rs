@@ -71,7 +71,9 @@ fn validate(pem: &[u8]) -> Result<String, OpError> {
                 certificates += 1;
             }
             _ if line.starts_with("-----") => {
-                return Err(OpError::bad_request(format!("unexpected PEM line {line:?}: only certificates are accepted")))
+                return Err(OpError::bad_request(format!(
+                    "unexpected PEM line {line:?}: only certificates are accepted"
+                )))
             }
             _ if inside && !line.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/' || b == b'=') => {
                 return Err(OpError::bad_request("CA PEM contains a line that is not base64"));

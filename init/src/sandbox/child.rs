@@ -70,7 +70,12 @@ pub fn spawn(command: &Command, env: &[(String, String)], cwd: &Path, with_stdin
     };
     match std::fs::metadata(cwd) {
         Ok(meta) if meta.is_dir() => {}
-        Ok(_) => return Err(OpError::new(crate::agent::ErrorCode::NotADirectory, format!("working directory {} is not a directory", cwd.display()))),
+        Ok(_) => {
+            return Err(OpError::new(
+                crate::agent::ErrorCode::NotADirectory,
+                format!("working directory {} is not a directory", cwd.display()),
+            ))
+        }
         Err(e) => return Err(OpError::io(format!("working directory {}", cwd.display()), &e)),
     }
     // std keeps the caller's signal mask across exec; a command must not start with signals
@@ -270,7 +275,8 @@ mod tests {
 
     #[test]
     fn output_and_exit_are_seen() {
-        let mut sp = spawn(&Command::Shell("echo out; echo err >&2; exit 3".into()), &env(), Path::new("/"), false).unwrap();
+        let mut sp =
+            spawn(&Command::Shell("echo out; echo err >&2; exit 3".into()), &env(), Path::new("/"), false).unwrap();
         let (waited, out, err) = collect(&mut sp, None);
         assert_eq!(waited, Waited::Exited);
         assert_eq!((out.as_slice(), err.as_slice()), (&b"out\n"[..], &b"err\n"[..]));

@@ -89,18 +89,29 @@ mod tests {
     use crate::agent::{Command, EnvVars, ExitStatus};
 
     fn spec(line: &str, timeout_ms: u64, max_output: u64) -> RunSpec {
-        RunSpec { command: Command::Shell(line.into()), env: EnvVars::default(), cwd: Some("/".into()), timeout_ms, max_output }
+        RunSpec {
+            command: Command::Shell(line.into()),
+            env: EnvVars::default(),
+            cwd: Some("/".into()),
+            timeout_ms,
+            max_output,
+        }
     }
 
     #[test]
     fn output_over_the_limit_is_cut_and_flagged() {
         let mut out = Vec::new();
-        let exit = run(&spec("printf 0123456789; printf ab >&2", 10_000, 4), &EnvStore::default(), Path::new("/"), &mut |s, d| {
-            if s == OutputStream::Stdout {
-                out.extend_from_slice(d);
-            }
-            Ok(())
-        })
+        let exit = run(
+            &spec("printf 0123456789; printf ab >&2", 10_000, 4),
+            &EnvStore::default(),
+            Path::new("/"),
+            &mut |s, d| {
+                if s == OutputStream::Stdout {
+                    out.extend_from_slice(d);
+                }
+                Ok(())
+            },
+        )
         .unwrap();
         assert_eq!(out, b"0123");
         assert!(exit.stdout_truncated);
@@ -110,9 +121,10 @@ mod tests {
 
     #[test]
     fn a_vanished_client_kills_the_command() {
-        let result = run(&spec("while :; do echo spam; done", 0, 1 << 20), &EnvStore::default(), Path::new("/"), &mut |_, _| {
-            Err(io::Error::from(io::ErrorKind::BrokenPipe))
-        });
+        let result =
+            run(&spec("while :; do echo spam; done", 0, 1 << 20), &EnvStore::default(), Path::new("/"), &mut |_, _| {
+                Err(io::Error::from(io::ErrorKind::BrokenPipe))
+            });
         assert!(matches!(result, Err(Failure::Transport(_))));
     }
 }

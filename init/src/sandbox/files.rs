@@ -22,7 +22,8 @@ pub fn read(path: &Path, limit: u64, chunk: &mut dyn FnMut(&[u8]) -> io::Result<
         return Err(OpError::new(ErrorCode::IsADirectory, format!("{} is a directory", path.display())).into());
     }
     let too_large = || -> Failure {
-        OpError::new(ErrorCode::TooLarge, format!("{} is larger than the limit of {limit} bytes", path.display())).into()
+        OpError::new(ErrorCode::TooLarge, format!("{} is larger than the limit of {limit} bytes", path.display()))
+            .into()
     };
     if limit > 0 && meta.len() > limit {
         return Err(too_large());
@@ -82,11 +83,7 @@ pub fn begin_write(target: &Path, mode: Option<u32>, create_parents: bool) -> Re
     } else if !parent.is_dir() {
         return Err(OpError::new(ErrorCode::NotFound, format!("directory {} does not exist", parent.display())));
     }
-    let tmp = parent.join(format!(
-        ".oc-tmp-{}-{}",
-        std::process::id(),
-        TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
+    let tmp = parent.join(format!(".oc-tmp-{}-{}", std::process::id(), TMP_COUNTER.fetch_add(1, Ordering::Relaxed)));
     let file = OpenOptions::new()
         .write(true)
         .create_new(true)

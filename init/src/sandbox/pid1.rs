@@ -79,9 +79,12 @@ fn early_mounts() {
         }
     }
     // What udev would create: bash process substitution and many scripts use these.
-    for (link, target) in
-        [("/dev/fd", "/proc/self/fd"), ("/dev/stdin", "/proc/self/fd/0"), ("/dev/stdout", "/proc/self/fd/1"), ("/dev/stderr", "/proc/self/fd/2")]
-    {
+    for (link, target) in [
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+    ] {
         match std::os::unix::fs::symlink(target, link) {
             Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => log!("symlink {link}: {e}"),
             _ => {}
@@ -92,9 +95,8 @@ fn early_mounts() {
 fn remount_root_rw() -> std::io::Result<()> {
     let root = crate::sys::cstr("/")?;
     // SAFETY: `root` is a live CString; null source, fstype and data are allowed for MS_REMOUNT.
-    let ret = unsafe {
-        libc::mount(std::ptr::null(), root.as_ptr(), std::ptr::null(), libc::MS_REMOUNT, std::ptr::null())
-    };
+    let ret =
+        unsafe { libc::mount(std::ptr::null(), root.as_ptr(), std::ptr::null(), libc::MS_REMOUNT, std::ptr::null()) };
     crate::sys::check(ret, || "remount / read-write".into()).map(|_| ())
 }
 
@@ -135,11 +137,8 @@ impl AgentProcess {
 
     fn exited(&mut self) {
         self.pid = None;
-        let pause = if self.started.elapsed() < AGENT_MIN_UPTIME {
-            Duration::from_secs(2)
-        } else {
-            Duration::from_millis(100)
-        };
+        let pause =
+            if self.started.elapsed() < AGENT_MIN_UPTIME { Duration::from_secs(2) } else { Duration::from_millis(100) };
         self.restart_at = Some(Instant::now() + pause);
     }
 

@@ -171,10 +171,9 @@ fn dispatch<C: Connection>(shared: &Shared, conn: &mut C, request: Request) -> i
     let reply = match request {
         Request::Ping => Ok(Reply::Pong { protocol: frame::VERSION, agent_version: env!("CARGO_PKG_VERSION").into() }),
         Request::Run(spec) => return run(shared, conn, &spec),
-        Request::SessionStart(spec) => shared
-            .sessions
-            .start(&spec, &shared.env, home)
-            .map(|(id, pid)| Reply::SessionStarted { id, pid }),
+        Request::SessionStart(spec) => {
+            shared.sessions.start(&spec, &shared.env, home).map(|(id, pid)| Reply::SessionStarted { id, pid })
+        }
         Request::SessionList => Ok(Reply::Sessions(shared.sessions.list())),
         Request::SessionKill { id, signal } => shared.sessions.kill(id, signal).map(|_| Reply::Ok),
         Request::SessionStdin { id, data } => shared.sessions.write_stdin(id, &data).map(|_| Reply::Ok),
@@ -191,7 +190,9 @@ fn dispatch<C: Connection>(shared: &Shared, conn: &mut C, request: Request) -> i
         Request::InstallCa { pem } => install_ca(shared, &pem),
         Request::Power(action) => return power(shared, conn, action),
         Request::Data(_) | Request::DataEnd => Err(OpError::bad_request("data frame outside a file write")),
-        Request::Stdin(_) | Request::StdinClose => Err(OpError::bad_request("stdin frame outside a session attachment")),
+        Request::Stdin(_) | Request::StdinClose => {
+            Err(OpError::bad_request("stdin frame outside a session attachment"))
+        }
     };
     match reply {
         Ok(reply) => send(conn, &reply)?,
@@ -305,7 +306,10 @@ fn list_dir<C: Connection>(shared: &Shared, conn: &mut C, path: &str) -> io::Res
 fn install_ca(shared: &Shared, pem: &[u8]) -> Result<Reply, OpError> {
     let vars = ca::install(pem, &shared.config.ca)?;
     shared.env.update(&vars, &[])?;
-    crate::sys::console::line("agent", &format!("appliance CA installed; bundle {}", shared.config.ca.bundle.display()));
+    crate::sys::console::line(
+        "agent",
+        &format!("appliance CA installed; bundle {}", shared.config.ca.bundle.display()),
+    );
     Ok(Reply::CaInstalled { bundle_path: shared.config.ca.bundle.to_string_lossy().into_owned() })
 }
 
@@ -370,7 +374,9 @@ fn read_attached_input<C: Connection>(mut conn: C, session: &Session, injector: 
                 session.close_stdin();
                 None
             }
-            Ok(other) => Some(OpError::bad_request(format!("{} is not allowed during a session attachment", other.name()))),
+            Ok(other) => {
+                Some(OpError::bad_request(format!("{} is not allowed during a session attachment", other.name())))
+            }
             Err(e) => Some(OpError::bad_request(format!("malformed frame during a session attachment: {e}"))),
         };
         if let Some(e) = notice {

@@ -108,9 +108,8 @@ impl Sessions {
             next_subscriber: AtomicU64::new(0),
         });
         let pump_session = Arc::clone(&session);
-        let started = std::thread::Builder::new()
-            .name(format!("session-{id}"))
-            .spawn(move || pump(pump_session, process));
+        let started =
+            std::thread::Builder::new().name(format!("session-{id}")).spawn(move || pump(pump_session, process));
         if let Err(e) = started {
             // The process was moved into the failed closure and dropped; stop what it started.
             let _ = crate::sys::process::kill_group(session.pid as libc::pid_t, libc::SIGKILL);
@@ -129,10 +128,7 @@ impl Sessions {
     }
 
     fn get(&self, id: u32) -> Result<Arc<Session>, OpError> {
-        lock(&self.table)
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| OpError::new(ErrorCode::NotFound, format!("no session {id}")))
+        lock(&self.table).get(&id).cloned().ok_or_else(|| OpError::new(ErrorCode::NotFound, format!("no session {id}")))
     }
 
     /// Sends `signal` to the session's process group.

@@ -14,9 +14,8 @@ use std::io;
 
 /// A C string for a syscall argument; an interior NUL is an error naming the value.
 pub fn cstr(value: &str) -> io::Result<CString> {
-    CString::new(value).map_err(|_| {
-        io::Error::new(io::ErrorKind::InvalidInput, format!("{value:?} contains a NUL byte"))
-    })
+    CString::new(value)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("{value:?} contains a NUL byte")))
 }
 
 /// Turns a -1 return into the errno, with context.

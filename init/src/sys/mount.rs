@@ -16,8 +16,7 @@ pub struct Mount<'a> {
 /// Mounts, creating the mount point first. An already-mounted target (EBUSY) is not an error,
 /// so the early mounts are idempotent if the kernel or an initramfs did some of them.
 pub fn mount(m: &Mount) -> io::Result<()> {
-    std::fs::create_dir_all(m.target)
-        .map_err(|e| io::Error::new(e.kind(), format!("mkdir {}: {e}", m.target)))?;
+    std::fs::create_dir_all(m.target).map_err(|e| io::Error::new(e.kind(), format!("mkdir {}: {e}", m.target)))?;
     let source = cstr(m.source)?;
     let target = cstr(m.target)?;
     let fstype = cstr(m.fstype)?;
@@ -25,9 +24,7 @@ pub fn mount(m: &Mount) -> io::Result<()> {
     let data_ptr = if m.data.is_empty() { std::ptr::null() } else { data.as_ptr() };
     // SAFETY: all pointers come from live CStrings (or null for empty data), which mount(2)
     // only reads during the call.
-    let ret = unsafe {
-        libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), m.flags, data_ptr.cast())
-    };
+    let ret = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), m.flags, data_ptr.cast()) };
     match check(ret, || format!("mount {} on {} ({})", m.source, m.target, m.fstype)) {
         Err(e) if e.kind() == io::ErrorKind::ResourceBusy && is_mounted(m.target) => Ok(()),
         other => other.map(|_| ()),
@@ -63,11 +60,6 @@ pub fn remount_readonly(target: &str) -> io::Result<()> {
 pub fn is_mounted(target: &str) -> bool {
     let target = Path::new(target);
     std::fs::read_to_string("/proc/self/mounts")
-        .map(|mounts| {
-            mounts
-                .lines()
-                .filter_map(|l| l.split_whitespace().nth(1))
-                .any(|mp| Path::new(mp) == target)
-        })
+        .map(|mounts| mounts.lines().filter_map(|l| l.split_whitespace().nth(1)).any(|mp| Path::new(mp) == target))
         .unwrap_or(false)
 }

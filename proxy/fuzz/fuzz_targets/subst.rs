@@ -17,10 +17,7 @@ fn reference(data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < data.len() {
-        if i + TOKEN_LEN <= data.len()
-            && is_token(&data[i..i + TOKEN_LEN])
-            && &data[i..i + TOKEN_LEN] == KNOWN
-        {
+        if i + TOKEN_LEN <= data.len() && is_token(&data[i..i + TOKEN_LEN]) && &data[i..i + TOKEN_LEN] == KNOWN {
             out.extend_from_slice(VALUE);
             i += TOKEN_LEN;
         } else {

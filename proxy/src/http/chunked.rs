@@ -55,12 +55,7 @@ pub struct ChunkedDecoder {
 
 impl ChunkedDecoder {
     pub fn new(max_trailer_bytes: usize) -> Self {
-        Self {
-            state: State::Size { digits: 0 },
-            size: 0,
-            trailers: Vec::new(),
-            max_trailer_bytes,
-        }
+        Self { state: State::Size { digits: 0 }, size: 0, trailers: Vec::new(), max_trailer_bytes }
     }
 
     pub fn is_done(&self) -> bool {
@@ -78,9 +73,7 @@ impl ChunkedDecoder {
         let mut i = 0;
         while i < input.len() {
             if self.state == State::Data {
-                let take = usize::try_from(self.size)
-                    .unwrap_or(usize::MAX)
-                    .min(input.len() - i);
+                let take = usize::try_from(self.size).unwrap_or(usize::MAX).min(input.len() - i);
                 out.extend_from_slice(&input[i..i + take]);
                 i += take;
                 self.size -= take as u64;
@@ -243,16 +236,10 @@ mod tests {
         };
         assert_eq!(bad(b"g\r\n"), Some(ChunkError::BadSize));
         assert_eq!(bad(b"\r\n"), Some(ChunkError::BadSize));
-        assert_eq!(
-            bad(b"11111111111111111\r\n"),
-            Some(ChunkError::SizeTooLarge)
-        );
+        assert_eq!(bad(b"11111111111111111\r\n"), Some(ChunkError::SizeTooLarge));
         assert_eq!(bad(b"1\nx"), Some(ChunkError::BadSize));
         assert_eq!(bad(b"1\r\nxy"), Some(ChunkError::MissingCrlf));
-        assert_eq!(
-            bad(b"0\r\nA-very-long-trailer-line: 1234567890\r\n\r\n"),
-            Some(ChunkError::TrailersTooLarge)
-        );
+        assert_eq!(bad(b"0\r\nA-very-long-trailer-line: 1234567890\r\n\r\n"), Some(ChunkError::TrailersTooLarge));
     }
 
     #[test]

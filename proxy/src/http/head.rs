@@ -104,9 +104,7 @@ pub fn parse_request_head(raw: &[u8], max_headers: usize) -> Result<RequestHead,
     let body = &raw[..raw.len() - 3];
     let mut lines = body.split(|&b| b == b'\n');
     let mut next_line = || -> Option<Result<&[u8], HeadError>> {
-        lines
-            .next()
-            .map(|l| l.strip_suffix(b"\r").ok_or(HeadError::BareLineFeed))
+        lines.next().map(|l| l.strip_suffix(b"\r").ok_or(HeadError::BareLineFeed))
     };
     let request_line = next_line().ok_or(HeadError::BadRequestLine)??;
     let (method, target, version) = parse_request_line(request_line)?;
@@ -116,10 +114,7 @@ pub fn parse_request_head(raw: &[u8], max_headers: usize) -> Result<RequestHead,
         if line.first().is_some_and(|b| *b == b' ' || *b == b'\t') {
             return Err(HeadError::ObsoleteLineFolding);
         }
-        let colon = line
-            .iter()
-            .position(|&b| b == b':')
-            .ok_or(HeadError::BadHeaderName)?;
+        let colon = line.iter().position(|&b| b == b':').ok_or(HeadError::BadHeaderName)?;
         let name = &line[..colon];
         if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
             return Err(HeadError::BadHeaderName);
@@ -132,34 +127,21 @@ pub fn parse_request_head(raw: &[u8], max_headers: usize) -> Result<RequestHead,
             return Err(HeadError::TooManyHeaders);
         }
         // tchar bytes are ASCII, so this is valid UTF-8.
-        headers.push(Header {
-            name: String::from_utf8_lossy(name).into_owned(),
-            value: value.to_vec(),
-        });
+        headers.push(Header { name: String::from_utf8_lossy(name).into_owned(), value: value.to_vec() });
     }
-    Ok(RequestHead {
-        method,
-        target,
-        version,
-        headers,
-    })
+    Ok(RequestHead { method, target, version, headers })
 }
 
 fn parse_request_line(line: &[u8]) -> Result<(String, Vec<u8>, Version), HeadError> {
     let mut parts = line.split(|&b| b == b' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(HeadError::BadRequestLine);
     };
     if method.is_empty() || !method.iter().all(|&b| is_tchar(b)) {
         return Err(HeadError::BadRequestLine);
     }
-    if target.is_empty()
-        || !target
-            .iter()
-            .all(|&b| (b'!'..=b'~').contains(&b) || b >= 0x80)
-    {
+    if target.is_empty() || !target.iter().all(|&b| (b'!'..=b'~').contains(&b) || b >= 0x80) {
         return Err(HeadError::BadRequestLine);
     }
     let version = match version {
@@ -168,22 +150,12 @@ fn parse_request_line(line: &[u8]) -> Result<(String, Vec<u8>, Version), HeadErr
         v if v.starts_with(b"HTTP/") => return Err(HeadError::UnsupportedVersion),
         _ => return Err(HeadError::BadRequestLine),
     };
-    Ok((
-        String::from_utf8_lossy(method).into_owned(),
-        target.to_vec(),
-        version,
-    ))
+    Ok((String::from_utf8_lossy(method).into_owned(), target.to_vec(), version))
 }
 
 fn trim_ows(v: &[u8]) -> &[u8] {
-    let start = v
-        .iter()
-        .position(|&b| b != b' ' && b != b'\t')
-        .unwrap_or(v.len());
-    let end = v
-        .iter()
-        .rposition(|&b| b != b' ' && b != b'\t')
-        .map_or(start, |i| i + 1);
+    let start = v.iter().position(|&b| b != b' ' && b != b'\t').unwrap_or(v.len());
+    let end = v.iter().rposition(|&b| b != b' ' && b != b'\t').map_or(start, |i| i + 1);
     &v[start..end]
 }
 
@@ -197,10 +169,7 @@ pub enum BodyFraming {
 
 impl RequestHead {
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .map(|h| h.value.as_slice())
+        self.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value.as_slice())
     }
 
     pub fn remove_header(&mut self, name: &str) {
@@ -209,10 +178,7 @@ impl RequestHead {
 
     pub fn set_header(&mut self, name: &str, value: &[u8]) {
         self.remove_header(name);
-        self.headers.push(Header {
-            name: name.to_string(),
-            value: value.to_vec(),
-        });
+        self.headers.push(Header { name: name.to_string(), value: value.to_vec() });
     }
 
     /// True if some comma-separated element of a header equals `token` (case-insensitive).
@@ -236,11 +202,7 @@ impl RequestHead {
             .filter(|t| !t.is_empty())
             .collect();
         let mut length: Option<u64> = None;
-        for h in self
-            .headers
-            .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
-        {
+        for h in self.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("content-length")) {
             for part in h.value.split(|&b| b == b',') {
                 let part = trim_ows(part);
                 if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
@@ -260,10 +222,7 @@ impl RequestHead {
             if length.is_some() {
                 return Err(HeadError::ConflictingLength);
             }
-            if te.len() == 1
-                && te[0].eq_ignore_ascii_case(b"chunked")
-                && self.version == Version::Http11
-            {
+            if te.len() == 1 && te[0].eq_ignore_ascii_case(b"chunked") && self.version == Version::Http11 {
                 return Ok(BodyFraming::Chunked);
             }
             return Err(HeadError::UnsupportedTransferEncoding);
@@ -303,7 +262,8 @@ mod tests {
 
     #[test]
     fn parses_and_round_trips() {
-        let h = parse("\r\nPOST /v1/x?a=b HTTP/1.1\r\nHost: api.test\r\nX-Empty:\r\nContent-Length:  5 \r\n\r\n").unwrap();
+        let h =
+            parse("\r\nPOST /v1/x?a=b HTTP/1.1\r\nHost: api.test\r\nX-Empty:\r\nContent-Length:  5 \r\n\r\n").unwrap();
         assert_eq!(h.method, "POST");
         assert_eq!(h.target, b"/v1/x?a=b");
         assert_eq!(h.header("content-length"), Some(&b"5"[..]));
@@ -316,59 +276,26 @@ mod tests {
 
     #[test]
     fn rejects_malformed_heads() {
-        assert_eq!(
-            parse("GET / HTTP/1.1\nHost: a\r\n\r\n"),
-            Err(HeadError::BareLineFeed)
-        );
-        assert_eq!(
-            parse("GET  / HTTP/1.1\r\n\r\n"),
-            Err(HeadError::BadRequestLine)
-        );
-        assert_eq!(
-            parse("GET / HTTP/2.0\r\n\r\n"),
-            Err(HeadError::UnsupportedVersion)
-        );
-        assert_eq!(
-            parse("GET / HTTP/1.1\r\nBad Name: x\r\n\r\n"),
-            Err(HeadError::BadHeaderName)
-        );
-        assert_eq!(
-            parse("GET / HTTP/1.1\r\nA: b\r\n c\r\n\r\n"),
-            Err(HeadError::ObsoleteLineFolding)
-        );
-        assert_eq!(
-            parse("GET / HTTP/1.1\r\nA: b\0\r\n\r\n"),
-            Err(HeadError::BadHeaderValue)
-        );
-        assert_eq!(
-            parse("GET / HTTP/1.1\r\nNoColon\r\n\r\n"),
-            Err(HeadError::BadHeaderName)
-        );
+        assert_eq!(parse("GET / HTTP/1.1\nHost: a\r\n\r\n"), Err(HeadError::BareLineFeed));
+        assert_eq!(parse("GET  / HTTP/1.1\r\n\r\n"), Err(HeadError::BadRequestLine));
+        assert_eq!(parse("GET / HTTP/2.0\r\n\r\n"), Err(HeadError::UnsupportedVersion));
+        assert_eq!(parse("GET / HTTP/1.1\r\nBad Name: x\r\n\r\n"), Err(HeadError::BadHeaderName));
+        assert_eq!(parse("GET / HTTP/1.1\r\nA: b\r\n c\r\n\r\n"), Err(HeadError::ObsoleteLineFolding));
+        assert_eq!(parse("GET / HTTP/1.1\r\nA: b\0\r\n\r\n"), Err(HeadError::BadHeaderValue));
+        assert_eq!(parse("GET / HTTP/1.1\r\nNoColon\r\n\r\n"), Err(HeadError::BadHeaderName));
     }
 
     #[test]
     fn framing_refuses_smuggling_shapes() {
         let f = |s: &str| parse(s).unwrap().framing();
-        assert_eq!(
-            f("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"),
-            Ok(BodyFraming::Chunked)
-        );
-        assert_eq!(
-            f("POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n"),
-            Ok(BodyFraming::Length(3))
-        );
+        assert_eq!(f("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"), Ok(BodyFraming::Chunked));
+        assert_eq!(f("POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n"), Ok(BodyFraming::Length(3)));
         assert_eq!(
             f("POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"),
             Err(HeadError::ConflictingLength)
         );
-        assert_eq!(
-            f("POST / HTTP/1.1\r\nContent-Length: 3, 4\r\n\r\n"),
-            Err(HeadError::ConflictingLength)
-        );
-        assert_eq!(
-            f("POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"),
-            Err(HeadError::BadContentLength)
-        );
+        assert_eq!(f("POST / HTTP/1.1\r\nContent-Length: 3, 4\r\n\r\n"), Err(HeadError::ConflictingLength));
+        assert_eq!(f("POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"), Err(HeadError::BadContentLength));
         assert_eq!(
             f("POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n"),
             Err(HeadError::BadContentLength)

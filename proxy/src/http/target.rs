@@ -35,10 +35,7 @@ pub fn parse_authority(s: &[u8], default_port: Option<u16>) -> Option<Authority>
         Some(_) => return None,
         None => default_port?,
     };
-    Some(Authority {
-        host: normalize_host(host)?,
-        port,
-    })
+    Some(Authority { host: normalize_host(host)?, port })
 }
 
 /// Splits `http://authority/path?query` into the authority and the origin-form target.
@@ -48,10 +45,7 @@ pub fn parse_absolute_http(target: &[u8]) -> Option<(Authority, Vec<u8>)> {
         return None;
     }
     let rest = &target[prefix.len()..];
-    let split = rest
-        .iter()
-        .position(|&b| b == b'/' || b == b'?')
-        .unwrap_or(rest.len());
+    let split = rest.iter().position(|&b| b == b'/' || b == b'?').unwrap_or(rest.len());
     let authority = parse_authority(&rest[..split], Some(80))?;
     let mut path = rest[split..].to_vec();
     if path.first() != Some(&b'/') {
@@ -66,24 +60,9 @@ mod tests {
 
     #[test]
     fn parses_authorities() {
-        assert_eq!(
-            parse_authority(b"API.test:8443", None),
-            Some(Authority {
-                host: "api.test".into(),
-                port: 8443
-            })
-        );
-        assert_eq!(
-            parse_authority(b"[::1]:443", None),
-            Some(Authority {
-                host: "::1".into(),
-                port: 443
-            })
-        );
-        assert_eq!(
-            parse_authority(b"api.test", Some(443)).map(|a| a.port),
-            Some(443)
-        );
+        assert_eq!(parse_authority(b"API.test:8443", None), Some(Authority { host: "api.test".into(), port: 8443 }));
+        assert_eq!(parse_authority(b"[::1]:443", None), Some(Authority { host: "::1".into(), port: 443 }));
+        assert_eq!(parse_authority(b"api.test", Some(443)).map(|a| a.port), Some(443));
         assert_eq!(parse_authority(b"api.test", None), None);
         assert_eq!(parse_authority(b"api.test:0", None), None);
         assert_eq!(parse_authority(b"api.test:99999", None), None);
@@ -94,10 +73,7 @@ mod tests {
     #[test]
     fn parses_absolute_http_urls() {
         let (a, p) = parse_absolute_http(b"http://Example.com:8080/a?b=c").unwrap();
-        assert_eq!(
-            (a.host.as_str(), a.port, p.as_slice()),
-            ("example.com", 8080, &b"/a?b=c"[..])
-        );
+        assert_eq!((a.host.as_str(), a.port, p.as_slice()), ("example.com", 8080, &b"/a?b=c"[..]));
         let (a, p) = parse_absolute_http(b"http://example.com?x").unwrap();
         assert_eq!((a.port, p.as_slice()), (80, &b"/?x"[..]));
         assert!(parse_absolute_http(b"https://example.com/").is_none());

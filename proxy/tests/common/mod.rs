@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
 use proxy::{
-    CaPem, Cidr, Proxy, ProxyConfig, SandboxBindings, SandboxId, SealRegistry, SealedSecret,
-    SecretValue, TcpSource, UpstreamTrust,
+    CaPem, Cidr, Proxy, ProxyConfig, SandboxBindings, SandboxId, SealRegistry, SealedSecret, SecretValue, TcpSource,
+    UpstreamTrust,
 };
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use rustls::pki_types::pem::PemObject;
@@ -31,12 +31,7 @@ impl log::Log for CaptureLogger {
         true
     }
     fn log(&self, record: &log::Record<'_>) {
-        LOGS.lock().unwrap().push(format!(
-            "{} {}: {}",
-            record.level(),
-            record.target(),
-            record.args()
-        ));
+        LOGS.lock().unwrap().push(format!("{} {}: {}", record.level(), record.target(), record.args()));
     }
     fn flush(&self) {}
 }
@@ -55,10 +50,7 @@ pub fn logs() -> Vec<String> {
 /// Fails if any captured log line contains any of `secrets`.
 pub fn assert_not_logged(secrets: &[&str]) {
     let all = logs();
-    assert!(
-        !all.is_empty(),
-        "the proxy logged nothing at all; capture is broken"
-    );
+    assert!(!all.is_empty(), "the proxy logged nothing at all; capture is broken");
     for line in &all {
         for s in secrets {
             assert!(!line.contains(s), "secret found in log line: {line}");
@@ -79,20 +71,13 @@ pub fn upstream_pki(names: &[&str]) -> TestPki {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "upstream test CA");
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "upstream test CA");
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca_params, ca_key);
     let key = KeyPair::generate().unwrap();
-    let params =
-        CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    let params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
     let cert = params.signed_by(&key, &issuer).unwrap();
-    TestPki {
-        ca_pem: ca_cert.pem(),
-        server_chain: vec![cert.der().clone()],
-        server_key_pem: key.serialize_pem(),
-    }
+    TestPki { ca_pem: ca_cert.pem(), server_chain: vec![cert.der().clone()], server_key_pem: key.serialize_pem() }
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -189,18 +174,10 @@ pub async fn start_upstream(tls: bool) -> Upstream {
             });
         }
     });
-    Upstream {
-        port,
-        pki,
-        received: rx,
-    }
+    Upstream { port, pki, received: rx }
 }
 
-async fn echo_loop<S: AsyncRead + AsyncWrite + Unpin>(
-    stream: S,
-    conn: usize,
-    tx: mpsc::UnboundedSender<Received>,
-) {
+async fn echo_loop<S: AsyncRead + AsyncWrite + Unpin>(stream: S, conn: usize, tx: mpsc::UnboundedSender<Received>) {
     let mut r = BufReader::new(stream);
     loop {
         let mut head = String::new();
@@ -215,16 +192,8 @@ async fn echo_loop<S: AsyncRead + AsyncWrite + Unpin>(
             }
             head.push_str(&line);
         }
-        let rec = Received {
-            conn,
-            head: head.clone(),
-            body: Vec::new(),
-            chunked: false,
-        };
-        let te = rec
-            .header("transfer-encoding")
-            .unwrap_or_default()
-            .to_ascii_lowercase();
+        let rec = Received { conn, head: head.clone(), body: Vec::new(), chunked: false };
+        let te = rec.header("transfer-encoding").unwrap_or_default().to_ascii_lowercase();
         let mut body = Vec::new();
         let chunked = te == "chunked";
         if chunked {
@@ -233,9 +202,7 @@ async fn echo_loop<S: AsyncRead + AsyncWrite + Unpin>(
                 if r.read_line(&mut size_line).await.unwrap_or(0) == 0 {
                     return;
                 }
-                let size =
-                    usize::from_str_radix(size_line.trim().split(';').next().unwrap_or(""), 16)
-                        .unwrap();
+                let size = usize::from_str_radix(size_line.trim().split(';').next().unwrap_or(""), 16).unwrap();
                 if size == 0 {
                     // trailers until empty line
                     loop {
@@ -262,20 +229,10 @@ async fn echo_loop<S: AsyncRead + AsyncWrite + Unpin>(
         let mut echo = head.clone().into_bytes();
         echo.extend_from_slice(b"\r\n");
         echo.extend_from_slice(&body);
-        let _ = tx.send(Received {
-            conn,
-            head,
-            body,
-            chunked,
-        });
-        let resp = format!(
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Upstream-Conn: {conn}\r\n\r\n",
-            echo.len()
-        );
+        let _ = tx.send(Received { conn, head, body, chunked });
+        let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Upstream-Conn: {conn}\r\n\r\n", echo.len());
         let w = r.get_mut();
-        if w.write_all(resp.as_bytes()).await.is_err()
-            || w.write_all(&echo).await.is_err()
-            || w.flush().await.is_err()
+        if w.write_all(resp.as_bytes()).await.is_err() || w.write_all(&echo).await.is_err() || w.flush().await.is_err()
         {
             return;
         }
@@ -304,18 +261,10 @@ pub struct Harness {
 
 pub fn base_config(upstream: &Upstream) -> ProxyConfig {
     let mut cfg = ProxyConfig::new(CaPem::generate().unwrap());
-    cfg.upstream_trust = UpstreamTrust {
-        system_bundle: None,
-        operator_bundle_pem: Some(upstream.pki.ca_pem.clone().into_bytes()),
-    };
+    cfg.upstream_trust =
+        UpstreamTrust { system_bundle: None, operator_bundle_pem: Some(upstream.pki.ca_pem.clone().into_bytes()) };
     let lo: IpAddr = "127.0.0.1".parse().unwrap();
-    for name in [
-        "api.test",
-        "other.test",
-        "x.other.test",
-        "blocked.test",
-        "private.test",
-    ] {
+    for name in ["api.test", "other.test", "x.other.test", "blocked.test", "private.test"] {
         cfg.address_overrides.insert(name.to_string(), lo);
     }
     cfg.allowed_private = vec!["127.0.0.0/8".parse::<Cidr>().unwrap()];
@@ -323,11 +272,7 @@ pub fn base_config(upstream: &Upstream) -> ProxyConfig {
 }
 
 /// Starts the proxy with one TCP listener per sandbox id in `sandboxes`.
-pub async fn start_proxy(
-    cfg: ProxyConfig,
-    registry: Arc<SealRegistry>,
-    sandboxes: &[SandboxId],
-) -> Harness {
+pub async fn start_proxy(cfg: ProxyConfig, registry: Arc<SealRegistry>, sandboxes: &[SandboxId]) -> Harness {
     init_logs();
     let proxy_ca = cfg.ca.clone();
     let proxy = Proxy::new(cfg, registry.clone()).unwrap();
@@ -338,28 +283,13 @@ pub async fn start_proxy(
         let p = proxy.clone();
         tokio::spawn(async move { p.serve(TcpSource::new(l, id)).await });
     }
-    Harness {
-        proxy_ca,
-        registry,
-        listeners,
-    }
+    Harness { proxy_ca, registry, listeners }
 }
 
 /// Registers a sandbox with an allowlist and (token, secret) pairs.
-pub fn register(
-    reg: &SealRegistry,
-    id: SandboxId,
-    allow: &[&str],
-    tokens: Vec<(String, SealedSecret)>,
-) {
-    reg.register(
-        id,
-        SandboxBindings {
-            egress_allowlist: allow.iter().map(|s| s.to_string()).collect(),
-            tokens,
-        },
-    )
-    .unwrap();
+pub fn register(reg: &SealRegistry, id: SandboxId, allow: &[&str], tokens: Vec<(String, SealedSecret)>) {
+    reg.register(id, SandboxBindings { egress_allowlist: allow.iter().map(|s| s.to_string()).collect(), tokens })
+        .unwrap();
 }
 
 // ---------- client ----------
@@ -381,9 +311,7 @@ impl Response {
 
 /// Reads one response with a Content-Length body (what the echo server and the
 /// proxy's own errors send).
-pub async fn read_response<S: AsyncRead + Unpin>(
-    r: &mut BufReader<S>,
-) -> std::io::Result<Response> {
+pub async fn read_response<S: AsyncRead + Unpin>(r: &mut BufReader<S>) -> std::io::Result<Response> {
     let mut head = String::new();
     loop {
         let mut line = String::new();
@@ -395,17 +323,10 @@ pub async fn read_response<S: AsyncRead + Unpin>(
         }
         head.push_str(&line);
     }
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     let len = head
         .lines()
-        .find_map(|l| {
-            l.split_once(':')
-                .filter(|(n, _)| n.eq_ignore_ascii_case("content-length"))
-        })
+        .find_map(|l| l.split_once(':').filter(|(n, _)| n.eq_ignore_ascii_case("content-length")))
         .map(|(_, v)| v.trim().parse::<usize>().unwrap())
         .unwrap_or(0);
     let mut body = vec![0u8; len];
@@ -414,10 +335,7 @@ pub async fn read_response<S: AsyncRead + Unpin>(
 }
 
 /// Opens a CONNECT tunnel. Err carries the proxy's answer when it is not 200.
-pub async fn connect_raw(
-    proxy: SocketAddr,
-    authority: &str,
-) -> Result<BufReader<TcpStream>, Response> {
+pub async fn connect_raw(proxy: SocketAddr, authority: &str) -> Result<BufReader<TcpStream>, Response> {
     let tcp = TcpStream::connect(proxy).await.unwrap();
     let mut r = BufReader::new(tcp);
     r.get_mut()
@@ -432,19 +350,12 @@ pub async fn connect_raw(
 }
 
 /// CONNECT + TLS handshake trusting only the proxy CA.
-pub async fn connect_tls(
-    h: &Harness,
-    sandbox: SandboxId,
-    host: &str,
-    port: u16,
-) -> Result<Client, Response> {
+pub async fn connect_tls(h: &Harness, sandbox: SandboxId, host: &str, port: u16) -> Result<Client, Response> {
     let r = connect_raw(h.listeners[&sandbox], &format!("{host}:{port}")).await?;
     assert!(r.buffer().is_empty());
     let tcp = r.into_inner();
     let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(h.proxy_ca.cert_pem.as_bytes()).unwrap())
-        .unwrap();
+    roots.add(CertificateDer::from_pem_slice(h.proxy_ca.cert_pem.as_bytes()).unwrap()).unwrap();
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .unwrap()
@@ -452,10 +363,7 @@ pub async fn connect_tls(
         .with_no_client_auth();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     let name = ServerName::try_from(host.to_string()).unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(name, tcp)
-        .await
-        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.unwrap();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
     Ok(BufReader::new(tls))
 }
@@ -464,8 +372,5 @@ pub async fn connect_tls(
 pub async fn roundtrip(c: &mut Client, req: &[u8]) -> Response {
     c.get_mut().write_all(req).await.unwrap();
     c.get_mut().flush().await.unwrap();
-    tokio::time::timeout(Duration::from_secs(10), read_response(c))
-        .await
-        .expect("response timeout")
-        .unwrap()
+    tokio::time::timeout(Duration::from_secs(10), read_response(c)).await.expect("response timeout").unwrap()
 }

@@ -32,7 +32,13 @@ const CASES: &[Case] = &[
     Case { name: "ours-vmlinux-verbose", vmm: Vmm::Ours, elf: true, quiet: false, env: &[] },
     Case { name: "ours-vmlinux", vmm: Vmm::Ours, elf: true, quiet: true, env: &[] },
     Case { name: "ours-bzimage", vmm: Vmm::Ours, elf: false, quiet: true, env: &[] },
-    Case { name: "ours-vmlinux-thp-madvise", vmm: Vmm::Ours, elf: true, quiet: true, env: &[("OC_VMM_HUGEPAGES", "madvise")] },
+    Case {
+        name: "ours-vmlinux-thp-madvise",
+        vmm: Vmm::Ours,
+        elf: true,
+        quiet: true,
+        env: &[("OC_VMM_HUGEPAGES", "madvise")],
+    },
     Case { name: "ours-vmlinux-no-thp", vmm: Vmm::Ours, elf: true, quiet: true, env: &[("OC_VMM_HUGEPAGES", "never")] },
     Case { name: "qemu-bzimage", vmm: Vmm::Qemu, elf: false, quiet: true, env: &[] },
     Case { name: "qemu-pvh-vmlinux", vmm: Vmm::QemuPvh, elf: true, quiet: true, env: &[] },
@@ -154,7 +160,8 @@ fn kvm_counters(pid: u32) -> Result<String, String> {
         .filter_map(|e| {
             let value = std::fs::read_to_string(e.path()).ok()?;
             let value = value.trim();
-            (value != "0" && value.parse::<u64>().is_ok()).then(|| format!("{}={value}", e.file_name().to_string_lossy()))
+            (value != "0" && value.parse::<u64>().is_ok())
+                .then(|| format!("{}={value}", e.file_name().to_string_lossy()))
         })
         .collect();
     pairs.sort();

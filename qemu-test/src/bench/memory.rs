@@ -27,9 +27,15 @@ impl Sample {
 
 /// Reads both files of `pid`; `guest_kib` is the configured guest memory.
 pub fn sample(pid: u32, guest_kib: u64) -> Result<Sample, String> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| format!("read /proc/{pid}/status: {e}"))?;
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).map_err(|e| format!("read /proc/{pid}/smaps: {e}"))?;
-    Ok(Sample { vmrss_kib: vm_rss_kib(&status)?, rss_kib: total_rss_kib(&smaps), guest_rss_kib: guest_rss_kib(&smaps, guest_kib)? })
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| format!("read /proc/{pid}/status: {e}"))?;
+    let smaps =
+        std::fs::read_to_string(format!("/proc/{pid}/smaps")).map_err(|e| format!("read /proc/{pid}/smaps: {e}"))?;
+    Ok(Sample {
+        vmrss_kib: vm_rss_kib(&status)?,
+        rss_kib: total_rss_kib(&smaps),
+        guest_rss_kib: guest_rss_kib(&smaps, guest_kib)?,
+    })
 }
 
 /// The summed `Rss:` of every mapping (what /proc/<pid>/smaps_rollup reports).
@@ -54,7 +60,9 @@ pub fn guest_rss_kib(smaps: &str, guest_kib: u64) -> Result<u64, String> {
         let mut sizes: Vec<u64> = mappings.iter().map(|m| m.size_kib).collect();
         sizes.sort_unstable_by(|a, b| b.cmp(a));
         sizes.truncate(5);
-        return Err(format!("no anonymous mapping of {guest_kib} KiB (the guest RAM) in smaps; largest mappings (KiB): {sizes:?}"));
+        return Err(format!(
+            "no anonymous mapping of {guest_kib} KiB (the guest RAM) in smaps; largest mappings (KiB): {sizes:?}"
+        ));
     }
     Ok(guest.iter().map(|m| m.rss_kib).sum())
 }

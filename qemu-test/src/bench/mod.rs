@@ -27,7 +27,10 @@ pub fn vmm(runs: u32, diag_rounds: Option<u32>) -> Result<(Summary, Vec<Run>)> {
         args.push_str(&format!(" oc.bench_diag={rounds}"));
     }
     let mut appliance = Appliance::boot_fresh_variant(image::pipeline::Variant::Bench, &args)?;
-    eprintln!("[qemu-test] appliance up after {:.1}s; waiting for oc-bench ({runs} runs per VMM)", appliance.boot_time.as_secs_f64());
+    eprintln!(
+        "[qemu-test] appliance up after {:.1}s; waiting for oc-bench ({runs} runs per VMM)",
+        appliance.boot_time.as_secs_f64()
+    );
     let mut done: Vec<Run> = Vec::new();
     let mut seen_lines = 0;
     let mut last_news = Instant::now();
@@ -71,7 +74,10 @@ pub fn vmm(runs: u32, diag_rounds: Option<u32>) -> Result<(Summary, Vec<Run>)> {
         }
         seen_lines = bench.len();
         if let Some(status) = appliance.machine.try_exit()? {
-            return Err(err!("the appliance exited ({status}) during the benchmark\n{}", appliance.machine.console_tail(30)));
+            return Err(err!(
+                "the appliance exited ({status}) during the benchmark\n{}",
+                appliance.machine.console_tail(30)
+            ));
         }
         if last_news.elapsed() > QUIET_LIMIT {
             return Err(err!(

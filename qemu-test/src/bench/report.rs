@@ -76,12 +76,17 @@ impl Run {
         }
         let fields: Vec<(&str, &str)> = words.filter_map(|w| w.split_once('=')).collect();
         let field = |name: &str| {
-            fields.iter().find(|(k, _)| *k == name).map(|(_, v)| *v).ok_or_else(|| format!("{name}= missing in {line:?}"))
+            fields
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| *v)
+                .ok_or_else(|| format!("{name}= missing in {line:?}"))
         };
         let number = |name: &str| -> Result<u64, String> {
             field(name)?.parse::<u64>().map_err(|_| format!("{name}= is not a number in {line:?}"))
         };
-        let vmm = field("vmm").and_then(|v| Vmm::from_name(v).ok_or_else(|| format!("unknown vmm {v:?} in {line:?}")))?;
+        let vmm =
+            field("vmm").and_then(|v| Vmm::from_name(v).ok_or_else(|| format!("unknown vmm {v:?} in {line:?}")))?;
         let n = u32::try_from(number("n")?).map_err(|_| format!("n= out of range in {line:?}"))?;
         Ok(Run {
             vmm,

@@ -105,9 +105,8 @@ impl Plan {
         let _ = child.kill();
         let _ = child.wait();
         let _ = std::fs::remove_file(&disk);
-        let (first_command, sample) = measured.map_err(|e| {
-            format!("{tag}: {e}; console: {}; stderr: {}", tail(&console, 5), tail(&stderr, 5))
-        })?;
+        let (first_command, sample) = measured
+            .map_err(|e| format!("{tag}: {e}; console: {}; stderr: {}", tail(&console, 5), tail(&stderr, 5)))?;
         let _ = std::fs::remove_file(&console);
         let _ = std::fs::remove_file(&stderr);
         Ok(Run {

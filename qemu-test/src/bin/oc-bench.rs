@@ -77,7 +77,9 @@ fn plan(cmdline: &str) -> Result<Plan, String> {
 
 fn run(plan: &Plan) -> Result<(), String> {
     wait_for(Path::new(TEMPLATE_ID), TEMPLATE_WAIT)?;
-    for needed in [&plan.kernel, &plan.bzimage, &plan.template, &plan.vmm_bin, &plan.qemu_bin, &PathBuf::from("/dev/kvm")] {
+    for needed in
+        [&plan.kernel, &plan.bzimage, &plan.template, &plan.vmm_bin, &plan.qemu_bin, &PathBuf::from("/dev/kvm")]
+    {
         if !needed.exists() {
             return Err(format!("{} does not exist", needed.display()));
         }
@@ -111,7 +113,10 @@ fn wait_for(path: &Path, limit: Duration) -> Result<(), String> {
     let started = Instant::now();
     while !path.exists() {
         if started.elapsed() > limit {
-            return Err(format!("{} did not appear within {limit:?} (did the appliance import its templates?)", path.display()));
+            return Err(format!(
+                "{} did not appear within {limit:?} (did the appliance import its templates?)",
+                path.display()
+            ));
         }
         std::thread::sleep(Duration::from_millis(500));
     }

@@ -24,7 +24,9 @@ fn main() {
 }
 
 fn probe() {
-    let exe = std::fs::read_link("/proc/1/exe").map(|p| p.display().to_string()).unwrap_or_else(|e| format!("unreadable ({e})"));
+    let exe = std::fs::read_link("/proc/1/exe")
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|e| format!("unreadable ({e})"));
     report(&format!("pid1 exe={exe}"));
     let boots = count_boot();
     match &boots {
@@ -91,7 +93,9 @@ fn processes() -> Vec<(i32, i32, String)> {
 fn wait_for_service(name: &str, not_pid: Option<i32>, timeout: Duration) -> Option<i32> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        if let Some((pid, _, _)) = processes().into_iter().find(|(pid, ppid, comm)| comm == name && *ppid == 1 && Some(*pid) != not_pid) {
+        if let Some((pid, _, _)) =
+            processes().into_iter().find(|(pid, ppid, comm)| comm == name && *ppid == 1 && Some(*pid) != not_pid)
+        {
             return Some(pid);
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -103,7 +107,8 @@ fn wait_for_service(name: &str, not_pid: Option<i32>, timeout: Duration) -> Opti
 /// PID 1 reaps it (its /proc entry disappears instead of staying a zombie).
 fn zombie_reaped() -> Result<i32, String> {
     let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-    let mut parent = Command::new(exe).arg("orphan-parent").stdout(Stdio::piped()).spawn().map_err(|e| format!("spawn: {e}"))?;
+    let mut parent =
+        Command::new(exe).arg("orphan-parent").stdout(Stdio::piped()).spawn().map_err(|e| format!("spawn: {e}"))?;
     let stdout = parent.stdout.take().ok_or("no stdout")?;
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line).map_err(|e| format!("read orphan pid: {e}"))?;
@@ -146,6 +151,7 @@ fn service_restarted() -> Result<(i32, i32), String> {
     if unsafe { libc::kill(old, libc::SIGKILL) } != 0 {
         return Err(format!("kill {old}: {}", std::io::Error::last_os_error()));
     }
-    let new = wait_for_service("appliance", Some(old), Duration::from_secs(30)).ok_or("no new appliance process within 30 s")?;
+    let new = wait_for_service("appliance", Some(old), Duration::from_secs(30))
+        .ok_or("no new appliance process within 30 s")?;
     Ok((old, new))
 }

@@ -3,8 +3,8 @@
 //! fields that override, deletes that leave running sandboxes alone, and data that survives a
 //! reboot. No plaintext secret may appear in any API answer or in the console.
 
-use crate::api::Api;
 use super::check;
+use crate::api::Api;
 use crate::harness::{Appliance, Scenario};
 use image::err;
 use image::error::Result;
@@ -25,7 +25,9 @@ pub const PERSISTED_VALUE: &str = "persisted-plaintext-8e21c4";
 /// Every answer is searched for the plaintexts.
 fn no_plaintext(answer: &Value) -> Result<()> {
     let text = answer.to_string();
-    check(!text.contains(SECRET_VALUE) && !text.contains(PERSISTED_VALUE), || format!("an API answer carries a plaintext secret: {text}"))
+    check(!text.contains(SECRET_VALUE) && !text.contains(PERSISTED_VALUE), || {
+        format!("an API answer carries a plaintext secret: {text}")
+    })
 }
 
 fn documented_flow(appliance: &mut Appliance) -> Result<()> {
@@ -49,13 +51,17 @@ fn documented_flow(appliance: &mut Appliance) -> Result<()> {
     let sandbox = api.expect(201, "POST", "/sandboxes", &json!({"project": "my-agent"}))?;
     no_plaintext(&sandbox)?;
     let sid = sandbox["sandboxID"].as_str().ok_or_else(|| err!("no sandboxID"))?.to_string();
-    check(sandbox["memoryMB"] == 384 && sandbox["cpuCount"] == 1, || format!("project defaults not applied: {sandbox}"))?;
+    check(sandbox["memoryMB"] == 384 && sandbox["cpuCount"] == 1, || {
+        format!("project defaults not applied: {sandbox}")
+    })?;
     let (code, out, _) = api.run(&sid, "echo $ANTHROPIC_API_KEY; grep MemTotal /proc/meminfo", 30)?;
     let lines: Vec<&str> = out.lines().collect();
     let token = lines.first().copied().unwrap_or_default();
     check(code == 0 && token.starts_with("osb_sealed_") && token.len() == 43, || format!("the sandbox sees {out:?}"))?;
     let mem_kib: u64 = lines.get(1).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0);
-    check(mem_kib > 300 * 1024 && mem_kib <= 384 * 1024, || format!("MemTotal {mem_kib} KiB for a 384 MiB project default"))?;
+    check(mem_kib > 300 * 1024 && mem_kib <= 384 * 1024, || {
+        format!("MemTotal {mem_kib} KiB for a 384 MiB project default")
+    })?;
 
     // Request-level fields override the project's.
     let over = api.expect(
@@ -66,7 +72,9 @@ fn documented_flow(appliance: &mut Appliance) -> Result<()> {
     )?;
     let oid = over["sandboxID"].as_str().ok_or_else(|| err!("no sandboxID"))?.to_string();
     let (code, out, _) = api.run(&oid, "nproc; echo $ANTHROPIC_API_KEY $EXTRA; echo ${OTHER%%_*}", 30)?;
-    check(code == 0 && out == "2\nfrom-request x1\nosb\n", || format!("request overrides inside the sandbox: {out:?}"))?;
+    check(code == 0 && out == "2\nfrom-request x1\nosb\n", || {
+        format!("request overrides inside the sandbox: {out:?}")
+    })?;
     let (start, end) = (over["startedAt"].as_str().unwrap_or(""), over["endAt"].as_str().unwrap_or(""));
     check(seconds_between(start, end) == Some(120), || format!("timeout 120 gave startedAt {start}, endAt {end}"))?;
     api.expect(204, "DELETE", &format!("/sandboxes/{oid}"), &Value::Null)?;
@@ -79,7 +87,9 @@ fn documented_flow(appliance: &mut Appliance) -> Result<()> {
     let (status, _) = api.call("GET", &format!("/projects/{pid}"), &Value::Null)?;
     check(status == 404, || format!("deleted project answered {status}"))?;
     let (status, gone) = api.call("POST", "/sandboxes", &json!({"project": "my-agent"}))?;
-    check(status == 404 && gone.to_string().contains("my-agent"), || format!("sandbox for a deleted project: {status} {gone}"))?;
+    check(status == 404 && gone.to_string().contains("my-agent"), || {
+        format!("sandbox for a deleted project: {status} {gone}")
+    })?;
     let (code, out, _) = api.run(&sid, "echo $ANTHROPIC_API_KEY", 30)?;
     check(code == 0 && out.trim() == token, || format!("after the project was deleted the sandbox printed {out:?}"))?;
     api.expect(204, "DELETE", &format!("/sandboxes/{sid}"), &Value::Null)?;

@@ -18,9 +18,9 @@
 //! Prints the measurements. `OC_E2E_DISK_ONLY=upgrade` runs only the first boot and the upgrades,
 //! `OC_E2E_DISK_ONLY=cuts` only the rest.
 
+use super::{check, power_loss};
 use crate::api::Api;
 use crate::upstream::Upstream;
-use super::{check, power_loss};
 use image::err;
 use image::error::{Context, Result};
 use image::esp;
@@ -111,7 +111,11 @@ pub fn run() -> Result<String> {
     m.wait_for_console("data partition /dev/vda4 created", 0, Duration::from_secs(5))?;
     m.wait_for_console("admin API key: from opencomputer.conf line 2", 0, Duration::from_secs(1))?;
     // A mistake in the file is named on the console, and the rest of the file still applies.
-    m.wait_for_console("CONFIGURATION PROBLEM: opencomputer.conf line 4: unknown key \"hostnmae\"", 0, Duration::from_secs(1))?;
+    m.wait_for_console(
+        "CONFIGURATION PROBLEM: opencomputer.conf line 4: unknown key \"hostnmae\"",
+        0,
+        Duration::from_secs(1),
+    )?;
     check(!m.console().contains(&run.key), || "the admin key appears on the console".into())?;
     // The rest of the file: host name, static address (the API is reached through it).
     m.wait_for_console("hostname oc-disk-e2e (opencomputer.conf line 3)", 0, Duration::from_secs(1))?;
@@ -119,7 +123,8 @@ pub fn run() -> Result<String> {
     let api = Api::new(m.api_port, &run.key);
     let system = api.expect(200, "GET", "/system", &Value::Null)?;
     check(system["hostname"] == "oc-disk-e2e", || format!("GET /api/system: {system}"))?;
-    let project = api.expect(201, "POST", "/projects", &json!({"name": PROJECT, "egressAllowlist": ["api.anthropic.com"]}))?;
+    let project =
+        api.expect(201, "POST", "/projects", &json!({"name": PROJECT, "egressAllowlist": ["api.anthropic.com"]}))?;
     let id = project["id"].as_str().ok_or_else(|| err!("no id in {project}"))?.to_string();
     api.expect(204, "PUT", &format!("/projects/{id}/secrets/{SECRET}"), &json!({"value": SEALED_VALUE}))?;
     // The host map, private-range permission and extra CA from the file: a sandbox's sealed
@@ -185,7 +190,9 @@ fn more_boots(run: &mut Run, disk: &Path, id: &str) -> Result<()> {
     let sandbox_started = Instant::now();
     let sid = api.create_sandbox(&json!({}))?;
     let (code, out, err_out) = api.run(&sid, "echo hi", 60)?;
-    check(code == 0 && out == "hi\n", || format!("echo hi in a sandbox: exit {code}, stdout {out:?}, stderr {err_out:?}"))?;
+    check(code == 0 && out == "hi\n", || {
+        format!("echo hi in a sandbox: exit {code}, stdout {out:?}, stderr {err_out:?}")
+    })?;
     run.times.push(("sandbox created + echo hi (unplugged)".into(), sandbox_started.elapsed().as_secs_f64()));
     power_down(&mut m)
 }
@@ -198,11 +205,17 @@ fn power_cuts_during_writes(run: &mut Run, disk: &Path) -> Result<()> {
     let extent = image::disk_image::partition_extent(disk, init::layout::DATA_NAME)?;
     let mut acknowledged: Vec<String> = Vec::new();
     for round in 0..DISK_CUT_ROUNDS {
-        let mut m = run.boot(&format!("power cut {} of {DISK_CUT_ROUNDS} during writes", round + 1), disk, DiskFormat::Raw, Network::Outbound)?;
+        let mut m = run.boot(
+            &format!("power cut {} of {DISK_CUT_ROUNDS} during writes", round + 1),
+            disk,
+            DiskFormat::Raw,
+            Network::Outbound,
+        )?;
         power_loss::check_present(&Api::new(m.api_port, &run.key), &acknowledged)?;
         let prefix = format!("disk-cut-{round}");
         // Early, middle and late in the stream of 200.
-        let (acked, in_flight) = power_loss::write_until_cut(&mut m, &run.key, &prefix, power_loss::cut_point(round * 4))?;
+        let (acked, in_flight) =
+            power_loss::write_until_cut(&mut m, &run.key, &prefix, power_loss::cut_point(round * 4))?;
         let cut_at = acked.len();
         acknowledged.extend(acked);
         power_loss::check_xfs_after_cut(disk, Some(extent), &run.dir).map_err(|e| err!("{prefix}: {e}"))?;
@@ -210,7 +223,10 @@ fn power_cuts_during_writes(run: &mut Run, disk: &Path) -> Result<()> {
     }
     let mut m = run.boot("after the power cuts", disk, DiskFormat::Raw, Network::Outbound)?;
     power_loss::check_present(&Api::new(m.api_port, &run.key), &acknowledged)?;
-    eprintln!("[qemu-test]   {DISK_CUT_ROUNDS} power cuts on the disk image, {} acknowledged writes, none lost", acknowledged.len());
+    eprintln!(
+        "[qemu-test]   {DISK_CUT_ROUNDS} power cuts on the disk image, {} acknowledged writes, none lost",
+        acknowledged.len()
+    );
     power_down(&mut m)
 }
 
@@ -243,7 +259,9 @@ fn stage(api_port: u16, key: &str, image: &Path, upload: Upload) -> Result<Value
         Upload::Gzip => {
             headers.push(("Content-Encoding", "gzip"));
             let out = Command::new("gzip").args(["-1", "-c"]).arg(image).output().ctx(|| "run gzip".into())?;
-            check(out.status.success(), || format!("gzip {}: {}", image.display(), String::from_utf8_lossy(&out.stderr)))?;
+            check(out.status.success(), || {
+                format!("gzip {}: {}", image.display(), String::from_utf8_lossy(&out.stderr))
+            })?;
             out.stdout
         }
     };
@@ -276,7 +294,8 @@ fn reboot(run: &mut Run, m: &mut Machine, by: RebootBy, what: &str, timeout: Dur
     }
     m.wait_for_console("reboot now", from, Duration::from_secs(120))?;
     let started = Instant::now();
-    m.wait_api_ready(timeout, &|| false).map_err(|e| err!("{what}: {e}\nlast console lines:\n{}", m.console_tail(40)))?;
+    m.wait_api_ready(timeout, &|| false)
+        .map_err(|e| err!("{what}: {e}\nlast console lines:\n{}", m.console_tail(40)))?;
     run.times.push((format!("{what}: reboot to API ready"), started.elapsed().as_secs_f64()));
     Ok(from)
 }
@@ -284,7 +303,9 @@ fn reboot(run: &mut Run, m: &mut Machine, by: RebootBy, what: &str, timeout: Dur
 /// `GET /api/system` says the appliance runs `version` from `slot`, committed; returns the answer.
 fn expect_committed(api: &Api, slot: &str, version: &str, when: &str) -> Result<Value> {
     let system = api.expect(200, "GET", "/system", &Value::Null)?;
-    check(system["slot"] == slot && system["version"] == version && system["state"] == "committed", || format!("{when}: {system}"))?;
+    check(system["slot"] == slot && system["version"] == version && system["state"] == "committed", || {
+        format!("{when}: {system}")
+    })?;
     Ok(system)
 }
 
@@ -292,7 +313,9 @@ fn data_intact(api: &Api, id: &str) -> Result<()> {
     let project = api.expect(200, "GET", &format!("/projects/{id}"), &Value::Null)?;
     check(project["name"] == PROJECT, || format!("the project did not survive: {project}"))?;
     let secrets = api.expect(200, "GET", &format!("/projects/{id}/secrets"), &Value::Null)?;
-    check(secrets.as_array().is_some_and(|s| s.iter().any(|n| n == SECRET)), || format!("the secret did not survive: {secrets}"))
+    check(secrets.as_array().is_some_and(|s| s.iter().any(|n| n == SECRET)), || {
+        format!("the secret did not survive: {secrets}")
+    })
 }
 
 /// Boot A, stage the rebuilt image, reboot into B, data intact, committed. Returns the upgrade
@@ -302,12 +325,18 @@ fn upgrade(run: &mut Run, disk: &Path, id: &str, rebuilt: &Path, base: &str, reb
     let api = Api::new(m.api_port, &run.key);
     expect_committed(&api, "a", base, "before the upgrade")?;
     // Uploads the appliance cannot read are refused plainly and leave nothing staged.
-    for (encoding, body, status, says) in [("br", &b"x"[..], 415, "Content-Encoding \"br\" is not supported"), ("gzip", &b"not gzip at all"[..], 400, "cannot read the uploaded image")] {
+    for (encoding, body, status, says) in [
+        ("br", &b"x"[..], 415, "Content-Encoding \"br\" is not supported"),
+        ("gzip", &b"not gzip at all"[..], 400, "cannot read the uploaded image"),
+    ] {
         let headers = [("X-API-Key", run.key.as_str()), ("Content-Encoding", encoding)];
-        let resp = image::http::request(m.api_port, "POST", "/api/system/upgrade", &headers, body, Duration::from_secs(60))?;
+        let resp =
+            image::http::request(m.api_port, "POST", "/api/system/upgrade", &headers, body, Duration::from_secs(60))?;
         let error: Value = serde_json::from_slice(&resp.body).unwrap_or(Value::Null);
         let error = error["error"].as_str().unwrap_or("");
-        check(resp.status == status && error.contains(says), || format!("a {encoding} upload of {body:?}: {} {}", resp.status, resp.text()))?;
+        check(resp.status == status && error.contains(says), || {
+            format!("a {encoding} upload of {body:?}: {} {}", resp.status, resp.text())
+        })?;
     }
     let system = api.expect(200, "GET", "/system", &Value::Null)?;
     check(system["staged"].is_null(), || format!("a refused upload left something staged: {system}"))?;
@@ -316,7 +345,10 @@ fn upgrade(run: &mut Run, disk: &Path, id: &str, rebuilt: &Path, base: &str, reb
     let upload = started.elapsed().as_secs_f64();
     eprintln!("[qemu-test] staged in {upload:.1}s: {staged}");
     run.times.push(("upgrade: upload (gzip) + stage".into(), upload));
-    for (key, what) in [("receiveSeconds", "upgrade: of which upload + gunzip to the data disk"), ("installSeconds", "upgrade: of which checks + install into slot B")] {
+    for (key, what) in [
+        ("receiveSeconds", "upgrade: of which upload + gunzip to the data disk"),
+        ("installSeconds", "upgrade: of which checks + install into slot B"),
+    ] {
         run.times.push((what.into(), staged[key].as_f64().unwrap_or(f64::NAN)));
     }
     check(staged["slot"] == "b" && staged["version"] == rebuilt_version, || format!("staged: {staged}"))?;
@@ -326,7 +358,9 @@ fn upgrade(run: &mut Run, disk: &Path, id: &str, rebuilt: &Path, base: &str, reb
     let upgrade_secs = started.elapsed().as_secs_f64();
     let api = Api::new(m.api_port, &run.key);
     let system = api.expect(200, "GET", "/system", &Value::Null)?;
-    check(system["slot"] == "b" && system["version"] == rebuilt_version, || format!("after the upgrade reboot: {system}"))?;
+    check(system["slot"] == "b" && system["version"] == rebuilt_version, || {
+        format!("after the upgrade reboot: {system}")
+    })?;
     data_intact(&api, id)?;
     m.wait_for_console("UPGRADE COMMITTED: slot b", from, Duration::from_secs(60))?;
     let system = api.expect(200, "GET", "/system", &Value::Null)?;
@@ -341,9 +375,12 @@ fn fallback(run: &mut Run, disk: &Path, id: &str, broken: &Path, good_version: &
     let mut m = run.boot("fallback: slot B", disk, DiskFormat::Raw, Network::Outbound)?;
     let staged = stage(m.api_port, &run.key, broken, Upload::Raw)?;
     check(staged["slot"] == "a", || format!("broken image staged: {staged}"))?;
-    let from = reboot(run, &mut m, RebootBy::Keyboard, "fallback: broken slot A tried, back on B", Duration::from_secs(1800))?;
+    let from =
+        reboot(run, &mut m, RebootBy::Keyboard, "fallback: broken slot A tried, back on B", Duration::from_secs(1800))?;
     let panics = m.console()[from..].matches("Kernel panic").count();
-    check(panics == init::boot::entry::DEFAULT_TRIES as usize, || format!("expected {} panicking tries of the broken image, saw {panics}", init::boot::entry::DEFAULT_TRIES))?;
+    check(panics == init::boot::entry::DEFAULT_TRIES as usize, || {
+        format!("expected {} panicking tries of the broken image, saw {panics}", init::boot::entry::DEFAULT_TRIES)
+    })?;
     let api = Api::new(m.api_port, &run.key);
     let system = expect_committed(&api, "b", good_version, "after the fallback")?;
     check(system["staged"]["state"] == "failed", || format!("the broken upgrade is not reported as failed: {system}"))?;
@@ -366,7 +403,9 @@ fn power_cut_while_installing(run: &mut Run, disk: &Path, id: &str, image: &Path
     for path in ["/system/reboot", "/system/poweroff", "/system/upgrade"] {
         let (status, answer) = api.call("POST", path, &Value::Null)?;
         let said = answer["error"].as_str().unwrap_or("");
-        check(status == 409 && said.contains("upgrade is being staged"), || format!("POST {path} while installing: {status} {answer}"))?;
+        check(status == 409 && said.contains("upgrade is being staged"), || {
+            format!("POST {path} while installing: {status} {answer}")
+        })?;
     }
     // Into the copy of the system partition (it takes tens of seconds under emulation).
     std::thread::sleep(Duration::from_secs(5).saturating_sub(received.elapsed()));
@@ -392,12 +431,17 @@ fn watchdog_fallback(run: &mut Run, disk: &Path, id: &str, unhealthy: &Path, goo
     let from = reboot(run, &mut m, RebootBy::Api, "watchdog: unhealthy slot A tried, back on B", timeout)?;
     let tail = &m.console()[from..];
     let missing = tail.matches("DATA DISK MISSING").count();
-    let gave_up = tail.matches(&format!("UPGRADE FAILED: the API did not answer healthy within {TRIAL_SECS}s on slot a")).count();
+    let gave_up =
+        tail.matches(&format!("UPGRADE FAILED: the API did not answer healthy within {TRIAL_SECS}s on slot a")).count();
     let tries = init::boot::entry::DEFAULT_TRIES as usize;
-    check(missing == tries && gave_up == tries, || format!("expected {tries} unhealthy tries each ended by the watchdog; saw {missing} data-disk reports and {gave_up} watchdog reboots"))?;
+    check(missing == tries && gave_up == tries, || {
+        format!("expected {tries} unhealthy tries each ended by the watchdog; saw {missing} data-disk reports and {gave_up} watchdog reboots")
+    })?;
     let api = Api::new(m.api_port, &run.key);
     let system = expect_committed(&api, "b", good_version, "after the watchdog fallback")?;
-    check(system["staged"]["state"] == "failed", || format!("the unhealthy upgrade is not reported as failed: {system}"))?;
+    check(system["staged"]["state"] == "failed", || {
+        format!("the unhealthy upgrade is not reported as failed: {system}")
+    })?;
     data_intact(&api, id)?;
     power_down(&mut m)
 }
@@ -408,7 +452,11 @@ impl Run {
         let (accel, why) = qemu::detect_accel();
         let run_dir = self.dir.join("run");
         let _ = std::fs::remove_file(run_dir.join("console.log"));
-        eprintln!("[qemu-test] {what}: booting {} ({accel:?}: {why}); console: {}", disk.display(), run_dir.join("console.log").display());
+        eprintln!(
+            "[qemu-test] {what}: booting {} ({accel:?}: {why}); console: {}",
+            disk.display(),
+            run_dir.join("console.log").display()
+        );
         let cfg = MachineConfig {
             boot: Boot::Disk { image: disk.to_path_buf(), format },
             network,

@@ -36,7 +36,9 @@ const CHECKS: &[(&str, Checker)] = &[
 
 fn run_examples(appliance: &mut Appliance) -> Result<()> {
     let examples = snippets::python_blocks(DOCUMENTS)?;
-    check(examples.len() >= CHECKS.len(), || format!("found only {} Python examples in {DOCUMENTS:?}", examples.len()))?;
+    check(examples.len() >= CHECKS.len(), || {
+        format!("found only {} Python examples in {DOCUMENTS:?}", examples.len())
+    })?;
     let python = snippets::sdk_python()?;
     let api = Api::of(appliance);
     let dir = appliance.run_dir.join("examples");
@@ -66,7 +68,10 @@ fn run_one(python: &std::path::Path, api: &Api, example: &Snippet, file: &std::p
     ];
     let out = snippets::run_python(python, &example.code, file, &env, EXAMPLE_TIMEOUT)?;
     check(out.status == Some(0), || {
-        format!("{} ({}) exited with {:?}\nstdout:\n{}\nstderr:\n{}", example.heading, example.source, out.status, out.stdout, out.stderr)
+        format!(
+            "{} ({}) exited with {:?}\nstdout:\n{}\nstderr:\n{}",
+            example.heading, example.source, out.status, out.stdout, out.stderr
+        )
     })?;
     Ok(out.stdout)
 }
@@ -83,7 +88,9 @@ fn quickstart(lines: &[&str], _: &mut Appliance, _: usize) -> Result<()> {
 }
 
 fn sealed_key(lines: &[&str], appliance: &mut Appliance, before: usize) -> Result<()> {
-    check(lines.len() == 2 && lines.iter().all(|l| l.starts_with("0 {\"received\": ")), || "both curls must succeed".into())?;
+    check(lines.len() == 2 && lines.iter().all(|l| l.starts_with("0 {\"received\": ")), || {
+        "both curls must succeed".into()
+    })?;
     let upstream = appliance.upstream.as_ref().ok_or_else(|| err!("booted without the test upstream"))?;
     upstream.expect_real_key(before, DOCUMENTED_SECRET).map(|_| ())
 }

@@ -25,7 +25,8 @@ pub const FINAL_SCENARIOS: &[Scenario] =
 const PROBE_TIMEOUT: Duration = Duration::from_secs(180);
 
 fn healthz(appliance: &Appliance) -> Result<String> {
-    let resp = image::http::request(appliance.machine.api_port, "GET", "/api/healthz", &[], b"", Duration::from_secs(10))?;
+    let resp =
+        image::http::request(appliance.machine.api_port, "GET", "/api/healthz", &[], b"", Duration::from_secs(10))?;
     if resp.status != 200 {
         return Err(err!("healthz answered {}: {}", resp.status, resp.text()));
     }

@@ -4,12 +4,12 @@
 //! at a different point of the stream.
 
 use super::{check, xfs_check};
-use image::host::run_quiet;
 use crate::api::Api;
 use crate::harness::{Appliance, Scenario, SHUTDOWN_TIMEOUT};
-use image::qemu::Machine;
 use image::err;
 use image::error::{Context, Result};
+use image::host::run_quiet;
+use image::qemu::Machine;
 use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::path::Path;
@@ -30,7 +30,11 @@ const WRITERS: usize = 4;
 fn rounds() -> Result<usize> {
     match std::env::var("OC_POWER_LOSS_ROUNDS") {
         Err(_) => Ok(10),
-        Ok(text) => text.parse().ok().filter(|n| (1..=100).contains(n)).ok_or_else(|| err!("OC_POWER_LOSS_ROUNDS={text}: expected 1..=100")),
+        Ok(text) => text
+            .parse()
+            .ok()
+            .filter(|n| (1..=100).contains(n))
+            .ok_or_else(|| err!("OC_POWER_LOSS_ROUNDS={text}: expected 1..=100")),
     }
 }
 
@@ -44,7 +48,8 @@ fn power_cuts(appliance: &mut Appliance) -> Result<()> {
         check_present(&Api::of(appliance), &acknowledged)?;
         // Cut after a different number of acknowledged writes each round, from early to late.
         let key = appliance.api_key.clone();
-        let (acked, in_flight) = write_until_cut(&mut appliance.machine, &key, &format!("cut-{round}"), cut_point(round))?;
+        let (acked, in_flight) =
+            write_until_cut(&mut appliance.machine, &key, &format!("cut-{round}"), cut_point(round))?;
         let cut_at = acked.len();
         acknowledged.extend(acked);
         check_xfs_after_cut(&appliance.data_disk, None, &appliance.run_dir).map_err(|e| err!("round {round}: {e}"))?;
@@ -73,7 +78,12 @@ pub fn cut_point(round: usize) -> usize {
 
 /// Four clients write projects `<prefix>-<n>`; QEMU is killed once `cut_after` have been
 /// acknowledged. Returns the acknowledged names and how many requests were in flight at the cut.
-pub fn write_until_cut(machine: &mut Machine, key: &str, prefix: &str, cut_after: usize) -> Result<(Vec<String>, usize)> {
+pub fn write_until_cut(
+    machine: &mut Machine,
+    key: &str,
+    prefix: &str,
+    cut_after: usize,
+) -> Result<(Vec<String>, usize)> {
     let port = machine.api_port;
     let next = AtomicUsize::new(0);
     let sent = AtomicUsize::new(0);
@@ -118,9 +128,12 @@ pub fn write_until_cut(machine: &mut Machine, key: &str, prefix: &str, cut_after
 
 pub fn check_present(api: &Api, acknowledged: &[String]) -> Result<()> {
     let listing = api.expect(200, "GET", "/projects", &Value::Null)?;
-    let names: HashSet<&str> = listing.as_array().map(|a| a.iter().filter_map(|p| p["name"].as_str()).collect()).unwrap_or_default();
+    let names: HashSet<&str> =
+        listing.as_array().map(|a| a.iter().filter_map(|p| p["name"].as_str()).collect()).unwrap_or_default();
     let missing: Vec<&String> = acknowledged.iter().filter(|n| !names.contains(n.as_str())).collect();
-    check(missing.is_empty(), || format!("{} acknowledged writes lost after a power cut: {:?}", missing.len(), &missing[..missing.len().min(10)]))
+    check(missing.is_empty(), || {
+        format!("{} acknowledged writes lost after a power cut: {:?}", missing.len(), &missing[..missing.len().min(10)])
+    })
 }
 
 /// A cut leaves a dirty XFS log, which `xfs_repair -n` refuses to judge. A copy of the disk is

@@ -2,8 +2,8 @@
 //! template, the agent runs commands and moves files, guest power actions end the VMM with the
 //! right status, and booting many sandboxes in a row leaks nothing.
 
-use crate::api::{metric, Api};
 use super::check;
+use crate::api::{metric, Api};
 use crate::harness::{Appliance, Scenario};
 use image::err;
 use image::error::Result;
@@ -48,7 +48,9 @@ fn commands_and_files_in(api: &Api, id: &str) -> Result<()> {
     // (as a program asks for it, through Python), and no build machine's resolver is in it.
     let names = "python3 -c 'import socket; print(socket.gethostbyname(\"localhost\"))'; grep -c nameserver /etc/resolv.conf; cat /etc/hostname";
     let (code, out, err) = api.run(id, names, 60)?;
-    check(code == 0 && out == "127.0.0.1\n0\nsandbox\n", || format!("name files: exit {code}, {out:?}, stderr {err:?}"))?;
+    check(code == 0 && out == "127.0.0.1\n0\nsandbox\n", || {
+        format!("name files: exit {code}, {out:?}, stderr {err:?}")
+    })?;
     let (code, _, err) = api.run(id, "echo oops >&2; exit 7", 30)?;
     check(code == 7 && err == "oops\n", || format!("failing command: exit {code}, stderr {err:?}"))?;
 
@@ -67,17 +69,24 @@ fn commands_and_files_in(api: &Api, id: &str) -> Result<()> {
         format!("1 MiB of output: exit {code}, {} bytes", out.len())
     })?;
 
-    let (code, out, _) = api.run(id, "echo $SSL_CERT_FILE; grep -c 'BEGIN CERTIFICATE' $SSL_CERT_FILE; echo $HTTPS_PROXY", 30)?;
+    let (code, out, _) =
+        api.run(id, "echo $SSL_CERT_FILE; grep -c 'BEGIN CERTIFICATE' $SSL_CERT_FILE; echo $HTTPS_PROXY", 30)?;
     let lines: Vec<&str> = out.lines().collect();
-    check(code == 0 && lines.len() == 3 && lines[1].parse::<u32>().unwrap_or(0) > 100 && lines[2] == "http://127.0.0.1:3128", || {
-        format!("CA bundle and proxy settings: {out:?}")
-    })?;
+    check(
+        code == 0
+            && lines.len() == 3
+            && lines[1].parse::<u32>().unwrap_or(0) > 100
+            && lines[2] == "http://127.0.0.1:3128",
+        || format!("CA bundle and proxy settings: {out:?}"),
+    )?;
 
     let binary: Vec<u8> = (0..64 * 1024).map(|i| (i * 7 % 256) as u8).collect();
     let (status, _) = api.raw("PUT", &format!("/sandboxes/{id}/files?path=/root/data/blob.bin"), &binary)?;
     check(status == 204 || status == 200, || format!("file write answered {status}"))?;
     let (status, back) = api.raw("GET", &format!("/sandboxes/{id}/files?path=/root/data/blob.bin"), b"")?;
-    check(status == 200 && back == binary, || format!("file read: {status}, {} bytes back, equal: {}", back.len(), back == binary))?;
+    check(status == 200 && back == binary, || {
+        format!("file read: {status}, {} bytes back, equal: {}", back.len(), back == binary)
+    })?;
     let listing = api.expect(200, "GET", &format!("/sandboxes/{id}/files/list?path=/root/data"), &Value::Null)?;
     check(listing[0]["name"] == "blob.bin" && listing[0]["size"] == 65536 && listing[0]["isDir"] == false, || {
         format!("listing: {listing}")
@@ -179,5 +188,7 @@ fn killed_at_timeout(appliance: &mut Appliance) -> Result<()> {
     let (status, _) = api.call("POST", &format!("/sandboxes/{id}/commands"), &json!({"cmd": "true"}))?;
     check(status == 404 || status == 409, || format!("a command after the timeout answered {status}"))?;
     let gauges = leak_gauges(&api)?;
-    check(gauges.iter().any(|(n, v)| n == "appliance_vmm_processes" && *v == 0.0), || format!("VMM left after the timeout: {gauges:?}"))
+    check(gauges.iter().any(|(n, v)| n == "appliance_vmm_processes" && *v == 0.0), || {
+        format!("VMM left after the timeout: {gauges:?}")
+    })
 }

@@ -2,15 +2,17 @@
 //! curl; the test upstream receives the real secret (in a header and in a JSON body), never the
 //! token; hosts outside the project's allowlist get 403; and there is no way out but the proxy.
 
-use crate::api::Api;
 use super::check;
+use crate::api::Api;
 use crate::harness::{Appliance, Scenario};
 use image::err;
 use image::error::Result;
 use serde_json::{json, Value};
 
-pub const SCENARIOS: &[Scenario] =
-    &[Scenario { name: "outbound HTTPS from a sandbox carries the real secret, only through the proxy", run: sealed_requests }];
+pub const SCENARIOS: &[Scenario] = &[Scenario {
+    name: "outbound HTTPS from a sandbox carries the real secret, only through the proxy",
+    run: sealed_requests,
+}];
 
 /// Runs once the appliance is powered off: searches what it left behind.
 pub const AFTER_POWERDOWN: &[Scenario] = &[Scenario {
@@ -22,13 +24,15 @@ const SECRET: &str = "sk-ant-sealing-e2e-6a1f0c9b2d";
 
 fn sealed_requests(appliance: &mut Appliance) -> Result<()> {
     let api = Api::of(appliance);
-    let project = api.expect(201, "POST", "/projects", &json!({"name": "sealing", "egressAllowlist": ["api.anthropic.com"]}))?;
+    let project =
+        api.expect(201, "POST", "/projects", &json!({"name": "sealing", "egressAllowlist": ["api.anthropic.com"]}))?;
     let pid = project["id"].as_str().ok_or_else(|| err!("no id"))?.to_string();
     api.expect(204, "PUT", &format!("/projects/{pid}/secrets/ANTHROPIC_API_KEY"), &json!({"value": SECRET}))?;
     let sid = api.create_sandbox(&json!({"project": "sealing", "timeout": 600}))?;
     let (_, token, _) = api.run(&sid, "printf %s \"$ANTHROPIC_API_KEY\"", 30)?;
     check(token.starts_with("osb_sealed_"), || format!("the sandbox holds {token:?}"))?;
-    let upstream = appliance.upstream.as_ref().ok_or_else(|| err!("this appliance was booted without the test upstream"))?;
+    let upstream =
+        appliance.upstream.as_ref().ok_or_else(|| err!("this appliance was booted without the test upstream"))?;
     let before = upstream.received()?.len();
 
     send_key_twice(&api, &sid, "ANTHROPIC_API_KEY")?;
@@ -36,7 +40,8 @@ fn sealed_requests(appliance: &mut Appliance) -> Result<()> {
 
     // A host outside the allowlist: the proxy answers 403 naming it.
     // (For HTTPS the refusal is the answer to CONNECT: curl reports it as http_connect.)
-    let (code, out, err) = api.run(&sid, "curl -sS -o /dev/null -w '%{http_connect}' https://blocked.example.com/", 60)?;
+    let (code, out, err) =
+        api.run(&sid, "curl -sS -o /dev/null -w '%{http_connect}' https://blocked.example.com/", 60)?;
     check(code != 0 && out == "403", || format!("blocked host: exit {code}, {out:?}, {err:?}"))?;
     // No way around the proxy: no proxy settings, or a raw TCP connection, go nowhere.
     let (code, _, _) = api.run(&sid, "curl -sS --noproxy '*' --max-time 10 https://api.anthropic.com/", 30)?;
@@ -106,7 +111,10 @@ fn secret_search(appliance: &mut Appliance) -> Result<()> {
     }
     // The search can see guest memory and sandbox disks: tokens, which the sandbox does hold, are there.
     let tokens = count_in_file(&appliance.data_disk, b"osb_sealed_")?;
-    eprintln!("[qemu-test]   secret search: {}; sealed tokens on the data disk (memory dump, sandbox disks): {tokens}", report.join("; "));
+    eprintln!(
+        "[qemu-test]   secret search: {}; sealed tokens on the data disk (memory dump, sandbox disks): {tokens}",
+        report.join("; ")
+    );
     check(tokens > 0, || "no sealed token found on the data disk: the search does not see the memory dump".into())
 }
 

@@ -10,8 +10,8 @@
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::{
-    ACPI_S5_SLEEP_TYPE, COM1_IRQ, COM1_PORT, COM1_PORT_COUNT, VIRTIO_MMIO_SIZE, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, ACPI_TABLES_END,
-    ACPI_TABLES_START, IOAPIC_ADDR, LAPIC_ADDR,
+    ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, ACPI_TABLES_END, ACPI_TABLES_START, COM1_IRQ,
+    COM1_PORT, COM1_PORT_COUNT, IOAPIC_ADDR, LAPIC_ADDR, VIRTIO_MMIO_SIZE,
 };
 use crate::memory::GuestMemory;
 
@@ -57,8 +57,7 @@ pub fn write_tables(mem: &GuestMemory, vcpus: u8, devices: &[MmioDevice]) -> Res
         if addr + bytes.len() as u64 > limit {
             return Err(format!("ACPI table at {addr:#x} is too big ({} bytes)", bytes.len()));
         }
-        mem.write_slice(bytes, GuestAddress(*addr))
-            .map_err(|e| format!("cannot write ACPI tables: {e}"))?;
+        mem.write_slice(bytes, GuestAddress(*addr)).map_err(|e| format!("cannot write ACPI tables: {e}"))?;
     }
     Ok(RSDP_ADDR)
 }
@@ -302,7 +301,14 @@ mod tests {
         assert_eq!(&dsdt[47 + com1.len()..], virtio_aml(&devices).as_slice());
         let madt = table(&mem, u64_at(&xsdt, 44));
         assert_eq!(&madt[..4], b"APIC");
-        let lapics: Vec<u8> = madt[44..].chunks(8).take(4).map(|e| { assert_eq!(e[0], 0); e[3] }).collect();
+        let lapics: Vec<u8> = madt[44..]
+            .chunks(8)
+            .take(4)
+            .map(|e| {
+                assert_eq!(e[0], 0);
+                e[3]
+            })
+            .collect();
         assert_eq!(lapics, vec![0, 1, 2, 3]);
         let ioapic = &madt[44 + 32..];
         assert_eq!((ioapic[0], ioapic[1]), (MADT_TYPE_IOAPIC, 12));

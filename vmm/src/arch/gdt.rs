@@ -26,13 +26,7 @@ pub fn descriptor(flags: u16, base: u32, limit: u32) -> u64 {
 
 /// The table, indexed by selector / 8.
 pub fn boot_gdt() -> [u64; 5] {
-    [
-        0,
-        0,
-        descriptor(CODE64_FLAGS, 0, 0xfffff),
-        descriptor(DATA_FLAGS, 0, 0xfffff),
-        descriptor(TSS_FLAGS, 0, 0xfffff),
-    ]
+    [0, 0, descriptor(CODE64_FLAGS, 0, 0xfffff), descriptor(DATA_FLAGS, 0, 0xfffff), descriptor(TSS_FLAGS, 0, 0xfffff)]
 }
 
 /// The hidden segment-register state KVM wants for a descriptor loaded at `selector`.
@@ -70,7 +64,10 @@ mod tests {
         assert_eq!(gdt[2], 0x00af_9b00_0000_ffff);
         assert_eq!(gdt[3], 0x00cf_9300_0000_ffff);
         let cs = segment(gdt[2], CODE_SELECTOR);
-        assert_eq!((cs.base, cs.limit, cs.type_, cs.l, cs.db, cs.g, cs.present, cs.s), (0, 0xffff_ffff, 0xb, 1, 0, 1, 1, 1));
+        assert_eq!(
+            (cs.base, cs.limit, cs.type_, cs.l, cs.db, cs.g, cs.present, cs.s),
+            (0, 0xffff_ffff, 0xb, 1, 0, 1, 1, 1)
+        );
         let ds = segment(gdt[3], DATA_SELECTOR);
         assert_eq!((ds.type_, ds.l, ds.db, ds.s), (3, 0, 1, 1));
         let tr = segment(gdt[4], TSS_SELECTOR);

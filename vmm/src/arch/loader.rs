@@ -118,7 +118,8 @@ pub mod tests {
     use vm_memory::Bytes;
 
     pub fn file_with(bytes: &[u8]) -> File {
-        let path = std::env::temp_dir().join(format!("vmm-ld-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let path =
+            std::env::temp_dir().join(format!("vmm-ld-{}-{:?}", std::process::id(), std::thread::current().id()));
         let mut f = File::options().create(true).truncate(true).read(true).write(true).open(&path).unwrap();
         f.write_all(bytes).unwrap();
         std::fs::remove_file(&path).unwrap();

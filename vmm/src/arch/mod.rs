@@ -31,7 +31,8 @@ fn load_initrd(
     let addr_max = if header.version >= 0x203 { header.initrd_addr_max as u64 } else { DEFAULT_INITRD_ADDR_MAX };
     let top = (addr_max + 1).min(mem_bytes.min(crate::layout::MMIO_GAP_START));
     let addr = top.checked_sub(size).map(|a| a & !0xfff).filter(|a| *a >= kernel_end);
-    let addr = addr.ok_or_else(|| format!("the initrd ({size} bytes) does not fit in guest memory above the kernel"))?;
+    let addr =
+        addr.ok_or_else(|| format!("the initrd ({size} bytes) does not fit in guest memory above the kernel"))?;
     mem.read_exact_volatile_from(GuestAddress(addr), initrd, size as usize)
         .map_err(|e| format!("cannot read the initrd: {e}"))?;
     Ok((addr, size))
@@ -55,7 +56,11 @@ pub fn load_and_configure(
     });
     let header = loaded.header;
     if cmdline.len() > loaded.cmdline_max {
-        return Err(format!("kernel command line is {} bytes; this kernel takes at most {}", cmdline.len(), loaded.cmdline_max));
+        return Err(format!(
+            "kernel command line is {} bytes; this kernel takes at most {}",
+            cmdline.len(),
+            loaded.cmdline_max
+        ));
     }
     if cmdline.as_bytes().contains(&0) {
         return Err("kernel command line contains a NUL byte".into());
@@ -77,8 +82,7 @@ pub fn load_and_configure(
         params.hdr.ramdisk_image = addr as u32;
         params.hdr.ramdisk_size = size as u32;
     }
-    mem.write_obj(params, GuestAddress(ZERO_PAGE_ADDR))
-        .map_err(|e| format!("cannot write the zero page: {e}"))?;
+    mem.write_obj(params, GuestAddress(ZERO_PAGE_ADDR)).map_err(|e| format!("cannot write the zero page: {e}"))?;
     regs::write_boot_tables(mem)?;
     Ok(loaded.entry)
 }
@@ -106,7 +110,8 @@ mod tests {
         img[0x236..0x238].copy_from_slice(&xloadflags.to_le_bytes());
         img[0x238..0x23c].copy_from_slice(&2048u32.to_le_bytes()); // cmdline_size
         img.extend_from_slice(payload);
-        let path = std::env::temp_dir().join(format!("vmm-bz-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let path =
+            std::env::temp_dir().join(format!("vmm-bz-{}-{:?}", std::process::id(), std::thread::current().id()));
         let mut f = File::options().create(true).truncate(true).read(true).write(true).open(&path).unwrap();
         f.write_all(&img).unwrap();
         std::fs::remove_file(&path).unwrap();
@@ -114,7 +119,8 @@ mod tests {
     }
 
     fn temp_file(bytes: &[u8]) -> File {
-        let path = std::env::temp_dir().join(format!("vmm-rd-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let path =
+            std::env::temp_dir().join(format!("vmm-rd-{}-{:?}", std::process::id(), std::thread::current().id()));
         std::fs::write(&path, bytes).unwrap();
         let f = File::open(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
@@ -126,7 +132,9 @@ mod tests {
         let mem = create_guest_memory(64 << 20).unwrap();
         let mut kernel = fake_bzimage(XLF_KERNEL_64, b"KERNEL-PAYLOAD");
         let mut initrd = temp_file(&[0x42; 5000]);
-        let entry = load_and_configure(&mem, &mut kernel, Some(&mut initrd), "console=ttyS0 quiet", 64 << 20, 2, Some(&[])).unwrap();
+        let entry =
+            load_and_configure(&mem, &mut kernel, Some(&mut initrd), "console=ttyS0 quiet", 64 << 20, 2, Some(&[]))
+                .unwrap();
         assert_eq!(entry, 0x100200);
         let mut payload = [0u8; 14];
         mem.read_slice(&mut payload, GuestAddress(0x100000)).unwrap();
@@ -152,12 +160,15 @@ mod tests {
     #[test]
     fn images_without_64_bit_entry_or_with_long_cmdlines_are_refused() {
         let mem = create_guest_memory(64 << 20).unwrap();
-        let err = load_and_configure(&mem, &mut fake_bzimage(0, b"x"), None, "console=ttyS0", 64 << 20, 1, None).unwrap_err();
+        let err =
+            load_and_configure(&mem, &mut fake_bzimage(0, b"x"), None, "console=ttyS0", 64 << 20, 1, None).unwrap_err();
         assert!(err.contains("64-bit"), "{err}");
         let long = "a".repeat(2048);
-        let err = load_and_configure(&mem, &mut fake_bzimage(XLF_KERNEL_64, b"x"), None, &long, 64 << 20, 1, None).unwrap_err();
+        let err = load_and_configure(&mem, &mut fake_bzimage(XLF_KERNEL_64, b"x"), None, &long, 64 << 20, 1, None)
+            .unwrap_err();
         assert!(err.contains("at most 2047"), "{err}");
-        let err = load_and_configure(&mem, &mut temp_file(b"not a kernel at all"), None, "", 64 << 20, 1, None).unwrap_err();
+        let err =
+            load_and_configure(&mem, &mut temp_file(b"not a kernel at all"), None, "", 64 << 20, 1, None).unwrap_err();
         assert!(err.contains("bzImage or an ELF"), "{err}");
     }
 
@@ -203,7 +214,8 @@ mod tests {
         assert_eq!(pde & !0x1f_ffff, entry & !0x1f_ffff);
         // An ELF kernel takes up to 2047 bytes of command line.
         let long = "a".repeat(2048);
-        let err = load_and_configure(&mem, &mut loader::tests::file_with(&image), None, &long, 64 << 20, 1, None).unwrap_err();
+        let err = load_and_configure(&mem, &mut loader::tests::file_with(&image), None, &long, 64 << 20, 1, None)
+            .unwrap_err();
         assert!(err.contains("at most 2047"), "{err}");
     }
 
@@ -211,7 +223,9 @@ mod tests {
     fn an_initrd_bigger_than_ram_is_refused() {
         let mem = create_guest_memory(16 << 20).unwrap();
         let mut initrd = temp_file(&vec![0u8; 17 << 20]);
-        let err = load_and_configure(&mem, &mut fake_bzimage(XLF_KERNEL_64, b"x"), Some(&mut initrd), "", 16 << 20, 1, None).unwrap_err();
+        let err =
+            load_and_configure(&mem, &mut fake_bzimage(XLF_KERNEL_64, b"x"), Some(&mut initrd), "", 16 << 20, 1, None)
+                .unwrap_err();
         assert!(err.contains("does not fit"), "{err}");
     }
 }

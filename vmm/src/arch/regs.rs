@@ -1,12 +1,12 @@
 //! Initial vCPU state for the Linux 64-bit boot protocol: identity-mapped long mode,
 //! flat segments, %rsi pointing at the zero page, and the local APIC's LINT pins wired.
 
-use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_regs, kvm_sregs, Msrs, kvm_msr_entry};
+use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_sregs, Msrs};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::gdt::{boot_gdt, segment, CODE_SELECTOR, DATA_SELECTOR, TSS_SELECTOR};
-use crate::layout::{BOOT_STACK_POINTER, GDT_ADDR, IDT_ADDR, PD_ADDR, PDPT_ADDR, PML4_ADDR, ZERO_PAGE_ADDR};
+use crate::layout::{BOOT_STACK_POINTER, GDT_ADDR, IDT_ADDR, PDPT_ADDR, PD_ADDR, PML4_ADDR, ZERO_PAGE_ADDR};
 use crate::memory::GuestMemory;
 
 const CR0_PE: u64 = 1;
@@ -163,7 +163,9 @@ mod tests {
         l.regs[APIC_LVT0] = 0x10u8 as std::os::raw::c_char; // a vector that must survive
         l.regs[APIC_LVT0 + 1] = 0x7; // old mode bits that must be replaced... partly
         let l = wire_lapic(l);
-        let word = |o: usize| u32::from_le_bytes([l.regs[o] as u8, l.regs[o + 1] as u8, l.regs[o + 2] as u8, l.regs[o + 3] as u8]);
+        let word = |o: usize| {
+            u32::from_le_bytes([l.regs[o] as u8, l.regs[o + 1] as u8, l.regs[o + 2] as u8, l.regs[o + 3] as u8])
+        };
         assert_eq!(word(APIC_LVT0), 0x710);
         assert_eq!(word(APIC_LVT1), 0x400);
     }

@@ -3,8 +3,7 @@
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 
 use crate::layout::{
-    ACPI_TABLES_END, ACPI_TABLES_START, CMDLINE_ADDR, EBDA_START, HIGH_RAM_START, MMIO_GAP_END,
-    MMIO_GAP_START,
+    ACPI_TABLES_END, ACPI_TABLES_START, CMDLINE_ADDR, EBDA_START, HIGH_RAM_START, MMIO_GAP_END, MMIO_GAP_START,
 };
 
 pub const E820_RAM: u32 = 1;
@@ -35,12 +34,7 @@ pub fn e820_map(mem_bytes: u64) -> Vec<boot_e820_entry> {
 }
 
 /// Builds the zero page from the kernel's own setup header (as read from the bzImage).
-pub fn build(
-    header: setup_header,
-    mem_bytes: u64,
-    cmdline_len: usize,
-    rsdp_addr: u64,
-) -> Result<boot_params, String> {
+pub fn build(header: setup_header, mem_bytes: u64, cmdline_len: usize, rsdp_addr: u64) -> Result<boot_params, String> {
     if header.boot_flag != BOOT_FLAG_MAGIC || header.header != HDRS_MAGIC {
         return Err("the kernel image has no valid Linux setup header".into());
     }

@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 
 use super::legacy::LegacyDevices;
 use super::virtio::mmio::MmioTransport;
-use crate::layout::{COM1_PORT, COM1_PORT_COUNT, I8042_COMMAND_PORT, I8042_DATA_PORT, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use crate::layout::{
+    COM1_PORT, COM1_PORT_COUNT, I8042_COMMAND_PORT, I8042_DATA_PORT, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
+};
 use crate::timeline::{self, Exit, Once};
 
 /// Counts a port exit for the diagnostic timeline.

@@ -33,7 +33,12 @@ pub struct ConsoleLog<W: Write> {
 
 impl<W: Write> ConsoleLog<W> {
     pub fn new(out: W, exit: Arc<ExitSignal>) -> Self {
-        ConsoleLog { out: LineWriter::new(out), recent: VecDeque::with_capacity(LONGEST_MARKER), exit, line: Vec::new() }
+        ConsoleLog {
+            out: LineWriter::new(out),
+            recent: VecDeque::with_capacity(LONGEST_MARKER),
+            exit,
+            line: Vec::new(),
+        }
     }
 
     fn scan(&mut self, byte: u8) {

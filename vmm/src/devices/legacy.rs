@@ -116,7 +116,8 @@ mod tests {
     fn devices() -> (LegacyDevices, Arc<ExitSignal>, EventFd, std::path::PathBuf) {
         let exit = Arc::new(ExitSignal::new().unwrap());
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let path = std::env::temp_dir().join(format!("vmm-console-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let path =
+            std::env::temp_dir().join(format!("vmm-console-{}-{:?}", std::process::id(), std::thread::current().id()));
         let file = File::create(&path).unwrap();
         let d = LegacyDevices::new(irq.try_clone().unwrap(), ConsoleLog::new(file, exit.clone()), exit.clone());
         (d, exit, irq, path)

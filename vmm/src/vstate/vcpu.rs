@@ -46,9 +46,8 @@ impl Vcpu {
                 // The in-kernel local APIC handles HLT; seeing it here means a halted CPU
                 // with nothing left to wake it.
                 Ok(VcpuExit::Hlt) => exit.fail(format!("vCPU {} halted for good", self.id)),
-                Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                    exit.fail(format!("vCPU {}: KVM could not enter the guest (reason {reason:#x}, cpu {cpu})", self.id))
-                }
+                Ok(VcpuExit::FailEntry(reason, cpu)) => exit
+                    .fail(format!("vCPU {}: KVM could not enter the guest (reason {reason:#x}, cpu {cpu})", self.id)),
                 Ok(VcpuExit::InternalError) => exit.fail(format!("vCPU {}: KVM internal error", self.id)),
                 Ok(other) => exit.fail(format!("vCPU {}: unexpected exit {other:?}", self.id)),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}

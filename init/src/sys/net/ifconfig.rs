@@ -20,17 +20,10 @@ impl IfControl {
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
         let fd = check(fd, || "control socket".into())?;
         // SAFETY: socket() just returned this descriptor and nothing else owns it.
-        Ok(IfControl {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        Ok(IfControl { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
     }
 
-    fn ioctl(
-        &self,
-        request: libc::c_ulong,
-        req: &mut libc::ifreq,
-        what: impl FnOnce() -> String,
-    ) -> io::Result<()> {
+    fn ioctl(&self, request: libc::c_ulong, req: &mut libc::ifreq, what: impl FnOnce() -> String) -> io::Result<()> {
         // SAFETY: every request used here reads or writes exactly one struct ifreq, and `req`
         // is a live, initialised ifreq for the duration of the call.
         let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), request, req as *mut libc::ifreq) };
@@ -40,9 +33,7 @@ impl IfControl {
     /// Sets IFF_UP, keeping the other flags.
     pub fn set_up(&self, iface: &str) -> io::Result<()> {
         let mut req = ifreq(iface)?;
-        self.ioctl(libc::SIOCGIFFLAGS, &mut req, || {
-            format!("read flags of {iface}")
-        })?;
+        self.ioctl(libc::SIOCGIFFLAGS, &mut req, || format!("read flags of {iface}"))?;
         // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
         let flags = unsafe { req.ifr_ifru.ifru_flags };
         if flags & libc::IFF_UP as libc::c_short != 0 {
@@ -55,18 +46,13 @@ impl IfControl {
     /// The Ethernet MAC address; an error for interfaces of another link type.
     pub fn mac(&self, iface: &str) -> io::Result<[u8; 6]> {
         let mut req = ifreq(iface)?;
-        self.ioctl(libc::SIOCGIFHWADDR, &mut req, || {
-            format!("read hardware address of {iface}")
-        })?;
+        self.ioctl(libc::SIOCGIFHWADDR, &mut req, || format!("read hardware address of {iface}"))?;
         // SAFETY: SIOCGIFHWADDR filled the hwaddr member of the union.
         let hw = unsafe { req.ifr_ifru.ifru_hwaddr };
         if hw.sa_family != libc::ARPHRD_ETHER {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
-                format!(
-                    "{iface} is not an Ethernet interface (link type {}); DHCP needs one",
-                    hw.sa_family
-                ),
+                format!("{iface} is not an Ethernet interface (link type {}); DHCP needs one", hw.sa_family),
             ));
         }
         let mut mac = [0u8; 6];
@@ -80,35 +66,23 @@ impl IfControl {
     pub fn set_address(&self, iface: &str, address: Ipv4Addr, prefix_len: u8) -> io::Result<()> {
         let mut req = ifreq(iface)?;
         req.ifr_ifru.ifru_addr = sockaddr_v4(address);
-        self.ioctl(libc::SIOCSIFADDR, &mut req, || {
-            format!("set address {address} on {iface}")
-        })?;
+        self.ioctl(libc::SIOCSIFADDR, &mut req, || format!("set address {address} on {iface}"))?;
         let mask = prefix_to_mask(prefix_len);
         let mut req = ifreq(iface)?;
         req.ifr_ifru.ifru_netmask = sockaddr_v4(mask);
-        self.ioctl(libc::SIOCSIFNETMASK, &mut req, || {
-            format!("set netmask {mask} on {iface}")
-        })
+        self.ioctl(libc::SIOCSIFNETMASK, &mut req, || format!("set netmask {mask} on {iface}"))
     }
 
     /// Removes the IPv4 address; the kernel drops the routes through it with it.
     pub fn clear_address(&self, iface: &str) -> io::Result<()> {
         let mut req = ifreq(iface)?;
         req.ifr_ifru.ifru_addr = sockaddr_v4(Ipv4Addr::UNSPECIFIED);
-        self.ioctl(libc::SIOCSIFADDR, &mut req, || {
-            format!("remove address of {iface}")
-        })
+        self.ioctl(libc::SIOCSIFADDR, &mut req, || format!("remove address of {iface}"))
     }
 
     /// Adds a route to `dest`/`prefix_len` out of `iface`, via `gateway` or on-link. An
     /// identical existing route is not an error.
-    pub fn add_route(
-        &self,
-        iface: &str,
-        dest: Ipv4Addr,
-        prefix_len: u8,
-        gateway: Option<Ipv4Addr>,
-    ) -> io::Result<()> {
+    pub fn add_route(&self, iface: &str, dest: Ipv4Addr, prefix_len: u8, gateway: Option<Ipv4Addr>) -> io::Result<()> {
         match self.route(libc::SIOCADDRT, iface, dest, prefix_len, gateway) {
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
             other => other,
@@ -156,17 +130,12 @@ impl IfControl {
         rt.rt_dev = dev.as_ptr() as *mut libc::c_char;
         let via = gateway.map(|g| format!(" via {g}")).unwrap_or_default();
         let what = || {
-            let verb = if request == libc::SIOCADDRT {
-                "add"
-            } else {
-                "delete"
-            };
+            let verb = if request == libc::SIOCADDRT { "add" } else { "delete" };
             format!("{verb} route {dest}/{prefix_len}{via} dev {iface}")
         };
         // SAFETY: SIOCADDRT/SIOCDELRT read one struct rtentry; `rt` is initialised and `dev`
         // (which rt_dev points into) outlives the call.
-        let ret =
-            unsafe { libc::ioctl(self.fd.as_raw_fd(), request, &mut rt as *mut libc::rtentry) };
+        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), request, &mut rt as *mut libc::rtentry) };
         check(ret, what).map(|_| ())
     }
 }
@@ -174,10 +143,7 @@ impl IfControl {
 /// An ifreq naming `iface`, the rest zero.
 fn ifreq(iface: &str) -> io::Result<libc::ifreq> {
     if iface.is_empty() || iface.len() >= libc::IFNAMSIZ || iface.contains('\0') {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{iface:?} is not an interface name"),
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{iface:?} is not an interface name")));
     }
     // SAFETY: ifreq is plain old data (a name array and a union of integers and sockaddrs);
     // all-zero is a valid value.
@@ -192,9 +158,7 @@ fn sockaddr_v4(addr: Ipv4Addr) -> libc::sockaddr {
     let sin = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(addr.octets()),
-        },
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(addr.octets()) },
         sin_zero: [0; 8],
     };
     // SAFETY: sockaddr_in and sockaddr are both 16-byte plain-old-data structs; the kernel
@@ -212,10 +176,7 @@ mod tests {
         assert!(ifreq("sixteen-chars-xx").is_err());
         assert!(ifreq("eth\0").is_err());
         let req = ifreq("eth0").unwrap();
-        assert_eq!(
-            &req.ifr_name[..5],
-            &[b'e' as libc::c_char, b't' as _, b'h' as _, b'0' as _, 0]
-        );
+        assert_eq!(&req.ifr_name[..5], &[b'e' as libc::c_char, b't' as _, b'h' as _, b'0' as _, 0]);
     }
 
     #[test]

@@ -61,8 +61,7 @@ struct DhcpState {
 pub fn bring_up_loopback() -> Result<(), String> {
     let ctl = IfControl::new().map_err(|e| e.to_string())?;
     ctl.set_up("lo").map_err(|e| e.to_string())?;
-    ctl.set_address("lo", Ipv4Addr::LOCALHOST, 8)
-        .map_err(|e| e.to_string())
+    ctl.set_address("lo", Ipv4Addr::LOCALHOST, 8).map_err(|e| e.to_string())
 }
 
 /// The first non-loopback Ethernet interface backed by a device (sorted by name; lo, sit*,
@@ -75,9 +74,7 @@ pub fn first_nic(wait: Duration) -> Option<String> {
 /// else [`first_nic`].
 pub fn choose_nic(cfg: &NetConfig, wait: Duration) -> Option<String> {
     match &cfg.interface {
-        Some(name) => {
-            nic::wait_for_in(Path::new(nic::SYS_CLASS_NET), name, wait).then(|| name.clone())
-        }
+        Some(name) => nic::wait_for_in(Path::new(nic::SYS_CLASS_NET), name, wait).then(|| name.clone()),
         None => first_nic(wait),
     }
 }
@@ -90,15 +87,9 @@ pub fn configure(cfg: &NetConfig, iface: &str) -> Result<NetStatus, String> {
 
 /// [`configure`] writing the resolver configuration to `resolv_conf`; the DHCP renewal thread
 /// keeps writing there.
-pub(crate) fn configure_with_resolv(
-    cfg: &NetConfig,
-    iface: &str,
-    resolv_conf: &Path,
-) -> Result<NetStatus, String> {
+pub(crate) fn configure_with_resolv(cfg: &NetConfig, iface: &str, resolv_conf: &Path) -> Result<NetStatus, String> {
     if let Some(wanted) = cfg.interface.as_deref().filter(|wanted| *wanted != iface) {
-        return Err(format!(
-            "oc.iface={wanted} names another interface than {iface}"
-        ));
+        return Err(format!("oc.iface={wanted} names another interface than {iface}"));
     }
     let ctl = IfControl::new().map_err(|e| e.to_string())?;
     ctl.set_up(iface).map_err(|e| e.to_string())?;
@@ -122,14 +113,7 @@ pub(crate) fn configure_with_resolv(
         NetMode::Dhcp => {
             let mac = ctl.mac(iface).map_err(|e| e.to_string())?;
             let lease = obtain_lease(iface, mac, Instant::now() + DHCP_TIMEOUT)?;
-            apply_addressing(
-                &ctl,
-                iface,
-                lease.address,
-                lease.prefix_len,
-                lease.gateway,
-                None,
-            )?;
+            apply_addressing(&ctl, iface, lease.address, lease.prefix_len, lease.gateway, None)?;
             if !lease.dns.is_empty() {
                 resolv::write(resolv_conf, &lease.dns, &dhcp_origin(iface, &lease))?;
             }
@@ -141,11 +125,7 @@ pub(crate) fn configure_with_resolv(
                 dns: lease.dns.clone(),
                 source: "dhcp",
                 lease_secs: Some(lease.lease_secs),
-                dhcp: Some(DhcpState {
-                    mac,
-                    lease,
-                    resolv_conf: resolv_conf.to_path_buf(),
-                }),
+                dhcp: Some(DhcpState { mac, lease, resolv_conf: resolv_conf.to_path_buf() }),
             })
         }
     }
@@ -171,11 +151,8 @@ pub fn spawn_dhcp_renewal(status: &NetStatus, log: fn(&str)) {
 
 /// One DHCP exchange from scratch on an interface without an address.
 fn obtain_lease(iface: &str, mac: [u8; 6], deadline: Instant) -> Result<Lease, String> {
-    let mut transport =
-        transport::open_unconfigured(iface).map_err(|e| format!("DHCP on {iface}: {e}"))?;
-    Client::new(&mut *transport, mac, Backoff::BOOT)
-        .obtain(deadline)
-        .map_err(|e| format!("DHCP on {iface}: {e}"))
+    let mut transport = transport::open_unconfigured(iface).map_err(|e| format!("DHCP on {iface}: {e}"))?;
+    Client::new(&mut *transport, mac, Backoff::BOOT).obtain(deadline).map_err(|e| format!("DHCP on {iface}: {e}"))
 }
 
 fn dhcp_origin(iface: &str, lease: &Lease) -> String {
@@ -192,21 +169,16 @@ fn apply_addressing(
     gateway: Option<Ipv4Addr>,
     previous_gateway: Option<Ipv4Addr>,
 ) -> Result<(), String> {
-    ctl.set_address(iface, address, prefix_len)
-        .map_err(|e| e.to_string())?;
+    ctl.set_address(iface, address, prefix_len).map_err(|e| e.to_string())?;
     if let Some(old) = previous_gateway.filter(|old| Some(*old) != gateway) {
-        ctl.delete_route(iface, Ipv4Addr::UNSPECIFIED, 0, Some(old))
-            .map_err(|e| e.to_string())?;
-        ctl.delete_route(iface, old, 32, None)
-            .map_err(|e| e.to_string())?;
+        ctl.delete_route(iface, Ipv4Addr::UNSPECIFIED, 0, Some(old)).map_err(|e| e.to_string())?;
+        ctl.delete_route(iface, old, 32, None).map_err(|e| e.to_string())?;
     }
     if let Some(gw) = gateway {
         if !same_subnet(gw, address, prefix_len) {
-            ctl.add_route(iface, gw, 32, None)
-                .map_err(|e| e.to_string())?;
+            ctl.add_route(iface, gw, 32, None).map_err(|e| e.to_string())?;
         }
-        ctl.add_route(iface, Ipv4Addr::UNSPECIFIED, 0, Some(gw))
-            .map_err(|e| e.to_string())?;
+        ctl.add_route(iface, Ipv4Addr::UNSPECIFIED, 0, Some(gw)).map_err(|e| e.to_string())?;
     }
     Ok(())
 }

@@ -20,8 +20,7 @@ pub fn ethernet_nics(class_net: &Path) -> Vec<String> {
         .filter(|name| name != "lo")
         .filter(|name| std::fs::symlink_metadata(class_net.join(name).join("device")).is_ok())
         .filter(|name| {
-            std::fs::read_to_string(class_net.join(name).join("type"))
-                .is_ok_and(|t| t.trim() == TYPE_ETHERNET)
+            std::fs::read_to_string(class_net.join(name).join("type")).is_ok_and(|t| t.trim() == TYPE_ETHERNET)
         })
         .collect();
     names.sort();
@@ -62,8 +61,7 @@ mod tests {
 
     impl FakeSysfs {
         fn new(tag: &str) -> FakeSysfs {
-            let dir =
-                std::env::temp_dir().join(format!("oc-net-sysfs-{tag}-{}", std::process::id()));
+            let dir = std::env::temp_dir().join(format!("oc-net-sysfs-{tag}-{}", std::process::id()));
             let _ = fs::remove_dir_all(&dir);
             fs::create_dir_all(&dir).unwrap();
             FakeSysfs(dir)
@@ -95,14 +93,8 @@ mod tests {
         sys.add("ib0", "32", true);
         sys.add("eth1", "1", true);
         sys.add("enp0s3", "1", true);
-        assert_eq!(
-            ethernet_nics(&sys.0),
-            vec!["enp0s3".to_string(), "eth1".to_string()]
-        );
-        assert_eq!(
-            first_nic_in(&sys.0, Duration::ZERO).as_deref(),
-            Some("enp0s3")
-        );
+        assert_eq!(ethernet_nics(&sys.0), vec!["enp0s3".to_string(), "eth1".to_string()]);
+        assert_eq!(first_nic_in(&sys.0, Duration::ZERO).as_deref(), Some("enp0s3"));
     }
 
     #[test]
@@ -120,10 +112,7 @@ mod tests {
             fs::create_dir_all(dir.join("device")).unwrap();
             fs::write(dir.join("type"), "1\n").unwrap();
         });
-        assert_eq!(
-            first_nic_in(&sys.0, Duration::from_secs(5)).as_deref(),
-            Some("eth0")
-        );
+        assert_eq!(first_nic_in(&sys.0, Duration::from_secs(5)).as_deref(), Some("eth0"));
         adder.join().unwrap();
         assert!(wait_for_in(&sys.0, "eth0", Duration::ZERO));
         assert!(!wait_for_in(&sys.0, "eth9", Duration::from_millis(150)));

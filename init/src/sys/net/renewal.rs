@@ -20,30 +20,15 @@ const IO_PAUSE: Duration = Duration::from_secs(5);
 pub fn run(iface: &str, mac: [u8; 6], mut lease: Lease, resolv_conf: &Path, log: fn(&str)) {
     loop {
         if lease.is_infinite() {
-            log(&format!(
-                "the lease on {} never expires; no renewal needed",
-                lease.address
-            ));
+            log(&format!("the lease on {} never expires; no renewal needed", lease.address));
             return;
         }
         // A lease of a second or two must not turn into a busy loop of exchanges.
         sleep_until(lease.renew_at().max(lease.obtained + MIN_CYCLE));
-        log(&format!(
-            "renewing the lease on {} with server {}",
-            lease.address, lease.server
-        ));
-        let outcome = match extend(
-            iface,
-            mac,
-            &lease,
-            Some(lease.server),
-            lease.rebind_at(),
-            log,
-        ) {
+        log(&format!("renewing the lease on {} with server {}", lease.address, lease.server));
+        let outcome = match extend(iface, mac, &lease, Some(lease.server), lease.rebind_at(), log) {
             Err(DhcpError::NoAnswer(e)) => {
-                log(&format!(
-                    "renewal got no answer ({e}); asking any DHCP server (rebinding)"
-                ));
+                log(&format!("renewal got no answer ({e}); asking any DHCP server (rebinding)"));
                 extend(iface, mac, &lease, None, lease.expires_at(), log)
             }
             settled => settled,
@@ -55,9 +40,7 @@ pub fn run(iface: &str, mac: [u8; 6], mut lease: Lease, resolv_conf: &Path, log:
             }
             Err(e) => {
                 match e {
-                    DhcpError::Refused { .. } => {
-                        log(&format!("{e}: {} may no longer be used", lease.address))
-                    }
+                    DhcpError::Refused { .. } => log(&format!("{e}: {} may no longer be used", lease.address)),
                     _ => log(&format!("the lease on {} expired ({e})", lease.address)),
                 }
                 drop_address(iface, &lease, log);
@@ -83,18 +66,12 @@ fn extend(
         if Instant::now() >= deadline {
             return Err(DhcpError::NoAnswer(format!("no time left to {phase}")));
         }
-        let attempt = UdpTransport::open(iface)
-            .map_err(|e| DhcpError::Io(e.to_string()))
-            .and_then(|mut socket| {
-                Client::new(&mut socket as &mut dyn Transport, mac, Backoff::RENEW)
-                    .extend(lease, to, deadline)
-            });
+        let attempt = UdpTransport::open(iface).map_err(|e| DhcpError::Io(e.to_string())).and_then(|mut socket| {
+            Client::new(&mut socket as &mut dyn Transport, mac, Backoff::RENEW).extend(lease, to, deadline)
+        });
         match attempt {
             Err(DhcpError::Io(e)) => {
-                log(&format!(
-                    "cannot {phase} right now ({e}); trying again in {} s",
-                    IO_PAUSE.as_secs()
-                ));
+                log(&format!("cannot {phase} right now ({e}); trying again in {} s", IO_PAUSE.as_secs()));
                 sleep_until((Instant::now() + IO_PAUSE).min(deadline));
             }
             settled => return settled,
@@ -111,20 +88,11 @@ fn adopt(iface: &str, old: &Lease, new: &Lease, resolv_conf: &Path, log: fn(&str
             old.prefix_len,
             new.address,
             new.prefix_len,
-            new.gateway
-                .map(|g| g.to_string())
-                .unwrap_or_else(|| "none".into())
+            new.gateway.map(|g| g.to_string()).unwrap_or_else(|| "none".into())
         ));
-        let applied = IfControl::new().map_err(|e| e.to_string()).and_then(|ctl| {
-            apply_addressing(
-                &ctl,
-                iface,
-                new.address,
-                new.prefix_len,
-                new.gateway,
-                old.gateway,
-            )
-        });
+        let applied = IfControl::new()
+            .map_err(|e| e.to_string())
+            .and_then(|ctl| apply_addressing(&ctl, iface, new.address, new.prefix_len, new.gateway, old.gateway));
         if let Err(e) = applied {
             log(&format!("could not apply the new addressing: {e}"));
         }
@@ -135,23 +103,14 @@ fn adopt(iface: &str, old: &Lease, new: &Lease, resolv_conf: &Path, log: fn(&str
             Err(e) => log(&format!("could not update the DNS servers: {e}")),
         }
     }
-    log(&format!(
-        "lease on {} renewed for {} s by server {}",
-        new.address, new.lease_secs, new.server
-    ));
+    log(&format!("lease on {} renewed for {} s by server {}", new.address, new.lease_secs, new.server));
 }
 
 fn drop_address(iface: &str, lease: &Lease, log: fn(&str)) {
     let cleared = IfControl::new().and_then(|ctl| ctl.clear_address(iface));
     match cleared {
-        Ok(()) => log(&format!(
-            "removed {} from {iface}; looking for a DHCP server",
-            lease.address
-        )),
-        Err(e) => log(&format!(
-            "could not remove {} from {iface}: {e}",
-            lease.address
-        )),
+        Ok(()) => log(&format!("removed {} from {iface}; looking for a DHCP server", lease.address)),
+        Err(e) => log(&format!("could not remove {} from {iface}: {e}", lease.address)),
     }
 }
 
@@ -162,14 +121,7 @@ fn start_over(iface: &str, mac: [u8; 6], resolv_conf: &Path, log: fn(&str)) -> L
         match obtain_lease(iface, mac, Instant::now() + DHCP_TIMEOUT) {
             Ok(lease) => {
                 let applied = IfControl::new().map_err(|e| e.to_string()).and_then(|ctl| {
-                    apply_addressing(
-                        &ctl,
-                        iface,
-                        lease.address,
-                        lease.prefix_len,
-                        lease.gateway,
-                        None,
-                    )
+                    apply_addressing(&ctl, iface, lease.address, lease.prefix_len, lease.gateway, None)
                 });
                 match applied {
                     Ok(()) => {
@@ -178,18 +130,13 @@ fn start_over(iface: &str, mac: [u8; 6], resolv_conf: &Path, log: fn(&str)) -> L
                             lease.address, lease.prefix_len, lease.lease_secs, lease.server
                         ));
                         if !lease.dns.is_empty() {
-                            if let Err(e) =
-                                resolv::write(resolv_conf, &lease.dns, &dhcp_origin(iface, &lease))
-                            {
+                            if let Err(e) = resolv::write(resolv_conf, &lease.dns, &dhcp_origin(iface, &lease)) {
                                 log(&format!("could not update the DNS servers: {e}"));
                             }
                         }
                         return lease;
                     }
-                    Err(e) => log(&format!(
-                        "got {} but could not configure it: {e}",
-                        lease.address
-                    )),
+                    Err(e) => log(&format!("got {} but could not configure it: {e}", lease.address)),
                 }
             }
             Err(e) => log(&format!("{e}; trying again in {} s", pause.as_secs())),

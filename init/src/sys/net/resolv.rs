@@ -13,9 +13,7 @@ pub fn write(path: &Path, servers: &[Ipv4Addr], origin: &str) -> Result<(), Stri
     for server in servers {
         text.push_str(&format!("nameserver {server}\n"));
     }
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| format!("{}: not a file path", path.display()))?;
+    let file_name = path.file_name().ok_or_else(|| format!("{}: not a file path", path.display()))?;
     let mut tmp_name = file_name.to_os_string();
     tmp_name.push(".init-tmp");
     let tmp = path.with_file_name(tmp_name);
@@ -41,24 +39,11 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("resolv.conf");
         std::fs::write(&path, "nameserver 192.0.2.1\nsearch old\n").unwrap();
-        write(
-            &path,
-            &[Ipv4Addr::new(10, 0, 2, 3), Ipv4Addr::new(10, 0, 2, 4)],
-            "DHCP on eth0",
-        )
-        .unwrap();
+        write(&path, &[Ipv4Addr::new(10, 0, 2, 3), Ipv4Addr::new(10, 0, 2, 4)], "DHCP on eth0").unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
-        assert_eq!(
-            text,
-            "# written by init: DHCP on eth0\nnameserver 10.0.2.3\nnameserver 10.0.2.4\n"
-        );
+        assert_eq!(text, "# written by init: DHCP on eth0\nnameserver 10.0.2.3\nnameserver 10.0.2.4\n");
         assert!(!dir.join("resolv.conf.init-tmp").exists());
-        let err = write(
-            &dir.join("missing-dir/resolv.conf"),
-            &[Ipv4Addr::new(10, 0, 2, 3)],
-            "x",
-        )
-        .unwrap_err();
+        let err = write(&dir.join("missing-dir/resolv.conf"), &[Ipv4Addr::new(10, 0, 2, 3)], "x").unwrap_err();
         assert!(err.contains("missing-dir"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -127,9 +127,8 @@ impl Block {
 
     /// Moves one guest buffer to or from the disk at `offset`, without a bounce copy.
     fn transfer(&self, mem: &GuestMemory, d: &Descriptor, offset: u64, reading: bool) -> std::io::Result<()> {
-        let slice = mem
-            .get_slice(d.addr, d.len as usize)
-            .map_err(|_| std::io::Error::from_raw_os_error(libc::EFAULT))?;
+        let slice =
+            mem.get_slice(d.addr, d.len as usize).map_err(|_| std::io::Error::from_raw_os_error(libc::EFAULT))?;
         let guard = slice.ptr_guard_mut();
         let ptr = guard.as_ptr();
         let len = d.len as usize;
@@ -196,10 +195,7 @@ impl VirtioDevice for Block {
         config[..8].copy_from_slice(&self.capacity_sectors.to_le_bytes());
         config[12..16].copy_from_slice(&((QUEUE_SIZE - 2) as u32).to_le_bytes());
         for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| config.get(o as usize).copied())
-                .unwrap_or(0);
+            *b = offset.checked_add(i as u64).and_then(|o| config.get(o as usize).copied()).unwrap_or(0);
         }
     }
 
@@ -237,7 +233,8 @@ mod tests {
     const STATUS: u64 = 0x30000;
 
     fn disk(sectors: u64, fill: u8) -> (File, std::path::PathBuf) {
-        let path = std::env::temp_dir().join(format!("vmm-blk-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let path =
+            std::env::temp_dir().join(format!("vmm-blk-{}-{:?}", std::process::id(), std::thread::current().id()));
         let mut f = File::options().create(true).truncate(true).read(true).write(true).open(&path).unwrap();
         f.write_all(&vec![fill; (sectors * SECTOR_SIZE) as usize]).unwrap();
         (f, path)

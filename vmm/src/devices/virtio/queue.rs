@@ -36,12 +36,18 @@ pub struct DescriptorChain {
 #[derive(Debug, PartialEq, Eq)]
 pub enum QueueError {
     /// The driver claims more new entries than the ring holds: the ring is corrupt.
-    AvailIndexJump { next: u16, avail: u16 },
+    AvailIndexJump {
+        next: u16,
+        avail: u16,
+    },
     HeadOutOfRange(u16),
     NextOutOfRange(u16),
     ChainTooLong,
     /// A buffer with a zero length or outside guest memory.
-    BadBuffer { addr: u64, len: u32 },
+    BadBuffer {
+        addr: u64,
+        len: u32,
+    },
     IndirectNotNegotiated,
     /// A ring itself is not readable/writable at the address the driver gave.
     RingAccess(u64),
@@ -116,10 +122,7 @@ impl Queue {
     /// A malformed chain is still consumed (so the caller can complete it with an error)
     /// and returned as `Ok(Some((head, Err(..))))`; a corrupt ring is `Err`.
     #[allow(clippy::type_complexity)]
-    pub fn pop(
-        &mut self,
-        mem: &GuestMemory,
-    ) -> Result<Option<(u16, Result<DescriptorChain, QueueError>)>, QueueError> {
+    pub fn pop(&mut self, mem: &GuestMemory) -> Result<Option<(u16, Result<DescriptorChain, QueueError>)>, QueueError> {
         let avail = self.avail_index(mem)?;
         let pending = (Wrapping(avail) - self.next_avail).0;
         if pending == 0 {

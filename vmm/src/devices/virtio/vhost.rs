@@ -107,21 +107,33 @@ impl VhostVsock {
     fn ioctl_none(&self, req: u64) -> std::io::Result<()> {
         // SAFETY: a request without an argument on a file descriptor we own.
         let r = unsafe { libc::ioctl(self.fd(), req as libc::c_ulong, 0) };
-        if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
     }
 
     fn ioctl_ptr<T>(&self, req: u64, arg: &T) -> std::io::Result<()> {
         // SAFETY: every request passed here takes a pointer to exactly a `T` (the request
         // number encodes its size), which lives across the call; the kernel only reads it.
         let r = unsafe { libc::ioctl(self.fd(), req as libc::c_ulong, arg as *const T) };
-        if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
     }
 
     pub fn features(&self) -> std::io::Result<u64> {
         let mut f = 0u64;
         // SAFETY: GET_FEATURES writes one u64 to the pointer we pass, which is valid.
         let r = unsafe { libc::ioctl(self.fd(), GET_FEATURES as libc::c_ulong, &mut f as *mut u64) };
-        if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(f) }
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(f)
+        }
     }
 
     pub fn set_features(&self, f: u64) -> std::io::Result<()> {
@@ -141,7 +153,11 @@ impl VhostVsock {
         // SAFETY: `buf` holds a complete `struct vhost_memory` with `nregions` regions and
         // lives across the call; the kernel copies it.
         let r = unsafe { libc::ioctl(self.fd(), SET_MEM_TABLE as libc::c_ulong, buf.as_ptr()) };
-        if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
     }
 
     pub fn set_vring_num(&self, index: u32, num: u16) -> std::io::Result<()> {
@@ -153,7 +169,14 @@ impl VhostVsock {
     }
 
     pub fn set_vring_addr(&self, index: u32, desc: u64, avail: u64, used: u64) -> std::io::Result<()> {
-        let a = VringAddr { index, flags: 0, desc_user_addr: desc, used_user_addr: used, avail_user_addr: avail, log_guest_addr: 0 };
+        let a = VringAddr {
+            index,
+            flags: 0,
+            desc_user_addr: desc,
+            used_user_addr: used,
+            avail_user_addr: avail,
+            log_guest_addr: 0,
+        };
         self.ioctl_ptr(SET_VRING_ADDR, &a)
     }
 

@@ -52,7 +52,8 @@ impl Vsock {
             })
             .collect();
         self.backend.set_mem_table(&regions)?;
-        let host = |a| mem.get_host_address(a).map(|p| p as u64).map_err(|_| std::io::Error::from_raw_os_error(libc::EFAULT));
+        let host =
+            |a| mem.get_host_address(a).map(|p| p as u64).map_err(|_| std::io::Error::from_raw_os_error(libc::EFAULT));
         for (i, q) in queues.iter().take(VHOST_QUEUES).enumerate() {
             let index = i as u32;
             self.backend.set_vring_num(index, q.size)?;

@@ -14,8 +14,7 @@ const PROTO_UDP: u8 = 17;
 pub fn broadcast_datagram(payload: &[u8]) -> Result<Vec<u8>, String> {
     let udp_len = UDP_HEADER_LEN + payload.len();
     let total_len = IPV4_HEADER_LEN + udp_len;
-    let total = u16::try_from(total_len)
-        .map_err(|_| format!("DHCP message of {} bytes is too long", payload.len()))?;
+    let total = u16::try_from(total_len).map_err(|_| format!("DHCP message of {} bytes is too long", payload.len()))?;
     let src = Ipv4Addr::UNSPECIFIED.octets();
     let dst = Ipv4Addr::BROADCAST.octets();
 
@@ -50,10 +49,7 @@ pub fn broadcast_datagram(payload: &[u8]) -> Result<Vec<u8>, String> {
 /// header checksum is always complete and is checked.
 pub fn udp_payload(packet: &[u8], dst_port: u16) -> Result<&[u8], String> {
     if packet.len() < IPV4_HEADER_LEN {
-        return Err(format!(
-            "{} bytes is shorter than an IPv4 header",
-            packet.len()
-        ));
+        return Err(format!("{} bytes is shorter than an IPv4 header", packet.len()));
     }
     if packet[0] >> 4 != 4 {
         return Err(format!("IP version {}", packet[0] >> 4));
@@ -87,10 +83,7 @@ pub fn udp_payload(packet: &[u8], dst_port: u16) -> Result<&[u8], String> {
     }
     let udp_len = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
     if udp_len < UDP_HEADER_LEN || udp_len > udp.len() {
-        return Err(format!(
-            "UDP length {udp_len} does not fit the {}-byte datagram",
-            udp.len()
-        ));
+        return Err(format!("UDP length {udp_len} does not fit the {}-byte datagram", udp.len()));
     }
     Ok(&udp[UDP_HEADER_LEN..udp_len])
 }
@@ -165,29 +158,18 @@ mod tests {
         let payload = b"hello dhcp, odd length";
         let dgram = broadcast_datagram(payload).unwrap();
         assert_eq!(dgram.len(), 20 + 8 + payload.len());
-        assert_eq!(
-            checksum(&[&dgram[..20]]),
-            0,
-            "IP header checksum must verify"
-        );
+        assert_eq!(checksum(&[&dgram[..20]]), 0, "IP header checksum must verify");
         assert_eq!(&dgram[12..20], &[0, 0, 0, 0, 255, 255, 255, 255]);
         assert_eq!(&dgram[20..24], &[0, 68, 0, 67]);
         let pseudo = pseudo_header([0; 4], [255; 4], (8 + payload.len()) as u16);
-        assert_eq!(
-            checksum(&[&pseudo, &dgram[20..]]),
-            0,
-            "UDP checksum must verify"
-        );
+        assert_eq!(checksum(&[&pseudo, &dgram[20..]]), 0, "UDP checksum must verify");
         assert_eq!(&dgram[28..], payload);
     }
 
     #[test]
     fn known_checksum_value() {
         // Header from RFC 1071-style worked examples: 45 00 00 73 00 00 40 00 40 11 .. c0 a8 00 01 c0 a8 00 c7
-        let header = [
-            0x45, 0, 0, 0x73, 0, 0, 0x40, 0, 0x40, 0x11, 0, 0, 0xc0, 0xa8, 0, 1, 0xc0, 0xa8, 0,
-            0xc7,
-        ];
+        let header = [0x45, 0, 0, 0x73, 0, 0, 0x40, 0, 0x40, 0x11, 0, 0, 0xc0, 0xa8, 0, 1, 0xc0, 0xa8, 0, 0xc7];
         assert_eq!(checksum(&[&header]), 0xb861);
     }
 
@@ -204,9 +186,7 @@ mod tests {
         assert!(udp_payload(&good, 1234).is_err(), "wrong port");
         let mut bad_sum = good.clone();
         bad_sum[8] = 1; // TTL changed without fixing the checksum
-        assert!(udp_payload(&bad_sum, CLIENT_PORT)
-            .unwrap_err()
-            .contains("checksum"));
+        assert!(udp_payload(&bad_sum, CLIENT_PORT).unwrap_err().contains("checksum"));
         let mut tcp = good.clone();
         tcp[9] = 6;
         assert!(udp_payload(&tcp, CLIENT_PORT).is_err());
@@ -214,10 +194,7 @@ mod tests {
         v6[0] = 0x65;
         assert!(udp_payload(&v6, CLIENT_PORT).is_err());
         for len in 0..good.len() {
-            assert!(
-                udp_payload(&good[..len], CLIENT_PORT).is_err(),
-                "accepted {len}-byte truncation"
-            );
+            assert!(udp_payload(&good[..len], CLIENT_PORT).is_err(), "accepted {len}-byte truncation");
         }
         let mut long_udp = good.clone();
         long_udp[24..26].copy_from_slice(&200u16.to_be_bytes());

@@ -112,14 +112,7 @@ impl Request {
         push_option(
             &mut out,
             opt::PARAMETER_LIST,
-            &[
-                opt::SUBNET_MASK,
-                opt::ROUTER,
-                opt::DNS,
-                opt::LEASE_TIME,
-                opt::RENEWAL_TIME,
-                opt::REBINDING_TIME,
-            ],
+            &[opt::SUBNET_MASK, opt::ROUTER, opt::DNS, opt::LEASE_TIME, opt::RENEWAL_TIME, opt::REBINDING_TIME],
         );
         out.push(opt::END);
         // Some old BOOTP relays drop messages shorter than a BOOTP packet (300 bytes).
@@ -154,19 +147,13 @@ pub struct Reply {
 impl Reply {
     pub fn parse(packet: &[u8]) -> Result<Reply, String> {
         if packet.len() < OPTIONS_START {
-            return Err(format!(
-                "{} bytes is shorter than a DHCP header",
-                packet.len()
-            ));
+            return Err(format!("{} bytes is shorter than a DHCP header", packet.len()));
         }
         if packet[0] != BOOTREPLY {
             return Err(format!("op {} is not a BOOTREPLY", packet[0]));
         }
         if packet[1] != HTYPE_ETHERNET || packet[2] != 6 {
-            return Err(format!(
-                "hardware type {}/{} is not Ethernet",
-                packet[1], packet[2]
-            ));
+            return Err(format!("hardware type {}/{} is not Ethernet", packet[1], packet[2]));
         }
         if packet[HEADER_LEN..OPTIONS_START] != MAGIC_COOKIE {
             return Err("no DHCP magic cookie".into());
@@ -188,8 +175,7 @@ impl Reply {
             }
         }
         let kind = match options.get(&opt::MESSAGE_TYPE).map(Vec::as_slice) {
-            Some([b]) => MessageType::from_byte(*b)
-                .ok_or_else(|| format!("unknown DHCP message type {b}"))?,
+            Some([b]) => MessageType::from_byte(*b).ok_or_else(|| format!("unknown DHCP message type {b}"))?,
             Some(other) => return Err(format!("message type option has length {}", other.len())),
             None => return Err("no DHCP message type (plain BOOTP)".into()),
         };
@@ -208,24 +194,17 @@ impl Reply {
         match self.options.get(&code).map(Vec::as_slice) {
             None => Ok(None),
             Some(&[a, b, c, d]) => Ok(Some(Ipv4Addr::new(a, b, c, d))),
-            Some(other) => Err(format!(
-                "option {code} has length {}, expected 4",
-                other.len()
-            )),
+            Some(other) => Err(format!("option {code} has length {}, expected 4", other.len())),
         }
     }
 
     fn addr_list_option(&self, code: u8) -> Result<Vec<Ipv4Addr>, String> {
         match self.options.get(&code) {
             None => Ok(Vec::new()),
-            Some(v) if v.is_empty() || v.len() % 4 != 0 => Err(format!(
-                "option {code} has length {}, not a list of addresses",
-                v.len()
-            )),
-            Some(v) => Ok(v
-                .chunks_exact(4)
-                .map(|c| Ipv4Addr::new(c[0], c[1], c[2], c[3]))
-                .collect()),
+            Some(v) if v.is_empty() || v.len() % 4 != 0 => {
+                Err(format!("option {code} has length {}, not a list of addresses", v.len()))
+            }
+            Some(v) => Ok(v.chunks_exact(4).map(|c| Ipv4Addr::new(c[0], c[1], c[2], c[3])).collect()),
         }
     }
 
@@ -233,10 +212,7 @@ impl Reply {
         match self.options.get(&code).map(Vec::as_slice) {
             None => Ok(None),
             Some(&[a, b, c, d]) => Ok(Some(u32::from_be_bytes([a, b, c, d]))),
-            Some(other) => Err(format!(
-                "option {code} has length {}, expected 4",
-                other.len()
-            )),
+            Some(other) => Err(format!("option {code} has length {}, expected 4", other.len())),
         }
     }
 
@@ -248,9 +224,7 @@ impl Reply {
     pub fn prefix_len(&self) -> Result<Option<u8>, String> {
         match self.addr_option(opt::SUBNET_MASK)? {
             None => Ok(None),
-            Some(mask) => mask_to_prefix(mask)
-                .map(Some)
-                .ok_or_else(|| format!("subnet mask {mask} is not contiguous")),
+            Some(mask) => mask_to_prefix(mask).map(Some).ok_or_else(|| format!("subnet mask {mask} is not contiguous")),
         }
     }
 
@@ -278,17 +252,7 @@ impl Reply {
     /// Option 56, the server's human-readable reason (sent with a NAK), printable ASCII only.
     pub fn server_message(&self) -> Option<String> {
         let text = self.options.get(&opt::MESSAGE)?;
-        Some(
-            text.iter()
-                .map(|&b| {
-                    if (0x20..0x7f).contains(&b) {
-                        b as char
-                    } else {
-                        '?'
-                    }
-                })
-                .collect(),
-        )
+        Some(text.iter().map(|&b| if (0x20..0x7f).contains(&b) { b as char } else { '?' }).collect())
     }
 }
 
@@ -302,13 +266,10 @@ fn parse_options(area: &[u8], into: &mut BTreeMap<u8, Vec<u8>>, what: &str) -> R
             opt::PAD => i += 1,
             opt::END => return Ok(()),
             _ => {
-                let len = *area
-                    .get(i + 1)
-                    .ok_or_else(|| format!("{what}: option {code} has no length byte"))?
-                    as usize;
-                let value = area.get(i + 2..i + 2 + len).ok_or_else(|| {
-                    format!("{what}: option {code} of length {len} runs past the end")
-                })?;
+                let len = *area.get(i + 1).ok_or_else(|| format!("{what}: option {code} has no length byte"))? as usize;
+                let value = area
+                    .get(i + 2..i + 2 + len)
+                    .ok_or_else(|| format!("{what}: option {code} of length {len} runs past the end"))?;
                 into.entry(code).or_default().extend_from_slice(value);
                 i += 2 + len;
             }
@@ -324,11 +285,7 @@ pub fn mask_to_prefix(mask: Ipv4Addr) -> Option<u8> {
 }
 
 pub fn prefix_to_mask(prefix_len: u8) -> Ipv4Addr {
-    let bits = if prefix_len == 0 {
-        0
-    } else {
-        u32::MAX << (32 - u32::from(prefix_len.min(32)))
-    };
+    let bits = if prefix_len == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix_len.min(32))) };
     Ipv4Addr::from(bits)
 }
 
@@ -383,10 +340,7 @@ mod tests {
         assert_eq!(options[&opt::MESSAGE_TYPE], vec![3]);
         assert_eq!(options[&opt::REQUESTED_IP], vec![10, 0, 2, 15]);
         assert_eq!(options[&opt::SERVER_ID], vec![10, 0, 2, 2]);
-        assert_eq!(
-            options[&opt::CLIENT_ID],
-            vec![1, 0x52, 0x54, 0x00, 0x12, 0x34, 0x56]
-        );
+        assert_eq!(options[&opt::CLIENT_ID], vec![1, 0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
         let wanted = &options[&opt::PARAMETER_LIST];
         for code in [1, 3, 6, 51] {
             assert!(wanted.contains(&code), "parameter list lacks {code}");
@@ -408,16 +362,10 @@ mod tests {
         let mut options = BTreeMap::new();
         parse_options(&discover.encode()[240..], &mut options, "test").unwrap();
         assert_eq!(options[&opt::MESSAGE_TYPE], vec![1]);
-        assert!(
-            !options.contains_key(&opt::REQUESTED_IP) && !options.contains_key(&opt::SERVER_ID)
-        );
+        assert!(!options.contains_key(&opt::REQUESTED_IP) && !options.contains_key(&opt::SERVER_ID));
 
-        let renew = Request {
-            kind: MessageType::Request,
-            ciaddr: Ipv4Addr::new(10, 0, 2, 15),
-            broadcast: false,
-            ..discover
-        };
+        let renew =
+            Request { kind: MessageType::Request, ciaddr: Ipv4Addr::new(10, 0, 2, 15), broadcast: false, ..discover };
         let bytes = renew.encode();
         assert_eq!(&bytes[10..12], &[0, 0]);
         assert_eq!(&bytes[12..16], &[10, 0, 2, 15]);
@@ -443,10 +391,7 @@ mod tests {
         assert_eq!(reply.chaddr, MAC);
         assert_eq!(reply.prefix_len().unwrap(), Some(24));
         assert_eq!(reply.router().unwrap(), Some(Ipv4Addr::new(10, 0, 2, 2)));
-        assert_eq!(
-            reply.dns().unwrap(),
-            vec![Ipv4Addr::new(10, 0, 2, 3), Ipv4Addr::new(9, 9, 9, 9)]
-        );
+        assert_eq!(reply.dns().unwrap(), vec![Ipv4Addr::new(10, 0, 2, 3), Ipv4Addr::new(9, 9, 9, 9)]);
         assert_eq!(reply.lease_secs().unwrap(), Some(3600));
         assert_eq!(reply.server_id().unwrap(), Some(Ipv4Addr::new(10, 0, 2, 2)));
         assert_eq!(reply.renewal_secs().unwrap(), None);
@@ -457,10 +402,7 @@ mod tests {
         let bytes = reply_bytes(2, 9, &[(54, &[10, 0, 2, 2]), (51, &[0, 0, 1, 0])]);
         assert!(Reply::parse(&bytes).is_ok());
         for len in 0..bytes.len() {
-            assert!(
-                Reply::parse(&bytes[..len]).is_err(),
-                "accepted a reply cut to {len} bytes"
-            );
+            assert!(Reply::parse(&bytes[..len]).is_err(), "accepted a reply cut to {len} bytes");
         }
     }
 
@@ -479,9 +421,7 @@ mod tests {
         bootp[241] = opt::PAD;
         bootp[242] = opt::PAD;
         assert!(Reply::parse(&bootp).unwrap_err().contains("message type"));
-        assert!(Reply::parse(&reply_bytes(99, 1, &[]))
-            .unwrap_err()
-            .contains("unknown"));
+        assert!(Reply::parse(&reply_bytes(99, 1, &[])).unwrap_err().contains("unknown"));
         // Deterministic pseudo-random noise after a valid header must never panic.
         let mut seed = 0x1234_5678u32;
         for _ in 0..2000 {
@@ -506,12 +446,7 @@ mod tests {
 
     #[test]
     fn malformed_option_values_are_errors_not_guesses() {
-        let reply = Reply::parse(&reply_bytes(
-            5,
-            1,
-            &[(1, &[255, 0, 255, 0]), (3, &[1, 2, 3]), (51, &[1])],
-        ))
-        .unwrap();
+        let reply = Reply::parse(&reply_bytes(5, 1, &[(1, &[255, 0, 255, 0]), (3, &[1, 2, 3]), (51, &[1])])).unwrap();
         assert!(reply.prefix_len().unwrap_err().contains("not contiguous"));
         assert!(reply.router().is_err());
         assert!(reply.lease_secs().is_err());
@@ -530,23 +465,13 @@ mod tests {
         let mut broken = reply_bytes(5, 1, &[(52, &[1])]);
         broken[FILE].fill(0x01);
         assert!(Reply::parse(&broken).is_err());
-        assert!(Reply::parse(&reply_bytes(5, 1, &[(52, &[7])]))
-            .unwrap_err()
-            .contains("overload"));
+        assert!(Reply::parse(&reply_bytes(5, 1, &[(52, &[7])])).unwrap_err().contains("overload"));
     }
 
     #[test]
     fn split_options_are_concatenated() {
-        let reply = Reply::parse(&reply_bytes(
-            5,
-            1,
-            &[(6, &[10, 0, 2, 3]), (6, &[10, 0, 2, 4])],
-        ))
-        .unwrap();
-        assert_eq!(
-            reply.dns().unwrap(),
-            vec![Ipv4Addr::new(10, 0, 2, 3), Ipv4Addr::new(10, 0, 2, 4)]
-        );
+        let reply = Reply::parse(&reply_bytes(5, 1, &[(6, &[10, 0, 2, 3]), (6, &[10, 0, 2, 4])])).unwrap();
+        assert_eq!(reply.dns().unwrap(), vec![Ipv4Addr::new(10, 0, 2, 3), Ipv4Addr::new(10, 0, 2, 4)]);
     }
 
     #[test]

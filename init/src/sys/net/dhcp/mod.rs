@@ -23,15 +23,9 @@ pub struct Backoff {
 impl Backoff {
     /// At boot we want an address within seconds, so retries start at 1 s (RFC 2131 4.1
     /// suggests 4 s for busy networks; a 10 s budget would allow only two tries).
-    pub const BOOT: Backoff = Backoff {
-        first: Duration::from_secs(1),
-        max: Duration::from_secs(4),
-    };
+    pub const BOOT: Backoff = Backoff { first: Duration::from_secs(1), max: Duration::from_secs(4) };
     /// Renewing has until T2, usually minutes or hours, so retries may be spaced out more.
-    pub const RENEW: Backoff = Backoff {
-        first: Duration::from_secs(2),
-        max: Duration::from_secs(60),
-    };
+    pub const RENEW: Backoff = Backoff { first: Duration::from_secs(2), max: Duration::from_secs(60) };
 }
 
 /// What a server granted, with the times to renew and rebind.
@@ -51,11 +45,7 @@ pub struct Lease {
 }
 
 impl Lease {
-    fn from_ack(
-        ack: &Reply,
-        fallback_server: Option<Ipv4Addr>,
-        sent_at: Instant,
-    ) -> Result<Lease, String> {
+    fn from_ack(ack: &Reply, fallback_server: Option<Ipv4Addr>, sent_at: Instant) -> Result<Lease, String> {
         if !is_usable_unicast(ack.yiaddr) {
             return Err(format!("ACK assigns unusable address {}", ack.yiaddr));
         }
@@ -63,20 +53,11 @@ impl Lease {
         if lease_secs == 0 {
             return Err("ACK with a lease of 0 seconds".into());
         }
-        let server = ack
-            .server_id()?
-            .or(fallback_server)
-            .ok_or("ACK without a server identifier")?;
+        let server = ack.server_id()?.or(fallback_server).ok_or("ACK without a server identifier")?;
         // Without option 1 the client infers the mask from the address class (RFC 1122 3.3.1.1).
-        let prefix_len = ack
-            .prefix_len()?
-            .unwrap_or_else(|| classful_prefix(ack.yiaddr));
+        let prefix_len = ack.prefix_len()?.unwrap_or_else(|| classful_prefix(ack.yiaddr));
         let gateway = ack.router()?.filter(|g| is_usable_unicast(*g));
-        let dns = ack
-            .dns()?
-            .into_iter()
-            .filter(|d| !d.is_unspecified() && !d.is_broadcast())
-            .collect();
+        let dns = ack.dns()?.into_iter().filter(|d| !d.is_unspecified() && !d.is_broadcast()).collect();
         // RFC 2131 4.4.5 defaults: T1 = 0.5 and T2 = 0.875 of the lease.
         let mut renew_secs = lease_secs / 2;
         let mut rebind_secs = (u64::from(lease_secs) * 7 / 8) as u32;
@@ -138,10 +119,7 @@ fn classful_prefix(a: Ipv4Addr) -> u8 {
 #[derive(Debug, Clone, PartialEq)]
 pub enum DhcpError {
     /// A server refused (DHCPNAK): the address must not be used.
-    Refused {
-        server: Ipv4Addr,
-        reason: Option<String>,
-    },
+    Refused { server: Ipv4Addr, reason: Option<String> },
     /// No acceptable answer before the deadline; the text says what was seen instead.
     NoAnswer(String),
     /// The socket failed.
@@ -151,14 +129,8 @@ pub enum DhcpError {
 impl std::fmt::Display for DhcpError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            DhcpError::Refused {
-                server,
-                reason: Some(r),
-            } => write!(f, "server {server} refused (DHCPNAK: {r})"),
-            DhcpError::Refused {
-                server,
-                reason: None,
-            } => write!(f, "server {server} refused (DHCPNAK)"),
+            DhcpError::Refused { server, reason: Some(r) } => write!(f, "server {server} refused (DHCPNAK: {r})"),
+            DhcpError::Refused { server, reason: None } => write!(f, "server {server} refused (DHCPNAK)"),
             DhcpError::NoAnswer(what) => f.write_str(what),
             DhcpError::Io(e) => f.write_str(e),
         }
@@ -186,11 +158,7 @@ struct Offer {
 
 impl<'t> Client<'t> {
     pub fn new(transport: &'t mut dyn Transport, mac: [u8; 6], backoff: Backoff) -> Client<'t> {
-        Client {
-            transport,
-            mac,
-            backoff,
-        }
+        Client { transport, mac, backoff }
     }
 
     /// INIT -> SELECTING -> REQUESTING -> BOUND. A NAK or a silent server after the offer
@@ -210,36 +178,19 @@ impl<'t> Client<'t> {
                 server_id: None,
                 broadcast: true,
             };
-            let offer = self.exchange(
-                &discover,
-                None,
-                xid,
-                started,
-                deadline,
-                "DHCPOFFER",
-                |reply| {
-                    if reply.kind != MessageType::Offer {
-                        return Verdict::Ignore(format!(
-                            "{:?} while waiting for an offer",
-                            reply.kind
-                        ));
-                    }
-                    if !is_usable_unicast(reply.yiaddr) {
-                        return Verdict::Ignore(format!(
-                            "offer of unusable address {}",
-                            reply.yiaddr
-                        ));
-                    }
-                    match reply.server_id() {
-                        Ok(Some(server)) => Verdict::Take(Offer {
-                            address: reply.yiaddr,
-                            server,
-                        }),
-                        Ok(None) => Verdict::Ignore("offer without a server identifier".into()),
-                        Err(e) => Verdict::Ignore(e),
-                    }
-                },
-            )?;
+            let offer = self.exchange(&discover, None, xid, started, deadline, "DHCPOFFER", |reply| {
+                if reply.kind != MessageType::Offer {
+                    return Verdict::Ignore(format!("{:?} while waiting for an offer", reply.kind));
+                }
+                if !is_usable_unicast(reply.yiaddr) {
+                    return Verdict::Ignore(format!("offer of unusable address {}", reply.yiaddr));
+                }
+                match reply.server_id() {
+                    Ok(Some(server)) => Verdict::Take(Offer { address: reply.yiaddr, server }),
+                    Ok(None) => Verdict::Ignore("offer without a server identifier".into()),
+                    Err(e) => Verdict::Ignore(e),
+                }
+            })?;
 
             let request = |secs| Request {
                 kind: MessageType::Request,
@@ -252,25 +203,16 @@ impl<'t> Client<'t> {
                 broadcast: true,
             };
             let sent_at = Instant::now();
-            let result =
-                self.exchange(&request, None, xid, started, deadline, "DHCPACK", |reply| {
-                    // Only the chosen server's answer counts; others learn from our REQUEST that we declined.
-                    if reply
-                        .server_id()
-                        .ok()
-                        .flatten()
-                        .is_some_and(|s| s != offer.server)
-                    {
-                        return Verdict::Ignore("answer from a server we did not choose".into());
-                    }
-                    if reply.kind == MessageType::Ack && reply.yiaddr != offer.address {
-                        return Verdict::Ignore(format!(
-                            "ACK for {} after requesting {}",
-                            reply.yiaddr, offer.address
-                        ));
-                    }
-                    ack_verdict(reply, Some(offer.server), sent_at)
-                });
+            let result = self.exchange(&request, None, xid, started, deadline, "DHCPACK", |reply| {
+                // Only the chosen server's answer counts; others learn from our REQUEST that we declined.
+                if reply.server_id().ok().flatten().is_some_and(|s| s != offer.server) {
+                    return Verdict::Ignore("answer from a server we did not choose".into());
+                }
+                if reply.kind == MessageType::Ack && reply.yiaddr != offer.address {
+                    return Verdict::Ignore(format!("ACK for {} after requesting {}", reply.yiaddr, offer.address));
+                }
+                ack_verdict(reply, Some(offer.server), sent_at)
+            });
             match result {
                 Ok(lease) => return Ok(lease),
                 Err(DhcpError::Io(e)) => return Err(DhcpError::Io(e)),
@@ -283,12 +225,7 @@ impl<'t> Client<'t> {
 
     /// RENEWING (unicast to the leasing server, `to` = Some) or REBINDING (broadcast, any
     /// server, `to` = None) until `deadline`.
-    pub fn extend(
-        &mut self,
-        lease: &Lease,
-        to: Option<Ipv4Addr>,
-        deadline: Instant,
-    ) -> Result<Lease, DhcpError> {
+    pub fn extend(&mut self, lease: &Lease, to: Option<Ipv4Addr>, deadline: Instant) -> Result<Lease, DhcpError> {
         let xid = random_u32();
         let started = Instant::now();
         let mac = self.mac;
@@ -324,26 +261,18 @@ impl<'t> Client<'t> {
         let (mut sent, mut ignored, mut last_ignored) = (0u32, 0u32, String::new());
         while Instant::now() < deadline {
             let secs = started.elapsed().as_secs().min(u64::from(u16::MAX)) as u16;
-            self.transport
-                .send(&build(secs).encode(), to)
-                .map_err(DhcpError::Io)?;
+            self.transport.send(&build(secs).encode(), to).map_err(DhcpError::Io)?;
             sent += 1;
             let attempt_ends = (Instant::now() + wait).min(deadline);
             while let Some(bytes) = self.transport.recv(attempt_ends).map_err(DhcpError::Io)? {
                 let why = match Reply::parse(&bytes) {
                     Err(e) => format!("malformed reply: {e}"),
                     Ok(reply) if reply.xid != xid => "reply to another transaction (xid)".into(),
-                    Ok(reply) if reply.chaddr != self.mac => {
-                        "reply for another client (MAC)".into()
-                    }
+                    Ok(reply) if reply.chaddr != self.mac => "reply for another client (MAC)".into(),
                     Ok(reply) => match accept(&reply) {
                         Verdict::Take(value) => return Ok(value),
                         Verdict::Refused(reason) => {
-                            let server = reply
-                                .server_id()
-                                .ok()
-                                .flatten()
-                                .unwrap_or(Ipv4Addr::UNSPECIFIED);
+                            let server = reply.server_id().ok().flatten().unwrap_or(Ipv4Addr::UNSPECIFIED);
                             return Err(DhcpError::Refused { server, reason });
                         }
                         Verdict::Ignore(why) => why,
@@ -360,9 +289,7 @@ impl<'t> Client<'t> {
             self.transport.kind()
         );
         if ignored > 0 {
-            text.push_str(&format!(
-                "; ignored {ignored} unrelated packets, last: {last_ignored}"
-            ));
+            text.push_str(&format!("; ignored {ignored} unrelated packets, last: {last_ignored}"));
         }
         Err(DhcpError::NoAnswer(text))
     }
@@ -393,10 +320,8 @@ fn random_u32() -> u32 {
         return u32::from_ne_bytes(bytes);
     }
     // Kernels before 5.6 lack GRND_INSECURE: mix the clock and pid instead.
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     nanos ^ std::process::id().rotate_left(16)
 }
 

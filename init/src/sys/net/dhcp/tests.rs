@@ -7,10 +7,7 @@ use std::collections::{BTreeMap, VecDeque};
 const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xaa, 0xbb, 0xcc];
 const SERVER: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 const OFFERED: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
-const FAST: Backoff = Backoff {
-    first: Duration::from_millis(40),
-    max: Duration::from_millis(80),
-};
+const FAST: Backoff = Backoff { first: Duration::from_millis(40), max: Duration::from_millis(80) };
 
 /// A client message as the fake server sees it.
 #[derive(Debug, Clone)]
@@ -38,11 +35,7 @@ fn decode(bytes: &[u8], to: Option<Ipv4Addr>) -> Sent {
         options.insert(bytes[i], bytes[i + 2..i + 2 + len].to_vec());
         i += 2 + len;
     }
-    let addr = |code: u8| {
-        options
-            .get(&code)
-            .map(|v| Ipv4Addr::new(v[0], v[1], v[2], v[3]))
-    };
+    let addr = |code: u8| options.get(&code).map(|v| Ipv4Addr::new(v[0], v[1], v[2], v[3]));
     Sent {
         kind: options[&opt::MESSAGE_TYPE][0],
         xid: u32::from_be_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]),
@@ -55,13 +48,7 @@ fn decode(bytes: &[u8], to: Option<Ipv4Addr>) -> Sent {
 }
 
 /// A server reply, built by hand.
-fn reply(
-    kind: MessageType,
-    xid: u32,
-    mac: [u8; 6],
-    yiaddr: Ipv4Addr,
-    options: &[(u8, Vec<u8>)],
-) -> Vec<u8> {
+fn reply(kind: MessageType, xid: u32, mac: [u8; 6], yiaddr: Ipv4Addr, options: &[(u8, Vec<u8>)]) -> Vec<u8> {
     let mut p = vec![0u8; 240];
     p[0] = 2;
     p[1] = 1;
@@ -101,11 +88,7 @@ struct FakeServer {
 
 impl FakeServer {
     fn new(script: impl FnMut(&Sent) -> Vec<Vec<u8>> + 'static) -> FakeServer {
-        FakeServer {
-            script: Box::new(script),
-            pending: VecDeque::new(),
-            sent: Vec::new(),
-        }
+        FakeServer { script: Box::new(script), pending: VecDeque::new(), sent: Vec::new() }
     }
 }
 
@@ -134,20 +117,8 @@ impl Transport for FakeServer {
 /// A well-behaved server: offers OFFERED, acknowledges requests for it.
 fn good_server(sent: &Sent) -> Vec<Vec<u8>> {
     match sent.kind {
-        1 => vec![reply(
-            MessageType::Offer,
-            sent.xid,
-            MAC,
-            OFFERED,
-            &standard_options(SERVER, 3600),
-        )],
-        3 => vec![reply(
-            MessageType::Ack,
-            sent.xid,
-            MAC,
-            OFFERED,
-            &standard_options(SERVER, 3600),
-        )],
+        1 => vec![reply(MessageType::Offer, sent.xid, MAC, OFFERED, &standard_options(SERVER, 3600))],
+        3 => vec![reply(MessageType::Ack, sent.xid, MAC, OFFERED, &standard_options(SERVER, 3600))],
         _ => vec![],
     }
 }
@@ -155,27 +126,19 @@ fn good_server(sent: &Sent) -> Vec<Vec<u8>> {
 #[test]
 fn full_exchange_yields_the_lease_and_sends_what_the_rfc_asks() {
     let mut server = FakeServer::new(good_server);
-    let lease = Client::new(&mut server, MAC, FAST)
-        .obtain(Instant::now() + Duration::from_secs(2))
-        .unwrap();
+    let lease = Client::new(&mut server, MAC, FAST).obtain(Instant::now() + Duration::from_secs(2)).unwrap();
     assert_eq!(lease.address, OFFERED);
     assert_eq!(lease.prefix_len, 24);
     assert_eq!(lease.gateway, Some(SERVER));
     assert_eq!(lease.dns, vec![Ipv4Addr::new(10, 0, 2, 3)]);
     assert_eq!(lease.server, SERVER);
-    assert_eq!(
-        (lease.lease_secs, lease.renew_secs, lease.rebind_secs),
-        (3600, 1800, 3150)
-    );
+    assert_eq!((lease.lease_secs, lease.renew_secs, lease.rebind_secs), (3600, 1800, 3150));
 
     let kinds: Vec<u8> = server.sent.iter().map(|s| s.kind).collect();
     assert_eq!(kinds, vec![1, 3]);
     let (discover, request) = (&server.sent[0], &server.sent[1]);
     assert_eq!(discover.xid, request.xid, "one transaction");
-    assert!(
-        discover.flags & 0x8000 != 0 && request.flags & 0x8000 != 0,
-        "BROADCAST flag"
-    );
+    assert!(discover.flags & 0x8000 != 0 && request.flags & 0x8000 != 0, "BROADCAST flag");
     assert_eq!(discover.to, None);
     assert_eq!(request.requested_ip, Some(OFFERED));
     assert_eq!(request.server_id, Some(SERVER));
@@ -196,27 +159,13 @@ fn unrelated_packets_are_ignored() {
                 Ipv4Addr::new(10, 0, 2, 99),
                 &standard_options(SERVER, 60),
             ),
-            reply(
-                MessageType::Offer,
-                sent.xid,
-                other_mac,
-                Ipv4Addr::new(10, 0, 2, 98),
-                &standard_options(SERVER, 60),
-            ),
-            reply(
-                MessageType::Ack,
-                sent.xid,
-                MAC,
-                Ipv4Addr::new(10, 0, 2, 97),
-                &standard_options(SERVER, 60),
-            ),
+            reply(MessageType::Offer, sent.xid, other_mac, Ipv4Addr::new(10, 0, 2, 98), &standard_options(SERVER, 60)),
+            reply(MessageType::Ack, sent.xid, MAC, Ipv4Addr::new(10, 0, 2, 97), &standard_options(SERVER, 60)),
         ];
         replies.extend(good_server(sent));
         replies
     });
-    let lease = Client::new(&mut server, MAC, FAST)
-        .obtain(Instant::now() + Duration::from_secs(2))
-        .unwrap();
+    let lease = Client::new(&mut server, MAC, FAST).obtain(Instant::now() + Duration::from_secs(2)).unwrap();
     assert_eq!(lease.address, OFFERED);
     assert_eq!(server.sent.len(), 2, "no retransmission needed");
 }
@@ -225,44 +174,24 @@ fn unrelated_packets_are_ignored() {
 fn silent_server_means_retransmission_then_a_clear_timeout() {
     let mut server = FakeServer::new(|_: &Sent| vec![]);
     let started = Instant::now();
-    let err = Client::new(&mut server, MAC, FAST)
-        .obtain(started + Duration::from_millis(500))
-        .unwrap_err();
+    let err = Client::new(&mut server, MAC, FAST).obtain(started + Duration::from_millis(500)).unwrap_err();
     let elapsed = started.elapsed();
-    assert!(
-        elapsed >= Duration::from_millis(500) && elapsed < Duration::from_millis(1500),
-        "{elapsed:?}"
-    );
+    assert!(elapsed >= Duration::from_millis(500) && elapsed < Duration::from_millis(1500), "{elapsed:?}");
     match &err {
         DhcpError::NoAnswer(text) => assert!(text.contains("no DHCPOFFER"), "{text}"),
         other => panic!("unexpected {other:?}"),
     }
     // 40 ms, then 80 ms waits: about 6 DISCOVERs in 500 ms, all of one transaction.
-    assert!(
-        (4..=9).contains(&server.sent.len()),
-        "{} sends",
-        server.sent.len()
-    );
-    assert!(server
-        .sent
-        .iter()
-        .all(|s| s.kind == 1 && s.xid == server.sent[0].xid));
+    assert!((4..=9).contains(&server.sent.len()), "{} sends", server.sent.len());
+    assert!(server.sent.iter().all(|s| s.kind == 1 && s.xid == server.sent[0].xid));
 }
 
 #[test]
 fn only_wrong_xids_time_out_and_say_so() {
     let mut server = FakeServer::new(|sent: &Sent| {
-        vec![reply(
-            MessageType::Offer,
-            sent.xid ^ 0xffff,
-            MAC,
-            OFFERED,
-            &standard_options(SERVER, 60),
-        )]
+        vec![reply(MessageType::Offer, sent.xid ^ 0xffff, MAC, OFFERED, &standard_options(SERVER, 60))]
     });
-    let err = Client::new(&mut server, MAC, FAST)
-        .obtain(Instant::now() + Duration::from_millis(300))
-        .unwrap_err();
+    let err = Client::new(&mut server, MAC, FAST).obtain(Instant::now() + Duration::from_millis(300)).unwrap_err();
     assert!(err.to_string().contains("another transaction"), "{err}");
 }
 
@@ -274,19 +203,11 @@ fn nak_restarts_discovery_with_a_new_transaction() {
             naks_left -= 1;
             let mut options = vec![(opt::SERVER_ID, SERVER.octets().to_vec())];
             options.push((opt::MESSAGE, b"address taken".to_vec()));
-            return vec![reply(
-                MessageType::Nak,
-                sent.xid,
-                MAC,
-                Ipv4Addr::UNSPECIFIED,
-                &options,
-            )];
+            return vec![reply(MessageType::Nak, sent.xid, MAC, Ipv4Addr::UNSPECIFIED, &options)];
         }
         good_server(sent)
     });
-    let lease = Client::new(&mut server, MAC, FAST)
-        .obtain(Instant::now() + Duration::from_secs(2))
-        .unwrap();
+    let lease = Client::new(&mut server, MAC, FAST).obtain(Instant::now() + Duration::from_secs(2)).unwrap();
     assert_eq!(lease.address, OFFERED);
     let kinds: Vec<u8> = server.sent.iter().map(|s| s.kind).collect();
     assert_eq!(kinds, vec![1, 3, 1, 3]);
@@ -317,34 +238,18 @@ fn ack_from_a_server_we_did_not_choose_is_ignored() {
     let other = Ipv4Addr::new(10, 0, 2, 250);
     let mut server = FakeServer::new(move |sent: &Sent| match sent.kind {
         3 => vec![
-            reply(
-                MessageType::Ack,
-                sent.xid,
-                MAC,
-                Ipv4Addr::new(10, 0, 2, 77),
-                &standard_options(other, 60),
-            ),
-            reply(
-                MessageType::Ack,
-                sent.xid,
-                MAC,
-                OFFERED,
-                &standard_options(SERVER, 3600),
-            ),
+            reply(MessageType::Ack, sent.xid, MAC, Ipv4Addr::new(10, 0, 2, 77), &standard_options(other, 60)),
+            reply(MessageType::Ack, sent.xid, MAC, OFFERED, &standard_options(SERVER, 3600)),
         ],
         _ => good_server(sent),
     });
-    let lease = Client::new(&mut server, MAC, FAST)
-        .obtain(Instant::now() + Duration::from_secs(2))
-        .unwrap();
+    let lease = Client::new(&mut server, MAC, FAST).obtain(Instant::now() + Duration::from_secs(2)).unwrap();
     assert_eq!((lease.address, lease.server), (OFFERED, SERVER));
 }
 
 fn bound_lease() -> Lease {
     let mut server = FakeServer::new(good_server);
-    Client::new(&mut server, MAC, FAST)
-        .obtain(Instant::now() + Duration::from_secs(2))
-        .unwrap()
+    Client::new(&mut server, MAC, FAST).obtain(Instant::now() + Duration::from_secs(2)).unwrap()
 }
 
 #[test]
@@ -356,23 +261,13 @@ fn renewal_is_unicast_with_ciaddr_and_without_selection_options() {
         vec![reply(MessageType::Ack, sent.xid, MAC, OFFERED, &options)]
     });
     let renewed = Client::new(&mut server, MAC, FAST)
-        .extend(
-            &lease,
-            Some(SERVER),
-            Instant::now() + Duration::from_secs(2),
-        )
+        .extend(&lease, Some(SERVER), Instant::now() + Duration::from_secs(2))
         .unwrap();
     assert_eq!(renewed.lease_secs, 7200);
-    assert_eq!(
-        renewed.dns,
-        vec![Ipv4Addr::new(10, 0, 2, 3), Ipv4Addr::new(10, 0, 2, 4)]
-    );
+    assert_eq!(renewed.dns, vec![Ipv4Addr::new(10, 0, 2, 3), Ipv4Addr::new(10, 0, 2, 4)]);
     assert!(renewed.obtained >= lease.obtained);
     let sent = &server.sent[0];
-    assert_eq!(
-        (sent.kind, sent.to, sent.ciaddr, sent.flags),
-        (3, Some(SERVER), OFFERED, 0)
-    );
+    assert_eq!((sent.kind, sent.to, sent.ciaddr, sent.flags), (3, Some(SERVER), OFFERED, 0));
     assert_eq!((sent.requested_ip, sent.server_id), (None, None));
 }
 
@@ -388,16 +283,9 @@ fn nak_during_renewal_is_a_refusal() {
             &[(opt::SERVER_ID, SERVER.octets().to_vec())],
         )]
     });
-    let err = Client::new(&mut server, MAC, FAST)
-        .extend(&lease, None, Instant::now() + Duration::from_secs(2))
-        .unwrap_err();
-    assert_eq!(
-        err,
-        DhcpError::Refused {
-            server: SERVER,
-            reason: None
-        }
-    );
+    let err =
+        Client::new(&mut server, MAC, FAST).extend(&lease, None, Instant::now() + Duration::from_secs(2)).unwrap_err();
+    assert_eq!(err, DhcpError::Refused { server: SERVER, reason: None });
     assert_eq!(server.sent[0].to, None, "rebinding broadcasts");
 }
 
@@ -414,63 +302,23 @@ fn lease_times_follow_options_58_and_59_when_sane() {
         (l.renew_secs, l.rebind_secs)
     };
     assert_eq!(t(&ack(&[])), (500, 875));
+    assert_eq!(t(&ack(&[(58, 100u32.to_be_bytes().to_vec()), (59, 200u32.to_be_bytes().to_vec())])), (100, 200));
     assert_eq!(
-        t(&ack(&[
-            (58, 100u32.to_be_bytes().to_vec()),
-            (59, 200u32.to_be_bytes().to_vec())
-        ])),
-        (100, 200)
-    );
-    assert_eq!(
-        t(&ack(&[
-            (58, 900u32.to_be_bytes().to_vec()),
-            (59, 200u32.to_be_bytes().to_vec())
-        ])),
+        t(&ack(&[(58, 900u32.to_be_bytes().to_vec()), (59, 200u32.to_be_bytes().to_vec())])),
         (500, 875),
         "T1 > T2 ignored"
     );
-    assert_eq!(
-        t(&ack(&[(59, 5000u32.to_be_bytes().to_vec())])),
-        (500, 875),
-        "T2 beyond the lease ignored"
-    );
+    assert_eq!(t(&ack(&[(59, 5000u32.to_be_bytes().to_vec())])), (500, 875), "T2 beyond the lease ignored");
 
-    let no_lease = Reply::parse(&reply(
-        MessageType::Ack,
-        1,
-        MAC,
-        OFFERED,
-        &[(opt::SERVER_ID, SERVER.octets().to_vec())],
-    ))
-    .unwrap();
-    assert!(Lease::from_ack(&no_lease, None, now)
-        .unwrap_err()
-        .contains("lease time"));
-    let zero = Reply::parse(&reply(
-        MessageType::Ack,
-        1,
-        MAC,
-        Ipv4Addr::UNSPECIFIED,
-        &standard_options(SERVER, 60),
-    ))
-    .unwrap();
+    let no_lease =
+        Reply::parse(&reply(MessageType::Ack, 1, MAC, OFFERED, &[(opt::SERVER_ID, SERVER.octets().to_vec())])).unwrap();
+    assert!(Lease::from_ack(&no_lease, None, now).unwrap_err().contains("lease time"));
+    let zero =
+        Reply::parse(&reply(MessageType::Ack, 1, MAC, Ipv4Addr::UNSPECIFIED, &standard_options(SERVER, 60))).unwrap();
     assert!(Lease::from_ack(&zero, None, now).is_err());
-    let zero_length = Reply::parse(&reply(
-        MessageType::Ack,
-        1,
-        MAC,
-        OFFERED,
-        &standard_options(SERVER, 0),
-    ))
-    .unwrap();
+    let zero_length = Reply::parse(&reply(MessageType::Ack, 1, MAC, OFFERED, &standard_options(SERVER, 0))).unwrap();
     assert!(Lease::from_ack(&zero_length, None, now).is_err());
-    let infinite = Reply::parse(&reply(
-        MessageType::Ack,
-        1,
-        MAC,
-        OFFERED,
-        &standard_options(SERVER, u32::MAX),
-    ))
-    .unwrap();
+    let infinite =
+        Reply::parse(&reply(MessageType::Ack, 1, MAC, OFFERED, &standard_options(SERVER, u32::MAX))).unwrap();
     assert!(Lease::from_ack(&infinite, None, now).unwrap().is_infinite());
 }

@@ -31,9 +31,9 @@ pub trait Transport {
 pub fn open_unconfigured(iface: &str) -> Result<Box<dyn Transport + Send>, String> {
     match PacketTransport::open(iface) {
         Ok(t) => Ok(Box::new(t)),
-        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => Ok(Box::new(
-            UdpTransport::open(iface).map_err(|e| e.to_string())?,
-        )),
+        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+            Ok(Box::new(UdpTransport::open(iface).map_err(|e| e.to_string())?))
+        }
         Err(e) => Err(e.to_string()),
     }
 }
@@ -51,19 +51,12 @@ impl PacketTransport {
         let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
         if ifindex == 0 {
             let err = io::Error::last_os_error();
-            return Err(io::Error::new(
-                err.kind(),
-                format!("interface {iface}: {err}"),
-            ));
+            return Err(io::Error::new(err.kind(), format!("interface {iface}: {err}")));
         }
         let protocol = (libc::ETH_P_IP as u16).to_be();
         // SAFETY: plain socket(2) call with constant arguments; no pointers involved.
         let fd = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-                libc::c_int::from(protocol),
-            )
+            libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, libc::c_int::from(protocol))
         };
         let fd = check(fd, || "packet socket".into())?;
         // SAFETY: socket() just returned this descriptor and nothing else owns it.
@@ -78,11 +71,7 @@ impl PacketTransport {
             )
         };
         check(ret, || format!("bind packet socket to {iface}"))?;
-        Ok(PacketTransport {
-            fd,
-            ifindex: ifindex as libc::c_int,
-            buf: vec![0; RECV_BUFFER],
-        })
+        Ok(PacketTransport { fd, ifindex: ifindex as libc::c_int, buf: vec![0; RECV_BUFFER] })
     }
 }
 
@@ -105,16 +94,10 @@ fn link_addr(ifindex: libc::c_int, protocol_be: u16, dest: Option<[u8; 6]>) -> l
 impl Transport for PacketTransport {
     fn send(&mut self, message: &[u8], to: Option<Ipv4Addr>) -> Result<(), String> {
         if let Some(to) = to {
-            return Err(format!(
-                "cannot unicast to {to} without an address (packet socket)"
-            ));
+            return Err(format!("cannot unicast to {to} without an address (packet socket)"));
         }
         let datagram = frame::broadcast_datagram(message)?;
-        let dest = link_addr(
-            self.ifindex,
-            (libc::ETH_P_IP as u16).to_be(),
-            Some([0xff; 6]),
-        );
+        let dest = link_addr(self.ifindex, (libc::ETH_P_IP as u16).to_be(), Some([0xff; 6]));
         // SAFETY: the buffer and destination are live for the call and their lengths are exact.
         let n = unsafe {
             libc::sendto(
@@ -127,10 +110,7 @@ impl Transport for PacketTransport {
             )
         };
         if n < 0 {
-            return Err(format!(
-                "send DHCP broadcast: {}",
-                io::Error::last_os_error()
-            ));
+            return Err(format!("send DHCP broadcast: {}", io::Error::last_os_error()));
         }
         Ok(())
     }
@@ -157,10 +137,7 @@ impl Transport for PacketTransport {
             };
             if n < 0 {
                 let err = io::Error::last_os_error();
-                if matches!(
-                    err.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) {
+                if matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) {
                     continue;
                 }
                 return Err(format!("receive on packet socket: {err}"));
@@ -220,25 +197,15 @@ impl UdpTransport {
                 std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
             )
         };
-        check(ret, || {
-            format!("bind UDP port {} on {iface}", frame::CLIENT_PORT)
-        })?;
+        check(ret, || format!("bind UDP port {} on {iface}", frame::CLIENT_PORT))?;
         let socket = UdpSocket::from(fd);
         // Non-blocking: poll decides when to read, a spurious wake-up must not block past the deadline.
         socket.set_nonblocking(true)?;
-        Ok(UdpTransport {
-            socket,
-            buf: vec![0; RECV_BUFFER],
-        })
+        Ok(UdpTransport { socket, buf: vec![0; RECV_BUFFER] })
     }
 }
 
-fn set_int_option(
-    fd: &OwnedFd,
-    option: libc::c_int,
-    value: libc::c_int,
-    what: &str,
-) -> io::Result<()> {
+fn set_int_option(fd: &OwnedFd, option: libc::c_int, value: libc::c_int, what: &str) -> io::Result<()> {
     // SAFETY: the option value points at a live c_int and the length is its size.
     let ret = unsafe {
         libc::setsockopt(
@@ -255,10 +222,7 @@ fn set_int_option(
 impl Transport for UdpTransport {
     fn send(&mut self, message: &[u8], to: Option<Ipv4Addr>) -> Result<(), String> {
         let dest = SocketAddrV4::new(to.unwrap_or(Ipv4Addr::BROADCAST), frame::SERVER_PORT);
-        self.socket
-            .send_to(message, dest)
-            .map(|_| ())
-            .map_err(|e| format!("send DHCP message to {dest}: {e}"))
+        self.socket.send_to(message, dest).map(|_| ()).map_err(|e| format!("send DHCP message to {dest}: {e}"))
     }
 
     fn recv(&mut self, deadline: Instant) -> Result<Option<Vec<u8>>, String> {
@@ -267,18 +231,9 @@ impl Transport for UdpTransport {
                 return Ok(None);
             }
             match self.socket.recv_from(&mut self.buf) {
-                Ok((n, from)) if from.port() == frame::SERVER_PORT => {
-                    return Ok(Some(self.buf[..n].to_vec()))
-                }
+                Ok((n, from)) if from.port() == frame::SERVER_PORT => return Ok(Some(self.buf[..n].to_vec())),
                 Ok(_) => continue,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                    ) =>
-                {
-                    continue
-                }
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => continue,
                 Err(e) => return Err(format!("receive on UDP port {}: {e}", frame::CLIENT_PORT)),
             }
         }
@@ -298,11 +253,7 @@ fn wait_readable(fd: libc::c_int, deadline: Instant) -> Result<bool, String> {
         }
         // Round up so that a sub-millisecond remainder still waits instead of spinning.
         let ms = left.as_millis().saturating_add(1).min(i32::MAX as u128) as libc::c_int;
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
         // SAFETY: `pfd` is one live pollfd and the count passed is 1.
         let ret = unsafe { libc::poll(&mut pfd, 1, ms) };
         if ret < 0 {
