@@ -1,5 +1,5 @@
 //! The appliance without its data disk: init could not mount it (the reason is in
-//! init::layout::DATA_PROBLEM_FILE), so /data is a directory in RAM and anything written there
+//! init_handoff::DATA_PROBLEM_FILE), so /data is a directory in RAM and anything written there
 //! would vanish at the next reboot. Rather than accept such writes, every route answers 503
 //! naming the problem, and so does /api/healthz: a trial boot of an upgrade that cannot reach
 //! its data is never committed (init's watchdog reboots it and the boot loader falls back).
@@ -22,7 +22,7 @@ pub fn data_dir_problem(data_dir: &Path) -> Option<String> {
     if mounted {
         return None;
     }
-    let from_init = std::fs::read_to_string(init::layout::DATA_PROBLEM_FILE)
+    let from_init = std::fs::read_to_string(init_handoff::DATA_PROBLEM_FILE)
         .ok()
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty());

@@ -21,6 +21,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod rotate;
 pub mod runtime;
+pub mod sandbox_ops;
 pub mod sandbox_side;
 pub mod seal;
 pub mod sealing;

@@ -1,20 +1,13 @@
-//! Sandbox lifecycle: create (secrets -> sealed tokens -> boot -> publish -> env ->
-//! record), stop at `endAt` or on DELETE, timeout changes, and reconciliation after a
-//! restart. Every failure path undoes what was already done, so nothing is half-made.
+//! The sandbox side as the control plane holds it: the runtime and the seal publisher it was
+//! wired with (or why there is none), and the running sandboxes with their `endAt`, which is
+//! the reaper's work list. The operations on sandboxes are in `sandbox_ops`.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
-use zeroize::Zeroizing;
-
-use crate::app::App;
-use crate::clock::now_unix;
 use crate::error::AppError;
-use crate::runtime::{BootSpec, EnvVars, RuntimeError, SandboxRuntime};
-use crate::seal::{mint_token, SandboxSeal, SealPublisher, SealedBinding};
-use crate::store::records::{secret_associated_data, ProjectRecord, SandboxRecord, SandboxStatus};
+use crate::runtime::{RuntimeError, SandboxRuntime};
+use crate::seal::SealPublisher;
 
 /// The sandbox side, as wired by the embedding binary.
 #[derive(Clone)]
@@ -28,17 +21,6 @@ pub struct Lifecycle {
     unavailable_reason: String,
     /// Running sandboxes and their `endAt`, the reaper's work list.
     live: Mutex<HashMap<String, i64>>,
-}
-
-/// A fully resolved create request (defaults already merged).
-pub struct CreateSpec {
-    pub template: String,
-    pub cpu_count: u32,
-    pub memory_mb: u32,
-    pub timeout_sec: u64,
-    pub envs: BTreeMap<String, Zeroizing<String>>,
-    pub metadata: BTreeMap<String, String>,
-    pub project: Option<ProjectRecord>,
 }
 
 pub fn runtime_error(err: RuntimeError) -> AppError {
@@ -64,26 +46,26 @@ impl Lifecycle {
         self.live.lock().map(|m| m.len()).unwrap_or(0)
     }
 
-    fn track(&self, id: &str, end_at: i64) {
+    pub(crate) fn track(&self, id: &str, end_at: i64) {
         if let Ok(mut m) = self.live.lock() {
             m.insert(id.to_string(), end_at);
         }
     }
 
-    fn untrack(&self, id: &str) {
+    pub(crate) fn untrack(&self, id: &str) {
         if let Ok(mut m) = self.live.lock() {
             m.remove(id);
         }
     }
 
-    fn expired(&self, now: i64) -> Vec<String> {
+    pub(crate) fn expired(&self, now: i64) -> Vec<String> {
         self.live
             .lock()
             .map(|m| m.iter().filter(|(_, end)| **end <= now).map(|(id, _)| id.clone()).collect())
             .unwrap_or_default()
     }
 
-    fn live_ids(&self) -> Vec<String> {
+    pub(crate) fn live_ids(&self) -> Vec<String> {
         self.live.lock().map(|m| m.keys().cloned().collect()).unwrap_or_default()
     }
 }
@@ -92,316 +74,4 @@ pub fn new_id() -> Result<String, AppError> {
     let mut bytes = [0u8; 16];
     crate::crypto::random_bytes(&mut bytes).map_err(|e| AppError::internal(e.to_string()))?;
     Ok(uuid::Builder::from_random_bytes(bytes).into_uuid().to_string())
-}
-
-/// Decrypts the project's secrets and turns each into a sealed token, except those the
-/// request's own `envs` override. Returns the sandbox environment and the bindings.
-fn seal_project_secrets(
-    app: &App,
-    project: &ProjectRecord,
-    overridden: &BTreeMap<String, Zeroizing<String>>,
-) -> Result<(EnvVars, Vec<SealedBinding>), AppError> {
-    let sealed: Vec<(String, Vec<u8>)> = app.store.read(|rtxn, dbs| {
-        let prefix = format!("{}/", project.id);
-        let mut out = Vec::new();
-        for item in dbs.secrets.prefix_iter(rtxn, &prefix)? {
-            let (key, blob) = item?;
-            let name = key[prefix.len()..].to_string();
-            if !overridden.contains_key(&name) {
-                out.push((name, blob.to_vec()));
-            }
-        }
-        Ok(out)
-    })?;
-    let mut envs = EnvVars::new();
-    let mut bindings = Vec::new();
-    for (name, blob) in sealed {
-        let value = app
-            .keyring
-            .open(&blob, &secret_associated_data(&project.id, &name))
-            .map_err(|e| AppError::internal(format!("cannot decrypt secret {name}: {e}")))?;
-        let token = mint_token().map_err(|e| AppError::internal(e.to_string()))?;
-        envs.push((name.clone(), Zeroizing::new(token.clone())));
-        bindings.push(SealedBinding {
-            token,
-            secret_name: name,
-            value,
-            // A secret may reach only the hosts its project allows; an empty list
-            // means nowhere (the proxy fails closed).
-            allowed_hosts: project.egress_allowlist.clone(),
-        });
-    }
-    Ok((envs, bindings))
-}
-
-pub fn create(app: &App, spec: CreateSpec) -> Result<SandboxRecord, AppError> {
-    let backend = app.lifecycle.backend()?.clone();
-    let id = new_id()?;
-    let (mut envs, bindings) = match &spec.project {
-        Some(project) => seal_project_secrets(app, project, &spec.envs)?,
-        None => (EnvVars::new(), Vec::new()),
-    };
-    for (name, value) in &spec.envs {
-        envs.push((name.clone(), value.clone()));
-    }
-
-    let boot_spec = BootSpec {
-        sandbox_id: id.clone(),
-        template: spec.template.clone(),
-        cpu_count: spec.cpu_count,
-        memory_mb: spec.memory_mb,
-    };
-    let started = Instant::now();
-    let booted = match backend.runtime.boot(&boot_spec) {
-        Ok(b) => b,
-        Err(e) => {
-            app.metrics.record_boot_failure();
-            println!("appliance: sandbox {id} boot failed: {e}");
-            return Err(runtime_error(e));
-        }
-    };
-    app.metrics.record_boot(started.elapsed());
-
-    let undo = |publish_done: bool| {
-        if publish_done {
-            backend.publisher.withdraw(&id);
-        }
-        if let Err(e) = backend.runtime.stop(&id) {
-            println!("appliance: sandbox {id}: cleanup stop failed: {e}");
-        }
-    };
-    let seal = SandboxSeal {
-        sandbox_id: id.clone(),
-        cid: booted.cid,
-        egress_allowlist: spec.project.as_ref().map(|p| p.egress_allowlist.clone()).unwrap_or_default(),
-        bindings,
-    };
-    if let Err(e) = backend.publisher.publish(seal) {
-        undo(false);
-        return Err(AppError::internal(format!("cannot register sealed tokens with the proxy: {e}")));
-    }
-    if let Err(e) = backend.runtime.set_env(&id, &envs) {
-        undo(true);
-        return Err(runtime_error(e));
-    }
-    drop(envs);
-
-    let now = now_unix();
-    let timeout = i64::try_from(spec.timeout_sec).unwrap_or(i64::MAX);
-    let record = SandboxRecord {
-        id: id.clone(),
-        template: spec.template,
-        status: SandboxStatus::Running,
-        started_at: now,
-        end_at: now.saturating_add(timeout),
-        cpu_count: spec.cpu_count,
-        memory_mb: spec.memory_mb,
-        metadata: spec.metadata,
-        project: spec.project.map(|p| p.name),
-        cid: booted.cid,
-    };
-    let to_store = record.clone();
-    if let Err(e) = app.store.write(move |wtxn, dbs| Ok(dbs.sandboxes.put(wtxn, &to_store.id, &to_store)?)) {
-        undo(true);
-        return Err(e);
-    }
-    app.lifecycle.track(&id, record.end_at);
-    println!(
-        "appliance: sandbox {id} running (template {}, {} vCPU, {} MiB, cid {}, ends {})",
-        record.template,
-        record.cpu_count,
-        record.memory_mb,
-        record.cid,
-        crate::clock::rfc3339(record.end_at)
-    );
-    Ok(record)
-}
-
-/// Stops a sandbox's VMM, withdraws its tokens and records `status`. Safe to call
-/// for a sandbox that is already gone.
-pub fn stop(app: &App, id: &str, status: SandboxStatus, why: &str) -> Result<(), AppError> {
-    // Untracked first, so the reaper does not report this VMM's end as a crash.
-    app.lifecycle.untrack(id);
-    if let Ok(backend) = app.lifecycle.backend() {
-        if let Err(e) = backend.runtime.stop(id) {
-            println!("appliance: sandbox {id}: stop failed: {e}");
-        }
-        backend.publisher.withdraw(id);
-    }
-    let id_owned = id.to_string();
-    app.store.write(move |wtxn, dbs| {
-        if let Some(mut record) = dbs.sandboxes.get(wtxn, &id_owned)? {
-            if record.status == SandboxStatus::Running {
-                record.status = status;
-                // endAt says when it ended, which may be before its timeout.
-                record.end_at = record.end_at.min(now_unix());
-                dbs.sandboxes.put(wtxn, &id_owned, &record)?;
-            }
-        }
-        Ok(())
-    })?;
-    println!("appliance: sandbox {id} {} ({why})", status.as_str());
-    Ok(())
-}
-
-/// DELETE: stops the sandbox if needed and removes its record.
-pub fn delete(app: &App, id: &str) -> Result<(), AppError> {
-    let record = get(app, id)?;
-    if record.status == SandboxStatus::Running {
-        stop(app, id, SandboxStatus::Stopped, "deleted")?;
-    }
-    let id_owned = id.to_string();
-    app.store.write(move |wtxn, dbs| {
-        if !dbs.sandboxes.delete(wtxn, &id_owned)? {
-            return Err(AppError::not_found(format!("sandbox {id_owned} not found")));
-        }
-        Ok(())
-    })
-}
-
-pub fn get(app: &App, id: &str) -> Result<SandboxRecord, AppError> {
-    app.store
-        .read(|rtxn, dbs| Ok(dbs.sandboxes.get(rtxn, id)?))?
-        .ok_or_else(|| AppError::not_found(format!("sandbox {id} not found")))
-}
-
-/// The record and backend of a sandbox that must be running for the operation.
-pub fn require_running<'a>(app: &'a App, id: &str) -> Result<(&'a Backend, SandboxRecord), AppError> {
-    let record = get(app, id)?;
-    let backend = app.lifecycle.backend()?;
-    if record.status != SandboxStatus::Running {
-        return Err(AppError::conflict(format!("sandbox {id} is {}", record.status.as_str())));
-    }
-    Ok((backend, record))
-}
-
-/// Moves `endAt` to now + `timeout_sec`.
-pub fn set_timeout(app: &App, id: &str, timeout_sec: u64) -> Result<SandboxRecord, AppError> {
-    let end_at = now_unix().saturating_add(i64::try_from(timeout_sec).unwrap_or(i64::MAX));
-    let id_owned = id.to_string();
-    let record = app.store.write(move |wtxn, dbs| {
-        let mut record = dbs
-            .sandboxes
-            .get(wtxn, &id_owned)?
-            .ok_or_else(|| AppError::not_found(format!("sandbox {id_owned} not found")))?;
-        if record.status != SandboxStatus::Running {
-            return Err(AppError::conflict(format!("sandbox {id_owned} is {}", record.status.as_str())));
-        }
-        record.end_at = end_at;
-        dbs.sandboxes.put(wtxn, &id_owned, &record)?;
-        Ok(record)
-    })?;
-    app.lifecycle.track(id, record.end_at);
-    Ok(record)
-}
-
-/// After a restart: sandboxes whose VMM is gone become `stopped`; live ones are
-/// tracked again with their stored `endAt`.
-pub fn reconcile_after_start(app: &App) -> Result<(), AppError> {
-    let running: Vec<SandboxRecord> = app.store.read(|rtxn, dbs| {
-        let mut out = Vec::new();
-        for item in dbs.sandboxes.iter(rtxn)? {
-            let (_, record) = item?;
-            if record.status == SandboxStatus::Running {
-                out.push(record);
-            }
-        }
-        Ok(out)
-    })?;
-    let backend = app.lifecycle.backend().ok();
-    let mut gone = Vec::new();
-    for record in running {
-        match backend {
-            Some(b) if b.runtime.is_alive(&record.id) => app.lifecycle.track(&record.id, record.end_at),
-            _ => gone.push(record.id),
-        }
-    }
-    if gone.is_empty() {
-        return Ok(());
-    }
-    let count = gone.len();
-    app.store.write(move |wtxn, dbs| {
-        for id in &gone {
-            if let Some(mut record) = dbs.sandboxes.get(wtxn, id)? {
-                record.status = SandboxStatus::Stopped;
-                dbs.sandboxes.put(wtxn, id, &record)?;
-            }
-        }
-        Ok(())
-    })?;
-    println!("appliance: {count} sandbox(es) from before the restart have no VMM any more; marked stopped");
-    Ok(())
-}
-
-/// One pass of the reaper: kills sandboxes past `endAt` and records VMMs that died.
-pub fn reap(app: &App) {
-    for id in app.lifecycle.expired(now_unix()) {
-        if let Err(e) = stop(app, &id, SandboxStatus::Stopped, "timeout reached") {
-            println!("appliance: sandbox {id}: could not record timeout stop: {}", e.message);
-        }
-    }
-    let Ok(backend) = app.lifecycle.backend() else { return };
-    for id in app.lifecycle.live_ids() {
-        if !backend.runtime.is_alive(&id) {
-            let (status, why) = match backend.runtime.exit_description(&id) {
-                Some((true, why)) => (SandboxStatus::Stopped, why),
-                Some((false, why)) => (SandboxStatus::Error, why),
-                None => (SandboxStatus::Error, "VMM exited unexpectedly".to_string()),
-            };
-            if let Err(e) = stop(app, &id, status, &why) {
-                println!("appliance: sandbox {id}: could not record exit: {}", e.message);
-            }
-        }
-    }
-}
-
-/// Deletes the records of sandboxes that ended more than `retention` ago; returns how many.
-pub fn purge_stopped(app: &App, now: i64, retention: Duration) -> Result<usize, AppError> {
-    let cutoff = now.saturating_sub(i64::try_from(retention.as_secs()).unwrap_or(i64::MAX));
-    app.store.write(move |wtxn, dbs| {
-        let mut old = Vec::new();
-        for item in dbs.sandboxes.iter(wtxn)? {
-            let (id, record) = item?;
-            if record.status != SandboxStatus::Running && record.end_at <= cutoff {
-                old.push(id.to_string());
-            }
-        }
-        for id in &old {
-            dbs.sandboxes.delete(wtxn, id)?;
-        }
-        Ok(old.len())
-    })
-}
-
-/// How often the reaper looks for stopped sandboxes to forget.
-const PURGE_PERIOD: Duration = Duration::from_secs(5);
-
-/// Runs `reap` every `period`, and `purge_stopped` every few seconds, until `stop_flag` is set.
-pub fn spawn_reaper(
-    app: Arc<App>,
-    stop_flag: Arc<AtomicBool>,
-    period: Duration,
-    retention: Duration,
-) -> Option<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("sandbox-reaper".into())
-        .spawn(move || {
-            let mut last_purge = std::time::Instant::now();
-            while !stop_flag.load(Ordering::Relaxed) {
-                reap(&app);
-                if last_purge.elapsed() >= PURGE_PERIOD {
-                    last_purge = std::time::Instant::now();
-                    match purge_stopped(&app, now_unix(), retention) {
-                        Ok(0) => {}
-                        Ok(n) => println!(
-                            "appliance: forgot {n} sandbox record(s) that ended over {}s ago",
-                            retention.as_secs()
-                        ),
-                        Err(e) => println!("appliance: could not purge stopped sandboxes: {}", e.message),
-                    }
-                }
-                std::thread::sleep(period);
-            }
-        })
-        .ok()
 }

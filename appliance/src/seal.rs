@@ -5,21 +5,17 @@ use std::fmt;
 
 use zeroize::Zeroizing;
 
-use crate::crypto::{hex, random_bytes, CryptoError};
+use crate::crypto::{random_bytes, CryptoError};
 
-pub const TOKEN_PREFIX: &str = "osb_sealed_";
-
-/// A fresh token: 16 random bytes as 32 lowercase hex characters.
+/// A fresh token from the OS's random number generator.
 pub fn mint_token() -> Result<String, CryptoError> {
-    let mut bytes = [0u8; 16];
+    let mut bytes = [0u8; sealed_token::RANDOM_BYTES];
     random_bytes(&mut bytes)?;
-    Ok(format!("{TOKEN_PREFIX}{}", hex(&bytes)))
+    Ok(sealed_token::from_random(&bytes))
 }
 
 pub fn is_token(s: &str) -> bool {
-    s.len() == TOKEN_PREFIX.len() + 32
-        && s.starts_with(TOKEN_PREFIX)
-        && s[TOKEN_PREFIX.len()..].bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    sealed_token::is_token(s.as_bytes())
 }
 
 /// One token's binding: which secret it stands for, its plaintext (wiped on drop)

@@ -17,7 +17,7 @@ use crate::seal::{SandboxSeal, SealPublisher};
 use crate::store::Store;
 
 /// Where sandboxes reach the proxy: the port the agent's egress forwarder dials on host CID 2.
-pub const PROXY_VSOCK_PORT: u32 = init::agent::EGRESS_PORT;
+pub const PROXY_VSOCK_PORT: u32 = agent_protocol::EGRESS_PORT;
 
 /// Operator settings for upstream connections (a JSON file; every field optional).
 #[derive(Debug, Default, Deserialize)]

@@ -13,7 +13,7 @@ use crate::auth::configure_admin_key;
 use crate::crypto::Keyring;
 use crate::http::server::HttpServer;
 use crate::keyfiles::{load_or_create_master_key, next_master_key_path, read_master_key, DataDirLock};
-use crate::lifecycle::{self, Backend, Lifecycle};
+use crate::lifecycle::{Backend, Lifecycle};
 use crate::metrics::Metrics;
 use crate::selfcheck;
 use crate::store::Store;
@@ -113,9 +113,9 @@ pub fn start(config: &ServeConfig, side: SandboxSide) -> Result<Running, String>
         upgrades: crate::upgrade::Upgrades::new(&config.data_dir),
         power_control: config.power_control,
     });
-    lifecycle::reconcile_after_start(&app).map_err(|e| e.message)?;
+    crate::sandbox_ops::reconcile_after_start(&app).map_err(|e| e.message)?;
     let reaper_stop = Arc::new(AtomicBool::new(false));
-    let reaper = lifecycle::spawn_reaper(
+    let reaper = crate::sandbox_ops::spawn_reaper(
         Arc::clone(&app),
         Arc::clone(&reaper_stop),
         Duration::from_millis(250),

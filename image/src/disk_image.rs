@@ -1,6 +1,6 @@
 //! The bootable disk image: a GPT disk with an EFI system partition holding systemd-boot (at the
 //! removable-media path, so no NVRAM boot entry is needed), the unified kernel image as the boot
-//! entry of slot A (`EFI/Linux/`, init/src/boot/entry.rs) and the documented operator
+//! entry of slot A (`EFI/Linux/`, init/boot-disk/src/entry.rs) and the documented operator
 //! configuration file; system partition A carrying the `oc-system` ext4 with the templates, and
 //! an empty system partition B of the same size that an upgrade is staged into. No data partition: PID 1 creates it in the free space at the end of the
 //! disk on first boot, so the same image fits any disk size. Same inputs give the same bytes.
@@ -13,9 +13,9 @@ use crate::pipeline::Artifacts;
 use crate::progress::{fmt_size, Outcome, Step};
 use crate::uki;
 use crate::workspace;
-use init::boot::entry::{Entry, Slot};
-use init::gpt::{self, Gpt, Guid, Partition, ALIGN, SECTOR};
-use init::layout;
+use boot_disk::entry::{Entry, Slot};
+use boot_disk::gpt::{self, Gpt, Guid, Partition, ALIGN, SECTOR};
+use boot_disk::layout;
 use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};

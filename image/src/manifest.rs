@@ -3,7 +3,7 @@
 
 use crate::pipeline::BuildInputs;
 use crate::progress::fmt_size;
-use init::gpt::Gpt;
+use boot_disk::gpt::Gpt;
 use std::fmt::Write;
 use std::path::Path;
 

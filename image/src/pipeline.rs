@@ -70,9 +70,9 @@ pub const ADMIN_KEY_FW_CFG: &str = "opt/opencomputer/admin-key";
 pub const PROXY_CONFIG_FW_CFG: &str = "opt/opencomputer/proxy-config";
 /// Where init hands the appliance service its admin key and proxy settings (a tmpfs), taken
 /// from fw_cfg or the configuration file on the EFI partition (init/src/appliance/operator.rs).
-pub const ADMIN_KEY_RUN_FILE: &str = init::appliance::ADMIN_KEY_FILE;
-pub const PROXY_CONFIG_RUN_FILE: &str = init::appliance::PROXY_CONFIG_FILE;
-pub const API_PORT_IN_GUEST: u16 = init::layout::API_PORT;
+pub const ADMIN_KEY_RUN_FILE: &str = init_handoff::ADMIN_KEY_FILE;
+pub const PROXY_CONFIG_RUN_FILE: &str = init_handoff::PROXY_CONFIG_FILE;
+pub const API_PORT_IN_GUEST: u16 = init_handoff::API_PORT;
 /// The compressed guest kernel (bench variant only: QEMU boots it).
 pub const GUEST_BZIMAGE_PATH: &str = "/usr/share/opencomputer/guest/bzImage";
 /// The uncompressed ELF guest kernel: what the appliance hands our VMM (it boots faster).

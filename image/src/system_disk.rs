@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The filesystem label init looks for.
-pub const LABEL: &str = "oc-system";
+pub const LABEL: &str = boot_disk::ext4::SYSTEM_LABEL;
 /// Fixed filesystem identity, so the same inputs give the same disk.
 const FS_UUID: &str = "5a1db0c5-0c0c-4e1e-9b2a-0a7c0ffee001";
 const HASH_SEED: &str = "0c0ffee0-5a1d-4b0c-8e3a-5eed00000001";

@@ -132,18 +132,18 @@ pub fn normalize(pe: &mut [u8]) -> Result<()> {
     }
     pe[stamp..stamp + 4].fill(0);
     pe[checksum..checksum + 4].fill(0);
-    let value = init::boot::pe::checksum(pe, checksum);
+    let value = boot_disk::pe::checksum(pe, checksum);
     pe[checksum..checksum + 4].copy_from_slice(&value.to_le_bytes());
     Ok(())
 }
 
 /// The os-release text of an image (in its initramfs and the unified kernel image's .osrel).
 /// No VERSION_ID: systemd-boot would order entries by it before their file names, and the
-/// A/B scheme needs the order of the names alone (init/src/boot/entry.rs).
+/// A/B scheme needs the order of the names alone (init/boot-disk/src/entry.rs).
 pub fn os_release(version: &str) -> String {
     format!(
         "NAME=\"OpenComputer appliance\"\nID=opencomputer\n{}={version}\nPRETTY_NAME=\"OpenComputer appliance {version}\"\n",
-        init::boot::entry::VERSION_KEY
+        boot_disk::entry::VERSION_KEY
     )
 }
 

@@ -4,7 +4,7 @@
 mod agent_common;
 
 use agent_common::{pattern, TestAgent, FAKE_SYSTEM_ROOTS};
-use init::agent::{
+use agent_protocol::{
     AgentError, AttachEvent, Command, EnvVars, ErrorCode, ExitStatus, OutputStream, Power, RunSpec, SessionSpec,
     WriteSpec,
 };

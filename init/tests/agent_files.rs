@@ -4,9 +4,9 @@
 mod agent_common;
 
 use agent_common::{pattern, TestAgent};
-use init::agent::frame;
-use init::agent::message::{Reply, Request};
-use init::agent::{AgentError, ErrorCode, WriteSpec};
+use agent_protocol::frame;
+use agent_protocol::message::{Reply, Request};
+use agent_protocol::{AgentError, ErrorCode, WriteSpec};
 use std::io::Write;
 use std::time::{Duration, Instant};
 
@@ -99,7 +99,7 @@ fn write_modes_parents_and_targets_are_checked() {
     let spec = WriteSpec { path: "bin/tool.sh".into(), mode: Some(0o755), create_parents: true };
     client.write_file(&spec, b"#!/bin/sh\necho tool\n").unwrap();
     assert_eq!(client.stat("bin/tool.sh").unwrap().mode, 0o755);
-    assert_eq!(client.run(&init::agent::RunSpec::shell("./bin/tool.sh")).unwrap().stdout, b"tool\n");
+    assert_eq!(client.run(&agent_protocol::RunSpec::shell("./bin/tool.sh")).unwrap().stdout, b"tool\n");
 
     let no_parents = WriteSpec { path: "missing/dir/f".into(), mode: None, create_parents: false };
     assert_eq!(remote_code(client.write_file(&no_parents, b"x")), ErrorCode::NotFound);

@@ -4,9 +4,9 @@
 mod agent_common;
 
 use agent_common::TestAgent;
-use init::agent::frame::{self, FrameError, HEADER_LEN, MAX_PAYLOAD};
-use init::agent::message::{Reply, Request};
-use init::agent::{AgentClient, AgentError, ClientTimeouts, Command, EnvVars, ErrorCode, RunSpec, WriteSpec};
+use agent_protocol::frame::{self, FrameError, HEADER_LEN, MAX_PAYLOAD};
+use agent_protocol::message::{Reply, Request};
+use agent_protocol::{AgentClient, AgentError, ClientTimeouts, Command, EnvVars, ErrorCode, RunSpec, WriteSpec};
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};

@@ -12,25 +12,15 @@ use zeroize::Zeroizing;
 
 use crate::registry::SecretValue;
 
+pub use sealed_token::is_token;
+use sealed_token::{is_hex_digit as is_token_hex, HEX_LEN as TOKEN_HEX_LEN, LEN as TOKEN_LEN};
+
 /// Fixed start of every sealed token.
-pub const TOKEN_PREFIX: &[u8] = b"osb_sealed_";
-/// Number of lowercase hex digits after the prefix.
-pub const TOKEN_HEX_LEN: usize = 32;
-/// Total length of a sealed token in bytes.
-pub const TOKEN_LEN: usize = TOKEN_PREFIX.len() + TOKEN_HEX_LEN;
+pub const TOKEN_PREFIX: &[u8] = sealed_token::PREFIX.as_bytes();
 
 fn prefix_finder() -> &'static memmem::Finder<'static> {
     static FINDER: OnceLock<memmem::Finder<'static>> = OnceLock::new();
     FINDER.get_or_init(|| memmem::Finder::new(TOKEN_PREFIX))
-}
-
-fn is_token_hex(b: u8) -> bool {
-    b.is_ascii_digit() || (b'a'..=b'f').contains(&b)
-}
-
-/// True if `s` is exactly one well-formed sealed token.
-pub fn is_token(s: &[u8]) -> bool {
-    s.len() == TOKEN_LEN && s.starts_with(TOKEN_PREFIX) && s[TOKEN_PREFIX.len()..].iter().all(|b| is_token_hex(*b))
 }
 
 /// The tokens that may be replaced in one request: only the calling sandbox's

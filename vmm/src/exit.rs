@@ -8,12 +8,11 @@ use std::sync::Mutex;
 
 use vmm_sys_util::eventfd::EventFd;
 
-/// Exit statuses of `vmm run` (documented in the crate docs and NOTES.md).
-pub const STATUS_POWEROFF: u8 = 0;
-pub const STATUS_VMM_ERROR: u8 = 1;
-pub const STATUS_USAGE: u8 = 2;
-pub const STATUS_REBOOT: u8 = 3;
-pub const STATUS_PANIC: u8 = 4;
+pub use vmm_contract::ExitStatus;
+
+/// Exit statuses of `vmm run`, as the appliance reads them (`vmm_contract::exit`).
+pub const STATUS_VMM_ERROR: u8 = ExitStatus::VmmError.code();
+pub const STATUS_USAGE: u8 = ExitStatus::Usage.code();
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExitReason {
@@ -24,22 +23,22 @@ pub enum ExitReason {
 }
 
 impl ExitReason {
-    pub fn code(self) -> u8 {
+    /// The exit status that tells the appliance this reason.
+    pub fn status(self) -> ExitStatus {
         match self {
-            ExitReason::PowerOff => STATUS_POWEROFF,
-            ExitReason::Reboot => STATUS_REBOOT,
-            ExitReason::Panic => STATUS_PANIC,
-            ExitReason::VmmError => STATUS_VMM_ERROR,
+            ExitReason::PowerOff => ExitStatus::PowerOff,
+            ExitReason::Reboot => ExitStatus::Reboot,
+            ExitReason::Panic => ExitStatus::Panic,
+            ExitReason::VmmError => ExitStatus::VmmError,
         }
     }
 
+    pub fn code(self) -> u8 {
+        self.status().code()
+    }
+
     pub fn describe(self) -> &'static str {
-        match self {
-            ExitReason::PowerOff => "guest powered off",
-            ExitReason::Reboot => "guest rebooted",
-            ExitReason::Panic => "guest kernel panicked",
-            ExitReason::VmmError => "VMM error",
-        }
+        self.status().describe()
     }
 
     fn from_u8(v: u8) -> Option<Self> {
@@ -123,7 +122,7 @@ mod tests {
         s.note_panic();
         s.request(ExitReason::Reboot);
         assert_eq!(s.reason(), Some(ExitReason::Panic));
-        assert_eq!(s.reason().unwrap().code(), STATUS_PANIC);
+        assert_eq!(s.reason().unwrap().status(), ExitStatus::Panic);
     }
 
     #[test]
@@ -133,13 +132,5 @@ mod tests {
         s.fail("second".into());
         assert_eq!(s.reason(), Some(ExitReason::VmmError));
         assert_eq!(s.error_message().as_deref(), Some("first"));
-    }
-
-    #[test]
-    fn status_codes_are_distinct() {
-        let codes = [STATUS_POWEROFF, STATUS_VMM_ERROR, STATUS_USAGE, STATUS_REBOOT, STATUS_PANIC];
-        for (i, a) in codes.iter().enumerate() {
-            assert!(codes[i + 1..].iter().all(|b| a != b));
-        }
     }
 }

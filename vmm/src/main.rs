@@ -47,7 +47,7 @@ fn main() -> ExitCode {
 fn run(args: &[String]) -> ExitCode {
     timeline::init_from_env();
     timeline::mark("start");
-    let cfg = match config::VmConfig::from_args(args) {
+    let cfg = match config::from_args(args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vmm: {e}\n{}", config::USAGE);

@@ -2,6 +2,7 @@
 //! serves device I/O on the main thread until the guest stops the machine.
 
 use std::fs::File;
+use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
@@ -9,10 +10,11 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
+use vmm_contract::Event;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch;
-use crate::config::{DeviceSpec, VmConfig};
+use crate::config::{Derived, DeviceSpec, VmConfig};
 use crate::devices::bus::Bus;
 use crate::devices::console::ConsoleLog;
 use crate::devices::legacy::LegacyDevices;
@@ -40,6 +42,7 @@ struct OpenedFiles {
     disks: Vec<File>,
     console: File,
     memory_dump: Option<File>,
+    events: Option<File>,
     vhost_vsock: Option<File>,
 }
 
@@ -79,6 +82,17 @@ fn open_files(cfg: &VmConfig) -> Result<OpenedFiles, String> {
         ),
         None => None,
     };
+    let events = match &cfg.events {
+        Some(p) => Some(
+            File::options()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(p)
+                .map_err(|e| format!("cannot open the events file {}: {e}", p.display()))?,
+        ),
+        None => None,
+    };
     let vhost_vsock = match cfg.vsock_cid {
         Some(_) => Some(
             File::options()
@@ -89,7 +103,7 @@ fn open_files(cfg: &VmConfig) -> Result<OpenedFiles, String> {
         ),
         None => None,
     };
-    Ok(OpenedFiles { kernel, initrd, disks, console, memory_dump, vhost_vsock })
+    Ok(OpenedFiles { kernel, initrd, disks, console, memory_dump, events, vhost_vsock })
 }
 
 fn eventfd() -> Result<EventFd, String> {
@@ -247,8 +261,6 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, Option<String>), String> {
     let vm = create_vm(&kvm, &mem)?;
     timeline::mark("memory and VM created");
     let cmdline = cfg.kernel_cmdline();
-    let windows = cfg.device_windows();
-    let acpi_devices = cfg.acpi.then_some(windows.as_slice());
     let entry = arch::load_and_configure(
         &mem,
         &mut files.kernel,
@@ -256,7 +268,7 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, Option<String>), String> {
         &cmdline,
         cfg.memory_bytes(),
         cfg.vcpus,
-        acpi_devices,
+        None,
     )?;
     timeline::mark("kernel loaded");
 
@@ -294,9 +306,44 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, Option<String>), String> {
     }
     seccomp::install(Role::Main)?;
 
-    let reason = event_loop(&epoll, &exit, &served, dump_fd, &mem, files.memory_dump.as_ref())?;
+    let dump = DumpTarget { file: files.memory_dump.as_ref(), events: files.events.as_ref() };
+    let reason = event_loop(&epoll, &exit, &served, dump_fd, &mem, &dump)?;
     bus.legacy.flush_console();
     Ok((reason, exit.error_message()))
+}
+
+/// Where a requested memory dump goes, and where its outcome is reported.
+struct DumpTarget<'a> {
+    file: Option<&'a File>,
+    events: Option<&'a File>,
+}
+
+impl DumpTarget<'_> {
+    /// Serves one `Control::DumpMemory` request: writes guest RAM, then reports the outcome as an
+    /// event (for the appliance) and on stderr (for a person reading vmm.log).
+    fn serve(&self, mem: &GuestMemory) {
+        let event = match self.file {
+            Some(f) => match dump_guest_memory(mem, f) {
+                Ok(bytes) => {
+                    eprintln!("vmm: guest memory dumped ({} MiB)", bytes >> 20);
+                    Event::MemoryDumped { bytes }
+                }
+                Err(error) => {
+                    eprintln!("vmm: memory dump failed: {error}");
+                    Event::MemoryDumpFailed { error }
+                }
+            },
+            None => {
+                eprintln!("vmm: SIGUSR1 ignored: no memory_dump file configured");
+                Event::MemoryDumpFailed { error: "no memory_dump file configured".into() }
+            }
+        };
+        if let Some(mut events) = self.events {
+            if let Err(e) = events.write_all(event.to_line().as_bytes()) {
+                eprintln!("vmm: cannot report an event: {e}");
+            }
+        }
+    }
 }
 
 fn event_loop(
@@ -305,7 +352,7 @@ fn event_loop(
     served: &[Served],
     dump_fd: RawFd,
     mem: &GuestMemory,
-    dump_file: Option<&File>,
+    dump: &DumpTarget,
 ) -> Result<ExitReason, String> {
     let mut ready = Vec::new();
     let mut panic_deadline: Option<Instant> = None;
@@ -332,13 +379,7 @@ fn event_loop(
                     let mut info = [0u8; 128]; // struct signalfd_siginfo
                                                // SAFETY: reads at most 128 bytes into a 128-byte buffer.
                     while unsafe { libc::read(dump_fd, info.as_mut_ptr() as *mut libc::c_void, info.len()) } > 0 {}
-                    match dump_file {
-                        Some(f) => match dump_guest_memory(mem, f) {
-                            Ok(n) => eprintln!("vmm: guest memory dumped ({} MiB)", n >> 20),
-                            Err(e) => eprintln!("vmm: memory dump failed: {e}"),
-                        },
-                        None => eprintln!("vmm: SIGUSR1 ignored: no memory_dump file configured"),
-                    }
+                    dump.serve(mem);
                 }
                 t => {
                     if let Some(s) = served.get((t - TOKEN_QUEUE_BASE) as usize) {

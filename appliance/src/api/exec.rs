@@ -21,8 +21,9 @@ use crate::connsock::dup_connection;
 use crate::error::AppError;
 use crate::http::reply::Reply;
 use crate::http::request::{header, parse_json, read_body, MAX_JSON_BODY};
-use crate::lifecycle::{require_running, runtime_error};
+use crate::lifecycle::runtime_error;
 use crate::runtime::{ExecEvent, ExecOutput, ExecRequest};
+use crate::sandbox_ops::require_running;
 use crate::websocket::{self, Incoming, WsError};
 
 /// Default limit of a one-shot command when the request gives none.

@@ -8,7 +8,8 @@ use crate::app::App;
 use crate::error::AppError;
 use crate::http::reply::Reply;
 use crate::http::request::{query_param, read_body, MAX_FILE_BODY};
-use crate::lifecycle::{require_running, runtime_error};
+use crate::lifecycle::runtime_error;
+use crate::sandbox_ops::require_running;
 
 fn target(app: &App, raw_id: &str, query: &str) -> Result<(String, String), AppError> {
     let id = validate::uuid("sandbox", raw_id)?;

@@ -14,7 +14,8 @@ use crate::clock::rfc3339;
 use crate::error::AppError;
 use crate::http::reply::Reply;
 use crate::http::request::{parse_json, read_body, MAX_JSON_BODY};
-use crate::lifecycle::{self, CreateSpec};
+use crate::lifecycle;
+use crate::sandbox_ops::{self, CreateSpec};
 use crate::store::records::SandboxRecord;
 
 const MAX_METADATA_ENTRIES: usize = 64;
@@ -110,7 +111,7 @@ pub fn create(app: &App, request: &mut Request) -> Result<Reply, AppError> {
         metadata,
         project,
     };
-    let record = lifecycle::create(app, spec)?;
+    let record = sandbox_ops::create(app, spec)?;
     Ok(Reply::json(201, &sandbox_json(&record)))
 }
 
@@ -129,12 +130,12 @@ pub fn list(app: &App) -> Result<Reply, AppError> {
 
 pub fn get(app: &App, raw_id: &str) -> Result<Reply, AppError> {
     let id = validate::uuid("sandbox", raw_id)?;
-    Ok(Reply::json(200, &sandbox_json(&lifecycle::get(app, &id)?)))
+    Ok(Reply::json(200, &sandbox_json(&sandbox_ops::get(app, &id)?)))
 }
 
 pub fn delete(app: &App, raw_id: &str) -> Result<Reply, AppError> {
     let id = validate::uuid("sandbox", raw_id)?;
-    lifecycle::delete(app, &id)?;
+    sandbox_ops::delete(app, &id)?;
     Ok(Reply::no_content())
 }
 
@@ -142,14 +143,14 @@ pub fn set_timeout(app: &App, raw_id: &str, request: &mut Request) -> Result<Rep
     let id = validate::uuid("sandbox", raw_id)?;
     let body: TimeoutBody = parse_json(&read_body(request, MAX_JSON_BODY)?)?;
     let timeout = validate::timeout_sec("timeout", body.timeout)?;
-    lifecycle::set_timeout(app, &id, timeout)?;
+    sandbox_ops::set_timeout(app, &id, timeout)?;
     Ok(Reply::no_content())
 }
 
 /// Operator diagnostics: the sandbox's guest memory, written to its directory on the data disk.
 pub fn memory_dump(app: &App, raw_id: &str) -> Result<Reply, AppError> {
     let id = validate::uuid("sandbox", raw_id)?;
-    let (backend, _) = lifecycle::require_running(app, &id)?;
+    let (backend, _) = sandbox_ops::require_running(app, &id)?;
     let (path, bytes) = backend.runtime.memory_dump(&id).map_err(lifecycle::runtime_error)?;
     println!("appliance: sandbox {id}: guest memory dumped to {path} ({} MiB)", bytes >> 20);
     Ok(Reply::json(200, &json!({"path": path, "bytes": bytes})))

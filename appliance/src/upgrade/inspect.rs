@@ -2,11 +2,11 @@
 //! appliance's partitions, an `oc-system` ext4 in system partition A, and on its ESP exactly one
 //! committed boot entry for slot A that is a complete unified kernel image.
 
-use init::boot::entry::{self, Slot, VERSION_KEY};
-use init::boot::fat::Fat;
-use init::boot::pe::Uki;
-use init::gpt::{Gpt, SECTOR};
-use init::layout;
+use boot_disk::entry::{self, Slot, VERSION_KEY};
+use boot_disk::fat::Fat;
+use boot_disk::gpt::{Gpt, SECTOR};
+use boot_disk::layout;
+use boot_disk::pe::Uki;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
@@ -77,11 +77,11 @@ fn ext4_size(file: &mut File, offset: u64) -> Result<u64, String> {
     file.seek(SeekFrom::Start(offset))
         .and_then(|_| file.read_exact(&mut head))
         .map_err(|e| format!("read the system partition: {e}"))?;
-    let label = init::appliance::systemdisk::ext4_label(&head);
-    if label.as_deref() != Some(init::appliance::systemdisk::LABEL) {
+    let label = boot_disk::ext4::label(&head);
+    if label.as_deref() != Some(boot_disk::ext4::SYSTEM_LABEL) {
         return Err(format!(
             "system partition A holds no ext4 filesystem labelled {} (found {label:?})",
-            init::appliance::systemdisk::LABEL
+            boot_disk::ext4::SYSTEM_LABEL
         ));
     }
     let sb = &head[1024..];
@@ -98,7 +98,7 @@ fn ext4_size(file: &mut File, offset: u64) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use init::gpt::{Guid, Partition, ESP_TYPE, LINUX_FS_TYPE};
+    use boot_disk::gpt::{Guid, Partition, ESP_TYPE, LINUX_FS_TYPE};
     use std::io::Write;
     use std::process::Command;
 

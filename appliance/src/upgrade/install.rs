@@ -5,9 +5,9 @@
 //! the data partition are never touched.
 
 use super::inspect::Candidate;
-use init::boot::disk;
-use init::boot::entry::{self, Entry, Slot, DEFAULT_TRIES};
-use init::boot::pe::Uki;
+use boot_disk::disk;
+use boot_disk::entry::{self, Entry, Slot, DEFAULT_TRIES};
+use boot_disk::pe::Uki;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
@@ -27,7 +27,7 @@ pub enum InstallError {
 
 pub fn install(image: &Path, candidate: &Candidate, running: Slot) -> Result<Installed, InstallError> {
     let failed = InstallError::Failed;
-    let entries = init::boot::disk::read_entries().map_err(failed)?;
+    let entries = boot_disk::disk::read_entries().map_err(failed)?;
     if let Some(current) = entry::current_for(&entries, running).filter(|e| e.is_trial()) {
         return Err(InstallError::Conflict(format!(
             "the running slot {running} is itself an upgrade on trial ({}); wait until it is committed",

@@ -1,7 +1,7 @@
 //! What `GET /api/system` reports: the slot and version running, whether this boot is
 //! committed, and an upgrade staged (or failed) in the other slot.
 
-use init::boot::entry::{self, Entry, Slot, VERSION_KEY};
+use boot_disk::entry::{self, Entry, Slot, VERSION_KEY};
 use serde_json::{json, Value};
 
 /// The running image's version, from its os-release.
@@ -18,11 +18,9 @@ pub fn running_version() -> String {
 
 /// The booted slot and its state, as init recorded them (None: not booted from the disk image).
 pub fn boot_state() -> Option<(Slot, String, String)> {
-    let text = std::fs::read_to_string(init::layout::BOOT_STATE_FILE).ok()?;
-    let get = |key: &str| {
-        text.lines().find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('='))).unwrap_or("").to_string()
-    };
-    Some((Slot::parse(&get("slot"))?, get("entry"), get("state")))
+    let text = std::fs::read_to_string(init_handoff::BOOT_STATE_FILE).ok()?;
+    let state = init_handoff::BootState::parse(&text);
+    Some((Slot::parse(&state.slot)?, state.entry, state.state))
 }
 
 /// The machine's host name (set by init from the operator's configuration).
@@ -35,7 +33,7 @@ pub fn report() -> Value {
     let Some((slot, entry_name, state)) = boot_state() else {
         return json!({"slot": null, "version": version, "hostname": hostname(), "state": "not booted from the disk image", "staged": null, "entries": []});
     };
-    let (entries, problem) = match init::boot::disk::read_entries() {
+    let (entries, problem) = match boot_disk::disk::read_entries() {
         Ok(entries) => (entries, None),
         Err(e) => (Vec::new(), Some(e)),
     };

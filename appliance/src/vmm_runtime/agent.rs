@@ -5,10 +5,10 @@ use std::io::Write;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use init::agent::client::{AgentClient, AgentError, AttachEvent, AttachWriter};
-use init::agent::message::{Command, EnvVars, ErrorCode, ExitStatus, OutputStream, RunSpec, SessionSpec};
-use init::agent::vsock::VsockStream;
-use init::agent::AGENT_PORT;
+use agent_protocol::client::{AgentClient, AgentError, AttachEvent, AttachWriter};
+use agent_protocol::message::{Command, EnvVars, ErrorCode, ExitStatus, OutputStream, RunSpec, SessionSpec};
+use agent_protocol::AGENT_PORT;
+use vsock::VsockStream;
 
 use crate::runtime::{DirEntry, ExecAttachment, ExecEvent, ExecOutput, ExecRequest, ExecSessionInfo, RuntimeError};
 

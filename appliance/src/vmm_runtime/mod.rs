@@ -145,7 +145,7 @@ impl VmmRuntime {
         let mut agent = agent::wait_ready(cid, AGENT_READY_LIMIT, &|| ended.has_ended())?;
         agent.install_ca(self.config.ca_cert_pem.as_bytes()).map_err(agent::to_runtime)?;
         // Programs in the sandbox find the egress forwarder the agent runs here.
-        let proxy_url = format!("http://{}", init::agent::EGRESS_LISTEN);
+        let proxy_url = format!("http://{}", agent_protocol::EGRESS_LISTEN);
         let proxy: Vec<(String, String)> = ["HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"]
             .iter()
             .map(|name| (name.to_string(), proxy_url.clone()))
@@ -234,7 +234,7 @@ impl SandboxRuntime for VmmRuntime {
     }
 
     fn write_file(&self, sandbox_id: &str, path: &str, data: &[u8]) -> Result<(), RuntimeError> {
-        let spec = init::agent::message::WriteSpec { path: path.to_string(), mode: None, create_parents: true };
+        let spec = agent_protocol::message::WriteSpec { path: path.to_string(), mode: None, create_parents: true };
         self.agent(sandbox_id)?.write_file(&spec, data).map(|_| ()).map_err(agent::to_runtime)
     }
 

@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use vmm_contract::{Control, DiskConfig, Event, VmConfig};
 
 /// Files in a sandbox's directory.
 pub const ROOT_DISK: &str = "root.ext4";
@@ -15,6 +15,7 @@ const CONFIG: &str = "vm.json";
 const PID_FILE: &str = "vmm.pid";
 pub const CONSOLE_LOG: &str = "console.log";
 const VMM_LOG: &str = "vmm.log";
+const EVENTS: &str = "vmm.events";
 pub const MEMORY_DUMP: &str = "memory.dump";
 /// Adopted VMMs are not our children; their end is noticed by polling.
 const ADOPTED_POLL: Duration = Duration::from_millis(500);
@@ -37,17 +38,9 @@ pub struct VmSpec<'a> {
     pub cid: u32,
 }
 
-/// How a VMM ended, in the words of its exit status (see vmm/NOTES.md).
+/// How a VMM ended, in the words of its exit status.
 pub fn describe_exit(status: Option<i32>) -> &'static str {
-    match status {
-        Some(0) => "guest powered off",
-        Some(3) => "guest rebooted",
-        Some(4) => "guest kernel panicked",
-        Some(1) => "VMM error",
-        Some(2) => "VMM refused its configuration",
-        Some(_) => "VMM exited unexpectedly",
-        None => "VMM was killed",
-    }
+    vmm_contract::exit::describe(status)
 }
 
 /// A running (or ended) VMM.
@@ -85,7 +78,8 @@ impl Vm {
     /// How the VMM ended, once it has: (clean, description).
     pub fn exit(&self) -> Option<(bool, String)> {
         let status = (*self.ended.lock().ok()?)?;
-        let clean = matches!(status, Some(0) | Some(3));
+        let clean =
+            status.and_then(vmm_contract::ExitStatus::from_code).is_some_and(vmm_contract::ExitStatus::is_clean);
         Some((clean, describe_exit(status).to_string()))
     }
 
@@ -97,26 +91,28 @@ impl Vm {
         }
     }
 
-    /// Has the VMM write guest RAM to its memory dump file and waits until it says it is done
-    /// (it reports on its log); returns the dump's size.
+    /// Has the VMM write guest RAM to its memory dump file and waits for the event saying it is
+    /// done; returns the dump's size.
     pub fn dump_memory(&self, limit: Duration) -> Result<u64, String> {
-        let log = self.dir.join(VMM_LOG);
-        let seen = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
-        // SAFETY: as in kill(); SIGUSR1 is the VMM's documented dump request.
-        if self.has_ended() || unsafe { libc::kill(self.pid, libc::SIGUSR1) } != 0 {
+        let events = self.dir.join(EVENTS);
+        let seen = fs::metadata(&events).map(|m| m.len()).unwrap_or(0);
+        let request = Control::DumpMemory;
+        // SAFETY: as in kill(); the signal is the VMM's documented dump request.
+        if self.has_ended() || unsafe { libc::kill(self.pid, request.signal()) } != 0 {
             return Err("the VMM is not running".into());
         }
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
-            let text = fs::read(&log).unwrap_or_default();
+            let text = fs::read(&events).unwrap_or_default();
             let new = String::from_utf8_lossy(text.get(seen as usize..).unwrap_or_default()).into_owned();
-            if new.contains("guest memory dumped") {
-                return fs::metadata(self.dir.join(MEMORY_DUMP))
-                    .map(|m| m.len())
-                    .map_err(|e| format!("dump written but unreadable: {e}"));
+            for event in Event::parse_lines(&new) {
+                match event {
+                    Event::MemoryDumped { bytes } => return Ok(bytes),
+                    Event::MemoryDumpFailed { error } => return Err(format!("memory dump failed: {error}")),
+                }
             }
-            if let Some(line) = new.lines().find(|l| l.contains("memory dump failed")) {
-                return Err(line.to_string());
+            if self.has_ended() {
+                return Err("the VMM ended during the memory dump".into());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -144,18 +140,20 @@ fn tail(path: &Path, lines: usize) -> String {
 
 /// Writes the config and starts the VMM; `on_exit` runs once (on a waiter thread) when it ends.
 pub fn spawn(spec: &VmSpec, on_exit: impl FnOnce(Option<i32>) + Send + 'static) -> Result<Arc<Vm>, String> {
-    let config = json!({
-        "kernel": spec.kernel,
-        "cmdline": guest_cmdline(spec.sandbox_id),
-        "vcpus": spec.vcpus,
-        "memory_mib": spec.memory_mib,
-        "console_log": spec.dir.join(CONSOLE_LOG),
-        "disks": [{"path": spec.dir.join(ROOT_DISK), "read_only": false}],
-        "vsock_cid": spec.cid,
-        "memory_dump": spec.dir.join(MEMORY_DUMP),
-    });
+    let vcpus = u8::try_from(spec.vcpus).map_err(|_| format!("{} vCPUs is more than a VMM runs", spec.vcpus))?;
+    let config = VmConfig {
+        cmdline: Some(guest_cmdline(spec.sandbox_id)),
+        vcpus,
+        memory_mib: spec.memory_mib,
+        console_log: Some(spec.dir.join(CONSOLE_LOG)),
+        disks: vec![DiskConfig { path: spec.dir.join(ROOT_DISK), read_only: false }],
+        vsock_cid: Some(u64::from(spec.cid)),
+        memory_dump: Some(spec.dir.join(MEMORY_DUMP)),
+        events: Some(spec.dir.join(EVENTS)),
+        ..VmConfig::new(spec.kernel)
+    };
     let config_path = spec.dir.join(CONFIG);
-    fs::write(&config_path, config.to_string()).map_err(|e| format!("cannot write {}: {e}", config_path.display()))?;
+    fs::write(&config_path, config.to_json()).map_err(|e| format!("cannot write {}: {e}", config_path.display()))?;
     let log = File::create(spec.dir.join(VMM_LOG)).map_err(|e| format!("cannot create the VMM log: {e}"))?;
     let log_err = log.try_clone().map_err(|e| format!("cannot share the VMM log: {e}"))?;
     let mut child: Child = Command::new(spec.vmm_bin)
@@ -197,8 +195,8 @@ pub fn spawn(spec: &VmSpec, on_exit: impl FnOnce(Option<i32>) + Send + 'static) 
 /// restarted while sandboxes were up). `on_exit` runs when it ends.
 pub fn adopt(dir: &Path, on_exit: impl FnOnce(Option<i32>) + Send + 'static) -> Option<Arc<Vm>> {
     let pid: i32 = fs::read_to_string(dir.join(PID_FILE)).ok()?.trim().parse().ok()?;
-    let config: serde_json::Value = serde_json::from_str(&fs::read_to_string(dir.join(CONFIG)).ok()?).ok()?;
-    let cid = u32::try_from(config.get("vsock_cid")?.as_u64()?).ok()?;
+    let config = VmConfig::from_json(&fs::read_to_string(dir.join(CONFIG)).ok()?).ok()?;
+    let cid = u32::try_from(config.vsock_cid?).ok()?;
     let config_path = dir.join(CONFIG);
     if !runs_config(pid, &config_path) {
         return None;
@@ -266,10 +264,10 @@ mod tests {
         let vm = spawn(&spec, move |status| tx.send(status).expect("send")).expect("spawn");
         assert_eq!(rx.recv_timeout(Duration::from_secs(10)).expect("exit"), Some(1));
         assert!(vm.wait_ended(Duration::from_secs(1)));
-        let config: serde_json::Value =
-            serde_json::from_str(&fs::read_to_string(dir.join(CONFIG)).expect("cfg")).expect("json");
-        assert_eq!(config["vsock_cid"], 9);
-        assert_eq!(config["disks"][0]["read_only"], false);
+        let config = VmConfig::from_json(&fs::read_to_string(dir.join(CONFIG)).expect("cfg")).expect("json");
+        assert_eq!(config.vsock_cid, Some(9));
+        assert!(!config.disks[0].read_only);
+        assert_eq!(config.events, Some(dir.join(EVENTS)));
         // Its pid no longer runs that config: nothing to adopt.
         assert!(adopt(&dir, |_| {}).is_none());
         let _ = fs::remove_dir_all(&dir);

@@ -4,8 +4,8 @@
 //! moved to the new end. The table editing is pure (`plan`) and tested on files; the rest finds
 //! the disk and tells the kernel.
 
-use crate::gpt::{self, Gpt, Guid, Partition, SECTOR};
-use crate::layout;
+use boot_disk::gpt::{self, Gpt, Guid, Partition, SECTOR};
+use boot_disk::layout;
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
 use std::os::fd::AsRawFd;
@@ -170,7 +170,7 @@ fn find_boot_disk() -> Result<String, String> {
     }
 }
 
-pub use crate::boot::disk::find_partition;
+pub use boot_disk::disk::find_partition;
 
 /// `vda` + 4 -> `vda4`; `nvme0n1` + 4 -> `nvme0n1p4` (a name ending in a digit takes a `p`).
 pub fn partition_device(disk: &str, number: usize) -> String {
@@ -263,7 +263,7 @@ fn ioctl_int(file: &File, request: libc::c_ulong) -> std::io::Result<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpt::{ALIGN, ESP_TYPE};
+    use boot_disk::gpt::{ALIGN, ESP_TYPE};
     use std::io::{Seek, SeekFrom, Write};
 
     const MIB_SECTORS: u64 = ALIGN;

@@ -21,8 +21,6 @@ use crate::sys::power::{self, PowerAction};
 use crate::sys::process::{self, SignalFd};
 use std::time::{Duration, Instant};
 
-pub use operator::{ADMIN_KEY_FILE, PROXY_CONFIG_FILE};
-
 /// Time a service gets between SIGTERM and SIGKILL at shutdown.
 const SERVICE_GRACE: Duration = Duration::from_secs(10);
 /// Time the remaining processes get between SIGTERM and SIGKILL.
@@ -55,7 +53,7 @@ pub fn run() -> ! {
     let settings = operator.config.as_cmdline();
     let hostname = operator.config.get("hostname").unwrap_or(HOSTNAME_DEFAULT);
     set_hostname(hostname);
-    let origin = operator.config.where_set("hostname", crate::layout::CONFIG_FILE);
+    let origin = operator.config.where_set("hostname", boot_disk::layout::CONFIG_FILE);
     log!("hostname {hostname} ({})", if origin.is_empty() { "default" } else { origin.trim_end_matches(": ") });
     bring_up_network(&settings, &operator.config);
     match datadisk::mount_data(&settings, data_partition.as_deref()) {
@@ -63,10 +61,10 @@ pub fn run() -> ! {
         Err(e) => {
             log!("DATA DISK PROBLEM: {e}");
             // The appliance serves 503 with this reason instead of storing into RAM.
-            let written = std::fs::create_dir_all(operator::RUN_DIR)
-                .and_then(|_| std::fs::write(crate::layout::DATA_PROBLEM_FILE, &e));
+            let written = std::fs::create_dir_all(init_handoff::RUN_DIR)
+                .and_then(|_| std::fs::write(init_handoff::DATA_PROBLEM_FILE, &e));
             if let Err(w) = written {
-                log!("cannot write {}: {w}", crate::layout::DATA_PROBLEM_FILE);
+                log!("cannot write {}: {w}", init_handoff::DATA_PROBLEM_FILE);
             }
         }
     }
@@ -170,7 +168,7 @@ fn bring_up_network(cmdline: &str, settings: &config::Config) {
     let config = match net::NetConfig::from_cmdline(cmdline) {
         Ok(config) => config,
         Err(e) => {
-            let e = settings.explain(&e, crate::layout::CONFIG_FILE);
+            let e = settings.explain(&e, boot_disk::layout::CONFIG_FILE);
             log!("NETWORK CONFIGURATION PROBLEM: {e}; the network stays down");
             return;
         }

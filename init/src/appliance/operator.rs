@@ -6,17 +6,14 @@
 
 use super::bootdisk;
 use super::config::Config;
-use crate::layout;
 use crate::log;
 use crate::sys::mount::{self, Mount};
+use boot_disk::layout;
+use init_handoff::{ADMIN_KEY_FILE, PROXY_CONFIG_FILE, RUN_DIR};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 
 const ESP_MOUNT: &str = "/run/esp";
-/// Where the appliance service reads its inputs (see the services file in image/src/pipeline.rs).
-pub const RUN_DIR: &str = "/run/opencomputer";
-pub const ADMIN_KEY_FILE: &str = "/run/opencomputer/admin-key";
-pub const PROXY_CONFIG_FILE: &str = "/run/opencomputer/proxy-config.json";
 const FW_CFG_ADMIN_KEY: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/opencomputer/admin-key/raw";
 const FW_CFG_PROXY_CONFIG: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/opencomputer/proxy-config/raw";
 /// A CA bundle larger than this is a mistake (Debian's whole bundle is ~200 KiB).

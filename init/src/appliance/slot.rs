@@ -3,11 +3,12 @@
 //! carries a boot counter), the entry is blessed (counter dropped) once the appliance API answers
 //! healthy. If it never does within TRIAL_TIMEOUT, the appliance reboots so that systemd-boot
 //! counts another failed attempt and, when the tries are used up, falls back to the previous
-//! slot. The state is written to layout::BOOT_STATE_FILE for the appliance's `GET /api/system`.
+//! slot. The state is written to init_handoff::BOOT_STATE_FILE for the appliance's `GET /api/system`.
 
-use crate::boot::disk;
-use crate::boot::entry::{self, Entry, Slot};
-use crate::layout;
+use boot_disk::disk;
+use boot_disk::entry::{self, Entry, Slot};
+use init_handoff::BootState;
+
 use crate::log;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -19,7 +20,7 @@ const DEFAULT_TRIAL_TIMEOUT: Duration = Duration::from_secs(900);
 const ESP_COMMIT_MOUNT: &str = "/run/esp-commit";
 
 pub fn from_cmdline(cmdline: &str) -> Option<Slot> {
-    crate::sys::fs::cmdline_value(cmdline, entry::SLOT_KEY).and_then(Slot::parse)
+    Slot::from_cmdline(cmdline)
 }
 
 /// The configured trial timeout (validated when the configuration was read), or the default.
@@ -94,7 +95,7 @@ fn commit_when_healthy(slot: Slot, current: &Entry, trial_timeout: Duration) {
 }
 
 fn api_healthy() -> bool {
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], layout::API_PORT));
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], init_handoff::API_PORT));
     let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else { return false };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     if stream.write_all(b"GET /api/healthz HTTP/1.0\r\nHost: localhost\r\n\r\n").is_err() {
@@ -110,12 +111,12 @@ fn write_state(slot: Slot, current: Option<&Entry>) {
         Some(e) => (e.file_name(), if e.is_trial() { "trial" } else { "committed" }),
         None => (String::new(), "unknown"),
     };
-    let text = format!("slot={slot}\nentry={name}\nstate={state}\n");
-    let tmp = format!("{}.tmp", layout::BOOT_STATE_FILE);
-    let written = std::fs::create_dir_all(super::operator::RUN_DIR)
+    let text = BootState { slot: slot.letter().to_string(), entry: name, state: state.to_string() }.encode();
+    let tmp = format!("{}.tmp", init_handoff::BOOT_STATE_FILE);
+    let written = std::fs::create_dir_all(init_handoff::RUN_DIR)
         .and_then(|_| std::fs::write(&tmp, text))
-        .and_then(|_| std::fs::rename(&tmp, layout::BOOT_STATE_FILE));
+        .and_then(|_| std::fs::rename(&tmp, init_handoff::BOOT_STATE_FILE));
     if let Err(e) = written {
-        log!("cannot write {}: {e}", layout::BOOT_STATE_FILE);
+        log!("cannot write {}: {e}", init_handoff::BOOT_STATE_FILE);
     }
 }

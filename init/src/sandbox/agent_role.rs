@@ -5,12 +5,12 @@
 use super::ca::CaPaths;
 use super::egress;
 use super::server::{default_home, Agent, AgentConfig};
-use crate::agent::vsock::{VsockListener, VsockStream, HOST_CID};
-use crate::agent::{Power, AGENT_PORT, EGRESS_LISTEN, EGRESS_PORT};
 use crate::sys::fs::{cmdline_value, kernel_cmdline};
+use agent_protocol::{Power, AGENT_PORT, EGRESS_LISTEN, EGRESS_PORT};
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
+use vsock::{VsockListener, VsockStream, HOST_CID};
 
 fn say(message: &str) {
     crate::sys::console::line("agent", message);

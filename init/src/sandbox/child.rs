@@ -3,8 +3,8 @@
 //! helper thread and without touching any other child of the agent.
 
 use super::error::OpError;
-use crate::agent::{Command, ExitStatus, OutputStream};
 use crate::sys::process::kill_group;
+use agent_protocol::{Command, ExitStatus, OutputStream};
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -72,7 +72,7 @@ pub fn spawn(command: &Command, env: &[(String, String)], cwd: &Path, with_stdin
         Ok(meta) if meta.is_dir() => {}
         Ok(_) => {
             return Err(OpError::new(
-                crate::agent::ErrorCode::NotADirectory,
+                agent_protocol::ErrorCode::NotADirectory,
                 format!("working directory {} is not a directory", cwd.display()),
             ))
         }
@@ -296,12 +296,12 @@ mod tests {
     #[test]
     fn bad_commands_are_refused_with_clear_errors() {
         let e = spawn(&Command::Argv(vec![]), &env(), Path::new("/"), false).err().unwrap();
-        assert_eq!(e.code, crate::agent::ErrorCode::BadRequest);
+        assert_eq!(e.code, agent_protocol::ErrorCode::BadRequest);
         let e = spawn(&Command::Argv(vec!["/no/such/program".into()]), &env(), Path::new("/"), false).err().unwrap();
-        assert_eq!(e.code, crate::agent::ErrorCode::NotFound);
+        assert_eq!(e.code, agent_protocol::ErrorCode::NotFound);
         assert!(e.message.contains("/no/such/program"), "{}", e.message);
         let e = spawn(&Command::Shell("true".into()), &env(), Path::new("/no/such/dir"), false).err().unwrap();
-        assert_eq!(e.code, crate::agent::ErrorCode::NotFound);
+        assert_eq!(e.code, agent_protocol::ErrorCode::NotFound);
         assert!(e.message.contains("working directory"), "{}", e.message);
     }
 

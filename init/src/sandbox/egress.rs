@@ -2,7 +2,7 @@
 //! connections are forwarded byte for byte to the host over vsock, where the sealing proxy
 //! knows the sandbox by its CID. Nothing is parsed or changed here.
 
-use crate::agent::transport::Connection;
+use agent_protocol::transport::Connection;
 use std::io;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};

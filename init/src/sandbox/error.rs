@@ -1,7 +1,7 @@
 //! How an agent operation fails: an answer for the client (`OpError`, sent as an error frame),
 //! or a broken connection (`Failure::Transport`, nothing more can be sent).
 
-use crate::agent::ErrorCode;
+use agent_protocol::ErrorCode;
 use std::io;
 
 /// A refused or failed operation, reported to the client with a code and a message.

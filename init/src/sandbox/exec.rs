@@ -5,7 +5,7 @@ use super::child::{self, Waited};
 use super::env::EnvStore;
 use super::error::{Failure, OpError};
 use super::paths;
-use crate::agent::{OutputStream, RunExit, RunSpec};
+use agent_protocol::{OutputStream, RunExit, RunSpec};
 use std::io;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -86,7 +86,7 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::{Command, EnvVars, ExitStatus};
+    use agent_protocol::{Command, EnvVars, ExitStatus};
 
     fn spec(line: &str, timeout_ms: u64, max_output: u64) -> RunSpec {
         RunSpec {

@@ -3,7 +3,7 @@
 
 use super::error::{Failure, OpError};
 use super::paths;
-use crate::agent::{DirEntry, ErrorCode, FileStat};
+use agent_protocol::{DirEntry, ErrorCode, FileStat};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};

@@ -6,7 +6,7 @@ use super::child::{self, Spawned};
 use super::env::EnvStore;
 use super::error::OpError;
 use super::paths;
-use crate::agent::{ErrorCode, ExitStatus, OutputStream, SessionInfo, SessionSpec};
+use agent_protocol::{ErrorCode, ExitStatus, OutputStream, SessionInfo, SessionSpec};
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;

@@ -2,7 +2,7 @@
 //! temporary directory, with CA paths and a recording power handler inside that directory.
 #![allow(dead_code)]
 
-use init::agent::{AgentClient, ClientTimeouts, Power};
+use agent_protocol::{AgentClient, ClientTimeouts, Power};
 use init::sandbox::{Agent, AgentConfig, CaPaths};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;

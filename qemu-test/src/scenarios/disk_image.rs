@@ -202,7 +202,7 @@ fn more_boots(run: &mut Run, disk: &Path, id: &str) -> Result<()> {
 /// clients write projects, kills QEMU mid-stream and checks the data partition of a copy.
 fn power_cuts_during_writes(run: &mut Run, disk: &Path) -> Result<()> {
     // The data partition was created and grown by the boots before; it stays where it is.
-    let extent = image::disk_image::partition_extent(disk, init::layout::DATA_NAME)?;
+    let extent = image::disk_image::partition_extent(disk, boot_disk::layout::DATA_NAME)?;
     let mut acknowledged: Vec<String> = Vec::new();
     for round in 0..DISK_CUT_ROUNDS {
         let mut m = run.boot(
@@ -378,8 +378,8 @@ fn fallback(run: &mut Run, disk: &Path, id: &str, broken: &Path, good_version: &
     let from =
         reboot(run, &mut m, RebootBy::Keyboard, "fallback: broken slot A tried, back on B", Duration::from_secs(1800))?;
     let panics = m.console()[from..].matches("Kernel panic").count();
-    check(panics == init::boot::entry::DEFAULT_TRIES as usize, || {
-        format!("expected {} panicking tries of the broken image, saw {panics}", init::boot::entry::DEFAULT_TRIES)
+    check(panics == boot_disk::entry::DEFAULT_TRIES as usize, || {
+        format!("expected {} panicking tries of the broken image, saw {panics}", boot_disk::entry::DEFAULT_TRIES)
     })?;
     let api = Api::new(m.api_port, &run.key);
     let system = expect_committed(&api, "b", good_version, "after the fallback")?;
@@ -433,7 +433,7 @@ fn watchdog_fallback(run: &mut Run, disk: &Path, id: &str, unhealthy: &Path, goo
     let missing = tail.matches("DATA DISK MISSING").count();
     let gave_up =
         tail.matches(&format!("UPGRADE FAILED: the API did not answer healthy within {TRIAL_SECS}s on slot a")).count();
-    let tries = init::boot::entry::DEFAULT_TRIES as usize;
+    let tries = boot_disk::entry::DEFAULT_TRIES as usize;
     check(missing == tries && gave_up == tries, || {
         format!("expected {tries} unhealthy tries each ended by the watchdog; saw {missing} data-disk reports and {gave_up} watchdog reboots")
     })?;

@@ -2,8 +2,7 @@
 //! kind, payload length as u32 big-endian) followed by at most `MAX_PAYLOAD` bytes of payload.
 //! Reading is bounded in size and in time, so a peer can make a read fail but never hang it.
 
-use super::message::ErrorCode;
-use super::transport::TimedRead;
+use crate::transport::TimedRead;
 use std::fmt;
 use std::io;
 use std::time::{Duration, Instant};
@@ -42,21 +41,6 @@ pub enum FrameError {
     UnsupportedVersion(u8),
     TooLarge(u64),
     Io(io::Error),
-}
-
-impl FrameError {
-    /// The code of the error frame a receiver sends before closing, or None when there is no
-    /// peer left to tell (closed, idle or broken connection).
-    pub fn reply_code(&self) -> Option<ErrorCode> {
-        match self {
-            FrameError::Closed | FrameError::Idle | FrameError::Io(_) => None,
-            FrameError::Truncated { .. } => Some(ErrorCode::BadFrame),
-            FrameError::Stalled { .. } => Some(ErrorCode::Timeout),
-            FrameError::BadMagic(_) => Some(ErrorCode::BadFrame),
-            FrameError::UnsupportedVersion(_) => Some(ErrorCode::UnsupportedVersion),
-            FrameError::TooLarge(_) => Some(ErrorCode::FrameTooLarge),
-        }
-    }
 }
 
 impl fmt::Display for FrameError {

@@ -2,17 +2,17 @@
 //! time per connection; open several connections for concurrent work. Every wait is bounded
 //! by a timeout, and anything the agent sends that does not fit the protocol is an error.
 
-use super::frame::{self, FrameError};
-use super::message::{
+use crate::frame::{self, FrameError};
+use crate::message::{
     Command, DirEntry, EnvVars, ErrorCode, ExitStatus, FileStat, OutputStream, Power, Reply, Request, RunExit, RunSpec,
     SessionInfo, SessionSpec, WriteSpec,
 };
-use super::transport::Connection;
-use super::vsock::VsockStream;
+use crate::transport::Connection;
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::time::{Duration, Instant};
+use vsock::VsockStream;
 
 /// Data is sent in chunks of this size, well under the frame limit.
 const CHUNK: usize = 256 * 1024;

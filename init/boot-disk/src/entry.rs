@@ -51,6 +51,12 @@ impl Slot {
         }
     }
 
+    /// The slot a kernel command line names (`oc.slot=`; the last one wins, as in the kernel).
+    pub fn from_cmdline(cmdline: &str) -> Option<Slot> {
+        let value = cmdline.split_whitespace().filter_map(|word| word.strip_prefix(SLOT_KEY)?.strip_prefix('=')).last();
+        value.and_then(Slot::parse)
+    }
+
     /// On the unified kernel image's command line: which system partition init mounts.
     pub fn cmdline_arg(self) -> String {
         format!("{}={}", SLOT_KEY, self.letter())

@@ -1,13 +1,16 @@
 //! The agent protocol between the appliance and the agent inside each sandbox: message types,
 //! their binary encoding, framing, the transports it runs over, and the blocking client the
-//! appliance uses. PROTOCOL.md in this folder specifies the wire format.
+//! appliance uses. PROTOCOL.md beside this crate specifies the wire format.
+//!
+//! Both ends read bytes the other side chose: the agent trusts nothing from the host beyond the
+//! framing, and the appliance must treat every reply as hostile (a sandbox is root in its VM and
+//! may replace the agent). Decoding therefore never panics and never allocates beyond a frame.
 
 pub mod client;
 pub mod codec;
 pub mod frame;
 pub mod message;
 pub mod transport;
-pub mod vsock;
 
 /// The vsock port the agent listens on inside every sandbox.
 pub const AGENT_PORT: u32 = 1024;

@@ -15,9 +15,3 @@ pub const CONFIG_FILE: &str = "opencomputer.conf";
 pub const BOOTLOADER_PATH: &str = "EFI/BOOT/BOOTX64.EFI";
 /// systemd-boot's configuration on the ESP.
 pub const LOADER_CONF: &str = "loader/loader.conf";
-/// The port the appliance API listens on inside the appliance.
-pub const API_PORT: u16 = 8080;
-/// Where init tells the appliance which slot it booted and whether that boot is committed.
-pub const BOOT_STATE_FILE: &str = "/run/opencomputer/boot-slot";
-/// Where init tells the appliance why the data disk could not be mounted (absent when it was).
-pub const DATA_PROBLEM_FILE: &str = "/run/opencomputer/data-problem";

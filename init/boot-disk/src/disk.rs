@@ -3,8 +3,9 @@
 //! unmounted, keeping the window in which a power cut can hurt it short.
 
 use crate::layout;
-use crate::sys::mount::{self, Mount};
+use std::ffi::CString;
 use std::fs;
+use std::io;
 
 /// The kernel name (e.g. `vda3`) of the partition with this GPT name.
 pub fn find_partition(name: &str) -> Option<String> {
@@ -37,18 +38,37 @@ pub fn read_entries() -> Result<Vec<super::entry::Entry>, String> {
 pub fn with_esp_rw<T>(target: &str, change: impl FnOnce(&str) -> Result<T, String>) -> Result<T, String> {
     let device = partition_path(layout::ESP_NAME)?;
     fs::create_dir_all(target).map_err(|e| format!("create {target}: {e}"))?;
-    mount::mount(&Mount {
-        source: &device,
-        target,
-        fstype: "vfat",
-        flags: libc::MS_NODEV | libc::MS_NOSUID | libc::MS_NOEXEC | libc::MS_SYNCHRONOUS,
-        data: "codepage=437,iocharset=ascii,shortname=mixed",
-    })
-    .map_err(|e| format!("mount the EFI partition read-write: {e}"))?;
+    mount_esp(&device, target).map_err(|e| format!("mount the EFI partition read-write: {e}"))?;
     let result = change(target);
-    crate::sys::fs::sync_all();
-    if let Err(e) = mount::umount(target, false) {
+    // SAFETY: sync() takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    if let Err(e) = umount(target) {
         return Err(format!("the EFI partition stays mounted at {target}: {e}"));
     }
     result
+}
+
+fn c_string(text: &str) -> io::Result<CString> {
+    CString::new(text).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("{text:?} contains NUL")))
+}
+
+fn mount_esp(device: &str, target: &str) -> io::Result<()> {
+    let (source, target, fstype) = (c_string(device)?, c_string(target)?, c_string("vfat")?);
+    let data = c_string("codepage=437,iocharset=ascii,shortname=mixed")?;
+    let flags = libc::MS_NODEV | libc::MS_NOSUID | libc::MS_NOEXEC | libc::MS_SYNCHRONOUS;
+    // SAFETY: every pointer comes from a live CString, which mount(2) only reads during the call.
+    let ret = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, data.as_ptr().cast()) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn umount(target: &str) -> io::Result<()> {
+    let path = c_string(target)?;
+    // SAFETY: `path` is a live CString; umount2 only reads it.
+    if unsafe { libc::umount2(path.as_ptr(), 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -4,9 +4,7 @@
 //! PID 1 (adding or growing the data partition at first boot) share one implementation and it
 //! can be tested on plain files. 512-byte logical sectors only.
 
-pub mod crc32;
-
-use crc32::crc32;
+use crc32fast::hash as crc32;
 use std::fmt;
 use std::io::{Read, Seek, SeekFrom, Write};
 

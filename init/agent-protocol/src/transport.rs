@@ -78,3 +78,28 @@ impl Listener for TcpListener {
         Ok(stream)
     }
 }
+
+impl TimedRead for vsock::VsockStream {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        vsock::VsockStream::set_read_timeout(self, timeout)
+    }
+}
+
+impl Connection for vsock::VsockStream {
+    fn try_clone(&self) -> io::Result<Self> {
+        vsock::VsockStream::try_clone(self)
+    }
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        vsock::VsockStream::set_write_timeout(self, timeout)
+    }
+    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        vsock::VsockStream::shutdown(self, how)
+    }
+}
+
+impl Listener for vsock::VsockListener {
+    type Conn = vsock::VsockStream;
+    fn accept(&self) -> io::Result<vsock::VsockStream> {
+        self.accept_with_peer().map(|(stream, _)| stream)
+    }
+}

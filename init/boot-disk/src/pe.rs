@@ -86,7 +86,7 @@ impl Uki {
 
     /// The slot its command line names.
     pub fn slot(&self) -> Option<Slot> {
-        crate::sys::fs::cmdline_value(&self.cmdline, SLOT_KEY).and_then(Slot::parse)
+        Slot::from_cmdline(&self.cmdline)
     }
 
     /// Rewrites `oc.slot=` on the command line of `pe` (this image's bytes) to `slot`, in place

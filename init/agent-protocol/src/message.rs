@@ -2,8 +2,8 @@
 //! appliance) and the values they carry, each with its frame kind and field encoding.
 //! PROTOCOL.md in this folder is the human-readable form of this file; keep them in step.
 
-use super::codec::{DecodeError, Decoder, Encoder};
-use super::frame;
+use crate::codec::{DecodeError, Decoder, Encoder};
+use crate::frame;
 use std::fmt;
 
 /// What to execute: a shell line run by `/bin/sh -c`, or an argv executed directly.
@@ -675,6 +675,22 @@ fn decode_status(d: &mut Decoder) -> Result<ExitStatus, DecodeError> {
         1 => Ok(ExitStatus::Code(d.i32()?)),
         2 => Ok(ExitStatus::Signal(d.i32()?)),
         other => Err(DecodeError(format!("invalid exit status tag {other}"))),
+    }
+}
+
+// The error codes are message types; the frame layer only says which one fits its failure.
+impl frame::FrameError {
+    /// The code of the error frame a receiver sends before closing, or None when there is no
+    /// peer left to tell (closed, idle or broken connection).
+    pub fn reply_code(&self) -> Option<ErrorCode> {
+        match self {
+            frame::FrameError::Closed | frame::FrameError::Idle | frame::FrameError::Io(_) => None,
+            frame::FrameError::Truncated { .. } => Some(ErrorCode::BadFrame),
+            frame::FrameError::Stalled { .. } => Some(ErrorCode::Timeout),
+            frame::FrameError::BadMagic(_) => Some(ErrorCode::BadFrame),
+            frame::FrameError::UnsupportedVersion(_) => Some(ErrorCode::UnsupportedVersion),
+            frame::FrameError::TooLarge(_) => Some(ErrorCode::FrameTooLarge),
+        }
     }
 }
 

@@ -1,0 +1,69 @@
+//! Requests to a running VMM and the events it reports.
+//!
+//! Requests are signals: the appliance may have restarted and adopted the VMM, so there is no
+//! connection to keep, only a pid. Events are JSON lines the VMM appends to the events file it
+//! opened before confining itself; the requester reads the lines that appeared after its request.
+
+use serde::{Deserialize, Serialize};
+
+/// A request the appliance sends a running VMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    /// Write all guest RAM to the configured memory dump file, then report
+    /// [`Event::MemoryDumped`] or [`Event::MemoryDumpFailed`].
+    DumpMemory,
+}
+
+impl Control {
+    /// The signal that carries the request.
+    pub fn signal(self) -> libc::c_int {
+        match self {
+            Control::DumpMemory => libc::SIGUSR1,
+        }
+    }
+}
+
+/// Something the VMM reports, one JSON object per line.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// The memory dump file holds all guest RAM (`bytes` long).
+    MemoryDumped { bytes: u64 },
+    /// The dump could not be written.
+    MemoryDumpFailed { error: String },
+}
+
+impl Event {
+    /// The line to append, newline included.
+    pub fn to_line(&self) -> String {
+        // An enum of strings and numbers always serialises.
+        let mut line = serde_json::to_string(self).unwrap_or_default();
+        line.push('\n');
+        line
+    }
+
+    /// The events in the complete lines of `text`; unreadable lines are skipped (the file is
+    /// written only by the VMM, but the reader must not trust a line cut short).
+    pub fn parse_lines(text: &str) -> Vec<Event> {
+        text.lines().filter_map(|line| serde_json::from_str(line).ok()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_round_trip_as_lines() {
+        let events = [Event::MemoryDumped { bytes: 1 << 29 }, Event::MemoryDumpFailed { error: "disk full".into() }];
+        let text: String = events.iter().map(Event::to_line).collect();
+        assert_eq!(text.lines().next(), Some(r#"{"event":"memory_dumped","bytes":536870912}"#));
+        assert_eq!(Event::parse_lines(&text), events);
+        assert_eq!(Event::parse_lines("{\"event\":\"memory_dum"), vec![]);
+    }
+
+    #[test]
+    fn a_dump_is_requested_with_sigusr1() {
+        assert_eq!(Control::DumpMemory.signal(), libc::SIGUSR1);
+    }
+}
