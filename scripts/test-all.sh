@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every test: host unit and integration tests, the SDK's tests, then the end-to-end suites,
-# which build the test image and the UEFI disk image and boot them in QEMU. Prints the time of each phase.
+# Runs every test: formatting and lints (rustfmt.toml, [workspace.lints] in Cargo.toml), host
+# unit and integration tests, the SDK's tests, then the end-to-end suites, which build the test
+# image and the UEFI disk image and boot them in QEMU. Prints the time of each phase.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,8 @@ phase() {
   echo "=== $name: $((SECONDS - start))s"
 }
 
+phase "formatting (cargo fmt --check)" cargo fmt --all --check
+phase "lints (cargo clippy, warnings are errors)" cargo clippy --workspace --all-targets -- -D warnings
 phase "host tests (cargo test --release --workspace)" cargo test --release --workspace
 # The SDK's tests run against the real appliance server binary the host tests just built.
 target_dir="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)"

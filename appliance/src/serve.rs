@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::api::dispatch;
 use crate::app::App;
 use crate::auth::configure_admin_key;
 use crate::crypto::Keyring;
@@ -121,7 +122,11 @@ pub fn start(config: &ServeConfig, side: SandboxSide) -> Result<Running, String>
         Duration::from_millis(250),
         config.stopped_retention,
     );
-    let http = HttpServer::start(Arc::clone(&app), &config.listen)?;
+    let handler_app = Arc::clone(&app);
+    let http = HttpServer::start(
+        &config.listen,
+        Arc::new(move |request, port| dispatch::handle(&handler_app, request, port)),
+    )?;
     println!("appliance: listening on http://{}", http.addr());
     Ok(Running { app, http, reaper_stop, reaper, _lock: lock })
 }

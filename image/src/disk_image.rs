@@ -2,14 +2,16 @@
 //! removable-media path, so no NVRAM boot entry is needed), the unified kernel image as the boot
 //! entry of slot A (`EFI/Linux/`, init/boot-disk/src/entry.rs) and the documented operator
 //! configuration file; system partition A carrying the `oc-system` ext4 with the templates, and
-//! an empty system partition B of the same size that an upgrade is staged into. No data partition: PID 1 creates it in the free space at the end of the
-//! disk on first boot, so the same image fits any disk size. Same inputs give the same bytes.
+//! an empty system partition B of the same size that an upgrade is staged into. No data partition:
+//! PID 1 creates it in the free space at the end of the disk on first boot, so the same image fits
+//! any disk size. Same inputs give the same bytes. `build_disk` runs the pipeline for the
+//! artifacts first, then builds the image from them.
 
 use crate::err;
 use crate::error::{Context, Result};
 use crate::esp;
 use crate::manifest;
-use crate::pipeline::Artifacts;
+use crate::pipeline::{self, Artifacts, Variant};
 use crate::progress::{fmt_size, Outcome, Step};
 use crate::uki;
 use crate::workspace;
@@ -47,15 +49,40 @@ pub struct DiskImage {
     pub size: u64,
 }
 
+/// What distinguishes one build of the disk image from another of the same sources.
+#[derive(Clone, Debug)]
+pub struct DiskOptions {
+    pub version: String,
+    /// Appended to the unified kernel image's command line (the tests build a broken image so).
+    pub extra_cmdline: String,
+}
+
+impl Default for DiskOptions {
+    fn default() -> Self {
+        DiskOptions { version: pipeline::image_version(), extra_cmdline: String::new() }
+    }
+}
+
+/// The artifacts plus the bootable disk image made from them.
+pub fn build_disk(variant: Variant) -> Result<(Artifacts, DiskImage)> {
+    build_disk_with(variant, &DiskOptions::default())
+}
+
+pub fn build_disk_with(variant: Variant, options: &DiskOptions) -> Result<(Artifacts, DiskImage)> {
+    let artifacts = pipeline::build_versioned(variant, &options.version)?;
+    let disk = build(&artifacts, options)?;
+    Ok((artifacts, disk))
+}
+
 /// Builds target/image/<variant>/opencomputer.img from the pipeline's artifacts.
-pub fn build(artifacts: &Artifacts, options: &crate::pipeline::DiskOptions) -> Result<DiskImage> {
+pub fn build(artifacts: &Artifacts, options: &DiskOptions) -> Result<DiskImage> {
     let out_dir = workspace::target_dir().join("image").join(artifacts.inputs.variant.name());
     std::fs::create_dir_all(&out_dir).ctx(|| format!("create {}", out_dir.display()))?;
 
     let step = Step::start("unified kernel image");
     let cmdline = out_dir.join("uki.cmdline");
     let mut cmdline_text =
-        format!("{} {} {}", artifacts.cmdline, crate::pipeline::DISK_BOOT_ARG, initial_entry().slot.cmdline_arg());
+        format!("{} {} {}", artifacts.cmdline, pipeline::DISK_BOOT_ARG, initial_entry().slot.cmdline_arg());
     if !options.extra_cmdline.is_empty() {
         cmdline_text = format!("{cmdline_text} {}", options.extra_cmdline);
     }

@@ -66,14 +66,46 @@ fn apt_install(packages: &[&str]) -> Result<()> {
     let mut install = Command::new("apt-get");
     install
         .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(packages);
+        .args(["install", "-y", "-qq", "--no-install-recommends", "--allow-downgrades"])
+        .args(pin_qemu_release(packages));
     if run_quiet(&mut install).is_err() {
         // The package lists may be missing or stale on a fresh machine.
         run_quiet(Command::new("apt-get").args(["update", "-qq"]))?;
         run_quiet(&mut install)?;
     }
     Ok(())
+}
+
+/// QEMU's packages must all come from one release: some machines carry a newer `qemu-utils`
+/// (a backport installed without its repository), which makes apt refuse the distribution's
+/// `qemu-system-x86` ("held broken packages"). So every QEMU package, and `qemu-utils` when it is
+/// installed, is asked for from the running distribution's release (`pkg/<codename>`); apt may
+/// then replace the odd `qemu-utils` with the release's own.
+fn pin_qemu_release(packages: &[&str]) -> Vec<String> {
+    let codename = distribution_codename();
+    let mut args: Vec<String> = packages
+        .iter()
+        .map(|p| match &codename {
+            Some(release) if p.starts_with("qemu-") => format!("{p}/{release}"),
+            _ => (*p).to_string(),
+        })
+        .collect();
+    let wants_qemu = packages.iter().any(|p| p.starts_with("qemu-"));
+    if let (Some(release), true) = (&codename, wants_qemu) {
+        if !packages.contains(&"qemu-utils") && package_installed("qemu-utils") {
+            args.push(format!("qemu-utils/{release}"));
+        }
+    }
+    args
+}
+
+/// `VERSION_CODENAME` from /etc/os-release (e.g. `bookworm`).
+fn distribution_codename() -> Option<String> {
+    let text = std::fs::read_to_string("/etc/os-release").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .map(|v| v.trim_matches('"').to_string())
+        .filter(|v| !v.is_empty())
 }
 
 fn uid_is_root() -> bool {

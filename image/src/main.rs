@@ -1,5 +1,6 @@
 //! `image` CLI: `build` the boot artifacts, or `run` the appliance in QEMU.
 
+use image::disk_image;
 use image::pipeline::{self, Variant};
 use image::run::{self, RunOptions};
 use std::process::ExitCode;
@@ -37,7 +38,7 @@ fn main() -> ExitCode {
 
 fn build(variant: Variant, disk: bool) -> image::Result<()> {
     if disk {
-        let (a, d) = pipeline::build_disk(variant)?;
+        let (a, d) = disk_image::build_disk(variant)?;
         println!("kernel: {}\ninitramfs: {}\ncmdline: {}", a.kernel.display(), a.initramfs.display(), a.cmdline);
         println!("disk image: {}\nsha256: {}\nmanifest: {}", d.path.display(), d.sha256, d.manifest.display());
     } else {

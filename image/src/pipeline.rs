@@ -95,36 +95,12 @@ pub fn image_version() -> String {
         .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string())
 }
 
-/// What distinguishes one build of the disk image from another of the same sources.
-#[derive(Clone, Debug)]
-pub struct DiskOptions {
-    pub version: String,
-    /// Appended to the unified kernel image's command line (the tests build a broken image so).
-    pub extra_cmdline: String,
-}
-
-impl Default for DiskOptions {
-    fn default() -> Self {
-        DiskOptions { version: image_version(), extra_cmdline: String::new() }
-    }
-}
-
-/// The artifacts plus the bootable disk image made from them.
-pub fn build_disk(variant: Variant) -> Result<(Artifacts, crate::disk_image::DiskImage)> {
-    build_disk_with(variant, &DiskOptions::default())
-}
-
-pub fn build_disk_with(variant: Variant, options: &DiskOptions) -> Result<(Artifacts, crate::disk_image::DiskImage)> {
-    let artifacts = build_versioned(variant, &options.version)?;
-    let disk = crate::disk_image::build(&artifacts, options)?;
-    Ok((artifacts, disk))
-}
-
 pub fn build(variant: Variant) -> Result<Artifacts> {
     build_versioned(variant, &image_version())
 }
 
-fn build_versioned(variant: Variant, version: &str) -> Result<Artifacts> {
+/// The artifacts of `variant`, reporting `version` in their os-release.
+pub fn build_versioned(variant: Variant, version: &str) -> Result<Artifacts> {
     let started = Instant::now();
     let step = Step::start("host tools");
     host::ensure(&[

@@ -1,7 +1,7 @@
 //! The main command: build what is missing, boot the appliance, print where its API is, and
 //! shut it down cleanly on Ctrl-C or SIGTERM.
 
-use crate::disk_image::DiskImage;
+use crate::disk_image::{self, DiskImage};
 use crate::err;
 use crate::error::{Context, Result};
 use crate::host::{self, tool};
@@ -97,7 +97,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
     };
     let state = state_dir();
     let boot = if opts.disk {
-        let (_, built) = pipeline::build_disk(Variant::Product)?;
+        let (_, built) = disk_image::build_disk(Variant::Product)?;
         qemu::ensure_disk_tools()?;
         let image = opts.data_disk.clone().unwrap_or_else(|| state.join("opencomputer.img"));
         persistent_disk_copy(&built, &image, opts.data_disk_gib)?;

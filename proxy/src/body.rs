@@ -235,7 +235,7 @@ impl BodyRewriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::SecretValue;
+    use crate::secret::SecretValue;
     use std::io::Read;
 
     const TOKEN: &str = "osb_sealed_00112233445566778899aabbccddeeff";

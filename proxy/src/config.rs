@@ -2,29 +2,11 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::ca::CaPem;
 use crate::egress::Cidr;
-
-/// Default location of the system trust bundle (Debian's `ca-certificates`).
-pub const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
-
-/// Which upstream certificates are trusted.
-#[derive(Clone, Debug)]
-pub struct UpstreamTrust {
-    /// PEM bundle of system roots; `None` trusts only the operator bundle.
-    pub system_bundle: Option<PathBuf>,
-    /// Extra operator roots (PEM), e.g. for internal APIs.
-    pub operator_bundle_pem: Option<Vec<u8>>,
-}
-
-impl Default for UpstreamTrust {
-    fn default() -> Self {
-        Self { system_bundle: Some(PathBuf::from(SYSTEM_BUNDLE)), operator_bundle_pem: None }
-    }
-}
+use crate::tls::UpstreamTrust;
 
 #[derive(Clone, Debug)]
 pub struct Timeouts {

@@ -5,39 +5,12 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, RwLock};
 
-use zeroize::Zeroizing;
-
 use crate::hostmatch::HostList;
+use crate::secret::SecretValue;
 use crate::subst::{is_token, Replacements};
 
 /// A sandbox's identity: the vsock CID the VMM assigned (never anything it sent).
 pub type SandboxId = u32;
-
-/// A secret's plaintext. Wiped on drop; never printed (`Debug` is redacted).
-pub struct SecretValue(Zeroizing<Vec<u8>>);
-
-impl SecretValue {
-    /// Takes ownership of the bytes, so no unwiped copy is left behind by this call.
-    pub fn new(value: Vec<u8>) -> Self {
-        Self(Zeroizing::new(value))
-    }
-
-    pub(crate) fn expose(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl From<String> for SecretValue {
-    fn from(s: String) -> Self {
-        Self::new(s.into_bytes())
-    }
-}
-
-impl fmt::Debug for SecretValue {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("SecretValue(<redacted>)")
-    }
-}
 
 /// One sealed token's binding.
 #[derive(Debug)]

@@ -1,12 +1,11 @@
-//! The proxy service: shared state, the accept loop and per-sandbox connection limits.
+//! The proxy service: builds the shared state and runs the accept loop, turning away
+//! connections over the limits.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use log::{info, warn};
-use rustls::ClientConfig;
 
 use crate::ca::{CertificateAuthority, LeafCache};
 use crate::config::ProxyConfig;
@@ -14,6 +13,7 @@ use crate::egress::EgressPolicy;
 use crate::http::simple_response;
 use crate::listener::ConnectionSource;
 use crate::registry::{SandboxId, SealRegistry};
+use crate::shared::Shared;
 use crate::tls::upstream_client_config;
 
 #[derive(Debug)]
@@ -33,54 +33,6 @@ impl fmt::Display for ProxyError {
 
 impl std::error::Error for ProxyError {}
 
-/// State shared by every connection.
-pub struct Shared {
-    pub config: ProxyConfig,
-    pub registry: Arc<SealRegistry>,
-    pub leafs: LeafCache,
-    pub upstream_tls: Arc<ClientConfig>,
-    pub egress: EgressPolicy,
-    connections: Mutex<(HashMap<SandboxId, usize>, usize)>,
-}
-
-/// Counts one open connection; released on drop.
-struct ConnectionSlot {
-    shared: Arc<Shared>,
-    sandbox: SandboxId,
-}
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        let mut guard = self.shared.connections.lock().unwrap_or_else(|e| e.into_inner());
-        let (per_sandbox, total) = &mut *guard;
-        *total = total.saturating_sub(1);
-        if let Some(n) = per_sandbox.get_mut(&self.sandbox) {
-            *n -= 1;
-            if *n == 0 {
-                per_sandbox.remove(&self.sandbox);
-            }
-        }
-    }
-}
-
-impl Shared {
-    fn try_acquire(self: &Arc<Self>, sandbox: SandboxId) -> Option<ConnectionSlot> {
-        let limits = &self.config.limits;
-        let mut guard = self.connections.lock().unwrap_or_else(|e| e.into_inner());
-        let (per_sandbox, total) = &mut *guard;
-        let mine = per_sandbox.entry(sandbox).or_insert(0);
-        if *mine >= limits.max_connections_per_sandbox || *total >= limits.max_connections {
-            if *mine == 0 {
-                per_sandbox.remove(&sandbox);
-            }
-            return None;
-        }
-        *mine += 1;
-        *total += 1;
-        Some(ConnectionSlot { shared: self.clone(), sandbox })
-    }
-}
-
 /// The sealing proxy. Cheap to clone; `serve` may run for several sources at once.
 #[derive(Clone)]
 pub struct Proxy {
@@ -98,21 +50,12 @@ impl Proxy {
             connect_timeout: config.timeouts.connect,
         };
         let leafs = LeafCache::new(ca, config.limits.leaf_cache_size);
-        Ok(Self {
-            shared: Arc::new(Shared {
-                config,
-                registry,
-                leafs,
-                upstream_tls,
-                egress,
-                connections: Mutex::new((HashMap::new(), 0)),
-            }),
-        })
+        Ok(Self { shared: Arc::new(Shared::new(config, registry, leafs, upstream_tls, egress)) })
     }
 
     /// Open connections of one sandbox (for the appliance's metrics).
     pub fn connections_of(&self, sandbox: SandboxId) -> usize {
-        self.shared.connections.lock().unwrap_or_else(|e| e.into_inner()).0.get(&sandbox).copied().unwrap_or(0)
+        self.shared.connections_of(sandbox)
     }
 
     /// Accepts connections until the source fails permanently. Each connection

@@ -17,7 +17,7 @@ use crate::http::simple_response;
 use crate::http::target::{parse_absolute_http, parse_authority, Authority};
 use crate::io::{Activity, HeadReadError, Inbound, Prefixed};
 use crate::registry::{SandboxId, SandboxPolicy};
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::subst::Replacements;
 
 const SOCKET_BUFFER: usize = 64 * 1024;

@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 use memchr::memmem;
 use zeroize::Zeroizing;
 
-use crate::registry::SecretValue;
+use crate::secret::SecretValue;
 
 pub use sealed_token::is_token;
 use sealed_token::{is_hex_digit as is_token_hex, HEX_LEN as TOKEN_HEX_LEN, LEN as TOKEN_LEN};

@@ -1,6 +1,7 @@
-//! rustls setup shared by both sides: the crypto provider and the verified
-//! upstream client configuration.
+//! rustls setup shared by both sides: the crypto provider, which upstream roots are
+//! trusted and the verified upstream client configuration.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
@@ -8,7 +9,23 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use rustls::{ClientConfig, RootCertStore};
 
-use crate::config::UpstreamTrust;
+/// Default location of the system trust bundle (Debian's `ca-certificates`).
+pub const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// Which upstream certificates are trusted.
+#[derive(Clone, Debug)]
+pub struct UpstreamTrust {
+    /// PEM bundle of system roots; `None` trusts only the operator bundle.
+    pub system_bundle: Option<PathBuf>,
+    /// Extra operator roots (PEM), e.g. for internal APIs.
+    pub operator_bundle_pem: Option<Vec<u8>>,
+}
+
+impl Default for UpstreamTrust {
+    fn default() -> Self {
+        Self { system_bundle: Some(PathBuf::from(SYSTEM_BUNDLE)), operator_bundle_pem: None }
+    }
+}
 
 /// ring: builds with only a C compiler (no cmake/nasm), fast AES-GCM and P-256.
 pub fn crypto_provider() -> Arc<CryptoProvider> {

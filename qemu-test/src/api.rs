@@ -19,11 +19,6 @@ impl Api {
         Api { port, key: key.to_string() }
     }
 
-    /// The API of a booted test appliance, with its admin key.
-    pub fn of(appliance: &crate::harness::Appliance) -> Api {
-        Api::new(appliance.machine.api_port, &appliance.api_key)
-    }
-
     /// `path` is below `/api`.
     pub fn raw(&self, method: &str, path: &str, body: &[u8]) -> Result<(u16, Vec<u8>)> {
         self.request(method, &format!("/api{path}"), body)

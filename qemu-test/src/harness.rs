@@ -1,5 +1,6 @@
 //! The shared test appliance and the scenario runner.
 
+use crate::api::Api;
 use crate::upstream::Upstream;
 use image::error::{Context, Result};
 use image::pipeline::{self, Artifacts, Variant};
@@ -92,6 +93,11 @@ impl Appliance {
     pub fn boot_again(&mut self) -> Result<()> {
         self.machine = start(&self.artifacts, &self.data_disk, &self.key_file, &self.proxy_config, &self.run_dir)?;
         self.wait_ready().map(|_| ())
+    }
+
+    /// The API of this appliance, with its admin key.
+    pub fn api(&self) -> Api {
+        Api::new(self.machine.api_port, &self.api_key)
     }
 
     pub fn console_len(&self) -> usize {

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod check;
 pub mod harness;
 pub mod scenarios;
 pub mod snippets;

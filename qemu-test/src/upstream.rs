@@ -3,7 +3,7 @@
 //! 10.0.2.2. The appliance's proxy is told to map the test names to that address and to trust
 //! the test CA (operator proxy settings), exactly as an operator would for an internal API.
 
-use crate::scenarios::check;
+use crate::check::check;
 use image::err;
 use image::error::{Context, Result};
 use serde_json::{json, Value};

@@ -1,4 +1,7 @@
-//! Chooses the handler for an authenticated request's route and method.
+//! Serves a request: routes, authenticates, chooses the handler for its route and
+//! method, then counts and logs the answer.
+
+use std::time::Instant;
 
 use serde_json::json;
 use tiny_http::{Method, Request};
@@ -7,7 +10,8 @@ use crate::api::{exec, files, projects, sandboxes, secrets, system};
 use crate::app::App;
 use crate::error::AppError;
 use crate::http::reply::Reply;
-use crate::http::route::Route;
+use crate::http::request::{header, split_url};
+use crate::http::route::{match_route, Route, UNMATCHED};
 
 fn not_allowed(method: &Method, route: &Route) -> AppError {
     AppError::method_not_allowed(format!("method {method} is not allowed on {}", route.label()))
@@ -15,6 +19,55 @@ fn not_allowed(method: &Method, route: &Route) -> AppError {
 
 pub fn healthz(app: &App) -> Reply {
     Reply::json(200, &json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"), "kvm": app.kvm}))
+}
+
+/// Serves one request (the HTTP server's handler): answers /api/healthz without a key,
+/// authenticates everything else, hands exec WebSocket upgrades to `exec` and other
+/// routes to `dispatch`; counts and logs each answer.
+pub fn handle(app: &App, mut request: Request, port: u16) {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let url = request.url().to_string();
+    let (path, query) = split_url(&url);
+    let route = match_route(path);
+    let label = match &route {
+        Ok(Some(r)) => r.label(),
+        _ => UNMATCHED,
+    };
+    // Counted and logged before the answer is written, so a client that reads
+    // /metrics right after sees its previous request.
+    let account = |status: u16| {
+        let elapsed = started.elapsed();
+        app.metrics.record_request(label, status, elapsed);
+        if app.log_requests || status >= 500 {
+            // Route pattern, not the raw URL: queries may hold sandbox file paths.
+            println!("appliance: {method} {label} {status} {:.1}ms", elapsed.as_secs_f64() * 1000.0);
+        }
+    };
+    let respond = |request: Request, reply: Reply| {
+        account(reply.status);
+        // A client that hung up cannot be answered; nothing else to do.
+        let _ = request.respond(reply.into_response());
+    };
+
+    if let Ok(Some(Route::Healthz)) = &route {
+        return respond(request, healthz(app));
+    }
+    if let Err(e) = app.auth.check(header(&request, "X-API-Key")) {
+        return respond(request, Reply::error(&e));
+    }
+    match route {
+        Ok(Some(Route::ExecSession(id, sid))) if method == Method::Get && exec::is_websocket_upgrade(&request) => {
+            let status = exec::attach_websocket(app, &id, &sid, request, port);
+            account(status);
+        }
+        Ok(Some(route)) => {
+            let reply = dispatch(app, &route, &mut request, query).unwrap_or_else(|e| Reply::error(&e));
+            respond(request, reply)
+        }
+        Ok(None) => respond(request, Reply::error(&AppError::not_found(format!("no route for {path}")))),
+        Err(e) => respond(request, Reply::error(&e)),
+    }
 }
 
 pub fn dispatch(app: &App, route: &Route, request: &mut Request, query: &str) -> Result<Reply, AppError> {

@@ -105,11 +105,11 @@ impl Vm {
         while Instant::now() < deadline {
             let text = fs::read(&events).unwrap_or_default();
             let new = String::from_utf8_lossy(text.get(seen as usize..).unwrap_or_default()).into_owned();
-            for event in Event::parse_lines(&new) {
-                match event {
-                    Event::MemoryDumped { bytes } => return Ok(bytes),
-                    Event::MemoryDumpFailed { error } => return Err(format!("memory dump failed: {error}")),
-                }
+            // The dump request is the only one that produces events, so the first new one answers it.
+            match Event::parse_lines(&new).into_iter().next() {
+                Some(Event::MemoryDumped { bytes }) => return Ok(bytes),
+                Some(Event::MemoryDumpFailed { error }) => return Err(format!("memory dump failed: {error}")),
+                None => {}
             }
             if self.has_ended() {
                 return Err("the VMM ended during the memory dump".into());

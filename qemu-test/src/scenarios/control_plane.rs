@@ -3,8 +3,7 @@
 //! fields that override, deletes that leave running sandboxes alone, and data that survives a
 //! reboot. No plaintext secret may appear in any API answer or in the console.
 
-use super::check;
-use crate::api::Api;
+use crate::check::check;
 use crate::harness::{Appliance, Scenario};
 use image::err;
 use image::error::Result;
@@ -31,7 +30,7 @@ fn no_plaintext(answer: &Value) -> Result<()> {
 }
 
 fn documented_flow(appliance: &mut Appliance) -> Result<()> {
-    let api = Api::of(appliance);
+    let api = appliance.api();
     let project = api.expect(
         201,
         "POST",
@@ -104,7 +103,7 @@ fn seconds_between(start: &str, end: &str) -> Option<i64> {
 }
 
 fn store_for_reboot(appliance: &mut Appliance) -> Result<()> {
-    let api = Api::of(appliance);
+    let api = appliance.api();
     let project = api.expect(201, "POST", "/projects", &json!({"name": "survivor", "timeoutSec": 600}))?;
     let pid = project["id"].as_str().ok_or_else(|| err!("no id"))?;
     api.expect(204, "PUT", &format!("/projects/{pid}/secrets/KEPT"), &json!({"value": PERSISTED_VALUE}))?;
@@ -112,7 +111,7 @@ fn store_for_reboot(appliance: &mut Appliance) -> Result<()> {
 }
 
 fn check_after_reboot(appliance: &mut Appliance) -> Result<()> {
-    let api = Api::of(appliance);
+    let api = appliance.api();
     let projects = api.expect(200, "GET", "/projects", &Value::Null)?;
     no_plaintext(&projects)?;
     let survivor = projects

@@ -18,8 +18,9 @@
 //! Prints the measurements. `OC_E2E_DISK_ONLY=upgrade` runs only the first boot and the upgrades,
 //! `OC_E2E_DISK_ONLY=cuts` only the rest.
 
-use super::{check, power_loss};
+use super::power_loss;
 use crate::api::Api;
+use crate::check::check;
 use crate::upstream::Upstream;
 use image::err;
 use image::error::{Context, Result};
@@ -68,7 +69,7 @@ pub fn run() -> Result<String> {
         Some("cuts") => (false, true),
         Some(other) => return Err(err!("OC_E2E_DISK_ONLY={other}: expected upgrade or cuts")),
     };
-    let (_, built) = pipeline::build_disk(Variant::Product)?;
+    let (_, built) = image::disk_image::build_disk(Variant::Product)?;
     qemu::ensure_disk_tools()?;
     let dir = image::workspace::target_dir().join("qemu-test-disk");
     std::fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
@@ -166,8 +167,9 @@ pub fn run() -> Result<String> {
 
 /// Builds the product disk image with another version (and command-line suffix), copied to `dir`.
 fn build_variant(dir: &Path, name: &str, version: &str, extra_cmdline: &str) -> Result<PathBuf> {
-    let options = pipeline::DiskOptions { version: version.to_string(), extra_cmdline: extra_cmdline.to_string() };
-    let (_, image) = pipeline::build_disk_with(Variant::Product, &options)?;
+    let options =
+        image::disk_image::DiskOptions { version: version.to_string(), extra_cmdline: extra_cmdline.to_string() };
+    let (_, image) = image::disk_image::build_disk_with(Variant::Product, &options)?;
     let copy = dir.join(name);
     qemu::prepare_disk_copy(&image.path, &copy, 0)?;
     Ok(copy)

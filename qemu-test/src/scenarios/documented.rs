@@ -3,8 +3,8 @@
 //! look at; each is checked here by the heading it sits under, and the sealed-key example also
 //! by what the test upstream received.
 
-use super::check;
 use crate::api::Api;
+use crate::check::check;
 use crate::harness::{Appliance, Scenario};
 use crate::snippets::{self, Snippet};
 use image::err;
@@ -40,7 +40,7 @@ fn run_examples(appliance: &mut Appliance) -> Result<()> {
         format!("found only {} Python examples in {DOCUMENTS:?}", examples.len())
     })?;
     let python = snippets::sdk_python()?;
-    let api = Api::of(appliance);
+    let api = appliance.api();
     let dir = appliance.run_dir.join("examples");
     for (n, example) in examples.iter().enumerate() {
         let checker = CHECKS

@@ -8,19 +8,9 @@ pub mod power_loss;
 pub mod sandboxes;
 pub mod sealing;
 
-use image::err;
 use image::error::Result;
 use std::path::Path;
 use std::process::Command;
-
-/// A scenario's assertion: `Ok` when `ok`, else an error saying what was seen.
-pub fn check(ok: bool, what: impl FnOnce() -> String) -> Result<()> {
-    if ok {
-        Ok(())
-    } else {
-        Err(err!("{}", what()))
-    }
-}
 
 /// `xfs_repair -n`: the XFS filesystem in `disk` (an image file or a block device such as a
 /// loop device) has no inconsistency.

@@ -3,8 +3,9 @@
 //! its log replayed, checks clean. Repeated `OC_POWER_LOSS_ROUNDS` times (default 10), each cut
 //! at a different point of the stream.
 
-use super::{check, xfs_check};
+use super::xfs_check;
 use crate::api::Api;
+use crate::check::check;
 use crate::harness::{Appliance, Scenario, SHUTDOWN_TIMEOUT};
 use image::err;
 use image::error::{Context, Result};
@@ -45,7 +46,7 @@ fn power_cuts(appliance: &mut Appliance) -> Result<()> {
         let started = Instant::now();
         appliance.boot_again()?;
         let boot = started.elapsed();
-        check_present(&Api::of(appliance), &acknowledged)?;
+        check_present(&appliance.api(), &acknowledged)?;
         // Cut after a different number of acknowledged writes each round, from early to late.
         let key = appliance.api_key.clone();
         let (acked, in_flight) =
@@ -62,7 +63,7 @@ fn power_cuts(appliance: &mut Appliance) -> Result<()> {
     }
     // The last round's writes must be there too, and a clean power-off leaves a clean disk.
     appliance.boot_again()?;
-    check_present(&Api::of(appliance), &acknowledged)?;
+    check_present(&appliance.api(), &acknowledged)?;
     let status = appliance.machine.power_down(SHUTDOWN_TIMEOUT)?;
     check(status.success(), || format!("QEMU exited with {status} after system_powerdown"))?;
     xfs_check(&appliance.data_disk)?;

@@ -2,8 +2,8 @@
 //! template, the agent runs commands and moves files, guest power actions end the VMM with the
 //! right status, and booting many sandboxes in a row leaks nothing.
 
-use super::check;
 use crate::api::{metric, Api};
+use crate::check::check;
 use crate::harness::{Appliance, Scenario};
 use image::err;
 use image::error::Result;
@@ -21,7 +21,7 @@ const LEAK_GAUGES: &[&str] =
     &["process_open_fds", "appliance_vmm_processes", "appliance_vsock_cids_in_use", "appliance_sandbox_disks"];
 
 fn commands_and_files(appliance: &mut Appliance) -> Result<()> {
-    let api = Api::of(appliance);
+    let api = appliance.api();
     let started = Instant::now();
     let id = api.create_sandbox(&json!({}))?;
     eprintln!("[qemu-test]   sandbox {id} created in {:.1}s", started.elapsed().as_secs_f64());
@@ -105,7 +105,7 @@ fn vmm_end_line(appliance: &mut Appliance, id: &str, from: usize) -> Result<Stri
 }
 
 fn guest_power_ends_vmm(appliance: &mut Appliance) -> Result<()> {
-    let api = Api::of(appliance);
+    let api = appliance.api();
     for (signal, expected) in [("INT", "guest rebooted (exit 3)"), ("TERM", "guest powered off (exit 0)")] {
         let from = appliance.console_len();
         let id = api.create_sandbox(&json!({}))?;
@@ -140,7 +140,7 @@ fn leak_gauges(api: &Api) -> Result<Vec<(String, f64)>> {
 }
 
 fn twenty_in_a_row(appliance: &mut Appliance) -> Result<()> {
-    let api = Api::of(appliance);
+    let api = appliance.api();
     let before = leak_gauges(&api)?;
     let started = Instant::now();
     let rounds: u32 = std::env::var("OC_E2E_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(20);
@@ -169,7 +169,7 @@ fn status_of(api: &Api, id: &str) -> Result<Value> {
 }
 
 fn killed_at_timeout(appliance: &mut Appliance) -> Result<()> {
-    let api = Api::of(appliance);
+    let api = appliance.api();
     let id = api.create_sandbox(&json!({"timeout": 5}))?;
     // Moved out: still running well past the original 5 s.
     api.expect(204, "POST", &format!("/sandboxes/{id}/timeout"), &json!({"timeout": 60}))?;

@@ -2,8 +2,8 @@
 //! curl; the test upstream receives the real secret (in a header and in a JSON body), never the
 //! token; hosts outside the project's allowlist get 403; and there is no way out but the proxy.
 
-use super::check;
 use crate::api::Api;
+use crate::check::check;
 use crate::harness::{Appliance, Scenario};
 use image::err;
 use image::error::Result;
@@ -23,7 +23,7 @@ pub const AFTER_POWERDOWN: &[Scenario] = &[Scenario {
 const SECRET: &str = "sk-ant-sealing-e2e-6a1f0c9b2d";
 
 fn sealed_requests(appliance: &mut Appliance) -> Result<()> {
-    let api = Api::of(appliance);
+    let api = appliance.api();
     let project =
         api.expect(201, "POST", "/projects", &json!({"name": "sealing", "egressAllowlist": ["api.anthropic.com"]}))?;
     let pid = project["id"].as_str().ok_or_else(|| err!("no id"))?.to_string();
