@@ -23,9 +23,10 @@ pub const CMDLINE_ADDR: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 4096;
 /// End of the low RAM block the e820 map reports (the classic EBDA boundary).
 pub const EBDA_START: u64 = 0x9fc00;
-/// ACPI tables (RSDP first, found both via boot_params and by the legacy BIOS-area scan).
-pub const ACPI_TABLES_START: u64 = 0xe0000;
-pub const ACPI_TABLES_END: u64 = 0x100000;
+/// The PC BIOS area below 1 MiB. Nothing is there (no firmware, no ACPI tables), but the e820
+/// map keeps reporting it reserved, as on a PC, so the guest's view of memory is unchanged.
+pub const BIOS_AREA_START: u64 = 0xe0000;
+pub const BIOS_AREA_END: u64 = 0x100000;
 /// Where high RAM starts and where the protected-mode kernel is loaded.
 pub const HIGH_RAM_START: u64 = 0x100000;
 
@@ -51,15 +52,9 @@ pub const COM1_IRQ: u32 = 4;
 /// command port resets the CPU, which is how Linux reboots with `reboot=k`).
 pub const I8042_DATA_PORT: u16 = 0x60;
 pub const I8042_COMMAND_PORT: u16 = 0x64;
-/// ACPI hardware-reduced sleep control and status registers (one byte each).
-/// A write of SLP_EN with sleep type 5 means "power off".
-pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x600;
-pub const ACPI_SLEEP_STATUS_PORT: u16 = 0x601;
-/// The sleep type value our DSDT's `_S5_` object announces.
-pub const ACPI_S5_SLEEP_TYPE: u8 = 5;
 
 /// KVM needs three pages of guest-physical space for the TSS on Intel hosts.
 pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
 
-/// Most vCPUs a VM may have (the MADT uses one-byte APIC ids; leave room for the IOAPIC id).
+/// Most vCPUs a VM may have (the MP table uses one-byte APIC ids; leave room for the IOAPIC id).
 pub const MAX_VCPUS: u8 = 254;

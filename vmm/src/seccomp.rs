@@ -1,28 +1,24 @@
-//! Per-thread seccomp allowlists, as classic BPF written here (no filter compiler).
+//! Per-thread seccomp allowlists, compiled to classic BPF by `seccompiler` from the rules below.
 //!
 //! Each thread installs the filter for its role just before it starts its real work; the
 //! kernel then stops anything else it tries. A blocked call raises SIGSYS, whose handler
 //! prints the syscall number and ends the VMM with the error status, so a missing entry
 //! shows up as a clear message instead of a silent kill. A foreign architecture (x32 or
-//! i386 entry) kills the process outright.
+//! i386 entry) kills the process outright (seccompiler's architecture check).
+
+use std::collections::BTreeMap;
+use std::os::raw::c_ulong;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
+};
+use vmm_sys_util::ioctl_io_nr;
 
 use crate::devices::virtio::vhost;
 use crate::exit::STATUS_VMM_ERROR;
 
-const BPF_LD_W_ABS: u16 = 0x20;
-const BPF_JEQ_K: u16 = 0x15;
-const BPF_RET_K: u16 = 0x06;
-const SECCOMP_RET_KILL_PROCESS: u32 = 0x8000_0000;
-const SECCOMP_RET_TRAP: u32 = 0x0003_0000;
-const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
-const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
-const SECCOMP_SET_MODE_FILTER: libc::c_uint = 1;
-/// Offsets in `struct seccomp_data`.
-const OFF_NR: u32 = 0;
-const OFF_ARCH: u32 = 4;
-const OFF_ARG1_LOW: u32 = 16 + 8;
-/// KVM_RUN = _IO(KVMIO, 0x80).
-const KVM_RUN: u64 = 0xae80;
+// The one KVM request a vCPU thread issues once running (<linux/kvm.h>).
+ioctl_io_nr!(KVM_RUN, kvm_bindings::KVMIO, 0x80);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -74,68 +70,44 @@ fn syscalls(role: Role) -> Vec<libc::c_long> {
     v
 }
 
-fn ioctls(role: Role) -> Vec<u64> {
+/// The ioctl requests `role` may issue; no other ioctl passes.
+fn ioctls(role: Role) -> Vec<c_ulong> {
     match role {
         Role::Vcpu => {
-            let mut v = vec![KVM_RUN];
-            v.extend_from_slice(&vhost::RUNTIME_IOCTLS);
+            let mut v = vec![KVM_RUN()];
+            v.extend_from_slice(&vhost::runtime_ioctls());
             v
         }
         Role::Main => Vec::new(),
     }
 }
 
-fn stmt(code: u16, k: u32) -> libc::sock_filter {
-    libc::sock_filter { code, jt: 0, jf: 0, k }
-}
-
-fn jeq(k: u32, jt: u8, jf: u8) -> libc::sock_filter {
-    libc::sock_filter { code: BPF_JEQ_K, jt, jf, k }
+/// The rules for `role`: listed syscalls pass whatever their arguments, ioctl only with a
+/// listed request, anything else traps (SIGSYS).
+fn filter(role: Role) -> Result<SeccompFilter, seccompiler::BackendError> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = syscalls(role).into_iter().map(|nr| (nr, Vec::new())).collect();
+    let requests = ioctls(role);
+    if !requests.is_empty() {
+        // The request is an int to the kernel: comparing the low 32 bits (Dword) is what it sees.
+        let per_request = requests
+            .into_iter()
+            .map(|r| SeccompRule::new(vec![SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, r)?]))
+            .collect::<Result<Vec<_>, _>>()?;
+        rules.insert(libc::SYS_ioctl, per_request);
+    }
+    SeccompFilter::new(rules, SeccompAction::Trap, SeccompAction::Allow, TargetArch::x86_64)
 }
 
 /// The filter program for `role`.
-pub fn program(role: Role) -> Vec<libc::sock_filter> {
-    let mut p = vec![
-        stmt(BPF_LD_W_ABS, OFF_ARCH),
-        jeq(AUDIT_ARCH_X86_64, 1, 0),
-        stmt(BPF_RET_K, SECCOMP_RET_KILL_PROCESS),
-        stmt(BPF_LD_W_ABS, OFF_NR),
-    ];
-    for nr in syscalls(role) {
-        p.push(jeq(nr as u32, 0, 1));
-        p.push(stmt(BPF_RET_K, SECCOMP_RET_ALLOW));
-    }
-    let requests = ioctls(role);
-    if !requests.is_empty() {
-        // Only the listed ioctl requests; the kernel compares the low 32 bits (cmd is an int).
-        let block_len = 1 + 2 * requests.len() + 1;
-        p.push(jeq(libc::SYS_ioctl as u32, 0, block_len as u8));
-        p.push(stmt(BPF_LD_W_ABS, OFF_ARG1_LOW));
-        for r in requests {
-            p.push(jeq(r as u32, 0, 1));
-            p.push(stmt(BPF_RET_K, SECCOMP_RET_ALLOW));
-        }
-        p.push(stmt(BPF_RET_K, SECCOMP_RET_TRAP));
-    }
-    p.push(stmt(BPF_RET_K, SECCOMP_RET_TRAP));
-    p
+pub fn program(role: Role) -> Result<BpfProgram, String> {
+    filter(role).and_then(BpfProgram::try_from).map_err(|e| format!("cannot build the {role:?} seccomp filter: {e}"))
 }
 
-/// Installs the filter for `role` on the calling thread only.
+/// Installs the filter for `role` on the calling thread only (with no_new_privs, which
+/// seccompiler sets first).
 pub fn install(role: Role) -> Result<(), String> {
-    let prog = program(role);
-    let fprog = libc::sock_fprog { len: prog.len() as u16, filter: prog.as_ptr() as *mut libc::sock_filter };
-    // SAFETY: prctl with integers; seccomp reads `fprog` and the program it points to,
-    // both alive for the call (the kernel copies the program).
-    unsafe {
-        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
-            return Err(format!("PR_SET_NO_NEW_PRIVS failed: {}", std::io::Error::last_os_error()));
-        }
-        if libc::syscall(libc::SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &fprog as *const libc::sock_fprog) < 0 {
-            return Err(format!("installing the {role:?} seccomp filter failed: {}", std::io::Error::last_os_error()));
-        }
-    }
-    Ok(())
+    let prog = program(role)?;
+    seccompiler::apply_filter(&prog).map_err(|e| format!("installing the {role:?} seccomp filter failed: {e}"))
 }
 
 /// SIGSYS handler: async-signal-safe, formats the number by hand.
@@ -177,8 +149,15 @@ pub fn install_sigsys_handler() -> Result<(), String> {
 mod tests {
     use super::*;
 
-    /// A classic-BPF interpreter for the three instruction kinds we emit.
-    fn run(prog: &[libc::sock_filter], arch: u32, nr: i64, arg1: u64) -> u32 {
+    const SECCOMP_RET_KILL_PROCESS: u32 = 0x8000_0000;
+    const SECCOMP_RET_TRAP: u32 = 0x0003_0000;
+    const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+
+    /// A classic-BPF interpreter for the instructions a seccomp filter may use (loads from
+    /// `struct seccomp_data`, ALU and jumps with constants, returns), so the tests check
+    /// what the compiled program decides rather than how it is laid out.
+    fn run(prog: &[seccompiler::sock_filter], arch: u32, nr: i64, arg1: u64) -> u32 {
         let mut data = [0u8; 64];
         data[0..4].copy_from_slice(&(nr as u32).to_le_bytes());
         data[4..8].copy_from_slice(&arch.to_le_bytes());
@@ -186,26 +165,43 @@ mod tests {
         let mut acc = 0u32;
         let mut pc = 0usize;
         loop {
-            let i = prog[pc];
-            match i.code {
-                BPF_LD_W_ABS => acc = u32::from_le_bytes(data[i.k as usize..i.k as usize + 4].try_into().unwrap()),
-                BPF_JEQ_K => {
-                    pc += if acc == i.k { i.jt as usize } else { i.jf as usize };
-                }
-                BPF_RET_K => return i.k,
-                other => panic!("unexpected opcode {other:#x}"),
-            }
+            let i = &prog[pc];
+            let (class, op) = (i.code & 0x07, i.code & 0xf0);
             pc += 1;
+            match (class, op) {
+                (0x00, 0x20) => acc = u32::from_le_bytes(data[i.k as usize..i.k as usize + 4].try_into().unwrap()),
+                (0x04, 0x50) => acc &= i.k,
+                (0x05, 0x00) => pc += i.k as usize,
+                (0x05, _) => {
+                    let taken = match op {
+                        0x10 => acc == i.k,
+                        0x20 => acc > i.k,
+                        0x30 => acc >= i.k,
+                        0x40 => acc & i.k != 0,
+                        other => panic!("unexpected jump {other:#x}"),
+                    };
+                    pc += if taken { i.jt as usize } else { i.jf as usize };
+                }
+                (0x06, _) => return i.k,
+                _ => panic!("unexpected opcode {:#x}", i.code),
+            }
         }
     }
 
     #[test]
     fn vcpu_threads_may_run_kvm_but_not_open_files() {
-        let p = program(Role::Vcpu);
-        assert_eq!(run(&p, AUDIT_ARCH_X86_64, libc::SYS_ioctl, KVM_RUN), SECCOMP_RET_ALLOW);
-        assert_eq!(run(&p, AUDIT_ARCH_X86_64, libc::SYS_ioctl, vhost::VSOCK_SET_RUNNING), SECCOMP_RET_ALLOW);
-        // KVM_CREATE_VCPU, and a high-bits variant of KVM_RUN are still KVM_RUN for the kernel.
+        let p = program(Role::Vcpu).unwrap();
+        assert_eq!(run(&p, AUDIT_ARCH_X86_64, libc::SYS_ioctl, KVM_RUN()), SECCOMP_RET_ALLOW);
+        assert_eq!(KVM_RUN(), 0xae80);
+        for r in vhost::runtime_ioctls() {
+            assert_eq!(run(&p, AUDIT_ARCH_X86_64, libc::SYS_ioctl, r), SECCOMP_RET_ALLOW, "ioctl {r:#x}");
+        }
+        // A high-bits variant of KVM_RUN is still KVM_RUN for the kernel.
+        assert_eq!(run(&p, AUDIT_ARCH_X86_64, libc::SYS_ioctl, 0xdead_0000_0000_ae80), SECCOMP_RET_ALLOW);
+        // KVM_CREATE_VCPU, and the vhost set-up calls that only happen before the jail.
         assert_eq!(run(&p, AUDIT_ARCH_X86_64, libc::SYS_ioctl, 0xae41), SECCOMP_RET_TRAP);
+        assert_eq!(run(&p, AUDIT_ARCH_X86_64, libc::SYS_ioctl, vhost::VHOST_SET_OWNER()), SECCOMP_RET_TRAP);
+        assert_eq!(run(&p, AUDIT_ARCH_X86_64, libc::SYS_ioctl, vhost::VHOST_VSOCK_SET_GUEST_CID()), SECCOMP_RET_TRAP);
         assert_eq!(run(&p, AUDIT_ARCH_X86_64, libc::SYS_write, 0), SECCOMP_RET_ALLOW);
         for nr in
             [libc::SYS_openat, libc::SYS_execve, libc::SYS_socket, libc::SYS_kill, libc::SYS_ptrace, libc::SYS_pread64]
@@ -216,19 +212,33 @@ mod tests {
 
     #[test]
     fn main_thread_does_block_io_but_no_ioctl() {
-        let p = program(Role::Main);
+        let p = program(Role::Main).unwrap();
         for nr in
             [libc::SYS_pread64, libc::SYS_pwrite64, libc::SYS_fdatasync, libc::SYS_epoll_wait, libc::SYS_exit_group]
         {
             assert_eq!(run(&p, AUDIT_ARCH_X86_64, nr, 0), SECCOMP_RET_ALLOW, "syscall {nr}");
         }
-        assert_eq!(run(&p, AUDIT_ARCH_X86_64, libc::SYS_ioctl, KVM_RUN), SECCOMP_RET_TRAP);
+        assert_eq!(run(&p, AUDIT_ARCH_X86_64, libc::SYS_ioctl, KVM_RUN()), SECCOMP_RET_TRAP);
         assert_eq!(run(&p, AUDIT_ARCH_X86_64, libc::SYS_clone, 0), SECCOMP_RET_TRAP);
     }
 
     #[test]
+    fn each_role_allows_exactly_its_list() {
+        // Every syscall number up to well past the table's end: allowed iff listed.
+        for role in [Role::Vcpu, Role::Main] {
+            let p = program(role).unwrap();
+            let listed = syscalls(role);
+            for nr in 0..1024 {
+                let verdict = run(&p, AUDIT_ARCH_X86_64, nr, 0);
+                let expected = if listed.contains(&nr) { SECCOMP_RET_ALLOW } else { SECCOMP_RET_TRAP };
+                assert_eq!(verdict, expected, "{role:?} syscall {nr}");
+            }
+        }
+    }
+
+    #[test]
     fn other_architectures_are_killed() {
-        let p = program(Role::Main);
+        let p = program(Role::Main).unwrap();
         const AUDIT_ARCH_I386: u32 = 0x4000_0003;
         assert_eq!(run(&p, AUDIT_ARCH_I386, libc::SYS_write, 0), SECCOMP_RET_KILL_PROCESS);
         // x32 syscall numbers have bit 30 set and match nothing.
@@ -238,9 +248,15 @@ mod tests {
     #[test]
     fn filter_fits_classic_bpf_limits() {
         for role in [Role::Vcpu, Role::Main] {
-            let p = program(role);
+            let p = program(role).unwrap();
             assert!(p.len() < 4096);
-            assert!(p.iter().all(|i| i.code != BPF_JEQ_K || (i.jt as usize) < p.len()));
+            // Every jump lands inside the program.
+            for (at, i) in p.iter().enumerate() {
+                if i.code & 0x07 == 0x05 {
+                    let far = if i.code & 0xf0 == 0 { i.k as usize } else { i.jt.max(i.jf) as usize };
+                    assert!(at + 1 + far < p.len(), "{role:?} jump at {at}");
+                }
+            }
         }
     }
 

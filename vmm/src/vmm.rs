@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use vmm_contract::Event;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch;
@@ -203,44 +204,26 @@ fn dump_signal_fd() -> Result<RawFd, String> {
     }
 }
 
-struct Epoll(RawFd);
+/// Watches `fd` for input under `token`.
+fn watch(epoll: &Epoll, fd: RawFd, token: u64) -> Result<(), String> {
+    epoll
+        .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
+        .map_err(|e| format!("epoll_ctl failed: {e}"))
+}
 
-impl Epoll {
-    fn new() -> Result<Self, String> {
-        // SAFETY: creates a new fd; no pointers involved.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(format!("epoll_create1 failed: {}", std::io::Error::last_os_error()));
+/// Waits for events (up to `timeout`, or forever); leaves the ready tokens in `out`.
+fn wait(epoll: &Epoll, timeout: Option<Duration>, out: &mut Vec<u64>) -> Result<(), String> {
+    let mut events = [EpollEvent::default(); 16];
+    let ms = timeout.map_or(-1, |d| d.as_millis().min(i32::MAX as u128) as i32);
+    out.clear();
+    match epoll.wait(ms, &mut events) {
+        Ok(n) => {
+            out.extend(events[..n].iter().map(EpollEvent::data));
+            Ok(())
         }
-        Ok(Epoll(fd))
-    }
-
-    fn add(&self, fd: RawFd, token: u64) -> Result<(), String> {
-        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token };
-        // SAFETY: `ev` is a valid epoll_event for the duration of the call.
-        if unsafe { libc::epoll_ctl(self.0, libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
-            return Err(format!("epoll_ctl failed: {}", std::io::Error::last_os_error()));
-        }
-        Ok(())
-    }
-
-    /// Waits for events; returns the ready tokens.
-    fn wait(&self, timeout: Option<Duration>, out: &mut Vec<u64>) -> Result<(), String> {
-        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 16];
-        let ms = timeout.map_or(-1, |d| d.as_millis().min(i32::MAX as u128) as i32);
-        // SAFETY: `events` has room for the 16 entries we declare.
-        let n = unsafe { libc::epoll_wait(self.0, events.as_mut_ptr(), events.len() as i32, ms) };
-        out.clear();
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            return if e.kind() == std::io::ErrorKind::Interrupted {
-                Ok(())
-            } else {
-                Err(format!("epoll_wait failed: {e}"))
-            };
-        }
-        out.extend(events[..n as usize].iter().map(|e| e.u64));
-        Ok(())
+        // EINTR: a signal arrived; the caller just looks again.
+        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(()),
+        Err(e) => Err(format!("epoll_wait failed: {e}")),
     }
 }
 
@@ -268,7 +251,6 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, Option<String>), String> {
         &cmdline,
         cfg.memory_bytes(),
         cfg.vcpus,
-        None,
     )?;
     timeline::mark("kernel loaded");
 
@@ -282,12 +264,12 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, Option<String>), String> {
     let vcpus = create_vcpus(&kvm, &vm, cfg.vcpus, entry)?;
     timeline::mark("devices and vCPUs set up");
 
-    let epoll = Epoll::new()?;
-    epoll.add(exit.event.as_raw_fd(), TOKEN_EXIT)?;
+    let epoll = Epoll::new().map_err(|e| format!("epoll_create1 failed: {e}"))?;
+    watch(&epoll, exit.event.as_raw_fd(), TOKEN_EXIT)?;
     let dump_fd = dump_signal_fd()?;
-    epoll.add(dump_fd, TOKEN_DUMP)?;
+    watch(&epoll, dump_fd, TOKEN_DUMP)?;
     for (i, s) in served.iter().enumerate() {
-        epoll.add(s.kick.as_raw_fd(), TOKEN_QUEUE_BASE + i as u64)?;
+        watch(&epoll, s.kick.as_raw_fd(), TOKEN_QUEUE_BASE + i as u64)?;
     }
 
     seccomp::install_sigsys_handler()?;
@@ -358,7 +340,7 @@ fn event_loop(
     let mut panic_deadline: Option<Instant> = None;
     loop {
         let timeout = panic_deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        epoll.wait(timeout, &mut ready)?;
+        wait(epoll, timeout, &mut ready)?;
         if let Some(d) = panic_deadline {
             if Instant::now() >= d {
                 return Ok(ExitReason::Panic);

@@ -1,7 +1,6 @@
-//! x86-64 guest setup: loading the kernel (ELF vmlinux or bzImage), the zero page, ACPI tables, boot page tables
-//! and the initial vCPU state.
+//! x86-64 guest setup: loading the kernel (ELF vmlinux or bzImage), the zero page, the MP table, boot page
+//! tables and the initial vCPU state.
 
-pub mod acpi;
 pub mod cpuid;
 pub mod gdt;
 pub mod loader;
@@ -47,7 +46,6 @@ pub fn load_and_configure(
     cmdline: &str,
     mem_bytes: u64,
     vcpus: u8,
-    acpi_devices: Option<&[acpi::MmioDevice]>,
 ) -> Result<u64, String> {
     let loaded = loader::load(mem, kernel)?;
     crate::timeline::mark(match loaded.format {
@@ -69,14 +67,9 @@ pub fn load_and_configure(
     bytes.push(0);
     mem.write_slice(&bytes, GuestAddress(CMDLINE_ADDR))
         .map_err(|e| format!("cannot write the kernel command line: {e}"))?;
-    // The MP table always (kernels without ACPI, like our sandbox kernel, need it); ACPI
-    // tables only on request, since a kernel that finds them stops honouring legacy IRQs.
+    // Our sandbox kernel has no ACPI: the MP table is how it finds its CPUs and the IOAPIC.
     mptable::write(mem, vcpus)?;
-    let rsdp = match acpi_devices {
-        Some(devices) => acpi::write_tables(mem, vcpus, devices)?,
-        None => 0,
-    };
-    let mut params = zero_page::build(header, mem_bytes, cmdline.len(), rsdp)?;
+    let mut params = zero_page::build(header, mem_bytes, cmdline.len())?;
     if let Some(initrd) = initrd {
         let (addr, size) = load_initrd(mem, initrd, &header, mem_bytes, loaded.end)?;
         params.hdr.ramdisk_image = addr as u32;
@@ -133,8 +126,7 @@ mod tests {
         let mut kernel = fake_bzimage(XLF_KERNEL_64, b"KERNEL-PAYLOAD");
         let mut initrd = temp_file(&[0x42; 5000]);
         let entry =
-            load_and_configure(&mem, &mut kernel, Some(&mut initrd), "console=ttyS0 quiet", 64 << 20, 2, Some(&[]))
-                .unwrap();
+            load_and_configure(&mem, &mut kernel, Some(&mut initrd), "console=ttyS0 quiet", 64 << 20, 2).unwrap();
         assert_eq!(entry, 0x100200);
         let mut payload = [0u8; 14];
         mem.read_slice(&mut payload, GuestAddress(0x100000)).unwrap();
@@ -154,28 +146,26 @@ mod tests {
         mem.read_slice(&mut rd, GuestAddress(image)).unwrap();
         assert!(rd.iter().all(|&b| b == 0x42));
         assert_eq!(params.e820_entries, 3);
-        assert_eq!({ params.acpi_rsdp_addr }, crate::layout::ACPI_TABLES_START);
+        assert_eq!({ params.acpi_rsdp_addr }, 0);
     }
 
     #[test]
     fn images_without_64_bit_entry_or_with_long_cmdlines_are_refused() {
         let mem = create_guest_memory(64 << 20).unwrap();
-        let err =
-            load_and_configure(&mem, &mut fake_bzimage(0, b"x"), None, "console=ttyS0", 64 << 20, 1, None).unwrap_err();
+        let err = load_and_configure(&mem, &mut fake_bzimage(0, b"x"), None, "console=ttyS0", 64 << 20, 1).unwrap_err();
         assert!(err.contains("64-bit"), "{err}");
         let long = "a".repeat(2048);
-        let err = load_and_configure(&mem, &mut fake_bzimage(XLF_KERNEL_64, b"x"), None, &long, 64 << 20, 1, None)
-            .unwrap_err();
-        assert!(err.contains("at most 2047"), "{err}");
         let err =
-            load_and_configure(&mem, &mut temp_file(b"not a kernel at all"), None, "", 64 << 20, 1, None).unwrap_err();
+            load_and_configure(&mem, &mut fake_bzimage(XLF_KERNEL_64, b"x"), None, &long, 64 << 20, 1).unwrap_err();
+        assert!(err.contains("at most 2047"), "{err}");
+        let err = load_and_configure(&mem, &mut temp_file(b"not a kernel at all"), None, "", 64 << 20, 1).unwrap_err();
         assert!(err.contains("bzImage or an ELF"), "{err}");
     }
 
     #[test]
-    fn without_acpi_no_rsdp_exists_anywhere_the_kernel_scans() {
+    fn no_rsdp_exists_anywhere_the_kernel_scans() {
         let mem = create_guest_memory(64 << 20).unwrap();
-        load_and_configure(&mem, &mut fake_bzimage(XLF_KERNEL_64, b"x"), None, "", 64 << 20, 1, None).unwrap();
+        load_and_configure(&mem, &mut fake_bzimage(XLF_KERNEL_64, b"x"), None, "", 64 << 20, 1).unwrap();
         let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_ADDR)).unwrap();
         assert_eq!({ params.acpi_rsdp_addr }, 0);
         let mut bios = vec![0u8; 0x20000];
@@ -194,7 +184,7 @@ mod tests {
         let mut kernel = loader::tests::file_with(&image);
         let mut initrd = temp_file(&[0x17; 3000]);
         let cmdline = format!("console=ttyS0 {}", "x".repeat(600));
-        let entry = load_and_configure(&mem, &mut kernel, Some(&mut initrd), &cmdline, 64 << 20, 1, None).unwrap();
+        let entry = load_and_configure(&mem, &mut kernel, Some(&mut initrd), &cmdline, 64 << 20, 1).unwrap();
         assert_eq!(entry, 0x100_0000);
         let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_ADDR)).unwrap();
         let hdr = params.hdr;
@@ -214,8 +204,8 @@ mod tests {
         assert_eq!(pde & !0x1f_ffff, entry & !0x1f_ffff);
         // An ELF kernel takes up to 2047 bytes of command line.
         let long = "a".repeat(2048);
-        let err = load_and_configure(&mem, &mut loader::tests::file_with(&image), None, &long, 64 << 20, 1, None)
-            .unwrap_err();
+        let err =
+            load_and_configure(&mem, &mut loader::tests::file_with(&image), None, &long, 64 << 20, 1).unwrap_err();
         assert!(err.contains("at most 2047"), "{err}");
     }
 
@@ -223,9 +213,8 @@ mod tests {
     fn an_initrd_bigger_than_ram_is_refused() {
         let mem = create_guest_memory(16 << 20).unwrap();
         let mut initrd = temp_file(&vec![0u8; 17 << 20]);
-        let err =
-            load_and_configure(&mem, &mut fake_bzimage(XLF_KERNEL_64, b"x"), Some(&mut initrd), "", 16 << 20, 1, None)
-                .unwrap_err();
+        let err = load_and_configure(&mem, &mut fake_bzimage(XLF_KERNEL_64, b"x"), Some(&mut initrd), "", 16 << 20, 1)
+            .unwrap_err();
         assert!(err.contains("does not fit"), "{err}");
     }
 }

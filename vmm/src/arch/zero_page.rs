@@ -3,7 +3,7 @@
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 
 use crate::layout::{
-    ACPI_TABLES_END, ACPI_TABLES_START, CMDLINE_ADDR, EBDA_START, HIGH_RAM_START, MMIO_GAP_END, MMIO_GAP_START,
+    BIOS_AREA_END, BIOS_AREA_START, CMDLINE_ADDR, EBDA_START, HIGH_RAM_START, MMIO_GAP_END, MMIO_GAP_START,
 };
 
 pub const E820_RAM: u32 = 1;
@@ -21,10 +21,8 @@ pub const MIN_GUEST_MEMORY: u64 = 16 << 20;
 /// The e820 map for `mem_bytes` of RAM laid out as `memory::ram_ranges` lays it out.
 pub fn e820_map(mem_bytes: u64) -> Vec<boot_e820_entry> {
     let entry = |addr: u64, size: u64, type_: u32| boot_e820_entry { addr, size, r#type: type_ };
-    let mut map = vec![
-        entry(0, EBDA_START, E820_RAM),
-        entry(ACPI_TABLES_START, ACPI_TABLES_END - ACPI_TABLES_START, E820_RESERVED),
-    ];
+    let mut map =
+        vec![entry(0, EBDA_START, E820_RAM), entry(BIOS_AREA_START, BIOS_AREA_END - BIOS_AREA_START, E820_RESERVED)];
     let low_end = mem_bytes.min(MMIO_GAP_START);
     map.push(entry(HIGH_RAM_START, low_end - HIGH_RAM_START, E820_RAM));
     if mem_bytes > MMIO_GAP_START {
@@ -34,7 +32,7 @@ pub fn e820_map(mem_bytes: u64) -> Vec<boot_e820_entry> {
 }
 
 /// Builds the zero page from the kernel's own setup header (as read from the bzImage).
-pub fn build(header: setup_header, mem_bytes: u64, cmdline_len: usize, rsdp_addr: u64) -> Result<boot_params, String> {
+pub fn build(header: setup_header, mem_bytes: u64, cmdline_len: usize) -> Result<boot_params, String> {
     if header.boot_flag != BOOT_FLAG_MAGIC || header.header != HDRS_MAGIC {
         return Err("the kernel image has no valid Linux setup header".into());
     }
@@ -45,7 +43,6 @@ pub fn build(header: setup_header, mem_bytes: u64, cmdline_len: usize, rsdp_addr
     params.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
     params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
     params.hdr.cmdline_size = cmdline_len as u32;
-    params.acpi_rsdp_addr = rsdp_addr;
     let map = e820_map(mem_bytes);
     for (slot, entry) in params.e820_table.iter_mut().zip(map.iter()) {
         *slot = *entry;
@@ -92,15 +89,15 @@ mod tests {
     #[test]
     fn zero_page_round_trips_through_guest_memory() {
         let mem = create_guest_memory(64 << 20).unwrap();
-        let params = build(kernel_header(), 64 << 20, 42, 0xe0000).unwrap();
+        let params = build(kernel_header(), 64 << 20, 42).unwrap();
         mem.write_obj(params, GuestAddress(crate::layout::ZERO_PAGE_ADDR)).unwrap();
         let raw: boot_params = mem.read_obj(GuestAddress(crate::layout::ZERO_PAGE_ADDR)).unwrap();
         let bytes = raw.as_slice();
         // Offsets fixed by the boot protocol: e820_entries at 0x1e8, cmd_line_ptr at 0x228,
-        // the table at 0x2d0, acpi_rsdp_addr at 0x70, the setup header magic at 0x202.
+        // the table at 0x2d0, acpi_rsdp_addr at 0x70 (none: no ACPI), the setup header magic at 0x202.
         assert_eq!(bytes[0x1e8], 3);
         assert_eq!(u32::from_le_bytes(bytes[0x228..0x22c].try_into().unwrap()), CMDLINE_ADDR as u32);
-        assert_eq!(u64::from_le_bytes(bytes[0x70..0x78].try_into().unwrap()), 0xe0000);
+        assert_eq!(u64::from_le_bytes(bytes[0x70..0x78].try_into().unwrap()), 0);
         assert_eq!(u32::from_le_bytes(bytes[0x202..0x206].try_into().unwrap()), HDRS_MAGIC);
         assert_eq!(bytes[0x210], LOADER_TYPE_UNDEFINED);
         let third = 0x2d0 + 2 * 20;
@@ -110,7 +107,7 @@ mod tests {
 
     #[test]
     fn rejects_images_without_a_setup_header_and_tiny_guests() {
-        assert!(build(setup_header::default(), 64 << 20, 1, 0).is_err());
-        assert!(build(kernel_header(), 8 << 20, 1, 0).is_err());
+        assert!(build(setup_header::default(), 64 << 20, 1).is_err());
+        assert!(build(kernel_header(), 8 << 20, 1).is_err());
     }
 }

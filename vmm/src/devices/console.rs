@@ -1,11 +1,10 @@
 //! The serial console's sink: the guest's ttyS0 output goes line-buffered to the console
 //! log, and the kernel's last words are spotted on the way through.
 //!
-//! A kernel without ACPI has no way to switch the machine off: `poweroff` and `halt` end
-//! with every CPU halted and interrupts off, which a VMM cannot see. Its final console
-//! line can be seen, so it is the power-off signal for such kernels (kernels with ACPI
-//! also use the sleep-control port). Likewise the panic banner marks a panic. A guest
-//! that prints these lines itself only ends its own VM, with a wrong status.
+//! A kernel without ACPI (our sandbox kernel) has no way to switch the machine off: `poweroff`
+//! and `halt` end with every CPU halted and interrupts off, which a VMM cannot see. Its final
+//! console line can be seen, so it is the power-off signal. Likewise the panic banner marks a
+//! panic. A guest that prints these lines itself only ends its own VM, with a wrong status.
 
 use std::collections::VecDeque;
 use std::io::{self, LineWriter, Write};

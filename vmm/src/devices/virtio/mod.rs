@@ -4,6 +4,8 @@
 pub mod block;
 pub mod mmio;
 pub mod queue;
+#[cfg(test)]
+mod queue_bench;
 pub mod vhost;
 pub mod vsock;
 

@@ -3,6 +3,23 @@
 //! Everything read from the rings is guest-controlled, so every index and every buffer is
 //! checked before use: heads and `next` links must be inside the table, chains can't be
 //! longer than the queue (no loops), buffers must lie entirely inside guest RAM.
+//!
+//! Why this stays hand-written rather than rust-vmm's `virtio-queue` 0.18 (the release on our
+//! vm-memory 0.18): measured slower. `queue_bench.rs` pushes 1,020,000 block-style chains
+//! (3 descriptors each) through both on in-process guest memory and reports CPU ns per chain
+//! (min / median of 9 runs; three runs on the shared 2-core build machine):
+//!
+//! | run | this queue | virtio-queue + the checks above | virtio-queue bare |
+//! | --- | --- | --- | --- |
+//! | 1 | 120.7 / 123.9 | 140.2 / 153.9 | 87.5 / 90.8 |
+//! | 2 | 123.4 / 156.6 | 163.3 / 185.5 | 96.3 / 123.6 |
+//! | 3 | 125.9 / 142.6 | 156.3 / 163.4 | 99.2 / 108.5 |
+//!
+//! "bare" does no checks and keeps no descriptor list, so it is not a drop-in: `virtio-queue`
+//! ends a looping or out-of-table chain quietly, follows indirect tables we never offered,
+//! keeps the old value when the driver writes a misaligned ring address, and ignores
+//! VIRTQ_AVAIL_F_NO_INTERRUPT; adding back what our devices and tests rely on costs more than
+//! this parser. Command: `cargo test -p vmm --release -- --ignored --nocapture queue_bench`.
 
 use std::num::Wrapping;
 use std::sync::atomic::Ordering;
