@@ -53,7 +53,8 @@ impl Slot {
 
     /// The slot a kernel command line names (`oc.slot=`; the last one wins, as in the kernel).
     pub fn from_cmdline(cmdline: &str) -> Option<Slot> {
-        let value = cmdline.split_whitespace().filter_map(|word| word.strip_prefix(SLOT_KEY)?.strip_prefix('=')).last();
+        let value =
+            cmdline.split_whitespace().filter_map(|word| word.strip_prefix(SLOT_KEY)?.strip_prefix('=')).next_back();
         value.and_then(Slot::parse)
     }
 

@@ -9,6 +9,10 @@ const ATTR_LONG_NAME: u8 = 0x0F;
 const ATTR_VOLUME_ID: u8 = 0x08;
 const ATTR_DIRECTORY: u8 = 0x10;
 const END_OF_CHAIN: u32 = 0x0FFF_FFF8;
+/// A FAT directory holds at most 65536 entries of 32 bytes; a longer chain is damage or a loop
+/// (the cluster count in the boot sector is not checked against the disk, so it cannot bound a
+/// directory's size).
+const MAX_DIR_BYTES: u64 = 65536 * DIR_ENTRY as u64;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DirEntry {
@@ -85,7 +89,7 @@ impl<R: Read + Seek> Fat<R> {
         if u64::from(entry.size) > limit {
             return Err(format!("{path} is {} bytes, more than the {limit} allowed", entry.size));
         }
-        let mut data = self.read_chain(entry.first_cluster, u64::from(entry.size))?;
+        let mut data = self.read_chain(entry.first_cluster, Some(u64::from(entry.size)))?;
         data.truncate(entry.size as usize);
         if data.len() != entry.size as usize {
             return Err(format!("{path}: cluster chain shorter than the file size"));
@@ -118,18 +122,26 @@ impl<R: Read + Seek> Fat<R> {
     }
 
     fn read_dir(&mut self, cluster: u32) -> Result<Vec<DirEntry>, String> {
-        let raw = self.read_chain(cluster, u64::MAX)?;
+        let raw = self.read_chain(cluster, None)?;
         Ok(parse_dir(&raw))
     }
 
-    /// Follows the cluster chain from `first`, reading up to `want` bytes.
-    fn read_chain(&mut self, first: u32, want: u64) -> Result<Vec<u8>, String> {
+    /// Follows the cluster chain from `first`: a file's, reading up to `file_size` bytes, or
+    /// (None) a directory's, to the end of the chain and at most `MAX_DIR_BYTES`.
+    fn read_chain(&mut self, first: u32, file_size: Option<u64>) -> Result<Vec<u8>, String> {
+        let want = file_size.unwrap_or(MAX_DIR_BYTES);
         let mut out = Vec::new();
         let mut cluster = first;
         let mut steps = 0u32;
-        while (out.len() as u64) < want {
+        loop {
+            if out.len() as u64 >= want {
+                if file_size.is_none() {
+                    return Err(format!("directory at cluster {first:#x} is larger than {MAX_DIR_BYTES} bytes"));
+                }
+                break;
+            }
             if cluster < 2 || cluster - 2 >= self.clusters {
-                if want == u64::MAX && cluster >= END_OF_CHAIN {
+                if file_size.is_none() && cluster >= END_OF_CHAIN {
                     break;
                 }
                 return Err(format!("cluster chain points at invalid cluster {cluster:#x}"));
@@ -282,6 +294,46 @@ mod tests {
         assert!(fat.read_file("EFI/none.efi", 10).unwrap_err().contains("no such file"));
         assert!(fat.list("").expect("root").iter().any(|e| e.name == "EFI" && e.is_dir));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A FAT32 image of 512-byte sectors and clusters, one FAT of one sector, the root directory
+    /// in cluster 2 holding `root`; `fat` gives the FAT's first entries, `total` the sector count
+    /// the boot sector claims.
+    fn tiny_fat32(fat: &[u32], root: &[u8], total: u32) -> Vec<u8> {
+        let mut img = vec![0u8; 4 * 512];
+        img[11..13].copy_from_slice(&512u16.to_le_bytes());
+        img[13] = 1;
+        img[14..16].copy_from_slice(&1u16.to_le_bytes());
+        img[16] = 1;
+        img[32..36].copy_from_slice(&total.to_le_bytes());
+        img[36..40].copy_from_slice(&1u32.to_le_bytes());
+        img[44..48].copy_from_slice(&2u32.to_le_bytes());
+        img[510..512].copy_from_slice(&[0x55, 0xAA]);
+        for (i, v) in fat.iter().enumerate() {
+            img[512 + 4 * i..516 + 4 * i].copy_from_slice(&v.to_le_bytes());
+        }
+        img[1024..1024 + root.len()].copy_from_slice(root);
+        img
+    }
+
+    /// Found while writing the `fat` fuzz target (which runs out of memory on the image built
+    /// here, laid out like its seed): a boot sector claiming 2^32 sectors and a root
+    /// directory whose chain points back at itself. Reading the directory appended the same
+    /// cluster about 4 billion times (until memory ran out), because only the claimed cluster
+    /// count bounded the walk.
+    #[test]
+    fn a_directory_chain_that_loops_is_refused_at_the_directory_size_limit() {
+        let mut entry = [b' '; 32];
+        entry[11] = 0x20;
+        entry[12..32].fill(0);
+        let img = tiny_fat32(&[0x0FFF_FFF8, 0x0FFF_FFFF, 2], &entry, u32::MAX);
+        let mut fat = Fat::open(Cursor::new(img), 0).expect("opens");
+        let error = fat.list("").unwrap_err();
+        assert!(error.contains("larger than"), "{error}");
+        assert!(fat.read_file("x", 10).is_err());
+        // The same directory with its chain ended lists.
+        let img = tiny_fat32(&[0x0FFF_FFF8, 0x0FFF_FFFF, 0x0FFF_FFFF], &entry, u32::MAX);
+        assert_eq!(Fat::open(Cursor::new(img), 0).expect("opens").list("").expect("lists").len(), 1);
     }
 
     #[test]

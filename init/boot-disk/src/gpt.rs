@@ -366,13 +366,20 @@ fn read_table<R: Read + Seek>(disk: &mut R, header: Header) -> Result<(Gpt, Head
         }
         let mut guid = Guid::ZERO;
         guid.0.copy_from_slice(&e[16..32]);
+        let (first_lba, last_lba) = (le64(e, 32), le64(e, 40));
+        // Readers size and place partitions in bytes before validating them against a disk
+        // (`offset_bytes() + size_bytes()`), so a reversed range or one ending beyond 2^64 bytes
+        // is a malformed table, not a partition.
+        if first_lba > last_lba || last_lba >= u64::MAX / SECTOR {
+            return Err(format!("GPT entry {} spans the invalid sector range {first_lba}..={last_lba}", slot + 1));
+        }
         let units: Vec<u16> =
             e[56..128].chunks_exact(2).map(|u| u16::from_le_bytes([u[0], u[1]])).take_while(|&u| u != 0).collect();
         gpt.slots[slot] = Some(Partition {
             type_guid,
             guid,
-            first_lba: le64(e, 32),
-            last_lba: le64(e, 40),
+            first_lba,
+            last_lba,
             attributes: le64(e, 48),
             name: String::from_utf16_lossy(&units),
         });
@@ -497,6 +504,40 @@ mod tests {
         let primary_only =
             Gpt::read_from(&mut Cursor::new(disk.get_ref()[..(DISK * SECTOR / 2) as usize].to_vec()), DISK / 2);
         assert!(primary_only.is_err());
+    }
+
+    /// Sets the sector range of slot 0 in both entry arrays and fixes every CRC, as a forged
+    /// image would.
+    fn forge_first_entry(disk: &mut [u8], first: u64, last: u64) {
+        for header_at in [SECTOR as usize, ((DISK - 1) * SECTOR) as usize] {
+            let array_at = (le64(&disk[header_at..], 72) * SECTOR) as usize;
+            disk[array_at + 32..array_at + 40].copy_from_slice(&first.to_le_bytes());
+            disk[array_at + 40..array_at + 48].copy_from_slice(&last.to_le_bytes());
+            let entries_crc = crc32(&disk[array_at..array_at + ENTRIES * ENTRY_SIZE]);
+            disk[header_at + 88..header_at + 92].copy_from_slice(&entries_crc.to_le_bytes());
+            disk[header_at + 16..header_at + 20].fill(0);
+            let header_crc = crc32(&disk[header_at..header_at + HEADER_SIZE]);
+            disk[header_at + 16..header_at + 20].copy_from_slice(&header_crc.to_le_bytes());
+        }
+    }
+
+    /// Found by the `gpt` fuzz target: an entry whose sectors lie beyond 2^64 bytes (here the
+    /// fuzzer's own values) or end before they start was returned as a partition, and sizing it
+    /// (`offset_bytes() + size_bytes()`, as the upgrade check does) overflowed.
+    #[test]
+    fn entries_with_impossible_sector_ranges_are_refused() {
+        for (first, last) in [(3_242_700_585_220_177_920, 8_358_807_354_266_907_392), (40, 39), (0, u64::MAX)] {
+            let mut disk = disk_with(&sample(), DISK);
+            forge_first_entry(disk.get_mut(), first, last);
+            let error = Gpt::read_from(&mut disk, DISK).unwrap_err();
+            assert!(error.contains("invalid sector range"), "{error}");
+        }
+        // The forging itself keeps a sane range readable.
+        let mut disk = disk_with(&sample(), DISK);
+        forge_first_entry(disk.get_mut(), ALIGN, 2 * ALIGN);
+        let (table, _) = Gpt::read_from(&mut disk, DISK).expect("valid");
+        let esp = table.slots[0].as_ref().expect("slot 0");
+        assert_eq!((esp.first_lba, esp.last_lba), (ALIGN, 2 * ALIGN));
     }
 
     #[test]

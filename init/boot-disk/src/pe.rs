@@ -69,8 +69,7 @@ impl Uki {
         for name in REQUIRED {
             find(name)?;
         }
-        let text =
-            |s: &Section| String::from_utf8_lossy(&pe[s.offset..s.offset + s.len]).trim_end_matches('\0').to_string();
+        let text = |s: &Section| section_text(&pe[s.offset..s.offset + s.len]);
         let cmdline_section = find(".cmdline")?;
         Ok(Uki { cmdline: text(&cmdline_section), os_release: text(&find(".osrel")?), cmdline_section })
     }
@@ -90,16 +89,64 @@ impl Uki {
     }
 
     /// Rewrites `oc.slot=` on the command line of `pe` (this image's bytes) to `slot`, in place
-    /// (same length), and fixes the PE checksum.
+    /// (same length), and fixes the PE checksum. The word rewritten is the one [`Slot::from_cmdline`]
+    /// reads (the last `oc.slot=` word), so the image then names `slot`.
     pub fn retarget(&self, pe: &mut [u8], slot: Slot) -> Result<(), String> {
         let from = self.slot().ok_or_else(|| format!("its command line names no {SLOT_KEY}"))?.cmdline_arg();
         let s = &self.cmdline_section;
-        let section = &mut pe[s.offset..s.offset + s.len];
-        let at =
-            section.windows(from.len()).position(|w| w == from.as_bytes()).ok_or("command line changed under us")?;
-        section[at..at + from.len()].copy_from_slice(slot.cmdline_arg().as_bytes());
+        let changed = || "command line changed under us".to_string();
+        let section = pe.get_mut(s.offset..s.offset + s.len).ok_or_else(changed)?;
+        let word = slot_word(section).ok_or_else(changed)?;
+        if section[word.clone()] != *from.as_bytes() {
+            return Err(changed());
+        }
+        let original = section[word.clone()].to_vec();
+        section[word.clone()].copy_from_slice(slot.cmdline_arg().as_bytes());
+        if Slot::from_cmdline(&section_text(section)) != Some(slot) {
+            section[word].copy_from_slice(&original);
+            return Err(format!("cannot point the command line at slot {slot}"));
+        }
         set_checksum(pe)
     }
+}
+
+/// A text section's content as the image's users read it (NUL padding at the end dropped).
+fn section_text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).trim_end_matches('\0').to_string()
+}
+
+/// Where in a command line section the word lies that [`Slot::from_cmdline`] reads: the last
+/// whitespace-separated word starting with `oc.slot=`, found on the bytes with the same rules
+/// (Unicode whitespace; invalid UTF-8 is part of a word; NUL padding at the end is not).
+fn slot_word(section: &[u8]) -> Option<std::ops::Range<usize>> {
+    let prefix = format!("{SLOT_KEY}=");
+    let end = section.iter().rposition(|&b| b != 0).map_or(0, |last| last + 1);
+    let mut found = None;
+    let mut start = None;
+    let mut at = 0;
+    let mut close = |start: &mut Option<usize>, at: usize| {
+        if let Some(s) = start.take() {
+            if section[s..at].starts_with(prefix.as_bytes()) {
+                found = Some(s..at);
+            }
+        }
+    };
+    for chunk in section[..end].utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c.is_whitespace() {
+                close(&mut start, at);
+            } else if start.is_none() {
+                start = Some(at);
+            }
+            at += c.len_utf8();
+        }
+        if !chunk.invalid().is_empty() {
+            start.get_or_insert(at);
+            at += chunk.invalid().len();
+        }
+    }
+    close(&mut start, at);
+    found
 }
 
 /// Recomputes the optional header's CheckSum field.
@@ -116,16 +163,15 @@ pub fn set_checksum(pe: &mut [u8]) -> Result<(), String> {
     Ok(())
 }
 
-/// The PE image checksum: a 16-bit folded sum of the file's words (skipping the checksum field
-/// at `skip`) plus the file length.
+/// The PE image checksum: a 16-bit folded sum of the file's words (the four bytes of the
+/// checksum field at `skip` counted as zero) plus the file length. Masking bytes rather than
+/// skipping words keeps the result right when the field is not 2-aligned (a PE header at an odd
+/// offset): the words that straddle it then still count their other byte.
 pub fn checksum(pe: &[u8], skip: usize) -> u32 {
+    let byte = |at: usize| if at.wrapping_sub(skip) < 4 { 0 } else { pe.get(at).copied().unwrap_or(0) };
     let mut sum: u64 = 0;
-    for (i, pair) in pe.chunks(2).enumerate() {
-        let at = 2 * i;
-        if at >= skip && at < skip + 4 {
-            continue;
-        }
-        sum += u64::from(pair[0]) | u64::from(pair.get(1).copied().unwrap_or(0)) << 8;
+    for at in (0..pe.len()).step_by(2) {
+        sum += u64::from(byte(at)) | u64::from(byte(at + 1)) << 8;
         sum = (sum & 0xFFFF) + (sum >> 16);
     }
     sum = (sum & 0xFFFF) + (sum >> 16);
@@ -182,6 +228,60 @@ mod tests {
         let coff = 0x40;
         let stored = u32::from_le_bytes(pe[coff + 88..coff + 92].try_into().expect("4 bytes"));
         assert_eq!(stored, checksum(&pe, coff + 88));
+    }
+
+    /// Found while writing the `uki` fuzz target (its retarget check fails on these command
+    /// lines): retargeting must change the word the slot is read from, the last `oc.slot=` word.
+    /// Before, the first occurrence of the text was replaced, even inside another word or in an
+    /// earlier `oc.slot=` that the last-one-wins rule ignores, and the image still named the old
+    /// slot.
+    #[test]
+    fn retargeting_changes_the_slot_word_that_counts() {
+        for cmdline in [
+            &b"oc.slot=a oc.slot=a"[..],
+            b"foo=xoc.slot=a oc.slot=a quiet",
+            b"oc.slot=b\toc.slot=a\0\0",
+            b"x=\xC3oc.slot=a\xE3\x80\x80oc.slot=a",
+        ] {
+            let mut pe = uki(cmdline);
+            let parsed = Uki::parse(&pe).expect("valid");
+            assert_eq!(parsed.slot(), Some(Slot::A), "{cmdline:?}");
+            parsed.retarget(&mut pe, Slot::B).expect("retarget");
+            assert_eq!(Uki::parse(&pe).expect("valid").slot(), Some(Slot::B), "{cmdline:?}");
+        }
+        let mut pe = uki(b"oc.slot=a");
+        let parsed = Uki::parse(&pe).expect("valid");
+        assert!(parsed.retarget(&mut pe[..100], Slot::B).is_err(), "another image's bytes");
+    }
+
+    /// Found by the `uki` fuzz target: with the PE header at an odd offset the checksum field
+    /// is not 2-aligned, and skipping whole words around it left one of its bytes in the sum, so
+    /// the checksum `set_checksum` stored did not verify.
+    #[test]
+    fn the_checksum_verifies_when_the_pe_header_is_at_an_odd_offset() {
+        let mut pe = vec![0u8; 0x200];
+        pe[..2].copy_from_slice(b"MZ");
+        let coff = 0xFB;
+        pe[0x3C..0x40].copy_from_slice(&(coff as u32).to_le_bytes());
+        pe[coff..coff + 4].copy_from_slice(b"PE\0\0");
+        for (i, b) in pe.iter_mut().enumerate().skip(coff + 4) {
+            *b = (i * 7) as u8;
+        }
+        set_checksum(&mut pe).expect("long enough");
+        let field = coff + 24 + 64;
+        let stored = u32::from_le_bytes(pe[field..field + 4].try_into().expect("4 bytes"));
+        assert_eq!(stored, checksum(&pe, field));
+        // An aligned field gives what skipping its two words gave before.
+        let aligned = uki(b"oc.slot=a");
+        let skipped: u64 = aligned
+            .chunks(2)
+            .enumerate()
+            .filter(|(i, _)| !(0x40 + 88..0x40 + 92).contains(&(2 * i)))
+            .map(|(_, w)| u64::from(w[0]) | u64::from(w.get(1).copied().unwrap_or(0)) << 8)
+            .sum();
+        let folded = (skipped & 0xFFFF) + (skipped >> 16);
+        let folded = ((folded & 0xFFFF) + (folded >> 16)) as u32;
+        assert_eq!(checksum(&aligned, 0x40 + 88), folded.wrapping_add(aligned.len() as u32));
     }
 
     #[test]
