@@ -74,19 +74,16 @@ pub fn configure_admin_key(store: &Store, key_file: Option<&Path>) -> Result<Aut
         return Ok(Auth { admin_hash: Some(hash) });
     }
     let stored = store.read(|rtxn, dbs| Ok(dbs.api_keys.get(rtxn, ADMIN_KEY_ID)?)).map_err(|e| e.message)?;
-    match stored.and_then(|r| parse_hash(&r.hash_hex)) {
-        Some(hash) => {
-            println!("appliance: using the stored admin API key hash (no key file given)");
-            Ok(Auth { admin_hash: Some(hash) })
-        }
-        None => {
-            println!(
-                "appliance: no admin API key configured: every API call will answer 401. Set one by booting with \
-                 QEMU -fw_cfg name=opt/opencomputer/admin-key,string=<key of at least {MIN_KEY_LEN} characters> \
-                 (or pass --admin-key-file <file>), then restart the appliance"
-            );
-            Ok(Auth { admin_hash: None })
-        }
+    if let Some(hash) = stored.and_then(|r| parse_hash(&r.hash_hex)) {
+        println!("appliance: using the stored admin API key hash (no key file given)");
+        Ok(Auth { admin_hash: Some(hash) })
+    } else {
+        println!(
+            "appliance: no admin API key configured: every API call will answer 401. Set one by booting with \
+             QEMU -fw_cfg name=opt/opencomputer/admin-key,string=<key of at least {MIN_KEY_LEN} characters> \
+             (or pass --admin-key-file <file>), then restart the appliance"
+        );
+        Ok(Auth { admin_hash: None })
     }
 }
 

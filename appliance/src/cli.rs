@@ -82,7 +82,7 @@ pub fn parse(args: Vec<String>) -> Result<Command, String> {
     let sub = it.next();
     let mut flags = Flags { args: it.collect() };
     let command = match sub.as_deref() {
-        None | Some("-h") | Some("--help") | Some("help") => return Ok(Command::Help),
+        None | Some("-h" | "--help" | "help") => return Ok(Command::Help),
         Some("serve") => {
             let config = ServeConfig {
                 listen: flags.value("--listen")?.unwrap_or_else(|| "0.0.0.0:8080".into()),

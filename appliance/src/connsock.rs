@@ -15,9 +15,9 @@ fn sockaddr_of(fd: RawFd, peer: bool) -> Option<SocketAddr> {
     // getsockname/getpeername require; an fd that is not a socket just fails.
     let rc = unsafe {
         if peer {
-            libc::getpeername(fd, storage.as_mut_ptr().cast(), &mut len)
+            libc::getpeername(fd, storage.as_mut_ptr().cast(), &raw mut len)
         } else {
-            libc::getsockname(fd, storage.as_mut_ptr().cast(), &mut len)
+            libc::getsockname(fd, storage.as_mut_ptr().cast(), &raw mut len)
         }
     };
     if rc != 0 {
@@ -29,14 +29,13 @@ fn sockaddr_of(fd: RawFd, peer: bool) -> Option<SocketAddr> {
     match i32::from(storage.ss_family) {
         libc::AF_INET => {
             // SAFETY: the family says this is a sockaddr_in, which fits in sockaddr_storage.
-            let sin: libc::sockaddr_in = unsafe { std::ptr::read((&storage as *const libc::sockaddr_storage).cast()) };
+            let sin: libc::sockaddr_in = unsafe { std::ptr::read((&raw const storage).cast()) };
             let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
             Some(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(sin.sin_port))))
         }
         libc::AF_INET6 => {
             // SAFETY: the family says this is a sockaddr_in6, which fits in sockaddr_storage.
-            let sin6: libc::sockaddr_in6 =
-                unsafe { std::ptr::read((&storage as *const libc::sockaddr_storage).cast()) };
+            let sin6: libc::sockaddr_in6 = unsafe { std::ptr::read((&raw const storage).cast()) };
             let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
             Some(SocketAddr::V6(SocketAddrV6::new(
                 ip,

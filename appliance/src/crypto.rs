@@ -139,7 +139,7 @@ impl Keyring {
         let nonce = Nonce::try_from(&nonce_bytes).map_err(|_| CryptoError::Malformed)?;
         let mut out = vec![0u8; HEADER_LEN + plaintext.len() + TAG_LEN];
         out[0] = BLOB_VERSION;
-        out[1..1 + KEY_ID_LEN].copy_from_slice(&self.current.id);
+        out[1..=KEY_ID_LEN].copy_from_slice(&self.current.id);
         out[1 + KEY_ID_LEN..HEADER_LEN].copy_from_slice(&nonce_bytes);
         XChaCha::seal(&self.current.key, &nonce, plaintext, Some(associated), &mut out[HEADER_LEN..])
             .map_err(|_| CryptoError::Malformed)?;
@@ -162,7 +162,7 @@ impl Keyring {
 
     /// Whether `blob` is sealed with the current key (rotation skips those).
     pub fn is_current(&self, blob: &[u8]) -> bool {
-        blob_key_id(blob).map(|id| id == self.current.id).unwrap_or(false)
+        blob_key_id(blob).is_ok_and(|id| id == self.current.id)
     }
 }
 
@@ -172,7 +172,7 @@ pub fn blob_key_id(blob: &[u8]) -> Result<[u8; KEY_ID_LEN], CryptoError> {
         return Err(CryptoError::Malformed);
     }
     let mut id = [0u8; KEY_ID_LEN];
-    id.copy_from_slice(&blob[1..1 + KEY_ID_LEN]);
+    id.copy_from_slice(&blob[1..=KEY_ID_LEN]);
     Ok(id)
 }
 

@@ -80,7 +80,7 @@ pub fn create_master_key(path: &Path) -> Result<MasterKey, String> {
         .open(&tmp)
         .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
     file.write_all(text.as_bytes())
-        .and_then(|_| file.sync_all())
+        .and_then(|()| file.sync_all())
         .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
     fs::rename(&tmp, path).map_err(|e| format!("cannot move key into place at {}: {e}", path.display()))?;
     sync_parent_dir(path)?;

@@ -43,7 +43,7 @@ impl Lifecycle {
     }
 
     pub fn running_count(&self) -> usize {
-        self.live.lock().map(|m| m.len()).unwrap_or(0)
+        self.live.lock().map_or(0, |m| m.len())
     }
 
     pub(crate) fn track(&self, id: &str, end_at: i64) {

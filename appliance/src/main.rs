@@ -33,7 +33,7 @@ fn main() -> ExitCode {
                 println!(
                     "appliance: rotated to master key {}: re-encrypted {} secret(s) and {} CA key(s)",
                     r.new_key_id, r.secrets, r.ca_keys
-                )
+                );
             })
         }
     };

@@ -143,7 +143,7 @@ impl Running {
     /// Stops accepting requests, lets in-flight ones finish (up to `grace`), stops the
     /// reaper and closes the store.
     pub fn shutdown(self, grace: Duration) {
-        let Running { app, http, reaper_stop, reaper, _lock } = self;
+        let Running { app, http, reaper_stop, reaper, _lock: lock } = self;
         http.shutdown(grace);
         reaper_stop.store(true, Ordering::SeqCst);
         if let Some(r) = reaper {
@@ -158,7 +158,7 @@ impl Running {
                 drop(shared);
             }
         }
-        drop(_lock);
+        drop(lock);
     }
 }
 

@@ -20,7 +20,7 @@ fn termination_set() -> libc::sigset_t {
 pub fn block_termination_signals() -> Result<(), String> {
     let set = termination_set();
     // SAFETY: `set` is an initialised sigset_t; a null old-set pointer is allowed.
-    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut()) };
     if rc == 0 {
         Ok(())
     } else {
@@ -34,7 +34,7 @@ pub fn wait_for_termination() -> &'static str {
     loop {
         let mut sig: libc::c_int = 0;
         // SAFETY: `set` is initialised and `sig` is a valid out-pointer.
-        let rc = unsafe { libc::sigwait(&set, &mut sig) };
+        let rc = unsafe { libc::sigwait(&raw const set, &raw mut sig) };
         if rc == 0 {
             return if sig == libc::SIGINT { "SIGINT" } else { "SIGTERM" };
         }

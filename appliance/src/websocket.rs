@@ -144,7 +144,7 @@ pub fn write_frame(w: &mut impl Write, opcode: u8, payload: &[u8]) -> io::Result
     head.push(0x80 | opcode);
     match payload.len() {
         n if n < 126 => head.push(n as u8),
-        n if n <= usize::from(u16::MAX) => {
+        n if u16::try_from(n).is_ok() => {
             head.push(126);
             head.extend_from_slice(&(n as u16).to_be_bytes());
         }

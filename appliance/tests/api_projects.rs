@@ -135,7 +135,7 @@ fn bad_project_input_gets_clear_4xx_and_writes_nothing() {
         ("POST", r#"{"name":"has space"}"#, 400, "invalid project name"),
         ("POST", r#"{"name":"x","cpuCount":1000}"#, 400, "cpuCount"),
         ("POST", r#"{"name":"x","egressAllowlist":["bad host!"]}"#, 400, "egressAllowlist"),
-        ("POST", r#"[1,2]"#, 400, "invalid type"),
+        ("POST", r"[1,2]", 400, "invalid type"),
     ];
     for (method, body, status, needle) in cases {
         let (got, v) = c.call(method, "/api/projects", body);

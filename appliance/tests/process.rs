@@ -48,7 +48,7 @@ fn spawn_server(data_dir: &Path, log: &Path) -> (ServerProcess, SocketAddr) {
 #[allow(clippy::zombie_processes)]
 fn spawn_serve(args: &[&OsStr], log: &Path) -> (ServerProcess, SocketAddr) {
     // Logs are appended across restarts: only lines after this offset belong to this start.
-    let offset = fs::metadata(log).map(|m| m.len() as usize).unwrap_or(0);
+    let offset = fs::metadata(log).map_or(0, |m| m.len() as usize);
     let out = File::options().create(true).append(true).open(log).expect("log");
     let err = out.try_clone().expect("log");
     let mut child = Command::new(BIN)

@@ -116,7 +116,7 @@ fn fill(dir: &Path, package: &str, version: &str, step: &Step) -> Result<()> {
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent).ctx(|| format!("create {}", parent.display()))?;
         }
-        if rel.ends_with(".ko") {
+        if Path::new(&rel).extension().is_some_and(|e| e == "ko") {
             std::fs::copy(&source, &target).ctx(|| format!("copy {}", source.display()))?;
         } else {
             return Err(err!("compressed module {rel}: this kernel package's format is not supported yet"));

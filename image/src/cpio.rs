@@ -31,12 +31,12 @@ impl<W: Write> CpioWriter<W> {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad cpio path {path:?}")));
         }
         let (type_bits, data, rdev) = match kind {
-            Kind::Directory => (0o040000, &[][..], (0, 0)),
-            Kind::File(bytes) => (0o100000, bytes, (0, 0)),
-            Kind::Symlink(target) => (0o120000, target.as_bytes(), (0, 0)),
-            Kind::CharDevice { major, minor } => (0o020000, &[][..], (major, minor)),
+            Kind::Directory => (0o040_000, &[][..], (0, 0)),
+            Kind::File(bytes) => (0o100_000, bytes, (0, 0)),
+            Kind::Symlink(target) => (0o120_000, target.as_bytes(), (0, 0)),
+            Kind::CharDevice { major, minor } => (0o020_000, &[][..], (major, minor)),
         };
-        let nlink = if type_bits == 0o040000 { 2 } else { 1 };
+        let nlink = if type_bits == 0o040_000 { 2 } else { 1 };
         let inode = self.next_inode;
         self.next_inode += 1;
         self.header(inode, type_bits | (permissions & 0o7777), nlink, data.len(), rdev, path)?;

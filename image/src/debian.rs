@@ -46,7 +46,7 @@ pub fn download(package: &str, version: &str, dir: &Path) -> Result<PathBuf> {
         .map(|e| e.path())
         .find(|p| {
             let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            name.starts_with(&format!("{package}_")) && name.ends_with(".deb")
+            name.starts_with(&format!("{package}_")) && Path::new(&name).extension().is_some_and(|e| e == "deb")
         })
         .ok_or_else(|| err!("apt-get download {package} produced no .deb in {}", dir.display()))?;
     Ok(deb)

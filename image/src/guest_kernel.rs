@@ -61,7 +61,7 @@ pub fn build() -> Result<GuestKernel> {
         config: entry.path("config"),
         source_version: version,
     };
-    let size = std::fs::metadata(&kernel.bzimage).map(|m| m.len()).unwrap_or(0);
+    let size = std::fs::metadata(&kernel.bzimage).map_or(0, |m| m.len());
     step.finish(
         outcome,
         &format!("linux-source {}, bzImage {}", kernel.source_version, crate::progress::fmt_size(size)),
@@ -104,7 +104,7 @@ fn compile(source: &Path, fragment_file: &Path, fragment: &str, out: &Path, step
     let build = out.join("build");
     std::fs::create_dir_all(&build).ctx(|| format!("create {}", build.display()))?;
     let log = out.join("build.log");
-    let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).to_string();
+    let jobs = std::thread::available_parallelism().map_or(2, std::num::NonZero::get).to_string();
     let make = |args: &[&str]| -> Command {
         let mut cmd = Command::new("make");
         cmd.arg("-C").arg(source).arg(format!("O={}", build.display())).arg("ARCH=x86_64").args(args);

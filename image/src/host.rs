@@ -49,13 +49,12 @@ fn package_installed(package: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", package])
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-        .unwrap_or(false)
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
 }
 
 fn apt_install(packages: &[&str]) -> Result<()> {
     eprintln!("[image] installing missing host packages with apt-get: {}", packages.join(" "));
-    let is_root = std::env::var("USER").map(|u| u == "root").unwrap_or(false) || uid_is_root();
+    let is_root = std::env::var("USER").is_ok_and(|u| u == "root") || uid_is_root();
     if !is_root {
         return Err(err!(
             "missing host packages: {}. Install them with: sudo apt-get install {}",

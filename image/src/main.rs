@@ -20,7 +20,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("build") => parse_build(&args[1..]).and_then(|(v, disk)| build(v, disk).map_err(|e| e.to_string())),
         Some("run") => parse_run(&args[1..]).and_then(|o| run::run(o).map_err(|e| e.to_string())),
-        Some("help") | Some("--help") | Some("-h") => {
+        Some("help" | "--help" | "-h") => {
             println!("{USAGE}");
             Ok(())
         }
@@ -76,15 +76,15 @@ fn parse_run(args: &[String]) -> Result<RunOptions, String> {
         let number = |what: &str| value.parse::<u64>().map_err(|_| format!("{flag} {value:?}: {what} expected"));
         match flag.as_str() {
             "--port" => {
-                opts.port = u16::try_from(number("a port")?).map_err(|_| format!("--port {value}: out of range"))?
+                opts.port = u16::try_from(number("a port")?).map_err(|_| format!("--port {value}: out of range"))?;
             }
             "--cpus" => {
                 opts.cpus =
-                    Some(u32::try_from(number("a CPU count")?).map_err(|_| format!("--cpus {value}: out of range"))?)
+                    Some(u32::try_from(number("a CPU count")?).map_err(|_| format!("--cpus {value}: out of range"))?);
             }
             "--memory" => {
                 opts.memory_mib =
-                    u32::try_from(number("MiB")?).map_err(|_| format!("--memory {value}: out of range"))?
+                    u32::try_from(number("MiB")?).map_err(|_| format!("--memory {value}: out of range"))?;
             }
             "--data-disk" => opts.data_disk = Some(value.into()),
             "--data-disk-gib" => opts.data_disk_gib = number("GiB")?,

@@ -288,8 +288,8 @@ impl Machine {
         loop {
             let text = self.console();
             if let Some(pos) = text.get(from..).and_then(|t| t.find(needle)) {
-                let start = text[..from + pos].rfind('\n').map(|p| p + 1).unwrap_or(0);
-                let end = text[from + pos..].find('\n').map(|p| from + pos + p).unwrap_or(text.len());
+                let start = text[..from + pos].rfind('\n').map_or(0, |p| p + 1);
+                let end = text[from + pos..].find('\n').map_or(text.len(), |p| from + pos + p);
                 // The console's tty turns "\n" into "\r\n".
                 return Ok(text[start..end].trim_end().to_string());
             }

@@ -63,7 +63,7 @@ pub fn state_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("OC_STATE_DIR") {
         return PathBuf::from(dir);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
     home.join(".local/share/opencomputer")
 }
 

@@ -110,7 +110,7 @@ pub fn build_base(sandbox_init: &Path) -> Result<Template> {
         ca_bundle: disk.path(CA_BUNDLE_FILE),
         rootfs_tar: rootfs.path("rootfs.tar"),
     };
-    let used = std::fs::metadata(rootfs.path("rootfs.tar")).map(|m| m.len()).unwrap_or(0);
+    let used = std::fs::metadata(rootfs.path("rootfs.tar")).map_or(0, |m| m.len());
     step.finish(outcome, &format!("{} of files in a {DISK_SIZE} sparse ext4 disk", fmt_size(used)));
     Ok(template)
 }

@@ -27,7 +27,7 @@ fn bytes_pass_through_unchanged_in_both_directions() {
         let (mut s, _) = upstream.accept().unwrap();
         let mut got = Vec::new();
         s.read_to_end(&mut got).unwrap();
-        let sum: u64 = got.iter().map(|&b| b as u64).sum();
+        let sum: u64 = got.iter().map(|&b| u64::from(b)).sum();
         s.write_all(format!("{} {}\n", got.len(), sum).as_bytes()).unwrap();
         got.reverse();
         s.write_all(&got).unwrap();
@@ -48,7 +48,7 @@ fn bytes_pass_through_unchanged_in_both_directions() {
     w.join().unwrap();
 
     let newline = reply.iter().position(|&b| b == b'\n').unwrap();
-    let sum: u64 = data.iter().map(|&b| b as u64).sum();
+    let sum: u64 = data.iter().map(|&b| u64::from(b)).sum();
     assert_eq!(std::str::from_utf8(&reply[..newline]).unwrap(), format!("{} {}", data.len(), sum));
     let mut reversed = data;
     reversed.reverse();

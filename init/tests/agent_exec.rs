@@ -54,7 +54,7 @@ fn a_failing_command_keeps_its_exit_code_and_stderr() {
 fn argv_commands_take_arguments_verbatim() {
     let agent = TestAgent::start();
     let mut spec = shell("");
-    spec.command = Command::Argv(vec!["printf".into(), "%s|".into(), "a b".into(), "$HOME".into(), "".into()]);
+    spec.command = Command::Argv(vec!["printf".into(), "%s|".into(), "a b".into(), "$HOME".into(), String::new()]);
     let out = agent.client().run(&spec).unwrap();
     assert_eq!(String::from_utf8(out.stdout).unwrap(), "a b|$HOME||");
 
@@ -137,7 +137,7 @@ fn a_command_past_its_timeout_is_killed_with_its_children_and_reported() {
             .ok()
             .and_then(|s| s.rsplit(')').next().and_then(|rest| rest.split_whitespace().next().map(String::from)));
         match state.as_deref() {
-            None | Some("Z") | Some("X") => break,
+            None | Some("Z" | "X") => break,
             Some(other) if Instant::now() > deadline => panic!("child {pid} still alive in state {other}"),
             Some(_) => std::thread::sleep(Duration::from_millis(50)),
         }
@@ -195,7 +195,7 @@ fn output_is_streamed_while_the_command_runs() {
         })
         .unwrap();
     assert_eq!(seen, b"first\nsecond\n");
-    assert!(first_at.unwrap() < Duration::from_millis(800), "first output came at {:?}", first_at);
+    assert!(first_at.unwrap() < Duration::from_millis(800), "first output came at {first_at:?}");
     assert_eq!(exit.status, ExitStatus::Code(0));
 }
 
@@ -322,7 +322,7 @@ fn session_output_streams_live_to_an_attached_client() {
                 assert_eq!(status, ExitStatus::Code(0));
                 break;
             }
-            other => panic!("unexpected {other:?}"),
+            other @ AttachEvent::Notice { .. } => panic!("unexpected {other:?}"),
         }
     }
     assert_eq!(out, b"1\n2\n3\n");
@@ -348,7 +348,7 @@ fn session_stdin_without_attaching_and_killing_children_with_the_group() {
                 assert_eq!(status, ExitStatus::Code(0));
                 break;
             }
-            other => panic!("unexpected {other:?}"),
+            other @ AttachEvent::Notice { .. } => panic!("unexpected {other:?}"),
         }
     }
     assert_eq!(out, b"got:abc\n");

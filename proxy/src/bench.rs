@@ -247,7 +247,7 @@ async fn small_phase(t: &Target) -> Result<SmallResult, BoxError> {
     for task in tasks {
         all.extend(task.await??);
     }
-    all.sort_by(|a, b| a.total_cmp(b));
+    all.sort_by(f64::total_cmp);
     let p50 = all.get(all.len() / 2).copied().unwrap_or(f64::NAN);
     Ok(SmallResult { rps: all.len() as f64 / SMALL_DURATION.as_secs_f64(), p50_ms: p50 })
 }
@@ -326,7 +326,7 @@ fn cpu_text([client, proxy, upstream]: [f64; 3]) -> String {
 fn cpu_bound_text(direct: &[[f64; 3]], via: &[[f64; 3]], direct_mbps: f64) -> String {
     let total = |v: &[[f64; 3]]| median(v.iter().map(|c| c.iter().sum()).collect());
     let proxy_stage = median(via.iter().map(|c| c[1]).collect());
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as f64;
     let (d, p) = (total(direct), total(via));
     let floor_ms = (p / cores).max(proxy_stage);
     let best_mbps = LARGE_BODY as f64 / 1e6 / (floor_ms / 1e3);
@@ -339,7 +339,7 @@ fn cpu_bound_text(direct: &[[f64; 3]], via: &[[f64; 3]], direct_mbps: f64) -> St
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
+    v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 

@@ -304,7 +304,8 @@ mod tests {
         assert_eq!((out, n), (body.clone(), 0));
         let mut w = BodyRewriter::new(Coding::Gzip, repl());
         let mut out = Vec::new();
-        let corrupt = w.push(b"not gzip at all, definitely not", &mut out).and_then(|_| w.finish(&mut out).map(|_| ()));
+        let corrupt =
+            w.push(b"not gzip at all, definitely not", &mut out).and_then(|()| w.finish(&mut out).map(|_| ()));
         assert!(corrupt.is_err());
     }
 

@@ -182,7 +182,7 @@ impl LeafCache {
     }
 
     pub fn len(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).0.len()
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner).0.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -192,7 +192,7 @@ impl LeafCache {
     /// Returns the cached configuration for `host`, issuing a leaf on a miss.
     pub fn server_config(&self, host: &str) -> Result<Arc<ServerConfig>, CaError> {
         {
-            let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let mut guard = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let (map, clock) = &mut *guard;
             *clock += 1;
             if let Some(entry) = map.get_mut(host) {
@@ -204,7 +204,7 @@ impl LeafCache {
         }
         // Issue outside the lock; a concurrent miss for the same host just issues twice.
         let config = self.ca.server_config(host)?;
-        let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let (map, clock) = &mut *guard;
         *clock += 1;
         if map.len() >= self.capacity && !map.contains_key(host) {

@@ -68,7 +68,7 @@ fn prefix_eq(a: &[u8], b: &[u8], prefix: u8) -> bool {
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
+        v4 @ IpAddr::V4(_) => v4,
     }
 }
 
@@ -130,7 +130,7 @@ pub fn own_addresses() -> Vec<IpAddr> {
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs writes a heap-allocated list head into `list`; on success we
     // own it until freeifaddrs below.
-    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+    if unsafe { libc::getifaddrs(&raw mut list) } != 0 {
         return out;
     }
     let mut cur = list;
@@ -140,6 +140,9 @@ pub fn own_addresses() -> Vec<IpAddr> {
         if !entry.ifa_addr.is_null() {
             // SAFETY: ifa_addr points to a sockaddr whose sa_family tells its real type;
             // we only reinterpret it as the matching sockaddr_in/sockaddr_in6.
+            // The casts below go to a type with stricter alignment; getifaddrs allocates each
+            // address as its real type, so the pointer is aligned for it.
+            #[allow(clippy::cast_ptr_alignment)]
             unsafe {
                 match i32::from((*entry.ifa_addr).sa_family) {
                     libc::AF_INET => {

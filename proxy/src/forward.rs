@@ -186,7 +186,7 @@ where
     }
     let mut rewritten = Zeroizing::new(Vec::with_capacity(len + 256));
     let mut rewriter = BodyRewriter::new(coding, repl.clone());
-    let outcome = rewriter.push(&body, &mut rewritten).and_then(|_| rewriter.finish(&mut rewritten));
+    let outcome = rewriter.push(&body, &mut rewritten).and_then(|()| rewriter.finish(&mut rewritten));
     let (payload, replaced): (&[u8], u64) = match outcome {
         Ok(n) if n > 0 => (&rewritten, n),
         // No token inside, or a body that does not decode: send it exactly as received.
@@ -273,7 +273,7 @@ fn end_chunk(wire: &mut Vec<u8>, at: usize) {
         wire.truncate(at);
         return;
     }
-    let digits = format!("{data_len:0width$x}", width = CHUNK_SIZE_DIGITS);
+    let digits = format!("{data_len:0CHUNK_SIZE_DIGITS$x}");
     if digits.len() == CHUNK_SIZE_DIGITS {
         wire[at..at + CHUNK_SIZE_DIGITS].copy_from_slice(digits.as_bytes());
         wire.extend_from_slice(b"\r\n");

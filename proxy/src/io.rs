@@ -40,7 +40,7 @@ impl Activity {
             if idle >= limit {
                 return;
             }
-            tokio::time::sleep(limit - idle + Duration::from_millis(5)).await;
+            tokio::time::sleep(limit.checked_sub(idle).unwrap() + Duration::from_millis(5)).await;
         }
     }
 }

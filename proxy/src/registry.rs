@@ -108,21 +108,21 @@ impl SealRegistry {
             tokens.push(TokenBinding { token, value: Arc::new(secret.value), hosts });
         }
         let policy = Arc::new(SandboxPolicy { egress, tokens });
-        self.sandboxes.write().unwrap_or_else(|e| e.into_inner()).insert(sandbox, policy);
+        self.sandboxes.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(sandbox, policy);
         Ok(())
     }
 
     /// Forgets a sandbox; its open connections stop at their next request.
     pub fn unregister(&self, sandbox: SandboxId) -> bool {
-        self.sandboxes.write().unwrap_or_else(|e| e.into_inner()).remove(&sandbox).is_some()
+        self.sandboxes.write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&sandbox).is_some()
     }
 
     pub fn policy(&self, sandbox: SandboxId) -> Option<Arc<SandboxPolicy>> {
-        self.sandboxes.read().unwrap_or_else(|e| e.into_inner()).get(&sandbox).cloned()
+        self.sandboxes.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(&sandbox).cloned()
     }
 
     pub fn len(&self) -> usize {
-        self.sandboxes.read().unwrap_or_else(|e| e.into_inner()).len()
+        self.sandboxes.read().unwrap_or_else(std::sync::PoisonError::into_inner).len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -139,7 +139,7 @@ mod tests {
     fn secret(v: &str, hosts: &[&str]) -> SealedSecret {
         SealedSecret {
             value: SecretValue::from(v.to_string()),
-            allowed_hosts: hosts.iter().map(|s| s.to_string()).collect(),
+            allowed_hosts: hosts.iter().map(std::string::ToString::to_string).collect(),
         }
     }
 

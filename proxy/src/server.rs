@@ -90,7 +90,7 @@ impl Proxy {
 }
 
 fn is_transient(e: &std::io::Error) -> bool {
-    use std::io::ErrorKind::*;
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionReset, Interrupted, TimedOut, WouldBlock};
     matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted | WouldBlock | TimedOut)
         || matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EPROTO))
 }

@@ -367,7 +367,7 @@ async fn run_pipeline<F, R, W>(
             Ok(()) => {
                 tokio::select! {
                     _ = &mut responses => {}
-                    _ = &mut idle => info!("sandbox {sandbox}: {host}: idle timeout"),
+                    () = &mut idle => info!("sandbox {sandbox}: {host}: idle timeout"),
                 }
             }
             Err(e) => info!("sandbox {sandbox}: {host}: closing connection: {e}"),
@@ -377,6 +377,6 @@ async fn run_pipeline<F, R, W>(
                 debug!("sandbox {sandbox}: {host}: response stream ended: {}", e.kind());
             }
         }
-        _ = &mut idle => info!("sandbox {sandbox}: {host}: idle timeout"),
+        () = &mut idle => info!("sandbox {sandbox}: {host}: idle timeout"),
     }
 }

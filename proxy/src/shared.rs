@@ -30,7 +30,7 @@ pub struct ConnectionSlot {
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        let mut guard = self.shared.connections.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.shared.connections.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let (per_sandbox, total) = &mut *guard;
         *total = total.saturating_sub(1);
         if let Some(n) = per_sandbox.get_mut(&self.sandbox) {
@@ -55,13 +55,13 @@ impl Shared {
 
     /// Open connections of one sandbox.
     pub fn connections_of(&self, sandbox: SandboxId) -> usize {
-        self.connections.lock().unwrap_or_else(|e| e.into_inner()).0.get(&sandbox).copied().unwrap_or(0)
+        self.connections.lock().unwrap_or_else(std::sync::PoisonError::into_inner).0.get(&sandbox).copied().unwrap_or(0)
     }
 
     /// Counts a new connection of `sandbox`, or None when it or the proxy is at its limit.
     pub fn try_acquire(self: &Arc<Self>, sandbox: SandboxId) -> Option<ConnectionSlot> {
         let limits = &self.config.limits;
-        let mut guard = self.connections.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.connections.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let (per_sandbox, total) = &mut *guard;
         let mine = per_sandbox.entry(sandbox).or_insert(0);
         if *mine >= limits.max_connections_per_sandbox || *total >= limits.max_connections {

@@ -56,7 +56,7 @@ impl Replacements {
 
     fn lookup(&self, hex: &[u8]) -> Option<&SecretValue> {
         let key: &[u8; TOKEN_HEX_LEN] = hex.try_into().ok()?;
-        self.by_hex.get(key).map(|v| v.as_ref())
+        self.by_hex.get(key).map(std::convert::AsRef::as_ref)
     }
 
     /// Replaces every token in a complete, bounded piece of data (a header value, a

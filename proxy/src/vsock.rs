@@ -51,7 +51,7 @@ impl VsockListener {
             match guard.try_io(|fd| vsock::accept(fd.get_ref().as_fd(), true)) {
                 Ok(Ok((fd, cid))) => return Ok((VsockStream { fd: register(fd)? }, cid)),
                 Ok(Err(e)) => return Err(e),
-                Err(_would_block) => continue,
+                Err(_would_block) => {}
             }
         }
     }
@@ -94,7 +94,7 @@ impl AsyncRead for VsockStream {
                     return Poll::Ready(Ok(()));
                 }
                 Ok(Err(e)) => return Poll::Ready(Err(e)),
-                Err(_would_block) => continue,
+                Err(_would_block) => {}
             }
         }
     }
@@ -106,7 +106,7 @@ impl AsyncWrite for VsockStream {
             let mut guard = ready!(self.fd.poll_write_ready(cx))?;
             match guard.try_io(|fd| vsock::send(fd.get_ref().as_fd(), data)) {
                 Ok(r) => return Poll::Ready(r),
-                Err(_would_block) => continue,
+                Err(_would_block) => {}
             }
         }
     }

@@ -5,7 +5,7 @@ use crate::upstream::Upstream;
 use image::error::{Context, Result};
 use image::pipeline::{self, Artifacts, Variant};
 use image::qemu::{self, Machine, MachineConfig};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// TCG boots take tens of seconds; a generous bound still catches a hang.
@@ -105,28 +105,22 @@ impl Appliance {
     }
 }
 
-fn start(
-    artifacts: &Artifacts,
-    data_disk: &PathBuf,
-    key_file: &PathBuf,
-    proxy_config: &PathBuf,
-    dir: &PathBuf,
-) -> Result<Machine> {
+fn start(artifacts: &Artifacts, data_disk: &Path, key_file: &Path, proxy_config: &Path, dir: &Path) -> Result<Machine> {
     let (accel, why) = qemu::detect_accel();
     eprintln!(
         "[qemu-test] booting the test appliance ({accel:?}: {why}); console: {}",
         dir.join("console.log").display()
     );
     let cfg = MachineConfig {
-        boot: qemu::Boot::Kernel { artifacts: artifacts.clone(), data_disk: data_disk.clone() },
+        boot: qemu::Boot::Kernel { artifacts: artifacts.clone(), data_disk: data_disk.to_path_buf() },
         network: qemu::Network::Outbound,
         memory_mib: 3072,
         cpus: std::env::var("OC_QEMU_CPUS").ok().and_then(|c| c.parse().ok()).unwrap_or(qemu::default_cpus(accel)),
         api_port: qemu::free_port(0)?,
         api_guest_addr: None,
-        admin_key_file: Some(key_file.clone()),
-        proxy_config_file: Some(proxy_config.clone()),
-        run_dir: dir.clone(),
+        admin_key_file: Some(key_file.to_path_buf()),
+        proxy_config_file: Some(proxy_config.to_path_buf()),
+        run_dir: dir.to_path_buf(),
         accel,
     };
     Machine::start(&cfg)

@@ -68,12 +68,11 @@ pub fn from_args(args: &[String]) -> Result<VmConfig, String> {
             flags.push((flag, value));
         }
     }
-    let mut cfg = match file {
-        Some(c) => c,
-        None => {
-            let kernel = flags.iter().find(|(f, _)| *f == "--kernel").map(|(_, v)| PathBuf::from(v));
-            VmConfig::new(kernel.ok_or("--kernel (or --config) is required")?)
-        }
+    let mut cfg = if let Some(c) = file {
+        c
+    } else {
+        let kernel = flags.iter().find(|(f, _)| *f == "--kernel").map(|(_, v)| PathBuf::from(v));
+        VmConfig::new(kernel.ok_or("--kernel (or --config) is required")?)
     };
     let mut flag_disks = Vec::new();
     for (flag, value) in flags {

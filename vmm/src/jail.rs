@@ -36,19 +36,19 @@ pub fn enter() -> Result<(), String> {
     unsafe {
         check(
             "unshare(mount, IPC, UTS namespaces)",
-            libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS) as libc::c_long,
+            libc::c_long::from(libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS)),
         )
         .map_err(|e| format!("{e} (the VMM must start as root to confine itself)"))?;
         // Nothing we do to mounts may propagate back to the host.
         check(
             "making mounts private",
-            libc::mount(
+            libc::c_long::from(libc::mount(
                 std::ptr::null(),
                 c"/".as_ptr(),
                 std::ptr::null(),
                 libc::MS_REC | libc::MS_PRIVATE,
                 std::ptr::null(),
-            ) as libc::c_long,
+            )),
         )?;
     }
     chroot_into_empty_tmpfs()?;
@@ -82,9 +82,9 @@ fn chroot_into_empty_tmpfs() -> Result<(), String> {
         let mnt = check("fsmount", unsafe { libc::syscall(libc::SYS_fsmount, fs, FSMOUNT_CLOEXEC, attrs) })?;
         // SAFETY: fchdir on the fd we just got, then chroot/chdir on literal paths.
         let r = unsafe {
-            check("fchdir(new root)", libc::fchdir(mnt as libc::c_int) as libc::c_long)
-                .and_then(|_| check("chroot", libc::chroot(c".".as_ptr()) as libc::c_long))
-                .and_then(|_| check("chdir(/)", libc::chdir(c"/".as_ptr()) as libc::c_long))
+            check("fchdir(new root)", libc::c_long::from(libc::fchdir(mnt as libc::c_int)))
+                .and_then(|_| check("chroot", libc::c_long::from(libc::chroot(c".".as_ptr()))))
+                .and_then(|_| check("chdir(/)", libc::c_long::from(libc::chdir(c"/".as_ptr()))))
         };
         // SAFETY: closing an fd we own; the mount stays alive as our root.
         unsafe { libc::close(mnt as libc::c_int) };
@@ -112,7 +112,7 @@ struct CapData {
 fn drop_privileges() -> Result<(), String> {
     // SAFETY: prctl with integer arguments only.
     unsafe {
-        check("PR_SET_NO_NEW_PRIVS", libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as libc::c_long)?;
+        check("PR_SET_NO_NEW_PRIVS", libc::c_long::from(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)))?;
         for cap in 0..CAP_LIMIT {
             // EINVAL marks the first capability this kernel doesn't know: we're done.
             if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 {
@@ -127,13 +127,19 @@ fn drop_privileges() -> Result<(), String> {
         }
         check(
             "clearing ambient capabilities",
-            libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0, 0, 0) as libc::c_long,
+            libc::c_long::from(libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+                0,
+                0,
+                0,
+            )),
         )?;
     }
     let header = CapHeader { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
     let data = [CapData::default(); 2];
     // SAFETY: capset reads one header and two data structs (version 3), both valid here.
-    check("capset", unsafe { libc::syscall(libc::SYS_capset, &header as *const CapHeader, data.as_ptr()) })?;
+    check("capset", unsafe { libc::syscall(libc::SYS_capset, &raw const header, data.as_ptr()) })?;
     Ok(())
 }
 
@@ -163,7 +169,7 @@ mod tests {
             let header = CapHeader { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
             let mut data = [CapData::default(); 2];
             // SAFETY: capget fills two data structs.
-            let r = unsafe { libc::syscall(libc::SYS_capget, &header as *const CapHeader, data.as_mut_ptr()) };
+            let r = unsafe { libc::syscall(libc::SYS_capget, &raw const header, data.as_mut_ptr()) };
             assert_eq!(r, 0);
             assert!(data.iter().all(|d| d.effective == 0 && d.permitted == 0 && d.inheritable == 0));
             // SAFETY: prctl queries with integer arguments.

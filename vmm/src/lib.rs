@@ -80,5 +80,5 @@ fn run(args: &[String]) -> ExitCode {
         }
     };
     // Leave at once: vCPU threads are still inside KVM_RUN and die with the process.
-    std::process::exit(code as i32)
+    std::process::exit(i32::from(code))
 }

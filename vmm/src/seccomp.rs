@@ -113,8 +113,8 @@ pub fn install(role: Role) -> Result<(), String> {
 /// SIGSYS handler: async-signal-safe, formats the number by hand.
 extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers; for SIGSYS the
-    // syscall number is the int at byte 24 (`si_syscall` in `_sigsys`).
-    let nr = unsafe { *((info as *const u8).add(24) as *const i32) };
+    // syscall number is the int at byte 24 (`si_syscall` in `_sigsys`), inside that struct.
+    let nr = unsafe { (info as *const u8).add(24).cast::<i32>().read_unaligned() };
     let mut msg = *b"vmm: error: blocked by seccomp: syscall 0000000000\n";
     let mut n = nr.unsigned_abs();
     let digits_end = msg.len() - 1;
@@ -124,8 +124,8 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
     }
     // SAFETY: write and _exit are async-signal-safe; the buffer is valid.
     unsafe {
-        libc::write(2, msg.as_ptr() as *const libc::c_void, msg.len());
-        libc::_exit(STATUS_VMM_ERROR as libc::c_int);
+        libc::write(2, msg.as_ptr().cast::<libc::c_void>(), msg.len());
+        libc::_exit(libc::c_int::from(STATUS_VMM_ERROR));
     }
 }
 
@@ -137,8 +137,8 @@ pub fn install_sigsys_handler() -> Result<(), String> {
         let mut sa: libc::sigaction = std::mem::zeroed();
         sa.sa_sigaction = on_sigsys as *const () as usize;
         sa.sa_flags = libc::SA_SIGINFO;
-        libc::sigemptyset(&mut sa.sa_mask);
-        if libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut()) < 0 {
+        libc::sigemptyset(&raw mut sa.sa_mask);
+        if libc::sigaction(libc::SIGSYS, &raw const sa, std::ptr::null_mut()) < 0 {
             return Err(format!("cannot install the SIGSYS handler: {}", std::io::Error::last_os_error()));
         }
     }
@@ -287,7 +287,7 @@ mod tests {
             .env(CHILD_ENV, "1")
             .output()
             .unwrap();
-        assert_eq!(out.status.code(), Some(STATUS_VMM_ERROR as i32));
+        assert_eq!(out.status.code(), Some(i32::from(STATUS_VMM_ERROR)));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(&format!("syscall {:010}", libc::SYS_getpid)), "stderr: {stderr}");
     }

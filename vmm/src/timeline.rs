@@ -57,7 +57,7 @@ static ONCE: [AtomicBool; 5] = [
 
 /// Reads the switch from the environment; call once, first thing in `main`.
 pub fn init_from_env() {
-    let on = std::env::var(ENV).map(|v| !v.is_empty() && v != "0").unwrap_or(false);
+    let on = std::env::var(ENV).is_ok_and(|v| !v.is_empty() && v != "0");
     ENABLED.store(on, Ordering::Relaxed);
 }
 
@@ -69,7 +69,7 @@ pub fn enabled() -> bool {
 pub fn monotonic_us() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes one timespec into a valid local.
-    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) } != 0 {
         return 0;
     }
     (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1000

@@ -175,7 +175,7 @@ fn create_vcpus(kvm: &Kvm, vm: &VmFd, count: u8, entry: u64) -> Result<Vec<Vcpu>
     let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
     (0..count)
         .map(|id| {
-            let fd = vm.create_vcpu(id as u64).map_err(|e| format!("KVM_CREATE_VCPU {id} failed: {e}"))?;
+            let fd = vm.create_vcpu(u64::from(id)).map_err(|e| format!("KVM_CREATE_VCPU {id} failed: {e}"))?;
             let mut cpuid = supported.clone();
             arch::cpuid::patch_for_vcpu(cpuid.as_mut_slice(), id, count, tsc_deadline);
             fd.set_cpuid2(&cpuid).map_err(|e| format!("KVM_SET_CPUID2 failed: {e}"))?;
@@ -191,12 +191,12 @@ fn dump_signal_fd() -> Result<RawFd, String> {
     // SAFETY: sigset manipulation on a local set, then syscalls that only read it.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGUSR1);
-        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+        libc::sigemptyset(&raw mut set);
+        libc::sigaddset(&raw mut set, libc::SIGUSR1);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut()) != 0 {
             return Err("cannot block SIGUSR1".into());
         }
-        let fd = libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC);
+        let fd = libc::signalfd(-1, &raw const set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC);
         if fd < 0 {
             return Err(format!("signalfd failed: {}", std::io::Error::last_os_error()));
         }
@@ -304,8 +304,8 @@ impl DumpTarget<'_> {
     /// Serves one `Control::DumpMemory` request: writes guest RAM, then reports the outcome as an
     /// event (for the appliance) and on stderr (for a person reading vmm.log).
     fn serve(&self, mem: &GuestMemory) {
-        let event = match self.file {
-            Some(f) => match dump_guest_memory(mem, f) {
+        let event = if let Some(f) = self.file {
+            match dump_guest_memory(mem, f) {
                 Ok(bytes) => {
                     eprintln!("vmm: guest memory dumped ({} MiB)", bytes >> 20);
                     Event::MemoryDumped { bytes }
@@ -314,11 +314,10 @@ impl DumpTarget<'_> {
                     eprintln!("vmm: memory dump failed: {error}");
                     Event::MemoryDumpFailed { error }
                 }
-            },
-            None => {
-                eprintln!("vmm: SIGUSR1 ignored: no memory_dump file configured");
-                Event::MemoryDumpFailed { error: "no memory_dump file configured".into() }
             }
+        } else {
+            eprintln!("vmm: SIGUSR1 ignored: no memory_dump file configured");
+            Event::MemoryDumpFailed { error: "no memory_dump file configured".into() }
         };
         if let Some(mut events) = self.events {
             if let Err(e) = events.write_all(event.to_line().as_bytes()) {
@@ -360,7 +359,7 @@ fn event_loop(
                 TOKEN_DUMP => {
                     let mut info = [0u8; 128]; // struct signalfd_siginfo
                                                // SAFETY: reads at most 128 bytes into a 128-byte buffer.
-                    while unsafe { libc::read(dump_fd, info.as_mut_ptr() as *mut libc::c_void, info.len()) } > 0 {}
+                    while unsafe { libc::read(dump_fd, info.as_mut_ptr().cast::<libc::c_void>(), info.len()) } > 0 {}
                     dump.serve(mem);
                 }
                 t => {

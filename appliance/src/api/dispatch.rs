@@ -63,7 +63,7 @@ pub fn handle(app: &App, mut request: Request, port: u16) {
         }
         Ok(Some(route)) => {
             let reply = dispatch(app, &route, &mut request, query).unwrap_or_else(|e| Reply::error(&e));
-            respond(request, reply)
+            respond(request, reply);
         }
         Ok(None) => respond(request, Reply::error(&AppError::not_found(format!("no route for {path}")))),
         Err(e) => respond(request, Reply::error(&e)),
@@ -95,7 +95,7 @@ pub fn dispatch(app: &App, route: &Route, request: &mut Request, query: &str) ->
         (Route::SandboxMemoryDump(id), Post) => sandboxes::memory_dump(app, id),
         (Route::Sandbox(id), Delete) => sandboxes::delete(app, id),
         (Route::SandboxTimeout(id), Post) => sandboxes::set_timeout(app, id, request),
-        (Route::ExecRun(id), Post) | (Route::Commands(id), Post) => exec::run(app, id, request),
+        (Route::ExecRun(id) | Route::Commands(id), Post) => exec::run(app, id, request),
         (Route::ExecSessions(id), Post) => exec::start_session(app, id, request),
         (Route::ExecSessions(id), Get) => exec::list_sessions(app, id),
         (Route::ExecKill(id, sid), Post) => exec::kill_session(app, id, sid, request),

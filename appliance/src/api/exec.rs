@@ -196,7 +196,8 @@ fn stream_session(socket: TcpStream, attachment: crate::runtime::ExecAttachment)
                 match websocket::read_message(&mut read_half) {
                     Ok(Incoming::Data(msg)) => {
                         // Only stdin frames travel client -> server; others are ignored.
-                        if msg.first() == Some(&0x00) && stdin.write_all(&msg[1..]).and_then(|_| stdin.flush()).is_err()
+                        if msg.first() == Some(&0x00)
+                            && stdin.write_all(&msg[1..]).and_then(|()| stdin.flush()).is_err()
                         {
                             break;
                         }

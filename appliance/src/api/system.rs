@@ -81,7 +81,7 @@ pub fn upgrade(app: &App, request: &mut Request) -> Result<Reply, AppError> {
         installed.slot,
         installed.entry,
         received.as_secs_f64(),
-        (started.elapsed() - received).as_secs_f64()
+        started.elapsed().checked_sub(received).unwrap().as_secs_f64()
     );
     Ok(Reply::json(
         200,
@@ -94,7 +94,7 @@ pub fn upgrade(app: &App, request: &mut Request) -> Result<Reply, AppError> {
             "from": candidate.entry_name,
             "state": "staged",
             "receiveSeconds": received.as_secs_f64(),
-            "installSeconds": (started.elapsed() - received).as_secs_f64(),
+            "installSeconds": started.elapsed().checked_sub(received).unwrap().as_secs_f64(),
         }),
     ))
 }

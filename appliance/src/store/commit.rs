@@ -135,7 +135,7 @@ fn collect_batch(receiver: &Receiver<Box<dyn Job>>, batch: &mut Vec<Box<dyn Job>
         if waited >= MAX_COLLECT {
             return;
         }
-        match receiver.recv_timeout(ARRIVAL_GAP.min(MAX_COLLECT - waited)) {
+        match receiver.recv_timeout(ARRIVAL_GAP.min(MAX_COLLECT.checked_sub(waited).unwrap())) {
             Ok(job) => batch.push(job),
             Err(_) => return,
         }
@@ -149,7 +149,7 @@ fn run(env: Env, dbs: Dbs, receiver: Receiver<Box<dyn Job>>) {
         let outcome = match env.write_txn() {
             Err(e) => Err(AppError::store(e)),
             Ok(mut parent) => {
-                for job in batch.iter_mut() {
+                for job in &mut batch {
                     job.apply(&env, &mut parent, &dbs);
                 }
                 parent.commit().map_err(AppError::store)

@@ -65,7 +65,7 @@ pub fn install(image: &Path, candidate: &Candidate, running: Slot) -> Result<Ins
         std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", entry::ENTRIES_DIR))?;
         let final_path = format!("{root}/{}", new_entry.path());
         let tmp = format!("{final_path}.tmp");
-        let written = File::create(&tmp).and_then(|mut f| f.write_all(&uki).and_then(|_| f.sync_all()));
+        let written = File::create(&tmp).and_then(|mut f| f.write_all(&uki).and_then(|()| f.sync_all()));
         if let Err(e) = written {
             let _ = std::fs::remove_file(&tmp);
             return Err(format!("write the new boot entry (is the EFI partition full?): {e}"));

@@ -32,7 +32,7 @@ impl Upgrades {
             match std::fs::remove_file(&leftover) {
                 Ok(()) => println!("appliance: removed an interrupted upgrade upload ({} bytes)", meta.len()),
                 Err(e) => {
-                    println!("appliance: cannot remove the interrupted upgrade upload {}: {e}", leftover.display())
+                    println!("appliance: cannot remove the interrupted upgrade upload {}: {e}", leftover.display());
                 }
             }
         }

@@ -34,7 +34,7 @@ impl CidPool {
     }
 
     pub fn in_use(&self) -> usize {
-        self.used.lock().map(|u| u.len()).unwrap_or(0)
+        self.used.lock().map_or(0, |u| u.len())
     }
 }
 

@@ -166,7 +166,7 @@ impl SandboxRuntime for VmmRuntime {
         match self.boot_into(spec, &dir, cid) {
             Ok(_) => Ok(Booted { cid }),
             Err(e) => {
-                let started = self.vms.lock().map(|v| v.contains_key(&spec.sandbox_id)).unwrap_or(false);
+                let started = self.vms.lock().is_ok_and(|v| v.contains_key(&spec.sandbox_id));
                 if started {
                     // Kills the VMM, then frees its CID and directory once it is gone.
                     if let Err(stop_error) = self.stop(&spec.sandbox_id) {
@@ -185,7 +185,7 @@ impl SandboxRuntime for VmmRuntime {
         use zeroize::Zeroize;
         let mut pairs: Vec<(String, String)> = envs.iter().map(|(k, v)| (k.clone(), v.to_string())).collect();
         let result = self.agent(sandbox_id).and_then(|mut a| a.set_env(&pairs, &[]).map_err(agent::to_runtime));
-        for (_, value) in pairs.iter_mut() {
+        for (_, value) in &mut pairs {
             value.zeroize();
         }
         result
@@ -262,8 +262,8 @@ impl SandboxRuntime for VmmRuntime {
     }
 
     fn resource_gauges(&self) -> Vec<(&'static str, &'static str, u64)> {
-        let vmms = self.vms.lock().map(|v| v.len() as u64).unwrap_or(0);
-        let disks = fs::read_dir(&self.sandboxes_dir).map(|d| d.count() as u64).unwrap_or(0);
+        let vmms = self.vms.lock().map_or(0, |v| v.len() as u64);
+        let disks = fs::read_dir(&self.sandboxes_dir).map_or(0, |d| d.count() as u64);
         vec![
             ("appliance_vmm_processes", "VMM processes the runtime tracks.", vmms),
             ("appliance_vsock_cids_in_use", "Guest vsock CIDs held by sandboxes.", self.cids.in_use() as u64),

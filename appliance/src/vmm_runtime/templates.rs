@@ -56,7 +56,7 @@ impl TemplateStore {
 
     /// The imported disk of template `name` (or its alias).
     pub fn resolve(&self, name: &str) -> Result<PathBuf, RuntimeError> {
-        let name = ALIASES.iter().find(|(alias, _)| *alias == name).map(|(_, real)| *real).unwrap_or(name);
+        let name = ALIASES.iter().find(|(alias, _)| *alias == name).map_or(name, |(_, real)| *real);
         let path = self.dir.join(format!("{name}.ext4"));
         let valid = !name.is_empty() && !name.contains('/') && !name.starts_with('.');
         if valid && path.is_file() {

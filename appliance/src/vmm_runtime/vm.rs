@@ -49,13 +49,14 @@ pub struct Vm {
     pub cid: u32,
     pub dir: PathBuf,
     /// None while running; Some(exit code or None when killed by a signal / unknown) once ended.
+    #[allow(clippy::option_option)] // the two Nones mean different things, as said above
     ended: Mutex<Option<Option<i32>>>,
     ended_signal: Condvar,
 }
 
 impl Vm {
     pub fn has_ended(&self) -> bool {
-        self.ended.lock().map(|e| e.is_some()).unwrap_or(true)
+        self.ended.lock().map_or(true, |e| e.is_some())
     }
 
     /// Waits up to `limit` for the process to be gone.
@@ -95,7 +96,7 @@ impl Vm {
     /// done; returns the dump's size.
     pub fn dump_memory(&self, limit: Duration) -> Result<u64, String> {
         let events = self.dir.join(EVENTS);
-        let seen = fs::metadata(&events).map(|m| m.len()).unwrap_or(0);
+        let seen = fs::metadata(&events).map_or(0, |m| m.len());
         let request = Control::DumpMemory;
         // SAFETY: as in kill(); the signal is the VMM's documented dump request.
         if self.has_ended() || unsafe { libc::kill(self.pid, request.signal()) } != 0 {

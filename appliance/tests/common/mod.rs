@@ -313,7 +313,7 @@ impl Harness {
     pub fn start_with_retention(tag: &str, retention: Duration) -> Harness {
         let data_dir = temp_dir(tag);
         Self::start_configured(data_dir, Arc::new(FakeRuntime::default()), Arc::new(FakePublisher::default()), |c| {
-            c.stopped_retention = retention
+            c.stopped_retention = retention;
         })
     }
 

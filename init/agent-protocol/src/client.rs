@@ -351,7 +351,7 @@ impl<C: Connection> AgentClient<C> {
         }
         let bytes =
             request.to_frame().map_err(|e| AgentError::InvalidRequest(format!("{} request: {e}", request.name())))?;
-        self.conn.write_all(&bytes).and_then(|_| self.conn.flush()).map_err(|e| {
+        self.conn.write_all(&bytes).and_then(|()| self.conn.flush()).map_err(|e| {
             self.broken = Some(format!("write failed: {e}"));
             AgentError::Io(e)
         })

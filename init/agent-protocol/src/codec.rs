@@ -234,7 +234,7 @@ mod tests {
         e.str("héllo");
         e.opt_str(None);
         e.opt_str(Some("x"));
-        e.strings(&["a".into(), "".into()]);
+        e.strings(&["a".into(), String::new()]);
         e.pairs(&[("K".into(), "V".into())]);
         let buf = e.into_inner();
 

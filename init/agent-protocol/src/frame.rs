@@ -110,7 +110,7 @@ pub fn read_frame<R: TimedRead>(r: &mut R, idle: Option<Duration>, within: Durat
         match r.read(&mut header[..1]) {
             Ok(0) => return Err(FrameError::Closed),
             Ok(_) => break,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if is_timeout(&e) => return Err(FrameError::Idle),
             Err(e) => return Err(FrameError::Io(e)),
         }

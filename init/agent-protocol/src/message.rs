@@ -710,7 +710,7 @@ mod tests {
                 max_output: 1 << 20,
             }),
             Request::Run(RunSpec {
-                command: Command::Argv(vec!["ls".into(), "-l".into(), "".into()]),
+                command: Command::Argv(vec!["ls".into(), "-l".into(), String::new()]),
                 env: EnvVars::default(),
                 cwd: None,
                 timeout_ms: 0,

@@ -10,7 +10,7 @@ use std::io;
 /// The kernel name (e.g. `vda3`) of the partition with this GPT name.
 pub fn find_partition(name: &str) -> Option<String> {
     let mut entries: Vec<_> = fs::read_dir("/sys/class/block").ok()?.flatten().collect();
-    entries.sort_by_key(|e| e.file_name());
+    entries.sort_by_key(std::fs::DirEntry::file_name);
     entries.into_iter().find_map(|entry| {
         let uevent = fs::read_to_string(entry.path().join("uevent")).ok()?;
         let named = uevent.lines().any(|l| l.strip_prefix("PARTNAME=") == Some(name));

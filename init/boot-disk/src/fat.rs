@@ -101,10 +101,7 @@ impl<R: Read + Seek> Fat<R> {
     pub fn lookup(&mut self, path: &str) -> Result<Option<DirEntry>, String> {
         let mut parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
         let Some(last) = parts.pop() else { return Err("empty path".into()) };
-        let dir = match self.find_dir(&parts.join("/")) {
-            Ok(cluster) => cluster,
-            Err(_) => return Ok(None),
-        };
+        let Ok(dir) = self.find_dir(&parts.join("/")) else { return Ok(None) };
         Ok(self.read_dir(dir)?.into_iter().find(|e| e.name.eq_ignore_ascii_case(last)))
     }
 

@@ -201,7 +201,7 @@ impl Gpt {
             }
             spans.push((p.first_lba, p.last_lba, &p.name));
         }
-        spans.sort();
+        spans.sort_unstable();
         for pair in spans.windows(2) {
             if pair[1].0 <= pair[0].1 {
                 return Err(format!("partitions {:?} and {:?} overlap", pair[0].2, pair[1].2));

@@ -49,7 +49,10 @@ mod tests {
     fn boot_state_round_trips() {
         let state = BootState { slot: "b".into(), entry: "opencomputer-2-b+3.efi".into(), state: "trial".into() };
         assert_eq!(BootState::parse(&state.encode()), state);
-        assert_eq!(BootState::parse("slot=a\n"), BootState { slot: "a".into(), entry: "".into(), state: "".into() });
+        assert_eq!(
+            BootState::parse("slot=a\n"),
+            BootState { slot: "a".into(), entry: String::new(), state: String::new() }
+        );
     }
 
     #[test]

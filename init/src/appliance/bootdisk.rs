@@ -50,7 +50,7 @@ pub fn plan(table: &mut Gpt, disk_sectors: u64, new_guid: Guid) -> Result<Change
         if last_usable < old_last {
             return Err(format!(
                 "the disk ({} MiB) is smaller than its {} partition; was it copied to a smaller disk?",
-                disk_sectors * SECTOR >> 20,
+                (disk_sectors * SECTOR) >> 20,
                 layout::DATA_NAME
             ));
         }
@@ -229,11 +229,11 @@ fn tell_kernel(disk: &File, op: libc::c_int, slot: usize, p: &Partition) -> std:
         op,
         flags: 0,
         datalen: std::mem::size_of::<BlkpgPartition>() as libc::c_int,
-        data: (&mut part as *mut BlkpgPartition).cast(),
+        data: (&raw mut part).cast(),
     };
     // SAFETY: `arg` and the `part` it points to are live, correctly laid out (#[repr(C)] as in
     // <linux/blkpg.h>) and outlive the call; the kernel only reads them.
-    let ret = unsafe { libc::ioctl(disk.as_raw_fd(), BLKPG, &mut arg as *mut BlkpgIoctlArg) };
+    let ret = unsafe { libc::ioctl(disk.as_raw_fd(), BLKPG, &raw mut arg) };
     if ret == -1 {
         return Err(std::io::Error::last_os_error());
     }
@@ -243,7 +243,7 @@ fn tell_kernel(disk: &File, op: libc::c_int, slot: usize, p: &Partition) -> std:
 fn ioctl_u64(file: &File, request: libc::c_ulong) -> std::io::Result<u64> {
     let mut value: u64 = 0;
     // SAFETY: BLKGETSIZE64 writes one u64 to the pointer, which points at `value`.
-    let ret = unsafe { libc::ioctl(file.as_raw_fd(), request, &mut value as *mut u64) };
+    let ret = unsafe { libc::ioctl(file.as_raw_fd(), request, &raw mut value) };
     if ret == -1 {
         return Err(std::io::Error::last_os_error());
     }
@@ -253,7 +253,7 @@ fn ioctl_u64(file: &File, request: libc::c_ulong) -> std::io::Result<u64> {
 fn ioctl_int(file: &File, request: libc::c_ulong) -> std::io::Result<i64> {
     let mut value: libc::c_int = 0;
     // SAFETY: BLKSSZGET writes one int to the pointer, which points at `value`.
-    let ret = unsafe { libc::ioctl(file.as_raw_fd(), request, &mut value as *mut libc::c_int) };
+    let ret = unsafe { libc::ioctl(file.as_raw_fd(), request, &raw mut value) };
     if ret == -1 {
         return Err(std::io::Error::last_os_error());
     }

@@ -159,12 +159,11 @@ fn find_whole_disk() -> Option<String> {
         .into_iter()
         .find(|name| {
             let sys = Path::new("/sys/block").join(name);
-            let removable = crate::sys::fs::read_trimmed(sys.join("removable")).map(|v| v == "1").unwrap_or(false);
+            let removable = crate::sys::fs::read_trimmed(sys.join("removable")).is_ok_and(|v| v == "1");
             // A read-only disk (the system disk, a CD) can never hold the data.
-            let read_only = crate::sys::fs::read_trimmed(sys.join("ro")).map(|v| v == "1").unwrap_or(false);
+            let read_only = crate::sys::fs::read_trimmed(sys.join("ro")).is_ok_and(|v| v == "1");
             let has_partitions = fs::read_dir(&sys)
-                .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with(name.as_str())))
-                .unwrap_or(false);
+                .is_ok_and(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with(name.as_str())));
             !removable && !read_only && !has_partitions
         })
         .map(|name| format!("/dev/{name}"))

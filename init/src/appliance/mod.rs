@@ -62,7 +62,7 @@ pub fn run() -> ! {
             log!("DATA DISK PROBLEM: {e}");
             // The appliance serves 503 with this reason instead of storing into RAM.
             let written = std::fs::create_dir_all(init_handoff::RUN_DIR)
-                .and_then(|_| std::fs::write(init_handoff::DATA_PROBLEM_FILE, &e));
+                .and_then(|()| std::fs::write(init_handoff::DATA_PROBLEM_FILE, &e));
             if let Err(w) = written {
                 log!("cannot write {}: {w}", init_handoff::DATA_PROBLEM_FILE);
             }
@@ -145,10 +145,10 @@ fn prepare_data_partition() -> Option<String> {
             let size = p.size_bytes >> 20;
             match p.change {
                 bootdisk::Change::Created { .. } => {
-                    log!("data partition {} created ({size} MiB, first boot)", p.device)
+                    log!("data partition {} created ({size} MiB, first boot)", p.device);
                 }
                 bootdisk::Change::Grown { .. } => {
-                    log!("data partition {} grown to {size} MiB (the disk grew)", p.device)
+                    log!("data partition {} grown to {size} MiB (the disk grew)", p.device);
                 }
                 bootdisk::Change::Unchanged { .. } => log!("data partition {} ({size} MiB) fills the disk", p.device),
             }
@@ -184,7 +184,7 @@ fn bring_up_network(cmdline: &str, settings: &config::Config) {
                 status.interface,
                 status.address,
                 status.prefix_len,
-                status.gateway.map(|g| g.to_string()).unwrap_or_else(|| "no gateway".into()),
+                status.gateway.map_or_else(|| "no gateway".into(), |g| g.to_string()),
                 status.source,
                 status.dns
             );
@@ -204,7 +204,7 @@ fn event_loop(
         let mut fds = vec![signals.as_raw_fd()];
         fds.extend(buttons.fds());
         fds.extend(supervisor.output_fds());
-        let timeout_ms = supervisor.next_deadline().map(|d| d.as_millis().min(i32::MAX as u128) as i32).unwrap_or(-1);
+        let timeout_ms = supervisor.next_deadline().map_or(-1, |d| d.as_millis().min(i32::MAX as u128) as i32);
         let ready = match process::poll_readable(&fds, timeout_ms) {
             Ok(ready) => ready,
             Err(e) => {

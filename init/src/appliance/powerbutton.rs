@@ -46,7 +46,7 @@ impl PowerButtons {
     }
 
     pub fn fds(&self) -> Vec<RawFd> {
-        self.devices.iter().map(|f| f.as_raw_fd()).collect()
+        self.devices.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect()
     }
 
     /// Whether the readable device `fd` reported a power key press.

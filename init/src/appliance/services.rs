@@ -321,7 +321,7 @@ mod tests {
         let (pid, mut reader) = spawn(&spec).expect("spawn");
         let mut status = 0;
         // SAFETY: waiting for our own child with a valid status pointer.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
+        unsafe { libc::waitpid(pid, &raw mut status, 0) };
         let mut out = String::new();
         let _ = reader.read_to_string(&mut out);
         assert_eq!(out.trim(), "SigBlk:\t0000000000000000", "child mask: {out:?}");
@@ -336,7 +336,7 @@ mod tests {
         let pid = sup.pid_of("t").expect("running");
         let mut status = 0;
         // SAFETY: waiting for our own child with a valid status pointer.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
+        unsafe { libc::waitpid(pid, &raw mut status, 0) };
         assert!(sup.on_exit(pid, ExitStatus::Code(0)));
         assert!(sup.pid_of("t").is_none());
         let first = sup.next_deadline().expect("restart scheduled");

@@ -28,8 +28,7 @@ pub fn trial_timeout(config: &super::config::Config) -> Duration {
     config
         .get("trial_timeout")
         .and_then(super::config::trial_timeout_secs)
-        .map(Duration::from_secs)
-        .unwrap_or(DEFAULT_TRIAL_TIMEOUT)
+        .map_or(DEFAULT_TRIAL_TIMEOUT, Duration::from_secs)
 }
 
 /// Records the slot and, for a trial boot, starts the thread that commits or gives up on it.
@@ -114,8 +113,8 @@ fn write_state(slot: Slot, current: Option<&Entry>) {
     let text = BootState { slot: slot.letter().to_string(), entry: name, state: state.to_string() }.encode();
     let tmp = format!("{}.tmp", init_handoff::BOOT_STATE_FILE);
     let written = std::fs::create_dir_all(init_handoff::RUN_DIR)
-        .and_then(|_| std::fs::write(&tmp, text))
-        .and_then(|_| std::fs::rename(&tmp, init_handoff::BOOT_STATE_FILE));
+        .and_then(|()| std::fs::write(&tmp, text))
+        .and_then(|()| std::fs::rename(&tmp, init_handoff::BOOT_STATE_FILE));
     if let Err(e) = written {
         log!("cannot write {}: {e}", init_handoff::BOOT_STATE_FILE);
     }

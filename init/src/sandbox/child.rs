@@ -107,7 +107,11 @@ pub fn spawn(command: &Command, env: &[(String, String)], cwd: &Path, with_stdin
     };
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
-    for fd in [stdout.as_ref().map(|s| s.as_raw_fd()), stderr.as_ref().map(|s| s.as_raw_fd())].into_iter().flatten() {
+    for fd in
+        [stdout.as_ref().map(std::os::fd::AsRawFd::as_raw_fd), stderr.as_ref().map(std::os::fd::AsRawFd::as_raw_fd)]
+            .into_iter()
+            .flatten()
+    {
         if let Err(e) = crate::sys::process::set_nonblocking(fd) {
             let _ = kill_group(child.id() as libc::pid_t, libc::SIGKILL);
             let _ = child.wait();
@@ -143,9 +147,12 @@ impl Spawned {
         let mut buf = vec![0u8; READ_CHUNK];
         loop {
             let mut fds = vec![libc::pollfd { fd: self.pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
-            for pipe in [self.stdout.as_ref().map(|p| p.as_raw_fd()), self.stderr.as_ref().map(|p| p.as_raw_fd())]
-                .into_iter()
-                .flatten()
+            for pipe in [
+                self.stdout.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
+                self.stderr.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
+            ]
+            .into_iter()
+            .flatten()
             {
                 fds.push(libc::pollfd { fd: pipe, events: libc::POLLIN, revents: 0 });
             }
@@ -313,16 +320,16 @@ mod tests {
         let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
         // SAFETY: `set` is a live sigset_t; these calls only write it and this thread's mask.
         unsafe {
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGTERM);
-            libc::sigaddset(&mut set, libc::SIGINT);
-            assert_eq!(libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()), 0);
+            libc::sigemptyset(&raw mut set);
+            libc::sigaddset(&raw mut set, libc::SIGTERM);
+            libc::sigaddset(&raw mut set, libc::SIGINT);
+            assert_eq!(libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut()), 0);
         }
         let argv = ["grep", "SigBlk", "/proc/self/status"].map(String::from).to_vec();
         let mut sp = spawn(&Command::Argv(argv), &env(), Path::new("/"), false).unwrap();
         let (_, out, _) = collect(&mut sp, None);
         // SAFETY: as above; restores this test thread's mask.
-        unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) };
+        unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &raw const set, std::ptr::null_mut()) };
         assert_eq!(String::from_utf8(out).unwrap().trim(), "SigBlk:\t0000000000000000");
     }
 

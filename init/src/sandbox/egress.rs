@@ -84,7 +84,7 @@ struct RateLimitedLog {
 
 impl RateLimitedLog {
     fn line(&self, message: &str) {
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if last.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
             *last = Some(Instant::now());
             crate::sys::console::line("agent", message);

@@ -25,7 +25,7 @@ impl EnvStore {
         for name in unset {
             check_name(name)?;
         }
-        let mut vars = self.vars.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut vars = self.vars.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut next = vars.clone();
         for (name, value) in set {
             next.insert(name.clone(), value.clone());
@@ -47,7 +47,7 @@ impl EnvStore {
         env.insert("PATH".into(), PATH.into());
         env.insert("HOME".into(), home.to_string_lossy().into_owned());
         env.insert("LANG".into(), "C.UTF-8".into());
-        let vars = self.vars.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let vars = self.vars.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         env.extend(vars.iter().map(|(k, v)| (k.clone(), v.clone())));
         env.extend(extra.iter().cloned());
         Ok(env.into_iter().collect())

@@ -182,7 +182,7 @@ pub fn stat(path: &Path) -> Result<FileStat, OpError> {
         .unwrap_or(0);
     Ok(FileStat {
         path: paths::display(path),
-        name: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "/".into()),
+        name: path.file_name().map_or_else(|| "/".into(), |n| n.to_string_lossy().into_owned()),
         is_dir: meta.is_dir(),
         is_symlink: link.file_type().is_symlink(),
         size: meta.len(),

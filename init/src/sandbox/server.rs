@@ -154,7 +154,7 @@ fn handle_connection<C: Connection>(shared: &Shared, mut conn: C) {
         let flow = match Request::decode(frame.kind, &frame.payload) {
             Ok(request) => dispatch(shared, &mut conn, request),
             Err(e) => send(&mut conn, &Reply::error(ErrorCode::BadRequest, format!("malformed request: {e}")))
-                .map(|_| Flow::Continue),
+                .map(|()| Flow::Continue),
         };
         match flow {
             Ok(Flow::Continue) => {}
@@ -175,18 +175,18 @@ fn dispatch<C: Connection>(shared: &Shared, conn: &mut C, request: Request) -> i
             shared.sessions.start(&spec, &shared.env, home).map(|(id, pid)| Reply::SessionStarted { id, pid })
         }
         Request::SessionList => Ok(Reply::Sessions(shared.sessions.list())),
-        Request::SessionKill { id, signal } => shared.sessions.kill(id, signal).map(|_| Reply::Ok),
-        Request::SessionStdin { id, data } => shared.sessions.write_stdin(id, &data).map(|_| Reply::Ok),
+        Request::SessionKill { id, signal } => shared.sessions.kill(id, signal).map(|()| Reply::Ok),
+        Request::SessionStdin { id, data } => shared.sessions.write_stdin(id, &data).map(|()| Reply::Ok),
         Request::SessionAttach { id } => return attach(shared, conn, id),
         Request::FileRead { path, limit } => return read_file(shared, conn, &path, limit),
         Request::FileWrite(spec) => return write_file(shared, conn, &spec),
         Request::FileList { path } => return list_dir(shared, conn, &path),
         Request::FileStat { path } => paths::resolve(&path, home).and_then(|p| files::stat(&p)).map(Reply::Stat),
-        Request::Mkdir { path } => paths::resolve(&path, home).and_then(|p| files::mkdir(&p)).map(|_| Reply::Ok),
+        Request::Mkdir { path } => paths::resolve(&path, home).and_then(|p| files::mkdir(&p)).map(|()| Reply::Ok),
         Request::Remove { path, recursive } => {
-            paths::resolve(&path, home).and_then(|p| files::remove(&p, recursive)).map(|_| Reply::Ok)
+            paths::resolve(&path, home).and_then(|p| files::remove(&p, recursive)).map(|()| Reply::Ok)
         }
-        Request::SetEnv { set, unset } => shared.env.update(&set.0, &unset).map(|_| Reply::Ok),
+        Request::SetEnv { set, unset } => shared.env.update(&set.0, &unset).map(|()| Reply::Ok),
         Request::InstallCa { pem } => install_ca(shared, &pem),
         Request::Power(action) => return power(shared, conn, action),
         Request::Data(_) | Request::DataEnd => Err(OpError::bad_request("data frame outside a file write")),
@@ -219,7 +219,7 @@ fn run<C: Connection>(shared: &Shared, conn: &mut C, spec: &RunSpec) -> io::Resu
 fn read_file<C: Connection>(shared: &Shared, conn: &mut C, path: &str, limit: u64) -> io::Result<Flow> {
     let path = match paths::resolve(path, &shared.config.home) {
         Ok(p) => p,
-        Err(e) => return send_error(conn, &e).map(|_| Flow::Continue),
+        Err(e) => return send_error(conn, &e).map(|()| Flow::Continue),
     };
     match files::read(&path, limit, &mut |chunk| send(conn, &Reply::Data(chunk.to_vec()))) {
         Ok(size) => send(conn, &Reply::DataEnd { size })?,
@@ -236,7 +236,7 @@ fn write_file<C: Connection>(shared: &Shared, conn: &mut C, spec: &WriteSpec) ->
         .and_then(|target| files::begin_write(&target, spec.mode, spec.create_parents));
     let mut pending = match pending {
         Ok(p) => Some(p),
-        Err(e) => return send_error(conn, &e).map(|_| Flow::Continue),
+        Err(e) => return send_error(conn, &e).map(|()| Flow::Continue),
     };
     send(conn, &Reply::Ok)?;
     let mut failure: Option<OpError> = None;
@@ -286,7 +286,7 @@ fn write_file<C: Connection>(shared: &Shared, conn: &mut C, spec: &WriteSpec) ->
 fn list_dir<C: Connection>(shared: &Shared, conn: &mut C, path: &str) -> io::Result<Flow> {
     let entries = match paths::resolve(path, &shared.config.home).and_then(|p| files::list(&p)) {
         Ok(entries) => entries,
-        Err(e) => return send_error(conn, &e).map(|_| Flow::Continue),
+        Err(e) => return send_error(conn, &e).map(|()| Flow::Continue),
     };
     let mut batch = Vec::new();
     let mut batch_bytes = 0;
@@ -328,7 +328,7 @@ fn power<C: Connection>(shared: &Shared, conn: &mut C, action: Power) -> io::Res
 fn attach<C: Connection>(shared: &Shared, conn: &mut C, id: u32) -> io::Result<Flow> {
     let subscription = match shared.sessions.attach(id) {
         Ok(s) => s,
-        Err(e) => return send_error(conn, &e).map(|_| Flow::Continue),
+        Err(e) => return send_error(conn, &e).map(|()| Flow::Continue),
     };
     send(conn, &Reply::Ok)?;
     for (stream, data) in &subscription.replay {
@@ -360,13 +360,10 @@ fn attach<C: Connection>(shared: &Shared, conn: &mut C, id: u32) -> io::Result<F
 
 fn read_attached_input<C: Connection>(mut conn: C, session: &Session, injector: &SyncSender<Event>, timeout: Duration) {
     loop {
-        let frame = match frame::read_frame(&mut conn, None, timeout) {
-            Ok(frame) => frame,
-            Err(_) => {
-                // Closed, or framing lost: either way the attachment is over.
-                let _ = injector.send(Event::Detach);
-                return;
-            }
+        let Ok(frame) = frame::read_frame(&mut conn, None, timeout) else {
+            // Closed, or framing lost: either way the attachment is over.
+            let _ = injector.send(Event::Detach);
+            return;
         };
         let notice = match Request::decode(frame.kind, &frame.payload) {
             Ok(Request::Stdin(data)) => session.write_stdin(&data).err(),

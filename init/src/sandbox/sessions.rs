@@ -76,7 +76,7 @@ pub struct Subscription {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panicking holder cannot leave these structures half-updated in a harmful way.
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Sessions {
@@ -264,7 +264,7 @@ fn wait_writable(fd: std::os::fd::RawFd, timeout: Duration) -> bool {
     let mut pfd = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
     let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
     // SAFETY: one live pollfd, matching the count of 1.
-    let ready = unsafe { libc::poll(&mut pfd, 1, ms) };
+    let ready = unsafe { libc::poll(&raw mut pfd, 1, ms) };
     ready > 0
 }
 

@@ -25,7 +25,12 @@ pub fn kernel_cmdline() -> String {
 
 /// The value of `key=value` on a command line (last one wins, like the kernel's own parsing).
 pub fn cmdline_value<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
-    cmdline.split_whitespace().filter_map(|word| word.split_once('=')).filter(|(k, _)| *k == key).map(|(_, v)| v).last()
+    cmdline
+        .split_whitespace()
+        .filter_map(|word| word.split_once('='))
+        .filter(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+        .next_back()
 }
 
 #[cfg(test)]

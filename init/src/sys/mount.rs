@@ -59,7 +59,7 @@ pub fn remount_readonly(target: &str) -> io::Result<()> {
 /// Whether `target` appears as a mount point in /proc/self/mounts.
 pub fn is_mounted(target: &str) -> bool {
     let target = Path::new(target);
-    std::fs::read_to_string("/proc/self/mounts")
-        .map(|mounts| mounts.lines().filter_map(|l| l.split_whitespace().nth(1)).any(|mp| Path::new(mp) == target))
-        .unwrap_or(false)
+    std::fs::read_to_string("/proc/self/mounts").is_ok_and(|mounts| {
+        mounts.lines().filter_map(|l| l.split_whitespace().nth(1)).any(|mp| Path::new(mp) == target)
+    })
 }

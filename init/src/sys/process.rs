@@ -16,18 +16,18 @@ impl SignalFd {
         let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
         // SAFETY: `set` is a valid sigset_t owned by this frame; sigemptyset/sigaddset only write it.
         unsafe {
-            libc::sigemptyset(&mut set);
+            libc::sigemptyset(&raw mut set);
             for &sig in signals {
-                libc::sigaddset(&mut set, sig);
+                libc::sigaddset(&raw mut set, sig);
             }
         }
         // SAFETY: `set` is initialised; the old mask is not requested (null).
-        let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+        let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut()) };
         if ret != 0 {
             return Err(io::Error::from_raw_os_error(ret));
         }
         // SAFETY: -1 asks for a new signalfd; `set` is initialised and only read.
-        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+        let fd = unsafe { libc::signalfd(-1, &raw const set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
         let fd = check(fd, || "signalfd".into())?;
         // SAFETY: signalfd returned a fresh descriptor that nothing else owns.
         Ok(SignalFd { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
@@ -39,7 +39,7 @@ impl SignalFd {
         let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
         let size = std::mem::size_of::<libc::signalfd_siginfo>();
         // SAFETY: the buffer is a live, writable signalfd_siginfo of exactly `size` bytes.
-        let n = unsafe { libc::read(self.fd.as_raw_fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), (&raw mut info).cast(), size) };
         (n == size as isize).then_some(info.ssi_signo as libc::c_int)
     }
 }
@@ -72,7 +72,7 @@ pub fn reap_all() -> Vec<(libc::pid_t, ExitStatus)> {
     loop {
         let mut status: libc::c_int = 0;
         // SAFETY: `status` is a valid, writable int; WNOHANG makes the call non-blocking.
-        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        let pid = unsafe { libc::waitpid(-1, &raw mut status, libc::WNOHANG) };
         if pid <= 0 {
             return reaped;
         }
@@ -105,7 +105,7 @@ pub fn user_processes_remain() -> bool {
         let name = entry.file_name();
         let Some(pid) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else { return false };
         // Kernel threads have an empty cmdline; zombies are reaped by the caller's loop.
-        pid != 1 && std::fs::read(format!("/proc/{pid}/cmdline")).map(|c| !c.is_empty()).unwrap_or(false)
+        pid != 1 && std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
     })
 }
 
@@ -146,8 +146,8 @@ pub fn unblock_all_signals() -> io::Result<()> {
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a live sigset_t that sigemptyset writes and pthread_sigmask only reads.
     let ret = unsafe {
-        libc::sigemptyset(&mut set);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut())
+        libc::sigemptyset(&raw mut set);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &raw const set, std::ptr::null_mut())
     };
     if ret == 0 {
         Ok(())

@@ -50,7 +50,7 @@ fn set_timeout(fd: RawFd, option: libc::c_int, timeout: Option<Duration>) -> io:
         }
         Some(d) => libc::timeval {
             tv_sec: d.as_secs().min(i64::MAX as u64) as libc::time_t,
-            tv_usec: d.subsec_micros() as libc::suseconds_t,
+            tv_usec: libc::suseconds_t::from(d.subsec_micros()),
         },
     };
     // SAFETY: `tv` is a live timeval and the length passed is its exact size.
@@ -59,7 +59,7 @@ fn set_timeout(fd: RawFd, option: libc::c_int, timeout: Option<Duration>) -> io:
             fd,
             libc::SOL_SOCKET,
             option,
-            (&tv as *const libc::timeval).cast(),
+            (&raw const tv).cast(),
             std::mem::size_of::<libc::timeval>() as libc::socklen_t,
         )
     };
@@ -104,7 +104,7 @@ pub fn start_connect(cid: u32, port: u32, nonblocking: bool) -> io::Result<(Owne
     let ret = unsafe {
         libc::connect(
             fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_vm).cast(),
+            (&raw const addr).cast(),
             std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
         )
     };
@@ -124,13 +124,7 @@ pub fn take_error(fd: BorrowedFd<'_>) -> io::Result<()> {
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `so_error` and `len` are live and sized for an int option.
     let ret = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ERROR,
-            (&mut so_error as *mut libc::c_int).cast(),
-            &mut len,
-        )
+        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ERROR, (&raw mut so_error).cast(), &raw mut len)
     };
     check(ret, "getsockopt(SO_ERROR)")?;
     if so_error != 0 {
@@ -145,7 +139,7 @@ fn wait_writable(fd: RawFd, timeout: Duration, what: &str) -> io::Result<()> {
     let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
     loop {
         // SAFETY: `pfd` is one live pollfd, matching the count of 1.
-        let ret = unsafe { libc::poll(&mut pfd, 1, ms) };
+        let ret = unsafe { libc::poll(&raw mut pfd, 1, ms) };
         if ret < 0 {
             let err = io::Error::last_os_error();
             if err.kind() == io::ErrorKind::Interrupted {
@@ -275,7 +269,7 @@ pub fn bind_listen(cid: u32, port: u32, nonblocking: bool, backlog: i32) -> io::
     let ret = unsafe {
         libc::bind(
             fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_vm).cast(),
+            (&raw const addr).cast(),
             std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
         )
     };
@@ -290,7 +284,7 @@ pub fn local_port(fd: BorrowedFd<'_>) -> io::Result<u32> {
     let mut addr = address(0, 0);
     let mut len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
     // SAFETY: getsockname writes at most `len` bytes into the live `addr`.
-    let ret = unsafe { libc::getsockname(fd.as_raw_fd(), (&mut addr as *mut libc::sockaddr_vm).cast(), &mut len) };
+    let ret = unsafe { libc::getsockname(fd.as_raw_fd(), (&raw mut addr).cast(), &raw mut len) };
     check(ret, "getsockname(AF_VSOCK)")?;
     Ok(addr.svm_port)
 }
@@ -305,9 +299,7 @@ pub fn accept(listener: BorrowedFd<'_>, nonblocking: bool) -> io::Result<(OwnedF
     loop {
         // SAFETY: `addr`/`len` are live and describe a sockaddr_vm-sized buffer that accept4
         // fills in; the returned descriptor is new and owned by nobody else.
-        let fd = unsafe {
-            libc::accept4(listener.as_raw_fd(), (&mut addr as *mut libc::sockaddr_vm).cast(), &mut len, flags)
-        };
+        let fd = unsafe { libc::accept4(listener.as_raw_fd(), (&raw mut addr).cast(), &raw mut len, flags) };
         if fd >= 0 {
             // SAFETY: accept4 returned a fresh descriptor that nothing else owns.
             return Ok((unsafe { OwnedFd::from_raw_fd(fd) }, addr.svm_cid));
@@ -327,7 +319,7 @@ mod tests {
     fn address_layout_matches_the_kernel_abi() {
         assert_eq!(std::mem::size_of::<libc::sockaddr_vm>(), 16);
         let addr = address(42, 1024);
-        assert_eq!(addr.svm_family as i32, libc::AF_VSOCK);
+        assert_eq!(i32::from(addr.svm_family), libc::AF_VSOCK);
         assert_eq!((addr.svm_cid, addr.svm_port), (42, 1024));
         assert_eq!(addr.svm_zero, [0; 4]);
     }

@@ -119,13 +119,14 @@ impl ChunkedDecoder {
                     self.size = 0;
                     State::Size { digits: 0 }
                 }
-                State::TrailerLineStart => match b {
-                    b'\r' => State::FinalLf,
-                    _ => {
+                State::TrailerLineStart => {
+                    if b == b'\r' {
+                        State::FinalLf
+                    } else {
                         self.push_trailer(b)?;
                         State::TrailerLine
                     }
-                },
+                }
                 State::TrailerLine => {
                     self.push_trailer(b)?;
                     match b {

@@ -75,7 +75,8 @@ pub fn upstream_pki(names: &[&str]) -> TestPki {
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca_params, ca_key);
     let key = KeyPair::generate().unwrap();
-    let params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    let params =
+        CertificateParams::new(names.iter().map(std::string::ToString::to_string).collect::<Vec<_>>()).unwrap();
     let cert = params.signed_by(&key, &issuer).unwrap();
     TestPki { ca_pem: ca_cert.pem(), server_chain: vec![cert.der().clone()], server_key_pem: key.serialize_pem() }
 }
@@ -248,7 +249,7 @@ pub fn token(n: u32) -> String {
 pub fn secret(value: &str, hosts: &[&str]) -> SealedSecret {
     SealedSecret {
         value: SecretValue::from(value.to_string()),
-        allowed_hosts: hosts.iter().map(|h| h.to_string()).collect(),
+        allowed_hosts: hosts.iter().map(std::string::ToString::to_string).collect(),
     }
 }
 
@@ -288,8 +289,11 @@ pub async fn start_proxy(cfg: ProxyConfig, registry: Arc<SealRegistry>, sandboxe
 
 /// Registers a sandbox with an allowlist and (token, secret) pairs.
 pub fn register(reg: &SealRegistry, id: SandboxId, allow: &[&str], tokens: Vec<(String, SealedSecret)>) {
-    reg.register(id, SandboxBindings { egress_allowlist: allow.iter().map(|s| s.to_string()).collect(), tokens })
-        .unwrap();
+    reg.register(
+        id,
+        SandboxBindings { egress_allowlist: allow.iter().map(std::string::ToString::to_string).collect(), tokens },
+    )
+    .unwrap();
 }
 
 // ---------- client ----------
@@ -327,8 +331,7 @@ pub async fn read_response<S: AsyncRead + Unpin>(r: &mut BufReader<S>) -> std::i
     let len = head
         .lines()
         .find_map(|l| l.split_once(':').filter(|(n, _)| n.eq_ignore_ascii_case("content-length")))
-        .map(|(_, v)| v.trim().parse::<usize>().unwrap())
-        .unwrap_or(0);
+        .map_or(0, |(_, v)| v.trim().parse::<usize>().unwrap());
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).await?;
     Ok(Response { status, head, body })

@@ -92,7 +92,7 @@ fn mount_debugfs() -> Result<(), String> {
 fn monotonic_us() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes one timespec into a valid local.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
     (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1000
 }
 
@@ -156,7 +156,7 @@ fn kvm_counters(pid: u32) -> Result<String, String> {
     let mut pairs: Vec<String> = std::fs::read_dir(dir.path())
         .map_err(|e| format!("list {}: {e}", dir.path().display()))?
         .flatten()
-        .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
         .filter_map(|e| {
             let value = std::fs::read_to_string(e.path()).ok()?;
             let value = value.trim();

@@ -107,7 +107,7 @@ pub fn median(values: &[f64]) -> Option<f64> {
     match sorted.len() {
         0 => None,
         n if n % 2 == 1 => Some(sorted[mid]),
-        _ => Some((sorted[mid - 1] + sorted[mid]) / 2.0),
+        _ => Some(f64::midpoint(sorted[mid - 1], sorted[mid])),
     }
 }
 
@@ -205,6 +205,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::float_cmp)] // the medians of whole milliseconds are exact
     fn the_summary_uses_medians_per_vmm_and_prints_the_issue_format() {
         let runs = [
             run(Vmm::Ours, 1, 1000, 10_240, 8192),

@@ -188,7 +188,7 @@ mod tests {
         assert!(!line.contains(MARKER), "the kernel could echo the marker itself: {line}");
         assert!(!line.contains(" -- "), "QEMU would append its devices after init's arguments: {line}");
         // Everything after init= goes to init: no '=' or '.' that the kernel would take for itself.
-        let init_args = line.split_once("init=/bin/sh").map(|(_, rest)| rest).unwrap_or("");
+        let init_args = line.split_once("init=/bin/sh").map_or("", |(_, rest)| rest);
         assert!(init_args.contains("-c \"echo OC-FIRST-COMMAND-$((40+2));"), "{init_args}");
         assert!(!init_args.contains('=') && !init_args.contains('.'), "{init_args}");
     }

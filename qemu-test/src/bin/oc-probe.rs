@@ -24,9 +24,8 @@ fn main() {
 }
 
 fn probe() {
-    let exe = std::fs::read_link("/proc/1/exe")
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|e| format!("unreadable ({e})"));
+    let exe =
+        std::fs::read_link("/proc/1/exe").map_or_else(|e| format!("unreadable ({e})"), |p| p.display().to_string());
     report(&format!("pid1 exe={exe}"));
     let boots = count_boot();
     match &boots {
@@ -121,7 +120,7 @@ fn zombie_reaped() -> Result<i32, String> {
             Err(_) if seen_reparented => return Ok(orphan),
             Err(_) => return Err(format!("orphan {orphan} vanished before it could be observed under PID 1")),
             Ok(stat) => {
-                let after = stat.rfind(')').map(|i| &stat[i + 2..]).unwrap_or("");
+                let after = stat.rfind(')').map_or("", |i| &stat[i + 2..]);
                 let mut fields = after.split_whitespace();
                 let state = fields.next().unwrap_or("?");
                 let ppid = fields.next().unwrap_or("?");

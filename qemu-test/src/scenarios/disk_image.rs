@@ -177,8 +177,8 @@ fn build_variant(dir: &Path, name: &str, version: &str, extra_cmdline: &str) -> 
 
 fn more_boots(run: &mut Run, disk: &Path, id: &str) -> Result<()> {
     // Boot 2, after the disk grew: the partition and filesystem grow, the project is still there.
-    qemu::resize(&disk, DiskFormat::Raw, 12)?;
-    let mut m = run.boot("second boot (disk grown to 12 GiB)", &disk, DiskFormat::Raw, Network::Outbound)?;
+    qemu::resize(disk, DiskFormat::Raw, 12)?;
+    let mut m = run.boot("second boot (disk grown to 12 GiB)", disk, DiskFormat::Raw, Network::Outbound)?;
     m.wait_for_console("data partition /dev/vda4 grown", 0, Duration::from_secs(5))?;
     m.wait_for_console("data filesystem on /dev/vda4 grown", 0, Duration::from_secs(5))?;
     let api = Api::new(m.api_port, &run.key);
@@ -187,7 +187,7 @@ fn more_boots(run: &mut Run, disk: &Path, id: &str) -> Result<()> {
     power_down(&mut m)?;
 
     // Boot 3, network unplugged: only the API port forward reaches the guest.
-    let mut m = run.boot("network unplugged", &disk, DiskFormat::Raw, Network::Unplugged)?;
+    let mut m = run.boot("network unplugged", disk, DiskFormat::Raw, Network::Unplugged)?;
     let api = Api::new(m.api_port, &run.key);
     let sandbox_started = Instant::now();
     let sid = api.create_sandbox(&json!({}))?;
@@ -237,7 +237,7 @@ fn qcow2_boot(run: &mut Run, pristine: &Path) -> Result<u64> {
     let dir = run.dir.clone();
     let qcow2 = dir.join("disk.qcow2");
     let _ = std::fs::remove_file(&qcow2);
-    image::host::run_quiet(Command::new("qemu-img").args(["convert", "-c", "-O", "qcow2"]).arg(&pristine).arg(&qcow2))?;
+    image::host::run_quiet(Command::new("qemu-img").args(["convert", "-c", "-O", "qcow2"]).arg(pristine).arg(&qcow2))?;
     let qcow2_size = size(&qcow2)?;
     qemu::resize(&qcow2, DiskFormat::Qcow2, 8)?;
     let mut m = run.boot("qcow2 first boot", &qcow2, DiskFormat::Qcow2, Network::Outbound)?;

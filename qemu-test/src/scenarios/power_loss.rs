@@ -102,7 +102,7 @@ pub fn write_until_cut(
                     let name = format!("{prefix}-{n}");
                     sent.fetch_add(1, Ordering::SeqCst);
                     match api.call("POST", "/projects", &json!({"name": name, "memoryMB": 256 + n})) {
-                        Ok((201, _)) => acked.lock().unwrap_or_else(|e| e.into_inner()).push(name),
+                        Ok((201, _)) => acked.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(name),
                         // The machine is gone (connection refused or reset): this writer is done.
                         _ => return,
                     }
@@ -110,19 +110,19 @@ pub fn write_until_cut(
             });
         }
         let deadline = Instant::now() + Duration::from_secs(120);
-        while acked.lock().unwrap_or_else(|e| e.into_inner()).len() < cut_after {
+        while acked.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len() < cut_after {
             if Instant::now() > deadline {
                 machine.kill();
                 return Err(err!("{prefix}: fewer than {cut_after} writes acknowledged in 120 s"));
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        let acked_now = acked.lock().unwrap_or_else(|e| e.into_inner()).len();
+        let acked_now = acked.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len();
         machine.kill();
         in_flight = sent.load(Ordering::SeqCst).saturating_sub(acked_now);
         Ok(())
     })?;
-    let acked = acked.into_inner().unwrap_or_else(|e| e.into_inner());
+    let acked = acked.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
     check(acked.len() < WRITES, || format!("{prefix}: all {WRITES} writes finished before the cut"))?;
     Ok((acked, in_flight))
 }

@@ -21,7 +21,7 @@ pub fn patch_for_vcpu(entries: &mut [kvm_cpuid_entry2], id: u8, count: u8, tsc_d
         match e.function {
             LEAF_FEATURES => {
                 // EBX[31:24] initial APIC id, EBX[23:16] logical processors per package.
-                e.ebx = (e.ebx & 0x0000_ffff) | ((id as u32) << 24) | ((count as u32) << 16);
+                e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(id) << 24) | (u32::from(count) << 16);
                 if count > 1 {
                     e.edx |= EDX_HTT;
                 }
@@ -30,8 +30,8 @@ pub fn patch_for_vcpu(entries: &mut [kvm_cpuid_entry2], id: u8, count: u8, tsc_d
                     e.ecx |= ECX_TSC_DEADLINE;
                 }
             }
-            LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => e.edx = id as u32,
-            LEAF_AMD_EXT_APIC_ID => e.eax = id as u32,
+            LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => e.edx = u32::from(id),
+            LEAF_AMD_EXT_APIC_ID => e.eax = u32::from(id),
             _ => {}
         }
     }

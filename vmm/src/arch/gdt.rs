@@ -14,9 +14,9 @@ pub const TSS_SELECTOR: u16 = 0x20;
 
 /// Packs one 8-byte segment descriptor.
 pub fn descriptor(flags: u16, base: u32, limit: u32) -> u64 {
-    let base = base as u64;
-    let limit = limit as u64;
-    let flags = flags as u64;
+    let base = u64::from(base);
+    let limit = u64::from(limit);
+    let flags = u64::from(flags);
     ((base & 0xff00_0000) << 32)
         | ((flags & 0xf0ff) << 40)
         | ((limit & 0x000f_0000) << 32)

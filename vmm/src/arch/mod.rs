@@ -27,7 +27,7 @@ fn load_initrd(
     kernel_end: u64,
 ) -> Result<(u64, u64), String> {
     let size = initrd.metadata().map_err(|e| format!("cannot size the initrd: {e}"))?.len();
-    let addr_max = if header.version >= 0x203 { header.initrd_addr_max as u64 } else { DEFAULT_INITRD_ADDR_MAX };
+    let addr_max = if header.version >= 0x203 { u64::from(header.initrd_addr_max) } else { DEFAULT_INITRD_ADDR_MAX };
     let top = (addr_max + 1).min(mem_bytes.min(crate::layout::MMIO_GAP_START));
     let addr = top.checked_sub(size).map(|a| a & !0xfff).filter(|a| *a >= kernel_end);
     let addr =
@@ -133,12 +133,12 @@ mod tests {
         assert_eq!(&payload, b"KERNEL-PAYLOAD");
         let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_ADDR)).unwrap();
         let hdr = params.hdr;
-        assert_eq!({ hdr.cmd_line_ptr } as u64, CMDLINE_ADDR);
+        assert_eq!(u64::from(hdr.cmd_line_ptr), CMDLINE_ADDR);
         let mut line = [0u8; 20];
         mem.read_slice(&mut line, GuestAddress(CMDLINE_ADDR)).unwrap();
         assert_eq!(&line, b"console=ttyS0 quiet\0");
         // The initrd sits page-aligned at the top of RAM, intact.
-        let (image, size) = ({ hdr.ramdisk_image } as u64, { hdr.ramdisk_size } as u64);
+        let (image, size) = (u64::from(hdr.ramdisk_image), u64::from(hdr.ramdisk_size));
         assert_eq!(size, 5000);
         assert_eq!(image % 4096, 0);
         assert!(image + size <= 64 << 20 && image + size > (64 << 20) - 4096 - 5000);
@@ -191,10 +191,10 @@ mod tests {
         // What the kernel's startup code reads back: the magic, the loader, the command line,
         // the memory map and the initrd (above the kernel's end, in low RAM).
         assert_eq!(({ hdr.boot_flag }, { hdr.header }, hdr.type_of_loader), (0xaa55, 0x5372_6448, 0xff));
-        assert_eq!({ hdr.cmd_line_ptr } as u64, CMDLINE_ADDR);
+        assert_eq!(u64::from(hdr.cmd_line_ptr), CMDLINE_ADDR);
         assert_eq!({ hdr.cmdline_size } as usize, cmdline.len());
         assert_eq!(params.e820_entries, 3);
-        assert!({ hdr.ramdisk_image } as u64 >= 0x120_0000 && { hdr.ramdisk_size } == 3000);
+        assert!(u64::from(hdr.ramdisk_image) >= 0x120_0000 && { hdr.ramdisk_size } == 3000);
         let mut line = vec![0u8; cmdline.len() + 1];
         mem.read_slice(&mut line, GuestAddress(CMDLINE_ADDR)).unwrap();
         assert_eq!(&line[..cmdline.len()], cmdline.as_bytes());

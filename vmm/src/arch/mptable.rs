@@ -109,7 +109,7 @@ mod tests {
         mem.read_slice(&mut fp, GuestAddress(MPTABLE_ADDR)).unwrap();
         assert_eq!(&fp[..4], b"_MP_");
         assert_eq!(sum(&fp), 0);
-        let table_addr = u32::from_le_bytes(fp[4..8].try_into().unwrap()) as u64;
+        let table_addr = u64::from(u32::from_le_bytes(fp[4..8].try_into().unwrap()));
         let mut head = [0u8; 44];
         mem.read_slice(&mut head, GuestAddress(table_addr)).unwrap();
         assert_eq!(&head[..4], b"PCMP");
@@ -118,7 +118,7 @@ mod tests {
         mem.read_slice(&mut table, GuestAddress(table_addr)).unwrap();
         assert_eq!(sum(&table), 0);
         let count = u16::from_le_bytes([table[34], table[35]]);
-        assert_eq!(count as u32, 3 + 1 + 1 + IOAPIC_PINS + 2);
+        assert_eq!(u32::from(count), 3 + 1 + 1 + IOAPIC_PINS + 2);
         // Walk the entries: processors come first, CPU 0 is the bootstrap processor.
         let mut at = 44;
         let mut cpus = Vec::new();

@@ -26,7 +26,7 @@ impl IfControl {
     fn ioctl(&self, request: libc::c_ulong, req: &mut libc::ifreq, what: impl FnOnce() -> String) -> io::Result<()> {
         // SAFETY: every request used here reads or writes exactly one struct ifreq, and `req`
         // is a live, initialised ifreq for the duration of the call.
-        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), request, req as *mut libc::ifreq) };
+        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), request, std::ptr::from_mut::<libc::ifreq>(req)) };
         check(ret, what).map(|_| ())
     }
 
@@ -127,7 +127,7 @@ impl IfControl {
             rt.rt_flags |= libc::RTF_HOST;
         }
         // The kernel only reads the name through this pointer.
-        rt.rt_dev = dev.as_ptr() as *mut libc::c_char;
+        rt.rt_dev = dev.as_ptr().cast_mut();
         let via = gateway.map(|g| format!(" via {g}")).unwrap_or_default();
         let what = || {
             let verb = if request == libc::SIOCADDRT { "add" } else { "delete" };
@@ -135,7 +135,7 @@ impl IfControl {
         };
         // SAFETY: SIOCADDRT/SIOCDELRT read one struct rtentry; `rt` is initialised and `dev`
         // (which rt_dev points into) outlives the call.
-        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), request, &mut rt as *mut libc::rtentry) };
+        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), request, &raw mut rt) };
         check(ret, what).map(|_| ())
     }
 }

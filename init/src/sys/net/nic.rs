@@ -15,7 +15,7 @@ pub fn ethernet_nics(class_net: &Path) -> Vec<String> {
         return Vec::new();
     };
     let mut names: Vec<String> = entries
-        .filter_map(|entry| entry.ok())
+        .filter_map(std::result::Result::ok)
         .filter_map(|entry| entry.file_name().into_string().ok())
         .filter(|name| name != "lo")
         .filter(|name| std::fs::symlink_metadata(class_net.join(name).join("device")).is_ok())

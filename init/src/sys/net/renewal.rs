@@ -88,7 +88,7 @@ fn adopt(iface: &str, old: &Lease, new: &Lease, resolv_conf: &Path, log: fn(&str
             old.prefix_len,
             new.address,
             new.prefix_len,
-            new.gateway.map(|g| g.to_string()).unwrap_or_else(|| "none".into())
+            new.gateway.map_or_else(|| "none".into(), |g| g.to_string())
         ));
         let applied = IfControl::new()
             .map_err(|e| e.to_string())

@@ -94,7 +94,7 @@ impl Block {
                 if data.iter().any(|d| d.writable != reading) {
                     return Err(RequestError::Malformed("data buffer has the wrong direction"));
                 }
-                let total: u64 = data.iter().map(|d| d.len as u64).sum();
+                let total: u64 = data.iter().map(|d| u64::from(d.len)).sum();
                 let start = sector.checked_mul(SECTOR_SIZE).ok_or(RequestError::Status(S_IOERR))?;
                 let end = start.checked_add(total).ok_or(RequestError::Status(S_IOERR))?;
                 if !total.is_multiple_of(SECTOR_SIZE) || end > self.capacity_sectors * SECTOR_SIZE {
@@ -103,7 +103,7 @@ impl Block {
                 let mut offset = start;
                 for d in data {
                     self.transfer(mem, d, offset, reading).map_err(|_| RequestError::Status(S_IOERR))?;
-                    offset += d.len as u64;
+                    offset += u64::from(d.len);
                 }
                 Ok(if reading { total as u32 } else { 0 })
             }
@@ -139,7 +139,7 @@ impl Block {
             // the range and the guard keeps it mapped); the kernel copies to or from it
             // and we hold no Rust references into it.
             let n = unsafe {
-                let p = ptr.add(done) as *mut libc::c_void;
+                let p = ptr.add(done).cast::<libc::c_void>();
                 if reading {
                     libc::pread64(self.file.as_raw_fd(), p, len - done, at)
                 } else {
@@ -193,7 +193,7 @@ impl VirtioDevice for Block {
         // struct virtio_blk_config: capacity (le64), size_max (le32), seg_max (le32).
         let mut config = [0u8; 16];
         config[..8].copy_from_slice(&self.capacity_sectors.to_le_bytes());
-        config[12..16].copy_from_slice(&((QUEUE_SIZE - 2) as u32).to_le_bytes());
+        config[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
         for (i, b) in data.iter_mut().enumerate() {
             *b = offset.checked_add(i as u64).and_then(|o| config.get(o as usize).copied()).unwrap_or(0);
         }

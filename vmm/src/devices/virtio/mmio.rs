@@ -110,8 +110,8 @@ impl MmioTransport {
                 1 => (self.device.features() >> 32) as u32,
                 _ => 0,
             },
-            REG_QUEUE_NUM_MAX => self.queues.get(self.queue_sel as usize).map_or(0, |q| q.max_size as u32),
-            REG_QUEUE_READY => self.queues.get(self.queue_sel as usize).map_or(0, |q| q.ready as u32),
+            REG_QUEUE_NUM_MAX => self.queues.get(self.queue_sel as usize).map_or(0, |q| u32::from(q.max_size)),
+            REG_QUEUE_READY => self.queues.get(self.queue_sel as usize).map_or(0, |q| u32::from(q.ready)),
             REG_INTERRUPT_STATUS => {
                 if self.active && self.device.completes_in_kernel() {
                     self.interrupt_status | INT_USED_BUFFER
@@ -135,21 +135,21 @@ impl MmioTransport {
             return;
         }
         let v = u32::from_le_bytes(bytes);
-        let set_low = |addr: &mut GuestAddress, v: u32| addr.0 = (addr.0 & !0xffff_ffff) | v as u64;
-        let set_high = |addr: &mut GuestAddress, v: u32| addr.0 = (addr.0 & 0xffff_ffff) | ((v as u64) << 32);
+        let set_low = |addr: &mut GuestAddress, v: u32| addr.0 = (addr.0 & !0xffff_ffff) | u64::from(v);
+        let set_high = |addr: &mut GuestAddress, v: u32| addr.0 = (addr.0 & 0xffff_ffff) | (u64::from(v) << 32);
         match offset {
             REG_DEVICE_FEATURES_SEL => self.device_features_sel = v,
             REG_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
             // Features are frozen once the driver set FEATURES_OK.
             REG_DRIVER_FEATURES if self.status & STATUS_FEATURES_OK == 0 => match self.driver_features_sel {
-                0 => self.driver_features = (self.driver_features & !0xffff_ffff) | v as u64,
-                1 => self.driver_features = (self.driver_features & 0xffff_ffff) | ((v as u64) << 32),
+                0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
+                1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32),
                 _ => {}
             },
             REG_QUEUE_SEL => self.queue_sel = v,
             REG_QUEUE_NUM => {
                 if let Some(q) = self.selected_queue() {
-                    q.size = v.min(u16::MAX as u32) as u16;
+                    q.size = v.min(u32::from(u16::MAX)) as u16;
                 }
             }
             REG_QUEUE_READY => {

@@ -117,7 +117,7 @@ impl Queue {
 
     /// Whether the driver's settings describe a usable queue in `mem`.
     pub fn is_valid(&self, mem: &GuestMemory) -> bool {
-        let size = self.size as u64;
+        let size = u64::from(self.size);
         let fits = |addr: GuestAddress, align: u64, len: u64| {
             addr.0.is_multiple_of(align) && mem.check_range(addr, len as usize)
         };
@@ -149,7 +149,7 @@ impl Queue {
             return Err(QueueError::AvailIndexJump { next: self.next_avail.0, avail });
         }
         let slot = self.next_avail.0 % self.size;
-        let slot_addr = self.avail_ring.unchecked_add(4 + 2 * slot as u64);
+        let slot_addr = self.avail_ring.unchecked_add(4 + 2 * u64::from(slot));
         let head: u16 = mem.read_obj(slot_addr).map_err(|_| QueueError::RingAccess(slot_addr.0))?;
         if head >= self.size {
             return Err(QueueError::HeadOutOfRange(head));
@@ -165,7 +165,7 @@ impl Queue {
             if descriptors.len() >= self.size as usize {
                 return Err(QueueError::ChainTooLong);
             }
-            let at = self.desc_table.unchecked_add(DESC_SIZE * index as u64);
+            let at = self.desc_table.unchecked_add(DESC_SIZE * u64::from(index));
             let raw: [u8; 16] = mem.read_obj(at).map_err(|_| QueueError::RingAccess(at.0))?;
             let addr = u64::from_le_bytes([raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7]]);
             let len = u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]);
@@ -192,9 +192,9 @@ impl Queue {
     /// Returns chain `head` to the driver with `len` bytes written into its buffers.
     pub fn add_used(&mut self, mem: &GuestMemory, head: u16, len: u32) -> Result<(), QueueError> {
         let slot = self.next_used.0 % self.size;
-        let elem = self.used_ring.unchecked_add(4 + 8 * slot as u64);
+        let elem = self.used_ring.unchecked_add(4 + 8 * u64::from(slot));
         let mut raw = [0u8; 8];
-        raw[..4].copy_from_slice(&(head as u32).to_le_bytes());
+        raw[..4].copy_from_slice(&u32::from(head).to_le_bytes());
         raw[4..].copy_from_slice(&len.to_le_bytes());
         mem.write_obj(raw, elem).map_err(|_| QueueError::RingAccess(elem.0))?;
         self.next_used += Wrapping(1);
@@ -246,12 +246,12 @@ pub mod testing {
         raw[8..12].copy_from_slice(&len.to_le_bytes());
         raw[12..14].copy_from_slice(&flags.to_le_bytes());
         raw[14..].copy_from_slice(&next.to_le_bytes());
-        mem.write_obj(raw, GuestAddress(DESC + 16 * index as u64)).unwrap();
+        mem.write_obj(raw, GuestAddress(DESC + 16 * u64::from(index))).unwrap();
     }
 
     /// Puts `head` in avail slot `avail_idx % size` and publishes `avail_idx + 1`.
     pub fn make_available(mem: &GuestMemory, size: u16, avail_idx: u16, head: u16) {
-        mem.write_obj(head, GuestAddress(AVAIL + 4 + 2 * (avail_idx % size) as u64)).unwrap();
+        mem.write_obj(head, GuestAddress(AVAIL + 4 + 2 * u64::from(avail_idx % size))).unwrap();
         mem.write_obj(avail_idx.wrapping_add(1), GuestAddress(AVAIL + 2)).unwrap();
     }
 
@@ -260,8 +260,8 @@ pub mod testing {
     }
 
     pub fn used_elem(mem: &GuestMemory, slot: u16) -> (u32, u32) {
-        let id: u32 = mem.read_obj(GuestAddress(USED + 4 + 8 * slot as u64)).unwrap();
-        let len: u32 = mem.read_obj(GuestAddress(USED + 8 + 8 * slot as u64)).unwrap();
+        let id: u32 = mem.read_obj(GuestAddress(USED + 4 + 8 * u64::from(slot))).unwrap();
+        let len: u32 = mem.read_obj(GuestAddress(USED + 8 + 8 * u64::from(slot))).unwrap();
         (id, len)
     }
 

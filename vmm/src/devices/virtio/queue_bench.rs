@@ -35,14 +35,14 @@ const ROUNDS: usize = 9;
 fn thread_cpu_time() -> Duration {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes one timespec to a valid pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut ts) };
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 fn set_up_table(mem: &GuestMemory) {
     for c in 0..CHAINS_PER_BATCH {
         let h = c * CHAIN_LEN;
-        let buf = 0x10_0000 + 0x3000 * c as u64;
+        let buf = 0x10_0000 + 0x3000 * u64::from(c);
         write_desc(mem, h, buf, 16, NEXT, h + 1);
         write_desc(mem, h + 1, buf + 0x1000, 4096, NEXT | WRITE, h + 2);
         write_desc(mem, h + 2, buf + 0x2000, 1, WRITE, 0);
@@ -65,7 +65,7 @@ fn timed(mem: &GuestMemory, mut serve_batch: impl FnMut() -> usize) -> Duration 
         idx = publish(mem, idx);
         let t = thread_cpu_time();
         seen += serve_batch();
-        spent += thread_cpu_time() - t;
+        spent += thread_cpu_time().checked_sub(t).unwrap();
     }
     assert_eq!(seen, BATCHES * (CHAINS_PER_BATCH * CHAIN_LEN) as usize);
     spent

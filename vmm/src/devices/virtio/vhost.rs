@@ -135,11 +135,11 @@ impl VhostVsock {
     }
 
     pub fn set_vring_num(&self, index: u32, num: u16) -> std::io::Result<()> {
-        self.write_arg(VHOST_SET_VRING_NUM(), &VringState { index, num: num as u32 })
+        self.write_arg(VHOST_SET_VRING_NUM(), &VringState { index, num: u32::from(num) })
     }
 
     pub fn set_vring_base(&self, index: u32, base: u16) -> std::io::Result<()> {
-        self.write_arg(VHOST_SET_VRING_BASE(), &VringState { index, num: base as u32 })
+        self.write_arg(VHOST_SET_VRING_BASE(), &VringState { index, num: u32::from(base) })
     }
 
     pub fn set_vring_addr(&self, index: u32, desc: u64, avail: u64, used: u64) -> std::io::Result<()> {
@@ -163,7 +163,7 @@ impl VhostVsock {
     }
 
     pub fn set_running(&self, running: bool) -> std::io::Result<()> {
-        self.write_arg(VHOST_VSOCK_SET_RUNNING(), &(running as c_int))
+        self.write_arg(VHOST_VSOCK_SET_RUNNING(), &c_int::from(running))
     }
 }
 

@@ -52,7 +52,7 @@ pub enum MessageType {
 
 impl MessageType {
     fn from_byte(b: u8) -> Option<MessageType> {
-        use MessageType::*;
+        use MessageType::{Ack, Decline, Discover, Inform, Nak, Offer, Release, Request};
         Some(match b {
             1 => Discover,
             2 => Offer,

@@ -218,7 +218,7 @@ impl<'t> Client<'t> {
                 Err(DhcpError::Io(e)) => return Err(DhcpError::Io(e)),
                 Err(e) if Instant::now() >= deadline => return Err(e),
                 // NAK or silence after the offer: start over with a fresh transaction.
-                Err(_) => continue,
+                Err(_) => {}
             }
         }
     }
@@ -320,8 +320,7 @@ fn random_u32() -> u32 {
         return u32::from_ne_bytes(bytes);
     }
     // Kernels before 5.6 lack GRND_INSECURE: mix the clock and pid instead.
-    let nanos =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
     nanos ^ std::process::id().rotate_left(16)
 }
 

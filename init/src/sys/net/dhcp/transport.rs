@@ -66,7 +66,7 @@ impl PacketTransport {
         let ret = unsafe {
             libc::bind(
                 fd.as_raw_fd(),
-                (&addr as *const libc::sockaddr_ll).cast(),
+                (&raw const addr).cast(),
                 std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
             )
         };
@@ -105,7 +105,7 @@ impl Transport for PacketTransport {
                 datagram.as_ptr().cast(),
                 datagram.len(),
                 0,
-                (&dest as *const libc::sockaddr_ll).cast(),
+                (&raw const dest).cast(),
                 std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
             )
         };
@@ -131,8 +131,8 @@ impl Transport for PacketTransport {
                     self.buf.as_mut_ptr().cast(),
                     self.buf.len(),
                     libc::MSG_DONTWAIT,
-                    (&mut from as *mut libc::sockaddr_ll).cast(),
-                    &mut from_len,
+                    (&raw mut from).cast(),
+                    &raw mut from_len,
                 )
             };
             if n < 0 {
@@ -193,7 +193,7 @@ impl UdpTransport {
         let ret = unsafe {
             libc::bind(
                 fd.as_raw_fd(),
-                (&local as *const libc::sockaddr_in).cast(),
+                (&raw const local).cast(),
                 std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
             )
         };
@@ -212,7 +212,7 @@ fn set_int_option(fd: &OwnedFd, option: libc::c_int, value: libc::c_int, what: &
             fd.as_raw_fd(),
             libc::SOL_SOCKET,
             option,
-            (&value as *const libc::c_int).cast(),
+            (&raw const value).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
@@ -232,8 +232,9 @@ impl Transport for UdpTransport {
             }
             match self.socket.recv_from(&mut self.buf) {
                 Ok((n, from)) if from.port() == frame::SERVER_PORT => return Ok(Some(self.buf[..n].to_vec())),
-                Ok(_) => continue,
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => continue,
+                // Another port's datagram, or nothing yet: keep waiting.
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
                 Err(e) => return Err(format!("receive on UDP port {}: {e}", frame::CLIENT_PORT)),
             }
         }
@@ -255,7 +256,7 @@ fn wait_readable(fd: libc::c_int, deadline: Instant) -> Result<bool, String> {
         let ms = left.as_millis().saturating_add(1).min(i32::MAX as u128) as libc::c_int;
         let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
         // SAFETY: `pfd` is one live pollfd and the count passed is 1.
-        let ret = unsafe { libc::poll(&mut pfd, 1, ms) };
+        let ret = unsafe { libc::poll(&raw mut pfd, 1, ms) };
         if ret < 0 {
             let err = io::Error::last_os_error();
             if err.kind() == io::ErrorKind::Interrupted {
