@@ -16,21 +16,18 @@ use std::io::Cursor;
 /// Enough sectors for both headers and both entry arrays.
 const MIN_SECTORS: u64 = 2 * (2 + (ENTRIES * ENTRY_SIZE) as u64 / SECTOR) + 1;
 
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    let mut v = [0u8; 8];
-    v.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(v)
+/// The `N` bytes of a header field at `at`, for `from_le_bytes`.
+fn field<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
+    let mut v = [0u8; N];
+    v.copy_from_slice(&b[at..at + N]);
+    v
 }
 
 /// Recomputes the CRCs of the header at sector `lba` as the flags ask.
 fn fix_crcs(image: &mut [u8], lba: u64, flags: u8) {
     let at = (lba * SECTOR) as usize;
     if flags & 4 != 0 {
-        let array_at = le64(&image[at..], 72).saturating_mul(SECTOR);
+        let array_at = u64::from_le_bytes(field(&image[at..], 72)).saturating_mul(SECTOR);
         let array_len = (ENTRIES * ENTRY_SIZE) as u64;
         if array_at.saturating_add(array_len) <= image.len() as u64 {
             let start = array_at as usize;
@@ -39,7 +36,7 @@ fn fix_crcs(image: &mut [u8], lba: u64, flags: u8) {
         }
     }
     if flags & 8 != 0 {
-        let size = le32(&image[at..], 12) as usize;
+        let size = u32::from_le_bytes(field(&image[at..], 12)) as usize;
         if (92..=SECTOR as usize).contains(&size) {
             let mut header = image[at..at + size].to_vec();
             header[16..20].fill(0);
