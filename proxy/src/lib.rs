@@ -10,6 +10,7 @@
 pub mod body;
 pub mod ca;
 pub mod config;
+mod destination;
 pub mod egress;
 pub mod forward;
 pub mod hostmatch;

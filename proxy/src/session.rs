@@ -8,8 +8,9 @@ use log::{debug, info, warn};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 
+use crate::destination::{check_request, check_sni, Mismatch, Shown};
 use crate::egress::EgressError;
 use crate::forward::{copy_raw, forward_request, is_upgrade, precheck, ForwardError};
 use crate::http::head::{parse_request_head, RequestHead};
@@ -62,6 +63,23 @@ fn egress_reject(host: &str, e: &EgressError) -> Reject {
         EgressError::Refused { .. } => Reject::new(403, "Forbidden", format!("destination {host} refused: {e}")),
         EgressError::Timeout => Reject::new(504, "Gateway Timeout", format!("upstream {host}: {e}")),
         _ => Reject::new(502, "Bad Gateway", format!("upstream {host}: {e}")),
+    }
+}
+
+/// A fatal TLS alert record `unrecognized_name` (RFC 6066 section 3), sent in
+/// place of a ServerHello: content type 21 (alert), record version TLS 1.2,
+/// length 2, level fatal (2), description 112.
+const UNRECOGNIZED_NAME_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70];
+
+/// The answer to a request whose Host header or target does not name the
+/// connection's destination: 421 for another host, 400 for an unreadable one.
+/// `dest_is` says what fixed the destination ("this tunnel is to", ...).
+fn mismatch_reject(m: &Mismatch, dest_is: &str, dest: &Authority) -> Reject {
+    match m {
+        Mismatch::Elsewhere(named) => {
+            Reject::new(421, "Misdirected Request", format!("{dest_is} {}; the request names {named}", Shown(dest)))
+        }
+        Mismatch::Malformed(why) => Reject::new(400, "Bad Request", format!("{why} ({dest_is} {})", Shown(dest))),
     }
 }
 
@@ -146,13 +164,37 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let host = authority.host.clone();
+    // One budget for the whole handshake, ClientHello included.
+    let deadline = tokio::time::Instant::now() + shared.config.timeouts.header;
+    // rustls reads the socket 4 KiB at a time; a buffer below it saves most syscalls.
+    let io = BufReader::with_capacity(SOCKET_BUFFER, stream);
+    let hello = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
+    let start = match tokio::time::timeout_at(deadline, hello).await {
+        Ok(Ok(start)) => start,
+        Ok(Err(e)) => return info!("sandbox {sandbox}: TLS handshake for {host} failed: {e}"),
+        Err(_) => return info!("sandbox {sandbox}: TLS handshake for {host} timed out"),
+    };
+    // The SNI is checked before any certificate is issued or request read. A name
+    // other than the tunnel's ends the handshake with a fatal unrecognized_name
+    // alert: every TLS client reports that plainly, whereas completing the
+    // handshake (with the only certificate this tunnel may get, the tunnel
+    // host's) would show a verifying client a misleading certificate error.
+    if let Err(named) = check_sni(start.client_hello().server_name(), &authority) {
+        info!(
+            "sandbox {sandbox}: TLS server name {named} does not match the tunnel to {}; handshake refused (unrecognized_name)",
+            Shown(&authority)
+        );
+        let mut io = start.io;
+        let _ = io.write_all(&UNRECOGNIZED_NAME_ALERT).await;
+        let _ = io.flush().await;
+        let _ = io.shutdown().await;
+        return;
+    }
     let server_config = match shared.leafs.server_config(&host) {
         Ok(c) => c,
         Err(e) => return warn!("sandbox {sandbox}: cannot issue a certificate for {host}: {e}"),
     };
-    // rustls reads the socket 4 KiB at a time; a buffer below it saves most syscalls.
-    let accept = TlsAcceptor::from(server_config).accept(BufReader::with_capacity(SOCKET_BUFFER, stream));
-    let tls = match tokio::time::timeout(shared.config.timeouts.header, accept).await {
+    let tls = match tokio::time::timeout_at(deadline, start.into_stream(server_config)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => return info!("sandbox {sandbox}: TLS handshake for {host} failed: {e}"),
         Err(_) => return info!("sandbox {sandbox}: TLS handshake for {host} timed out"),
@@ -176,6 +218,8 @@ where
     let prepared = parse_request_head(&raw, limits.max_headers)
         .map_err(|e| Reject::new(400, "Bad Request", e.to_string()))
         .and_then(|head| {
+            // Before the upstream is dialled: a misdirected request opens nothing.
+            check_request(&head, &authority).map_err(|m| mismatch_reject(&m, TUNNEL_IS_TO, &authority))?;
             let policy = current_policy(&shared, sandbox, &host)?;
             let repl = Arc::new(policy.replacements_for(&host));
             let framing =
@@ -192,9 +236,11 @@ where
     };
     let (upstream_r, upstream_w) = tokio::io::split(upstream);
     let first = FirstRequest { head, framing, policy, repl };
-    let requests = request_loop(&shared, sandbox, &host, first, inbound, upstream_w, true);
+    let requests = request_loop(&shared, sandbox, &authority, first, inbound, upstream_w, true);
     run_pipeline(&shared, sandbox, &host, requests, upstream_r, client_w, activity).await;
 }
+
+const TUNNEL_IS_TO: &str = "this tunnel is to";
 
 /// Plain-HTTP proxying: one request per connection, never any substitution
 /// (secrets only leave over verified TLS).
@@ -212,6 +258,11 @@ async fn plain_forward<S>(
     let (client_r, mut client_w) = tokio::io::split(stream);
     let inbound = Inbound::new(client_r, activity.clone());
     let host = authority.host.clone();
+    // Each plain request stands alone (one per connection): its Host header must
+    // name the host its target names, which is the one checked and dialled.
+    if let Err(m) = check_request(&head, &authority) {
+        return send_reject(&mut client_w, sandbox, &mismatch_reject(&m, "the request target names", &authority)).await;
+    }
     let framing = match precheck(&head, shared.config.limits.max_buffered_body, false) {
         Ok(f) => f,
         Err(e) => return send_reject(&mut client_w, sandbox, &forward_reject(&e)).await,
@@ -228,7 +279,7 @@ async fn plain_forward<S>(
     head.set_header("Connection", b"close");
     let (upstream_r, upstream_w) = upstream.into_split();
     let first = FirstRequest { head, framing, policy, repl: Arc::new(Replacements::new()) };
-    let requests = request_loop(&shared, sandbox, &host, first, inbound, upstream_w, false);
+    let requests = request_loop(&shared, sandbox, &authority, first, inbound, upstream_w, false);
     run_pipeline(&shared, sandbox, &host, requests, upstream_r, client_w, activity).await;
 }
 
@@ -262,21 +313,36 @@ struct FirstRequest {
     repl: Arc<Replacements>,
 }
 
+/// Why the request loop stopped before the sandbox closed its side.
+enum Stop {
+    /// Something is wrong with the stream: the connection is dropped.
+    Drop(String),
+    /// A request is refused with an answer; the requests before it are answered first.
+    Refuse(Reject),
+}
+
+impl From<String> for Stop {
+    fn from(e: String) -> Self {
+        Self::Drop(e)
+    }
+}
+
 /// Forwards requests until the sandbox closes its side (Ok) or something is
-/// wrong (Err, the connection is dropped). Policy is re-read for every request.
+/// wrong (Err). Policy is re-read, and the destination re-checked, for every request.
 async fn request_loop<R, W>(
     shared: &Shared,
     sandbox: SandboxId,
-    host: &str,
+    dest: &Authority,
     first: FirstRequest,
     mut inbound: Inbound<R>,
     mut upstream: W,
     keep_alive: bool,
-) -> Result<(), String>
+) -> Result<(), Stop>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let host = dest.host.as_str();
     let limits = &shared.config.limits;
     let FirstRequest { mut head, mut framing, policy, repl } = first;
     let mut cached = (policy, repl);
@@ -297,7 +363,7 @@ where
         .map_err(|e| e.to_string())?;
         debug!("sandbox {sandbox}: {method} {host}: {replaced} token(s) replaced");
         if upgrade {
-            return copy_raw(&mut inbound, &mut upstream).await.map_err(|e| e.to_string());
+            return copy_raw(&mut inbound, &mut upstream).await.map_err(|e| Stop::Drop(e.to_string()));
         }
         if !keep_alive {
             return Ok(());
@@ -308,7 +374,7 @@ where
                 let _ = upstream.shutdown().await;
                 return Ok(());
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(Stop::Drop(e.to_string())),
         };
         let policy = current_policy(shared, sandbox, host).map_err(|r| r.message)?;
         if !Arc::ptr_eq(&policy, &cached.0) {
@@ -316,12 +382,19 @@ where
             cached = (policy, repl);
         }
         head = parse_request_head(&raw, limits.max_headers).map_err(|e| e.to_string())?;
+        if let Err(m) = check_request(&head, dest) {
+            // Nothing of this request goes upstream. Closing our sending side lets
+            // the upstream finish the responses it owes and then close, so the
+            // answer can follow them in order.
+            let _ = upstream.shutdown().await;
+            return Err(Stop::Refuse(mismatch_reject(&m, TUNNEL_IS_TO, dest)));
+        }
         framing = precheck(&head, limits.max_buffered_body, !cached.1.is_empty()).map_err(|e| e.to_string())?;
     }
 }
 
 /// Streams upstream bytes to the sandbox unchanged until the upstream closes.
-async fn relay<R, W>(mut upstream: R, mut client: W, activity: Arc<Activity>) -> std::io::Result<()>
+async fn relay<R, W>(mut upstream: R, client: &mut W, activity: Arc<Activity>) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -335,7 +408,6 @@ where
             Err(e) => return Err(e),
         };
         if n == 0 {
-            let _ = client.shutdown().await;
             return Ok(());
         }
         activity.touch();
@@ -345,38 +417,84 @@ where
     }
 }
 
+/// How a connection ends once its requests and responses stop.
+enum End {
+    /// The upstream closed after its last response: close the sandbox's side cleanly.
+    Close,
+    /// Drop the connection as it is (errors, idle timeout).
+    Drop,
+    /// All earlier responses were relayed; answer the refused request, then close.
+    Answer(Reject),
+}
+
 async fn run_pipeline<F, R, W>(
     shared: &Shared,
     sandbox: SandboxId,
     host: &str,
     requests: F,
     upstream_r: R,
-    client_w: W,
+    mut client_w: W,
     activity: Arc<Activity>,
 ) where
-    F: std::future::Future<Output = Result<(), String>>,
+    F: std::future::Future<Output = Result<(), Stop>>,
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let idle_limit = shared.config.timeouts.idle;
-    let responses = relay(upstream_r, client_w, activity.clone());
-    let idle = activity.idle_timeout(idle_limit);
-    tokio::pin!(requests, responses, idle);
-    tokio::select! {
-        r = &mut requests => match r {
-            Ok(()) => {
-                tokio::select! {
-                    _ = &mut responses => {}
-                    () = &mut idle => info!("sandbox {sandbox}: {host}: idle timeout"),
+    let relayed = |r: std::io::Result<()>| match r {
+        Ok(()) => End::Close,
+        Err(e) => {
+            debug!("sandbox {sandbox}: {host}: response stream ended: {}", e.kind());
+            End::Drop
+        }
+    };
+    let end = {
+        let responses = relay(upstream_r, &mut client_w, activity.clone());
+        let idle = activity.idle_timeout(idle_limit);
+        tokio::pin!(requests, responses, idle);
+        tokio::select! {
+            r = &mut requests => match r {
+                Ok(()) => tokio::select! {
+                    r = &mut responses => relayed(r),
+                    () = &mut idle => {
+                        info!("sandbox {sandbox}: {host}: idle timeout");
+                        End::Drop
+                    }
+                },
+                Err(Stop::Drop(e)) => {
+                    info!("sandbox {sandbox}: {host}: closing connection: {e}");
+                    End::Drop
                 }
-            }
-            Err(e) => info!("sandbox {sandbox}: {host}: closing connection: {e}"),
-        },
-        r = &mut responses => {
-            if let Err(e) = r {
-                debug!("sandbox {sandbox}: {host}: response stream ended: {}", e.kind());
+                // Earlier responses first: the upstream closes after them (its side
+                // was shut down). If it does not, or a response is cut off, an
+                // answer could be read as part of a response, so the connection is
+                // dropped instead.
+                Err(Stop::Refuse(reject)) => tokio::select! {
+                    r = &mut responses => match relayed(r) {
+                        End::Close => End::Answer(reject),
+                        other => other,
+                    },
+                    () = &mut idle => {
+                        info!("sandbox {sandbox}: {host}: idle timeout; dropping refused request: {}", reject.message);
+                        End::Drop
+                    }
+                },
+            },
+            r = &mut responses => relayed(r),
+            () = &mut idle => {
+                info!("sandbox {sandbox}: {host}: idle timeout");
+                End::Drop
             }
         }
-        () = &mut idle => info!("sandbox {sandbox}: {host}: idle timeout"),
+    };
+    // Bounded: a sandbox that stops reading must not hold this task.
+    match end {
+        End::Close => {
+            let _ = tokio::time::timeout(idle_limit, client_w.shutdown()).await;
+        }
+        End::Drop => {}
+        End::Answer(r) => {
+            let _ = tokio::time::timeout(idle_limit, send_reject(&mut client_w, sandbox, &r)).await;
+        }
     }
 }

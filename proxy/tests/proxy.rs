@@ -474,3 +474,186 @@ async fn vsock_listener_reports_peer_cid_when_loopback_transport_exists() {
         }
     }
 }
+
+// ---------- one destination per tunnel ----------
+
+/// The upstream never saw a connection, let alone a request.
+fn assert_upstream_untouched(up: &mut Upstream) {
+    assert_eq!(up.accepted.load(std::sync::atomic::Ordering::SeqCst), 0, "an upstream connection was opened");
+    assert!(up.try_next().is_none(), "a request reached the upstream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_header_naming_another_host_gets_421_and_opens_no_upstream() {
+    let mut up = start_upstream(true).await;
+    let h = setup(&up, |_| {}).await;
+    let t = token(1);
+    let tunnel = format!("api.test:{}", up.port);
+    let cases = [
+        ("evil.example.com", "evil.example.com"),
+        ("EVIL.Example.com.", "evil.example.com"),
+        ("api.test.evil.example.com", "api.test.evil.example.com"),
+        ("api.test:1", "api.test:1"),
+    ];
+    for (host, named) in cases {
+        let mut c = connect_tls(&h, S1, "api.test", up.port).await.unwrap();
+        let req = format!("GET /v1 HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {t}\r\n\r\n");
+        let resp = roundtrip(&mut c, req.as_bytes()).await;
+        assert_eq!(resp.status, 421, "Host: {host}: {}", resp.body_str());
+        assert!(resp.head.starts_with("HTTP/1.1 421 Misdirected Request\r\n"), "{}", resp.head);
+        let body = resp.body_str();
+        assert!(body.contains(&format!("this tunnel is to {tunnel}; the request names {named}")), "{body}");
+    }
+    // A Host that is itself a token is refused without being spelled out.
+    let mut c = connect_tls(&h, S1, "api.test", up.port).await.unwrap();
+    let resp = roundtrip(&mut c, format!("GET / HTTP/1.1\r\nHost: {t}\r\n\r\n").as_bytes()).await;
+    assert_eq!(resp.status, 421);
+    assert!(!resp.body_str().contains(&t), "{}", resp.body_str());
+    // Two Host headers: a later hop might pick the second one.
+    let mut c = connect_tls(&h, S1, "api.test", up.port).await.unwrap();
+    let req = format!("GET / HTTP/1.1\r\nHost: api.test\r\nHost: evil.example.com\r\nX-Key: {t}\r\n\r\n");
+    let resp = roundtrip(&mut c, req.as_bytes()).await;
+    assert_eq!(resp.status, 400, "{}", resp.body_str());
+    assert!(resp.body_str().contains("more than one Host header"));
+    assert_upstream_untouched(&mut up);
+
+    // The tunnel's own host, with or without its port, in any case, still works.
+    for host in ["api.test".to_string(), tunnel.clone(), "API.Test".to_string(), format!("Api.TEST.:{}", up.port)] {
+        let mut c = connect_tls(&h, S1, "api.test", up.port).await.unwrap();
+        let req = format!("GET /ok HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {t}\r\n\r\n");
+        assert_eq!(roundtrip(&mut c, req.as_bytes()).await.status, 200, "Host: {host}");
+        let got = up.next().await;
+        assert_eq!(got.header("host"), Some(host.clone()));
+        assert_eq!(got.header("authorization").as_deref(), Some("Bearer sk-live-alpha"));
+    }
+    assert_not_logged(&[SECRETS[0], SECRETS[1], &t]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absolute_form_target_naming_another_host_gets_421_and_opens_no_upstream() {
+    let mut up = start_upstream(true).await;
+    let h = setup(&up, |_| {}).await;
+    let t = token(1);
+    let tunnel = format!("api.test:{}", up.port);
+    let cases = [
+        (format!("GET https://evil.example.com/v1?k={t} HTTP/1.1\r\nHost: api.test\r\n\r\n"), "evil.example.com"),
+        // HTTP/1.0 without Host: judged by the target alone.
+        (format!("GET http://evil.example.com/ HTTP/1.0\r\nAuthorization: Bearer {t}\r\n\r\n"), "evil.example.com"),
+        (format!("GET https://api.test:1/ HTTP/1.1\r\nHost: api.test\r\nX-Key: {t}\r\n\r\n"), "api.test:1"),
+    ];
+    for (req, named) in &cases {
+        let mut c = connect_tls(&h, S1, "api.test", up.port).await.unwrap();
+        let resp = roundtrip(&mut c, req.as_bytes()).await;
+        assert_eq!(resp.status, 421, "{req}: {}", resp.body_str());
+        let body = resp.body_str();
+        assert!(body.contains(&format!("this tunnel is to {tunnel}; the request names {named}")), "{body}");
+    }
+    // User info in the authority only serves to confuse: refused outright.
+    let mut c = connect_tls(&h, S1, "api.test", up.port).await.unwrap();
+    let req = "GET https://api.test@evil.example.com/ HTTP/1.1\r\nHost: api.test\r\n\r\n";
+    assert_eq!(roundtrip(&mut c, req.as_bytes()).await.status, 400);
+    assert_upstream_untouched(&mut up);
+
+    // Absolute-form naming the tunnel's host, and HTTP/1.0 without Host, still work.
+    let mut c = connect_tls(&h, S1, "api.test", up.port).await.unwrap();
+    let req = format!("GET https://API.test:{}/ok?k={t} HTTP/1.1\r\nHost: api.test\r\n\r\n", up.port);
+    assert_eq!(roundtrip(&mut c, req.as_bytes()).await.status, 200);
+    assert!(up.next().await.request_line().contains("/ok?k=sk-live-alpha "));
+    let mut c = connect_tls(&h, S1, "api.test", up.port).await.unwrap();
+    let req = format!("GET /old?k={t} HTTP/1.0\r\n\r\n");
+    assert_eq!(roundtrip(&mut c, req.as_bytes()).await.status, 200);
+    assert_eq!(up.next().await.request_line(), "GET /old?k=sk-live-alpha HTTP/1.0");
+    assert_not_logged(&[SECRETS[0], SECRETS[1], &t]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_naming_another_host_is_refused_at_the_handshake() {
+    let mut up = start_upstream(true).await;
+    let h = setup(&up, |_| {}).await;
+    let t = token(1);
+    for sni in ["evil.example.com", "api.test.evil.example.com"] {
+        // The client accepts any certificate: only the proxy's check can stop it.
+        let Err(err) = connect_tls_with_sni(&h, S1, "api.test", up.port, sni).await else {
+            panic!("{sni}: handshake accepted");
+        };
+        let alert = err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>());
+        let expected = rustls::Error::AlertReceived(rustls::AlertDescription::UnrecognisedName);
+        assert_eq!(alert, Some(&expected), "{sni}: {err}");
+    }
+    assert_upstream_untouched(&mut up);
+    // A matching SNI in another case still works, and the token is replaced.
+    let mut c = connect_tls_with_sni(&h, S1, "api.test", up.port, "API.Test").await.unwrap();
+    let req = format!("GET / HTTP/1.1\r\nHost: api.test\r\nAuthorization: Bearer {t}\r\n\r\n");
+    assert_eq!(roundtrip(&mut c, req.as_bytes()).await.status, 200);
+    assert_eq!(up.next().await.header("authorization").as_deref(), Some("Bearer sk-live-alpha"));
+    assert!(logs()
+        .iter()
+        .any(|l| l.contains("TLS server name evil.example.com does not match the tunnel to api.test")));
+    assert_not_logged(&[SECRETS[0], SECRETS[1], &t]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_request_naming_another_host_on_a_kept_alive_tunnel_gets_421() {
+    let mut up = start_upstream(true).await;
+    let h = setup(&up, |_| {}).await;
+    let t = token(1);
+    let tunnel = format!("api.test:{}", up.port);
+    let good = format!("GET /first HTTP/1.1\r\nHost: api.test\r\nAuthorization: Bearer {t}\r\n\r\n");
+    let bad = format!("GET /second HTTP/1.1\r\nHost: evil.example.com\r\nAuthorization: Bearer {t}\r\n\r\n");
+
+    // One after the other.
+    let mut c = connect_tls(&h, S1, "api.test", up.port).await.unwrap();
+    let resp = roundtrip(&mut c, good.as_bytes()).await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(up.next().await.header("authorization").as_deref(), Some("Bearer sk-live-alpha"));
+    let resp = roundtrip(&mut c, bad.as_bytes()).await;
+    assert_eq!(resp.status, 421, "{}", resp.body_str());
+    assert!(resp.body_str().contains(&format!("this tunnel is to {tunnel}; the request names evil.example.com")));
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest)).await.expect("closed after 421");
+
+    // Pipelined in one write: the first response comes first, then the 421.
+    let mut c = connect_tls(&h, S1, "api.test", up.port).await.unwrap();
+    c.get_mut().write_all(format!("{good}{bad}").as_bytes()).await.unwrap();
+    c.get_mut().flush().await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), read_response(&mut c)).await.unwrap().unwrap();
+    assert_eq!(first.status, 200);
+    assert!(first.body_str().starts_with("GET /first "));
+    let second = tokio::time::timeout(Duration::from_secs(10), read_response(&mut c)).await.unwrap().unwrap();
+    assert_eq!(second.status, 421, "{}", second.body_str());
+    assert!(up.next().await.request_line().starts_with("GET /first "));
+
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(up.try_next().is_none(), "the second request reached the upstream");
+    assert_eq!(up.accepted.load(std::sync::atomic::Ordering::SeqCst), 2, "one upstream connection per tunnel");
+    assert_not_logged(&[SECRETS[0], SECRETS[1], &t]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_host_must_match_its_target_and_is_never_substituted() {
+    let mut plain = start_upstream(false).await;
+    let h = setup(&plain, |_| {}).await;
+    let t = token(1);
+    let target = format!("http://api.test:{}/p?x={t}", plain.port);
+    let send = |host: String| {
+        let addr = h.listeners[&S1];
+        let req = format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {t}\r\n\r\n");
+        async move {
+            let mut r = BufReader::new(TcpStream::connect(addr).await.unwrap());
+            r.get_mut().write_all(req.as_bytes()).await.unwrap();
+            read_response(&mut r).await.unwrap()
+        }
+    };
+    let resp = send("evil.example.com".into()).await;
+    assert_eq!(resp.status, 421, "{}", resp.body_str());
+    let expected = format!("the request target names api.test:{}; the request names evil.example.com", plain.port);
+    assert!(resp.body_str().contains(&expected), "{}", resp.body_str());
+    assert_upstream_untouched(&mut plain);
+    // Matching Host (other case): forwarded, and the token is not replaced.
+    let resp = send(format!("API.test:{}", plain.port)).await;
+    assert_eq!(resp.status, 200);
+    let got = plain.next().await;
+    assert_eq!(got.request_line(), format!("GET /p?x={t} HTTP/1.1"));
+    assert_eq!(got.header("authorization"), Some(format!("Bearer {t}")));
+    assert_not_logged(&SECRETS);
+}

@@ -31,6 +31,13 @@ pub fn put(app: &App, raw_id: &str, name: &str, request: &mut Request) -> Result
     if secret.value.len() > MAX_SECRET_LEN {
         return Err(AppError::too_large(format!("secret value exceeds {MAX_SECRET_LEN} bytes")));
     }
+    // The proxy puts values into request heads: CR or LF would let a value add
+    // header lines of its own, NUL is refused by HTTP parsers. Name the byte, never the value.
+    if let Some(what) = header_breaking_byte(secret.value.as_bytes()) {
+        return Err(AppError::bad_request(format!(
+            "secret value must not contain {what}: it is sent in HTTP headers, where it would break or inject header lines"
+        )));
+    }
     let blob = app
         .keyring
         .seal(secret.value.as_bytes(), &secret_associated_data(&project_id, name))
@@ -45,6 +52,16 @@ pub fn put(app: &App, raw_id: &str, name: &str, request: &mut Request) -> Result
         Ok(())
     })?;
     Ok(Reply::no_content())
+}
+
+/// The first byte of `value` that cannot appear in an HTTP header field value.
+fn header_breaking_byte(value: &[u8]) -> Option<&'static str> {
+    value.iter().find_map(|b| match b {
+        b'\r' => Some("a carriage return (CR)"),
+        b'\n' => Some("a line feed (LF)"),
+        0 => Some("a NUL byte"),
+        _ => None,
+    })
 }
 
 pub fn list(app: &App, raw_id: &str) -> Result<Reply, AppError> {

@@ -11,6 +11,14 @@ pub struct Authority {
 
 /// Parses `host:port` or `[v6]:port`; `default_port` applies when no port is given.
 pub fn parse_authority(s: &[u8], default_port: Option<u16>) -> Option<Authority> {
+    let (host, port) = split_host_port(s)?;
+    Some(Authority { host, port: port.or(default_port)? })
+}
+
+/// Splits `host`, `host:port`, `[v6]` or `[v6]:port` (a Host header, a URI's
+/// authority) into the normalised host and the port if one is given. User info
+/// (`user@host`) is refused: it only serves to confuse which host is meant.
+pub fn split_host_port(s: &[u8]) -> Option<(String, Option<u16>)> {
     let s = std::str::from_utf8(s).ok()?;
     if s.contains('@') {
         return None;
@@ -30,12 +38,27 @@ pub fn parse_authority(s: &[u8], default_port: Option<u16>) -> Option<Authority>
     };
     let port = match port {
         Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
-            p.parse::<u16>().ok().filter(|p| *p != 0)?
+            Some(p.parse::<u16>().ok().filter(|p| *p != 0)?)
         }
         Some(_) => return None,
-        None => default_port?,
+        None => None,
     };
-    Some(Authority { host: normalize_host(host)?, port })
+    Some((normalize_host(host)?, port))
+}
+
+/// The authority of an absolute-form target (`scheme://authority/...`, any scheme),
+/// `None` when the target is not absolute-form. The authority may be empty.
+pub fn absolute_form_authority(target: &[u8]) -> Option<&[u8]> {
+    let sep = memchr::memmem::find(target, b"://")?;
+    let scheme = &target[..sep];
+    let scheme_ok = scheme.first().is_some_and(u8::is_ascii_alphabetic)
+        && scheme.iter().all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'));
+    if !scheme_ok {
+        return None;
+    }
+    let rest = &target[sep + 3..];
+    let end = rest.iter().position(|&b| matches!(b, b'/' | b'?' | b'#')).unwrap_or(rest.len());
+    Some(&rest[..end])
 }
 
 /// Splits `http://authority/path?query` into the authority and the origin-form target.
@@ -68,6 +91,26 @@ mod tests {
         assert_eq!(parse_authority(b"api.test:99999", None), None);
         assert_eq!(parse_authority(b"user@api.test:443", None), None);
         assert_eq!(parse_authority(b"[::1:443", None), None);
+    }
+
+    #[test]
+    fn splits_host_and_optional_port() {
+        assert_eq!(split_host_port(b"API.Test."), Some(("api.test".into(), None)));
+        assert_eq!(split_host_port(b"api.test:443"), Some(("api.test".into(), Some(443))));
+        assert_eq!(split_host_port(b"[::1]"), Some(("::1".into(), None)));
+        assert_eq!(split_host_port(b"api.test:"), None);
+        assert_eq!(split_host_port(b""), None);
+        assert_eq!(split_host_port(b"api.test@evil.test"), None);
+    }
+
+    #[test]
+    fn finds_the_authority_of_absolute_form_targets() {
+        assert_eq!(absolute_form_authority(b"https://evil.test:8443/x?y"), Some(&b"evil.test:8443"[..]));
+        assert_eq!(absolute_form_authority(b"HTTP://evil.test?x"), Some(&b"evil.test"[..]));
+        assert_eq!(absolute_form_authority(b"ws+x://h#f"), Some(&b"h"[..]));
+        assert_eq!(absolute_form_authority(b"file:///etc"), Some(&b""[..]));
+        assert_eq!(absolute_form_authority(b"/path?u=http://evil.test"), None);
+        assert_eq!(absolute_form_authority(b"*"), None);
     }
 
     #[test]

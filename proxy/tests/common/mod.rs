@@ -112,6 +112,8 @@ pub struct Upstream {
     pub port: u16,
     pub pki: TestPki,
     pub received: mpsc::UnboundedReceiver<Received>,
+    /// TCP connections accepted so far.
+    pub accepted: Arc<AtomicUsize>,
 }
 
 impl Upstream {
@@ -155,6 +157,7 @@ pub async fn start_upstream(tls: bool) -> Upstream {
         None
     };
     let conns = Arc::new(AtomicUsize::new(0));
+    let accepted = conns.clone();
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
@@ -175,7 +178,7 @@ pub async fn start_upstream(tls: bool) -> Upstream {
             });
         }
     });
-    Upstream { port, pki, received: rx }
+    Upstream { port, pki, received: rx, accepted }
 }
 
 async fn echo_loop<S: AsyncRead + AsyncWrite + Unpin>(stream: S, conn: usize, tx: mpsc::UnboundedSender<Received>) {
@@ -368,6 +371,71 @@ pub async fn connect_tls(h: &Harness, sandbox: SandboxId, host: &str, port: u16)
     let name = ServerName::try_from(host.to_string()).unwrap();
     let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.unwrap();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    Ok(BufReader::new(tls))
+}
+
+/// Accepts any server certificate: a hostile sandbox does not care whom it talks to.
+#[derive(Debug)]
+struct AcceptAnything(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnything {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// CONNECT to `host:port`, then a TLS handshake sending `sni` as the server name
+/// and accepting any certificate (what a hand-crafted client may do). Err: the
+/// handshake failed.
+pub async fn connect_tls_with_sni(
+    h: &Harness,
+    sandbox: SandboxId,
+    host: &str,
+    port: u16,
+    sni: &str,
+) -> std::io::Result<Client> {
+    let r = connect_raw(h.listeners[&sandbox], &format!("{host}:{port}")).await.unwrap();
+    let tcp = r.into_inner();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnything(provider())))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let name = ServerName::try_from(sni.to_string()).unwrap();
+    let tls = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp),
+    )
+    .await
+    .expect("handshake timeout")?;
     Ok(BufReader::new(tls))
 }
 
