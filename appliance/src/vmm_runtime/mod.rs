@@ -98,7 +98,7 @@ impl VmmRuntime {
         let id = id.to_string();
         move |status| {
             let code = status.map_or("signal".to_string(), |c| c.to_string());
-            println!("appliance: sandbox {id}: VMM ended: {} (exit {code})", vm::describe_exit(status));
+            println!("appliance: sandbox {id}: VMM ended: {} (exit {code})", vmm_contract::exit::describe(status));
         }
     }
 

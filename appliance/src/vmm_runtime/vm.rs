@@ -38,11 +38,6 @@ pub struct VmSpec<'a> {
     pub cid: u32,
 }
 
-/// How a VMM ended, in the words of its exit status.
-pub fn describe_exit(status: Option<i32>) -> &'static str {
-    vmm_contract::exit::describe(status)
-}
-
 /// A running (or ended) VMM.
 pub struct Vm {
     pub pid: i32,
@@ -81,7 +76,7 @@ impl Vm {
         let status = (*self.ended.lock().ok()?)?;
         let clean =
             status.and_then(vmm_contract::ExitStatus::from_code).is_some_and(vmm_contract::ExitStatus::is_clean);
-        Some((clean, describe_exit(status).to_string()))
+        Some((clean, vmm_contract::exit::describe(status).to_string()))
     }
 
     pub fn kill(&self) {
@@ -235,14 +230,6 @@ mod tests {
         assert!(line.contains("init=/sbin/oc-init -- sandbox"), "{line}");
         assert!(line.contains("oc.hostname=sandbox-01234567"), "{line}");
         assert!(line.contains("reboot=k"), "{line}");
-    }
-
-    #[test]
-    fn exit_statuses_are_described() {
-        assert_eq!(describe_exit(Some(0)), "guest powered off");
-        assert_eq!(describe_exit(Some(3)), "guest rebooted");
-        assert_eq!(describe_exit(Some(4)), "guest kernel panicked");
-        assert_eq!(describe_exit(None), "VMM was killed");
     }
 
     #[test]

@@ -235,4 +235,13 @@ mod tests {
         assert_eq!(Slot::B.partition_name(), crate::layout::SYSTEM_B_NAME);
         assert_eq!(Slot::A.cmdline_arg(), "oc.slot=a");
     }
+
+    #[test]
+    fn the_last_exact_slot_word_on_a_command_line_counts() {
+        assert_eq!(Slot::from_cmdline("console=ttyS0 oc.slot=a quiet"), Some(Slot::A));
+        assert_eq!(Slot::from_cmdline("oc.slot=a oc.slot=b"), Some(Slot::B));
+        assert_eq!(Slot::from_cmdline("oc.slotx=b oc.slot=a xoc.slot=b"), Some(Slot::A));
+        assert_eq!(Slot::from_cmdline("oc.slot=c"), None);
+        assert_eq!(Slot::from_cmdline("quiet"), None);
+    }
 }

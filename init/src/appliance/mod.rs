@@ -68,7 +68,7 @@ pub fn run() -> ! {
             }
         }
     }
-    let slot = if from_disk { slot::from_cmdline(&cmdline) } else { None };
+    let slot = if from_disk { boot_disk::entry::Slot::from_cmdline(&cmdline) } else { None };
     match systemdisk::mount_system(slot) {
         Ok(device) => log!("system disk {device} mounted read-only at {}", systemdisk::MOUNT_POINT),
         Err(e) => log!("SYSTEM DISK PROBLEM: {e}; sandboxes cannot start (no templates)"),

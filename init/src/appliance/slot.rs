@@ -19,10 +19,6 @@ use std::time::{Duration, Instant};
 const DEFAULT_TRIAL_TIMEOUT: Duration = Duration::from_secs(900);
 const ESP_COMMIT_MOUNT: &str = "/run/esp-commit";
 
-pub fn from_cmdline(cmdline: &str) -> Option<Slot> {
-    Slot::from_cmdline(cmdline)
-}
-
 /// The configured trial timeout (validated when the configuration was read), or the default.
 pub fn trial_timeout(config: &super::config::Config) -> Duration {
     config
