@@ -33,6 +33,14 @@ pub struct Limits {
     /// Bodies with a Content-Length up to this size are rewritten in memory so the
     /// length can be corrected; larger and chunked bodies are streamed re-chunked.
     pub max_buffered_body: usize,
+    /// A gzip/deflate request body in which tokens may be replaced is read whole
+    /// (up to this size, else 413) before anything of the request goes upstream.
+    pub max_compressed_body: usize,
+    /// Such a body is refused (413) once it inflates past this many bytes.
+    pub max_inflated_body: usize,
+    /// ... or once it expands more than this many times its compressed size
+    /// (bodies inflating to at most 1 MiB are exempt).
+    pub max_inflate_ratio: u32,
     pub leaf_cache_size: usize,
 }
 
@@ -44,6 +52,9 @@ impl Default for Limits {
             max_connections_per_sandbox: 256,
             max_connections: 4096,
             max_buffered_body: 1024 * 1024,
+            max_compressed_body: 8 * 1024 * 1024,
+            max_inflated_body: 64 * 1024 * 1024,
+            max_inflate_ratio: 200,
             leaf_cache_size: 1024,
         }
     }

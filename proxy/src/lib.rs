@@ -18,6 +18,8 @@ pub mod http;
 pub mod io;
 pub mod listener;
 pub mod registry;
+pub mod relay;
+pub mod scrub;
 pub mod secret;
 pub mod server;
 mod session;

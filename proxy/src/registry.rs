@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, RwLock};
 
-use crate::hostmatch::HostList;
+use crate::hostmatch::{HostList, Traffic};
+use crate::scrub::ScrubSet;
 use crate::secret::SecretValue;
 use crate::subst::{is_token, Replacements};
 
@@ -16,7 +17,7 @@ pub type SandboxId = u32;
 #[derive(Debug)]
 pub struct SealedSecret {
     pub value: SecretValue,
-    /// Host patterns (exact, `*.suffix`, or `*` for any host) this secret may be sent
+    /// Host patterns (exact or `*.suffix`, optionally `:port`) this secret may be sent
     /// to. Empty means no host: the token is never replaced (fail closed).
     pub allowed_hosts: Vec<String>,
 }
@@ -24,7 +25,8 @@ pub struct SealedSecret {
 /// Everything registered for one sandbox.
 #[derive(Debug, Default)]
 pub struct SandboxBindings {
-    /// Exact names and `*.` wildcards; empty allows every host (documented API).
+    /// Exact names and `*.` wildcards, optionally with `:port`; empty allows every
+    /// host (documented API), on the default ports.
     pub egress_allowlist: Vec<String>,
     /// Sealed token (`osb_sealed_<32 lowercase hex>`) -> secret binding.
     pub tokens: Vec<(String, SealedSecret)>,
@@ -34,6 +36,7 @@ pub struct SandboxBindings {
 pub enum RegistryError {
     InvalidToken { index: usize },
     InvalidHostPattern(String),
+    Scrubber(String),
 }
 
 impl fmt::Display for RegistryError {
@@ -43,7 +46,7 @@ impl fmt::Display for RegistryError {
             Self::InvalidToken { index } => {
                 write!(f, "token #{index} is not of the form osb_sealed_<32 lowercase hex>")
             }
-            Self::InvalidHostPattern(msg) => f.write_str(msg),
+            Self::InvalidHostPattern(msg) | Self::Scrubber(msg) => f.write_str(msg),
         }
     }
 }
@@ -51,7 +54,7 @@ impl fmt::Display for RegistryError {
 impl std::error::Error for RegistryError {}
 
 struct TokenBinding {
-    token: String,
+    token: Arc<str>,
     value: Arc<SecretValue>,
     hosts: HostList,
 }
@@ -60,27 +63,42 @@ struct TokenBinding {
 pub struct SandboxPolicy {
     egress: HostList,
     tokens: Vec<TokenBinding>,
+    scrub: Arc<ScrubSet>,
 }
 
 impl SandboxPolicy {
-    /// `host` must be normalised (see [`crate::hostmatch::normalize_host`]).
-    pub fn allows_host(&self, host: &str) -> bool {
-        self.egress.is_empty() || self.egress.any_matches(host)
+    /// `host` must be normalised (see [`crate::hostmatch::normalize_host`]). An
+    /// empty allowlist admits every host, on the traffic's default port only.
+    pub fn allows(&self, host: &str, port: u16, traffic: Traffic) -> bool {
+        if self.egress.is_empty() {
+            return port == traffic.default_port();
+        }
+        self.egress.any_matches(host, port, traffic)
     }
 
-    /// The tokens of this sandbox whose secret may reach `host`.
-    pub fn replacements_for(&self, host: &str) -> Replacements {
+    /// The tokens of this sandbox whose secret may reach `host:port` in a TLS tunnel
+    /// (the only traffic tokens are replaced in).
+    pub fn replacements_for(&self, host: &str, port: u16) -> Replacements {
         let mut repl = Replacements::new();
-        for b in self.tokens.iter().filter(|b| b.hosts.any_matches(host)) {
+        for b in self.tokens.iter().filter(|b| b.hosts.any_matches(host, port, Traffic::Tunnel)) {
             repl.insert(b.token.as_bytes(), b.value.clone());
         }
         repl
+    }
+
+    /// Every secret value this sandbox has held a token for since it was registered,
+    /// with its token: what responses to it are scrubbed of.
+    pub fn scrub_set(&self) -> &Arc<ScrubSet> {
+        &self.scrub
     }
 }
 
 impl fmt::Debug for SandboxPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SandboxPolicy").field("egress", &self.egress).field("tokens", &self.tokens.len()).finish()
+        f.debug_struct("SandboxPolicy")
+            .field("egress", &self.egress)
+            .field("tokens", &self.tokens.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -105,9 +123,16 @@ impl SealRegistry {
                 return Err(RegistryError::InvalidToken { index });
             }
             let hosts = HostList::parse(&secret.allowed_hosts).map_err(RegistryError::InvalidHostPattern)?;
-            tokens.push(TokenBinding { token, value: Arc::new(secret.value), hosts });
+            tokens.push(TokenBinding { token: Arc::from(token), value: Arc::new(secret.value), hosts });
         }
-        let policy = Arc::new(SandboxPolicy { egress, tokens });
+        let pairs = tokens.iter().map(|t| (t.value.clone(), t.token.clone())).collect();
+        // Values of an earlier registration stay scrubbed (see ScrubSet::extended_with).
+        let scrub = match self.policy(sandbox) {
+            Some(old) => ScrubSet::extended_with(pairs, &old.scrub),
+            None => ScrubSet::build(pairs),
+        }
+        .map_err(RegistryError::Scrubber)?;
+        let policy = Arc::new(SandboxPolicy { egress, tokens, scrub: Arc::new(scrub) });
         self.sandboxes.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(sandbox, policy);
         Ok(())
     }
@@ -152,11 +177,13 @@ mod tests {
         };
         reg.register(7, bindings).unwrap();
         let p = reg.policy(7).unwrap();
-        assert!(p.allows_host("api.example.com"));
-        assert!(p.allows_host("x.internal.test"));
-        assert!(!p.allows_host("evil.net"));
-        assert_eq!(p.replacements_for("api.example.com").len(), 1);
-        assert!(p.replacements_for("x.internal.test").is_empty());
+        assert!(p.allows("api.example.com", 443, Traffic::Tunnel));
+        assert!(p.allows("x.internal.test", 443, Traffic::Tunnel));
+        assert!(!p.allows("evil.net", 443, Traffic::Tunnel));
+        assert!(!p.allows("api.example.com", 8443, Traffic::Tunnel));
+        assert_eq!(p.replacements_for("api.example.com", 443).len(), 1);
+        assert!(p.replacements_for("api.example.com", 8443).is_empty());
+        assert!(p.replacements_for("x.internal.test", 443).is_empty());
         assert!(reg.unregister(7));
         assert!(reg.policy(7).is_none());
         assert!(!reg.unregister(7));
@@ -167,7 +194,7 @@ mod tests {
         let reg = SealRegistry::new();
         let bad = SandboxBindings {
             egress_allowlist: vec![],
-            tokens: vec![("osb_sealed_XYZ".into(), secret("hunter2", &["*"]))],
+            tokens: vec![("osb_sealed_XYZ".into(), secret("hunter2", &["api.example.com"]))],
         };
         let err = reg.register(1, bad).unwrap_err();
         assert!(!err.to_string().contains("hunter2"));
@@ -182,8 +209,10 @@ mod tests {
         reg.register(2, SandboxBindings { egress_allowlist: vec![], tokens: vec![(T1.into(), secret("v", &[]))] })
             .unwrap();
         let p = reg.policy(2).unwrap();
-        assert!(p.allows_host("anything.example"));
-        assert!(p.replacements_for("anything.example").is_empty());
+        assert!(p.allows("anything.example", 443, Traffic::Tunnel));
+        assert!(p.allows("anything.example", 80, Traffic::PlainHttp));
+        assert!(!p.allows("anything.example", 22, Traffic::Tunnel));
+        assert!(p.replacements_for("anything.example", 443).is_empty());
         assert_eq!(format!("{:?}", SecretValue::from("hunter2".to_string())), "SecretValue(<redacted>)");
     }
 }

@@ -6,18 +6,21 @@ use std::sync::Arc;
 
 use log::{debug, info, warn};
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 
 use crate::destination::{check_request, check_sni, Mismatch, Shown};
 use crate::egress::EgressError;
 use crate::forward::{copy_raw, forward_request, is_upgrade, precheck, ForwardError};
+use crate::hostmatch::Traffic;
 use crate::http::head::{parse_request_head, RequestHead};
 use crate::http::simple_response;
 use crate::http::target::{parse_absolute_http, parse_authority, Authority};
 use crate::io::{Activity, HeadReadError, Inbound, Prefixed};
 use crate::registry::{SandboxId, SandboxPolicy};
+use crate::relay::{relay, Expect, HeadLimits, RelayError};
 use crate::shared::Shared;
 use crate::subst::Replacements;
 
@@ -36,9 +39,15 @@ impl Reject {
     }
 }
 
-async fn send_reject<W: AsyncWrite + Unpin>(w: &mut W, sandbox: SandboxId, r: &Reject) {
-    info!("sandbox {sandbox}: {} {}: {}", r.status, r.reason, r.message);
-    let _ = w.write_all(&simple_response(r.status, r.reason, &r.message, true)).await;
+/// Sends the proxy's own answer. Its message is scrubbed of the sandbox's secret
+/// values like any response (an upstream's error text may quote one).
+async fn send_reject<W: AsyncWrite + Unpin>(shared: &Shared, w: &mut W, sandbox: SandboxId, r: &Reject) {
+    let message = match shared.registry.policy(sandbox) {
+        Some(policy) => policy.scrub_set().scrub_text(&r.message),
+        None => r.message.clone(),
+    };
+    info!("sandbox {sandbox}: {} {}: {message}", r.status, r.reason);
+    let _ = w.write_all(&simple_response(r.status, r.reason, &message, true)).await;
     let _ = w.flush().await;
     let _ = w.shutdown().await;
 }
@@ -53,7 +62,9 @@ fn head_read_reject(e: &HeadReadError) -> Option<Reject> {
 
 fn forward_reject(e: &ForwardError) -> Reject {
     match e {
-        ForwardError::Http10BodyTooLarge => Reject::new(413, "Content Too Large", e.to_string()),
+        ForwardError::Http10BodyTooLarge | ForwardError::InflateLimit(_) => {
+            Reject::new(413, "Content Too Large", e.to_string())
+        }
         _ => Reject::new(400, "Bad Request", e.to_string()),
     }
 }
@@ -83,13 +94,24 @@ fn mismatch_reject(m: &Mismatch, dest_is: &str, dest: &Authority) -> Reject {
     }
 }
 
-fn current_policy(shared: &Shared, sandbox: SandboxId, host: &str) -> Result<Arc<SandboxPolicy>, Reject> {
+fn current_policy(
+    shared: &Shared,
+    sandbox: SandboxId,
+    dest: &Authority,
+    traffic: Traffic,
+) -> Result<Arc<SandboxPolicy>, Reject> {
     let policy = shared
         .registry
         .policy(sandbox)
         .ok_or_else(|| Reject::new(403, "Forbidden", format!("sandbox {sandbox} is not registered with the proxy")))?;
-    if !policy.allows_host(host) {
-        return Err(Reject::new(403, "Forbidden", format!("host {host} is not in this sandbox's egress allowlist")));
+    if !policy.allows(&dest.host, dest.port, traffic) {
+        let default = traffic.default_port();
+        let why = if dest.port == default {
+            "is not in this sandbox's egress allowlist".to_string()
+        } else {
+            format!("is not in this sandbox's egress allowlist (an entry without a port admits only port {default})")
+        };
+        return Err(Reject::new(403, "Forbidden", format!("destination {} {why}", Shown(dest))));
     }
     Ok(policy)
 }
@@ -112,13 +134,14 @@ where
             debug!("sandbox {sandbox}: {e}");
             if let Some(r) = head_read_reject(&e) {
                 let (mut s, _) = inbound.into_parts();
-                send_reject(&mut s, sandbox, &r).await;
+                send_reject(&shared, &mut s, sandbox, &r).await;
             }
             return;
         }
         Err(_) => {
             let (mut s, _) = inbound.into_parts();
             send_reject(
+                &shared,
                 &mut s,
                 sandbox,
                 &Reject::new(408, "Request Timeout", "timed out waiting for the request head"),
@@ -131,15 +154,17 @@ where
     let (mut stream, leftover) = inbound.into_parts();
     let head = match head {
         Ok(h) => h,
-        Err(e) => return send_reject(&mut stream, sandbox, &Reject::new(400, "Bad Request", e.to_string())).await,
+        Err(e) => {
+            return send_reject(&shared, &mut stream, sandbox, &Reject::new(400, "Bad Request", e.to_string())).await
+        }
     };
     if head.method.eq_ignore_ascii_case("CONNECT") {
         let Some(authority) = parse_authority(&head.target, None) else {
             let r = Reject::new(400, "Bad Request", "CONNECT target must be host:port");
-            return send_reject(&mut stream, sandbox, &r).await;
+            return send_reject(&shared, &mut stream, sandbox, &r).await;
         };
-        if let Err(r) = current_policy(&shared, sandbox, &authority.host) {
-            return send_reject(&mut stream, sandbox, &r).await;
+        if let Err(r) = current_policy(&shared, sandbox, &authority, Traffic::Tunnel) {
+            return send_reject(&shared, &mut stream, sandbox, &r).await;
         }
         if stream.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await.is_err() {
             return;
@@ -147,14 +172,14 @@ where
         info!("sandbox {sandbox}: CONNECT {}:{}", authority.host, authority.port);
         intercept(shared, Prefixed::new(leftover, stream), sandbox, authority, activity).await;
     } else if let Some((authority, origin_target)) = parse_absolute_http(&head.target) {
-        if let Err(r) = current_policy(&shared, sandbox, &authority.host) {
-            return send_reject(&mut stream, sandbox, &r).await;
+        if let Err(r) = current_policy(&shared, sandbox, &authority, Traffic::PlainHttp) {
+            return send_reject(&shared, &mut stream, sandbox, &r).await;
         }
         info!("sandbox {sandbox}: plain HTTP to {}:{}", authority.host, authority.port);
         plain_forward(shared, Prefixed::new(leftover, stream), sandbox, authority, head, origin_target, activity).await;
     } else {
         let r = Reject::new(400, "Bad Request", "expected CONNECT host:port or an absolute http:// URL");
-        send_reject(&mut stream, sandbox, &r).await;
+        send_reject(&shared, &mut stream, sandbox, &r).await;
     }
 }
 
@@ -209,7 +234,7 @@ where
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
             if let Some(r) = head_read_reject(&e) {
-                send_reject(&mut client_w, sandbox, &r).await;
+                send_reject(&shared, &mut client_w, sandbox, &r).await;
             }
             return;
         }
@@ -220,24 +245,24 @@ where
         .and_then(|head| {
             // Before the upstream is dialled: a misdirected request opens nothing.
             check_request(&head, &authority).map_err(|m| mismatch_reject(&m, TUNNEL_IS_TO, &authority))?;
-            let policy = current_policy(&shared, sandbox, &host)?;
-            let repl = Arc::new(policy.replacements_for(&host));
-            let framing =
-                precheck(&head, limits.max_buffered_body, !repl.is_empty()).map_err(|e| forward_reject(&e))?;
+            let policy = current_policy(&shared, sandbox, &authority, Traffic::Tunnel)?;
+            let repl = Arc::new(policy.replacements_for(&host, authority.port));
+            let framing = precheck(&head, limits, !repl.is_empty()).map_err(|e| forward_reject(&e))?;
             Ok((head, framing, policy, repl))
         });
     let (head, framing, policy, repl) = match prepared {
         Ok(p) => p,
-        Err(r) => return send_reject(&mut client_w, sandbox, &r).await,
+        Err(r) => return send_reject(&shared, &mut client_w, sandbox, &r).await,
     };
     let upstream = match dial_tls(&shared, &authority).await {
         Ok(u) => u,
-        Err(r) => return send_reject(&mut client_w, sandbox, &r).await,
+        Err(r) => return send_reject(&shared, &mut client_w, sandbox, &r).await,
     };
     let (upstream_r, upstream_w) = tokio::io::split(upstream);
     let first = FirstRequest { head, framing, policy, repl };
-    let requests = request_loop(&shared, sandbox, &authority, first, inbound, upstream_w, true);
-    run_pipeline(&shared, sandbox, &host, requests, upstream_r, client_w, activity).await;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let requests = request_loop(&shared, sandbox, &authority, first, inbound, upstream_w, tx, true);
+    run_pipeline(&shared, sandbox, &host, requests, rx, upstream_r, client_w, activity).await;
 }
 
 const TUNNEL_IS_TO: &str = "this tunnel is to";
@@ -261,26 +286,33 @@ async fn plain_forward<S>(
     // Each plain request stands alone (one per connection): its Host header must
     // name the host its target names, which is the one checked and dialled.
     if let Err(m) = check_request(&head, &authority) {
-        return send_reject(&mut client_w, sandbox, &mismatch_reject(&m, "the request target names", &authority)).await;
+        return send_reject(
+            &shared,
+            &mut client_w,
+            sandbox,
+            &mismatch_reject(&m, "the request target names", &authority),
+        )
+        .await;
     }
-    let framing = match precheck(&head, shared.config.limits.max_buffered_body, false) {
+    let framing = match precheck(&head, &shared.config.limits, false) {
         Ok(f) => f,
-        Err(e) => return send_reject(&mut client_w, sandbox, &forward_reject(&e)).await,
+        Err(e) => return send_reject(&shared, &mut client_w, sandbox, &forward_reject(&e)).await,
     };
-    let policy = match current_policy(&shared, sandbox, &host) {
+    let policy = match current_policy(&shared, sandbox, &authority, Traffic::PlainHttp) {
         Ok(p) => p,
-        Err(r) => return send_reject(&mut client_w, sandbox, &r).await,
+        Err(r) => return send_reject(&shared, &mut client_w, sandbox, &r).await,
     };
     let upstream = match shared.egress.dial(&host, authority.port).await {
         Ok((s, _)) => s,
-        Err(e) => return send_reject(&mut client_w, sandbox, &egress_reject(&host, &e)).await,
+        Err(e) => return send_reject(&shared, &mut client_w, sandbox, &egress_reject(&host, &e)).await,
     };
     head.target = origin_target;
     head.set_header("Connection", b"close");
     let (upstream_r, upstream_w) = upstream.into_split();
     let first = FirstRequest { head, framing, policy, repl: Arc::new(Replacements::new()) };
-    let requests = request_loop(&shared, sandbox, &authority, first, inbound, upstream_w, false);
-    run_pipeline(&shared, sandbox, &host, requests, upstream_r, client_w, activity).await;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let requests = request_loop(&shared, sandbox, &authority, first, inbound, upstream_w, tx, false);
+    run_pipeline(&shared, sandbox, &host, requests, rx, upstream_r, client_w, activity).await;
 }
 
 type UpstreamTls = tokio_rustls::client::TlsStream<BufReader<TcpStream>>;
@@ -327,8 +359,33 @@ impl From<String> for Stop {
     }
 }
 
+/// Content codings the response scrubber can decode; requests may ask only for these.
+const DECODABLE_CODINGS: [&[u8]; 4] = [b"gzip", b"x-gzip", b"deflate", b"identity"];
+
+/// Keeps the responses this request may get scrubbable: Accept-Encoding is cut to the
+/// codings the scrubber decodes, and WebSocket compression (which would hide values
+/// inside compressed frames) is not offered.
+fn keep_responses_scrubbable(head: &mut RequestHead) {
+    if let Some(accept) = head.header("accept-encoding") {
+        let kept: Vec<&[u8]> = accept
+            .split(|&b| b == b',')
+            .map(<[u8]>::trim_ascii)
+            .filter(|e| {
+                let coding = e.split(|&b| b == b';').next().unwrap_or_default().trim_ascii();
+                DECODABLE_CODINGS.iter().any(|c| coding.eq_ignore_ascii_case(c))
+            })
+            .collect();
+        // An empty Accept-Encoding would mean "anything": say identity instead.
+        let value = if kept.is_empty() { b"identity".to_vec() } else { kept.join(&b", "[..]) };
+        head.set_header("Accept-Encoding", &value);
+    }
+    head.remove_header("sec-websocket-extensions");
+}
+
 /// Forwards requests until the sandbox closes its side (Ok) or something is
-/// wrong (Err). Policy is re-read, and the destination re-checked, for every request.
+/// wrong (Err). Policy is re-read, and the destination re-checked, for every request;
+/// each request is announced to the response relay (`expects`) before it is sent.
+#[allow(clippy::too_many_arguments)] // one connection's parts, each used once
 async fn request_loop<R, W>(
     shared: &Shared,
     sandbox: SandboxId,
@@ -336,6 +393,7 @@ async fn request_loop<R, W>(
     first: FirstRequest,
     mut inbound: Inbound<R>,
     mut upstream: W,
+    expects: mpsc::UnboundedSender<Expect>,
     keep_alive: bool,
 ) -> Result<(), Stop>
 where
@@ -350,17 +408,24 @@ where
         let upgrade = is_upgrade(&head);
         let method = head.method.clone();
         let repl = cached.1.clone();
-        let replaced = forward_request(
-            head,
-            framing,
-            &mut inbound,
-            &mut upstream,
-            &repl,
-            limits.max_buffered_body,
-            limits.max_header_bytes,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        let scrub = cached.0.scrub_set().clone();
+        if !scrub.is_empty() {
+            keep_responses_scrubbable(&mut head);
+        }
+        let expect = Expect { head_request: method.eq_ignore_ascii_case("HEAD"), client_version: head.version, scrub };
+        if expects.send(expect).is_err() {
+            return Err(Stop::Drop("the response side ended".into()));
+        }
+        let replaced = match forward_request(head, framing, &mut inbound, &mut upstream, &repl, limits).await {
+            Ok(n) => n,
+            // Refused before any byte went upstream; the body may be partly unread,
+            // so the connection closes after the answer.
+            Err(e) if e.nothing_sent() => {
+                let _ = upstream.shutdown().await;
+                return Err(Stop::Refuse(forward_reject(&e)));
+            }
+            Err(e) => return Err(Stop::Drop(e.to_string())),
+        };
         debug!("sandbox {sandbox}: {method} {host}: {replaced} token(s) replaced");
         if upgrade {
             return copy_raw(&mut inbound, &mut upstream).await.map_err(|e| Stop::Drop(e.to_string()));
@@ -376,44 +441,33 @@ where
             }
             Err(e) => return Err(Stop::Drop(e.to_string())),
         };
-        let policy = current_policy(shared, sandbox, host).map_err(|r| r.message)?;
+        // Nothing of a refused request goes upstream. Closing our sending side lets
+        // the upstream finish the responses it owes and then close, so the answer
+        // can follow them in order.
+        let policy = match current_policy(shared, sandbox, dest, Traffic::Tunnel) {
+            Ok(p) => p,
+            Err(r) => {
+                let _ = upstream.shutdown().await;
+                return Err(Stop::Refuse(r));
+            }
+        };
         if !Arc::ptr_eq(&policy, &cached.0) {
-            let repl = Arc::new(policy.replacements_for(host));
+            let repl = Arc::new(policy.replacements_for(host, dest.port));
             cached = (policy, repl);
         }
         head = parse_request_head(&raw, limits.max_headers).map_err(|e| e.to_string())?;
         if let Err(m) = check_request(&head, dest) {
-            // Nothing of this request goes upstream. Closing our sending side lets
-            // the upstream finish the responses it owes and then close, so the
-            // answer can follow them in order.
             let _ = upstream.shutdown().await;
             return Err(Stop::Refuse(mismatch_reject(&m, TUNNEL_IS_TO, dest)));
         }
-        framing = precheck(&head, limits.max_buffered_body, !cached.1.is_empty()).map_err(|e| e.to_string())?;
-    }
-}
-
-/// Streams upstream bytes to the sandbox unchanged until the upstream closes.
-async fn relay<R, W>(mut upstream: R, client: &mut W, activity: Arc<Activity>) -> std::io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match upstream.read(&mut buf).await {
-            Ok(n) => n,
-            // Many servers close without TLS close_notify; the response was complete.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
-            Err(e) => return Err(e),
+        framing = match precheck(&head, limits, !cached.1.is_empty()) {
+            Ok(f) => f,
+            Err(e @ (ForwardError::InflateLimit(_) | ForwardError::Http10BodyTooLarge)) => {
+                let _ = upstream.shutdown().await;
+                return Err(Stop::Refuse(forward_reject(&e)));
+            }
+            Err(e) => return Err(Stop::Drop(e.to_string())),
         };
-        if n == 0 {
-            return Ok(());
-        }
-        activity.touch();
-        client.write_all(&buf[..n]).await?;
-        client.flush().await?;
-        activity.touch();
     }
 }
 
@@ -427,11 +481,13 @@ enum End {
     Answer(Reject),
 }
 
+#[allow(clippy::too_many_arguments)] // one connection's parts, each used once
 async fn run_pipeline<F, R, W>(
     shared: &Shared,
     sandbox: SandboxId,
     host: &str,
     requests: F,
+    expects: mpsc::UnboundedReceiver<Expect>,
     upstream_r: R,
     mut client_w: W,
     activity: Arc<Activity>,
@@ -441,15 +497,26 @@ async fn run_pipeline<F, R, W>(
     W: AsyncWrite + Unpin,
 {
     let idle_limit = shared.config.timeouts.idle;
-    let relayed = |r: std::io::Result<()>| match r {
-        Ok(()) => End::Close,
+    let relayed = |r: Result<crate::relay::Relayed, RelayError>| match r {
+        Ok(_) => End::Close,
+        // A response that cannot be passed on safely, before any of it was sent.
+        Err(RelayError::BadResponse { message, started: false }) => {
+            End::Answer(Reject::new(502, "Bad Gateway", format!("upstream {host}: {message}")))
+        }
         Err(e) => {
-            debug!("sandbox {sandbox}: {host}: response stream ended: {}", e.kind());
+            info!("sandbox {sandbox}: {host}: response stream ended: {e}");
             End::Drop
         }
     };
+    let limits = &shared.config.limits;
+    let head_limits = HeadLimits {
+        max_bytes: limits.max_header_bytes,
+        max_fields: limits.max_headers,
+        timeout: shared.config.timeouts.header,
+    };
     let end = {
-        let responses = relay(upstream_r, &mut client_w, activity.clone());
+        let upstream = Inbound::new(upstream_r, activity.clone());
+        let responses = relay(upstream, &mut client_w, expects, head_limits);
         let idle = activity.idle_timeout(idle_limit);
         tokio::pin!(requests, responses, idle);
         tokio::select! {
@@ -494,7 +561,7 @@ async fn run_pipeline<F, R, W>(
         }
         End::Drop => {}
         End::Answer(r) => {
-            let _ = tokio::time::timeout(idle_limit, send_reject(&mut client_w, sandbox, &r)).await;
+            let _ = tokio::time::timeout(idle_limit, send_reject(shared, &mut client_w, sandbox, &r)).await;
         }
     }
 }

@@ -15,16 +15,14 @@ const S1: u32 = 3;
 const S2: u32 = 4;
 
 /// Sandbox S1: api.test + other.test allowed; token(1) -> "sk-live-alpha" for api.test only.
-/// Sandbox S2: token(2) -> "sk-live-beta" for api.test.
+/// Sandbox S2: token(2) -> "sk-live-beta" for api.test. Every pattern names the
+/// upstream's port (without one, only 443 or 80 would be allowed).
 async fn setup(upstream: &Upstream, tweak: impl FnOnce(&mut proxy::ProxyConfig)) -> Harness {
     let reg = Arc::new(SealRegistry::new());
-    register(
-        &reg,
-        S1,
-        &["api.test", "*.other.test", "other.test"],
-        vec![(token(1), secret("sk-live-alpha", &["api.test"]))],
-    );
-    register(&reg, S2, &["api.test"], vec![(token(2), secret("sk-live-beta", &["api.test"]))]);
+    let p = |host: &str| format!("{host}:{}", upstream.port);
+    let (api, other, others) = (p("api.test"), p("*.other.test"), p("other.test"));
+    register(&reg, S1, &[&api, &other, &others], vec![(token(1), secret("sk-live-alpha", &[&api]))]);
+    register(&reg, S2, &[&api], vec![(token(2), secret("sk-live-beta", &[&api]))]);
     let mut cfg = base_config(upstream);
     tweak(&mut cfg);
     start_proxy(cfg, reg, &[S1, S2]).await
@@ -280,9 +278,11 @@ async fn private_destination_is_refused_without_explicit_allowance() {
     let t = token(1);
     let cases =
         [("api.test".to_string(), up.port), ("127.0.0.1".to_string(), up.port), ("169.254.169.254".to_string(), 443)];
+    let allowed: Vec<String> = cases.iter().map(|(host, port)| format!("{host}:{port}")).collect();
+    let allowed: Vec<&str> = allowed.iter().map(String::as_str).collect();
     for (host, port) in cases {
         let reg = &h.registry;
-        register(reg, S1, &[], vec![(token(1), secret("sk-live-alpha", &["*"]))]);
+        register(reg, S1, &allowed, vec![(token(1), secret("sk-live-alpha", &allowed))]);
         let mut c = connect_tls(&h, S1, &host, port).await.unwrap();
         let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {t}\r\n\r\n");
         let resp = roundtrip(&mut c, req.as_bytes()).await;

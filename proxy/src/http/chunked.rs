@@ -195,6 +195,37 @@ pub fn encode_chunk(data: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(b"\r\n");
 }
 
+const CHUNK_SIZE_DIGITS: usize = 8;
+
+/// Starts a chunk whose data the caller appends to `wire` next: a fixed-width size
+/// placeholder (leading zeros are valid), so a chunk is assembled with one copy.
+/// Returns where the chunk starts, for [`end_chunk`].
+pub fn begin_chunk(wire: &mut Vec<u8>) -> usize {
+    let at = wire.len();
+    wire.extend_from_slice(b"00000000\r\n");
+    at
+}
+
+/// Fills in the size of the chunk begun at `at`, or removes it if empty (an empty
+/// chunk would end the body).
+pub fn end_chunk(wire: &mut Vec<u8>, at: usize) {
+    let data_len = wire.len() - at - CHUNK_SIZE_DIGITS - 2;
+    if data_len == 0 {
+        wire.truncate(at);
+        return;
+    }
+    let digits = format!("{data_len:0CHUNK_SIZE_DIGITS$x}");
+    if digits.len() == CHUNK_SIZE_DIGITS {
+        wire[at..at + CHUNK_SIZE_DIGITS].copy_from_slice(digits.as_bytes());
+        wire.extend_from_slice(b"\r\n");
+    } else {
+        // Over 4 GiB in one chunk cannot happen with bounded reads; re-encode anyway.
+        let data = wire.split_off(at + CHUNK_SIZE_DIGITS + 2);
+        wire.truncate(at);
+        encode_chunk(&data, wire);
+    }
+}
+
 /// Appends the last chunk and the trailer section (`trailers`: lines ending in CRLF).
 pub fn encode_last(trailers: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(b"0\r\n");

@@ -96,21 +96,36 @@ fn is_value_byte(b: u8) -> bool {
 
 /// Parses a complete head (as delimited by [`find_head_end`]).
 pub fn parse_request_head(raw: &[u8], max_headers: usize) -> Result<RequestHead, HeadError> {
+    let (request_line, fields) = head_lines(raw)?;
+    let (method, target, version) = parse_request_line(request_line)?;
+    let headers = parse_fields(fields, max_headers)?;
+    Ok(RequestHead { method, target, version, headers })
+}
+
+/// Splits a complete head (ending in CRLF CRLF, leading empty lines skipped) into its
+/// first line (CR removed) and the field lines after it (each still ending in CR).
+pub(crate) fn head_lines(raw: &[u8]) -> Result<(&[u8], &[u8]), HeadError> {
     let raw = &raw[leading_crlf_len(raw)..];
     if !raw.ends_with(b"\r\n\r\n") {
         return Err(HeadError::BadRequestLine);
     }
-    // Keep each line's CR, drop the final LF of the last field line and the empty line.
+    // Keep each line's CR, drop the final LF of the last line and the empty line.
     let body = &raw[..raw.len() - 3];
-    let mut lines = body.split(|&b| b == b'\n');
-    let mut next_line = || -> Option<Result<&[u8], HeadError>> {
-        lines.next().map(|l| l.strip_suffix(b"\r").ok_or(HeadError::BareLineFeed))
+    let (first, fields) = match memchr::memchr(b'\n', body) {
+        Some(i) => (&body[..i], &body[i + 1..]),
+        None => (body, &body[body.len()..]),
     };
-    let request_line = next_line().ok_or(HeadError::BadRequestLine)??;
-    let (method, target, version) = parse_request_line(request_line)?;
+    Ok((first.strip_suffix(b"\r").ok_or(HeadError::BareLineFeed)?, fields))
+}
+
+/// Parses the field lines of a head (as split by [`head_lines`]).
+pub(crate) fn parse_fields(fields: &[u8], max_headers: usize) -> Result<Vec<Header>, HeadError> {
     let mut headers = Vec::new();
-    while let Some(line) = next_line() {
-        let line = line?;
+    if fields.is_empty() {
+        return Ok(headers);
+    }
+    for line in fields.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").ok_or(HeadError::BareLineFeed)?;
         if line.first().is_some_and(|b| *b == b' ' || *b == b'\t') {
             return Err(HeadError::ObsoleteLineFolding);
         }
@@ -129,7 +144,49 @@ pub fn parse_request_head(raw: &[u8], max_headers: usize) -> Result<RequestHead,
         // tchar bytes are ASCII, so this is valid UTF-8.
         headers.push(Header { name: String::from_utf8_lossy(name).into_owned(), value: value.to_vec() });
     }
-    Ok(RequestHead { method, target, version, headers })
+    Ok(headers)
+}
+
+/// Comma-separated elements of every `name` field, trimmed, empty ones dropped.
+pub(crate) fn list_elements<'a>(headers: &'a [Header], name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+    headers
+        .iter()
+        .filter(move |h| h.name.eq_ignore_ascii_case(name))
+        .flat_map(|h| h.value.split(|&b| b == b','))
+        .map(trim_ows)
+        .filter(|t| !t.is_empty())
+}
+
+/// The Content-Length fields' value: all must agree.
+pub(crate) fn content_length(headers: &[Header]) -> Result<Option<u64>, HeadError> {
+    let mut length: Option<u64> = None;
+    for h in headers.iter().filter(|h| h.name.eq_ignore_ascii_case("content-length")) {
+        for part in h.value.split(|&b| b == b',') {
+            let part = trim_ows(part);
+            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+                return Err(HeadError::BadContentLength);
+            }
+            let n = std::str::from_utf8(part)
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or(HeadError::BadContentLength)?;
+            if length.is_some_and(|l| l != n) {
+                return Err(HeadError::ConflictingLength);
+            }
+            length = Some(n);
+        }
+    }
+    Ok(length)
+}
+
+pub(crate) fn write_fields(headers: &[Header], out: &mut Vec<u8>) {
+    for h in headers {
+        out.extend_from_slice(h.name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(&h.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
 }
 
 fn parse_request_line(line: &[u8]) -> Result<(String, Vec<u8>, Version), HeadError> {
@@ -183,41 +240,14 @@ impl RequestHead {
 
     /// True if some comma-separated element of a header equals `token` (case-insensitive).
     pub fn has_token(&self, name: &str, token: &str) -> bool {
-        self.headers
-            .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case(name))
-            .flat_map(|h| h.value.split(|&b| b == b','))
-            .any(|t| trim_ows(t).eq_ignore_ascii_case(token.as_bytes()))
+        list_elements(&self.headers, name).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
     }
 
     /// Body framing per RFC 9112 section 6, refusing the ambiguous cases that enable
     /// request smuggling.
     pub fn framing(&self) -> Result<BodyFraming, HeadError> {
-        let te: Vec<&[u8]> = self
-            .headers
-            .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
-            .flat_map(|h| h.value.split(|&b| b == b','))
-            .map(trim_ows)
-            .filter(|t| !t.is_empty())
-            .collect();
-        let mut length: Option<u64> = None;
-        for h in self.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("content-length")) {
-            for part in h.value.split(|&b| b == b',') {
-                let part = trim_ows(part);
-                if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
-                    return Err(HeadError::BadContentLength);
-                }
-                let n = std::str::from_utf8(part)
-                    .ok()
-                    .and_then(|s| s.parse::<u64>().ok())
-                    .ok_or(HeadError::BadContentLength)?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(HeadError::ConflictingLength);
-                }
-                length = Some(n);
-            }
-        }
+        let te: Vec<&[u8]> = list_elements(&self.headers, "transfer-encoding").collect();
+        let length = content_length(&self.headers)?;
         if !te.is_empty() {
             if length.is_some() {
                 return Err(HeadError::ConflictingLength);
@@ -240,13 +270,7 @@ impl RequestHead {
         out.push(b' ');
         out.extend_from_slice(self.version.as_str().as_bytes());
         out.extend_from_slice(b"\r\n");
-        for h in &self.headers {
-            out.extend_from_slice(h.name.as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(&h.value);
-            out.extend_from_slice(b"\r\n");
-        }
-        out.extend_from_slice(b"\r\n");
+        write_fields(&self.headers, out);
     }
 }
 

@@ -233,13 +233,106 @@ async fn echo_loop<S: AsyncRead + AsyncWrite + Unpin>(stream: S, conn: usize, tx
         let mut echo = head.clone().into_bytes();
         echo.extend_from_slice(b"\r\n");
         echo.extend_from_slice(&body);
+        let mode = rec.header("x-echo-mode");
         let _ = tx.send(Received { conn, head, body, chunked });
-        let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Upstream-Conn: {conn}\r\n\r\n", echo.len());
+        let writes = if let Some(mode) = mode.as_deref() {
+            hostile_response(mode, &rec.header("authorization").unwrap_or_default(), &echo)
+        } else {
+            let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Upstream-Conn: {conn}\r\n\r\n", echo.len());
+            vec![resp.into_bytes(), echo]
+        };
         let w = r.get_mut();
-        if w.write_all(resp.as_bytes()).await.is_err() || w.write_all(&echo).await.is_err() || w.flush().await.is_err()
-        {
-            return;
+        // Each write is flushed on its own: over TLS, one record each.
+        for part in &writes {
+            if w.write_all(part).await.is_err() || w.flush().await.is_err() {
+                return;
+            }
         }
+        match mode.as_deref() {
+            Some("upgrade") => {
+                // After 101: echo raw bytes back, then close.
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = r.read(&mut buf).await {
+                    if n == 0 || r.get_mut().write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    let _ = r.get_mut().flush().await;
+                }
+                let _ = r.get_mut().shutdown().await;
+                return;
+            }
+            Some("close") => {
+                let _ = r.get_mut().shutdown().await;
+                return;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// How a hostile-but-honest upstream quotes what it received (`X-Echo-Mode`): every
+/// mode puts the request's values (`auth`: its Authorization value, `echo`: its whole
+/// head and body) somewhere in the response, the way real APIs quote bad input.
+fn hostile_response(mode: &str, auth: &str, echo: &[u8]) -> Vec<Vec<u8>> {
+    use std::io::Write as _;
+    let with_len = |extra: &str, body: &[u8]| {
+        let mut head = format!("HTTP/1.1 200 OK\r\n{extra}Content-Length: {}\r\n\r\n", body.len()).into_bytes();
+        head.extend_from_slice(body);
+        vec![head]
+    };
+    match mode {
+        "status" => vec![format!("HTTP/1.1 401 Key {auth} is not valid\r\nContent-Length: 0\r\n\r\n").into_bytes()],
+        "header" => with_len(&format!("X-Echo-Auth: {auth}\r\nLocation: /next?key={auth}\r\n"), b"ok"),
+        "identity" => with_len("", echo),
+        "chunked" => {
+            // 7-byte chunks: every quoted value straddles chunk boundaries.
+            let mut out = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+            for piece in echo.chunks(7) {
+                out.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+                out.extend_from_slice(piece);
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice(format!("0\r\nX-Trailer-Auth: {auth}\r\n\r\n").as_bytes());
+            vec![out]
+        }
+        "gzip" | "deflate" | "br" => {
+            let encoded = match mode {
+                "gzip" => {
+                    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+                    e.write_all(echo).unwrap();
+                    e.finish().unwrap()
+                }
+                "deflate" => {
+                    let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+                    e.write_all(echo).unwrap();
+                    e.finish().unwrap()
+                }
+                // Not really brotli: the proxy must refuse it unread either way.
+                _ => echo.to_vec(),
+            };
+            with_len(&format!("Content-Encoding: {mode}\r\n"), &encoded)
+        }
+        "split" => {
+            // The first quoted value is cut in two TLS records.
+            let mut all = with_len("", echo).remove(0);
+            let at = all
+                .windows(auth.len().max(1))
+                .position(|w| w == auth.as_bytes())
+                .map_or(all.len() / 2, |i| i + auth.len() / 2);
+            let tail = all.split_off(at);
+            vec![all, tail]
+        }
+        "upgrade" => {
+            let mut head = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n".to_vec();
+            head.extend_from_slice(&echo[..echo.len() / 2]);
+            vec![head, echo[echo.len() / 2..].to_vec()]
+        }
+        "close" => {
+            let mut out = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n".to_vec();
+            out.extend_from_slice(echo);
+            vec![out]
+        }
+        other => with_len("", format!("unknown echo mode {other}").as_bytes()),
     }
 }
 
@@ -331,6 +424,33 @@ pub async fn read_response<S: AsyncRead + Unpin>(r: &mut BufReader<S>) -> std::i
         head.push_str(&line);
     }
     let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let chunked = head.lines().any(|l| {
+        l.split_once(':').is_some_and(|(n, v)| n.eq_ignore_ascii_case("transfer-encoding") && v.trim() == "chunked")
+    });
+    if chunked {
+        let mut body = Vec::new();
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size).await?;
+            let n = usize::from_str_radix(size.trim(), 16).map_err(|_| std::io::ErrorKind::InvalidData)?;
+            if n == 0 {
+                // Trailer lines are appended to the head.
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).await? == 0 || line == "\r\n" {
+                        break;
+                    }
+                    head.push_str(&line);
+                }
+                break;
+            }
+            let at = body.len();
+            body.resize(at + n + 2, 0);
+            r.read_exact(&mut body[at..]).await?;
+            body.truncate(at + n);
+        }
+        return Ok(Response { status, head, body });
+    }
     let len = head
         .lines()
         .find_map(|l| l.split_once(':').filter(|(n, _)| n.eq_ignore_ascii_case("content-length")))
