@@ -1,6 +1,7 @@
 //! The sandbox side as the control plane holds it: the runtime and the seal publisher it was
 //! wired with (or why there is none), and the running sandboxes with their `endAt`, which is
-//! the reaper's work list. The operations on sandboxes are in `sandbox_ops`.
+//! the reaper's work list, and what each one was registered with at the sealing proxy
+//! (`seal_sync`). The operations on sandboxes are in `sandbox_ops`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -8,12 +9,15 @@ use std::sync::{Arc, Mutex};
 use crate::error::AppError;
 use crate::runtime::{RuntimeError, SandboxRuntime};
 use crate::seal::SealPublisher;
+use crate::seal_sync::SealBook;
 
 /// The sandbox side, as wired by the embedding binary.
 #[derive(Clone)]
 pub struct Backend {
     pub runtime: Arc<dyn SandboxRuntime>,
     pub publisher: Arc<dyn SealPublisher>,
+    /// The sealing proxy's egress decisions and traffic, for `/metrics`.
+    pub egress: Arc<proxy::egress_log::EgressCounters>,
 }
 
 pub struct Lifecycle {
@@ -21,6 +25,8 @@ pub struct Lifecycle {
     unavailable_reason: String,
     /// Running sandboxes and their `endAt`, the reaper's work list.
     live: Mutex<HashMap<String, i64>>,
+    /// Running sandboxes' projects and tokens, to re-publish them when secrets change.
+    seals: SealBook,
 }
 
 pub fn runtime_error(err: RuntimeError) -> AppError {
@@ -33,13 +39,22 @@ pub fn runtime_error(err: RuntimeError) -> AppError {
 
 impl Lifecycle {
     pub fn new(backend: Option<Backend>, unavailable_reason: impl Into<String>) -> Self {
-        Self { backend, unavailable_reason: unavailable_reason.into(), live: Mutex::new(HashMap::new()) }
+        Self {
+            backend,
+            unavailable_reason: unavailable_reason.into(),
+            live: Mutex::new(HashMap::new()),
+            seals: SealBook::new(),
+        }
     }
 
     pub fn backend(&self) -> Result<&Backend, AppError> {
         self.backend
             .as_ref()
             .ok_or_else(|| AppError::unavailable(format!("sandbox runtime not available: {}", self.unavailable_reason)))
+    }
+
+    pub fn seals(&self) -> &SealBook {
+        &self.seals
     }
 
     pub fn running_count(&self) -> usize {

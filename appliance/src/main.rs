@@ -21,6 +21,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Serve(config, sandbox) => {
+            appliance::console_log::install();
             let data_dir = config.data_dir.clone();
             let factory = move |store: &appliance::store::Store, keyring: &appliance::crypto::Keyring| {
                 appliance::sandbox_side::build(&sandbox, data_dir, store, keyring)

@@ -139,6 +139,36 @@ impl Metrics {
     }
 }
 
+/// The sealing proxy's egress counters: decisions (forwarded, refused, misdirected,
+/// rejected, upstream_failed), bytes each way, secret values scrubbed from responses.
+pub fn render_egress(out: &mut String, egress: &proxy::egress_log::EgressSnapshot) {
+    out.push_str("# HELP appliance_egress_decisions_total Sandbox requests and tunnels by the proxy's decision.\n");
+    out.push_str("# TYPE appliance_egress_decisions_total counter\n");
+    for (decision, count) in &egress.decisions {
+        let _ = writeln!(out, "appliance_egress_decisions_total{{decision=\"{decision}\"}} {count}");
+    }
+    let counters = [
+        (
+            "appliance_egress_bytes_from_sandboxes_total",
+            "Bytes sandboxes sent through the proxy.",
+            egress.bytes_from_sandboxes,
+        ),
+        (
+            "appliance_egress_bytes_to_sandboxes_total",
+            "Bytes the proxy sent back to sandboxes.",
+            egress.bytes_to_sandboxes,
+        ),
+        (
+            "appliance_egress_values_scrubbed_total",
+            "Secret values replaced by tokens in responses to sandboxes.",
+            egress.values_scrubbed,
+        ),
+    ];
+    for (name, help, value) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

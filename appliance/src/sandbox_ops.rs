@@ -1,4 +1,4 @@
-//! Operations on sandboxes: create (secrets -> sealed tokens -> boot -> publish -> env ->
+//! Operations on sandboxes: create (secret names -> sealed tokens -> boot -> publish -> env ->
 //! record), stop at `endAt` or on DELETE, timeout changes, and reconciliation after a
 //! restart. Every failure path undoes what was already done, so nothing is half-made.
 
@@ -14,8 +14,9 @@ use crate::clock::now_unix;
 use crate::error::AppError;
 use crate::lifecycle::{new_id, runtime_error, Backend};
 use crate::runtime::{BootSpec, EnvVars};
-use crate::seal::{mint_token, SandboxSeal, SealedBinding};
-use crate::store::records::{secret_associated_data, ProjectRecord, SandboxRecord, SandboxStatus};
+use crate::seal::mint_token;
+use crate::seal_sync;
+use crate::store::records::{ProjectRecord, SandboxRecord, SandboxStatus};
 
 /// A fully resolved create request (defaults already merged).
 pub struct CreateSpec {
@@ -28,52 +29,41 @@ pub struct CreateSpec {
     pub project: Option<ProjectRecord>,
 }
 
-/// Decrypts the project's secrets and turns each into a sealed token, except those the
-/// request's own `envs` override. Returns the sandbox environment and the bindings.
-fn seal_project_secrets(
+/// Mints a sealed token for each of the project's secrets, except those the request's own
+/// `envs` override. Returns the sandbox environment and secret name -> token; the values are
+/// read when the bindings are published (`seal_sync::attach`), after the boot.
+fn mint_project_tokens(
     app: &App,
     project: &ProjectRecord,
     overridden: &BTreeMap<String, Zeroizing<String>>,
-) -> Result<(EnvVars, Vec<SealedBinding>), AppError> {
-    let sealed: Vec<(String, Vec<u8>)> = app.store.read(|rtxn, dbs| {
+) -> Result<(EnvVars, BTreeMap<String, String>), AppError> {
+    let names: Vec<String> = app.store.read(|rtxn, dbs| {
         let prefix = format!("{}/", project.id);
         let mut out = Vec::new();
         for item in dbs.secrets.prefix_iter(rtxn, &prefix)? {
-            let (key, blob) = item?;
-            let name = key[prefix.len()..].to_string();
+            let name = item?.0[prefix.len()..].to_string();
             if !overridden.contains_key(&name) {
-                out.push((name, blob.to_vec()));
+                out.push(name);
             }
         }
         Ok(out)
     })?;
     let mut envs = EnvVars::new();
-    let mut bindings = Vec::new();
-    for (name, blob) in sealed {
-        let value = app
-            .keyring
-            .open(&blob, &secret_associated_data(&project.id, &name))
-            .map_err(|e| AppError::internal(format!("cannot decrypt secret {name}: {e}")))?;
+    let mut tokens = BTreeMap::new();
+    for name in names {
         let token = mint_token().map_err(|e| AppError::internal(e.to_string()))?;
         envs.push((name.clone(), Zeroizing::new(token.clone())));
-        bindings.push(SealedBinding {
-            token,
-            secret_name: name,
-            value,
-            // A secret may reach only the hosts its project allows; an empty list
-            // means nowhere (the proxy fails closed).
-            allowed_hosts: project.egress_allowlist.clone(),
-        });
+        tokens.insert(name, token);
     }
-    Ok((envs, bindings))
+    Ok((envs, tokens))
 }
 
 pub fn create(app: &App, spec: CreateSpec) -> Result<SandboxRecord, AppError> {
     let backend = app.lifecycle.backend()?.clone();
     let id = new_id()?;
-    let (mut envs, bindings) = match &spec.project {
-        Some(project) => seal_project_secrets(app, project, &spec.envs)?,
-        None => (EnvVars::new(), Vec::new()),
+    let (mut envs, tokens) = match &spec.project {
+        Some(project) => mint_project_tokens(app, project, &spec.envs)?,
+        None => (EnvVars::new(), BTreeMap::new()),
     };
     for (name, value) in &spec.envs {
         envs.push((name.clone(), value.clone()));
@@ -98,21 +88,15 @@ pub fn create(app: &App, spec: CreateSpec) -> Result<SandboxRecord, AppError> {
 
     let undo = |publish_done: bool| {
         if publish_done {
-            backend.publisher.withdraw(&id);
+            seal_sync::detach(app, &*backend.publisher, &id);
         }
         if let Err(e) = backend.runtime.stop(&id) {
             println!("appliance: sandbox {id}: cleanup stop failed: {e}");
         }
     };
-    let seal = SandboxSeal {
-        sandbox_id: id.clone(),
-        cid: booted.cid,
-        egress_allowlist: spec.project.as_ref().map(|p| p.egress_allowlist.clone()).unwrap_or_default(),
-        bindings,
-    };
-    if let Err(e) = backend.publisher.publish(seal) {
+    if let Err(e) = seal_sync::attach(app, &*backend.publisher, &id, booted.cid, spec.project.as_ref(), tokens) {
         undo(false);
-        return Err(AppError::internal(format!("cannot register sealed tokens with the proxy: {e}")));
+        return Err(e);
     }
     if let Err(e) = backend.runtime.set_env(&id, &envs) {
         undo(true);
@@ -160,7 +144,7 @@ pub fn stop(app: &App, id: &str, status: SandboxStatus, why: &str) -> Result<(),
         if let Err(e) = backend.runtime.stop(id) {
             println!("appliance: sandbox {id}: stop failed: {e}");
         }
-        backend.publisher.withdraw(id);
+        seal_sync::detach(app, &*backend.publisher, id);
     }
     let id_owned = id.to_string();
     app.store.write(move |wtxn, dbs| {

@@ -37,7 +37,7 @@ pub fn build(options: &SandboxOptions, data_dir: PathBuf, store: &Store, keyring
     let operator = OperatorEgress::load(options.proxy_config.as_deref())?;
     let config = sealing::proxy_config(ca, options.ca_roots.clone(), operator)?;
     let registry = Arc::new(SealRegistry::new());
-    sealing::start_proxy(config, Arc::clone(&registry))?;
+    let egress = sealing::start_proxy(config, Arc::clone(&registry))?;
     let runtime = VmmRuntime::start(RuntimeConfig {
         vmm_bin: options.vmm_bin.clone(),
         guest_kernel: options.guest_kernel.clone(),
@@ -45,5 +45,5 @@ pub fn build(options: &SandboxOptions, data_dir: PathBuf, store: &Store, keyring
         data_dir,
         ca_cert_pem,
     })?;
-    Ok(Backend { runtime: Arc::new(runtime), publisher: Arc::new(RegistryPublisher::new(registry)) })
+    Ok(Backend { runtime: Arc::new(runtime), publisher: Arc::new(RegistryPublisher::new(registry)), egress })
 }

@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use proxy::egress_log::EgressCounters;
 use proxy::{CaPem, Cidr, Proxy, ProxyConfig, SandboxBindings, SealRegistry, SealedSecret, SecretValue, VsockListener};
 use serde::Deserialize;
 use zeroize::Zeroizing;
@@ -71,9 +72,11 @@ pub fn proxy_config(ca: CaPem, ca_roots: PathBuf, operator: OperatorEgress) -> R
     Ok(config)
 }
 
-/// Starts the proxy on vsock on a dedicated thread with its own tokio runtime.
-pub fn start_proxy(config: ProxyConfig, registry: Arc<SealRegistry>) -> Result<(), String> {
+/// Starts the proxy on vsock on a dedicated thread with its own tokio runtime; returns
+/// its egress counters.
+pub fn start_proxy(config: ProxyConfig, registry: Arc<SealRegistry>) -> Result<Arc<EgressCounters>, String> {
     let proxy = Proxy::new(config, registry).map_err(|e| format!("cannot configure the proxy: {e}"))?;
+    let counters = proxy.egress_counters();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("proxy")
@@ -93,7 +96,7 @@ pub fn start_proxy(config: ProxyConfig, registry: Arc<SealRegistry>) -> Result<(
         })
         .map_err(|e| format!("cannot start the proxy thread: {e}"))?;
     println!("appliance: sealing proxy listening on vsock port {PROXY_VSOCK_PORT}");
-    Ok(())
+    Ok(counters)
 }
 
 /// Publishes sealed-token bindings to the proxy's registry, keyed by CID.

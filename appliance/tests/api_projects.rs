@@ -174,7 +174,8 @@ fn secrets_are_write_only_and_deleted_with_their_project() {
     assert_eq!(status, 204);
     let (status, names) = c.call("GET", &base, "");
     assert_eq!(status, 200);
-    assert_eq!(names, json!(["DB_URL", "OPENAI_API_KEY"]));
+    assert_eq!(common::secret_names(&names), ["DB_URL", "OPENAI_API_KEY"]);
+    assert_eq!(names[0], json!({"name": "DB_URL", "allowedHosts": []}), "listed with hosts, never a value");
 
     let (status, v) = c.call("PUT", &format!("{base}/1BAD"), r#"{"value":"x"}"#);
     assert_eq!(status, 400, "{v}");
@@ -191,7 +192,7 @@ fn secrets_are_write_only_and_deleted_with_their_project() {
     let (status, _) = c.call("DELETE", &format!("{base}/DB_URL"), "");
     assert_eq!(status, 404);
     let (_, names) = c.call("GET", &base, "");
-    assert_eq!(names, json!(["OPENAI_API_KEY"]));
+    assert_eq!(common::secret_names(&names), ["OPENAI_API_KEY"]);
 
     // Deleting the project deletes its secrets: a new project of the same name starts empty.
     c.call("DELETE", &format!("/api/projects/{id}"), "");
@@ -218,6 +219,12 @@ fn metrics_count_requests_by_route_and_status() {
     assert!(text.contains("appliance_sandboxes_running 0"));
     assert!(text.contains("appliance_http_request_seconds_count"));
     assert!(text.contains("appliance_sandbox_boot_seconds_bucket"));
+    // The sealing proxy's egress decisions, one series per decision.
+    for decision in ["forwarded", "refused", "misdirected", "rejected", "upstream_failed"] {
+        let series = format!("appliance_egress_decisions_total{{decision=\"{decision}\"}} 0");
+        assert!(text.contains(&series), "{series} missing");
+    }
+    assert!(text.contains("appliance_egress_values_scrubbed_total 0"));
 }
 
 #[test]
@@ -234,5 +241,5 @@ fn data_survives_a_restart() {
     assert_eq!(status, 200);
     assert_eq!(got, p);
     let (_, names) = c.call("GET", &format!("/api/projects/{id}/secrets"), "");
-    assert_eq!(names, json!(["K"]));
+    assert_eq!(common::secret_names(&names), ["K"]);
 }

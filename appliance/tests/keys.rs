@@ -98,7 +98,11 @@ fn operator_supplied_master_keys_rotate_between_files() {
     cfg.master_key_file = Some(old.clone());
     let runtime = Arc::new(FakeRuntime::default());
     let publisher = Arc::new(FakePublisher::default());
-    let backend = || appliance::lifecycle::Backend { runtime: runtime.clone(), publisher: publisher.clone() };
+    let backend = || appliance::lifecycle::Backend {
+        runtime: runtime.clone(),
+        publisher: publisher.clone(),
+        egress: Arc::default(),
+    };
     let running = serve::start(&cfg, SandboxSide::Wired(backend())).expect("start");
     let mut c = Client::new(running.addr(), Some(ADMIN_KEY));
     let (_, p) = c.call("POST", "/api/projects", r#"{"name":"op"}"#);

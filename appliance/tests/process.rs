@@ -220,7 +220,7 @@ fn secret_values_never_reach_disk_logs_or_responses() {
     let (child, addr) = spawn_server(&dir, &log);
     let mut c = Client::new(addr, Some(ADMIN_KEY));
     let (status, names) = c.call("GET", &format!("/api/projects/{id}/secrets"), "");
-    assert_eq!((status, names), (200, json!(["KEY_0", "KEY_1"])));
+    assert_eq!((status, common::secret_names(&names)), (200, vec!["KEY_0".to_string(), "KEY_1".to_string()]));
     transcript.extend_from_slice(&c.transcript);
     drop(c);
     assert_eq!(sigterm_and_wait(child), 0);

@@ -1,11 +1,14 @@
 //! `proxy bench`: the same loopback TLS upstream is driven directly and through the
-//! proxy in one run, plus the substitution engine alone. Loopback only.
+//! proxy in one run, plus the substitution engine alone; then 100 MiB downloads through
+//! the proxy with response scrubbing on (a sandbox with a secret) and off (one without),
+//! plus the scrubbing engine alone. Loopback only.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proxy::http::chunked::ChunkedDecoder;
+use proxy::scrub::{ScrubSet, Scrubber};
 use proxy::subst::{Replacements, Substituter};
 use proxy::{
     CaPem, Cidr, Proxy, ProxyConfig, SandboxBindings, SealRegistry, SealedSecret, SecretValue, TcpSource, UpstreamTrust,
@@ -20,6 +23,9 @@ const HOST: &str = "bench.test";
 const TOKEN: &str = "osb_sealed_0123456789abcdef0123456789abcdef";
 const SECRET: &str = "sk-bench-secret-value-0123456789";
 const SANDBOX: u32 = 3;
+/// A sandbox without secrets: its responses have nothing to scrub.
+const PLAIN_SANDBOX: u32 = 4;
+const DOWNLOAD_BODY: usize = 100 * 1024 * 1024;
 const SMALL_BODY: usize = 1024;
 const SMALL_CONNS: usize = 8;
 const SMALL_DURATION: Duration = Duration::from_secs(3);
@@ -84,6 +90,16 @@ async fn upstream_conn<S: AsyncRead + AsyncWrite + Unpin>(stream: S) -> Result<(
                 break;
             }
             head.push_str(&line);
+        }
+        if head.starts_with("GET /download ") {
+            let body = download_body();
+            let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+            r.get_mut().write_all(resp.as_bytes()).await?;
+            for piece in body.chunks(256 * 1024) {
+                r.get_mut().write_all(piece).await?;
+            }
+            r.get_mut().flush().await?;
+            continue;
         }
         let lower = head.to_ascii_lowercase();
         let mut bytes = 0usize;
@@ -184,6 +200,20 @@ async fn read_answer(c: &mut Client) -> Result<String, BoxError> {
         return Err(format!("unexpected response: {}", head.lines().next().unwrap_or("")).into());
     }
     let lower = head.to_ascii_lowercase();
+    // Through the proxy a sandbox with secrets gets responses re-framed (scrubbed) as chunked.
+    if lower.contains("transfer-encoding: chunked") {
+        let mut dec = ChunkedDecoder::new(64 * 1024);
+        let mut body = Vec::new();
+        while !dec.is_done() {
+            let buf = c.fill_buf().await?;
+            if buf.is_empty() {
+                return Err("connection closed in a chunked response".into());
+            }
+            let used = dec.decode(buf, &mut body)?;
+            c.consume(used);
+        }
+        return Ok(String::from_utf8_lossy(&body).into_owned());
+    }
     let pos = lower.find("content-length:").ok_or("response without Content-Length")?;
     let len: usize = lower[pos + 15..].lines().next().unwrap_or("").trim().parse()?;
     let mut body = vec![0u8; len];
@@ -199,6 +229,109 @@ fn body_with_tokens(len: usize) -> Vec<u8> {
         i += TOKEN_EVERY;
     }
     body
+}
+
+/// A response body quoting the secret value every 64 KiB, as an echoing API would.
+fn download_body() -> &'static [u8] {
+    static BODY: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    BODY.get_or_init(|| {
+        let mut body = vec![b'a'; DOWNLOAD_BODY];
+        let mut i = TOKEN_EVERY / 2;
+        while i + SECRET.len() <= body.len() {
+            body[i..i + SECRET.len()].copy_from_slice(SECRET.as_bytes());
+            i += TOKEN_EVERY;
+        }
+        body
+    })
+}
+
+/// Counts occurrences of a pattern in a stream read in pieces.
+struct StreamCount {
+    finder: memchr::memmem::Finder<'static>,
+    tail: Vec<u8>,
+    count: usize,
+}
+
+impl StreamCount {
+    fn new(pattern: &'static str) -> Self {
+        Self { finder: memchr::memmem::Finder::new(pattern.as_bytes()), tail: Vec::new(), count: 0 }
+    }
+
+    fn feed(&mut self, data: &[u8]) {
+        // Occurrences across the seam lie in the previous piece's last `keep` bytes plus
+        // this one's first `keep`; neither part can hold a whole one on its own.
+        let keep = self.finder.needle().len() - 1;
+        self.tail.extend_from_slice(&data[..data.len().min(keep)]);
+        self.count += self.finder.find_iter(&self.tail).count();
+        self.count += self.finder.find_iter(data).count();
+        self.tail.clear();
+        self.tail.extend_from_slice(&data[data.len().saturating_sub(keep)..]);
+    }
+}
+
+/// One 100 MiB download; returns MB/s and checks what arrived: scrubbed, the secret
+/// never and the token in each of its places; unscrubbed, every byte as sent.
+async fn download_once(t: &Target, scrubbed: bool) -> Result<f64, BoxError> {
+    let mut c = connect(t).await?;
+    let start = Instant::now();
+    c.get_mut().write_all(format!("GET /download HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes()).await?;
+    c.get_mut().flush().await?;
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if c.read_line(&mut line).await? == 0 {
+            return Err("connection closed before the download's head".into());
+        }
+        if line == "\r\n" {
+            break;
+        }
+        head.push_str(&line);
+    }
+    let lower = head.to_ascii_lowercase();
+    let (mut secrets, mut tokens) = (StreamCount::new(SECRET), StreamCount::new(TOKEN));
+    let mut bytes = 0usize;
+    if lower.contains("transfer-encoding: chunked") {
+        let mut dec = ChunkedDecoder::new(64 * 1024);
+        let mut out = Vec::with_capacity(256 * 1024);
+        while !dec.is_done() {
+            let buf = c.fill_buf().await?;
+            if buf.is_empty() {
+                return Err("download cut short".into());
+            }
+            let used = dec.decode(buf, &mut out)?;
+            c.consume(used);
+            bytes += out.len();
+            secrets.feed(&out);
+            tokens.feed(&out);
+            out.clear();
+        }
+    } else {
+        let pos = lower.find("content-length:").ok_or("download without a length")?;
+        let mut remaining: usize = lower[pos + 15..].lines().next().unwrap_or("").trim().parse()?;
+        while remaining > 0 {
+            let buf = c.fill_buf().await?;
+            if buf.is_empty() {
+                return Err("download cut short".into());
+            }
+            let take = buf.len().min(remaining);
+            bytes += take;
+            secrets.feed(&buf[..take]);
+            tokens.feed(&buf[..take]);
+            c.consume(take);
+            remaining -= take;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let places = DOWNLOAD_BODY.saturating_sub(TOKEN_EVERY / 2).div_ceil(TOKEN_EVERY);
+    let (want_secrets, want_tokens) = if scrubbed { (0, places) } else { (places, 0) };
+    if (secrets.count, tokens.count) != (want_secrets, want_tokens) {
+        return Err(format!(
+            "download check failed: {} secret(s), {} token(s); expected {want_secrets} and {want_tokens}",
+            secrets.count, tokens.count
+        )
+        .into());
+    }
+    Ok(bytes as f64 / 1e6 / secs)
 }
 
 struct SmallResult {
@@ -369,6 +502,36 @@ fn subst_gbps() -> f64 {
     best
 }
 
+/// The scrubbing engine alone on 256 MiB (the secret every 64 KiB) in 64 KiB pieces;
+/// GB/s, best of 3.
+fn scrub_gbps() -> f64 {
+    let pairs = vec![(Arc::new(SecretValue::new(SECRET.as_bytes().to_vec())), Arc::<str>::from(TOKEN))];
+    let Ok(set) = ScrubSet::build(pairs) else { return f64::NAN };
+    let set = Arc::new(set);
+    let mut data = Vec::with_capacity(256 * 1024 * 1024);
+    while data.len() < 256 * 1024 * 1024 {
+        data.extend_from_slice(download_body());
+    }
+    let mut out = Vec::with_capacity(128 * 1024);
+    let mut best = 0.0f64;
+    for _ in 0..3 {
+        let mut s = Scrubber::new(set.clone());
+        let start = Instant::now();
+        let mut produced = 0usize;
+        for piece in data.chunks(64 * 1024) {
+            s.push(piece, &mut out);
+            produced += out.len();
+            out.clear();
+        }
+        s.finish(&mut out);
+        produced += out.len();
+        let secs = start.elapsed().as_secs_f64();
+        std::hint::black_box(produced);
+        best = best.max(data.len() as f64 / 1e9 / secs);
+    }
+    best
+}
+
 /// Servers started on their own runtimes (own OS threads), as in production where
 /// the proxy has its own runtime: one shared runtime would run the pipeline stages
 /// one after another on a worker instead of in parallel.
@@ -376,6 +539,8 @@ struct Servers {
     upstream: SocketAddr,
     upstream_ca_pem: String,
     proxy: SocketAddr,
+    /// The proxy as seen by [`PLAIN_SANDBOX`].
+    plain_proxy: SocketAddr,
     proxy_ca: CertificateDer<'static>,
     _upstream_rt: tokio::runtime::Runtime,
     _proxy_rt: tokio::runtime::Runtime,
@@ -393,16 +558,19 @@ fn start_servers() -> Result<Servers, BoxError> {
     upstream_rt.spawn(serve_upstream(upstream_listener, Arc::new(pki.server)));
 
     let registry = Arc::new(SealRegistry::new());
+    // The upstream's port must be named: without one an entry admits only 443.
+    let allowed = format!("{HOST}:{}", upstream.port());
     registry.register(
         SANDBOX,
         SandboxBindings {
-            egress_allowlist: vec![HOST.to_string()],
+            egress_allowlist: vec![allowed.clone()],
             tokens: vec![(
                 TOKEN.to_string(),
-                SealedSecret { value: SecretValue::from(SECRET.to_string()), allowed_hosts: vec![HOST.to_string()] },
+                SealedSecret { value: SecretValue::from(SECRET.to_string()), allowed_hosts: vec![allowed.clone()] },
             )],
         },
     )?;
+    registry.register(PLAIN_SANDBOX, SandboxBindings { egress_allowlist: vec![allowed], tokens: vec![] })?;
     let mut cfg = ProxyConfig::new(CaPem::generate()?);
     cfg.upstream_trust =
         UpstreamTrust { system_bundle: None, operator_bundle_pem: Some(pki.ca_pem.clone().into_bytes()) };
@@ -417,11 +585,16 @@ fn start_servers() -> Result<Servers, BoxError> {
         .build()?;
     let proxy_listener = proxy_rt.block_on(TcpListener::bind("127.0.0.1:0"))?;
     let proxy_addr = proxy_listener.local_addr()?;
+    let plain_listener = proxy_rt.block_on(TcpListener::bind("127.0.0.1:0"))?;
+    let plain_proxy = plain_listener.local_addr()?;
+    let plain = proxy.clone();
     proxy_rt.spawn(async move { proxy.serve(TcpSource::new(proxy_listener, SANDBOX)).await });
+    proxy_rt.spawn(async move { plain.serve(TcpSource::new(plain_listener, PLAIN_SANDBOX)).await });
     Ok(Servers {
         upstream,
         upstream_ca_pem: pki.ca_pem,
         proxy: proxy_addr,
+        plain_proxy,
         proxy_ca,
         _upstream_rt: upstream_rt,
         _proxy_rt: proxy_rt,
@@ -447,7 +620,8 @@ async fn run_async(servers: &Servers) -> Result<String, BoxError> {
         proxy: None,
         client_config: client_config(CertificateDer::from_pem_slice(servers.upstream_ca_pem.as_bytes())?)?,
     };
-    let via = Target { upstream, proxy: Some(proxy_addr), client_config: client_config(proxy_ca)? };
+    let via = Target { upstream, proxy: Some(proxy_addr), client_config: client_config(proxy_ca.clone())? };
+    let via_plain = Target { upstream, proxy: Some(servers.plain_proxy), client_config: client_config(proxy_ca)? };
 
     let large_only = std::env::var_os("OC_PROXY_BENCH_LARGE_ONLY").is_some();
     let (d_small, p_small) = if large_only {
@@ -487,15 +661,34 @@ async fn run_async(servers: &Servers) -> Result<String, BoxError> {
     let (d_large, p_large) = (median(d_large), median(p_large));
     println!("{}", cpu_bound_text(&d_cpu, &p_cpu, d_large));
     let subst = tokio::task::spawn_blocking(subst_gbps).await?;
+
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    for round in 0..LARGE_ROUNDS {
+        let before = CpuByRole::now();
+        let s_on = download_once(&via, true).await?;
+        let mid = CpuByRole::now();
+        let s_off = download_once(&via_plain, false).await?;
+        let after = CpuByRole::now();
+        println!(
+            "download round {round}: scrubbed {s_on:.0} MB/s ({}), not scrubbed {s_off:.0} MB/s ({})",
+            cpu_text(mid.since(&before)),
+            cpu_text(after.since(&mid))
+        );
+        on.push(s_on);
+        off.push(s_off);
+    }
+    let (on, off) = (median(on), median(off));
+    let scrub = tokio::task::spawn_blocking(scrub_gbps).await?;
     Ok(format!(
-        "proxy-bench small_rps={:.0} direct_small_rps={:.0} added_p50_ms={:.3} large_mbps={:.0} direct_large_mbps={:.0} large_ratio={:.2} subst_gbps={:.2}",
+        "proxy-bench small_rps={:.0} direct_small_rps={:.0} added_p50_ms={:.3} large_mbps={:.0} direct_large_mbps={:.0} large_ratio={:.2} subst_gbps={:.2} download_mbps={on:.0} unscrubbed_download_mbps={off:.0} scrub_download_ratio={:.2} scrub_gbps={scrub:.2}",
         p_small.rps,
         d_small.rps,
         p_small.p50_ms - d_small.p50_ms,
         p_large,
         d_large,
         p_large / d_large,
-        subst
+        subst,
+        on / off
     ))
 }
 

@@ -72,11 +72,17 @@ pub struct Inbound<R> {
     start: usize,
     end: usize,
     activity: Arc<Activity>,
+    bytes_read: u64,
 }
 
 impl<R: AsyncRead + Unpin> Inbound<R> {
     pub fn new(inner: R, activity: Arc<Activity>) -> Self {
-        Self { inner, buf: vec![0; READ_CHUNK], start: 0, end: 0, activity }
+        Self { inner, buf: vec![0; READ_CHUNK], start: 0, end: 0, activity, bytes_read: 0 }
+    }
+
+    /// Bytes read from the stream so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.bytes_read
     }
 
     pub fn buffered(&self) -> &[u8] {
@@ -104,6 +110,7 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
         }
         let n = self.inner.read(&mut self.buf[self.end..]).await?;
         self.end += n;
+        self.bytes_read += n as u64;
         if n > 0 {
             self.activity.touch();
         }
@@ -137,6 +144,7 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
         })
         .await?;
         self.end += n;
+        self.bytes_read += n as u64;
         if n > 0 {
             self.activity.touch();
         }

@@ -12,6 +12,7 @@ pub mod ca;
 pub mod config;
 mod destination;
 pub mod egress;
+pub mod egress_log;
 pub mod forward;
 pub mod hostmatch;
 pub mod http;

@@ -34,7 +34,13 @@ pub struct SandboxBindings {
 
 #[derive(Debug)]
 pub enum RegistryError {
-    InvalidToken { index: usize },
+    InvalidToken {
+        index: usize,
+    },
+    /// A value with CR, LF or NUL would break or add header lines where it is put.
+    HeaderBreakingValue {
+        index: usize,
+    },
     InvalidHostPattern(String),
     Scrubber(String),
 }
@@ -46,6 +52,10 @@ impl fmt::Display for RegistryError {
             Self::InvalidToken { index } => {
                 write!(f, "token #{index} is not of the form osb_sealed_<32 lowercase hex>")
             }
+            Self::HeaderBreakingValue { index } => write!(
+                f,
+                "the secret of token #{index} contains CR, LF or NUL, which would break the HTTP headers it is sent in; set it again"
+            ),
             Self::InvalidHostPattern(msg) | Self::Scrubber(msg) => f.write_str(msg),
         }
     }
@@ -121,6 +131,10 @@ impl SealRegistry {
         for (index, (token, secret)) in bindings.tokens.into_iter().enumerate() {
             if !is_token(token.as_bytes()) {
                 return Err(RegistryError::InvalidToken { index });
+            }
+            // Also refused when stored (the API checks new values); older stores may hold one.
+            if secret.value.expose().iter().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
+                return Err(RegistryError::HeaderBreakingValue { index });
             }
             let hosts = HostList::parse(&secret.allowed_hosts).map_err(RegistryError::InvalidHostPattern)?;
             tokens.push(TokenBinding { token: Arc::from(token), value: Arc::new(secret.value), hosts });
@@ -198,6 +212,10 @@ mod tests {
         };
         let err = reg.register(1, bad).unwrap_err();
         assert!(!err.to_string().contains("hunter2"));
+        let crlf =
+            SandboxBindings { egress_allowlist: vec![], tokens: vec![(T1.into(), secret("a\r\nX-Evil: 1", &[]))] };
+        let err = reg.register(1, crlf).unwrap_err();
+        assert!(err.to_string().contains("CR, LF or NUL") && !err.to_string().contains("X-Evil"), "{err}");
         let bad_host = SandboxBindings { egress_allowlist: vec!["bad host".into()], tokens: vec![] };
         assert!(reg.register(1, bad_host).is_err());
         assert!(reg.is_empty());

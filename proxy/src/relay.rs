@@ -100,19 +100,19 @@ async fn fill<R: AsyncRead + Unpin>(up: &mut Inbound<R>) -> io::Result<usize> {
 }
 
 /// Relays every response until the upstream closes. `expects` yields one entry per
-/// forwarded request, in order.
+/// forwarded request, in order; `totals` counts what was sent, also when it fails.
 pub async fn relay<R, W>(
     upstream: Inbound<R>,
     client: &mut W,
     mut expects: mpsc::UnboundedReceiver<Expect>,
     limits: HeadLimits,
-) -> Result<Relayed, RelayError>
+    totals: &mut Relayed,
+) -> Result<(), RelayError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut up = upstream;
-    let mut totals = Relayed::default();
     let mut last: Option<Expect> = None;
     loop {
         // Unsolicited bytes after the last request (e.g. a 408 before closing) are
@@ -128,12 +128,12 @@ where
                     Some(e) => e,
                     None => match &last {
                         Some(l) => l.clone(),
-                        None => return Ok(totals),
+                        None => return Ok(()),
                     },
                 },
                 n = fill(&mut up) => {
                     if n? == 0 {
-                        return Ok(totals);
+                        return Ok(());
                     }
                     continue;
                 }
@@ -142,12 +142,11 @@ where
         if expect.scrub.is_empty() {
             // No secret value can be in anything this connection carries (a sandbox
             // never gains tokens while it runs): plain copy from here on.
-            totals.bytes += copy_unchanged(&mut up, client).await?;
-            return Ok(totals);
+            return copy_unchanged(&mut up, client, totals).await.map_err(RelayError::Io);
         }
-        match relay_response(&mut up, client, &expect, limits, &mut totals).await? {
+        match relay_response(&mut up, client, &expect, limits, totals).await? {
             Next::Continue => last = Some(expect),
-            Next::Close => return Ok(totals),
+            Next::Close => return Ok(()),
         }
     }
 }
@@ -512,20 +511,19 @@ where
 }
 
 /// Copies everything until the upstream closes (nothing to scrub).
-async fn copy_unchanged<R, W>(up: &mut Inbound<R>, client: &mut W) -> io::Result<u64>
+async fn copy_unchanged<R, W>(up: &mut Inbound<R>, client: &mut W, totals: &mut Relayed) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut total = 0u64;
     loop {
         if up.buffered().is_empty() && fill(up).await? == 0 {
-            return Ok(total);
+            return Ok(());
         }
         let n = up.buffered().len();
         client.write_all(up.buffered()).await?;
         client.flush().await?;
         up.consume(n);
-        total += n as u64;
+        totals.bytes += n as u64;
     }
 }

@@ -58,6 +58,11 @@ impl Proxy {
         self.shared.connections_of(sandbox)
     }
 
+    /// Egress decisions and traffic so far (for the appliance's metrics).
+    pub fn egress_counters(&self) -> Arc<crate::egress_log::EgressCounters> {
+        self.shared.counters.clone()
+    }
+
     /// Accepts connections until the source fails permanently. Each connection
     /// runs in its own task on the current tokio runtime.
     pub async fn serve<S: ConnectionSource>(&self, mut source: S) -> std::io::Result<()> {
@@ -74,7 +79,8 @@ impl Proxy {
             let shared = self.shared.clone();
             tokio::spawn(async move {
                 let Some(slot) = shared.try_acquire(sandbox) else {
-                    info!("sandbox {sandbox}: connection limit reached");
+                    info!("egress: sandbox {sandbox}: rejected: connection limit reached");
+                    shared.counters.record(crate::egress_log::Decision::Rejected);
                     use tokio::io::AsyncWriteExt;
                     let body =
                         simple_response(429, "Too Many Requests", "too many open connections for this sandbox", true);

@@ -2,6 +2,7 @@
 //! absolute `http://`), policy checks, TLS interception, the upstream dial, then
 //! requests forwarded one after another while responses stream back unchanged.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use log::{debug, info, warn};
@@ -13,6 +14,7 @@ use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 
 use crate::destination::{check_request, check_sni, Mismatch, Shown};
 use crate::egress::EgressError;
+use crate::egress_log::Decision;
 use crate::forward::{copy_raw, forward_request, is_upgrade, precheck, ForwardError};
 use crate::hostmatch::Traffic;
 use crate::http::head::{parse_request_head, RequestHead};
@@ -20,7 +22,7 @@ use crate::http::simple_response;
 use crate::http::target::{parse_absolute_http, parse_authority, Authority};
 use crate::io::{Activity, HeadReadError, Inbound, Prefixed};
 use crate::registry::{SandboxId, SandboxPolicy};
-use crate::relay::{relay, Expect, HeadLimits, RelayError};
+use crate::relay::{relay, Expect, HeadLimits, RelayError, Relayed};
 use crate::shared::Shared;
 use crate::subst::Replacements;
 
@@ -46,7 +48,9 @@ async fn send_reject<W: AsyncWrite + Unpin>(shared: &Shared, w: &mut W, sandbox:
         Some(policy) => policy.scrub_set().scrub_text(&r.message),
         None => r.message.clone(),
     };
-    info!("sandbox {sandbox}: {} {}: {message}", r.status, r.reason);
+    let decision = Decision::of_status(r.status);
+    shared.counters.record(decision);
+    info!("egress: sandbox {sandbox}: {} ({} {}): {message}", decision.name(), r.status, r.reason);
     let _ = w.write_all(&simple_response(r.status, r.reason, &message, true)).await;
     let _ = w.flush().await;
     let _ = w.shutdown().await;
@@ -169,13 +173,13 @@ where
         if stream.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await.is_err() {
             return;
         }
-        info!("sandbox {sandbox}: CONNECT {}:{}", authority.host, authority.port);
+        debug!("sandbox {sandbox}: CONNECT {}", Shown(&authority));
         intercept(shared, Prefixed::new(leftover, stream), sandbox, authority, activity).await;
     } else if let Some((authority, origin_target)) = parse_absolute_http(&head.target) {
         if let Err(r) = current_policy(&shared, sandbox, &authority, Traffic::PlainHttp) {
             return send_reject(&shared, &mut stream, sandbox, &r).await;
         }
-        info!("sandbox {sandbox}: plain HTTP to {}:{}", authority.host, authority.port);
+        debug!("sandbox {sandbox}: plain HTTP to {}", Shown(&authority));
         plain_forward(shared, Prefixed::new(leftover, stream), sandbox, authority, head, origin_target, activity).await;
     } else {
         let r = Reject::new(400, "Bad Request", "expected CONNECT host:port or an absolute http:// URL");
@@ -205,8 +209,9 @@ where
     // handshake (with the only certificate this tunnel may get, the tunnel
     // host's) would show a verifying client a misleading certificate error.
     if let Err(named) = check_sni(start.client_hello().server_name(), &authority) {
+        shared.counters.record(Decision::Misdirected);
         info!(
-            "sandbox {sandbox}: TLS server name {named} does not match the tunnel to {}; handshake refused (unrecognized_name)",
+            "egress: sandbox {sandbox}: misdirected: TLS server name {named} does not match the tunnel to {}; handshake refused (unrecognized_name)",
             Shown(&authority)
         );
         let mut io = start.io;
@@ -261,8 +266,9 @@ where
     let (upstream_r, upstream_w) = tokio::io::split(upstream);
     let first = FirstRequest { head, framing, policy, repl };
     let (tx, rx) = mpsc::unbounded_channel();
-    let requests = request_loop(&shared, sandbox, &authority, first, inbound, upstream_w, tx, true);
-    run_pipeline(&shared, sandbox, &host, requests, rx, upstream_r, client_w, activity).await;
+    let conn = Conn::new(&shared, sandbox, &authority, Traffic::Tunnel);
+    let requests = request_loop(&conn, first, inbound, upstream_w, tx);
+    run_pipeline(&conn, requests, rx, upstream_r, client_w, activity).await;
 }
 
 const TUNNEL_IS_TO: &str = "this tunnel is to";
@@ -311,8 +317,9 @@ async fn plain_forward<S>(
     let (upstream_r, upstream_w) = upstream.into_split();
     let first = FirstRequest { head, framing, policy, repl: Arc::new(Replacements::new()) };
     let (tx, rx) = mpsc::unbounded_channel();
-    let requests = request_loop(&shared, sandbox, &authority, first, inbound, upstream_w, tx, false);
-    run_pipeline(&shared, sandbox, &host, requests, rx, upstream_r, client_w, activity).await;
+    let conn = Conn::new(&shared, sandbox, &authority, Traffic::PlainHttp);
+    let requests = request_loop(&conn, first, inbound, upstream_w, tx);
+    run_pipeline(&conn, requests, rx, upstream_r, client_w, activity).await;
 }
 
 type UpstreamTls = tokio_rustls::client::TlsStream<BufReader<TcpStream>>;
@@ -382,24 +389,55 @@ fn keep_responses_scrubbable(head: &mut RequestHead) {
     head.remove_header("sec-websocket-extensions");
 }
 
+/// One forwarding connection: where it goes and its running totals, shared by the
+/// request and response directions (which run in one task).
+struct Conn<'a> {
+    shared: &'a Shared,
+    sandbox: SandboxId,
+    dest: &'a Authority,
+    traffic: Traffic,
+    requests: AtomicU64,
+    from_sandbox: AtomicU64,
+}
+
+impl<'a> Conn<'a> {
+    fn new(shared: &'a Shared, sandbox: SandboxId, dest: &'a Authority, traffic: Traffic) -> Self {
+        Self { shared, sandbox, dest, traffic, requests: AtomicU64::new(0), from_sandbox: AtomicU64::new(0) }
+    }
+
+    /// The egress record of the connection, once it ends (see [`crate::egress_log`]).
+    fn log_end(&self, to_sandbox: u64, scrubbed: u64, end: &str) {
+        let requests = self.requests.load(Ordering::Relaxed);
+        let from_sandbox = self.from_sandbox.load(Ordering::Relaxed);
+        self.shared.counters.add_traffic(from_sandbox, to_sandbox, scrubbed);
+        let kind = match self.traffic {
+            Traffic::Tunnel => "tunnel",
+            Traffic::PlainHttp => "plain HTTP",
+        };
+        info!(
+            "egress: sandbox {}: {kind} to {}: {requests} request(s) forwarded, {from_sandbox} B from the sandbox, {to_sandbox} B to it, {scrubbed} secret value(s) scrubbed; {end}",
+            self.sandbox,
+            Shown(self.dest)
+        );
+    }
+}
+
 /// Forwards requests until the sandbox closes its side (Ok) or something is
 /// wrong (Err). Policy is re-read, and the destination re-checked, for every request;
 /// each request is announced to the response relay (`expects`) before it is sent.
-#[allow(clippy::too_many_arguments)] // one connection's parts, each used once
 async fn request_loop<R, W>(
-    shared: &Shared,
-    sandbox: SandboxId,
-    dest: &Authority,
+    conn: &Conn<'_>,
     first: FirstRequest,
     mut inbound: Inbound<R>,
     mut upstream: W,
     expects: mpsc::UnboundedSender<Expect>,
-    keep_alive: bool,
 ) -> Result<(), Stop>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let Conn { shared, sandbox, dest, .. } = *conn;
+    let keep_alive = conn.traffic == Traffic::Tunnel;
     let host = dest.host.as_str();
     let limits = &shared.config.limits;
     let FirstRequest { mut head, mut framing, policy, repl } = first;
@@ -426,6 +464,9 @@ where
             }
             Err(e) => return Err(Stop::Drop(e.to_string())),
         };
+        shared.counters.record(Decision::Forwarded);
+        conn.requests.fetch_add(1, Ordering::Relaxed);
+        conn.from_sandbox.store(inbound.bytes_read(), Ordering::Relaxed);
         debug!("sandbox {sandbox}: {method} {host}: {replaced} token(s) replaced");
         if upgrade {
             return copy_raw(&mut inbound, &mut upstream).await.map_err(|e| Stop::Drop(e.to_string()));
@@ -481,11 +522,8 @@ enum End {
     Answer(Reject),
 }
 
-#[allow(clippy::too_many_arguments)] // one connection's parts, each used once
 async fn run_pipeline<F, R, W>(
-    shared: &Shared,
-    sandbox: SandboxId,
-    host: &str,
+    conn: &Conn<'_>,
     requests: F,
     expects: mpsc::UnboundedReceiver<Expect>,
     upstream_r: R,
@@ -496,9 +534,13 @@ async fn run_pipeline<F, R, W>(
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let Conn { shared, sandbox, dest, .. } = *conn;
+    let host = Shown(dest);
     let idle_limit = shared.config.timeouts.idle;
-    let relayed = |r: Result<crate::relay::Relayed, RelayError>| match r {
-        Ok(_) => End::Close,
+    // What the response side sent, for the egress record.
+    let mut sent = Relayed::default();
+    let relayed = |r: Result<(), RelayError>| match r {
+        Ok(()) => End::Close,
         // A response that cannot be passed on safely, before any of it was sent.
         Err(RelayError::BadResponse { message, started: false }) => {
             End::Answer(Reject::new(502, "Bad Gateway", format!("upstream {host}: {message}")))
@@ -516,7 +558,7 @@ async fn run_pipeline<F, R, W>(
     };
     let end = {
         let upstream = Inbound::new(upstream_r, activity.clone());
-        let responses = relay(upstream, &mut client_w, expects, head_limits);
+        let responses = relay(upstream, &mut client_w, expects, head_limits, &mut sent);
         let idle = activity.idle_timeout(idle_limit);
         tokio::pin!(requests, responses, idle);
         tokio::select! {
@@ -557,10 +599,12 @@ async fn run_pipeline<F, R, W>(
     // Bounded: a sandbox that stops reading must not hold this task.
     match end {
         End::Close => {
+            conn.log_end(sent.bytes, sent.scrubbed, "closed");
             let _ = tokio::time::timeout(idle_limit, client_w.shutdown()).await;
         }
-        End::Drop => {}
+        End::Drop => conn.log_end(sent.bytes, sent.scrubbed, "dropped"),
         End::Answer(r) => {
+            conn.log_end(sent.bytes, sent.scrubbed, &format!("then answered {} {}", r.status, r.reason));
             let _ = tokio::time::timeout(idle_limit, send_reject(shared, &mut client_w, sandbox, &r)).await;
         }
     }

@@ -1,5 +1,5 @@
 //! The state every connection of a proxy shares: its configuration, the registry, the
-//! leaf certificate cache, the upstream TLS configuration, the egress policy, and the
+//! leaf certificate cache, the upstream TLS configuration, the egress policy and counters, and the
 //! open-connection counts that enforce the per-sandbox and total connection limits.
 
 use std::collections::HashMap;
@@ -10,6 +10,7 @@ use rustls::ClientConfig;
 use crate::ca::LeafCache;
 use crate::config::ProxyConfig;
 use crate::egress::EgressPolicy;
+use crate::egress_log::EgressCounters;
 use crate::registry::{SandboxId, SealRegistry};
 
 /// State shared by every connection.
@@ -19,6 +20,7 @@ pub struct Shared {
     pub leafs: LeafCache,
     pub upstream_tls: Arc<ClientConfig>,
     pub egress: EgressPolicy,
+    pub counters: Arc<EgressCounters>,
     connections: Mutex<(HashMap<SandboxId, usize>, usize)>,
 }
 
@@ -50,7 +52,15 @@ impl Shared {
         upstream_tls: Arc<ClientConfig>,
         egress: EgressPolicy,
     ) -> Self {
-        Self { config, registry, leafs, upstream_tls, egress, connections: Mutex::new((HashMap::new(), 0)) }
+        Self {
+            config,
+            registry,
+            leafs,
+            upstream_tls,
+            egress,
+            counters: Arc::new(EgressCounters::default()),
+            connections: Mutex::new((HashMap::new(), 0)),
+        }
     }
 
     /// Open connections of one sandbox.

@@ -13,7 +13,8 @@ use zeroize::Zeroizing;
 use crate::secret::SecretValue;
 
 pub use sealed_token::is_token;
-use sealed_token::{is_hex_digit as is_token_hex, HEX_LEN as TOKEN_HEX_LEN, LEN as TOKEN_LEN};
+pub use sealed_token::LEN as TOKEN_LEN;
+use sealed_token::{is_hex_digit as is_token_hex, HEX_LEN as TOKEN_HEX_LEN};
 
 /// Fixed start of every sealed token.
 pub const TOKEN_PREFIX: &[u8] = sealed_token::PREFIX.as_bytes();

@@ -136,7 +136,20 @@ async fn value_change_deletion_and_allowlist_change_reach_a_live_tunnel() {
     assert_eq!(resp.status, 403, "{}", resp.body_str());
     assert!(resp.body_str().contains("api.test"), "{}", resp.body_str());
     assert!(up.try_next().is_none());
-    assert_not_logged(&[VALUE, NEW_VALUE]);
+    drop(c);
+    // The egress record: the tunnel's requests and the refusal, counted and logged,
+    // with no value and no token in any line.
+    let counts = h.counters.snapshot();
+    assert_eq!(counts.decisions[0], ("forwarded", 3));
+    assert_eq!(counts.decisions[1], ("refused", 1));
+    assert!(
+        counts.values_scrubbed >= 2 && counts.bytes_to_sandboxes > 0 && counts.bytes_from_sandboxes > 0,
+        "{counts:?}"
+    );
+    let record = format!("egress: sandbox {S1}: tunnel to api.test:{}: 3 request(s) forwarded", up.port);
+    assert!(logs().iter().any(|l| l.contains(&record)), "no line with {record:?}: {:#?}", logs());
+    assert!(logs().iter().any(|l| l.contains("egress: sandbox 3: refused (403 Forbidden)")));
+    assert_not_logged(&[VALUE, NEW_VALUE, &t]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

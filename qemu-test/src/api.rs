@@ -51,6 +51,16 @@ impl Api {
         Ok(value)
     }
 
+    /// The names in a project's secret list (`[{"name", "allowedHosts"}]`, never values).
+    pub fn secret_names(&self, project_id: &str) -> Result<Vec<String>> {
+        let list = self.expect(200, "GET", &format!("/projects/{project_id}/secrets"), &Value::Null)?;
+        let entries = list.as_array().ok_or_else(|| err!("the secret list is not an array: {list}"))?;
+        entries
+            .iter()
+            .map(|e| e["name"].as_str().map(str::to_string).ok_or_else(|| err!("a secret entry without a name: {e}")))
+            .collect()
+    }
+
     pub fn create_sandbox(&self, body: &Value) -> Result<String> {
         let created = self.expect(201, "POST", "/sandboxes", body)?;
         created["sandboxID"].as_str().map(str::to_string).ok_or_else(|| err!("no sandboxID in {created}"))

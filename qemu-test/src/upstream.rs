@@ -24,6 +24,9 @@ pub struct Upstream {
     child: Child,
     pub records: PathBuf,
     pub ca_pem: String,
+    /// Tokens whose secret was deleted and that a test then sent on purpose: they are expected
+    /// in the records from then on, so the no-token check below does not count them.
+    revoked: Vec<String>,
 }
 
 impl Upstream {
@@ -54,7 +57,7 @@ impl Upstream {
                 "the test upstream did not start on 127.0.0.1:{PORT} (is the port free? tests run as root)"
             ));
         }
-        Ok(Upstream { child, records, ca_pem })
+        Ok(Upstream { child, records, ca_pem, revoked: Vec::new() })
     }
 
     /// The appliance's proxy settings that route the test names here.
@@ -75,9 +78,24 @@ impl Upstream {
         let body: Value = serde_json::from_str(new[1]["body"].as_str().unwrap_or("")).unwrap_or(Value::Null);
         check(body["api_key"] == secret, || format!("the body request arrived as {}", new[1]))?;
         let all = serde_json::to_string(&received).unwrap_or_default();
-        let tokens = all.matches("osb_sealed_").count();
+        let revoked: usize = self.revoked.iter().map(|t| all.matches(t.as_str()).count()).sum();
+        let tokens = all.matches("osb_sealed_").count().saturating_sub(revoked);
         check(tokens == 0, || format!("the upstream saw {tokens} sealed token(s)"))?;
         Ok(received)
+    }
+
+    /// After its secret was deleted, `token` arrived as itself (the proxy no longer replaces it)
+    /// in the `x-api-key` header of the one request received after the first `before`, and no
+    /// secret value did. From now on the records may hold this token.
+    pub fn expect_revoked_token(&mut self, before: usize, token: &str, secret: &str) -> Result<Value> {
+        let received = self.received()?;
+        let new = &received[before.min(received.len())..];
+        check(new.len() == 1, || format!("the upstream received {} requests: {new:?}", new.len()))?;
+        let record = new[0].clone();
+        check(header(&record, "x-api-key") == Some(token), || format!("the request arrived as {record}"))?;
+        check(!record.to_string().contains(secret), || format!("the deleted secret's value arrived: {record}"))?;
+        self.revoked.push(token.to_string());
+        Ok(record)
     }
 
     /// Every request received so far, in order.
@@ -94,7 +112,8 @@ impl Drop for Upstream {
     }
 }
 
-fn header<'a>(record: &'a Value, name: &str) -> Option<&'a str> {
+/// The first value of request header `name` (any case) in a record.
+pub fn header<'a>(record: &'a Value, name: &str) -> Option<&'a str> {
     record["headers"].as_array()?.iter().find(|h| h[0].as_str().is_some_and(|n| n.eq_ignore_ascii_case(name)))?[1]
         .as_str()
 }

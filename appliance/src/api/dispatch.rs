@@ -79,6 +79,9 @@ pub fn dispatch(app: &App, route: &Route, request: &mut Request, query: &str) ->
             let mut text = app.metrics.render(app.lifecycle.running_count());
             let gauges = app.lifecycle.backend().map(|b| b.runtime.resource_gauges()).unwrap_or_default();
             crate::metrics::Metrics::render_gauges(&mut text, &gauges);
+            if let Ok(backend) = app.lifecycle.backend() {
+                crate::metrics::render_egress(&mut text, &backend.egress.snapshot());
+            }
             Ok(Reply::text(200, text, "text/plain; version=0.0.4"))
         }
         (Route::Projects, Post) => projects::create(app, request),

@@ -11,6 +11,7 @@ use crate::error::AppError;
 use crate::http::reply::Reply;
 use crate::http::request::{parse_json, read_body, MAX_JSON_BODY};
 use crate::lifecycle::new_id;
+use crate::seal_sync;
 use crate::store::records::ProjectRecord;
 
 pub const DEFAULT_TEMPLATE: &str = "base";
@@ -53,13 +54,8 @@ fn non_zero<T: PartialEq + Default>(v: Option<T>) -> Option<T> {
     v.filter(|x| *x != T::default())
 }
 
-fn allowlist(raw: Vec<String>) -> Result<Vec<String>, AppError> {
-    if raw.len() > 256 {
-        return Err(AppError::bad_request("egressAllowlist has more than 256 entries"));
-    }
-    let mut out: Vec<String> = raw.iter().map(|p| validate::host_pattern(p)).collect::<Result<_, _>>()?;
-    out.dedup();
-    Ok(out)
+fn allowlist(raw: &[String]) -> Result<Vec<String>, AppError> {
+    validate::host_list("egressAllowlist", raw)
 }
 
 pub fn create(app: &App, request: &mut Request) -> Result<Reply, AppError> {
@@ -76,7 +72,7 @@ pub fn create(app: &App, request: &mut Request) -> Result<Reply, AppError> {
         cpu_count: validate::cpu_count(non_zero(body.cpu_count).unwrap_or(DEFAULT_CPU_COUNT))?,
         memory_mb: validate::memory_mb(non_zero(body.memory_mb).unwrap_or(DEFAULT_MEMORY_MB))?,
         timeout_sec: validate::timeout_sec("timeoutSec", non_zero(body.timeout_sec).unwrap_or(DEFAULT_TIMEOUT_SEC))?,
-        egress_allowlist: allowlist(body.egress_allowlist.unwrap_or_default())?,
+        egress_allowlist: allowlist(&body.egress_allowlist.unwrap_or_default())?,
         created_at: now,
         updated_at: now,
     };
@@ -139,7 +135,7 @@ pub fn update(app: &App, raw_id: &str, request: &mut Request) -> Result<Reply, A
     let cpu = non_zero(body.cpu_count).map(validate::cpu_count).transpose()?;
     let memory = non_zero(body.memory_mb).map(validate::memory_mb).transpose()?;
     let timeout = non_zero(body.timeout_sec).map(|t| validate::timeout_sec("timeoutSec", t)).transpose()?;
-    let egress = body.egress_allowlist.filter(|l| !l.is_empty()).map(allowlist).transpose()?;
+    let egress = body.egress_allowlist.filter(|l| !l.is_empty()).map(|l| allowlist(&l)).transpose()?;
     let now = now_unix();
     let updated = app.store.write(move |wtxn, dbs| {
         let mut record =
@@ -171,13 +167,17 @@ pub fn update(app: &App, raw_id: &str, request: &mut Request) -> Result<Reply, A
         dbs.projects.put(wtxn, &record.id, &record)?;
         Ok(record)
     })?;
+    // A new allowlist reaches running sandboxes now, with the secrets that follow it.
+    seal_sync::republish_project(app, &updated.id)?;
     Ok(Reply::json(200, &project_json(&updated)))
 }
 
 /// Deletes the project, its name and all its secrets in one transaction. Sandboxes
-/// created from it keep running with the tokens they were given.
+/// created from it keep running with their egress allowlist, but their tokens stand for
+/// nothing any more.
 pub fn delete(app: &App, raw_id: &str) -> Result<Reply, AppError> {
     let id = validate::uuid("project", raw_id)?;
+    let pid = id.clone();
     app.store.write(move |wtxn, dbs| {
         let record =
             dbs.projects.get(wtxn, &id)?.ok_or_else(|| AppError::not_found(format!("project {id} not found")))?;
@@ -189,9 +189,17 @@ pub fn delete(app: &App, raw_id: &str) -> Result<Reply, AppError> {
         for key in &secret_keys {
             dbs.secrets.delete(wtxn, key)?;
         }
+        let mut host_keys = Vec::new();
+        for item in dbs.secret_hosts.prefix_iter(wtxn, &prefix)? {
+            host_keys.push(item?.0.to_string());
+        }
+        for key in &host_keys {
+            dbs.secret_hosts.delete(wtxn, key)?;
+        }
         dbs.project_names.delete(wtxn, &record.name)?;
         dbs.projects.delete(wtxn, &id)?;
         Ok(())
     })?;
+    seal_sync::republish_project(app, &pid)?;
     Ok(Reply::no_content())
 }

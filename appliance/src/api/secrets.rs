@@ -1,7 +1,9 @@
 //! Project secrets: values are sealed with the master key before they reach the
-//! store; only names ever come back out.
+//! store; only names and their allowed hosts ever come back out. Every change reaches the
+//! project's running sandboxes before the answer (`seal_sync`).
 
 use serde::Deserialize;
+use serde_json::json;
 use tiny_http::Request;
 use zeroize::Zeroizing;
 
@@ -10,21 +12,30 @@ use crate::app::App;
 use crate::error::AppError;
 use crate::http::reply::Reply;
 use crate::http::request::{parse_json_redacted, read_body, MAX_JSON_BODY};
-use crate::store::records::{secret_associated_data, secret_key};
+use crate::seal_sync;
+use crate::store::records::{secret_associated_data, secret_key, SecretHostsRecord};
 
 pub const MAX_SECRET_LEN: usize = 64 * 1024;
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct SecretBody {
     value: Zeroizing<String>,
+    /// Hosts this secret may reach instead of its project's egress allowlist (the field of
+    /// today's OpenComputer API). Absent or empty: the project's allowlist.
+    allowed_hosts: Option<Vec<String>>,
 }
 
 pub fn put(app: &App, raw_id: &str, name: &str, request: &mut Request) -> Result<Reply, AppError> {
     let project_id = validate::uuid("project", raw_id)?;
     validate::env_name("secret", name)?;
     let body = read_body(request, MAX_JSON_BODY)?;
-    let secret: SecretBody = parse_json_redacted(&body, "a JSON object {\"value\": \"<string>\"}")?;
+    let secret: SecretBody = parse_json_redacted(
+        &body,
+        "a JSON object {\"value\": \"<string>\", \"allowedHosts\": [\"<host>\", ...]} (allowedHosts optional)",
+    )?;
     drop(body);
+    let hosts = validate::host_list("allowedHosts", secret.allowed_hosts.as_deref().unwrap_or_default())?;
     if secret.value.is_empty() {
         return Err(AppError::bad_request("secret value must not be empty"));
     }
@@ -44,13 +55,21 @@ pub fn put(app: &App, raw_id: &str, name: &str, request: &mut Request) -> Result
         .map_err(|e| AppError::internal(format!("cannot encrypt secret: {e}")))?;
     drop(secret);
     let key = secret_key(&project_id, name);
+    let pid = project_id.clone();
+    // Value and hosts are replaced together: a PUT without allowedHosts clears earlier ones.
     app.store.write(move |wtxn, dbs| {
-        if dbs.projects.get(wtxn, &project_id)?.is_none() {
-            return Err(AppError::not_found(format!("project {project_id} not found")));
+        if dbs.projects.get(wtxn, &pid)?.is_none() {
+            return Err(AppError::not_found(format!("project {pid} not found")));
         }
         dbs.secrets.put(wtxn, &key, &blob)?;
+        if hosts.is_empty() {
+            dbs.secret_hosts.delete(wtxn, &key)?;
+        } else {
+            dbs.secret_hosts.put(wtxn, &key, &SecretHostsRecord { allowed_hosts: hosts })?;
+        }
         Ok(())
     })?;
+    seal_sync::republish_project(app, &project_id)?;
     Ok(Reply::no_content())
 }
 
@@ -64,20 +83,25 @@ fn header_breaking_byte(value: &[u8]) -> Option<&'static str> {
     })
 }
 
+/// `[{"name", "allowedHosts"}]` sorted by name, as today's OpenComputer API lists secret
+/// entries; `allowedHosts` is `[]` for a secret that follows its project's allowlist (also
+/// every secret stored before per-secret hosts existed).
 pub fn list(app: &App, raw_id: &str) -> Result<Reply, AppError> {
     let project_id = validate::uuid("project", raw_id)?;
-    let names = app.store.read(|rtxn, dbs| {
+    let entries = app.store.read(|rtxn, dbs| {
         if dbs.projects.get(rtxn, &project_id)?.is_none() {
             return Err(AppError::not_found(format!("project {project_id} not found")));
         }
         let prefix = format!("{project_id}/");
-        let mut names = Vec::new();
+        let mut entries = Vec::new();
         for item in dbs.secrets.prefix_iter(rtxn, &prefix)? {
-            names.push(item?.0[prefix.len()..].to_string());
+            let key = item?.0;
+            let hosts = dbs.secret_hosts.get(rtxn, key)?.map(|r| r.allowed_hosts).unwrap_or_default();
+            entries.push(json!({"name": &key[prefix.len()..], "allowedHosts": hosts}));
         }
-        Ok(names)
+        Ok(entries)
     })?;
-    Ok(Reply::json(200, &names))
+    Ok(Reply::json(200, &entries))
 }
 
 pub fn delete(app: &App, raw_id: &str, name: &str) -> Result<Reply, AppError> {
@@ -85,14 +109,17 @@ pub fn delete(app: &App, raw_id: &str, name: &str) -> Result<Reply, AppError> {
     validate::env_name("secret", name)?;
     let key = secret_key(&project_id, name);
     let name = name.to_string();
+    let pid = project_id.clone();
     app.store.write(move |wtxn, dbs| {
-        if dbs.projects.get(wtxn, &project_id)?.is_none() {
-            return Err(AppError::not_found(format!("project {project_id} not found")));
+        if dbs.projects.get(wtxn, &pid)?.is_none() {
+            return Err(AppError::not_found(format!("project {pid} not found")));
         }
         if !dbs.secrets.delete(wtxn, &key)? {
-            return Err(AppError::not_found(format!("secret {name} not found in project {project_id}")));
+            return Err(AppError::not_found(format!("secret {name} not found in project {pid}")));
         }
+        dbs.secret_hosts.delete(wtxn, &key)?;
         Ok(())
     })?;
+    seal_sync::republish_project(app, &project_id)?;
     Ok(Reply::no_content())
 }

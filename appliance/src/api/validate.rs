@@ -52,23 +52,30 @@ pub fn template(name: &str) -> Result<(), AppError> {
     }
 }
 
-/// Egress allowlist entries: a DNS name, or `*.` followed by one.
-pub fn host_pattern(pattern: &str) -> Result<String, AppError> {
-    let lower = pattern.trim().to_ascii_lowercase();
-    let name = lower.strip_prefix("*.").unwrap_or(&lower);
-    let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-    };
-    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
-        return Err(AppError::bad_request(format!(
-            "invalid egressAllowlist entry {pattern:?}: expected a host name like api.example.com or *.example.com"
-        )));
+/// Most entries a host list (`egressAllowlist`, `allowedHosts`) may have.
+pub const MAX_HOST_PATTERNS: usize = 256;
+
+/// One host list entry, checked by the proxy's own parser so the API accepts exactly what
+/// the proxy enforces: `host`, `*.domain` or either with `:port`; wildcards over a public
+/// suffix are refused. Returned trimmed and lower-cased, as stored.
+pub fn host_pattern(field: &str, pattern: &str) -> Result<String, AppError> {
+    proxy::hostmatch::HostPattern::parse(pattern).map_err(|e| AppError::bad_request(format!("{field}: {e}")))?;
+    Ok(pattern.trim().to_ascii_lowercase())
+}
+
+/// A whole host list: at most `MAX_HOST_PATTERNS` valid entries, duplicates dropped.
+pub fn host_list(field: &str, raw: &[String]) -> Result<Vec<String>, AppError> {
+    if raw.len() > MAX_HOST_PATTERNS {
+        return Err(AppError::bad_request(format!("{field} has more than {MAX_HOST_PATTERNS} entries")));
     }
-    Ok(lower)
+    let mut out: Vec<String> = Vec::with_capacity(raw.len());
+    for entry in raw {
+        let pattern = host_pattern(field, entry)?;
+        if !out.contains(&pattern) {
+            out.push(pattern);
+        }
+    }
+    Ok(out)
 }
 
 /// A path inside the sandbox: absolute or relative to the agent's working directory,
@@ -138,9 +145,21 @@ mod tests {
         assert!(env_name("secret", "API_KEY").is_ok());
         assert!(env_name("secret", "1KEY").is_err());
         assert!(env_name("secret", "KEY-X").is_err());
-        assert_eq!(host_pattern("*.Example.com").expect("ok"), "*.example.com");
-        assert!(host_pattern("exa mple.com").is_err());
-        assert!(host_pattern("*.").is_err());
+        assert_eq!(host_pattern("egressAllowlist", " *.Example.com").expect("ok"), "*.example.com");
+        let err = host_pattern("egressAllowlist", "exa mple.com").unwrap_err();
+        assert_eq!(err.status, 400);
+        assert!(
+            err.message.starts_with("egressAllowlist: ") && err.message.contains("exa mple.com"),
+            "{}",
+            err.message
+        );
+        assert!(host_pattern("allowedHosts", "*.").is_err());
+        assert_eq!(
+            host_list("allowedHosts", &["a.example".into(), "A.example".into(), "b.example".into()]).expect("ok"),
+            vec!["a.example", "b.example"]
+        );
+        let too_many: Vec<String> = (0..=MAX_HOST_PATTERNS).map(|i| format!("h{i}.example")).collect();
+        assert!(host_list("allowedHosts", &too_many).unwrap_err().message.contains("more than 256"));
         assert!(template("../etc").is_err());
     }
 

@@ -12,7 +12,7 @@ use heed::types::{Bytes, SerdeJson, Str};
 use heed::{Database, Env, EnvOpenOptions, RoTxn, RwTxn};
 
 use crate::error::AppError;
-use records::{ApiKeyRecord, CaRecord, ProjectRecord, SandboxRecord};
+use records::{ApiKeyRecord, CaRecord, ProjectRecord, SandboxRecord, SecretHostsRecord};
 
 pub use commit::Committer;
 pub use schema::CURRENT_SCHEMA_VERSION;
@@ -29,6 +29,11 @@ pub struct Dbs {
     pub project_names: Database<Str, Str>,
     /// `<project id>/<NAME>` -> sealed blob (see `crypto`).
     pub secrets: Database<Str, Bytes>,
+    /// `<project id>/<NAME>` -> the hosts that secret may reach, when it has its own. A
+    /// database of its own (not a new `secrets` layout) so stores written before it existed
+    /// read as "no hosts set", and an older appliance booted after a rollback still reads
+    /// `secrets` unchanged.
+    pub secret_hosts: Database<Str, SerdeJson<SecretHostsRecord>>,
     pub sandboxes: Database<Str, SerdeJson<SandboxRecord>>,
     pub api_keys: Database<Str, SerdeJson<ApiKeyRecord>>,
     pub ca: Database<Str, SerdeJson<CaRecord>>,
@@ -63,6 +68,7 @@ impl Store {
             projects: create(&env, &mut wtxn, "projects")?,
             project_names: create(&env, &mut wtxn, "project_names")?,
             secrets: create(&env, &mut wtxn, "secrets")?,
+            secret_hosts: create(&env, &mut wtxn, "secret_hosts")?,
             sandboxes: create(&env, &mut wtxn, "sandboxes")?,
             api_keys: create(&env, &mut wtxn, "api_keys")?,
             ca: create(&env, &mut wtxn, "ca")?,

@@ -73,7 +73,15 @@ pub struct CaRecord {
     pub created_at: i64,
 }
 
-/// Key of a secret in the `secrets` database: `<project id>/<NAME>`, so a project's
+/// The hosts one secret may reach (`allowedHosts`), kept next to its sealed value under the
+/// same key. Not secret. A secret without a record uses its project's egress allowlist.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretHostsRecord {
+    pub allowed_hosts: Vec<String>,
+}
+
+/// Key of a secret in the `secrets` and `secret_hosts` databases: `<project id>/<NAME>`, so a project's
 /// secrets are one prefix range.
 pub fn secret_key(project_id: &str, name: &str) -> String {
     format!("{project_id}/{name}")

@@ -56,6 +56,8 @@ pub struct FakeRuntime {
     /// Makes the next boots fail (templates named here are "missing").
     pub fail_boot_template: Mutex<Option<String>>,
     pub fail_set_env: Mutex<bool>,
+    /// How long each boot takes (to let a test change secrets while a create is under way).
+    pub boot_delay: Mutex<Duration>,
 }
 
 impl FakeRuntime {
@@ -118,6 +120,8 @@ impl Write for ChannelStdin {
 
 impl SandboxRuntime for FakeRuntime {
     fn boot(&self, spec: &BootSpec) -> Result<Booted, RuntimeError> {
+        let delay = *self.boot_delay.lock().expect("lock");
+        std::thread::sleep(delay);
         if self.fail_boot_template.lock().expect("lock").as_deref() == Some(spec.template.as_str()) {
             return Err(RuntimeError::NotFound(format!("template {:?} not found", spec.template)));
         }
@@ -256,10 +260,15 @@ impl SandboxRuntime for FakeRuntime {
 pub struct FakePublisher {
     pub published: Mutex<HashMap<String, SandboxSeal>>,
     pub withdrawn: Mutex<Vec<String>>,
+    /// Makes every publish fail, as a registry refusing the bindings would.
+    pub fail_publish: Mutex<bool>,
 }
 
 impl SealPublisher for FakePublisher {
     fn publish(&self, seal: SandboxSeal) -> Result<(), String> {
+        if *self.fail_publish.lock().expect("lock") {
+            return Err("registry refused the bindings (test)".into());
+        }
         self.published.lock().expect("lock").insert(seal.sandbox_id.clone(), seal);
         Ok(())
     }
@@ -324,7 +333,7 @@ impl Harness {
         adjust: impl FnOnce(&mut ServeConfig),
     ) -> Harness {
         let key_file = write_key_file(&data_dir);
-        let backend = Backend { runtime: runtime.clone(), publisher: publisher.clone() };
+        let backend = Backend { runtime: runtime.clone(), publisher: publisher.clone(), egress: Arc::default() };
         let mut cfg = config(&data_dir, Some(key_file));
         adjust(&mut cfg);
         let running = serve::start(&cfg, SandboxSide::Wired(backend)).expect("start");
@@ -346,7 +355,8 @@ impl Harness {
     pub fn restart(&mut self) {
         self.stop();
         let key_file = write_key_file(&self.data_dir);
-        let backend = Backend { runtime: self.runtime.clone(), publisher: self.publisher.clone() };
+        let backend =
+            Backend { runtime: self.runtime.clone(), publisher: self.publisher.clone(), egress: Arc::default() };
         let running =
             serve::start(&config(&self.data_dir, Some(key_file)), SandboxSide::Wired(backend)).expect("restart");
         self.addr = running.addr();
@@ -359,6 +369,15 @@ impl Drop for Harness {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.data_dir);
     }
+}
+
+/// The names in a `GET /api/projects/{id}/secrets` answer (`[{"name", "allowedHosts"}]`).
+pub fn secret_names(list: &Value) -> Vec<String> {
+    list.as_array()
+        .expect("secret list is an array")
+        .iter()
+        .map(|e| e["name"].as_str().expect("entry has a name").to_string())
+        .collect()
 }
 
 pub struct Client {

@@ -351,6 +351,7 @@ pub fn secret(value: &str, hosts: &[&str]) -> SealedSecret {
 
 pub struct Harness {
     pub proxy_ca: CaPem,
+    pub counters: Arc<proxy::egress_log::EgressCounters>,
     pub registry: Arc<SealRegistry>,
     /// Sandbox id -> address of the listener dedicated to it.
     pub listeners: HashMap<SandboxId, SocketAddr>,
@@ -373,6 +374,7 @@ pub async fn start_proxy(cfg: ProxyConfig, registry: Arc<SealRegistry>, sandboxe
     init_logs();
     let proxy_ca = cfg.ca.clone();
     let proxy = Proxy::new(cfg, registry.clone()).unwrap();
+    let counters = proxy.egress_counters();
     let mut listeners = HashMap::new();
     for &id in sandboxes {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -380,7 +382,7 @@ pub async fn start_proxy(cfg: ProxyConfig, registry: Arc<SealRegistry>, sandboxe
         let p = proxy.clone();
         tokio::spawn(async move { p.serve(TcpSource::new(l, id)).await });
     }
-    Harness { proxy_ca, registry, listeners }
+    Harness { proxy_ca, counters, registry, listeners }
 }
 
 /// Registers a sandbox with an allowlist and (token, secret) pairs.

@@ -7,6 +7,7 @@ pub mod foundation;
 pub mod power_loss;
 pub mod sandboxes;
 pub mod sealing;
+pub mod sealing_attacks;
 
 use image::error::Result;
 use std::path::Path;

@@ -1,6 +1,8 @@
 //! The sealing proxy end to end: a sandbox holding only a sealed token makes HTTPS requests with
 //! curl; the test upstream receives the real secret (in a header and in a JSON body), never the
 //! token; hosts outside the project's allowlist get 403; and there is no way out but the proxy.
+//! After power-off, what the appliance left behind (memory dumps, disks, console) holds no
+//! secret value. The hostile-sandbox scenarios live in sealing_attacks.rs.
 
 use crate::api::Api;
 use crate::check::check;
@@ -8,11 +10,18 @@ use crate::harness::{Appliance, Scenario};
 use image::err;
 use image::error::Result;
 use serde_json::{json, Value};
+use std::sync::{Mutex, PoisonError};
 
-pub const SCENARIOS: &[Scenario] = &[Scenario {
-    name: "outbound HTTPS from a sandbox carries the real secret, only through the proxy",
-    run: sealed_requests,
-}];
+pub const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "outbound HTTPS from a sandbox carries the real secret, only through the proxy",
+        run: sealed_requests,
+    },
+    Scenario {
+        name: "an echoing upstream hands the sandbox only its own token, never the secret (421 when fronted, deleted secret stops)",
+        run: super::sealing_attacks::echoing_upstream,
+    },
+];
 
 /// Runs once the appliance is powered off: searches what it left behind.
 pub const AFTER_POWERDOWN: &[Scenario] = &[Scenario {
@@ -21,6 +30,27 @@ pub const AFTER_POWERDOWN: &[Scenario] = &[Scenario {
 }];
 
 const SECRET: &str = "sk-ant-sealing-e2e-6a1f0c9b2d";
+
+/// Sandboxes whose guest memory was dumped: (label, the sealed token they hold, the secret it
+/// stands for). The search after power-off must find each token (so it does see that sandbox's
+/// memory) and not one copy of the secret.
+static DUMPED: Mutex<Vec<(&'static str, String, &'static str)>> = Mutex::new(Vec::new());
+
+/// Dumps sandbox `sid`'s guest memory to the data disk (the sandbox keeps running) and has the
+/// search after power-off look there for `secret`, next to the sandbox's `token`.
+pub fn dump_memory_for_search(
+    api: &Api,
+    sid: &str,
+    label: &'static str,
+    token: &str,
+    secret: &'static str,
+) -> Result<()> {
+    let dump = api.expect(200, "POST", &format!("/sandboxes/{sid}/diagnostics/memory-dump"), &Value::Null)?;
+    let bytes = dump["bytes"].as_u64().unwrap_or(0);
+    check(bytes >= 256 << 20, || format!("memory dump: {dump}"))?;
+    DUMPED.lock().unwrap_or_else(PoisonError::into_inner).push((label, token.to_string(), secret));
+    Ok(())
+}
 
 fn sealed_requests(appliance: &mut Appliance) -> Result<()> {
     let api = appliance.api();
@@ -51,22 +81,22 @@ fn sealed_requests(appliance: &mut Appliance) -> Result<()> {
     check(upstream.received()?.len() == received.len(), || "the upstream got a request past the proxy".into())?;
 
     // The sandbox stays up; its guest memory goes to the data disk for the search after power-off.
-    let dump = api.expect(200, "POST", &format!("/sandboxes/{sid}/diagnostics/memory-dump"), &Value::Null)?;
-    let bytes = dump["bytes"].as_u64().unwrap_or(0);
-    check(bytes >= 256 << 20, || format!("memory dump: {dump}"))?;
+    dump_memory_for_search(&api, &sid, "the sealing sandbox", &token, SECRET)?;
     api.expect(204, "DELETE", &format!("/projects/{pid}"), &Value::Null)?;
     let console = appliance.machine.console();
     check(!console.contains(SECRET), || "the plaintext secret appears in the console log".into())
 }
 
-/// Counts `needle` in the data regions of a (sparse) file, matches across chunk edges included.
-fn count_in_file(path: &std::path::Path, needle: &[u8]) -> Result<u64> {
+/// Counts each of `needles` in the data regions of a (sparse) file, matches across chunk edges
+/// included: one pass over the file however many needles (a data disk holds gigabytes).
+fn count_in_file(path: &std::path::Path, needles: &[&[u8]]) -> Result<Vec<u64>> {
     use image::error::Context;
     use std::io::{Read, Seek, SeekFrom};
     use std::os::fd::AsRawFd;
     let mut file = std::fs::File::open(path).ctx(|| format!("open {}", path.display()))?;
     let len = file.metadata().ctx(|| "stat".into())?.len();
-    let mut count = 0u64;
+    let longest = needles.iter().map(|n| n.len()).max().unwrap_or(1).max(1);
+    let mut counts = vec![0u64; needles.len()];
     let mut buf = vec![0u8; 8 << 20];
     let mut offset = 0u64;
     while offset < len {
@@ -80,42 +110,73 @@ fn count_in_file(path: &std::path::Path, needle: &[u8]) -> Result<u64> {
         let end = if hole < 0 { len } else { hole as u64 };
         file.seek(SeekFrom::Start(data as u64)).ctx(|| "seek".into())?;
         let mut carry: Vec<u8> = Vec::new();
+        // How many leading bytes of `carry` were already searched (the kept tail of the last
+        // chunk): a match must end past them, so none is counted twice.
+        let mut searched = 0usize;
         let mut pos = data as u64;
         while pos < end {
             let want = ((end - pos) as usize).min(buf.len());
             file.read_exact(&mut buf[..want]).ctx(|| "read".into())?;
             carry.extend_from_slice(&buf[..want]);
-            count += carry.windows(needle.len()).filter(|w| *w == needle).count() as u64;
-            let keep = carry.len().saturating_sub(needle.len() - 1);
+            for (needle, count) in needles.iter().zip(counts.iter_mut()) {
+                if needle.is_empty() {
+                    continue;
+                }
+                // Start where a match could first end past the searched bytes.
+                let from = (searched + 1).saturating_sub(needle.len());
+                *count += carry[from..].windows(needle.len()).filter(|w| w == needle).count() as u64;
+            }
+            let keep = carry.len().saturating_sub(longest - 1);
             carry.drain(..keep);
+            searched = carry.len();
             pos += want as u64;
         }
         offset = end;
     }
-    Ok(count)
+    Ok(counts)
 }
 
 fn secret_search(appliance: &mut Appliance) -> Result<()> {
-    let plaintexts = [
+    let mut plaintexts = vec![
         ("the sealing secret", SECRET),
+        ("the echo scenario's secret", super::sealing_attacks::ECHO_SECRET),
         ("the control-plane secret", super::control_plane::SECRET_VALUE),
         ("the persisted secret", super::control_plane::PERSISTED_VALUE),
         ("the documented example's secret", super::documented::DOCUMENTED_SECRET),
     ];
+    let dumped = DUMPED.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    for (label, _, secret) in &dumped {
+        if !plaintexts.iter().any(|(_, s)| s == secret) {
+            plaintexts.push((label, secret));
+        }
+    }
+    // One pass over the data disk: the secrets, every token prefix, each dumped sandbox's token.
+    let mut needles: Vec<&[u8]> = plaintexts.iter().map(|(_, secret)| secret.as_bytes()).collect();
+    needles.push(b"osb_sealed_");
+    needles.extend(dumped.iter().map(|(_, token, _)| token.as_bytes()));
+    let counts = count_in_file(&appliance.data_disk, &needles)?;
+    let (on_disk, rest) = counts.split_at(plaintexts.len());
+    let console = appliance.machine.console();
     let mut report = Vec::new();
-    for (label, secret) in plaintexts {
-        let on_disk = count_in_file(&appliance.data_disk, secret.as_bytes())?;
-        let in_console = appliance.machine.console().matches(secret).count();
+    for ((label, secret), on_disk) in plaintexts.iter().zip(on_disk) {
+        let in_console = console.matches(secret).count();
         report.push(format!("{label}: data disk {on_disk}, console {in_console}"));
-        check(on_disk == 0 && in_console == 0, || format!("plaintext found: {}", report.join("; ")))?;
+        check(*on_disk == 0 && in_console == 0, || format!("plaintext found: {}", report.join("; ")))?;
     }
     // The search can see guest memory and sandbox disks: tokens, which the sandbox does hold, are there.
-    let tokens = count_in_file(&appliance.data_disk, b"osb_sealed_")?;
+    let tokens = rest.first().copied().unwrap_or(0);
     eprintln!(
         "[qemu-test]   secret search: {}; sealed tokens on the data disk (memory dump, sandbox disks): {tokens}",
         report.join("; ")
     );
-    check(tokens > 0, || "no sealed token found on the data disk: the search does not see the memory dump".into())
+    check(tokens > 0, || "no sealed token found on the data disk: the search does not see the memory dump".into())?;
+    // Each dumped sandbox: its own token is found (the search sees its memory) and its secret,
+    // counted above over the whole disk, is not.
+    for ((label, _, _), found) in dumped.iter().zip(rest.iter().skip(1)) {
+        eprintln!("[qemu-test]   {label}: its token {found} time(s) on the data disk, its secret 0");
+        check(*found > 0, || format!("{label}'s token is not on the data disk: its memory dump was not searched"))?;
+    }
+    Ok(())
 }
 
 /// From sandbox `sid`, curl sends the sealed token in `$env` to api.anthropic.com twice (through
@@ -136,4 +197,26 @@ pub fn send_key_twice(api: &Api, sid: &str, env: &str) -> Result<()> {
     );
     let (code, out, err) = api.run(sid, &body_call, 60)?;
     check(code == 0 && out == "200", || format!("curl with the key in the body: exit {code}, {out:?}, {err:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count_in_file;
+
+    #[test]
+    fn needles_are_counted_once_each_across_chunk_edges() {
+        // The reader's chunk is 8 MiB: one needle straddles that edge, a short one sits in the
+        // tail kept for the long needle (it must not be counted twice).
+        let edge = 8 << 20;
+        let mut data = vec![b'.'; edge + 64];
+        data[edge - 3..edge + 3].copy_from_slice(b"LONGER");
+        data[10..16].copy_from_slice(b"LONGER");
+        data[edge - 5..edge - 3].copy_from_slice(b"xy");
+        data[edge + 10..edge + 12].copy_from_slice(b"xy");
+        let path = std::env::temp_dir().join(format!("oc-count-{}", std::process::id()));
+        std::fs::write(&path, &data).unwrap();
+        let counts = count_in_file(&path, &[b"LONGER", b"xy", b"absent"]);
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(counts.unwrap(), vec![2, 2, 0]);
+    }
 }

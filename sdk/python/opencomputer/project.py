@@ -110,21 +110,42 @@ class Project:
 
     @staticmethod
     async def set_secret(
-        id: str, name: str, value: str, *, api_url: Optional[str] = None, api_key: Optional[str] = None
+        id: str,
+        name: str,
+        value: str,
+        *,
+        allowed_hosts: Optional[List[str]] = None,
+        api_url: Optional[str] = None,
+        api_key: Optional[str] = None,
     ) -> None:
         """Stores (or replaces) a secret. The appliance encrypts it and never returns it;
-        sandboxes of the project see only a sealed ``osb_sealed_...`` token in ``$name``."""
+        sandboxes of the project see only a sealed ``osb_sealed_...`` token in ``$name``.
+
+        ``allowed_hosts`` (``api.example.com``, ``*.example.com``, ``db.example.com:5432``)
+        limits where the real value may be sent; without it the project's egress allowlist
+        applies. Replacing a secret replaces its hosts too. Running sandboxes that hold a
+        token for this secret use the new value and hosts as soon as this returns.
+        """
+        body: Dict[str, Any] = {"value": value}
+        if allowed_hosts is not None:
+            body["allowedHosts"] = list(allowed_hosts)
         async with _client(api_url, api_key) as client:
-            await client.request(
-                "PUT", f"/projects/{path_segment(id)}/secrets/{path_segment(name)}", json={"value": value}
-            )
+            await client.request("PUT", f"/projects/{path_segment(id)}/secrets/{path_segment(name)}", json=body)
 
     @staticmethod
-    async def list_secrets(id: str, *, api_url: Optional[str] = None, api_key: Optional[str] = None) -> List[str]:
-        """Returns the names of the project's secrets (never their values)."""
+    async def list_secrets(
+        id: str, *, api_url: Optional[str] = None, api_key: Optional[str] = None
+    ) -> List[Dict[str, Any]]:
+        """Returns the project's secrets as ``{"name", "allowedHosts"}`` dicts sorted by name,
+        never their values. ``allowedHosts`` is empty for a secret that follows the project's
+        egress allowlist."""
         async with _client(api_url, api_key) as client:
-            names = expect_list(await client.json("GET", f"/projects/{path_segment(id)}/secrets"), "secret list")
-        return [str(n) for n in names]
+            entries = expect_list(await client.json("GET", f"/projects/{path_segment(id)}/secrets"), "secret list")
+        # Appliances before per-secret hosts answered with bare names.
+        return [
+            {"name": e, "allowedHosts": []} if isinstance(e, str) else expect_dict(e, "secret list entry")
+            for e in entries
+        ]
 
     @staticmethod
     async def delete_secret(

@@ -115,22 +115,41 @@ async def test_project_lifecycle(env: RunningAppliance) -> None:
     assert (info.value.status, info.value.message) == (404, f"project {created['id']} not found")
 
 
-async def test_secrets_come_back_as_names_only(env: RunningAppliance) -> None:
+async def test_secrets_come_back_as_names_and_hosts_only(env: RunningAppliance) -> None:
     project = await Project.create(unique("secrets"), egress_allowlist=["api.anthropic.com"])
     value = "sk-ant-" + uuid.uuid4().hex
     assert await Project.set_secret(project["id"], "ANTHROPIC_API_KEY", value) is None
-    await Project.set_secret(project["id"], "OTHER", "v2-" + uuid.uuid4().hex)
-    assert sorted(await Project.list_secrets(project["id"])) == ["ANTHROPIC_API_KEY", "OTHER"]
+    await Project.set_secret(
+        project["id"], "OTHER", "v2-" + uuid.uuid4().hex, allowed_hosts=["API.example.com", "db.example.com:5432"]
+    )
+    assert await Project.list_secrets(project["id"]) == [
+        {"name": "ANTHROPIC_API_KEY", "allowedHosts": []},
+        {"name": "OTHER", "allowedHosts": ["api.example.com", "db.example.com:5432"]},
+    ]
     answers = json.dumps([await Project.get(project["id"]), await Project.list(), await Project.list_secrets(project["id"])])
     assert value not in answers
     assert await Project.delete_secret(project["id"], "OTHER") is None
-    assert await Project.list_secrets(project["id"]) == ["ANTHROPIC_API_KEY"]
+    assert [s["name"] for s in await Project.list_secrets(project["id"])] == ["ANTHROPIC_API_KEY"]
     with pytest.raises(OpenComputerError) as info:
         await Project.delete_secret(project["id"], "OTHER")
     assert info.value.status == 404 and "secret OTHER not found" in info.value.message
     await Project.delete(project["id"])
     # The appliance's own log never shows the value either.
     assert value not in env.log.read_text(errors="replace")
+
+
+async def test_host_patterns_over_public_suffixes_or_bad_ports_are_refused(env: RunningAppliance) -> None:
+    project = await Project.create(unique("hosts"))
+    for bad in ["*.com", "*.co.uk", "api.example.com:99999"]:
+        with pytest.raises(OpenComputerError) as info:
+            await Project.set_secret(project["id"], "K", "v-" + uuid.uuid4().hex, allowed_hosts=[bad])
+        assert info.value.status == 400 and "allowedHosts" in info.value.message and bad in info.value.message
+        with pytest.raises(OpenComputerError) as info:
+            await Project.update(project["id"], egress_allowlist=[bad])
+        assert info.value.status == 400 and "egressAllowlist" in info.value.message and bad in info.value.message
+    assert await Project.list_secrets(project["id"]) == []
+    assert (await Project.get(project["id"]))["egressAllowlist"] == []
+    await Project.delete(project["id"])
 
 
 async def test_server_errors_are_typed_with_status_and_message(env: RunningAppliance) -> None:

@@ -35,20 +35,35 @@ async def test_update_sends_only_what_is_passed(fake: FakeAppliance) -> None:
 
 async def test_secret_paths_and_bodies(fake: FakeAppliance) -> None:
     fake.reply("PUT", f"/api/projects/{PID}/secrets/API_KEY", 204)
-    fake.reply("GET", f"/api/projects/{PID}/secrets", 200, ["API_KEY"])
+    fake.reply("GET", f"/api/projects/{PID}/secrets", 200, [{"name": "API_KEY", "allowedHosts": ["api.example.com"]}])
     fake.reply("DELETE", f"/api/projects/{PID}/secrets/API_KEY", 204)
     fake.reply("DELETE", f"/api/projects/{PID}", 204)
     assert await Project.set_secret(PID, "API_KEY", "sk-value") is None
-    assert fake.requests[-1].json == {"value": "sk-value"}
-    assert await Project.list_secrets(PID) == ["API_KEY"]
+    assert fake.requests[-1].json == {"value": "sk-value"}, "allowedHosts only when given"
+    assert await Project.set_secret(PID, "API_KEY", "sk-value", allowed_hosts=("api.example.com", "db.example.com:5432")) is None
+    assert fake.requests[-1].json == {"value": "sk-value", "allowedHosts": ["api.example.com", "db.example.com:5432"]}
+    assert await Project.set_secret(PID, "API_KEY", "sk-value", allowed_hosts=[]) is None
+    assert fake.requests[-1].json == {"value": "sk-value", "allowedHosts": []}
+    assert await Project.list_secrets(PID) == [{"name": "API_KEY", "allowedHosts": ["api.example.com"]}]
     assert await Project.delete_secret(PID, "API_KEY") is None
     assert await Project.delete(PID) is None
     assert [(r.method, r.path) for r in fake.requests] == [
+        ("PUT", f"/api/projects/{PID}/secrets/API_KEY"),
+        ("PUT", f"/api/projects/{PID}/secrets/API_KEY"),
         ("PUT", f"/api/projects/{PID}/secrets/API_KEY"),
         ("GET", f"/api/projects/{PID}/secrets"),
         ("DELETE", f"/api/projects/{PID}/secrets/API_KEY"),
         ("DELETE", f"/api/projects/{PID}"),
     ]
+
+
+async def test_secret_lists_of_bare_names_still_work(fake: FakeAppliance) -> None:
+    # What appliances answered before per-secret hosts existed.
+    fake.reply("GET", f"/api/projects/{PID}/secrets", 200, ["A", "B"])
+    assert await Project.list_secrets(PID) == [{"name": "A", "allowedHosts": []}, {"name": "B", "allowedHosts": []}]
+    fake.reply("GET", f"/api/projects/{PID}/secrets", 200, [7])
+    with pytest.raises(OpenComputerError, match="expected a JSON object"):
+        await Project.list_secrets(PID)
 
 
 async def test_an_answer_of_the_wrong_shape_is_an_error(fake: FakeAppliance) -> None:
