@@ -28,6 +28,7 @@ mod shared;
 pub mod subst;
 pub mod tls;
 pub mod vsock;
+pub mod websocket;
 
 pub use ca::{CaPem, CertificateAuthority};
 pub use config::{Limits, ProxyConfig, Timeouts};

@@ -6,8 +6,9 @@
 //! decoded when gzip or deflate, scrubbed while streaming and sent chunked (or, to an
 //! HTTP/1.0 client, until close) without Content-Encoding and Content-Length, since
 //! scrubbing changes its length. A coding the proxy cannot decode gets a 502 instead
-//! of passing unscrubbed. After `101 Switching Protocols` the raw byte stream is
-//! scrubbed. Memory per connection stays bounded: reads are at most 64 KiB, inflation
+//! of passing unscrubbed. After `101 Switching Protocols` WebSocket frames are
+//! scrubbed and re-framed ([`crate::websocket`]); any other protocol's raw bytes are
+//! scrubbed as a stream. Memory per connection stays bounded: reads are at most 64 KiB, inflation
 //! advances a few KiB of input at a time, the scrubber holds back less than one value.
 
 use std::fmt;
@@ -92,7 +93,7 @@ const INFLATE_STEP: usize = 1024;
 const GATHER: usize = 64 * 1024;
 
 /// Many servers close TLS without close_notify after a complete response.
-async fn fill<R: AsyncRead + Unpin>(up: &mut Inbound<R>) -> io::Result<usize> {
+pub(crate) async fn fill<R: AsyncRead + Unpin>(up: &mut Inbound<R>) -> io::Result<usize> {
     match up.fill().await {
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(0),
         other => other,
@@ -188,8 +189,13 @@ where
             .map_err(|e| bad(format!("upstream sent a malformed response head: {e}"), false))?;
         scrub_head(&mut head, scrub, totals);
         if head.status == 101 {
+            let websocket = head.has_token("upgrade", "websocket");
             write_head(client, &head, totals).await?;
-            relay_upgraded(up, client, scrub, totals).await?;
+            if websocket {
+                crate::websocket::relay_frames(up, client, scrub, totals).await?;
+            } else {
+                relay_upgraded(up, client, scrub, totals).await?;
+            }
             return Ok(Next::Close);
         }
         if head.status < 200 {
@@ -226,15 +232,10 @@ where
             head.set_header("Connection", b"close");
             OutFraming::UntilClose
         };
-        write_head(client, &head, totals).await?;
-        let trailers = relay_body(up, client, body, decoder, framing, scrub, totals).await?;
-        if framing == OutFraming::Chunked {
-            let mut end = Vec::new();
-            encode_last(&trailers, &mut end);
-            client.write_all(&end).await?;
-            client.flush().await?;
-            totals.bytes += end.len() as u64;
-        }
+        // The head goes out with the first piece of the body: one write for small responses.
+        let mut head_bytes = Vec::with_capacity(512);
+        head.write_to(&mut head_bytes);
+        relay_body(up, client, head_bytes, body, decoder, framing, scrub, totals).await?;
         let closes = framing == OutFraming::UntilClose
             || body == ResponseBody::UntilClose
             || head.has_token("connection", "close");
@@ -337,6 +338,8 @@ impl Inflater {
 /// Decoded body bytes -> scrubber -> framing -> sandbox.
 struct BodyOut<'a, W> {
     client: &'a mut W,
+    /// Bytes to send before the next piece (the response head).
+    pending: Vec<u8>,
     scrubber: Scrubber,
     framing: OutFraming,
     wire: Zeroizing<Vec<u8>>,
@@ -368,6 +371,11 @@ impl<W: AsyncWrite + Unpin> BodyOut<'_, W> {
     }
 
     async fn write_wire(&mut self, totals: &mut Relayed) -> io::Result<()> {
+        if !self.pending.is_empty() {
+            let mut pending = std::mem::take(&mut self.pending);
+            pending.extend_from_slice(&self.wire);
+            std::mem::swap(&mut pending, &mut *self.wire);
+        }
         if !self.wire.is_empty() {
             self.client.write_all(&self.wire).await?;
             self.client.flush().await?;
@@ -393,7 +401,8 @@ impl<W: AsyncWrite + Unpin> BodyOut<'_, W> {
         Ok(self.send_decoded(totals).await?)
     }
 
-    async fn finish(mut self, inflater: Inflater, totals: &mut Relayed) -> Result<(), RelayError> {
+    /// Ends the body: the held-back tail, then (chunked) the last chunk with `trailers`.
+    async fn finish(mut self, inflater: Inflater, trailers: &[u8], totals: &mut Relayed) -> Result<(), RelayError> {
         inflater
             .finish(&mut self.decoded)
             .map_err(|e| bad(format!("cannot decode the upstream's compressed response: {e}"), true))?;
@@ -403,6 +412,7 @@ impl<W: AsyncWrite + Unpin> BodyOut<'_, W> {
         self.scrubber.finish(&mut self.wire);
         if let Some(at) = at {
             end_chunk(&mut self.wire, at);
+            encode_last(trailers, &mut self.wire);
         }
         self.write_wire(totals).await?;
         totals.scrubbed += self.scrubber.replaced();
@@ -410,22 +420,25 @@ impl<W: AsyncWrite + Unpin> BodyOut<'_, W> {
     }
 }
 
-/// Streams one body; returns its trailer section (scrubbed) when it was chunked.
+/// Streams one body after `head_bytes`; a chunked body's trailers are passed on scrubbed.
+#[allow(clippy::too_many_arguments)] // one response's parts, each used once
 async fn relay_body<R, W>(
     up: &mut Inbound<R>,
     client: &mut W,
+    head_bytes: Vec<u8>,
     body: ResponseBody,
     mut inflater: Inflater,
     framing: OutFraming,
     scrub: &Arc<ScrubSet>,
     totals: &mut Relayed,
-) -> Result<Vec<u8>, RelayError>
+) -> Result<(), RelayError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut out = BodyOut {
         client,
+        pending: head_bytes,
         scrubber: Scrubber::new(scrub.clone()),
         framing,
         wire: Zeroizing::new(Vec::with_capacity(GATHER + 1024)),
@@ -471,8 +484,7 @@ where
             up.consume(n);
         },
     }
-    out.finish(inflater, totals).await?;
-    Ok(trailers)
+    out.finish(inflater, &trailers, totals).await
 }
 
 /// After `101`: the raw stream, scrubbed, until the upstream closes.

@@ -106,6 +106,47 @@ async fn bytes_after_101_are_scrubbed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_frames_are_scrubbed_and_reframed() {
+    let mut up = start_upstream(true).await;
+    let h = setup(&up, |_| {}).await;
+    let t = token(1);
+    let mut c = connect_tls(&h, S1, "api.test", up.port).await.unwrap();
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: api.test\r\nAuthorization: {t}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nX-Echo-Mode: websocket\r\n\r\n"
+    );
+    c.get_mut().write_all(req.as_bytes()).await.unwrap();
+    c.get_mut().flush().await.unwrap();
+    let got = up.next().await;
+    assert!(got.head.contains(VALUE), "the upstream got the value");
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), c.read_to_end(&mut raw)).await;
+    assert_no_value("websocket", &raw);
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("101 head") + 4;
+    assert!(raw.starts_with(b"HTTP/1.1 101"));
+    // Reassemble messages: every frame parses, fragments join, control frames stand alone.
+    let (mut messages, mut controls, mut current) = (Vec::new(), Vec::new(), Vec::new());
+    let mut in_message = false;
+    for (fin, opcode, payload) in ws_parse(&raw[end..]) {
+        if opcode >= 8 {
+            assert!(fin && payload.len() <= 125);
+            controls.push((opcode, payload));
+            continue;
+        }
+        assert_eq!(opcode == 0, in_message, "a message starts with its opcode, continues with 0");
+        in_message = !fin;
+        current.extend_from_slice(&payload);
+        if fin {
+            messages.push(String::from_utf8(std::mem::take(&mut current)).unwrap());
+        }
+    }
+    assert_eq!(messages, vec![format!("echo: {t}"), format!("part one {t} part two")]);
+    assert_eq!(controls[0], (9, t.as_bytes().to_vec()));
+    assert_eq!(controls[1].0, 8);
+    assert_eq!(controls[1].1[..2], 1000u16.to_be_bytes(), "the close code survives");
+    assert!(controls[1].1[2..].starts_with(b"bye osb_sealed_"), "the reason is scrubbed (and cut to 125 bytes)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn value_change_deletion_and_allowlist_change_reach_a_live_tunnel() {
     let mut up = start_upstream(true).await;
     let h = setup(&up, |_| {}).await;

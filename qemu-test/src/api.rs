@@ -84,7 +84,7 @@ impl Api {
     }
 }
 
-/// The value of an unlabelled gauge or counter in Prometheus text.
+/// The value of a gauge or counter in Prometheus text (`name` with its labels, if any).
 pub fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }

@@ -261,7 +261,7 @@ async fn echo_loop<S: AsyncRead + AsyncWrite + Unpin>(stream: S, conn: usize, tx
                 let _ = r.get_mut().shutdown().await;
                 return;
             }
-            Some("close") => {
+            Some("close" | "websocket") => {
                 let _ = r.get_mut().shutdown().await;
                 return;
             }
@@ -327,6 +327,21 @@ fn hostile_response(mode: &str, auth: &str, echo: &[u8]) -> Vec<Vec<u8>> {
             head.extend_from_slice(&echo[..echo.len() / 2]);
             vec![head, echo[echo.len() / 2..].to_vec()]
         }
+        "websocket" => {
+            // A text message, a fragmented one with the value cut between its frames and a
+            // ping between them quoting it, then a close frame whose reason quotes it.
+            let half = auth.len() / 2;
+            let mut close = 1000u16.to_be_bytes().to_vec();
+            close.extend_from_slice(format!("bye {auth}").as_bytes());
+            vec![
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n".to_vec(),
+                ws_frame(true, 1, format!("echo: {auth}").as_bytes()),
+                ws_frame(false, 1, format!("part one {}", &auth[..half]).as_bytes()),
+                ws_frame(true, 9, auth.as_bytes()),
+                ws_frame(true, 0, format!("{} part two", &auth[half..]).as_bytes()),
+                ws_frame(true, 8, &close),
+            ]
+        }
         "close" => {
             let mut out = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n".to_vec();
             out.extend_from_slice(echo);
@@ -334,6 +349,37 @@ fn hostile_response(mode: &str, auth: &str, echo: &[u8]) -> Vec<Vec<u8>> {
         }
         other => with_len("", format!("unknown echo mode {other}").as_bytes()),
     }
+}
+
+/// An unmasked WebSocket frame (payloads under 64 KiB).
+pub fn ws_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![if fin { 0x80 } else { 0 } | opcode];
+    match u8::try_from(payload.len()) {
+        Ok(n) if n < 126 => f.push(n),
+        _ => {
+            f.push(126);
+            f.extend_from_slice(&u16::try_from(payload.len()).unwrap().to_be_bytes());
+        }
+    }
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Splits unmasked frames: (fin, opcode, payload) each; panics on a malformed stream.
+pub fn ws_parse(mut data: &[u8]) -> Vec<(bool, u8, Vec<u8>)> {
+    let mut frames = Vec::new();
+    while !data.is_empty() {
+        assert!(data[1] & 0x80 == 0, "server frames are not masked");
+        let (len, at) = match data[1] & 0x7f {
+            126 => (usize::from(u16::from_be_bytes([data[2], data[3]])), 4),
+            127 => (usize::try_from(u64::from_be_bytes(data[2..10].try_into().unwrap())).unwrap(), 10),
+            n => (usize::from(n), 2),
+        };
+        assert!(data.len() >= at + len, "frame cut off");
+        frames.push((data[0] & 0x80 != 0, data[0] & 0x0f, data[at..at + len].to_vec()));
+        data = &data[at + len..];
+    }
+    frames
 }
 
 // ---------- proxy harness ----------

@@ -103,7 +103,21 @@ pub fn echoing_upstream(appliance: &mut Appliance) -> Result<()> {
     // The responses went through the sandbox's memory: its dump is searched after power-off.
     super::sealing::dump_memory_for_search(&api, &sid, "the echo sandbox", &token, ECHO_SECRET)?;
     api.expect(204, "DELETE", &format!("/projects/{pid}"), &Value::Null)?;
-    check(!appliance.machine.console().contains(ECHO_SECRET), || "the echo secret appears in the console log".into())?;
+    let console = appliance.machine.console();
+    check(!console.contains(ECHO_SECRET), || "the echo secret appears in the console log".into())?;
+    // Egress is visible: the proxy's records reach the console (tokens redacted) and /metrics.
+    check(console.contains("proxy: egress: sandbox ") && console.contains(": misdirected (421 "), || {
+        "no proxy egress record (forwarded tunnel and the 421) on the console".into()
+    })?;
+    check(!console.contains(&token), || "a sealed token appears in the console log".into())?;
+    let metrics = api.metrics()?;
+    for decision in ["forwarded", "misdirected"] {
+        let count =
+            crate::api::metric(&metrics, &format!("appliance_egress_decisions_total{{decision=\"{decision}\"}}"));
+        check(count.is_some_and(|n| n >= 1.0), || format!("/metrics counts no {decision} egress: {count:?}"))?;
+    }
+    let scrubbed = crate::api::metric(&metrics, "appliance_egress_values_scrubbed_total");
+    check(scrubbed.is_some_and(|n| n >= 4.0), || format!("/metrics counts {scrubbed:?} scrubbed values"))?;
     eprintln!(
         "[qemu-test]   echo scenario: sandbox ready {:.1}s, {} echo forms {:.1}s, request after DELETE done in {:.1}s, {:.1}s in all",
         created.as_secs_f64(),
