@@ -92,6 +92,23 @@ const INFLATE_STEP: usize = 1024;
 /// Body bytes collected (when already readable) before one chunk is written.
 const GATHER: usize = 64 * 1024;
 
+/// Waits for body bytes, then also takes whatever else is readable right now, up to
+/// [`GATHER`]: a TLS read yields one record (16 KiB), and writing each on its own
+/// (plus a chunk header, which spills into a second record) costs twice the records.
+/// `Ok(false)`: the upstream closed with nothing buffered.
+async fn gather<R: AsyncRead + Unpin>(up: &mut Inbound<R>) -> io::Result<bool> {
+    if up.buffered().is_empty() && fill(up).await? == 0 {
+        return Ok(false);
+    }
+    while up.buffered().len() < GATHER {
+        match up.fill_ready(GATHER).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    Ok(true)
+}
+
 /// Many servers close TLS without close_notify after a complete response.
 pub(crate) async fn fill<R: AsyncRead + Unpin>(up: &mut Inbound<R>) -> io::Result<usize> {
     match up.fill().await {
@@ -450,7 +467,7 @@ where
         ResponseBody::None => {}
         ResponseBody::Length(mut remaining) => {
             while remaining > 0 {
-                if up.buffered().is_empty() && fill(up).await? == 0 {
+                if !gather(up).await? {
                     return Err(truncated());
                 }
                 let take = usize::try_from(remaining).unwrap_or(usize::MAX).min(up.buffered().len());
@@ -463,7 +480,7 @@ where
             let mut decoder = ChunkedDecoder::new(64 * 1024);
             let mut data = Zeroizing::new(Vec::with_capacity(GATHER));
             while !decoder.is_done() {
-                if up.buffered().is_empty() && fill(up).await? == 0 {
+                if !gather(up).await? {
                     return Err(truncated());
                 }
                 let used = decoder
@@ -476,7 +493,7 @@ where
             scrub.scrub_all(decoder.trailers(), &mut trailers);
         }
         ResponseBody::UntilClose => loop {
-            if up.buffered().is_empty() && fill(up).await? == 0 {
+            if !gather(up).await? {
                 break;
             }
             let n = up.buffered().len();
@@ -529,7 +546,7 @@ where
     W: AsyncWrite + Unpin,
 {
     loop {
-        if up.buffered().is_empty() && fill(up).await? == 0 {
+        if !gather(up).await? {
             return Ok(());
         }
         let n = up.buffered().len();
