@@ -102,7 +102,9 @@ pub fn show_size(n: u64) -> String {
     }
 }
 
-fn is_zlib_header(b: &[u8]) -> bool {
+/// True if `b` starts with a zlib header (RFC 1950): `deflate` bodies come zlib-wrapped
+/// per the RFC or raw in practice, and these two bytes tell them apart.
+pub(crate) fn is_zlib_header(b: &[u8]) -> bool {
     b.len() >= 2 && (b[0] & 0x0f) == 8 && (b[0] >> 4) <= 7 && ((u16::from(b[0]) << 8) | u16::from(b[1])) % 31 == 0
 }
 

@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use zeroize::Zeroizing;
 
+use crate::body::is_zlib_header;
 use crate::http::chunked::{begin_chunk, encode_last, end_chunk, ChunkError, ChunkedDecoder};
 use crate::http::head::Version;
 use crate::http::response::{parse_response_head, ResponseBody, ResponseHead};
@@ -294,10 +295,6 @@ enum Inflater {
     SniffDeflate(Vec<u8>),
     Zlib(Box<ZlibDecoder<Vec<u8>>>),
     Raw(Box<DeflateDecoder<Vec<u8>>>),
-}
-
-fn is_zlib_header(b: &[u8]) -> bool {
-    b.len() >= 2 && (b[0] & 0x0f) == 8 && (b[0] >> 4) <= 7 && ((u16::from(b[0]) << 8) | u16::from(b[1])) % 31 == 0
 }
 
 impl Inflater {

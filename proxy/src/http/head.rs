@@ -157,6 +157,21 @@ pub(crate) fn list_elements<'a>(headers: &'a [Header], name: &'a str) -> impl It
         .filter(|t| !t.is_empty())
 }
 
+pub(crate) fn remove_field(headers: &mut Vec<Header>, name: &str) {
+    headers.retain(|h| !h.name.eq_ignore_ascii_case(name));
+}
+
+/// Replaces every `name` field by one with `value`.
+pub(crate) fn set_field(headers: &mut Vec<Header>, name: &str, value: &[u8]) {
+    remove_field(headers, name);
+    headers.push(Header { name: name.to_string(), value: value.to_vec() });
+}
+
+/// True if some comma-separated element of a `name` field equals `token` (case-insensitive).
+pub(crate) fn has_token(headers: &[Header], name: &str, token: &str) -> bool {
+    list_elements(headers, name).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
+}
+
 /// The Content-Length fields' value: all must agree.
 pub(crate) fn content_length(headers: &[Header]) -> Result<Option<u64>, HeadError> {
     let mut length: Option<u64> = None;
@@ -230,17 +245,16 @@ impl RequestHead {
     }
 
     pub fn remove_header(&mut self, name: &str) {
-        self.headers.retain(|h| !h.name.eq_ignore_ascii_case(name));
+        remove_field(&mut self.headers, name);
     }
 
     pub fn set_header(&mut self, name: &str, value: &[u8]) {
-        self.remove_header(name);
-        self.headers.push(Header { name: name.to_string(), value: value.to_vec() });
+        set_field(&mut self.headers, name, value);
     }
 
     /// True if some comma-separated element of a header equals `token` (case-insensitive).
     pub fn has_token(&self, name: &str, token: &str) -> bool {
-        list_elements(&self.headers, name).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
+        has_token(&self.headers, name, token)
     }
 
     /// Body framing per RFC 9112 section 6, refusing the ambiguous cases that enable

@@ -2,7 +2,8 @@
 //! 6.3) and serialisation. Errors never quote a field value.
 
 use crate::http::head::{
-    content_length, head_lines, list_elements, parse_fields, write_fields, HeadError, Header, Version,
+    content_length, has_token, head_lines, list_elements, parse_fields, remove_field, set_field, write_fields,
+    HeadError, Header, Version,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,16 +55,15 @@ pub fn parse_response_head(raw: &[u8], max_headers: usize) -> Result<ResponseHea
 
 impl ResponseHead {
     pub fn remove_header(&mut self, name: &str) {
-        self.headers.retain(|h| !h.name.eq_ignore_ascii_case(name));
+        remove_field(&mut self.headers, name);
     }
 
     pub fn set_header(&mut self, name: &str, value: &[u8]) {
-        self.remove_header(name);
-        self.headers.push(Header { name: name.to_string(), value: value.to_vec() });
+        set_field(&mut self.headers, name, value);
     }
 
     pub fn has_token(&self, name: &str, token: &str) -> bool {
-        list_elements(&self.headers, name).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
+        has_token(&self.headers, name, token)
     }
 
     /// The content codings applied to the body, in order, `identity` dropped, lower case.
