@@ -3,7 +3,9 @@
 use serde_json::Value;
 
 use crate::auth::Auth;
+use crate::capacity::Capacity;
 use crate::crypto::Keyring;
+use crate::http::long_work::LongWork;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -13,7 +15,11 @@ pub struct App {
     pub keyring: Keyring,
     pub auth: Auth,
     pub lifecycle: Lifecycle,
+    /// What sandboxes may commit (guest memory, vCPUs, disk) and what they hold.
+    pub capacity: Capacity,
     pub metrics: Metrics,
+    /// Threads serving requests that may take long, and their cap.
+    pub long_work: LongWork,
     /// `vmm selfcheck`'s JSON, reported by healthz.
     pub kvm: Value,
     /// One log line per request (off for benchmarks).

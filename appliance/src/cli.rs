@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use crate::capacity::{CapacityConfig, DEFAULT_DISK_RESERVE_MB};
 use crate::sandbox_side::{SandboxOptions, DEFAULT_CA_ROOTS, DEFAULT_GUEST_KERNEL, DEFAULT_PROXY_CONFIG};
 use crate::serve::ServeConfig;
 
@@ -9,7 +10,8 @@ pub const USAGE: &str = "usage:
   appliance serve [--listen ADDR] [--data-dir DIR] [--vmm-bin PATH] [--admin-key-file FILE]
                   [--master-key-file FILE] [--guest-kernel VMLINUX] [--templates-dir DIR]
                   [--ca-roots PEM] [--proxy-config JSON] [--stopped-retention-sec N] [--quiet]
-                  [--power-control] [--require-data-mount]
+                  [--power-control] [--require-data-mount] [--memory-reserve-mb N]
+                  [--disk-reserve-mb N]
   appliance bench api [--clients N] [--requests N] [--data-dir DIR]
   appliance rotate-key --data-dir DIR [--master-key-file OLD --new-master-key-file NEW]";
 
@@ -18,6 +20,8 @@ pub const DEFAULT_STOPPED_RETENTION_SEC: usize = 3600;
 
 pub const DEFAULT_ADMIN_KEY_FILE: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/opencomputer/admin-key/raw";
 
+// Parsed once per process; boxing the serve configuration would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Command {
     Serve(ServeConfig, SandboxOptions),
@@ -77,6 +81,11 @@ fn number(name: &str, v: Option<String>, default: usize) -> Result<usize, String
     }
 }
 
+/// A size in MiB; 0 is allowed (no reserve).
+fn megabytes(name: &str, v: &str) -> Result<u64, String> {
+    v.parse::<u64>().map_err(|_| format!("{name} must be a whole number of MiB"))
+}
+
 pub fn parse(args: Vec<String>) -> Result<Command, String> {
     let mut it = args.into_iter();
     let sub = it.next();
@@ -100,6 +109,18 @@ pub fn parse(args: Vec<String>) -> Result<Command, String> {
                 )? as u64),
                 power_control: flags.switch("--power-control"),
                 require_data_mount: flags.switch("--require-data-mount"),
+                capacity: CapacityConfig {
+                    memory_reserve_mb: flags
+                        .value("--memory-reserve-mb")?
+                        .map(|v| megabytes("--memory-reserve-mb", &v))
+                        .transpose()?,
+                    disk_reserve_mb: flags
+                        .value("--disk-reserve-mb")?
+                        .map(|v| megabytes("--disk-reserve-mb", &v))
+                        .transpose()?
+                        .unwrap_or(DEFAULT_DISK_RESERVE_MB),
+                    ..CapacityConfig::default()
+                },
             };
             let sandbox = SandboxOptions {
                 vmm_bin: config.vmm_bin.clone(),

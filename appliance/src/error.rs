@@ -34,6 +34,10 @@ impl AppError {
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(500, message)
     }
+    /// Something behind the appliance answered badly (e.g. a sandbox's guest).
+    pub fn bad_gateway(message: impl Into<String>) -> Self {
+        Self::new(502, message)
+    }
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(503, message)
     }

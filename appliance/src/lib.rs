@@ -8,6 +8,7 @@ pub mod app;
 pub mod auth;
 pub mod bench;
 pub mod ca_store;
+pub mod capacity;
 pub mod cli;
 pub mod client;
 pub mod clock;

@@ -122,13 +122,16 @@ impl Metrics {
         out
     }
 
-    /// Gauges read at scrape time: this process's descriptors and threads, and the runtime's.
+    /// Gauges read at scrape time: this process's descriptors, threads and memory, and the
+    /// runtime's.
     pub fn render_gauges(out: &mut String, runtime: &[(&'static str, &'static str, u64)]) {
         let open_fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count() as u64).ok();
         let threads = std::fs::read_dir("/proc/self/task").map(|d| d.count() as u64).ok();
+        let resident = resident_bytes();
         let process = [
             ("process_open_fds", "Open file descriptors of the appliance process.", open_fds),
             ("process_threads", "Threads of the appliance process.", threads),
+            ("process_resident_memory_bytes", "Resident memory of the appliance process.", resident),
         ];
         let all = process.into_iter().chain(runtime.iter().map(|&(n, h, v)| (n, h, Some(v))));
         for (name, help, value) in all {
@@ -167,6 +170,14 @@ pub fn render_egress(out: &mut String, egress: &proxy::egress_log::EgressSnapsho
     for (name, help, value) in counters {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
     }
+}
+
+/// This process's resident set (`VmRSS` in /proc/self/status).
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 =
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().strip_suffix("kB")?.trim().parse().ok()?;
+    Some(kib * 1024)
 }
 
 #[cfg(test)]

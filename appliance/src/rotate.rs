@@ -1,4 +1,5 @@
-//! Master key rotation: re-encrypts every secret and the CA key under a new key.
+//! Master key rotation: re-encrypts every secret, the CA key and running sandboxes' stored
+//! tokens under a new key.
 //!
 //! With the default key file the steps are crash-safe: the new key is first written
 //! durably to `master.key.next`, then one store transaction re-seals everything,
@@ -14,7 +15,7 @@ use crate::error::AppError;
 use crate::keyfiles::{
     create_master_key, master_key_path, next_master_key_path, read_master_key, sync_parent_dir, DataDirLock,
 };
-use crate::store::records::{ca_associated_data, secret_associated_data, CaRecord};
+use crate::store::records::{ca_associated_data, sandbox_seal_associated_data, secret_associated_data, CaRecord};
 use crate::store::Store;
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -62,6 +63,21 @@ pub fn reseal_all(store: &Store, ring: &Keyring) -> Result<(usize, usize), AppEr
             record.sealed_key_hex = hex(&ring.seal(&plain, &aad).map_err(|e| AppError::internal(e.to_string()))?);
             dbs.ca.put(wtxn, &name, &record)?;
             resealed_ca += 1;
+        }
+        // Running sandboxes' stored tokens (`seal_sync`) move to the new key too; they are not
+        // counted in the report, being as short-lived as the sandboxes.
+        let mut seals = Vec::new();
+        for item in dbs.sandbox_seals.iter(wtxn)? {
+            let (id, blob) = item?;
+            if !ring.is_current(blob) {
+                seals.push((id.to_string(), blob.to_vec()));
+            }
+        }
+        for (id, blob) in seals {
+            let aad = sandbox_seal_associated_data(&id);
+            let plain = ring.open(&blob, &aad).map_err(|e| AppError::internal(format!("sandbox {id} tokens: {e}")))?;
+            let fresh = ring.seal(&plain, &aad).map_err(|e| AppError::internal(e.to_string()))?;
+            dbs.sandbox_seals.put(wtxn, &id, &fresh)?;
         }
         Ok((resealed_secrets, resealed_ca))
     })

@@ -84,12 +84,16 @@ pub enum RuntimeError {
     Invalid(String),
     /// Booting or talking to the sandbox failed.
     Failed(String),
+    /// The sandbox's guest misbehaved or failed: its agent broke the protocol, overran a
+    /// deadline or a cap, or stopped answering. Code in a sandbox is root and may replace the
+    /// agent, so this is the guest's doing, not the appliance's.
+    Guest(String),
 }
 
 impl fmt::Display for RuntimeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::NotFound(m) | Self::Invalid(m) | Self::Failed(m) => f.write_str(m),
+            Self::NotFound(m) | Self::Invalid(m) | Self::Failed(m) | Self::Guest(m) => f.write_str(m),
         }
     }
 }
@@ -105,6 +109,8 @@ pub trait SandboxRuntime: Send + Sync {
     fn stop(&self, sandbox_id: &str) -> Result<(), RuntimeError>;
     /// Whether the sandbox's VMM is still running (used after restarts and by the reaper).
     fn is_alive(&self, sandbox_id: &str) -> bool;
+    /// Every sandbox whose VMM runs, including those found after a restart.
+    fn running_ids(&self) -> Vec<String>;
 
     fn exec_run(&self, sandbox_id: &str, request: &ExecRequest) -> Result<ExecOutput, RuntimeError>;
     fn exec_start(&self, sandbox_id: &str, request: &ExecRequest) -> Result<String, RuntimeError>;

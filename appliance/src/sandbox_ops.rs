@@ -1,6 +1,7 @@
 //! Operations on sandboxes: create (secret names -> sealed tokens -> boot -> publish -> env ->
 //! record), stop at `endAt` or on DELETE, timeout changes, and reconciliation after a
-//! restart. Every failure path undoes what was already done, so nothing is half-made.
+//! restart. Every failure path undoes what was already done, so nothing is half-made; the
+//! capacity a create reserved is handed back on every path that ends a sandbox.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -60,6 +61,9 @@ fn mint_project_tokens(
 
 pub fn create(app: &App, spec: CreateSpec) -> Result<SandboxRecord, AppError> {
     let backend = app.lifecycle.backend()?.clone();
+    // Admitted before anything is minted or booted; every early return below drops the
+    // reservation, which hands its memory back.
+    let reservation = app.capacity.admit(spec.cpu_count, spec.memory_mb)?;
     let id = new_id()?;
     let (mut envs, tokens) = match &spec.project {
         Some(project) => mint_project_tokens(app, project, &spec.envs)?,
@@ -68,6 +72,34 @@ pub fn create(app: &App, spec: CreateSpec) -> Result<SandboxRecord, AppError> {
     for (name, value) in &spec.envs {
         envs.push((name.clone(), value.clone()));
     }
+
+    let now = now_unix();
+    let timeout = i64::try_from(spec.timeout_sec).unwrap_or(i64::MAX);
+    let mut record = SandboxRecord {
+        id: id.clone(),
+        template: spec.template.clone(),
+        status: SandboxStatus::Starting,
+        started_at: now,
+        end_at: now.saturating_add(timeout),
+        cpu_count: spec.cpu_count,
+        memory_mb: spec.memory_mb,
+        metadata: spec.metadata.clone(),
+        project: spec.project.as_ref().map(|p| p.name.clone()),
+        cid: 0,
+    };
+    // Recorded before the VMM exists: a restart at any later point finds the record (reconcile).
+    let to_store = record.clone();
+    app.store.write(move |wtxn, dbs| Ok(dbs.sandboxes.put(wtxn, &to_store.id, &to_store)?))?;
+    let forget_record = || {
+        let id = id.clone();
+        if let Err(e) = app.store.write(move |wtxn, dbs| {
+            dbs.sandboxes.delete(wtxn, &id)?;
+            dbs.sandbox_seals.delete(wtxn, &id)?;
+            Ok(())
+        }) {
+            println!("appliance: sandbox {}: cannot remove the record of a failed create: {}", record.id, e.message);
+        }
+    };
 
     let boot_spec = BootSpec {
         sandbox_id: id.clone(),
@@ -81,6 +113,7 @@ pub fn create(app: &App, spec: CreateSpec) -> Result<SandboxRecord, AppError> {
         Err(e) => {
             app.metrics.record_boot_failure();
             println!("appliance: sandbox {id} boot failed: {e}");
+            forget_record();
             return Err(runtime_error(e));
         }
     };
@@ -93,6 +126,7 @@ pub fn create(app: &App, spec: CreateSpec) -> Result<SandboxRecord, AppError> {
         if let Err(e) = backend.runtime.stop(&id) {
             println!("appliance: sandbox {id}: cleanup stop failed: {e}");
         }
+        forget_record();
     };
     if let Err(e) = seal_sync::attach(app, &*backend.publisher, &id, booted.cid, spec.project.as_ref(), tokens) {
         undo(false);
@@ -104,23 +138,19 @@ pub fn create(app: &App, spec: CreateSpec) -> Result<SandboxRecord, AppError> {
     }
     drop(envs);
 
+    // Times count from when the sandbox is ready, as before records were written early.
     let now = now_unix();
-    let timeout = i64::try_from(spec.timeout_sec).unwrap_or(i64::MAX);
-    let record = SandboxRecord {
-        id: id.clone(),
-        template: spec.template,
-        status: SandboxStatus::Running,
-        started_at: now,
-        end_at: now.saturating_add(timeout),
-        cpu_count: spec.cpu_count,
-        memory_mb: spec.memory_mb,
-        metadata: spec.metadata,
-        project: spec.project.map(|p| p.name),
-        cid: booted.cid,
-    };
+    record.status = SandboxStatus::Running;
+    record.started_at = now;
+    record.end_at = now.saturating_add(timeout);
+    record.cid = booted.cid;
+    // Held under the id before the record says running, so a DELETE or reaper stop that finds
+    // it always finds something to release.
+    reservation.commit(&id);
     let to_store = record.clone();
     if let Err(e) = app.store.write(move |wtxn, dbs| Ok(dbs.sandboxes.put(wtxn, &to_store.id, &to_store)?)) {
         undo(true);
+        app.capacity.release(&id);
         return Err(e);
     }
     app.lifecycle.track(&id, record.end_at);
@@ -146,16 +176,20 @@ pub fn stop(app: &App, id: &str, status: SandboxStatus, why: &str) -> Result<(),
         }
         seal_sync::detach(app, &*backend.publisher, id);
     }
+    // The VMM is gone, so is its guest memory; a no-op for a sandbox already released.
+    app.capacity.release(id);
     let id_owned = id.to_string();
     app.store.write(move |wtxn, dbs| {
         if let Some(mut record) = dbs.sandboxes.get(wtxn, &id_owned)? {
-            if record.status == SandboxStatus::Running {
+            if matches!(record.status, SandboxStatus::Running | SandboxStatus::Starting) {
                 record.status = status;
                 // endAt says when it ended, which may be before its timeout.
                 record.end_at = record.end_at.min(now_unix());
                 dbs.sandboxes.put(wtxn, &id_owned, &record)?;
             }
         }
+        // Its tokens mean nothing any more.
+        dbs.sandbox_seals.delete(wtxn, &id_owned)?;
         Ok(())
     })?;
     println!("appliance: sandbox {id} {} ({why})", status.as_str());
@@ -173,6 +207,7 @@ pub fn delete(app: &App, id: &str) -> Result<(), AppError> {
         if !dbs.sandboxes.delete(wtxn, &id_owned)? {
             return Err(AppError::not_found(format!("sandbox {id_owned} not found")));
         }
+        dbs.sandbox_seals.delete(wtxn, &id_owned)?;
         Ok(())
     })
 }
@@ -213,41 +248,86 @@ pub fn set_timeout(app: &App, id: &str, timeout_sec: u64) -> Result<SandboxRecor
     Ok(record)
 }
 
-/// After a restart: sandboxes whose VMM is gone become `stopped`; live ones are
-/// tracked again with their stored `endAt`.
+/// After a restart, the one reconcile of the store with the VMMs the runtime found, both ways:
+/// - a running record whose VMM lives is adopted: its memory is committed, its timeout tracked,
+///   and its sealed tokens registered with the proxy again (from the store);
+/// - a running record without a VMM is marked `stopped`;
+/// - a record still `starting` (the appliance stopped in the middle of its create, whose client
+///   got no answer) is marked `error` and its VMM, if any, stopped;
+/// - a VMM without a running record is stopped.
 pub fn reconcile_after_start(app: &App) -> Result<(), AppError> {
-    let running: Vec<SandboxRecord> = app.store.read(|rtxn, dbs| {
+    let records: Vec<SandboxRecord> = app.store.read(|rtxn, dbs| {
         let mut out = Vec::new();
         for item in dbs.sandboxes.iter(rtxn)? {
             let (_, record) = item?;
-            if record.status == SandboxStatus::Running {
+            if matches!(record.status, SandboxStatus::Running | SandboxStatus::Starting) {
                 out.push(record);
             }
         }
         Ok(out)
     })?;
     let backend = app.lifecycle.backend().ok();
-    let mut gone = Vec::new();
-    for record in running {
-        match backend {
-            Some(b) if b.runtime.is_alive(&record.id) => app.lifecycle.track(&record.id, record.end_at),
-            _ => gone.push(record.id),
+    let mut adopted = std::collections::HashSet::new();
+    let mut ended = Vec::new();
+    for record in records {
+        let alive = backend.is_some_and(|b| b.runtime.is_alive(&record.id));
+        match (record.status, backend) {
+            (SandboxStatus::Running, Some(b)) if alive => {
+                app.capacity.adopt(&record.id, record.cpu_count, record.memory_mb);
+                app.lifecycle.track(&record.id, record.end_at);
+                match seal_sync::restore(app, &*b.publisher, &record.id, record.cid) {
+                    Ok(Some(tokens)) => println!(
+                        "appliance: sandbox {}: adopted, {tokens} sealed token(s) registered with the proxy again",
+                        record.id
+                    ),
+                    Ok(None) => println!(
+                        "appliance: sandbox {}: adopted; no sealed tokens were stored for it (created by an older version), so it has no egress",
+                        record.id
+                    ),
+                    Err(e) => println!(
+                        "appliance: sandbox {}: adopted, but its sealed tokens could not be registered ({}); it has no egress",
+                        record.id, e.message
+                    ),
+                }
+                adopted.insert(record.id);
+            }
+            (SandboxStatus::Starting, _) => {
+                if let (true, Some(b)) = (alive, backend) {
+                    if let Err(e) = b.runtime.stop(&record.id) {
+                        println!("appliance: sandbox {}: cannot stop its half-created VMM: {e}", record.id);
+                    }
+                }
+                ended.push((record.id, SandboxStatus::Error));
+            }
+            _ => ended.push((record.id, SandboxStatus::Stopped)),
         }
     }
-    if gone.is_empty() {
+    if let Some(b) = backend {
+        for id in b.runtime.running_ids() {
+            if !adopted.contains(&id) {
+                println!("appliance: sandbox {id}: its VMM has no running record; stopping it");
+                if let Err(e) = b.runtime.stop(&id) {
+                    println!("appliance: sandbox {id}: stop failed: {e}");
+                }
+            }
+        }
+    }
+    if ended.is_empty() {
         return Ok(());
     }
-    let count = gone.len();
+    let count = ended.len();
     app.store.write(move |wtxn, dbs| {
-        for id in &gone {
+        for (id, status) in &ended {
             if let Some(mut record) = dbs.sandboxes.get(wtxn, id)? {
-                record.status = SandboxStatus::Stopped;
+                record.status = *status;
+                record.end_at = record.end_at.min(now_unix());
                 dbs.sandboxes.put(wtxn, id, &record)?;
             }
+            dbs.sandbox_seals.delete(wtxn, id)?;
         }
         Ok(())
     })?;
-    println!("appliance: {count} sandbox(es) from before the restart have no VMM any more; marked stopped");
+    println!("appliance: {count} sandbox(es) from before the restart have no VMM any more or never finished starting; marked ended");
     Ok(())
 }
 
@@ -280,7 +360,7 @@ pub fn purge_stopped(app: &App, now: i64, retention: Duration) -> Result<usize, 
         let mut old = Vec::new();
         for item in dbs.sandboxes.iter(wtxn)? {
             let (id, record) = item?;
-            if record.status != SandboxStatus::Running && record.end_at <= cutoff {
+            if matches!(record.status, SandboxStatus::Stopped | SandboxStatus::Error) && record.end_at <= cutoff {
                 old.push(id.to_string());
             }
         }

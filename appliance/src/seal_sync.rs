@@ -12,10 +12,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
 use crate::app::App;
 use crate::error::AppError;
 use crate::seal::{SandboxSeal, SealPublisher, SealedBinding};
-use crate::store::records::{secret_associated_data, secret_key, ProjectRecord};
+use crate::store::records::{sandbox_seal_associated_data, secret_associated_data, secret_key, ProjectRecord};
 
 /// What the appliance published for one running sandbox, minus the secret values (those are
 /// read from the store each time, so they are never kept here).
@@ -28,6 +31,68 @@ struct Entry {
     egress_allowlist: Vec<String>,
     /// Secret name -> the token in the sandbox's environment. Never logged.
     tokens: BTreeMap<String, String>,
+}
+
+/// What is kept in the store for a running sandbox, sealed under the master key like a secret:
+/// enough to register it with the proxy again after the appliance restarts.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Stored {
+    project_id: Option<String>,
+    egress_allowlist: Vec<String>,
+    tokens: BTreeMap<String, String>,
+}
+
+/// Writes `entry` (sealed) to the store under the sandbox's id.
+fn persist(app: &App, sandbox_id: &str, entry: &Entry) -> Result<(), AppError> {
+    let stored = Stored {
+        project_id: entry.project_id.clone(),
+        egress_allowlist: entry.egress_allowlist.clone(),
+        tokens: entry.tokens.clone(),
+    };
+    let json = Zeroizing::new(serde_json::to_vec(&stored).map_err(|e| AppError::internal(e.to_string()))?);
+    let blob = app
+        .keyring
+        .seal(&json, &sandbox_seal_associated_data(sandbox_id))
+        .map_err(|e| AppError::internal(format!("cannot seal the tokens of sandbox {sandbox_id}: {e}")))?;
+    let id = sandbox_id.to_string();
+    app.store.write(move |wtxn, dbs| Ok(dbs.sandbox_seals.put(wtxn, &id, &blob)?))
+}
+
+/// Registers a running sandbox found after a restart with the proxy again, from what `attach`
+/// stored; returns how many tokens stand for secrets again (None when nothing was stored).
+pub fn restore(
+    app: &App,
+    publisher: &dyn SealPublisher,
+    sandbox_id: &str,
+    cid: u32,
+) -> Result<Option<usize>, AppError> {
+    let Some(blob) = app.store.read(|rtxn, dbs| Ok(dbs.sandbox_seals.get(rtxn, sandbox_id)?.map(<[u8]>::to_vec)))?
+    else {
+        return Ok(None);
+    };
+    let json = app
+        .keyring
+        .open(&blob, &sandbox_seal_associated_data(sandbox_id))
+        .map_err(|e| AppError::internal(format!("cannot open the stored tokens of sandbox {sandbox_id}: {e}")))?;
+    let stored: Stored = serde_json::from_slice(&json)
+        .map_err(|e| AppError::internal(format!("the stored tokens of sandbox {sandbox_id} are corrupt: {e}")))?;
+    let book = app.lifecycle.seals();
+    let mut sandboxes = book.lock();
+    let mut entry =
+        Entry { cid, project_id: stored.project_id, egress_allowlist: stored.egress_allowlist, tokens: stored.tokens };
+    let before = entry.tokens.len();
+    let seal = build(app, sandbox_id, &mut entry)?;
+    publisher
+        .publish(seal)
+        .map_err(|e| AppError::internal(format!("cannot register sealed tokens with the proxy: {e}")))?;
+    if entry.tokens.len() != before {
+        // Secrets deleted while the appliance was down: their tokens are gone for good.
+        persist(app, sandbox_id, &entry)?;
+    }
+    let count = entry.tokens.len();
+    sandboxes.insert(sandbox_id.to_string(), entry);
+    Ok(Some(count))
 }
 
 /// Running sandboxes' registrations. Every publish and withdraw happens under this one lock,
@@ -72,6 +137,8 @@ pub fn attach(
         tokens,
     };
     let seal = build(app, sandbox_id, &mut entry)?;
+    // Stored before it is published, so a sandbox whose tokens work can always be restored.
+    persist(app, sandbox_id, &entry)?;
     publisher
         .publish(seal)
         .map_err(|e| AppError::internal(format!("cannot register sealed tokens with the proxy: {e}")))?;
@@ -96,8 +163,11 @@ pub fn republish_project(app: &App, project_id: &str) -> Result<(), AppError> {
     let mut sandboxes = app.lifecycle.seals().lock();
     let mut failed = Vec::new();
     for (id, entry) in sandboxes.iter_mut().filter(|(_, e)| e.project_id.as_deref() == Some(project_id)) {
-        let outcome =
-            build(app, id, entry).and_then(|seal| backend.publisher.publish(seal).map_err(AppError::internal));
+        let before = entry.tokens.len();
+        let outcome = build(app, id, entry)
+            .and_then(|seal| backend.publisher.publish(seal).map_err(AppError::internal))
+            // A dropped token must stay dropped after a restart too.
+            .and_then(|()| if entry.tokens.len() == before { Ok(()) } else { persist(app, id, entry) });
         if let Err(e) = outcome {
             backend.publisher.withdraw(id);
             println!(

@@ -11,7 +11,9 @@ use std::time::Duration;
 use crate::api::dispatch;
 use crate::app::App;
 use crate::auth::configure_admin_key;
+use crate::capacity::{Capacity, CapacityConfig, Limits};
 use crate::crypto::Keyring;
+use crate::http::long_work::{LongWork, MAX_LONG_REQUESTS};
 use crate::http::server::HttpServer;
 use crate::keyfiles::{load_or_create_master_key, next_master_key_path, read_master_key, DataDirLock};
 use crate::lifecycle::{Backend, Lifecycle};
@@ -34,6 +36,8 @@ pub struct ServeConfig {
     /// The data directory must be a mounted filesystem (the appliance's data disk); if it is
     /// not, nothing is stored and every route answers 503 saying why (crate::degraded).
     pub require_data_mount: bool,
+    /// Admission control: the machine's capacity for sandboxes (measured where left open).
+    pub capacity: CapacityConfig,
 }
 
 /// Builds the sandbox side once the store and keys are open (it needs both for the CA).
@@ -103,12 +107,23 @@ pub fn start(config: &ServeConfig, side: SandboxSide) -> Result<Running, String>
             Lifecycle::new(None, reason)
         }
     };
+    let limits = Limits::resolve(&config.capacity)?;
+    println!(
+        "appliance: capacity: {} MiB memory ({} MiB kept for the appliance, {} MiB for sandboxes), {} vCPUs, creates refused under {} MiB free on the data disk",
+        limits.memory_total_mb,
+        limits.memory_reserved_mb,
+        limits.for_sandboxes_mb(),
+        limits.vcpus,
+        limits.disk_reserve_mb
+    );
     let app = Arc::new(App {
         store,
         keyring,
         auth,
         lifecycle,
+        capacity: Capacity::new(limits, &config.data_dir),
         metrics: Metrics::new(),
+        long_work: LongWork::new(MAX_LONG_REQUESTS),
         kvm,
         log_requests: config.log_requests,
         upgrades: crate::upgrade::Upgrades::new(&config.data_dir),

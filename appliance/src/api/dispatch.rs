@@ -1,6 +1,7 @@
 //! Serves a request: routes, authenticates, chooses the handler for its route and
 //! method, then counts and logs the answer.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::json;
@@ -21,55 +22,96 @@ pub fn healthz(app: &App) -> Reply {
     Reply::json(200, &json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"), "kvm": app.kvm}))
 }
 
-/// Serves one request (the HTTP server's handler): answers /api/healthz without a key,
-/// authenticates everything else, hands exec WebSocket upgrades to `exec` and other
-/// routes to `dispatch`; counts and logs each answer.
-pub fn handle(app: &App, mut request: Request, port: u16) {
-    let started = Instant::now();
-    let method = request.method().clone();
-    let url = request.url().to_string();
-    let (path, query) = split_url(&url);
-    let route = match_route(path);
-    let label = match &route {
-        Ok(Some(r)) => r.label(),
-        _ => UNMATCHED,
-    };
-    // Counted and logged before the answer is written, so a client that reads
-    // /metrics right after sees its previous request.
-    let account = |status: u16| {
-        let elapsed = started.elapsed();
-        app.metrics.record_request(label, status, elapsed);
-        if app.log_requests || status >= 500 {
-            // Route pattern, not the raw URL: queries may hold sandbox file paths.
-            println!("appliance: {method} {label} {status} {:.1}ms", elapsed.as_secs_f64() * 1000.0);
-        }
-    };
-    let respond = |request: Request, reply: Reply| {
-        account(reply.status);
-        // A client that hung up cannot be answered; nothing else to do.
-        let _ = request.respond(reply.into_response());
-    };
+/// Routes whose work can last as long as a command, a boot or a transfer: served on a thread
+/// of their own (`http::long_work`), never on a request worker.
+fn is_long(route: &Route, method: &Method) -> bool {
+    use Method::{Delete, Get, Post, Put};
+    matches!(
+        (route, method),
+        (
+            Route::ExecRun(_)
+                | Route::Commands(_)
+                | Route::Sandboxes
+                | Route::SandboxMemoryDump(_)
+                | Route::SystemUpgrade,
+            Post
+        ) | (Route::ExecSession(..), Get)
+            | (Route::Files(_), Get | Put)
+            | (Route::Sandbox(_), Delete)
+    )
+}
 
+/// Serves one request (the HTTP server's handler): answers /api/healthz without a key,
+/// authenticates everything else, moves long work to its own thread, hands exec WebSocket
+/// upgrades to `exec` and other routes to `dispatch`; counts and logs each answer.
+pub fn handle(app: &Arc<App>, request: Request, port: u16) {
+    let started = Instant::now();
+    let url = request.url().to_string();
+    let route = match_route(split_url(&url).0);
     if let Ok(Some(Route::Healthz)) = &route {
-        return respond(request, healthz(app));
+        return respond(app, request_label(&route), started, request, healthz(app));
     }
     if let Err(e) = app.auth.check(header(&request, "X-API-Key")) {
-        return respond(request, Reply::error(&e));
+        return respond(app, request_label(&route), started, request, Reply::error(&e));
     }
-    match route {
-        Ok(Some(Route::ExecSession(id, sid))) if method == Method::Get && exec::is_websocket_upgrade(&request) => {
-            let status = exec::attach_websocket(app, &id, &sid, request, port);
-            account(status);
+    let long = matches!(&route, Ok(Some(r)) if is_long(r, request.method()));
+    if !long {
+        return serve(app, request, route, port, started);
+    }
+    match app.long_work.admit() {
+        Ok(slot) => {
+            let app = Arc::clone(app);
+            slot.run("long-request", move || serve(&app, request, route, port, started));
         }
-        Ok(Some(route)) => {
-            let reply = dispatch(app, &route, &mut request, query).unwrap_or_else(|e| Reply::error(&e));
-            respond(request, reply);
-        }
-        Ok(None) => respond(request, Reply::error(&AppError::not_found(format!("no route for {path}")))),
-        Err(e) => respond(request, Reply::error(&e)),
+        Err(e) => respond(app, request_label(&route), started, request, Reply::error(&e)),
     }
 }
 
+fn request_label(route: &Result<Option<Route>, AppError>) -> &'static str {
+    match route {
+        Ok(Some(r)) => r.label(),
+        _ => UNMATCHED,
+    }
+}
+
+/// Counts and logs the answer before writing it, so a client that reads /metrics right after
+/// sees its previous request.
+fn account(app: &App, method: &Method, label: &'static str, started: Instant, status: u16) {
+    let elapsed = started.elapsed();
+    app.metrics.record_request(label, status, elapsed);
+    if app.log_requests || status >= 500 {
+        // Route pattern, not the raw URL: queries may hold sandbox file paths.
+        println!("appliance: {method} {label} {status} {:.1}ms", elapsed.as_secs_f64() * 1000.0);
+    }
+}
+
+fn respond(app: &App, label: &'static str, started: Instant, request: Request, reply: Reply) {
+    account(app, request.method(), label, started, reply.status);
+    // A client that hung up cannot be answered; nothing else to do.
+    let _ = request.respond(reply.into_response());
+}
+
+/// Serves an authenticated request to its end.
+fn serve(app: &App, mut request: Request, route: Result<Option<Route>, AppError>, port: u16, started: Instant) {
+    let method = request.method().clone();
+    let url = request.url().to_string();
+    let (path, query) = split_url(&url);
+    let label = request_label(&route);
+    match route {
+        Ok(Some(Route::ExecSession(id, sid))) if method == Method::Get && exec::is_websocket_upgrade(&request) => {
+            let status = exec::attach_websocket(app, &id, &sid, request, port);
+            account(app, &method, label, started, status);
+        }
+        Ok(Some(route)) => {
+            let reply = dispatch(app, &route, &mut request, query).unwrap_or_else(|e| Reply::error(&e));
+            respond(app, label, started, request, reply);
+        }
+        Ok(None) => {
+            respond(app, label, started, request, Reply::error(&AppError::not_found(format!("no route for {path}"))));
+        }
+        Err(e) => respond(app, label, started, request, Reply::error(&e)),
+    }
+}
 pub fn dispatch(app: &App, route: &Route, request: &mut Request, query: &str) -> Result<Reply, AppError> {
     let method = request.method().clone();
     use Method::{Delete, Get, Post, Put};
@@ -77,7 +119,8 @@ pub fn dispatch(app: &App, route: &Route, request: &mut Request, query: &str) ->
         (Route::Healthz, Get) => Ok(healthz(app)),
         (Route::Metrics, Get) => {
             let mut text = app.metrics.render(app.lifecycle.running_count());
-            let gauges = app.lifecycle.backend().map(|b| b.runtime.resource_gauges()).unwrap_or_default();
+            let mut gauges = app.lifecycle.backend().map(|b| b.runtime.resource_gauges()).unwrap_or_default();
+            gauges.extend(app.capacity.gauges());
             crate::metrics::Metrics::render_gauges(&mut text, &gauges);
             if let Ok(backend) = app.lifecycle.backend() {
                 crate::metrics::render_egress(&mut text, &backend.egress.snapshot());
@@ -108,7 +151,7 @@ pub fn dispatch(app: &App, route: &Route, request: &mut Request, query: &str) ->
         (Route::Files(id), Delete) => files::remove(app, id, query),
         (Route::FilesList(id), Get) => files::list(app, id, query),
         (Route::FilesMkdir(id), Post) => files::mkdir(app, id, query),
-        (Route::System, Get) => Ok(system::get()),
+        (Route::System, Get) => Ok(system::get(app)),
         (Route::SystemUpgrade, Post) => system::upgrade(app, request),
         (Route::SystemReboot, Post) => system::power(app, system::PowerAction::Reboot),
         (Route::SystemPoweroff, Post) => system::power(app, system::PowerAction::PowerOff),

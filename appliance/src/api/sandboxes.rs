@@ -150,7 +150,8 @@ pub fn set_timeout(app: &App, raw_id: &str, request: &mut Request) -> Result<Rep
 /// Operator diagnostics: the sandbox's guest memory, written to its directory on the data disk.
 pub fn memory_dump(app: &App, raw_id: &str) -> Result<Reply, AppError> {
     let id = validate::uuid("sandbox", raw_id)?;
-    let (backend, _) = sandbox_ops::require_running(app, &id)?;
+    let (backend, record) = sandbox_ops::require_running(app, &id)?;
+    app.capacity.check_disk_for(u64::from(record.memory_mb), &format!("a memory dump of sandbox {id}"))?;
     let (path, bytes) = backend.runtime.memory_dump(&id).map_err(lifecycle::runtime_error)?;
     println!("appliance: sandbox {id}: guest memory dumped to {path} ({} MiB)", bytes >> 20);
     Ok(Reply::json(200, &json!({"path": path, "bytes": bytes})))

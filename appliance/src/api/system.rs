@@ -1,4 +1,4 @@
-//! `GET /api/system` (running slot, version, staged upgrade), `POST /api/system/upgrade`
+//! `GET /api/system` (running slot, version, staged upgrade, capacity), `POST /api/system/upgrade`
 //! (the raw body is a disk image built by `image build --disk`; it is staged into the slot
 //! that is not running and boots on the next reboot, see crate::upgrade), and
 //! `POST /api/system/reboot` / `poweroff`.
@@ -16,8 +16,14 @@ use crate::upgrade::{inspect, install, receive, status};
 /// Far above a real image (~1 GiB raw), far below a data disk.
 const MAX_IMAGE_BYTES: u64 = 16 << 30;
 
-pub fn get() -> Reply {
-    Reply::json(200, &status::report())
+/// The boot/upgrade status plus `capacity` (memory, vCPUs and disk: what sandboxes may commit,
+/// what they hold, what is free).
+pub fn get(app: &App) -> Reply {
+    let mut report = status::report();
+    if let Some(fields) = report.as_object_mut() {
+        fields.insert("capacity".into(), app.capacity.report());
+    }
+    Reply::json(200, &report)
 }
 
 pub fn upgrade(app: &App, request: &mut Request) -> Result<Reply, AppError> {

@@ -2,7 +2,8 @@
 //! the request handler given at start, which answers it. Shutdown stops taking
 //! requests and lets the ones in flight finish.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -28,7 +29,9 @@ pub struct HttpServer {
 impl HttpServer {
     /// Listens on `listen` and serves every request with `handler` on WORKERS threads.
     pub fn start(listen: &str, handler: Arc<Handler>) -> Result<Self, String> {
-        let server = Server::http(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        let listener = TcpListener::bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        raise_backlog(&listener).map_err(|e| format!("cannot configure {listen}: {e}"))?;
+        let server = Server::from_listener(listener, None).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
         let addr =
             server.server_addr().to_ip().ok_or_else(|| format!("listening address of {listen} is not an IP socket"))?;
         let server = Arc::new(server);
@@ -42,6 +45,12 @@ impl HttpServer {
                 .map_err(|e| format!("cannot start HTTP worker: {e}"))?;
             workers.push(handle);
         }
+        let stop_kicking = Arc::clone(&stopping);
+        let kicker = std::thread::Builder::new()
+            .name("http-kick".into())
+            .spawn(move || kick_connection_pool(addr, &stop_kicking))
+            .map_err(|e| format!("cannot start the connection-pool kicker: {e}"))?;
+        workers.push(kicker);
         Ok(Self { server, workers, stopping, addr })
     }
 
@@ -67,6 +76,30 @@ impl HttpServer {
     }
 }
 
+/// How often `kick_connection_pool` connects.
+const KICK_INTERVAL: Duration = Duration::from_millis(100);
+
+/// tiny_http serves each connection on a thread of its pool for the connection's whole life.
+/// When connections arrive in a burst, its pool can queue one behind a busy thread while
+/// believing an idle thread will take it (its count of idle threads lags behind wake-ups); the
+/// queued connection then waits until some other connection closes, which for a long command
+/// or a kept-alive client can be minutes. Measured: `bench api`'s 256-command burst left 2 to
+/// 42 connections unserved for the commands' whole 4 s. Every connection the pool takes on
+/// makes one of its threads look at that queue, so a loopback connection that closes at once,
+/// made every KICK_INTERVAL, bounds such a wait to about KICK_INTERVAL per queued connection.
+fn kick_connection_pool(addr: SocketAddr, stopping: &AtomicBool) {
+    let target = match addr {
+        SocketAddr::V4(a) if a.ip().is_unspecified() => SocketAddr::from(([127, 0, 0, 1], a.port())),
+        SocketAddr::V6(a) if a.ip().is_unspecified() => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port())),
+        other => other,
+    };
+    while !stopping.load(Ordering::SeqCst) {
+        std::thread::sleep(KICK_INTERVAL);
+        // Closed unused: tiny_http reads end-of-stream and ends that connection at once.
+        let _ = TcpStream::connect_timeout(&target, KICK_INTERVAL);
+    }
+}
+
 fn worker(server: &Server, handler: &Handler, stopping: &AtomicBool, port: u16) {
     while !stopping.load(Ordering::SeqCst) {
         match server.recv_timeout(Duration::from_millis(500)) {
@@ -78,4 +111,23 @@ fn worker(server: &Server, handler: &Handler, stopping: &AtomicBool, port: u16) 
             }
         }
     }
+}
+
+/// Pending connections the kernel queues before tiny_http accepts them. std binds with 128, so a
+/// burst of a few hundred clients (agents starting together) would wait out SYN retries.
+const LISTEN_BACKLOG: libc::c_int = 1024;
+
+/// Raises the listener's backlog to LISTEN_BACKLOG.
+///
+/// Timeouts for client connections cannot be set this way: Linux would copy a listener's
+/// SO_RCVTIMEO into accepted sockets, but it also makes the listener's own accept() fail after
+/// that long without a new connection, and tiny_http's accept loop stops for good on the first
+/// accept error.
+fn raise_backlog(listener: &TcpListener) -> std::io::Result<()> {
+    // Calling listen again on a listening socket only changes its backlog.
+    // SAFETY: the fd is the listener's open, bound socket for the duration of the call.
+    if unsafe { libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -35,6 +35,9 @@ pub struct Dbs {
     /// `secrets` unchanged.
     pub secret_hosts: Database<Str, SerdeJson<SecretHostsRecord>>,
     pub sandboxes: Database<Str, SerdeJson<SandboxRecord>>,
+    /// Sandbox id -> sealed blob of its project, allowlist and tokens (`seal_sync`), so a
+    /// restarted appliance can register a running sandbox's tokens with the proxy again.
+    pub sandbox_seals: Database<Str, Bytes>,
     pub api_keys: Database<Str, SerdeJson<ApiKeyRecord>>,
     pub ca: Database<Str, SerdeJson<CaRecord>>,
 }
@@ -70,6 +73,7 @@ impl Store {
             secrets: create(&env, &mut wtxn, "secrets")?,
             secret_hosts: create(&env, &mut wtxn, "secret_hosts")?,
             sandboxes: create(&env, &mut wtxn, "sandboxes")?,
+            sandbox_seals: create(&env, &mut wtxn, "sandbox_seals")?,
             api_keys: create(&env, &mut wtxn, "api_keys")?,
             ca: create(&env, &mut wtxn, "ca")?,
         };

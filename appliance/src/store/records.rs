@@ -23,6 +23,8 @@ pub struct ProjectRecord {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SandboxStatus {
+    /// Recorded before its VMM starts, so a restart in the middle of a create finds it.
+    Starting,
     Running,
     Stopped,
     Error,
@@ -31,6 +33,7 @@ pub enum SandboxStatus {
 impl SandboxStatus {
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Starting => "starting",
             Self::Running => "running",
             Self::Stopped => "stopped",
             Self::Error => "error",
@@ -90,6 +93,11 @@ pub fn secret_key(project_id: &str, name: &str) -> String {
 /// Associated data binding a sealed secret to its place in the store.
 pub fn secret_associated_data(project_id: &str, name: &str) -> Vec<u8> {
     format!("opencomputer/secret/v1:{project_id}:{name}").into_bytes()
+}
+
+/// Associated data binding a running sandbox's sealed tokens to its id.
+pub fn sandbox_seal_associated_data(sandbox_id: &str) -> Vec<u8> {
+    format!("opencomputer/sandbox-seal/v1:{sandbox_id}").into_bytes()
 }
 
 pub fn ca_associated_data(name: &str) -> Vec<u8> {

@@ -19,6 +19,10 @@ pub const MAX_FILE: u64 = 256 << 20;
 /// The `timeout` convention for a command killed at its deadline.
 const TIMED_OUT_EXIT: i32 = 124;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Output events an attachment queues for its consumer. When the consumer (a WebSocket client)
+/// is slower than the guest, the reader thread blocks here and stops reading vsock, so a
+/// flooding guest is held back instead of growing the appliance's memory.
+const ATTACH_QUEUE: usize = 64;
 
 pub type Agent = AgentClient<VsockStream>;
 
@@ -35,6 +39,9 @@ pub fn wait_ready(cid: u32, limit: Duration, vm_ended: &dyn Fn() -> bool) -> Res
     }
 }
 
+/// Translates an agent failure. The guest's own doing (a broken protocol, an overrun deadline
+/// or cap, silence) becomes `Guest`, which the API answers with 502; the message says "the
+/// sandbox's agent" because the sandbox id is not known here.
 pub fn to_runtime(e: AgentError) -> RuntimeError {
     match e {
         AgentError::Remote { code: ErrorCode::NotFound, message } => RuntimeError::NotFound(message),
@@ -50,6 +57,12 @@ pub fn to_runtime(e: AgentError) -> RuntimeError {
             message,
         } => RuntimeError::Invalid(message),
         AgentError::InvalidRequest(m) => RuntimeError::Invalid(m),
+        AgentError::Protocol(_) | AgentError::Deadline(_) => {
+            RuntimeError::Guest(format!("the sandbox's agent misbehaved: {e}"))
+        }
+        AgentError::Io(ref io) if io.kind() == std::io::ErrorKind::TimedOut => {
+            RuntimeError::Guest(format!("the sandbox's agent stopped answering: {e}"))
+        }
         other => RuntimeError::Failed(other.to_string()),
     }
 }
@@ -111,10 +124,11 @@ pub fn session_id(text: &str) -> Result<u32, RuntimeError> {
     text.parse().map_err(|_| RuntimeError::NotFound(format!("no exec session {text:?}")))
 }
 
-/// Streams a session's output into a channel from a reader thread; stdin goes straight out.
+/// Streams a session's output into a bounded channel from a reader thread; stdin goes straight
+/// out. Dropping the attachment's stdin closes the attachment, which ends the reader thread.
 pub fn attach(agent: Agent, session: u32) -> Result<ExecAttachment, RuntimeError> {
     let (writer, mut reader) = agent.attach(session).map_err(to_runtime)?;
-    let (tx, rx) = mpsc::channel();
+    let (tx, rx) = mpsc::sync_channel(ATTACH_QUEUE);
     std::thread::Builder::new()
         .name(format!("attach-{session}"))
         .spawn(move || loop {
@@ -134,19 +148,31 @@ pub fn attach(agent: Agent, session: u32) -> Result<ExecAttachment, RuntimeError
             }
         })
         .map_err(|e| RuntimeError::Failed(format!("cannot start the attach thread: {e}")))?;
-    Ok(ExecAttachment { events: rx, stdin: Box::new(StdinWriter(writer)) })
+    Ok(ExecAttachment { events: rx, stdin: Box::new(StdinWriter(Some(writer))) })
 }
 
-struct StdinWriter(AttachWriter<VsockStream>);
+/// The attachment's stdin; `None` only while being dropped.
+struct StdinWriter(Option<AttachWriter<VsockStream>>);
 
 impl Write for StdinWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.stdin(buf).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let writer = self.0.as_mut().ok_or_else(|| std::io::Error::other("the attachment is closed"))?;
+        writer.stdin(buf).map_err(|e| std::io::Error::other(e.to_string()))?;
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+impl Drop for StdinWriter {
+    /// The consumer is gone: shutting the connection down ends the reader thread's wait even
+    /// when the session is silent or the guest ignores a detach.
+    fn drop(&mut self) {
+        if let Some(writer) = self.0.take() {
+            writer.close();
+        }
     }
 }
 
@@ -165,7 +191,24 @@ mod tests {
         assert!(matches!(to_runtime(remote(ErrorCode::NotFound)), RuntimeError::NotFound(_)));
         assert!(matches!(to_runtime(remote(ErrorCode::IsADirectory)), RuntimeError::Invalid(_)));
         assert!(matches!(to_runtime(remote(ErrorCode::Busy)), RuntimeError::Failed(_)));
-        assert!(matches!(to_runtime(AgentError::Protocol("x".into())), RuntimeError::Failed(_)));
+        let unanswered = AgentError::Io(std::io::Error::other("connection refused"));
+        assert!(matches!(to_runtime(unanswered), RuntimeError::Failed(_)));
+    }
+
+    #[test]
+    fn a_misbehaving_guest_is_a_bad_gateway_that_says_what_it_did() {
+        let cases = [
+            AgentError::Protocol("agent listed more than 100000 entries (MAX_DIR_ENTRIES)".into()),
+            AgentError::Deadline("agent kept the file list going past its 30 s deadline".into()),
+            AgentError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "agent did not reply to the stat")),
+        ];
+        for (error, said) in cases.into_iter().zip(["MAX_DIR_ENTRIES", "30 s deadline", "did not reply"]) {
+            let runtime = to_runtime(error);
+            assert!(matches!(runtime, RuntimeError::Guest(_)), "{runtime:?}");
+            let answer = crate::lifecycle::runtime_error(runtime);
+            assert_eq!(answer.status, 502);
+            assert!(answer.message.contains("the sandbox's agent") && answer.message.contains(said), "{answer}");
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 mod agent;
 mod cids;
+mod console_trim;
 pub mod templates;
 mod vm;
 
@@ -69,9 +70,14 @@ impl VmmRuntime {
             vms: Mutex::new(HashMap::new()),
         };
         runtime.recover();
+        console_trim::spawn(&runtime.sandboxes_dir, vm::CONSOLE_LOG)
+            .map_err(|e| format!("cannot start the console-log trimmer: {e}"))?;
         Ok(runtime)
     }
 
+    /// Finds the VMMs that outlived an appliance restart and removes what is left of those that
+    /// did not. Which of the found ones stay is the control plane's call (its reconcile stops
+    /// those without a record).
     fn recover(&self) {
         let Ok(entries) = fs::read_dir(&self.sandboxes_dir) else { return };
         for entry in entries.flatten() {
@@ -188,7 +194,7 @@ impl SandboxRuntime for VmmRuntime {
         for (_, value) in &mut pairs {
             value.zeroize();
         }
-        result
+        result.map_err(in_sandbox(sandbox_id))
     }
 
     fn stop(&self, sandbox_id: &str) -> Result<(), RuntimeError> {
@@ -207,47 +213,61 @@ impl SandboxRuntime for VmmRuntime {
         self.vm(sandbox_id).is_ok()
     }
 
+    fn running_ids(&self) -> Vec<String> {
+        self.vms
+            .lock()
+            .map(|vms| vms.iter().filter(|(_, vm)| !vm.has_ended()).map(|(id, _)| id.clone()).collect())
+            .unwrap_or_default()
+    }
+
     fn exec_run(&self, sandbox_id: &str, request: &ExecRequest) -> Result<ExecOutput, RuntimeError> {
-        agent::run(&mut self.agent(sandbox_id)?, request)
+        agent::run(&mut self.agent(sandbox_id)?, request).map_err(in_sandbox(sandbox_id))
     }
 
     fn exec_start(&self, sandbox_id: &str, request: &ExecRequest) -> Result<String, RuntimeError> {
-        agent::session_start(&mut self.agent(sandbox_id)?, request)
+        agent::session_start(&mut self.agent(sandbox_id)?, request).map_err(in_sandbox(sandbox_id))
     }
 
     fn exec_list(&self, sandbox_id: &str) -> Result<Vec<ExecSessionInfo>, RuntimeError> {
-        agent::session_list(&mut self.agent(sandbox_id)?)
+        agent::session_list(&mut self.agent(sandbox_id)?).map_err(in_sandbox(sandbox_id))
     }
 
     fn exec_kill(&self, sandbox_id: &str, session_id: &str, signal: i32) -> Result<(), RuntimeError> {
         let id = agent::session_id(session_id)?;
-        self.agent(sandbox_id)?.session_kill(id, signal).map_err(agent::to_runtime)
+        self.agent(sandbox_id)?.session_kill(id, signal).map_err(agent::to_runtime).map_err(in_sandbox(sandbox_id))
     }
 
     fn exec_attach(&self, sandbox_id: &str, session_id: &str) -> Result<ExecAttachment, RuntimeError> {
         let id = agent::session_id(session_id)?;
-        agent::attach(self.agent(sandbox_id)?, id)
+        agent::attach(self.agent(sandbox_id)?, id).map_err(in_sandbox(sandbox_id))
     }
 
     fn read_file(&self, sandbox_id: &str, path: &str) -> Result<Vec<u8>, RuntimeError> {
-        self.agent(sandbox_id)?.read_file(path, agent::MAX_FILE).map_err(agent::to_runtime)
+        self.agent(sandbox_id)?
+            .read_file(path, agent::MAX_FILE)
+            .map_err(agent::to_runtime)
+            .map_err(in_sandbox(sandbox_id))
     }
 
     fn write_file(&self, sandbox_id: &str, path: &str, data: &[u8]) -> Result<(), RuntimeError> {
         let spec = agent_protocol::message::WriteSpec { path: path.to_string(), mode: None, create_parents: true };
-        self.agent(sandbox_id)?.write_file(&spec, data).map(|_| ()).map_err(agent::to_runtime)
+        self.agent(sandbox_id)?
+            .write_file(&spec, data)
+            .map(|_| ())
+            .map_err(agent::to_runtime)
+            .map_err(in_sandbox(sandbox_id))
     }
 
     fn remove_file(&self, sandbox_id: &str, path: &str) -> Result<(), RuntimeError> {
-        self.agent(sandbox_id)?.remove(path, true).map_err(agent::to_runtime)
+        self.agent(sandbox_id)?.remove(path, true).map_err(agent::to_runtime).map_err(in_sandbox(sandbox_id))
     }
 
     fn list_dir(&self, sandbox_id: &str, path: &str) -> Result<Vec<DirEntry>, RuntimeError> {
-        agent::list_dir(&mut self.agent(sandbox_id)?, path)
+        agent::list_dir(&mut self.agent(sandbox_id)?, path).map_err(in_sandbox(sandbox_id))
     }
 
     fn make_dir(&self, sandbox_id: &str, path: &str) -> Result<(), RuntimeError> {
-        self.agent(sandbox_id)?.mkdir(path).map_err(agent::to_runtime)
+        self.agent(sandbox_id)?.mkdir(path).map_err(agent::to_runtime).map_err(in_sandbox(sandbox_id))
     }
 
     fn memory_dump(&self, sandbox_id: &str) -> Result<(String, u64), RuntimeError> {
@@ -269,5 +289,13 @@ impl SandboxRuntime for VmmRuntime {
             ("appliance_vsock_cids_in_use", "Guest vsock CIDs held by sandboxes.", self.cids.in_use() as u64),
             ("appliance_sandbox_disks", "Sandbox directories (root disk clones) on the data disk.", disks),
         ]
+    }
+}
+
+/// A guest's misbehaviour is reported with the sandbox it came from (the API answers 502 with it).
+fn in_sandbox(id: &str) -> impl Fn(RuntimeError) -> RuntimeError + '_ {
+    move |e| match e {
+        RuntimeError::Guest(m) => RuntimeError::Guest(format!("sandbox {id}: {m}")),
+        other => other,
     }
 }

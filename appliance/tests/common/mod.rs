@@ -11,6 +11,7 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use appliance::capacity::CapacityConfig;
 use appliance::client::{HttpClient, HttpResponse};
 use appliance::lifecycle::Backend;
 use appliance::runtime::*;
@@ -58,6 +59,8 @@ pub struct FakeRuntime {
     pub fail_set_env: Mutex<bool>,
     /// How long each boot takes (to let a test change secrets while a create is under way).
     pub boot_delay: Mutex<Duration>,
+    /// How long every `exec_run` takes (a command that sleeps).
+    pub exec_delay: Mutex<Duration>,
 }
 
 impl FakeRuntime {
@@ -155,7 +158,12 @@ impl SandboxRuntime for FakeRuntime {
     fn is_alive(&self, id: &str) -> bool {
         self.sandboxes.lock().expect("lock").get(id).is_some_and(|s| s.alive)
     }
+    fn running_ids(&self) -> Vec<String> {
+        self.sandboxes.lock().expect("lock").iter().filter(|(_, s)| s.alive).map(|(id, _)| id.clone()).collect()
+    }
     fn exec_run(&self, id: &str, r: &ExecRequest) -> Result<ExecOutput, RuntimeError> {
+        let delay = *self.exec_delay.lock().expect("lock");
+        std::thread::sleep(delay);
         self.with_sandbox(id, |s| fake_shell(&r.command_line, &s.env, &r.envs))
     }
     fn exec_start(&self, id: &str, r: &ExecRequest) -> Result<String, RuntimeError> {
@@ -286,6 +294,8 @@ pub struct Harness {
     pub publisher: Arc<FakePublisher>,
     pub data_dir: PathBuf,
     pub addr: SocketAddr,
+    /// Kept for `restart`.
+    pub capacity: CapacityConfig,
 }
 
 pub fn config(data_dir: &Path, key_file: Option<PathBuf>) -> ServeConfig {
@@ -299,7 +309,13 @@ pub fn config(data_dir: &Path, key_file: Option<PathBuf>) -> ServeConfig {
         stopped_retention: std::time::Duration::from_secs(3600),
         power_control: false,
         require_data_mount: false,
+        capacity: roomy_capacity(),
     }
+}
+
+/// Far more than any test asks for, and the same on every machine that runs the tests.
+pub fn roomy_capacity() -> CapacityConfig {
+    CapacityConfig { memory_total_mb: Some(1 << 20), memory_reserve_mb: Some(0), vcpus: Some(64), disk_reserve_mb: 0 }
 }
 
 pub fn write_key_file(dir: &Path) -> PathBuf {
@@ -326,6 +342,19 @@ impl Harness {
         })
     }
 
+    /// Like `start`, with admission control sized by `capacity` instead of the roomy default.
+    pub fn start_with_capacity(tag: &str, capacity: CapacityConfig) -> Harness {
+        let data_dir = temp_dir(tag);
+        Self::start_configured(data_dir, Arc::new(FakeRuntime::default()), Arc::new(FakePublisher::default()), |c| {
+            c.capacity = capacity;
+        })
+    }
+
+    /// Like `start`, with the server's configuration adjusted by `adjust`.
+    pub fn start_adjusted(tag: &str, runtime: Arc<FakeRuntime>, adjust: impl FnOnce(&mut ServeConfig)) -> Harness {
+        Self::start_configured(temp_dir(tag), runtime, Arc::new(FakePublisher::default()), adjust)
+    }
+
     fn start_configured(
         data_dir: PathBuf,
         runtime: Arc<FakeRuntime>,
@@ -338,7 +367,7 @@ impl Harness {
         adjust(&mut cfg);
         let running = serve::start(&cfg, SandboxSide::Wired(backend)).expect("start");
         let addr = running.addr();
-        Harness { running: Some(running), runtime, publisher, data_dir, addr }
+        Harness { running: Some(running), runtime, publisher, data_dir, addr, capacity: cfg.capacity }
     }
 
     pub fn client(&self) -> Client {
@@ -357,8 +386,9 @@ impl Harness {
         let key_file = write_key_file(&self.data_dir);
         let backend =
             Backend { runtime: self.runtime.clone(), publisher: self.publisher.clone(), egress: Arc::default() };
-        let running =
-            serve::start(&config(&self.data_dir, Some(key_file)), SandboxSide::Wired(backend)).expect("restart");
+        let mut cfg = config(&self.data_dir, Some(key_file));
+        cfg.capacity = self.capacity.clone();
+        let running = serve::start(&cfg, SandboxSide::Wired(backend)).expect("restart");
         self.addr = running.addr();
         self.running = Some(running);
     }

@@ -49,10 +49,54 @@ fn probe() {
         }
     }
     report("done");
-    // Stay up: if the probe exited, init would restart it and it would count a boot again.
+    // Stay up (if the probe exited, init would restart it and it would count a boot again),
+    // killing the appliance when a sandbox asks (see `watch_for_kill_requests`).
+    watch_for_kill_requests();
+}
+
+/// What a sandbox prints on its serial console to have the probe SIGKILL the appliance
+/// service, followed by a word naming the request: the end-to-end test of a crash while
+/// sandboxes run. Only a test image has the probe.
+const KILL_MARKER: &str = "OC-PROBE-KILL-APPLIANCE ";
+const SANDBOXES_DIR: &str = "/data/sandboxes";
+
+/// Looks through the end of every sandbox's console log twice a second for `KILL_MARKER`;
+/// each request (its word) is acted on once.
+fn watch_for_kill_requests() -> ! {
+    let mut done: Vec<String> = Vec::new();
     loop {
-        std::thread::sleep(Duration::from_secs(3600));
+        std::thread::sleep(Duration::from_millis(500));
+        let Ok(entries) = std::fs::read_dir(SANDBOXES_DIR) else { continue };
+        for entry in entries.flatten() {
+            let Some(tail) = tail_of(&entry.path().join("console.log"), 64 << 10) else { continue };
+            let requests = tail.match_indices(KILL_MARKER).filter_map(|(at, _)| {
+                let word: String =
+                    tail[at + KILL_MARKER.len()..].chars().take_while(char::is_ascii_alphanumeric).collect();
+                (!word.is_empty()).then_some(word)
+            });
+            for word in requests.collect::<Vec<_>>() {
+                if done.contains(&word) {
+                    continue;
+                }
+                done.push(word.clone());
+                match service_restarted() {
+                    Ok((old, new)) => report(&format!("killed-appliance {word} ok old={old} new={new}")),
+                    Err(e) => report(&format!("killed-appliance {word} FAIL {e}")),
+                }
+            }
+        }
     }
+}
+
+/// The last `max` bytes of a file, as text (lossy).
+fn tail_of(path: &std::path::Path, max: u64) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(max))).ok()?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).ok()?;
+    Some(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// Increments the boot counter on the data disk, durably.

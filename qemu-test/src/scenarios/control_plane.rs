@@ -63,16 +63,32 @@ fn documented_flow(appliance: &mut Appliance) -> Result<()> {
         format!("MemTotal {mem_kib} KiB for a 384 MiB project default")
     })?;
 
-    // Request-level fields override the project's.
+    // Request-level fields override the project's. Two vCPUs where the appliance has them; on a
+    // one-vCPU appliance (the TCG harness) asking for two is refused, and memory still overrides.
+    let vcpus = api.expect(200, "GET", "/system", &Value::Null)?["capacity"]["vcpus"]["total"].as_u64().unwrap_or(0);
+    let cpus = if vcpus >= 2 {
+        2
+    } else {
+        let (status, refused) = api.call("POST", "/sandboxes", &json!({"project": "my-agent", "cpuCount": 2}))?;
+        check(status == 400 && refused.to_string().contains("cpuCount must be at most 1"), || {
+            format!("cpuCount 2 on a 1-vCPU appliance: {status} {refused}")
+        })?;
+        1
+    };
     let over = api.expect(
         201,
         "POST",
         "/sandboxes",
-        &json!({"project": "my-agent", "timeout": 120, "cpuCount": 2, "memoryMB": 512, "envs": {"ANTHROPIC_API_KEY": "from-request", "EXTRA": "x1"}}),
+        &json!({"project": "my-agent", "timeout": 120, "cpuCount": cpus, "memoryMB": 512, "envs": {"ANTHROPIC_API_KEY": "from-request", "EXTRA": "x1"}}),
     )?;
     let oid = over["sandboxID"].as_str().ok_or_else(|| err!("no sandboxID"))?.to_string();
-    let (code, out, _) = api.run(&oid, "nproc; echo $ANTHROPIC_API_KEY $EXTRA; echo ${OTHER%%_*}", 30)?;
-    check(code == 0 && out == "2\nfrom-request x1\nosb\n", || {
+    let (code, out, _) =
+        api.run(&oid, "nproc; grep MemTotal /proc/meminfo; echo $ANTHROPIC_API_KEY $EXTRA; echo ${OTHER%%_*}", 30)?;
+    let mem_kib: u64 =
+        out.lines().nth(1).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0);
+    check(mem_kib > 400 * 1024 && mem_kib <= 512 * 1024, || format!("MemTotal {mem_kib} KiB for memoryMB 512"))?;
+    let without_mem: Vec<&str> = out.lines().enumerate().filter(|(i, _)| *i != 1).map(|(_, l)| l).collect();
+    check(code == 0 && without_mem.join("\n") == format!("{cpus}\nfrom-request x1\nosb"), || {
         format!("request overrides inside the sandbox: {out:?}")
     })?;
     let (start, end) = (over["startedAt"].as_str().unwrap_or(""), over["endAt"].as_str().unwrap_or(""));

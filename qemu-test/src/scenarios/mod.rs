@@ -1,6 +1,7 @@
 //! End-to-end scenarios, grouped by the capability they prove.
 
 pub mod control_plane;
+pub mod control_plane_load;
 pub mod disk_image;
 pub mod documented;
 pub mod foundation;
@@ -8,6 +9,7 @@ pub mod power_loss;
 pub mod sandboxes;
 pub mod sealing;
 pub mod sealing_attacks;
+pub mod service_restart;
 
 use image::error::Result;
 use std::path::Path;
