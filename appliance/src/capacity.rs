@@ -206,12 +206,7 @@ impl Capacity {
             )));
         }
         // Outside the lock: a slow filesystem must not hold up releases.
-        let disk_free = free_disk_mb(&self.data_dir).map_err(|e| {
-            AppError::unavailable(format!(
-                "cannot measure free space on the data disk ({}): {e}",
-                self.data_dir.display()
-            ))
-        })?;
+        let disk_free = self.data_disk_free_mb()?;
         if disk_free < limits.disk_reserve_mb {
             return Err(AppError::unavailable(format!(
                 "not enough space on the data disk for a new sandbox: {disk_free} MiB free, {} MiB are kept in reserve",
@@ -230,15 +225,20 @@ impl Capacity {
         Ok(Reservation { capacity: self, cpu_count, memory_mb, active: true })
     }
 
-    /// Refuses (503) to write `size_mb` MiB to the data disk (a memory dump) unless it leaves the
-    /// reserve free, so diagnostics cannot fill the disk the store lives on.
-    pub fn check_disk_for(&self, size_mb: u64, what: &str) -> Result<(), AppError> {
-        let free = free_disk_mb(&self.data_dir).map_err(|e| {
+    /// Free space on the data disk, or 503 saying it cannot be measured.
+    fn data_disk_free_mb(&self) -> Result<u64, AppError> {
+        free_disk_mb(&self.data_dir).map_err(|e| {
             AppError::unavailable(format!(
                 "cannot measure free space on the data disk ({}): {e}",
                 self.data_dir.display()
             ))
-        })?;
+        })
+    }
+
+    /// Refuses (503) to write `size_mb` MiB to the data disk (a memory dump) unless it leaves the
+    /// reserve free, so diagnostics cannot fill the disk the store lives on.
+    pub fn check_disk_for(&self, size_mb: u64, what: &str) -> Result<(), AppError> {
+        let free = self.data_disk_free_mb()?;
         let needed = size_mb.saturating_add(self.limits.disk_reserve_mb);
         if free < needed {
             return Err(AppError::unavailable(format!(

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use heed::RwTxn;
 use zeroize::Zeroizing;
 
 use crate::app::App;
@@ -18,6 +19,7 @@ use crate::runtime::{BootSpec, EnvVars};
 use crate::seal::mint_token;
 use crate::seal_sync;
 use crate::store::records::{ProjectRecord, SandboxRecord, SandboxStatus};
+use crate::store::Dbs;
 
 /// A fully resolved create request (defaults already merged).
 pub struct CreateSpec {
@@ -88,15 +90,10 @@ pub fn create(app: &App, spec: CreateSpec) -> Result<SandboxRecord, AppError> {
         cid: 0,
     };
     // Recorded before the VMM exists: a restart at any later point finds the record (reconcile).
-    let to_store = record.clone();
-    app.store.write(move |wtxn, dbs| Ok(dbs.sandboxes.put(wtxn, &to_store.id, &to_store)?))?;
+    store_record(app, &record)?;
     let forget_record = || {
         let id = id.clone();
-        if let Err(e) = app.store.write(move |wtxn, dbs| {
-            dbs.sandboxes.delete(wtxn, &id)?;
-            dbs.sandbox_seals.delete(wtxn, &id)?;
-            Ok(())
-        }) {
+        if let Err(e) = app.store.write(move |wtxn, dbs| remove_record(wtxn, dbs, &id).map(|_| ())) {
             println!("appliance: sandbox {}: cannot remove the record of a failed create: {}", record.id, e.message);
         }
     };
@@ -147,8 +144,7 @@ pub fn create(app: &App, spec: CreateSpec) -> Result<SandboxRecord, AppError> {
     // Held under the id before the record says running, so a DELETE or reaper stop that finds
     // it always finds something to release.
     reservation.commit(&id);
-    let to_store = record.clone();
-    if let Err(e) = app.store.write(move |wtxn, dbs| Ok(dbs.sandboxes.put(wtxn, &to_store.id, &to_store)?)) {
+    if let Err(e) = store_record(app, &record) {
         undo(true);
         app.capacity.release(&id);
         return Err(e);
@@ -179,19 +175,7 @@ pub fn stop(app: &App, id: &str, status: SandboxStatus, why: &str) -> Result<(),
     // The VMM is gone, so is its guest memory; a no-op for a sandbox already released.
     app.capacity.release(id);
     let id_owned = id.to_string();
-    app.store.write(move |wtxn, dbs| {
-        if let Some(mut record) = dbs.sandboxes.get(wtxn, &id_owned)? {
-            if matches!(record.status, SandboxStatus::Running | SandboxStatus::Starting) {
-                record.status = status;
-                // endAt says when it ended, which may be before its timeout.
-                record.end_at = record.end_at.min(now_unix());
-                dbs.sandboxes.put(wtxn, &id_owned, &record)?;
-            }
-        }
-        // Its tokens mean nothing any more.
-        dbs.sandbox_seals.delete(wtxn, &id_owned)?;
-        Ok(())
-    })?;
+    app.store.write(move |wtxn, dbs| record_end(wtxn, dbs, &id_owned, status))?;
     println!("appliance: sandbox {id} {} ({why})", status.as_str());
     Ok(())
 }
@@ -204,12 +188,38 @@ pub fn delete(app: &App, id: &str) -> Result<(), AppError> {
     }
     let id_owned = id.to_string();
     app.store.write(move |wtxn, dbs| {
-        if !dbs.sandboxes.delete(wtxn, &id_owned)? {
+        if !remove_record(wtxn, dbs, &id_owned)? {
             return Err(AppError::not_found(format!("sandbox {id_owned} not found")));
         }
-        dbs.sandbox_seals.delete(wtxn, &id_owned)?;
         Ok(())
     })
+}
+
+fn store_record(app: &App, record: &SandboxRecord) -> Result<(), AppError> {
+    let record = record.clone();
+    app.store.write(move |wtxn, dbs| Ok(dbs.sandboxes.put(wtxn, &record.id, &record)?))
+}
+
+/// Removes a sandbox's record and its stored tokens; false if there was no record.
+fn remove_record(wtxn: &mut RwTxn, dbs: &Dbs, id: &str) -> Result<bool, AppError> {
+    let existed = dbs.sandboxes.delete(wtxn, id)?;
+    dbs.sandbox_seals.delete(wtxn, id)?;
+    Ok(existed)
+}
+
+/// Records that a sandbox ended with `status` (unless its record already says it ended) and
+/// drops its stored tokens, which mean nothing any more.
+fn record_end(wtxn: &mut RwTxn, dbs: &Dbs, id: &str, status: SandboxStatus) -> Result<(), AppError> {
+    if let Some(mut record) = dbs.sandboxes.get(wtxn, id)? {
+        if !record.status.has_ended() {
+            record.status = status;
+            // endAt says when it ended, which may be before its timeout.
+            record.end_at = record.end_at.min(now_unix());
+            dbs.sandboxes.put(wtxn, id, &record)?;
+        }
+    }
+    dbs.sandbox_seals.delete(wtxn, id)?;
+    Ok(())
 }
 
 pub fn get(app: &App, id: &str) -> Result<SandboxRecord, AppError> {
@@ -260,7 +270,7 @@ pub fn reconcile_after_start(app: &App) -> Result<(), AppError> {
         let mut out = Vec::new();
         for item in dbs.sandboxes.iter(rtxn)? {
             let (_, record) = item?;
-            if matches!(record.status, SandboxStatus::Running | SandboxStatus::Starting) {
+            if !record.status.has_ended() {
                 out.push(record);
             }
         }
@@ -316,17 +326,7 @@ pub fn reconcile_after_start(app: &App) -> Result<(), AppError> {
         return Ok(());
     }
     let count = ended.len();
-    app.store.write(move |wtxn, dbs| {
-        for (id, status) in &ended {
-            if let Some(mut record) = dbs.sandboxes.get(wtxn, id)? {
-                record.status = *status;
-                record.end_at = record.end_at.min(now_unix());
-                dbs.sandboxes.put(wtxn, id, &record)?;
-            }
-            dbs.sandbox_seals.delete(wtxn, id)?;
-        }
-        Ok(())
-    })?;
+    app.store.write(move |wtxn, dbs| ended.iter().try_for_each(|(id, status)| record_end(wtxn, dbs, id, *status)))?;
     println!("appliance: {count} sandbox(es) from before the restart have no VMM any more or never finished starting; marked ended");
     Ok(())
 }
@@ -360,7 +360,7 @@ pub fn purge_stopped(app: &App, now: i64, retention: Duration) -> Result<usize, 
         let mut old = Vec::new();
         for item in dbs.sandboxes.iter(wtxn)? {
             let (id, record) = item?;
-            if matches!(record.status, SandboxStatus::Stopped | SandboxStatus::Error) && record.end_at <= cutoff {
+            if record.status.has_ended() && record.end_at <= cutoff {
                 old.push(id.to_string());
             }
         }

@@ -21,8 +21,13 @@ use crate::seal::{SandboxSeal, SealPublisher, SealedBinding};
 use crate::store::records::{sandbox_seal_associated_data, secret_associated_data, secret_key, ProjectRecord};
 
 /// What the appliance published for one running sandbox, minus the secret values (those are
-/// read from the store each time, so they are never kept here).
+/// read from the store each time, so they are never kept here). Also what is kept in the store
+/// for it, sealed under the master key like a secret, to register it with the proxy again after
+/// the appliance restarts; the CID is not stored (the sandbox's record has it).
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct Entry {
+    #[serde(skip)]
     cid: u32,
     /// The project it was created from (by id, so renames do not matter); `None` for
     /// sandboxes without one, which are never re-published.
@@ -33,24 +38,9 @@ struct Entry {
     tokens: BTreeMap<String, String>,
 }
 
-/// What is kept in the store for a running sandbox, sealed under the master key like a secret:
-/// enough to register it with the proxy again after the appliance restarts.
-#[derive(Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Stored {
-    project_id: Option<String>,
-    egress_allowlist: Vec<String>,
-    tokens: BTreeMap<String, String>,
-}
-
 /// Writes `entry` (sealed) to the store under the sandbox's id.
 fn persist(app: &App, sandbox_id: &str, entry: &Entry) -> Result<(), AppError> {
-    let stored = Stored {
-        project_id: entry.project_id.clone(),
-        egress_allowlist: entry.egress_allowlist.clone(),
-        tokens: entry.tokens.clone(),
-    };
-    let json = Zeroizing::new(serde_json::to_vec(&stored).map_err(|e| AppError::internal(e.to_string()))?);
+    let json = Zeroizing::new(serde_json::to_vec(entry).map_err(|e| AppError::internal(e.to_string()))?);
     let blob = app
         .keyring
         .seal(&json, &sandbox_seal_associated_data(sandbox_id))
@@ -75,17 +65,13 @@ pub fn restore(
         .keyring
         .open(&blob, &sandbox_seal_associated_data(sandbox_id))
         .map_err(|e| AppError::internal(format!("cannot open the stored tokens of sandbox {sandbox_id}: {e}")))?;
-    let stored: Stored = serde_json::from_slice(&json)
+    let mut entry: Entry = serde_json::from_slice(&json)
         .map_err(|e| AppError::internal(format!("the stored tokens of sandbox {sandbox_id} are corrupt: {e}")))?;
+    entry.cid = cid;
     let book = app.lifecycle.seals();
     let mut sandboxes = book.lock();
-    let mut entry =
-        Entry { cid, project_id: stored.project_id, egress_allowlist: stored.egress_allowlist, tokens: stored.tokens };
     let before = entry.tokens.len();
-    let seal = build(app, sandbox_id, &mut entry)?;
-    publisher
-        .publish(seal)
-        .map_err(|e| AppError::internal(format!("cannot register sealed tokens with the proxy: {e}")))?;
+    publish(publisher, build(app, sandbox_id, &mut entry)?)?;
     if entry.tokens.len() != before {
         // Secrets deleted while the appliance was down: their tokens are gone for good.
         persist(app, sandbox_id, &entry)?;
@@ -139,11 +125,15 @@ pub fn attach(
     let seal = build(app, sandbox_id, &mut entry)?;
     // Stored before it is published, so a sandbox whose tokens work can always be restored.
     persist(app, sandbox_id, &entry)?;
-    publisher
-        .publish(seal)
-        .map_err(|e| AppError::internal(format!("cannot register sealed tokens with the proxy: {e}")))?;
+    publish(publisher, seal)?;
     sandboxes.insert(sandbox_id.to_string(), entry);
     Ok(())
+}
+
+fn publish(publisher: &dyn SealPublisher, seal: SandboxSeal) -> Result<(), AppError> {
+    publisher
+        .publish(seal)
+        .map_err(|e| AppError::internal(format!("cannot register sealed tokens with the proxy: {e}")))
 }
 
 /// Withdraws a sandbox's registration and forgets it; unknown sandboxes are fine.

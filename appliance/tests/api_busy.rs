@@ -6,22 +6,25 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Client, FakeRuntime, Harness, ADMIN_KEY};
+use common::{Client, Harness, ADMIN_KEY};
 
 const SLEEPERS: usize = 40;
 
+/// A server with one running sandbox whose commands take `delay`; returns it and the id.
+fn sandbox_whose_commands_take(tag: &str, delay: Duration) -> (Harness, String) {
+    let h = Harness::start(tag);
+    let (status, sandbox) = h.client().call("POST", "/api/sandboxes", "{}");
+    assert_eq!(status, 201, "{sandbox}");
+    *h.runtime.exec_delay.lock().expect("lock") = delay;
+    let id = sandbox["sandboxID"].as_str().expect("id").to_string();
+    (h, id)
+}
+
 #[test]
 fn healthz_and_projects_answer_at_once_while_forty_commands_sleep() {
-    let runtime = Arc::new(FakeRuntime::default());
-    let h = Harness::start_adjusted("busy", Arc::clone(&runtime), |_| {});
-    let mut c = h.client();
-    let (status, sandbox) = c.call("POST", "/api/sandboxes", "{}");
-    assert_eq!(status, 201, "{sandbox}");
-    let id = sandbox["sandboxID"].as_str().expect("id").to_string();
-    *runtime.exec_delay.lock().expect("lock") = Duration::from_secs(10);
+    let (h, id) = sandbox_whose_commands_take("busy", Duration::from_secs(10));
 
     // More sleepers than the server has request workers (32).
     let sleepers: Vec<_> = (0..SLEEPERS)
@@ -62,14 +65,8 @@ fn healthz_and_projects_answer_at_once_while_forty_commands_sleep() {
 
 #[test]
 fn a_long_command_answers_on_its_keep_alive_connection() {
-    let runtime = Arc::new(FakeRuntime::default());
-    let h = Harness::start_adjusted("long-keepalive", Arc::clone(&runtime), |_| {});
-    let mut c = h.client();
-    let (status, sandbox) = c.call("POST", "/api/sandboxes", "{}");
-    assert_eq!(status, 201, "{sandbox}");
-    let id = sandbox["sandboxID"].as_str().expect("id").to_string();
     // Served on another thread, the answer still goes out on the request's own connection.
-    *runtime.exec_delay.lock().expect("lock") = Duration::from_millis(2500);
+    let (h, id) = sandbox_whose_commands_take("long-keepalive", Duration::from_millis(2500));
     let mut long = Client::new(h.addr, Some(ADMIN_KEY));
     let (status, body) = long.call("POST", &format!("/api/sandboxes/{id}/commands"), r#"{"cmd":"sleep 2"}"#);
     assert_eq!(status, 200, "{body}");
@@ -77,13 +74,7 @@ fn a_long_command_answers_on_its_keep_alive_connection() {
 
 #[test]
 fn a_long_command_answers_on_a_closing_connection() {
-    let runtime = Arc::new(FakeRuntime::default());
-    let h = Harness::start_adjusted("long-close", Arc::clone(&runtime), |_| {});
-    let mut c = h.client();
-    let (status, sandbox) = c.call("POST", "/api/sandboxes", "{}");
-    assert_eq!(status, 201, "{sandbox}");
-    let id = sandbox["sandboxID"].as_str().expect("id").to_string();
-    *runtime.exec_delay.lock().expect("lock") = Duration::from_millis(2500);
+    let (h, id) = sandbox_whose_commands_take("long-close", Duration::from_millis(2500));
     let body = r#"{"cmd":"sleep 2"}"#;
     let mut stream = TcpStream::connect(h.addr).expect("connect");
     write!(

@@ -112,6 +112,7 @@ fn serve(app: &App, mut request: Request, route: Result<Option<Route>, AppError>
         Err(e) => respond(app, label, started, request, Reply::error(&e)),
     }
 }
+
 pub fn dispatch(app: &App, route: &Route, request: &mut Request, query: &str) -> Result<Reply, AppError> {
     let method = request.method().clone();
     use Method::{Delete, Get, Post, Put};

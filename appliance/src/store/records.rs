@@ -31,6 +31,11 @@ pub enum SandboxStatus {
 }
 
 impl SandboxStatus {
+    /// Stopped or failed: its VMM is gone for good and its record only waits to be forgotten.
+    pub fn has_ended(self) -> bool {
+        matches!(self, Self::Stopped | Self::Error)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Starting => "starting",

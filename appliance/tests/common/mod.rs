@@ -350,11 +350,6 @@ impl Harness {
         })
     }
 
-    /// Like `start`, with the server's configuration adjusted by `adjust`.
-    pub fn start_adjusted(tag: &str, runtime: Arc<FakeRuntime>, adjust: impl FnOnce(&mut ServeConfig)) -> Harness {
-        Self::start_configured(temp_dir(tag), runtime, Arc::new(FakePublisher::default()), adjust)
-    }
-
     fn start_configured(
         data_dir: PathBuf,
         runtime: Arc<FakeRuntime>,
