@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use crate::capacity::{CapacityConfig, DEFAULT_DISK_RESERVE_MB};
+use crate::http::front::ConnectionLimits;
 use crate::sandbox_side::{SandboxOptions, DEFAULT_CA_ROOTS, DEFAULT_GUEST_KERNEL, DEFAULT_PROXY_CONFIG};
 use crate::serve::ServeConfig;
 
@@ -11,7 +12,7 @@ pub const USAGE: &str = "usage:
                   [--master-key-file FILE] [--guest-kernel VMLINUX] [--templates-dir DIR]
                   [--ca-roots PEM] [--proxy-config JSON] [--stopped-retention-sec N] [--quiet]
                   [--power-control] [--require-data-mount] [--memory-reserve-mb N]
-                  [--disk-reserve-mb N]
+                  [--disk-reserve-mb N] [--max-connections N]
   appliance bench api [--clients N] [--requests N] [--data-dir DIR]
   appliance rotate-key --data-dir DIR [--master-key-file OLD --new-master-key-file NEW]";
 
@@ -120,6 +121,14 @@ pub fn parse(args: Vec<String>) -> Result<Command, String> {
                         .transpose()?
                         .unwrap_or(DEFAULT_DISK_RESERVE_MB),
                     ..CapacityConfig::default()
+                },
+                connections: ConnectionLimits {
+                    max_connections: number(
+                        "--max-connections",
+                        flags.value("--max-connections")?,
+                        ConnectionLimits::default().max_connections,
+                    )?,
+                    ..ConnectionLimits::default()
                 },
             };
             let sandbox = SandboxOptions {

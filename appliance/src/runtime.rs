@@ -17,12 +17,16 @@ pub struct BootSpec {
     pub template: String,
     pub cpu_count: u32,
     pub memory_mb: u32,
+    /// Size of the root disk; None keeps the template's.
+    pub disk_mb: Option<u32>,
 }
 
 /// A booted sandbox: its vsock CID identifies it to the proxy and the agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Booted {
     pub cid: u32,
+    /// Size of the root disk it got.
+    pub disk_mb: u32,
 }
 
 /// One environment variable handed to the agent. Values are wiped on drop (they are

@@ -26,6 +26,8 @@ pub struct CreateSpec {
     pub template: String,
     pub cpu_count: u32,
     pub memory_mb: u32,
+    /// Root disk size; None keeps the template's.
+    pub disk_mb: Option<u32>,
     pub timeout_sec: u64,
     pub envs: BTreeMap<String, Zeroizing<String>>,
     pub metadata: BTreeMap<String, String>,
@@ -66,6 +68,10 @@ pub fn create(app: &App, spec: CreateSpec) -> Result<SandboxRecord, AppError> {
     // Admitted before anything is minted or booted; every early return below drops the
     // reservation, which hands its memory back.
     let reservation = app.capacity.admit(spec.cpu_count, spec.memory_mb)?;
+    if let Some(disk_mb) = spec.disk_mb {
+        // Sparse until written, but one sandbox must be able to fill it without filling the disk.
+        app.capacity.check_disk_for(u64::from(disk_mb), &format!("a {disk_mb} MiB root disk"))?;
+    }
     let id = new_id()?;
     let (mut envs, tokens) = match &spec.project {
         Some(project) => mint_project_tokens(app, project, &spec.envs)?,
@@ -85,6 +91,7 @@ pub fn create(app: &App, spec: CreateSpec) -> Result<SandboxRecord, AppError> {
         end_at: now.saturating_add(timeout),
         cpu_count: spec.cpu_count,
         memory_mb: spec.memory_mb,
+        disk_mb: spec.disk_mb.unwrap_or(0),
         metadata: spec.metadata.clone(),
         project: spec.project.as_ref().map(|p| p.name.clone()),
         cid: 0,
@@ -103,6 +110,7 @@ pub fn create(app: &App, spec: CreateSpec) -> Result<SandboxRecord, AppError> {
         template: spec.template.clone(),
         cpu_count: spec.cpu_count,
         memory_mb: spec.memory_mb,
+        disk_mb: spec.disk_mb,
     };
     let started = Instant::now();
     let booted = match backend.runtime.boot(&boot_spec) {
@@ -141,6 +149,7 @@ pub fn create(app: &App, spec: CreateSpec) -> Result<SandboxRecord, AppError> {
     record.started_at = now;
     record.end_at = now.saturating_add(timeout);
     record.cid = booted.cid;
+    record.disk_mb = booted.disk_mb;
     // Held under the id before the record says running, so a DELETE or reaper stop that finds
     // it always finds something to release.
     reservation.commit(&id);
@@ -151,10 +160,11 @@ pub fn create(app: &App, spec: CreateSpec) -> Result<SandboxRecord, AppError> {
     }
     app.lifecycle.track(&id, record.end_at);
     println!(
-        "appliance: sandbox {id} running (template {}, {} vCPU, {} MiB, cid {}, ends {})",
+        "appliance: sandbox {id} running (template {}, {} vCPU, {} MiB, {} MiB disk, cid {}, ends {})",
         record.template,
         record.cpu_count,
         record.memory_mb,
+        record.disk_mb,
         record.cid,
         crate::clock::rfc3339(record.end_at)
     );

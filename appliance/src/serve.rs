@@ -13,6 +13,7 @@ use crate::app::App;
 use crate::auth::configure_admin_key;
 use crate::capacity::{Capacity, CapacityConfig, Limits};
 use crate::crypto::Keyring;
+use crate::http::front::ConnectionLimits;
 use crate::http::long_work::{LongWork, MAX_LONG_REQUESTS};
 use crate::http::server::HttpServer;
 use crate::keyfiles::{load_or_create_master_key, next_master_key_path, read_master_key, DataDirLock};
@@ -38,6 +39,8 @@ pub struct ServeConfig {
     pub require_data_mount: bool,
     /// Admission control: the machine's capacity for sandboxes (measured where left open).
     pub capacity: CapacityConfig,
+    /// Client connections: how many, and how long one may be held without a request.
+    pub connections: ConnectionLimits,
 }
 
 /// Builds the sandbox side once the store and keys are open (it needs both for the CA).
@@ -141,6 +144,7 @@ pub fn start(config: &ServeConfig, side: SandboxSide) -> Result<Running, String>
     let http = HttpServer::start(
         &config.listen,
         Arc::new(move |request, port| dispatch::handle(&handler_app, request, port)),
+        config.connections,
     )?;
     println!("appliance: listening on http://{}", http.addr());
     Ok(Running { app, http, reaper_stop, reaper, _lock: lock })

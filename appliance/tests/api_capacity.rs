@@ -254,3 +254,39 @@ fn sandboxes_running_across_a_restart_stay_committed() {
     assert_eq!(status, 204);
     assert_eq!(committed_mb(&mut c), 0);
 }
+
+#[test]
+fn disk_sizes_are_bounded_by_the_template_the_limit_and_the_free_space() {
+    // All but 12 GiB of the free space is kept in reserve: a 4 GiB disk fits, a 13 GiB one not.
+    let probe = common::temp_dir("cap-disksize-probe");
+    let free = appliance::capacity::free_disk_mb(&probe).expect("free space");
+    assert!(free > 12288, "this test needs 12 GiB free, {free} MiB are");
+    let reserve = free - 12288;
+    let h = Harness::start_with_capacity("cap-disksize", CapacityConfig { disk_reserve_mb: reserve, ..small() });
+    let mut c = h.client();
+
+    let (status, s) = create(&mut c, &json!({}));
+    assert_eq!((status, s["diskMB"].as_u64()), (201, Some(u64::from(common::TEMPLATE_DISK_MB))), "{s}");
+    let (status, s) = create(&mut c, &json!({"diskMB": 4096, "memoryMB": 512}));
+    assert_eq!((status, s["diskMB"].as_u64()), (201, Some(4096)), "{s}");
+    let id = s["sandboxID"].as_str().expect("id").to_string();
+    let (status, got) = c.call("GET", &format!("/api/sandboxes/{id}"), "");
+    assert_eq!((status, got["diskMB"].as_u64()), (200, Some(4096)), "the size is recorded: {got}");
+
+    let (status, err) = create(&mut c, &json!({"diskMB": 1024, "memoryMB": 512}));
+    assert_eq!(status, 400, "{err}");
+    assert!(err["error"].as_str().expect("error").contains("smaller than the template's disk"), "{err}");
+    let (status, err) = create(&mut c, &json!({"diskMB": 300_000, "memoryMB": 512}));
+    assert_eq!((status, err["error"].as_str()), (400, Some("diskMB must be at most 262144, got 300000")));
+    let too_big = 12288 + 1024;
+    let (status, err) = create(&mut c, &json!({"diskMB": too_big, "memoryMB": 512}));
+    assert_eq!(status, 503, "{err}");
+    let message = err["error"].as_str().expect("error");
+    assert!(
+        message.starts_with(&format!("not enough space on the data disk for a {too_big} MiB root disk")),
+        "{message}"
+    );
+    // Refusals boot nothing and hold no memory.
+    assert_eq!(booted(&h), 2);
+    assert_eq!(committed_mb(&mut c), 512 + 512);
+}

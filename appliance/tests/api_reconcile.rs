@@ -152,6 +152,7 @@ fn a_create_cut_short_by_a_restart_ends_as_error_with_its_vmm_stopped() {
         end_at: i64::MAX,
         cpu_count: 1,
         memory_mb: 512,
+        disk_mb: 2048,
         metadata: BTreeMap::new(),
         project: None,
         cid: 0,

@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{Client, Harness, ADMIN_KEY};
+use common::{masked_frame, read_server_frame, Client, Harness, ADMIN_KEY};
 use serde_json::{json, Value};
 
 fn project_with_secret(c: &mut Client, name: &str, secret: &str) -> String {
@@ -41,7 +41,8 @@ fn create_with_project_inherits_defaults_and_gets_only_sealed_tokens() {
     assert_eq!(s["status"], "running");
     assert_eq!(s["metadata"], json!({"purpose": "test"}));
     let keys: Vec<&str> = s.as_object().expect("object").keys().map(String::as_str).collect();
-    assert_eq!(keys.len(), 8, "exactly the documented fields: {keys:?}");
+    assert_eq!(keys.len(), 9, "exactly the documented fields: {keys:?}");
+    assert_eq!(s["diskMB"], 2048, "the template's disk size");
 
     // The runtime got the resolved spec; the env holds a token, never the value.
     {
@@ -336,34 +337,6 @@ fn exec_run_commands_and_sessions() {
 }
 
 // ---------------------------------------------------------------- WebSocket
-
-fn masked_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mask = [0xA1, 0xB2, 0xC3, 0xD4];
-    let mut out = vec![0x80 | opcode];
-    assert!(payload.len() < 126);
-    out.push(0x80 | payload.len() as u8);
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    out
-}
-
-fn read_server_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
-    let mut head = [0u8; 2];
-    s.read_exact(&mut head).expect("frame head");
-    assert_eq!(head[1] & 0x80, 0, "server frames are unmasked");
-    let len = match head[1] & 0x7f {
-        126 => {
-            let mut b = [0u8; 2];
-            s.read_exact(&mut b).expect("len");
-            u16::from_be_bytes(b) as usize
-        }
-        127 => panic!("unexpectedly large frame"),
-        n => n as usize,
-    };
-    let mut payload = vec![0u8; len];
-    s.read_exact(&mut payload).expect("payload");
-    (head[0] & 0x0f, payload)
-}
 
 #[test]
 fn websocket_exec_stream_carries_stdin_stdout_stderr_and_exit() {

@@ -30,6 +30,8 @@ struct CreateBody {
     cpu_count: Option<u32>,
     #[serde(rename = "memoryMB")]
     memory_mb: Option<u32>,
+    #[serde(rename = "diskMB")]
+    disk_mb: Option<u32>,
     envs: Option<BTreeMap<String, Zeroizing<String>>>,
     metadata: Option<BTreeMap<String, String>>,
     project: Option<String>,
@@ -51,6 +53,7 @@ pub fn sandbox_json(s: &SandboxRecord) -> Value {
         "endAt": rfc3339(s.end_at),
         "cpuCount": s.cpu_count,
         "memoryMB": s.memory_mb,
+        "diskMB": s.disk_mb,
         "metadata": s.metadata,
     })
 }
@@ -106,6 +109,7 @@ pub fn create(app: &App, request: &mut Request) -> Result<Reply, AppError> {
         template,
         cpu_count: validate::cpu_count(cpu_count)?,
         memory_mb: validate::memory_mb(memory_mb)?,
+        disk_mb: body.disk_mb.filter(|d| *d != 0).map(validate::disk_mb).transpose()?,
         timeout_sec: validate::timeout_sec("timeout", timeout_sec)?,
         envs,
         metadata,

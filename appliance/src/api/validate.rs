@@ -120,6 +120,17 @@ pub fn memory_mb(v: u32) -> Result<u32, AppError> {
     }
 }
 
+/// The largest root disk a create may ask for (the limit today's OpenComputer API has).
+pub const MAX_DISK_MB: u32 = 256 * 1024;
+
+pub fn disk_mb(v: u32) -> Result<u32, AppError> {
+    if v <= MAX_DISK_MB {
+        Ok(v)
+    } else {
+        Err(AppError::bad_request(format!("diskMB must be at most {MAX_DISK_MB}, got {v}")))
+    }
+}
+
 pub fn timeout_sec(field: &str, v: u64) -> Result<u64, AppError> {
     if (1..=MAX_TIMEOUT_SEC).contains(&v) {
         Ok(v)

@@ -232,6 +232,7 @@ pub fn run(options: &BenchOptions) -> Result<String, String> {
         power_control: false,
         require_data_mount: false,
         capacity: crate::capacity::CapacityConfig::default(),
+        connections: crate::http::front::ConnectionLimits::default(),
     };
     let backend = Backend {
         runtime: Arc::new(sleeping_runtime::SleepingRuntime::default()),

@@ -38,7 +38,7 @@ impl SandboxRuntime for SleepingRuntime {
     fn boot(&self, spec: &BootSpec) -> Result<Booted, RuntimeError> {
         let mut alive = self.alive.lock().map_err(|_| RuntimeError::Failed("lock poisoned".into()))?;
         alive.insert(spec.sandbox_id.clone());
-        Ok(Booted { cid: 3 + self.next_cid.fetch_add(1, Ordering::SeqCst) })
+        Ok(Booted { cid: 3 + self.next_cid.fetch_add(1, Ordering::SeqCst), disk_mb: spec.disk_mb.unwrap_or(2048) })
     }
     fn set_env(&self, id: &str, _envs: &EnvVars) -> Result<(), RuntimeError> {
         self.check(id)

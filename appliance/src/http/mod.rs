@@ -1,5 +1,6 @@
 //! HTTP plumbing on top of tiny_http: request parsing, replies, routing, the server loop.
 
+pub mod front;
 pub mod long_work;
 pub mod reply;
 pub mod request;

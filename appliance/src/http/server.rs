@@ -1,6 +1,8 @@
 //! The server loop: worker threads take requests from tiny_http and pass each to
 //! the request handler given at start, which answers it. Shutdown stops taking
-//! requests and lets the ones in flight finish.
+//! requests and lets the ones in flight finish. Clients reach tiny_http through the front
+//! (front.rs), which caps and times out their connections; tiny_http itself listens on
+//! loopback only.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -11,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use tiny_http::{Request, Server};
 
+use super::front::{ConnectionLimits, Front};
+
 /// Enough workers that a full group commit (one per concurrent client) can form
 /// while others serve reads.
 pub const WORKERS: usize = 32;
@@ -20,20 +24,21 @@ pub const WORKERS: usize = 32;
 pub type Handler = dyn Fn(Request, u16) + Send + Sync;
 
 pub struct HttpServer {
+    front: Front,
     server: Arc<Server>,
     workers: Vec<JoinHandle<()>>,
     stopping: Arc<AtomicBool>,
-    addr: SocketAddr,
 }
 
 impl HttpServer {
     /// Listens on `listen` and serves every request with `handler` on WORKERS threads.
-    pub fn start(listen: &str, handler: Arc<Handler>) -> Result<Self, String> {
-        let listener = TcpListener::bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-        raise_backlog(&listener).map_err(|e| format!("cannot configure {listen}: {e}"))?;
-        let server = Server::from_listener(listener, None).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    pub fn start(listen: &str, handler: Arc<Handler>, limits: ConnectionLimits) -> Result<Self, String> {
+        let inner = "127.0.0.1:0";
+        let listener = TcpListener::bind(inner).map_err(|e| format!("cannot listen on {inner}: {e}"))?;
+        raise_backlog(&listener).map_err(|e| format!("cannot configure {inner}: {e}"))?;
+        let server = Server::from_listener(listener, None).map_err(|e| format!("cannot listen on {inner}: {e}"))?;
         let addr =
-            server.server_addr().to_ip().ok_or_else(|| format!("listening address of {listen} is not an IP socket"))?;
+            server.server_addr().to_ip().ok_or_else(|| format!("listening address of {inner} is not an IP socket"))?;
         let server = Arc::new(server);
         let stopping = Arc::new(AtomicBool::new(false));
         let mut workers = Vec::with_capacity(WORKERS);
@@ -51,15 +56,18 @@ impl HttpServer {
             .spawn(move || kick_connection_pool(addr, &stop_kicking))
             .map_err(|e| format!("cannot start the connection-pool kicker: {e}"))?;
         workers.push(kicker);
-        Ok(Self { server, workers, stopping, addr })
+        let front = Front::start(listen, addr, limits)?;
+        Ok(Self { front, server, workers, stopping })
     }
 
+    /// Where clients connect.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.front.addr()
     }
 
     /// Stops accepting work and waits up to `grace` for in-flight requests.
     pub fn shutdown(self, grace: Duration) {
+        self.front.stop_accepting();
         self.stopping.store(true, Ordering::SeqCst);
         for _ in 0..self.workers.len() {
             self.server.unblock();
@@ -73,6 +81,7 @@ impl HttpServer {
                 let _ = worker.join();
             }
         }
+        self.front.shutdown();
     }
 }
 
@@ -119,11 +128,10 @@ const LISTEN_BACKLOG: libc::c_int = 1024;
 
 /// Raises the listener's backlog to LISTEN_BACKLOG.
 ///
-/// Timeouts for client connections cannot be set this way: Linux would copy a listener's
-/// SO_RCVTIMEO into accepted sockets, but it also makes the listener's own accept() fail after
-/// that long without a new connection, and tiny_http's accept loop stops for good on the first
-/// accept error.
-fn raise_backlog(listener: &TcpListener) -> std::io::Result<()> {
+/// (Client timeouts are the front's job: a listener's SO_RCVTIMEO would reach accepted sockets,
+/// but it also makes accept() itself fail after that long without a new connection, and
+/// tiny_http's accept loop stops for good on the first accept error.)
+pub(super) fn raise_backlog(listener: &TcpListener) -> std::io::Result<()> {
     // Calling listen again on a listening socket only changes its backlog.
     // SAFETY: the fd is the listener's open, bound socket for the duration of the call.
     if unsafe { libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG) } != 0 {

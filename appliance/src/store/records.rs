@@ -57,6 +57,9 @@ pub struct SandboxRecord {
     pub cpu_count: u32,
     #[serde(rename = "memoryMB")]
     pub memory_mb: u32,
+    /// Root disk size; 0 in records written before sizes were recorded.
+    #[serde(rename = "diskMB", default)]
+    pub disk_mb: u32,
     pub metadata: BTreeMap<String, String>,
     /// Name of the project it was created from, if any (kept after the project is deleted).
     pub project: Option<String>,

@@ -120,9 +120,9 @@ impl VmmRuntime {
         agent::connect(self.vm(id)?.cid)
     }
 
-    fn boot_into(&self, spec: &BootSpec, dir: &Path, cid: u32) -> Result<Arc<Vm>, RuntimeError> {
+    fn boot_into(&self, spec: &BootSpec, dir: &Path, cid: u32) -> Result<(Arc<Vm>, u32), RuntimeError> {
         let template = self.templates.resolve(&spec.template)?;
-        templates::reflink(&template, &dir.join(vm::ROOT_DISK))?;
+        let disk_mb = templates::clone_sized(&template, &dir.join(vm::ROOT_DISK), spec.disk_mb)?;
         let vm_spec = vm::VmSpec {
             sandbox_id: &spec.sandbox_id,
             dir,
@@ -139,7 +139,7 @@ impl VmmRuntime {
         }
         let ready = self.prepare_guest(&vm, cid);
         ready.map_err(|e| RuntimeError::Failed(format!("{e}; guest console:\n{}", vm.console_tail(12))))?;
-        Ok(vm)
+        Ok((vm, disk_mb))
     }
 }
 
@@ -170,7 +170,7 @@ impl SandboxRuntime for VmmRuntime {
             return Err(RuntimeError::Failed(format!("cannot create {}: {e}", dir.display())));
         }
         match self.boot_into(spec, &dir, cid) {
-            Ok(_) => Ok(Booted { cid }),
+            Ok((_, disk_mb)) => Ok(Booted { cid, disk_mb }),
             Err(e) => {
                 let started = self.vms.lock().is_ok_and(|v| v.contains_key(&spec.sandbox_id));
                 if started {

@@ -3,8 +3,8 @@
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{self, Write};
-use std::net::SocketAddr;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{self, Sender};
@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use appliance::capacity::CapacityConfig;
 use appliance::client::{HttpClient, HttpResponse};
+use appliance::http::front::ConnectionLimits;
 use appliance::lifecycle::Backend;
 use appliance::runtime::*;
 use appliance::seal::{SandboxSeal, SealPublisher};
@@ -48,6 +49,9 @@ pub struct FakeSandbox {
     pub sessions: Vec<ExecSessionInfo>,
     pub killed: Vec<(String, i32)>,
 }
+
+/// Disk size of every template of the runtime double.
+pub const TEMPLATE_DISK_MB: u32 = 2048;
 
 #[derive(Default)]
 pub struct FakeRuntime {
@@ -128,6 +132,11 @@ impl SandboxRuntime for FakeRuntime {
         if self.fail_boot_template.lock().expect("lock").as_deref() == Some(spec.template.as_str()) {
             return Err(RuntimeError::NotFound(format!("template {:?} not found", spec.template)));
         }
+        // Every template of this double has a 2048 MiB disk, as the image's do.
+        let disk_mb = spec.disk_mb.unwrap_or(TEMPLATE_DISK_MB);
+        if disk_mb < TEMPLATE_DISK_MB {
+            return Err(RuntimeError::Invalid(format!("diskMB {disk_mb} is smaller than the template's disk")));
+        }
         let cid = 100 + self.next_cid.fetch_add(1, Ordering::SeqCst);
         self.sandboxes.lock().expect("lock").insert(
             spec.sandbox_id.clone(),
@@ -140,7 +149,7 @@ impl SandboxRuntime for FakeRuntime {
                 ..Default::default()
             },
         );
-        Ok(Booted { cid })
+        Ok(Booted { cid, disk_mb })
     }
     fn set_env(&self, id: &str, envs: &EnvVars) -> Result<(), RuntimeError> {
         if *self.fail_set_env.lock().expect("lock") {
@@ -310,6 +319,7 @@ pub fn config(data_dir: &Path, key_file: Option<PathBuf>) -> ServeConfig {
         power_control: false,
         require_data_mount: false,
         capacity: roomy_capacity(),
+        connections: ConnectionLimits::default(),
     }
 }
 
@@ -347,6 +357,14 @@ impl Harness {
         let data_dir = temp_dir(tag);
         Self::start_configured(data_dir, Arc::new(FakeRuntime::default()), Arc::new(FakePublisher::default()), |c| {
             c.capacity = capacity;
+        })
+    }
+
+    /// Like `start`, with client connections capped and timed by `limits`.
+    pub fn start_with_connections(tag: &str, limits: ConnectionLimits) -> Harness {
+        let data_dir = temp_dir(tag);
+        Self::start_configured(data_dir, Arc::new(FakeRuntime::default()), Arc::new(FakePublisher::default()), |c| {
+            c.connections = limits;
         })
     }
 
@@ -428,4 +446,34 @@ impl Client {
         let v = if r.body.is_empty() { Value::Null } else { serde_json::from_slice(&r.body).expect("json body") };
         (r.status, v)
     }
+}
+
+/// A client WebSocket frame: masked, as clients must send them.
+pub fn masked_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0xA1, 0xB2, 0xC3, 0xD4];
+    let mut out = vec![0x80 | opcode];
+    assert!(payload.len() < 126);
+    out.push(0x80 | payload.len() as u8);
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
+/// One unmasked server frame: its opcode and payload.
+pub fn read_server_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut head = [0u8; 2];
+    s.read_exact(&mut head).expect("frame head");
+    assert_eq!(head[1] & 0x80, 0, "server frames are unmasked");
+    let len = match head[1] & 0x7f {
+        126 => {
+            let mut b = [0u8; 2];
+            s.read_exact(&mut b).expect("len");
+            u16::from_be_bytes(b) as usize
+        }
+        127 => panic!("unexpectedly large frame"),
+        n => n as usize,
+    };
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).expect("payload");
+    (head[0] & 0x0f, payload)
 }

@@ -10,6 +10,7 @@ mod env;
 mod error;
 mod exec;
 mod files;
+mod grow_root;
 mod loopback;
 mod paths;
 mod pid1;

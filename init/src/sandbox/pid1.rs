@@ -6,7 +6,7 @@
 //! status of a command the agent is waiting for. Requests: SIGTERM, SIGUSR2 or SIGPWR power
 //! off; SIGINT or SIGUSR1 reboot (the agent's power operation sends these).
 
-use super::loopback;
+use super::{grow_root, loopback};
 use crate::log;
 use crate::sys::mount::{self, Mount};
 use crate::sys::power::{self, PowerAction};
@@ -77,6 +77,12 @@ fn early_mounts() {
         if let Err(e) = mount::mount(m) {
             log!("{e}");
         }
+    }
+    // A create with `diskMB` gives the sandbox a disk larger than its template's filesystem.
+    match grow_root::grow() {
+        Ok(g) if g.after > g.before => log!("root filesystem grown from {} to {} MiB", g.before >> 20, g.after >> 20),
+        Ok(_) => {}
+        Err(e) => log!("cannot grow the root filesystem: {e}"),
     }
     // What udev would create: bash process substitution and many scripts use these.
     for (link, target) in [

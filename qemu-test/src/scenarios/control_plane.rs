@@ -75,15 +75,30 @@ fn documented_flow(appliance: &mut Appliance) -> Result<()> {
         })?;
         1
     };
+    // A root disk smaller than the template's cannot be made.
+    let (status, refused) = api.call("POST", "/sandboxes", &json!({"project": "my-agent", "diskMB": 1024}))?;
+    check(status == 400 && refused.to_string().contains("smaller than the template's disk"), || {
+        format!("diskMB 1024: {status} {refused}")
+    })?;
     let over = api.expect(
         201,
         "POST",
         "/sandboxes",
-        &json!({"project": "my-agent", "timeout": 120, "cpuCount": cpus, "memoryMB": 512, "envs": {"ANTHROPIC_API_KEY": "from-request", "EXTRA": "x1"}}),
+        &json!({"project": "my-agent", "timeout": 120, "cpuCount": cpus, "memoryMB": 512, "diskMB": 3072, "envs": {"ANTHROPIC_API_KEY": "from-request", "EXTRA": "x1"}}),
     )?;
     let oid = over["sandboxID"].as_str().ok_or_else(|| err!("no sandboxID"))?.to_string();
-    let (code, out, _) =
-        api.run(&oid, "nproc; grep MemTotal /proc/meminfo; echo $ANTHROPIC_API_KEY $EXTRA; echo ${OTHER%%_*}", 30)?;
+    check(over["diskMB"] == 3072, || format!("diskMB not recorded: {over}"))?;
+    let (code, out, _) = api.run(
+        &oid,
+        "nproc; grep MemTotal /proc/meminfo; echo $ANTHROPIC_API_KEY $EXTRA; echo ${OTHER%%_*}; df -Pm / | awk 'NR==2{print $2}'",
+        30,
+    )?;
+    // The guest grew its filesystem to the 3072 MiB disk (ext4 keeps a little for itself).
+    let root_mb: u64 = out.lines().nth(4).and_then(|l| l.trim().parse().ok()).unwrap_or(0);
+    check((2800..=3072).contains(&root_mb), || {
+        format!("root filesystem of {root_mb} MiB on a 3072 MiB disk: {out:?}")
+    })?;
+    let out = out.lines().take(4).collect::<Vec<_>>().join("\n");
     let mem_kib: u64 =
         out.lines().nth(1).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0);
     check(mem_kib > 400 * 1024 && mem_kib <= 512 * 1024, || format!("MemTotal {mem_kib} KiB for memoryMB 512"))?;

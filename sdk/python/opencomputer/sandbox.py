@@ -29,7 +29,7 @@ class Sandbox:
 
     Attributes mirror the appliance's sandbox record as of the last call that returned it:
     ``sandbox_id``, ``template_id``, ``status`` (``running``, ``stopped`` or ``error``),
-    ``started_at`` / ``end_at`` (RFC 3339), ``cpu_count``, ``memory_mb``, ``metadata``.
+    ``started_at`` / ``end_at`` (RFC 3339), ``cpu_count``, ``memory_mb``, ``disk_mb``, ``metadata``.
     """
 
     def __init__(self, client: ApiClient, record: Dict[str, Any]) -> None:
@@ -50,6 +50,7 @@ class Sandbox:
         self.end_at: str = str(record.get("endAt", ""))
         self.cpu_count: int = _int(record.get("cpuCount"))
         self.memory_mb: int = _int(record.get("memoryMB"))
+        self.disk_mb: int = _int(record.get("diskMB"))
         metadata = record.get("metadata")
         self.metadata: Dict[str, str] = dict(metadata) if isinstance(metadata, dict) else {}
 
@@ -71,6 +72,7 @@ class Sandbox:
         metadata: Optional[Dict[str, str]] = None,
         cpu_count: Optional[int] = None,
         memory_mb: Optional[int] = None,
+        disk_mb: Optional[int] = None,
         *,
         api_url: Optional[str] = None,
         api_key: Optional[str] = None,
@@ -84,7 +86,8 @@ class Sandbox:
         With a project, ``template`` and ``timeout`` left at their defaults (``'base'``, 300)
         are not sent, so the project's own template and timeout apply; any other value
         overrides them. ``cpu_count`` and ``memory_mb`` are sent only when given (else the
-        project's value, else the appliance default: 1 vCPU, 512 MB).
+        project's value, else the appliance default: 1 vCPU, 512 MB). ``disk_mb`` sizes the root
+        disk (default: the template's, 2048 MB; at most 262144).
         """
         body: Dict[str, Any] = {}
         if project:
@@ -101,6 +104,8 @@ class Sandbox:
             body["cpuCount"] = cpu_count
         if memory_mb:
             body["memoryMB"] = memory_mb
+        if disk_mb:
+            body["diskMB"] = disk_mb
         client = ApiClient(ClientConfig.resolve(api_url, api_key))
         try:
             record = expect_dict(

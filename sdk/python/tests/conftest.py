@@ -21,6 +21,7 @@ def sandbox_record(**overrides: object) -> dict:
         "endAt": "2025-01-02T03:09:05Z",
         "cpuCount": 1,
         "memoryMB": 512,
+        "diskMB": 2048,
         "metadata": {},
     }
     record.update(overrides)

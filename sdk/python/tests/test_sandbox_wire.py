@@ -13,10 +13,10 @@ BASE = f"/api/sandboxes/{SANDBOX_ID}"
 
 async def test_create_sends_every_given_field_with_contract_names(fake: FakeAppliance) -> None:
     fake.reply("POST", "/api/sandboxes", 201, sandbox_record(
-        templateID="python", cpuCount=2, memoryMB=1024, metadata={"owner": "ci"}))
+        templateID="python", cpuCount=2, memoryMB=1024, diskMB=4096, metadata={"owner": "ci"}))
     sandbox = await Sandbox.create(
         project="my-agent", template="python", timeout=600, envs={"A": "1"}, metadata={"owner": "ci"},
-        cpu_count=2, memory_mb=1024,
+        cpu_count=2, memory_mb=1024, disk_mb=4096,
     )
     request = fake.only()
     assert (request.method, request.path) == ("POST", "/api/sandboxes")
@@ -24,10 +24,11 @@ async def test_create_sends_every_given_field_with_contract_names(fake: FakeAppl
     assert request.headers["content-type"] == "application/json"
     assert request.json == {
         "project": "my-agent", "templateID": "python", "timeout": 600, "envs": {"A": "1"},
-        "metadata": {"owner": "ci"}, "cpuCount": 2, "memoryMB": 1024,
+        "metadata": {"owner": "ci"}, "cpuCount": 2, "memoryMB": 1024, "diskMB": 4096,
     }
     assert sandbox.sandbox_id == SANDBOX_ID
-    assert (sandbox.template_id, sandbox.status, sandbox.cpu_count, sandbox.memory_mb) == ("python", "running", 2, 1024)
+    assert (sandbox.template_id, sandbox.status, sandbox.cpu_count, sandbox.memory_mb, sandbox.disk_mb) == (
+        "python", "running", 2, 1024, 4096)
     assert sandbox.metadata == {"owner": "ci"}
     assert sandbox.end_at == "2025-01-02T03:09:05Z"
     await sandbox.close()

@@ -1,0 +1,327 @@
+//! The API's public listener. tiny_http gives every connection a thread for as long as the
+//! client keeps it open and has neither a connection cap nor read timeouts, so a client that
+//! opens connections and sends nothing (or half a request head) would use up threads without
+//! end. The front accepts instead, on a small tokio runtime: it caps open connections (`503`
+//! beyond), closes a client that takes too long to send a request head (`408`) or sits idle
+//! between requests, and relays everything else byte for byte to tiny_http, which listens on
+//! loopback only.
+//!
+//! It does not parse HTTP beyond finding where a request head ends (the blank line) and whether
+//! a response is informational (`1xx`) or switches protocols (`101`, after which the
+//! connection is a WebSocket and is relayed untimed). A request whose head is complete is the
+//! server's to answer, however long that takes (commands run for hours); its body and the
+//! response are not timed, except that a client that stops reading a response is dropped.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+/// How many clients may hold connections, and how long they may hold one without using it.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Open client connections; one more is answered `503` and closed.
+    pub max_connections: usize,
+    /// From a connection's start, or from the first byte of a later request, until its head
+    /// is complete.
+    pub header_timeout: Duration,
+    /// Between requests on a kept-alive connection, and for a client that stops reading a
+    /// response.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        // Idle: longer than clients keep pooled connections (httpx 5 s, Node 4 s), so they
+        // close first and never send on a connection being closed.
+        Self { max_connections: 1024, header_timeout: Duration::from_secs(20), idle_timeout: Duration::from_secs(75) }
+    }
+}
+
+/// The running front: its runtime owns the accept loop and every relay.
+pub struct Front {
+    runtime: tokio::runtime::Runtime,
+    accepting: tokio::task::JoinHandle<()>,
+    addr: SocketAddr,
+}
+
+impl Front {
+    /// Listens on `listen` and relays to `inner` (tiny_http's loopback address).
+    pub fn start(listen: &str, inner: SocketAddr, limits: ConnectionLimits) -> Result<Self, String> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("api-front")
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|e| format!("cannot start the API's listener runtime: {e}"))?;
+        let std_listener =
+            std::net::TcpListener::bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        super::server::raise_backlog(&std_listener).map_err(|e| format!("cannot configure {listen}: {e}"))?;
+        std_listener.set_nonblocking(true).map_err(|e| format!("cannot configure {listen}: {e}"))?;
+        let addr = std_listener.local_addr().map_err(|e| format!("cannot read the address of {listen}: {e}"))?;
+        let listener = {
+            let _entered = runtime.enter();
+            TcpListener::from_std(std_listener).map_err(|e| format!("cannot listen on {listen}: {e}"))?
+        };
+        let accepting = runtime.spawn(accept_loop(listener, inner, limits));
+        Ok(Self { runtime, accepting, addr })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Closes the listening socket; open connections are still relayed.
+    pub fn stop_accepting(&self) {
+        self.accepting.abort();
+    }
+
+    /// Drops every relay still open.
+    pub fn shutdown(self) {
+        self.runtime.shutdown_timeout(Duration::from_millis(200));
+    }
+}
+
+async fn accept_loop(listener: TcpListener, inner: SocketAddr, limits: ConnectionLimits) {
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    loop {
+        let client = match listener.accept().await {
+            Ok((client, _)) => client,
+            Err(e) => {
+                // Out of descriptors or memory: wait for connections to close rather than spin.
+                eprintln!("appliance: cannot accept an API connection: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        match Arc::clone(&permits).try_acquire_owned() {
+            Ok(permit) => tokio::spawn(relay(client, inner, limits, permit)),
+            Err(_) => tokio::spawn(refuse(client, limits.max_connections)),
+        };
+    }
+}
+
+/// Answers a connection over the cap with `503` and closes it.
+async fn refuse(mut client: TcpStream, max: usize) {
+    let body = format!("{{\"error\":\"the API has {max} open connections, its limit; retry shortly\"}}");
+    let reply = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+         Retry-After: 1\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), close_after(&mut client, reply.as_bytes())).await;
+}
+
+/// Writes `reply`, then reads what the client still sends until it closes: closing with
+/// unread bytes would reset the connection and could discard the reply before it is read.
+async fn close_after(client: &mut TcpStream, reply: &[u8]) {
+    if client.write_all(reply).await.is_err() || client.shutdown().await.is_err() {
+        return;
+    }
+    let mut sink = [0u8; 4096];
+    while matches!(client.read(&mut sink).await, Ok(n) if n > 0) {}
+}
+
+/// Where a connection is in its request/response cycle, as far as timeouts care.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    /// The client owes a request head. `started` is when its first byte came, if it has.
+    AwaitingHead { since: Instant, started: bool, first: bool },
+    /// The head is complete: the server answers in its own time.
+    Answering,
+    /// After `101 Switching Protocols`: relayed untimed until either side closes.
+    Tunnel,
+}
+
+struct Connection {
+    phase: Mutex<Phase>,
+    /// Wakes the client-side reader when the phase changes under it.
+    changed: Notify,
+    limits: ConnectionLimits,
+}
+
+impl Connection {
+    fn phase(&self) -> Phase {
+        *self.phase.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set(&self, phase: Phase) {
+        *self.phase.lock().unwrap_or_else(PoisonError::into_inner) = phase;
+        self.changed.notify_one();
+    }
+
+    /// When the client must have sent more, or None when it owes nothing.
+    fn deadline(&self) -> Option<Instant> {
+        match self.phase() {
+            Phase::AwaitingHead { since, started, first } => {
+                let wait = if started || first { self.limits.header_timeout } else { self.limits.idle_timeout };
+                Some(since + wait)
+            }
+            Phase::Answering | Phase::Tunnel => None,
+        }
+    }
+}
+
+async fn relay(client: TcpStream, inner: SocketAddr, limits: ConnectionLimits, _permit: OwnedSemaphorePermit) {
+    let server = match TcpStream::connect(inner).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("appliance: cannot reach the API server at {inner}: {e}");
+            return;
+        }
+    };
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let conn = Arc::new(Connection {
+        phase: Mutex::new(Phase::AwaitingHead { since: Instant::now(), started: false, first: true }),
+        changed: Notify::new(),
+        limits,
+    });
+    let (client_read, mut client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
+    // Whichever direction ends first ends the connection (every half drops and closes).
+    let ended = tokio::select! {
+        ended = requests(client_read, server_write, &conn) => ended,
+        () = responses(server_read, &mut client_write, &conn) => RequestsEnded::Closed,
+    };
+    if ended == RequestsEnded::HeadTooSlow {
+        let _ = tokio::time::timeout(Duration::from_secs(1), client_write.write_all(REQUEST_TIMEOUT_REPLY)).await;
+    }
+}
+
+const REQUEST_TIMEOUT_REPLY: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n\
+Content-Length: 50\r\nConnection: close\r\n\r\n{\"error\":\"the request head was not sent in time\"}";
+
+#[derive(Debug, PartialEq, Eq)]
+enum RequestsEnded {
+    /// End of stream or an error on either side.
+    Closed,
+    /// Idle between requests for the idle timeout.
+    Idle,
+    /// A request head was begun (or the connection opened) and not finished in time.
+    HeadTooSlow,
+}
+
+/// Client to server, until either side closes or the client is late with a request head.
+async fn requests(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, conn: &Connection) -> RequestsEnded {
+    let mut buf = vec![0u8; 16 * 1024];
+    // The last three bytes of a head seen so far, so a blank line split across reads is found.
+    let mut tail = [0u8; 3];
+    loop {
+        let deadline = conn.deadline();
+        let read = tokio::select! {
+            read = from.read(&mut buf) => read,
+            () = sleep_until(deadline) => {
+                return match conn.phase() {
+                    Phase::AwaitingHead { started: false, first: false, .. } => RequestsEnded::Idle,
+                    _ => RequestsEnded::HeadTooSlow,
+                };
+            }
+            () = conn.changed.notified() => continue,
+        };
+        let n = match read {
+            Ok(0) | Err(_) => return RequestsEnded::Closed,
+            Ok(n) => n,
+        };
+        if let Phase::AwaitingHead { started, .. } = conn.phase() {
+            if head_ends_in(&mut tail, &buf[..n]) {
+                conn.set(Phase::Answering);
+            } else if !started {
+                conn.set(Phase::AwaitingHead { since: Instant::now(), started: true, first: false });
+            }
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return RequestsEnded::Closed;
+        }
+    }
+}
+
+/// Sleeps until `deadline`, or for ever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Server to client, until either side closes or the client has not taken a response chunk
+/// within the idle timeout.
+async fn responses(mut from: OwnedReadHalf, to: &mut OwnedWriteHalf, conn: &Connection) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        match conn.phase() {
+            Phase::Answering if buf[..n].starts_with(b"HTTP/1.1 101") => conn.set(Phase::Tunnel),
+            // 100 Continue and other informational answers: the real response is still to come.
+            Phase::Answering if buf[..n].starts_with(b"HTTP/1.1 1") => {}
+            Phase::Answering => conn.set(Phase::AwaitingHead { since: Instant::now(), started: false, first: false }),
+            // More of a long response: the next request is not due before it has arrived.
+            Phase::AwaitingHead { started: false, first, .. } => {
+                conn.set(Phase::AwaitingHead { since: Instant::now(), started: false, first });
+            }
+            Phase::AwaitingHead { .. } | Phase::Tunnel => {}
+        }
+        match tokio::time::timeout(conn.limits.idle_timeout, to.write_all(&buf[..n])).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => return,
+        }
+    }
+}
+
+/// Whether `chunk`, following the head bytes summarised by `tail`, completes a request head
+/// (contains the blank line `\r\n\r\n`). Updates `tail`.
+fn head_ends_in(tail: &mut [u8; 3], chunk: &[u8]) -> bool {
+    const BLANK_LINE: &[u8; 4] = b"\r\n\r\n";
+    // A blank line that starts in `tail` ends within the chunk's first three bytes.
+    let mut seam = [0u8; 6];
+    seam[..3].copy_from_slice(tail);
+    let head_of_chunk = chunk.len().min(3);
+    seam[3..3 + head_of_chunk].copy_from_slice(&chunk[..head_of_chunk]);
+    let found =
+        seam[..3 + head_of_chunk].windows(4).any(|w| w == BLANK_LINE) || chunk.windows(4).any(|w| w == BLANK_LINE);
+    let joined = &seam[..3 + head_of_chunk];
+    *tail = if found {
+        [0; 3]
+    } else if chunk.len() >= 3 {
+        [chunk[chunk.len() - 3], chunk[chunk.len() - 2], chunk[chunk.len() - 1]]
+    } else {
+        [joined[joined.len() - 3], joined[joined.len() - 2], joined[joined.len() - 1]]
+    };
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::head_ends_in;
+
+    #[test]
+    fn a_blank_line_is_found_whole_or_split_across_reads() {
+        let mut tail = [0; 3];
+        assert!(head_ends_in(&mut tail, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
+        for split in 1..4 {
+            let head = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+            let (a, b) = head.split_at(head.len() - split);
+            let mut tail = [0; 3];
+            assert!(!head_ends_in(&mut tail, a), "split {split}");
+            assert!(head_ends_in(&mut tail, b), "split {split}");
+        }
+        // One byte at a time.
+        let mut tail = [0; 3];
+        let bytes = b"GET / HTTP/1.1\r\n\r\n";
+        let found: Vec<bool> = bytes.iter().map(|b| head_ends_in(&mut tail, &[*b])).collect();
+        assert_eq!(found.iter().filter(|f| **f).count(), 1);
+        assert!(found[bytes.len() - 1]);
+        let mut tail = [0; 3];
+        assert!(!head_ends_in(&mut tail, b"GET / HTTP/1.1\r\nHost: x\r\n"));
+        assert!(!head_ends_in(&mut tail, b"X: y\r\n"));
+    }
+}
