@@ -1,6 +1,7 @@
-//! API authentication: the admin key is read from a file the operator provides
-//! (QEMU fw_cfg by default), only its hash is stored, and every route but healthz
-//! requires a matching `X-API-Key`.
+//! API authentication: the admin (operator) key is read from a file the operator provides
+//! (QEMU fw_cfg by default), project keys are made through the API (`api::keys`); only
+//! hashes of either are stored, and every route but healthz requires a matching
+//! `X-API-Key`. What each kind of key may do is `api::scope`'s business.
 
 use std::fs;
 use std::io::ErrorKind;
@@ -11,7 +12,7 @@ use zeroize::Zeroizing;
 use crate::clock::now_unix;
 use crate::crypto::{constant_time_eq, hash_api_key, hex};
 use crate::error::AppError;
-use crate::store::records::ApiKeyRecord;
+use crate::store::records::{ApiKeyRecord, ProjectKeyRecord};
 use crate::store::Store;
 
 const ADMIN_KEY_ID: &str = "admin";
@@ -22,21 +23,45 @@ pub struct Auth {
     admin_hash: Option<[u8; 32]>,
 }
 
+/// Who a request comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// The admin key: every route.
+    Operator,
+    /// A project key: the sandboxes and secrets of its projects.
+    Project(ProjectKeyRecord),
+}
+
+impl Caller {
+    /// The key's id as the audit trail and logs name it (never the key).
+    pub fn key_id(&self) -> &str {
+        match self {
+            Self::Operator => ADMIN_KEY_ID,
+            Self::Project(key) => &key.id,
+        }
+    }
+}
+
 impl Auth {
-    pub fn check(&self, presented: Option<&str>) -> Result<(), AppError> {
-        let Some(expected) = &self.admin_hash else {
-            return Err(AppError::unauthorized(
-                "no admin API key is configured on this appliance; see the operator guide (admin-key fw_cfg entry)",
-            ));
-        };
+    /// Finds the key presented: the admin key, or a project key in the store. A revoked key
+    /// is gone from the store, so it fails from the next request on.
+    pub fn identify(&self, store: &Store, presented: Option<&str>) -> Result<Caller, AppError> {
         let Some(presented) = presented else {
             return Err(AppError::unauthorized("missing X-API-Key header"));
         };
         let hash = hash_api_key(presented.trim().as_bytes()).map_err(|e| AppError::internal(e.to_string()))?;
-        if constant_time_eq(&hash, expected) {
-            Ok(())
-        } else {
-            Err(AppError::unauthorized("invalid API key"))
+        if self.admin_hash.as_ref().is_some_and(|expected| constant_time_eq(&hash, expected)) {
+            return Ok(Caller::Operator);
+        }
+        // Looked up by the key's hash: a timing difference could only tell an attacker about
+        // hashes, which say nothing about keys.
+        let hash_hex = hex(&hash);
+        match store.read(move |rtxn, dbs| Ok(dbs.project_keys.get(rtxn, &hash_hex)?))? {
+            Some(key) => Ok(Caller::Project(key)),
+            None if self.admin_hash.is_none() => Err(AppError::unauthorized(
+                "no admin API key is configured on this appliance; see the operator guide (admin-key fw_cfg entry)",
+            )),
+            None => Err(AppError::unauthorized("invalid API key")),
         }
     }
 
@@ -126,13 +151,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn check_distinguishes_missing_wrong_and_right_keys() {
+    fn identify_tells_the_operator_a_project_key_and_bad_keys_apart() {
+        let dir = std::env::temp_dir().join(format!("oc-auth-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let store = Store::open(&dir).expect("store");
+        let key =
+            ProjectKeyRecord { id: "k1".into(), name: "ci".into(), project_ids: vec!["p1".into()], created_at: 1 };
+        let (hash, record) = (hex(&hash_api_key(b"project-key-0123456789").expect("hash")), key.clone());
+        store.write(move |wtxn, dbs| Ok(dbs.project_keys.put(wtxn, &hash, &record)?)).expect("put");
+
         let auth = Auth { admin_hash: Some(hash_api_key(b"correct-horse-battery").expect("hash")) };
-        assert!(auth.check(Some("correct-horse-battery")).is_ok());
-        assert_eq!(auth.check(Some("wrong-key-wrong-key")).unwrap_err().status, 401);
-        assert_eq!(auth.check(None).unwrap_err().message, "missing X-API-Key header");
+        assert_eq!(auth.identify(&store, Some("correct-horse-battery")).expect("admin"), Caller::Operator);
+        assert_eq!(auth.identify(&store, Some(" project-key-0123456789\n")).expect("project"), Caller::Project(key));
+        assert_eq!(auth.identify(&store, Some("wrong-key-wrong-key")).unwrap_err().message, "invalid API key");
+        assert_eq!(auth.identify(&store, None).unwrap_err().message, "missing X-API-Key header");
         let none = Auth { admin_hash: None };
-        assert_eq!(none.check(Some("anything")).unwrap_err().status, 401);
+        assert_eq!(none.identify(&store, Some("anything")).unwrap_err().status, 401);
+        store.close();
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -19,6 +19,10 @@ impl AppError {
     pub fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(401, message)
     }
+    /// Authenticated, but the key's scope does not cover the request.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(403, message)
+    }
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(404, message)
     }

@@ -94,6 +94,7 @@ pub fn create(app: &App, spec: CreateSpec) -> Result<SandboxRecord, AppError> {
         disk_mb: spec.disk_mb.unwrap_or(0),
         metadata: spec.metadata.clone(),
         project: spec.project.as_ref().map(|p| p.name.clone()),
+        project_id: spec.project.as_ref().map(|p| p.id.clone()),
         cid: 0,
     };
     // Recorded before the VMM exists: a restart at any later point finds the record (reconcile).

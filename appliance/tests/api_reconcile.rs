@@ -155,6 +155,7 @@ fn a_create_cut_short_by_a_restart_ends_as_error_with_its_vmm_stopped() {
         disk_mb: 2048,
         metadata: BTreeMap::new(),
         project: None,
+        project_id: None,
         cid: 0,
     };
     store.write(move |wtxn, dbs| Ok(dbs.sandboxes.put(wtxn, &record.id, &record)?)).expect("write");

@@ -7,8 +7,9 @@ use std::time::Instant;
 use serde_json::json;
 use tiny_http::{Method, Request};
 
-use crate::api::{exec, files, projects, sandboxes, secrets, system};
+use crate::api::{exec, files, keys, projects, sandboxes, scope, secrets, system};
 use crate::app::App;
+use crate::auth::Caller;
 use crate::error::AppError;
 use crate::http::reply::Reply;
 use crate::http::request::{header, split_url};
@@ -51,17 +52,23 @@ pub fn handle(app: &Arc<App>, request: Request, port: u16) {
     if let Ok(Some(Route::Healthz)) = &route {
         return respond(app, request_label(&route), started, request, healthz(app));
     }
-    if let Err(e) = app.auth.check(header(&request, "X-API-Key")) {
-        return respond(app, request_label(&route), started, request, Reply::error(&e));
+    let caller = match app.auth.identify(&app.store, header(&request, "X-API-Key")) {
+        Ok(caller) => caller,
+        Err(e) => return respond(app, request_label(&route), started, request, Reply::error(&e)),
+    };
+    if let Ok(Some(r)) = &route {
+        if let Err(e) = scope::authorize(app, &caller, r, request.method()) {
+            return respond(app, request_label(&route), started, request, Reply::error(&e));
+        }
     }
     let long = matches!(&route, Ok(Some(r)) if is_long(r, request.method()));
     if !long {
-        return serve(app, request, route, port, started);
+        return serve(app, &caller, request, route, port, started);
     }
     match app.long_work.admit() {
         Ok(slot) => {
             let app = Arc::clone(app);
-            slot.run("long-request", move || serve(&app, request, route, port, started));
+            slot.run("long-request", move || serve(&app, &caller, request, route, port, started));
         }
         Err(e) => respond(app, request_label(&route), started, request, Reply::error(&e)),
     }
@@ -91,8 +98,15 @@ fn respond(app: &App, label: &'static str, started: Instant, request: Request, r
     let _ = request.respond(reply.into_response());
 }
 
-/// Serves an authenticated request to its end.
-fn serve(app: &App, mut request: Request, route: Result<Option<Route>, AppError>, port: u16, started: Instant) {
+/// Serves an authenticated, authorised request to its end.
+fn serve(
+    app: &App,
+    caller: &Caller,
+    mut request: Request,
+    route: Result<Option<Route>, AppError>,
+    port: u16,
+    started: Instant,
+) {
     let method = request.method().clone();
     let url = request.url().to_string();
     let (path, query) = split_url(&url);
@@ -103,7 +117,7 @@ fn serve(app: &App, mut request: Request, route: Result<Option<Route>, AppError>
             account(app, &method, label, started, status);
         }
         Ok(Some(route)) => {
-            let reply = dispatch(app, &route, &mut request, query).unwrap_or_else(|e| Reply::error(&e));
+            let reply = dispatch(app, caller, &route, &mut request, query).unwrap_or_else(|e| Reply::error(&e));
             respond(app, label, started, request, reply);
         }
         Ok(None) => {
@@ -113,7 +127,13 @@ fn serve(app: &App, mut request: Request, route: Result<Option<Route>, AppError>
     }
 }
 
-pub fn dispatch(app: &App, route: &Route, request: &mut Request, query: &str) -> Result<Reply, AppError> {
+pub fn dispatch(
+    app: &App,
+    caller: &Caller,
+    route: &Route,
+    request: &mut Request,
+    query: &str,
+) -> Result<Reply, AppError> {
     let method = request.method().clone();
     use Method::{Delete, Get, Post, Put};
     match (route, &method) {
@@ -129,15 +149,15 @@ pub fn dispatch(app: &App, route: &Route, request: &mut Request, query: &str) ->
             Ok(Reply::text(200, text, "text/plain; version=0.0.4"))
         }
         (Route::Projects, Post) => projects::create(app, request),
-        (Route::Projects, Get) => projects::list(app),
+        (Route::Projects, Get) => projects::list(app, caller),
         (Route::Project(id), Get) => projects::get(app, id),
         (Route::Project(id), Put) => projects::update(app, id, request),
         (Route::Project(id), Delete) => projects::delete(app, id),
         (Route::ProjectSecrets(id), Get) => secrets::list(app, id),
-        (Route::ProjectSecret(id, name), Put) => secrets::put(app, id, name, request),
+        (Route::ProjectSecret(id, name), Put) => secrets::put(app, caller, id, name, request),
         (Route::ProjectSecret(id, name), Delete) => secrets::delete(app, id, name),
-        (Route::Sandboxes, Post) => sandboxes::create(app, request),
-        (Route::Sandboxes, Get) => sandboxes::list(app),
+        (Route::Sandboxes, Post) => sandboxes::create(app, caller, request),
+        (Route::Sandboxes, Get) => sandboxes::list(app, caller),
         (Route::Sandbox(id), Get) => sandboxes::get(app, id),
         (Route::SandboxMemoryDump(id), Post) => sandboxes::memory_dump(app, id),
         (Route::Sandbox(id), Delete) => sandboxes::delete(app, id),
@@ -156,6 +176,9 @@ pub fn dispatch(app: &App, route: &Route, request: &mut Request, query: &str) ->
         (Route::SystemUpgrade, Post) => system::upgrade(app, request),
         (Route::SystemReboot, Post) => system::power(app, system::PowerAction::Reboot),
         (Route::SystemPoweroff, Post) => system::power(app, system::PowerAction::PowerOff),
+        (Route::Keys, Post) => keys::create(app, request),
+        (Route::Keys, Get) => keys::list(app),
+        (Route::Key(id), Delete) => keys::delete(app, id),
         _ => Err(not_allowed(&method, route)),
     }
 }

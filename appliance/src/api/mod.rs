@@ -3,8 +3,10 @@
 pub mod dispatch;
 pub mod exec;
 pub mod files;
+pub mod keys;
 pub mod projects;
 pub mod sandboxes;
+pub mod scope;
 pub mod secrets;
 pub mod system;
 pub mod validate;

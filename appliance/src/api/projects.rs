@@ -4,8 +4,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tiny_http::Request;
 
-use crate::api::validate;
+use crate::api::{scope, validate};
 use crate::app::App;
+use crate::auth::Caller;
 use crate::clock::{now_unix, rfc3339};
 use crate::error::AppError;
 use crate::http::reply::Reply;
@@ -88,7 +89,7 @@ pub fn create(app: &App, request: &mut Request) -> Result<Reply, AppError> {
     Ok(Reply::json(201, &project_json(&record)))
 }
 
-pub fn list(app: &App) -> Result<Reply, AppError> {
+pub fn list(app: &App, caller: &Caller) -> Result<Reply, AppError> {
     let mut projects: Vec<ProjectRecord> = app.store.read(|rtxn, dbs| {
         let mut out = Vec::new();
         for item in dbs.projects.iter(rtxn)? {
@@ -96,6 +97,7 @@ pub fn list(app: &App) -> Result<Reply, AppError> {
         }
         Ok(out)
     })?;
+    projects.retain(|p| scope::visible(caller, Some(&p.id)));
     projects.sort_by(|a, b| (a.created_at, &a.name).cmp(&(b.created_at, &b.name)));
     let body: Vec<Value> = projects.iter().map(project_json).collect();
     Ok(Reply::json(200, &body))

@@ -8,8 +8,9 @@ use tiny_http::Request;
 use zeroize::Zeroizing;
 
 use crate::api::projects::{self, DEFAULT_CPU_COUNT, DEFAULT_MEMORY_MB, DEFAULT_TEMPLATE, DEFAULT_TIMEOUT_SEC};
-use crate::api::validate;
+use crate::api::{scope, validate};
 use crate::app::App;
+use crate::auth::Caller;
 use crate::clock::rfc3339;
 use crate::error::AppError;
 use crate::http::reply::Reply;
@@ -77,7 +78,7 @@ pub fn check_envs<V>(envs: &BTreeMap<String, V>) -> Result<(), AppError> {
     envs.keys().try_for_each(|k| validate::env_name("env", k))
 }
 
-pub fn create(app: &App, request: &mut Request) -> Result<Reply, AppError> {
+pub fn create(app: &App, caller: &Caller, request: &mut Request) -> Result<Reply, AppError> {
     let body: CreateBody = parse_json(&read_body(request, MAX_JSON_BODY)?)?;
     let project_name = match (body.project.filter(|p| !p.is_empty()), body.secret_store.filter(|p| !p.is_empty())) {
         (Some(a), Some(b)) if a != b => {
@@ -87,6 +88,14 @@ pub fn create(app: &App, request: &mut Request) -> Result<Reply, AppError> {
         (None, b) => b,
     };
     let project = project_name.map(|name| projects::load_by_name(app, &name)).transpose()?;
+    if let Caller::Project(key) = caller {
+        let Some(project) = &project else {
+            return Err(AppError::forbidden(
+                "a project key creates sandboxes only in its projects: give \"project\" (creating one outside any project needs the operator scope)",
+            ));
+        };
+        scope::project_allowed(key, &project.id)?;
+    }
     let envs = body.envs.unwrap_or_default();
     check_envs(&envs)?;
     let metadata = body.metadata.unwrap_or_default();
@@ -119,7 +128,7 @@ pub fn create(app: &App, request: &mut Request) -> Result<Reply, AppError> {
     Ok(Reply::json(201, &sandbox_json(&record)))
 }
 
-pub fn list(app: &App) -> Result<Reply, AppError> {
+pub fn list(app: &App, caller: &Caller) -> Result<Reply, AppError> {
     let mut records: Vec<SandboxRecord> = app.store.read(|rtxn, dbs| {
         let mut out = Vec::new();
         for item in dbs.sandboxes.iter(rtxn)? {
@@ -127,6 +136,7 @@ pub fn list(app: &App) -> Result<Reply, AppError> {
         }
         Ok(out)
     })?;
+    records.retain(|r| scope::visible(caller, r.project_id.as_deref()));
     records.sort_by(|a, b| (a.started_at, &a.id).cmp(&(b.started_at, &b.id)));
     let body: Vec<Value> = records.iter().map(sandbox_json).collect();
     Ok(Reply::json(200, &body))

@@ -5,6 +5,8 @@
 use serde::Deserialize;
 use serde_json::json;
 use tiny_http::Request;
+
+use crate::auth::Caller;
 use zeroize::Zeroizing;
 
 use crate::api::validate;
@@ -26,7 +28,7 @@ struct SecretBody {
     allowed_hosts: Option<Vec<String>>,
 }
 
-pub fn put(app: &App, raw_id: &str, name: &str, request: &mut Request) -> Result<Reply, AppError> {
+pub fn put(app: &App, caller: &Caller, raw_id: &str, name: &str, request: &mut Request) -> Result<Reply, AppError> {
     let project_id = validate::uuid("project", raw_id)?;
     validate::env_name("secret", name)?;
     let body = read_body(request, MAX_JSON_BODY)?;
@@ -36,6 +38,12 @@ pub fn put(app: &App, raw_id: &str, name: &str, request: &mut Request) -> Result
     )?;
     drop(body);
     let hosts = validate::host_list("allowedHosts", secret.allowed_hosts.as_deref().unwrap_or_default())?;
+    // A secret's own hosts widen where its value may go, as the project's allowlist does.
+    if !hosts.is_empty() && *caller != Caller::Operator {
+        return Err(AppError::forbidden(
+            "setting a secret's allowedHosts needs the operator scope; without them the secret follows its project's allowlist",
+        ));
+    }
     if secret.value.is_empty() {
         return Err(AppError::bad_request("secret value must not be empty"));
     }

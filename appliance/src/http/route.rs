@@ -32,6 +32,10 @@ pub enum Route {
     SystemReboot,
     /// Power the appliance off.
     SystemPoweroff,
+    /// Project keys: create and list (operator only).
+    Keys,
+    /// One project key: revoke.
+    Key(String),
 }
 
 impl Route {
@@ -60,6 +64,8 @@ impl Route {
             Self::SystemUpgrade => "/api/system/upgrade",
             Self::SystemReboot => "/api/system/reboot",
             Self::SystemPoweroff => "/api/system/poweroff",
+            Self::Keys => "/api/keys",
+            Self::Key(_) => "/api/keys/{id}",
         }
     }
 }
@@ -101,6 +107,8 @@ pub fn match_route(path: &str) -> Result<Option<Route>, AppError> {
         ["system", "upgrade"] => Route::SystemUpgrade,
         ["system", "reboot"] => Route::SystemReboot,
         ["system", "poweroff"] => Route::SystemPoweroff,
+        ["keys"] => Route::Keys,
+        ["keys", id] => Route::Key(id.to_string()),
         _ => return Ok(None),
     };
     Ok(Some(route))

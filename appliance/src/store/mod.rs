@@ -12,7 +12,7 @@ use heed::types::{Bytes, SerdeJson, Str};
 use heed::{Database, Env, EnvOpenOptions, RoTxn, RwTxn};
 
 use crate::error::AppError;
-use records::{ApiKeyRecord, CaRecord, ProjectRecord, SandboxRecord, SecretHostsRecord};
+use records::{ApiKeyRecord, CaRecord, ProjectKeyRecord, ProjectRecord, SandboxRecord, SecretHostsRecord};
 
 pub use commit::Committer;
 pub use schema::CURRENT_SCHEMA_VERSION;
@@ -39,6 +39,8 @@ pub struct Dbs {
     /// restarted appliance can register a running sandbox's tokens with the proxy again.
     pub sandbox_seals: Database<Str, Bytes>,
     pub api_keys: Database<Str, SerdeJson<ApiKeyRecord>>,
+    /// Hex hash of a project key -> its id, name and projects.
+    pub project_keys: Database<Str, SerdeJson<ProjectKeyRecord>>,
     pub ca: Database<Str, SerdeJson<CaRecord>>,
 }
 
@@ -75,6 +77,7 @@ impl Store {
             sandboxes: create(&env, &mut wtxn, "sandboxes")?,
             sandbox_seals: create(&env, &mut wtxn, "sandbox_seals")?,
             api_keys: create(&env, &mut wtxn, "api_keys")?,
+            project_keys: create(&env, &mut wtxn, "project_keys")?,
             ca: create(&env, &mut wtxn, "ca")?,
         };
         schema::migrate(&mut wtxn, &dbs)?;

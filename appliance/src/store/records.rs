@@ -63,6 +63,10 @@ pub struct SandboxRecord {
     pub metadata: BTreeMap<String, String>,
     /// Name of the project it was created from, if any (kept after the project is deleted).
     pub project: Option<String>,
+    /// Id of that project: what a project key's scope is checked against (a name can be
+    /// given to another project later). Absent in records written before keys had scopes.
+    #[serde(default, rename = "projectID", skip_serializing_if = "Option::is_none")]
+    pub project_id: Option<String>,
     /// vsock CID the runtime assigned; the sandbox's identity towards the proxy.
     pub cid: u32,
 }
@@ -72,6 +76,18 @@ pub struct SandboxRecord {
 #[serde(rename_all = "camelCase")]
 pub struct ApiKeyRecord {
     pub hash_hex: String,
+    pub created_at: i64,
+}
+
+/// A project key: what it may reach. Stored under the BLAKE2b-256 hash of the key itself
+/// (hex), so a request's key is found with one lookup and the key is never stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProjectKeyRecord {
+    pub id: String,
+    pub name: String,
+    /// Ids of the projects whose sandboxes and secrets it may use.
+    pub project_ids: Vec<String>,
     pub created_at: i64,
 }
 

@@ -63,6 +63,8 @@ fn documented_flow(appliance: &mut Appliance) -> Result<()> {
         format!("MemTotal {mem_kib} KiB for a 384 MiB project default")
     })?;
 
+    project_key_stays_in_its_project(appliance, &pid, &sid)?;
+
     // Request-level fields override the project's. Two vCPUs where the appliance has them; on a
     // one-vCPU appliance (the TCG harness) asking for two is refused, and memory still overrides.
     let vcpus = api.expect(200, "GET", "/system", &Value::Null)?["capacity"]["vcpus"]["total"].as_u64().unwrap_or(0);
@@ -127,6 +129,38 @@ fn documented_flow(appliance: &mut Appliance) -> Result<()> {
 
     let console = appliance.machine.console();
     check(!console.contains(SECRET_VALUE), || "the plaintext secret appears in the console log".into())
+}
+
+/// A key made for project `pid` (holding sandbox `sid`) uses that sandbox, and cannot widen the
+/// project's allowlist, read another project or create sandboxes outside its project; revoked,
+/// it stops working at once.
+fn project_key_stays_in_its_project(appliance: &Appliance, pid: &str, sid: &str) -> Result<()> {
+    let api = appliance.api();
+    let other = api.expect(201, "POST", "/projects", &json!({"name": "someone-else"}))?;
+    let other_id = other["id"].as_str().ok_or_else(|| err!("no id in {other}"))?.to_string();
+    let made = api.expect(201, "POST", "/keys", &json!({"name": "agent", "projects": ["my-agent"]}))?;
+    let key = made["key"].as_str().ok_or_else(|| err!("no key in {made}"))?;
+    let key_id = made["id"].as_str().ok_or_else(|| err!("no id in {made}"))?.to_string();
+    let scoped = crate::api::Api::new(appliance.machine.api_port, key);
+    let (code, out, _) = scoped.run(sid, "echo scoped-ok", 30)?;
+    check(code == 0 && out.trim() == "scoped-ok", || format!("the project key's command printed {out:?}"))?;
+    for (method, path, body) in [
+        ("PUT", format!("/projects/{pid}"), json!({"egressAllowlist": ["evil.example"]})),
+        ("GET", format!("/projects/{other_id}"), Value::Null),
+        ("POST", "/sandboxes".to_string(), json!({"project": "someone-else"})),
+        ("GET", "/system".to_string(), Value::Null),
+    ] {
+        let (status, answer) = scoped.call(method, &path, &body)?;
+        check(status == 403 && answer.to_string().contains("scope"), || {
+            format!("project key: {method} {path}: {status} {answer}")
+        })?;
+    }
+    let project = api.expect(200, "GET", &format!("/projects/{pid}"), &Value::Null)?;
+    check(project["egressAllowlist"] == json!(["api.anthropic.com"]), || format!("allowlist changed: {project}"))?;
+    api.expect(204, "DELETE", &format!("/keys/{key_id}"), &Value::Null)?;
+    let (status, _) = scoped.call("GET", &format!("/sandboxes/{sid}"), &Value::Null)?;
+    check(status == 401, || format!("a revoked key answered {status}"))?;
+    api.expect(204, "DELETE", &format!("/projects/{other_id}"), &Value::Null).map(|_| ())
 }
 
 /// Whole seconds between two RFC 3339 UTC timestamps of the same day (`...THH:MM:SSZ`).

@@ -1,0 +1,92 @@
+//! What each kind of key may do. The operator key may do everything. A project key may read
+//! its projects, manage their secrets, and create and use sandboxes in them; it may not change
+//! a project (its allowlist decides where secrets may go), see other projects or their
+//! sandboxes, manage keys, read metrics, or touch `/api/system`. A refusal is `403` naming the
+//! scope that is missing.
+
+use tiny_http::Method;
+
+use crate::api::validate;
+use crate::app::App;
+use crate::auth::Caller;
+use crate::error::AppError;
+use crate::http::route::Route;
+use crate::store::records::ProjectKeyRecord;
+
+/// Checks `route` and `method` against the caller's scope. Lists and creates are narrowed
+/// further by their handlers (`visible`, `project_allowed`).
+pub fn authorize(app: &App, caller: &Caller, route: &Route, method: &Method) -> Result<(), AppError> {
+    let Caller::Project(key) = caller else { return Ok(()) };
+    match (route, method) {
+        (Route::Healthz | Route::Sandboxes, _) | (Route::Projects, Method::Get) => Ok(()),
+        (Route::Project(id), Method::Get) | (Route::ProjectSecrets(id) | Route::ProjectSecret(id, _), _) => {
+            project_allowed(key, id)
+        }
+        (Route::Projects, _) => Err(operator_only(key, "creating projects")),
+        (Route::Project(_), _) => {
+            Err(operator_only(key, "changing or deleting a project (its allowlist and defaults)"))
+        }
+        (Route::SandboxMemoryDump(_), _) => Err(operator_only(key, "memory dumps")),
+        (
+            Route::Sandbox(id)
+            | Route::SandboxTimeout(id)
+            | Route::ExecRun(id)
+            | Route::Commands(id)
+            | Route::ExecSessions(id)
+            | Route::ExecSession(id, _)
+            | Route::ExecKill(id, _)
+            | Route::Files(id)
+            | Route::FilesList(id)
+            | Route::FilesMkdir(id),
+            _,
+        ) => sandbox_allowed(app, key, id),
+        (Route::Metrics, _) => Err(operator_only(key, "metrics")),
+        (Route::System | Route::SystemUpgrade | Route::SystemReboot | Route::SystemPoweroff, _) => {
+            Err(operator_only(key, "the /api/system routes"))
+        }
+        (Route::Keys | Route::Key(_), _) => Err(operator_only(key, "managing API keys")),
+    }
+}
+
+fn operator_only(key: &ProjectKeyRecord, what: &str) -> AppError {
+    AppError::forbidden(format!(
+        "{what} needs the operator scope; this key ({:?}, {}) has the project scope",
+        key.name, key.id
+    ))
+}
+
+/// Whether the caller may use the project with id `raw_id`.
+pub fn project_allowed(key: &ProjectKeyRecord, raw_id: &str) -> Result<(), AppError> {
+    let id = validate::uuid("project", raw_id)?;
+    if key.project_ids.contains(&id) {
+        Ok(())
+    } else {
+        Err(AppError::forbidden(format!("project {id} is not in the scope of this key ({:?}, {})", key.name, key.id)))
+    }
+}
+
+/// A sandbox is in scope when it was created in one of the key's projects. One that does not
+/// exist is left to the handler's 404.
+fn sandbox_allowed(app: &App, key: &ProjectKeyRecord, raw_id: &str) -> Result<(), AppError> {
+    let id = validate::uuid("sandbox", raw_id)?;
+    let lookup = id.clone();
+    let Some(record) = app.store.read(move |rtxn, dbs| Ok(dbs.sandboxes.get(rtxn, &lookup)?))? else {
+        return Ok(());
+    };
+    if record.project_id.as_ref().is_some_and(|p| key.project_ids.contains(p)) {
+        Ok(())
+    } else {
+        Err(AppError::forbidden(format!(
+            "sandbox {id} is not in the scope of this key ({:?}, {}): it belongs to none of its projects",
+            key.name, key.id
+        )))
+    }
+}
+
+/// Whether a caller sees a record of project `project_id` in a list.
+pub fn visible(caller: &Caller, project_id: Option<&str>) -> bool {
+    match caller {
+        Caller::Operator => true,
+        Caller::Project(key) => project_id.is_some_and(|p| key.project_ids.iter().any(|k| k == p)),
+    }
+}
