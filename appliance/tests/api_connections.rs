@@ -95,6 +95,16 @@ fn a_half_sent_head_gets_408_and_an_idle_connection_is_closed() {
 }
 
 #[test]
+fn a_client_that_closes_its_sending_side_still_gets_its_answer() {
+    let h = Harness::start_with_connections("conn-halfclose", tight(64));
+    let mut s = connect(&h);
+    s.write_all(b"GET /api/healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("write");
+    s.shutdown(std::net::Shutdown::Write).expect("half-close");
+    let answer = read_to_close(&mut s);
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.contains(r#""status":"ok""#), "{answer}");
+}
+
+#[test]
 fn requests_and_websockets_outlive_the_timeouts() {
     let h = Harness::start_with_connections("conn-long", tight(64));
     let mut c = h.client();

@@ -9,6 +9,7 @@ use tiny_http::{Method, Request};
 
 use crate::api::{exec, files, keys, projects, sandboxes, scope, secrets, system};
 use crate::app::App;
+use crate::audit;
 use crate::auth::Caller;
 use crate::error::AppError;
 use crate::http::reply::Reply;
@@ -50,15 +51,15 @@ pub fn handle(app: &Arc<App>, request: Request, port: u16) {
     let url = request.url().to_string();
     let route = match_route(split_url(&url).0);
     if let Ok(Some(Route::Healthz)) = &route {
-        return respond(app, request_label(&route), started, request, healthz(app));
+        return respond(app, None, request_label(&route), started, request, healthz(app));
     }
     let caller = match app.auth.identify(&app.store, header(&request, "X-API-Key")) {
         Ok(caller) => caller,
-        Err(e) => return respond(app, request_label(&route), started, request, Reply::error(&e)),
+        Err(e) => return respond(app, None, request_label(&route), started, request, Reply::error(&e)),
     };
     if let Ok(Some(r)) = &route {
         if let Err(e) = scope::authorize(app, &caller, r, request.method()) {
-            return respond(app, request_label(&route), started, request, Reply::error(&e));
+            return respond(app, Some(&caller), request_label(&route), started, request, Reply::error(&e));
         }
     }
     let long = matches!(&route, Ok(Some(r)) if is_long(r, request.method()));
@@ -70,7 +71,7 @@ pub fn handle(app: &Arc<App>, request: Request, port: u16) {
             let app = Arc::clone(app);
             slot.run("long-request", move || serve(&app, &caller, request, route, port, started));
         }
-        Err(e) => respond(app, request_label(&route), started, request, Reply::error(&e)),
+        Err(e) => respond(app, Some(&caller), request_label(&route), started, request, Reply::error(&e)),
     }
 }
 
@@ -81,9 +82,20 @@ fn request_label(route: &Result<Option<Route>, AppError>) -> &'static str {
     }
 }
 
-/// Counts and logs the answer before writing it, so a client that reads /metrics right after
-/// sees its previous request.
-fn account(app: &App, method: &Method, label: &'static str, started: Instant, status: u16) {
+/// Counts, logs and audits the answer before writing it, so a client that reads /metrics or
+/// the audit trail right after sees its previous request. Unauthenticated requests (no
+/// `caller`) are counted but not audited: they change nothing and would let anyone fill it.
+fn account(
+    app: &App,
+    caller: Option<&Caller>,
+    (method, url): (&Method, &str),
+    label: &'static str,
+    started: Instant,
+    status: u16,
+) {
+    if let Some(caller) = caller.filter(|_| audit::changes_state(method)) {
+        audit::record(app, caller, method, label, split_url(url).0, status);
+    }
     let elapsed = started.elapsed();
     app.metrics.record_request(label, status, elapsed);
     if app.log_requests || status >= 500 {
@@ -92,8 +104,8 @@ fn account(app: &App, method: &Method, label: &'static str, started: Instant, st
     }
 }
 
-fn respond(app: &App, label: &'static str, started: Instant, request: Request, reply: Reply) {
-    account(app, request.method(), label, started, reply.status);
+fn respond(app: &App, caller: Option<&Caller>, label: &'static str, started: Instant, request: Request, reply: Reply) {
+    account(app, caller, (request.method(), request.url()), label, started, reply.status);
     // A client that hung up cannot be answered; nothing else to do.
     let _ = request.respond(reply.into_response());
 }
@@ -114,16 +126,17 @@ fn serve(
     match route {
         Ok(Some(Route::ExecSession(id, sid))) if method == Method::Get && exec::is_websocket_upgrade(&request) => {
             let status = exec::attach_websocket(app, &id, &sid, request, port);
-            account(app, &method, label, started, status);
+            account(app, Some(caller), (&method, &url), label, started, status);
         }
         Ok(Some(route)) => {
             let reply = dispatch(app, caller, &route, &mut request, query).unwrap_or_else(|e| Reply::error(&e));
-            respond(app, label, started, request, reply);
+            respond(app, Some(caller), label, started, request, reply);
         }
         Ok(None) => {
-            respond(app, label, started, request, Reply::error(&AppError::not_found(format!("no route for {path}"))));
+            let reply = Reply::error(&AppError::not_found(format!("no route for {path}")));
+            respond(app, Some(caller), label, started, request, reply);
         }
-        Err(e) => respond(app, label, started, request, Reply::error(&e)),
+        Err(e) => respond(app, Some(caller), label, started, request, Reply::error(&e)),
     }
 }
 
@@ -179,6 +192,7 @@ pub fn dispatch(
         (Route::Keys, Post) => keys::create(app, request),
         (Route::Keys, Get) => keys::list(app),
         (Route::Key(id), Delete) => keys::delete(app, id),
+        (Route::Audit, Get) => Ok(Reply::json(200, &crate::audit::page(app, query)?)),
         _ => Err(not_allowed(&method, route)),
     }
 }

@@ -45,6 +45,7 @@ pub fn authorize(app: &App, caller: &Caller, route: &Route, method: &Method) -> 
             Err(operator_only(key, "the /api/system routes"))
         }
         (Route::Keys | Route::Key(_), _) => Err(operator_only(key, "managing API keys")),
+        (Route::Audit, _) => Err(operator_only(key, "the audit trail")),
     }
 }
 

@@ -185,13 +185,20 @@ async fn relay(client: TcpStream, inner: SocketAddr, limits: ConnectionLimits, _
     });
     let (client_read, mut client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
-    // Whichever direction ends first ends the connection (every half drops and closes).
+    let mut downstream = Box::pin(responses(server_read, &mut client_write, &conn));
     let ended = tokio::select! {
         ended = requests(client_read, server_write, &conn) => ended,
-        () = responses(server_read, &mut client_write, &conn) => RequestsEnded::Closed,
+        () = &mut downstream => RequestsEnded::Closed,
     };
-    if ended == RequestsEnded::HeadTooSlow {
-        let _ = tokio::time::timeout(Duration::from_secs(1), client_write.write_all(REQUEST_TIMEOUT_REPLY)).await;
+    match ended {
+        // The client sent all it will (the server was told): its answers still go back.
+        RequestsEnded::ClientDone => downstream.await,
+        RequestsEnded::HeadTooSlow => {
+            drop(downstream);
+            let _ = tokio::time::timeout(Duration::from_secs(1), client_write.write_all(REQUEST_TIMEOUT_REPLY)).await;
+        }
+        // Every half drops here, which closes both connections.
+        RequestsEnded::Closed | RequestsEnded::Idle => {}
     }
 }
 
@@ -200,8 +207,10 @@ Content-Length: 50\r\nConnection: close\r\n\r\n{\"error\":\"the request head was
 
 #[derive(Debug, PartialEq, Eq)]
 enum RequestsEnded {
-    /// End of stream or an error on either side.
+    /// An error on either side, or the server closed.
     Closed,
+    /// The client closed its sending side (after its last request); the server has been told.
+    ClientDone,
     /// Idle between requests for the idle timeout.
     Idle,
     /// A request head was begun (or the connection opened) and not finished in time.
@@ -226,7 +235,13 @@ async fn requests(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, conn: &Connec
             () = conn.changed.notified() => continue,
         };
         let n = match read {
-            Ok(0) | Err(_) => return RequestsEnded::Closed,
+            Ok(0) => {
+                return match to.shutdown().await {
+                    Ok(()) => RequestsEnded::ClientDone,
+                    Err(_) => RequestsEnded::Closed,
+                };
+            }
+            Err(_) => return RequestsEnded::Closed,
             Ok(n) => n,
         };
         if let Phase::AwaitingHead { started, .. } = conn.phase() {

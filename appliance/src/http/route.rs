@@ -36,6 +36,8 @@ pub enum Route {
     Keys,
     /// One project key: revoke.
     Key(String),
+    /// The audit trail (operator only).
+    Audit,
 }
 
 impl Route {
@@ -66,6 +68,7 @@ impl Route {
             Self::SystemPoweroff => "/api/system/poweroff",
             Self::Keys => "/api/keys",
             Self::Key(_) => "/api/keys/{id}",
+            Self::Audit => "/api/audit",
         }
     }
 }
@@ -109,6 +112,7 @@ pub fn match_route(path: &str) -> Result<Option<Route>, AppError> {
         ["system", "poweroff"] => Route::SystemPoweroff,
         ["keys"] => Route::Keys,
         ["keys", id] => Route::Key(id.to_string()),
+        ["audit"] => Route::Audit,
         _ => return Ok(None),
     };
     Ok(Some(route))

@@ -89,13 +89,24 @@ impl Committer {
         F: FnOnce(&mut RwTxn, &Dbs) -> Result<R, AppError> + Send + 'static,
     {
         let (reply, answer) = mpsc::sync_channel(1);
-        let job: Box<dyn Job> = Box::new(TypedJob { work: Some(work), outcome: None, reply });
-        {
-            let guard = self.sender.lock().map_err(|_| AppError::internal("store: committer lock poisoned"))?;
-            let sender = guard.as_ref().ok_or_else(|| AppError::unavailable("store is closing"))?;
-            sender.send(job).map_err(|_| AppError::internal("store: commit thread has stopped"))?;
-        }
+        self.enqueue(Box::new(TypedJob { work: Some(work), outcome: None, reply }))?;
         answer.recv().map_err(|_| AppError::internal("store: commit thread has stopped"))?
+    }
+
+    /// Queues `work` for the next commit without waiting for it.
+    pub fn submit_detached<F>(&self, work: F) -> Result<(), AppError>
+    where
+        F: FnOnce(&mut RwTxn, &Dbs) -> Result<(), AppError> + Send + 'static,
+    {
+        // Nobody waits on the answer: it is sent to a receiver that is already gone.
+        let (reply, _) = mpsc::sync_channel(1);
+        self.enqueue(Box::new(TypedJob { work: Some(work), outcome: None, reply }))
+    }
+
+    fn enqueue(&self, job: Box<dyn Job>) -> Result<(), AppError> {
+        let guard = self.sender.lock().map_err(|_| AppError::internal("store: committer lock poisoned"))?;
+        let sender = guard.as_ref().ok_or_else(|| AppError::unavailable("store is closing"))?;
+        sender.send(job).map_err(|_| AppError::internal("store: commit thread has stopped"))
     }
 
     /// Lets queued jobs finish, then stops the thread.

@@ -12,7 +12,7 @@ use heed::types::{Bytes, SerdeJson, Str};
 use heed::{Database, Env, EnvOpenOptions, RoTxn, RwTxn};
 
 use crate::error::AppError;
-use records::{ApiKeyRecord, CaRecord, ProjectKeyRecord, ProjectRecord, SandboxRecord, SecretHostsRecord};
+use records::{ApiKeyRecord, AuditRecord, CaRecord, ProjectKeyRecord, ProjectRecord, SandboxRecord, SecretHostsRecord};
 
 pub use commit::Committer;
 pub use schema::CURRENT_SCHEMA_VERSION;
@@ -41,6 +41,8 @@ pub struct Dbs {
     pub api_keys: Database<Str, SerdeJson<ApiKeyRecord>>,
     /// Hex hash of a project key -> its id, name and projects.
     pub project_keys: Database<Str, SerdeJson<ProjectKeyRecord>>,
+    /// Audit trail: zero-padded sequence number -> entry, oldest first.
+    pub audit: Database<Str, SerdeJson<AuditRecord>>,
     pub ca: Database<Str, SerdeJson<CaRecord>>,
 }
 
@@ -78,6 +80,7 @@ impl Store {
             sandbox_seals: create(&env, &mut wtxn, "sandbox_seals")?,
             api_keys: create(&env, &mut wtxn, "api_keys")?,
             project_keys: create(&env, &mut wtxn, "project_keys")?,
+            audit: create(&env, &mut wtxn, "audit")?,
             ca: create(&env, &mut wtxn, "ca")?,
         };
         schema::migrate(&mut wtxn, &dbs)?;
@@ -108,6 +111,15 @@ impl Store {
         F: FnOnce(&mut RwTxn, &Dbs) -> Result<R, AppError> + Send + 'static,
     {
         self.committer.submit(f)
+    }
+
+    /// Queues `f` for the next group commit and returns at once; a failure of `f` is only
+    /// logged by the committer. For records nobody waits on (the audit trail).
+    pub fn write_detached<F>(&self, f: F) -> Result<(), AppError>
+    where
+        F: FnOnce(&mut RwTxn, &Dbs) -> Result<(), AppError> + Send + 'static,
+    {
+        self.committer.submit_detached(f)
     }
 
     /// A plain write transaction on this thread, for offline tools (key rotation)

@@ -91,6 +91,22 @@ pub struct ProjectKeyRecord {
     pub created_at: i64,
 }
 
+/// One state-changing request in the audit trail. Never a body: no secret value or key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditRecord {
+    pub seq: u64,
+    pub time: i64,
+    /// `admin` for the operator key, else the project key's id.
+    pub key_id: String,
+    pub method: String,
+    /// The route pattern, e.g. `/api/projects/{id}/secrets/{name}`.
+    pub route: String,
+    /// The path the request named (ids and secret names; never the query string).
+    pub target: String,
+    pub status: u16,
+}
+
 /// The appliance CA: certificate in the clear, private key sealed like a secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

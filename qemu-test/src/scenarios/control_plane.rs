@@ -157,6 +157,15 @@ fn project_key_stays_in_its_project(appliance: &Appliance, pid: &str, sid: &str)
     }
     let project = api.expect(200, "GET", &format!("/projects/{pid}"), &Value::Null)?;
     check(project["egressAllowlist"] == json!(["api.anthropic.com"]), || format!("allowlist changed: {project}"))?;
+    // The audit trail names the key behind the refused allowlist change, and holds no key.
+    let trail = api.expect(200, "GET", "/audit?limit=20", &Value::Null)?;
+    let refused = trail["entries"].as_array().into_iter().flatten().any(|e| {
+        e["keyID"] == key_id.as_str()
+            && e["method"] == "PUT"
+            && e["route"] == "/api/projects/{id}"
+            && e["status"] == 403
+    });
+    check(refused && !trail.to_string().contains(key), || format!("audit trail: {trail}"))?;
     api.expect(204, "DELETE", &format!("/keys/{key_id}"), &Value::Null)?;
     let (status, _) = scoped.call("GET", &format!("/sandboxes/{sid}"), &Value::Null)?;
     check(status == 401, || format!("a revoked key answered {status}"))?;
