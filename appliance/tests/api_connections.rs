@@ -150,7 +150,9 @@ fn a_thousand_silent_clients_cost_no_more_threads_than_the_cap() {
     std::thread::sleep(Duration::from_millis(500));
     let during = threads();
     println!("threads: {before} before, {during} with 1000 silent clients (cap 32)");
-    assert!(during <= before + 32 + 100, "{before} threads before, {during} with 1000 silent clients");
+    // Other tests of this file run alongside and start threads of their own (about 40 per
+    // server); without the cap the silent clients alone would add 1000.
+    assert!(during <= before + 32 + 400, "{before} threads before, {during} with 1000 silent clients");
     // The API still answers once they are gone.
     drop(silent);
     let deadline = Instant::now() + Duration::from_secs(5);
