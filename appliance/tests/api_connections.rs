@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use appliance::http::front::ConnectionLimits;
-use common::{masked_frame, read_server_frame, Harness, ADMIN_KEY};
+use common::{masked_frame, read_server_frame, websocket_handshake, Harness};
 
 const HEADER_TIMEOUT: Duration = Duration::from_millis(400);
 const IDLE_TIMEOUT: Duration = Duration::from_millis(800);
@@ -121,18 +121,8 @@ fn requests_and_websockets_outlive_the_timeouts() {
     let (_, started) = c.call("POST", &format!("/api/sandboxes/{id}/exec"), r#"{"cmd":"cat"}"#);
     let sid = started["sessionID"].as_str().expect("sid").to_string();
     let mut ws = connect(&h);
-    let handshake = format!(
-        "GET /api/sandboxes/{id}/exec/{sid} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nX-API-Key: {ADMIN_KEY}\r\n\r\n"
-    );
-    ws.write_all(handshake.as_bytes()).expect("handshake");
-    let mut response = Vec::new();
-    let mut byte = [0u8; 1];
-    while !response.ends_with(b"\r\n\r\n") {
-        ws.read_exact(&mut byte).expect("response");
-        response.push(byte[0]);
-    }
-    assert!(response.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&response));
+    let response = websocket_handshake(&mut ws, &id, &sid);
+    assert!(response.starts_with("HTTP/1.1 101"), "{response}");
     assert_eq!(read_server_frame(&mut ws), (0x2, b"\x01ready\n".to_vec()));
     std::thread::sleep(IDLE_TIMEOUT * 2);
     ws.write_all(&masked_frame(0x2, b"\x00still here\n")).expect("stdin");

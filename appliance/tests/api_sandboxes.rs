@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{masked_frame, read_server_frame, Client, Harness, ADMIN_KEY};
+use common::{masked_frame, read_server_frame, websocket_handshake, Client, Harness, ADMIN_KEY};
 use serde_json::{json, Value};
 
 fn project_with_secret(c: &mut Client, name: &str, secret: &str) -> String {
@@ -349,18 +349,7 @@ fn websocket_exec_stream_carries_stdin_stdout_stderr_and_exit() {
 
     let mut ws = TcpStream::connect(h.addr).expect("connect");
     ws.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    let handshake = format!(
-        "GET /api/sandboxes/{id}/exec/{sid} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nX-API-Key: {ADMIN_KEY}\r\n\r\n"
-    );
-    ws.write_all(handshake.as_bytes()).expect("handshake");
-    let mut response = Vec::new();
-    let mut byte = [0u8; 1];
-    while !response.ends_with(b"\r\n\r\n") {
-        ws.read_exact(&mut byte).expect("response");
-        response.push(byte[0]);
-    }
-    let text = String::from_utf8_lossy(&response).to_string();
+    let text = websocket_handshake(&mut ws, &id, &sid);
     assert!(text.starts_with("HTTP/1.1 101"), "{text}");
     assert!(text.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{text}");
 

@@ -14,6 +14,7 @@ use crate::http::reply::Reply;
 use crate::http::request::{parse_json, read_body, MAX_JSON_BODY};
 use crate::lifecycle::new_id;
 use crate::store::records::ProjectKeyRecord;
+use crate::store::values;
 
 /// Project keys start with this, so a leaked one is recognisable (e.g. by secret scanners).
 const KEY_PREFIX: &str = "ocpk_";
@@ -65,13 +66,7 @@ pub fn create(app: &App, request: &mut Request) -> Result<Reply, AppError> {
 }
 
 pub fn list(app: &App) -> Result<Reply, AppError> {
-    let mut keys: Vec<ProjectKeyRecord> = app.store.read(|rtxn, dbs| {
-        let mut out = Vec::new();
-        for item in dbs.project_keys.iter(rtxn)? {
-            out.push(item?.1);
-        }
-        Ok(out)
-    })?;
+    let mut keys = app.store.read(|rtxn, dbs| values(&dbs.project_keys, rtxn))?;
     keys.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
     let body = keys.iter().map(|k| key_json(app, k)).collect::<Result<Vec<Value>, AppError>>()?;
     Ok(Reply::json(200, &body))

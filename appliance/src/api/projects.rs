@@ -14,6 +14,7 @@ use crate::http::request::{parse_json, read_body, MAX_JSON_BODY};
 use crate::lifecycle::new_id;
 use crate::seal_sync;
 use crate::store::records::ProjectRecord;
+use crate::store::values;
 
 pub const DEFAULT_TEMPLATE: &str = "base";
 pub const DEFAULT_CPU_COUNT: u32 = 1;
@@ -90,13 +91,7 @@ pub fn create(app: &App, request: &mut Request) -> Result<Reply, AppError> {
 }
 
 pub fn list(app: &App, caller: &Caller) -> Result<Reply, AppError> {
-    let mut projects: Vec<ProjectRecord> = app.store.read(|rtxn, dbs| {
-        let mut out = Vec::new();
-        for item in dbs.projects.iter(rtxn)? {
-            out.push(item?.1);
-        }
-        Ok(out)
-    })?;
+    let mut projects = app.store.read(|rtxn, dbs| values(&dbs.projects, rtxn))?;
     projects.retain(|p| scope::visible(caller, Some(&p.id)));
     projects.sort_by(|a, b| (a.created_at, &a.name).cmp(&(b.created_at, &b.name)));
     let body: Vec<Value> = projects.iter().map(project_json).collect();

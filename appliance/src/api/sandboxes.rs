@@ -18,6 +18,7 @@ use crate::http::request::{parse_json, read_body, MAX_JSON_BODY};
 use crate::lifecycle;
 use crate::sandbox_ops::{self, CreateSpec};
 use crate::store::records::SandboxRecord;
+use crate::store::values;
 
 const MAX_METADATA_ENTRIES: usize = 64;
 const MAX_ENVS: usize = 256;
@@ -129,13 +130,7 @@ pub fn create(app: &App, caller: &Caller, request: &mut Request) -> Result<Reply
 }
 
 pub fn list(app: &App, caller: &Caller) -> Result<Reply, AppError> {
-    let mut records: Vec<SandboxRecord> = app.store.read(|rtxn, dbs| {
-        let mut out = Vec::new();
-        for item in dbs.sandboxes.iter(rtxn)? {
-            out.push(item?.1);
-        }
-        Ok(out)
-    })?;
+    let mut records = app.store.read(|rtxn, dbs| values(&dbs.sandboxes, rtxn))?;
     records.retain(|r| scope::visible(caller, r.project_id.as_deref()));
     records.sort_by(|a, b| (a.started_at, &a.id).cmp(&(b.started_at, &b.id)));
     let body: Vec<Value> = records.iter().map(sandbox_json).collect();

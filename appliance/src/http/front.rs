@@ -131,7 +131,8 @@ async fn close_after(client: &mut TcpStream, reply: &[u8]) {
 /// Where a connection is in its request/response cycle, as far as timeouts care.
 #[derive(Debug, Clone, Copy)]
 enum Phase {
-    /// The client owes a request head. `started` is when its first byte came, if it has.
+    /// The client owes a request head: since `since` (the connection's start, the last
+    /// response bytes, or the head's first byte once `started`); `first` on a new connection.
     AwaitingHead { since: Instant, started: bool, first: bool },
     /// The head is complete: the server answers in its own time.
     Answering,

@@ -15,6 +15,18 @@ use crate::error::AppError;
 use records::{ApiKeyRecord, AuditRecord, CaRecord, ProjectKeyRecord, ProjectRecord, SandboxRecord, SecretHostsRecord};
 
 pub use commit::Committer;
+
+/// Every record of a JSON-valued database, in key order.
+pub fn values<T>(db: &Database<Str, SerdeJson<T>>, rtxn: &RoTxn) -> Result<Vec<T>, AppError>
+where
+    T: serde::de::DeserializeOwned + 'static,
+{
+    let mut out = Vec::new();
+    for item in db.iter(rtxn)? {
+        out.push(item?.1);
+    }
+    Ok(out)
+}
 pub use schema::CURRENT_SCHEMA_VERSION;
 
 /// Sparse: LMDB only uses disk for pages actually written.

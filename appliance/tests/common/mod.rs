@@ -448,6 +448,23 @@ impl Client {
     }
 }
 
+/// Asks to attach `ws` to exec session `sid` of sandbox `id` (admin key, RFC 6455's sample
+/// key) and returns the response head.
+pub fn websocket_handshake(ws: &mut TcpStream, id: &str, sid: &str) -> String {
+    let handshake = format!(
+        "GET /api/sandboxes/{id}/exec/{sid} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nX-API-Key: {ADMIN_KEY}\r\n\r\n"
+    );
+    ws.write_all(handshake.as_bytes()).expect("handshake");
+    let mut response = Vec::new();
+    let mut byte = [0u8; 1];
+    while !response.ends_with(b"\r\n\r\n") {
+        ws.read_exact(&mut byte).expect("response");
+        response.push(byte[0]);
+    }
+    String::from_utf8_lossy(&response).to_string()
+}
+
 /// A client WebSocket frame: masked, as clients must send them.
 pub fn masked_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     let mask = [0xA1, 0xB2, 0xC3, 0xD4];
