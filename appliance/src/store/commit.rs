@@ -7,7 +7,6 @@
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TryRecvError};
 use std::sync::Mutex;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
 use heed::{Env, RwTxn};
 
@@ -16,10 +15,6 @@ use crate::error::AppError;
 
 /// Upper bound on jobs per commit, so one commit's latency stays bounded.
 const MAX_BATCH: usize = 256;
-/// A batch closes when no job arrived for this long...
-const ARRIVAL_GAP: Duration = Duration::from_micros(250);
-/// ...or when it has been collecting for this long.
-const MAX_COLLECT: Duration = Duration::from_micros(1500);
 
 trait Job: Send {
     /// Runs the job in a child transaction of `parent`; remembers its outcome.
@@ -127,28 +122,17 @@ impl Drop for Committer {
     }
 }
 
-/// Gathers the jobs that arrive shortly after the first one. A commit costs two
-/// fsyncs (milliseconds) while a request's CPU work is tens of microseconds, so
-/// waiting a fraction of a millisecond for callers that were answered by the previous
-/// commit and are about to submit again multiplies throughput at a small latency cost.
+/// Takes every job already queued behind the first one, without waiting for more. Jobs
+/// that arrive while a commit is syncing queue up meanwhile and share the next commit, so the
+/// batch grows by itself as fsyncs get slower. Measured with `bench api` (16 clients, fsync
+/// about 0.2 ms here): also waiting up to 1.5 ms for late arrivals (250 us apart) gave
+/// p50 1.87 to 2.49 ms at 5079 to 6820 rps; taking only what is queued gave 1.29 to 1.81 ms at
+/// 5292 to 8519 rps, because a commit never waits on a client that is still on its way.
 fn collect_batch(receiver: &Receiver<Box<dyn Job>>, batch: &mut Vec<Box<dyn Job>>) {
-    let started = Instant::now();
     while batch.len() < MAX_BATCH {
         match receiver.try_recv() {
-            Ok(job) => {
-                batch.push(job);
-                continue;
-            }
-            Err(TryRecvError::Disconnected) => return,
-            Err(TryRecvError::Empty) => {}
-        }
-        let waited = started.elapsed();
-        if waited >= MAX_COLLECT {
-            return;
-        }
-        match receiver.recv_timeout(ARRIVAL_GAP.min(MAX_COLLECT.checked_sub(waited).unwrap())) {
             Ok(job) => batch.push(job),
-            Err(_) => return,
+            Err(TryRecvError::Empty | TryRecvError::Disconnected) => return,
         }
     }
 }
