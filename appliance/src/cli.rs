@@ -2,17 +2,20 @@
 
 use std::path::PathBuf;
 
+use crate::api_tls::TlsChoice;
 use crate::capacity::{CapacityConfig, DEFAULT_DISK_RESERVE_MB};
 use crate::http::front::ConnectionLimits;
 use crate::sandbox_side::{SandboxOptions, DEFAULT_CA_ROOTS, DEFAULT_GUEST_KERNEL, DEFAULT_PROXY_CONFIG};
 use crate::serve::ServeConfig;
 
 pub const USAGE: &str = "usage:
-  appliance serve [--listen ADDR] [--data-dir DIR] [--vmm-bin PATH] [--admin-key-file FILE]
+  appliance serve [--listen ADDR] [--loopback-listen 127.0.0.1:PORT] [--data-dir DIR] [--vmm-bin PATH] [--admin-key-file FILE]
                   [--master-key-file FILE] [--guest-kernel VMLINUX] [--templates-dir DIR]
                   [--ca-roots PEM] [--proxy-config JSON] [--stopped-retention-sec N] [--quiet]
                   [--power-control] [--require-data-mount] [--memory-reserve-mb N]
                   [--disk-reserve-mb N] [--max-connections N]
+                  [--plain-http | --tls-cert PEM --tls-key PEM | --tls-settings JSON]
+                  [--tls-trust-out FILE]
   appliance bench api [--clients N] [--requests N] [--data-dir DIR]
   appliance rotate-key --data-dir DIR [--master-key-file OLD --new-master-key-file NEW]";
 
@@ -87,6 +90,26 @@ fn megabytes(name: &str, v: &str) -> Result<u64, String> {
     v.parse::<u64>().map_err(|_| format!("{name} must be a whole number of MiB"))
 }
 
+/// HTTPS with the appliance's own certificate unless a flag says otherwise: `--plain-http`,
+/// the operator's `--tls-cert`/`--tls-key`, or init's handoff file `--tls-settings` (absent
+/// when the operator set nothing).
+fn tls_choice(flags: &mut Flags) -> Result<TlsChoice, String> {
+    let plain = flags.switch("--plain-http");
+    let cert = flags.value("--tls-cert")?;
+    let key = flags.value("--tls-key")?;
+    let settings = flags.value("--tls-settings")?;
+    match (plain, cert, key, settings) {
+        (false, None, None, None) => Ok(TlsChoice::Generated),
+        (true, None, None, None) => Ok(TlsChoice::Plain),
+        (false, Some(cert), Some(key), None) => TlsChoice::from_files(cert.as_ref(), key.as_ref()),
+        (false, None, None, Some(settings)) => TlsChoice::from_handoff(settings.as_ref()),
+        (false, Some(_), None, None) | (false, None, Some(_), None) => {
+            Err("--tls-cert and --tls-key must be given together".into())
+        }
+        _ => Err("choose one of --plain-http, --tls-cert/--tls-key and --tls-settings".into()),
+    }
+}
+
 pub fn parse(args: Vec<String>) -> Result<Command, String> {
     let mut it = args.into_iter();
     let sub = it.next();
@@ -96,6 +119,7 @@ pub fn parse(args: Vec<String>) -> Result<Command, String> {
         Some("serve") => {
             let config = ServeConfig {
                 listen: flags.value("--listen")?.unwrap_or_else(|| "0.0.0.0:8080".into()),
+                loopback_listen: flags.value("--loopback-listen")?.unwrap_or_else(|| "127.0.0.1:0".into()),
                 data_dir: PathBuf::from(flags.value("--data-dir")?.unwrap_or_else(|| "/data".into())),
                 vmm_bin: PathBuf::from(flags.value("--vmm-bin")?.unwrap_or_else(|| "/bin/vmm".into())),
                 admin_key_file: Some(PathBuf::from(
@@ -130,6 +154,8 @@ pub fn parse(args: Vec<String>) -> Result<Command, String> {
                     )?,
                     ..ConnectionLimits::default()
                 },
+                tls: tls_choice(&mut flags)?,
+                tls_trust_out: flags.value("--tls-trust-out")?.map(PathBuf::from),
             };
             let sandbox = SandboxOptions {
                 vmm_bin: config.vmm_bin.clone(),

@@ -1,12 +1,46 @@
 //! A minimal blocking HTTP/1.1 keep-alive client for the benchmark (and tests): one
-//! request at a time on one connection, bodies delimited by Content-Length.
+//! request at a time on one connection, bodies delimited by Content-Length; over TCP or TLS.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
+
+/// A byte stream to the server: plain TCP or TLS over it.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+        }
+    }
+}
 
 pub struct HttpClient {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
+    stream: BufReader<Stream>,
     api_key: Option<String>,
 }
 
@@ -23,8 +57,43 @@ impl HttpClient {
     pub fn connect(addr: SocketAddr, api_key: Option<String>) -> io::Result<Self> {
         let stream = TcpStream::connect(addr)?;
         stream.set_nodelay(true)?;
-        let writer = stream.try_clone()?;
-        Ok(Self { reader: BufReader::new(stream), writer, api_key })
+        Ok(Self { stream: BufReader::new(Stream::Plain(stream)), api_key })
+    }
+
+    /// Connects over TLS, verifying the server as `server_name` with `tls`'s roots.
+    pub fn connect_tls(
+        addr: SocketAddr,
+        api_key: Option<String>,
+        tls: Arc<ClientConfig>,
+        server_name: &str,
+    ) -> io::Result<Self> {
+        let name = ServerName::try_from(server_name.to_string())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("server name {server_name:?}: {e}")))?;
+        let connection = ClientConnection::new(tls, name).map_err(io::Error::other)?;
+        let tcp = TcpStream::connect(addr)?;
+        tcp.set_nodelay(true)?;
+        let mut stream = StreamOwned::new(connection, tcp);
+        // Handshake now, so a certificate problem is this call's error.
+        while stream.conn.is_handshaking() {
+            stream.conn.complete_io(&mut stream.sock)?;
+        }
+        Ok(Self { stream: BufReader::new(Stream::Tls(Box::new(stream))), api_key })
+    }
+
+    /// A TLS client configuration trusting only the certificates in `pem`.
+    pub fn tls_trusting(pem: &str) -> io::Result<Arc<ClientConfig>> {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            let cert = cert.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+            roots.add(cert).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        }
+        let config = ClientConfig::builder_with_provider(proxy::tls::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .map_err(io::Error::other)?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Arc::new(config))
     }
 
     pub fn request(&mut self, method: &str, path: &str, body: &[u8]) -> io::Result<HttpResponse> {
@@ -38,13 +107,15 @@ impl HttpClient {
         head.push_str("\r\n");
         let mut out = head.into_bytes();
         out.extend_from_slice(body);
-        self.writer.write_all(&out)?;
+        let stream = self.stream.get_mut();
+        stream.write_all(&out)?;
+        stream.flush()?;
         self.read_response()
     }
 
     fn read_response(&mut self) -> io::Result<HttpResponse> {
         let mut line = String::new();
-        if self.reader.read_line(&mut line)? == 0 {
+        if self.stream.read_line(&mut line)? == 0 {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed"));
         }
         let status = line
@@ -55,7 +126,7 @@ impl HttpClient {
         let mut length = 0usize;
         loop {
             line.clear();
-            if self.reader.read_line(&mut line)? == 0 {
+            if self.stream.read_line(&mut line)? == 0 {
                 return Err(invalid("truncated headers"));
             }
             let trimmed = line.trim_end();
@@ -71,7 +142,7 @@ impl HttpClient {
             }
         }
         let mut body = vec![0u8; length];
-        self.reader.read_exact(&mut body)?;
+        self.stream.read_exact(&mut body)?;
         Ok(HttpResponse { status, body })
     }
 }

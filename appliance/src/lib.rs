@@ -4,6 +4,7 @@
 //! a sandbox request with success it did not get from the sandbox runtime.
 
 pub mod api;
+pub mod api_tls;
 pub mod app;
 pub mod audit;
 pub mod auth;

@@ -1,14 +1,16 @@
 //! `appliance serve`: opens the data directory, keys and store, configures auth,
-//! runs the VMM self-check, reconciles sandboxes and serves HTTP until SIGTERM.
+//! runs the VMM self-check, reconciles sandboxes and serves HTTPS (or, where the operator
+//! turned it on, HTTP) until SIGTERM.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::api::dispatch;
+use crate::api_tls::{ApiTls, TlsChoice};
 use crate::app::App;
 use crate::auth::configure_admin_key;
 use crate::capacity::{Capacity, CapacityConfig, Limits};
@@ -25,6 +27,9 @@ use crate::store::Store;
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub listen: String,
+    /// The API server's own plain-HTTP listener, on loopback only: the public listener relays
+    /// to it, and PID 1 health-checks it (`127.0.0.1:0` picks a free port).
+    pub loopback_listen: String,
     pub data_dir: PathBuf,
     pub vmm_bin: PathBuf,
     pub admin_key_file: Option<PathBuf>,
@@ -41,6 +46,10 @@ pub struct ServeConfig {
     pub capacity: CapacityConfig,
     /// Client connections: how many, and how long one may be held without a request.
     pub connections: ConnectionLimits,
+    /// HTTPS (with the appliance's own certificate or the operator's) or plain HTTP.
+    pub tls: TlsChoice,
+    /// Where to write the certificate clients should trust (PEM), for tools on this host.
+    pub tls_trust_out: Option<PathBuf>,
 }
 
 /// Builds the sandbox side once the store and keys are open (it needs both for the CA).
@@ -140,14 +149,36 @@ pub fn start(config: &ServeConfig, side: SandboxSide) -> Result<Running, String>
         Duration::from_millis(250),
         config.stopped_retention,
     );
+    let tls = crate::api_tls::prepare(&config.tls, &app.store, &app.keyring)?;
+    if let Some(tls) = &tls {
+        announce_tls(tls, config.tls_trust_out.as_deref())?;
+    }
     let handler_app = Arc::clone(&app);
     let http = HttpServer::start(
         &config.listen,
+        &config.loopback_listen,
         Arc::new(move |request, port| dispatch::handle(&handler_app, request, port)),
         config.connections,
+        tls.map(|t| t.server),
     )?;
-    println!("appliance: listening on http://{}", http.addr());
+    let scheme = if matches!(config.tls, TlsChoice::Plain) { "http" } else { "https" };
+    println!("appliance: listening on {scheme}://{}", http.addr());
     Ok(Running { app, http, reaper_stop, reaper, _lock: lock })
+}
+
+/// Prints what clients trust (the fingerprint goes on the console, where `image run` and the
+/// operator read it) and writes it to `trust_out` when asked.
+fn announce_tls(tls: &ApiTls, trust_out: Option<&Path>) -> Result<(), String> {
+    println!("appliance: API TLS: {} SHA-256 fingerprint {}", tls.describes, tls.fingerprint);
+    println!(
+        "appliance: API TLS: clients trust that certificate with SSL_CERT_FILE=<its PEM file> (Python SDK) or \
+         NODE_EXTRA_CA_CERTS=<its PEM file> (Node SDK); check the file's fingerprint against the one above"
+    );
+    if let Some(path) = trust_out {
+        std::fs::write(path, &tls.trust_pem).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        println!("appliance: API TLS: {} written to {}", tls.describes, path.display());
+    }
+    Ok(())
 }
 
 impl Running {

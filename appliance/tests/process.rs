@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{temp_dir, write_key_file, Client, ADMIN_KEY};
+use common::{files_under, temp_dir, write_key_file, Client, ADMIN_KEY};
 use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_appliance");
@@ -42,8 +42,9 @@ fn spawn_server(data_dir: &Path, log: &Path) -> (ServerProcess, SocketAddr) {
     spawn_serve(&[OsStr::new("--data-dir"), data_dir.as_os_str(), OsStr::new("--admin-key-file"), key.as_os_str()], log)
 }
 
-/// Starts `appliance serve --listen 127.0.0.1:0 --vmm-bin /nonexistent/vmm` plus `args`;
-/// stdout and stderr go to `log`. Returns once it says where it listens.
+/// Starts `appliance serve --listen 127.0.0.1:0 --vmm-bin /nonexistent/vmm --plain-http` plus
+/// `args` (HTTPS has its own tests, in api_tls.rs); stdout and stderr go to `log`. Returns once
+/// it says where it listens.
 // The child is returned to the caller inside a guard that waits for it.
 #[allow(clippy::zombie_processes)]
 fn spawn_serve(args: &[&OsStr], log: &Path) -> (ServerProcess, SocketAddr) {
@@ -52,7 +53,7 @@ fn spawn_serve(args: &[&OsStr], log: &Path) -> (ServerProcess, SocketAddr) {
     let out = File::options().create(true).append(true).open(log).expect("log");
     let err = out.try_clone().expect("log");
     let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--vmm-bin", "/nonexistent/vmm"])
+        .args(["serve", "--listen", "127.0.0.1:0", "--vmm-bin", "/nonexistent/vmm", "--plain-http"])
         .args(args)
         .stdout(Stdio::from(out))
         .stderr(Stdio::from(err))
@@ -151,19 +152,6 @@ fn kill_9_during_1000_concurrent_writes_loses_no_acknowledged_write() {
     assert_eq!(sigterm_and_wait(child), 0);
     println!("durability: {} acknowledged before kill -9, {} present after restart", acked.len(), stored.len());
     let _ = fs::remove_dir_all(&dir);
-}
-
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for entry in fs::read_dir(dir).expect("read_dir").flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            out.extend(files_under(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {

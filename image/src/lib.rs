@@ -3,6 +3,7 @@
 //! It must never modify the host beyond installing missing build tools with apt-get, and never
 //! put anything in the image that was not built from declared inputs.
 
+pub mod api_trust;
 pub mod appliance_kernel;
 pub mod cache;
 pub mod cpio;

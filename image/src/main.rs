@@ -10,10 +10,13 @@ const USAGE: &str = "usage:
                                            build kernel, guest kernel and initramfs (cached);
                                            --disk: also the bootable UEFI disk image and its manifest
   image run [--disk] [--port N] [--cpus N] [--memory MiB] [--data-disk PATH] [--data-disk-gib N] [--proxy-config JSON]
+            [--plain-http]
                                            build what is missing, boot the appliance in QEMU,
-                                           print its API address; Ctrl-C shuts it down cleanly.
+                                           print its API address (HTTPS) and the CA file to trust;
+                                           Ctrl-C shuts it down cleanly.
                                            --disk: boot the disk image under UEFI (--data-disk is then
-                                           the persistent copy of it, grown to --data-disk-gib)";
+                                           the persistent copy of it, grown to --data-disk-gib)
+                                           --plain-http: serve the API over plain HTTP instead";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -70,6 +73,10 @@ fn parse_run(args: &[String]) -> Result<RunOptions, String> {
     while let Some(flag) = iter.next() {
         if flag == "--disk" {
             opts.disk = true;
+            continue;
+        }
+        if flag == "--plain-http" {
+            opts.plain_http = true;
             continue;
         }
         let value = iter.next().ok_or_else(|| format!("{flag} needs a value"))?;

@@ -68,11 +68,18 @@ pub struct TemplateInfo {
 pub const ADMIN_KEY_FW_CFG: &str = "opt/opencomputer/admin-key";
 /// The name under which QEMU passes the operator's proxy settings (read by the appliance).
 pub const PROXY_CONFIG_FW_CFG: &str = "opt/opencomputer/proxy-config";
-/// Where init hands the appliance service its admin key and proxy settings (a tmpfs), taken
-/// from fw_cfg or the configuration file on the EFI partition (init/src/appliance/operator.rs).
+/// The name under which QEMU passes API TLS settings (the JSON of init_handoff::API_TLS_FILE);
+/// `image run --plain-http` uses it to turn HTTPS off.
+pub const API_TLS_FW_CFG: &str = "opt/opencomputer/api-tls";
+/// Where init hands the appliance service its admin key, proxy settings and API TLS settings (a
+/// tmpfs), taken from fw_cfg or the configuration file on the EFI partition
+/// (init/src/appliance/operator.rs). The TLS file is absent unless the operator set TLS keys.
 pub const ADMIN_KEY_RUN_FILE: &str = init_handoff::ADMIN_KEY_FILE;
+pub const API_TLS_RUN_FILE: &str = init_handoff::API_TLS_FILE;
 pub const PROXY_CONFIG_RUN_FILE: &str = init_handoff::PROXY_CONFIG_FILE;
 pub const API_PORT_IN_GUEST: u16 = init_handoff::API_PORT;
+/// The API server's plain loopback listener inside the guest, which init health-checks.
+pub const LOOPBACK_API_PORT_IN_GUEST: u16 = init_handoff::LOOPBACK_API_PORT;
 /// The compressed guest kernel (bench variant only: QEMU boots it).
 pub const GUEST_BZIMAGE_PATH: &str = "/usr/share/opencomputer/guest/bzImage";
 /// The uncompressed ELF guest kernel: what the appliance hands our VMM (it boots faster).
@@ -208,9 +215,11 @@ fn kernel_cmdline() -> String {
 fn services_file(variant: Variant) -> String {
     let mut text = String::from("# name program args... (started in order, stopped in reverse)\n");
     text.push_str(&format!(
-        "appliance /bin/appliance serve --listen 0.0.0.0:{API_PORT_IN_GUEST} --data-dir /data --vmm-bin /bin/vmm \
+        "appliance /bin/appliance serve --listen 0.0.0.0:{API_PORT_IN_GUEST} \
+         --loopback-listen 127.0.0.1:{LOOPBACK_API_PORT_IN_GUEST} --data-dir /data --vmm-bin /bin/vmm \
          --admin-key-file {ADMIN_KEY_RUN_FILE} --proxy-config {PROXY_CONFIG_RUN_FILE} \
-         --guest-kernel {GUEST_KERNEL_PATH} --templates-dir {SYSTEM_MOUNT}/templates --ca-roots {CA_ROOTS_PATH} \
+         --tls-settings {API_TLS_RUN_FILE} --guest-kernel {GUEST_KERNEL_PATH} --templates-dir {SYSTEM_MOUNT}/templates \
+         --ca-roots {CA_ROOTS_PATH} \
          --power-control --require-data-mount\n"
     ));
     match variant {

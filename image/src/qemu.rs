@@ -3,7 +3,7 @@
 
 use crate::err;
 use crate::error::{Context, Result};
-use crate::pipeline::{Artifacts, ADMIN_KEY_FW_CFG, API_PORT_IN_GUEST, PROXY_CONFIG_FW_CFG};
+use crate::pipeline::{Artifacts, ADMIN_KEY_FW_CFG, API_PORT_IN_GUEST, API_TLS_FW_CFG, PROXY_CONFIG_FW_CFG};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -103,16 +103,27 @@ pub struct MachineConfig {
     pub admin_key_file: Option<PathBuf>,
     /// Operator proxy settings (JSON), handed over with fw_cfg like the key.
     pub proxy_config_file: Option<PathBuf>,
-    /// Console log, monitor socket.
+    /// Serve the API over plain HTTP (handed over with fw_cfg); otherwise it is HTTPS with the
+    /// appliance's own CA, trusted by the fingerprint it prints (see `wait_api_ready`).
+    pub plain_http: bool,
+    /// Console log, monitor socket, the learned API CA (`api-ca.pem`).
     pub run_dir: PathBuf,
     pub accel: Accel,
 }
+
+/// The file in the run directory holding the API CA learned from the console's fingerprint.
+pub const API_CA_FILE: &str = "api-ca.pem";
 
 pub struct Machine {
     child: Option<Child>,
     pub console_log: PathBuf,
     monitor_socket: PathBuf,
     pub api_port: u16,
+    plain_http: bool,
+    /// Trust for the API's HTTPS, once learned.
+    api_tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// Where the learned API CA is written.
+    pub api_ca_file: PathBuf,
 }
 
 /// Installs what booting a disk image needs: UEFI firmware and qemu-img.
@@ -228,13 +239,26 @@ impl Machine {
         if let Some(key_file) = &cfg.admin_key_file {
             cmd.arg("-fw_cfg").arg(format!("name={ADMIN_KEY_FW_CFG},file={}", key_file.display()));
         }
+        if cfg.plain_http {
+            let settings = cfg.run_dir.join("api-tls.json");
+            std::fs::write(&settings, r#"{"plainHttp": true}"#).ctx(|| format!("write {}", settings.display()))?;
+            cmd.arg("-fw_cfg").arg(format!("name={API_TLS_FW_CFG},file={}", settings.display()));
+        }
         // Own process group: the operator's Ctrl-C reaches us, and we shut the guest down cleanly
         // instead of QEMU dying mid-write.
         cmd.process_group(0).stdin(Stdio::null()).stdout(Stdio::null());
         let stderr_log = cfg.run_dir.join("qemu.stderr");
         cmd.stderr(std::fs::File::create(&stderr_log).ctx(|| format!("create {}", stderr_log.display()))?);
         let child = cmd.spawn().ctx(|| "start qemu-system-x86_64".into())?;
-        Ok(Machine { child: Some(child), console_log, monitor_socket, api_port: cfg.api_port })
+        Ok(Machine {
+            child: Some(child),
+            console_log,
+            monitor_socket,
+            api_port: cfg.api_port,
+            plain_http: cfg.plain_http,
+            api_tls: None,
+            api_ca_file: cfg.run_dir.join(API_CA_FILE),
+        })
     }
 
     /// Runs one human-monitor command and returns its output.
@@ -303,15 +327,33 @@ impl Machine {
         }
     }
 
-    /// Polls `GET /api/healthz` until it answers 200; returns the body.
+    /// Where the API answers, with the trust learned so far.
+    pub fn api(&self) -> crate::http::Endpoint {
+        crate::http::Endpoint { port: self.api_port, tls: self.api_tls.clone() }
+    }
+
+    /// Polls `GET /api/healthz` until it answers 200; returns the body. Over HTTPS, first
+    /// learns the API CA: the one in the presented chain whose fingerprint the console printed
+    /// (written to `api_ca_file`); the health check then verifies the API against it.
     pub fn wait_api_ready(&mut self, timeout: Duration, stop: &dyn Fn() -> bool) -> Result<String> {
         let deadline = Instant::now() + timeout;
+        let mut trust_problem = String::new();
         loop {
-            if let Ok(resp) =
-                crate::http::request(self.api_port, "GET", "/api/healthz", &[], b"", Duration::from_secs(5))
-            {
-                if resp.status == 200 {
-                    return Ok(resp.text());
+            if !self.plain_http && self.api_tls.is_none() {
+                if let Some(expected) = crate::api_trust::fingerprint_on_console(&self.console()) {
+                    match crate::api_trust::trust_by_fingerprint(self.api_port, &expected, &self.api_ca_file) {
+                        Ok(tls) => self.api_tls = Some(tls),
+                        Err(e) => trust_problem = format!(" ({e})"),
+                    }
+                }
+            }
+            if self.plain_http || self.api_tls.is_some() {
+                if let Ok(resp) =
+                    crate::http::request(&self.api(), "GET", "/api/healthz", &[], b"", Duration::from_secs(5))
+                {
+                    if resp.status == 200 {
+                        return Ok(resp.text());
+                    }
                 }
             }
             if let Some(status) = self.try_exit()? {
@@ -321,7 +363,7 @@ impl Machine {
                 return Err(err!("interrupted while waiting for the API"));
             }
             if Instant::now() >= deadline {
-                return Err(err!("the API did not answer on port {} within {timeout:?}", self.api_port));
+                return Err(err!("the API did not answer on port {} within {timeout:?}{trust_problem}", self.api_port));
             }
             std::thread::sleep(Duration::from_millis(500));
         }

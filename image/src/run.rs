@@ -24,6 +24,8 @@ pub struct RunOptions {
     pub proxy_config: Option<PathBuf>,
     /// Boot the GPT disk image under UEFI instead of -kernel with separate disks.
     pub disk: bool,
+    /// Serve the API over plain HTTP (local experiments) instead of HTTPS.
+    pub plain_http: bool,
 }
 
 impl Default for RunOptions {
@@ -36,6 +38,7 @@ impl Default for RunOptions {
             data_disk_gib: 32,
             proxy_config: None,
             disk: false,
+            plain_http: false,
         }
     }
 }
@@ -124,6 +127,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
         api_guest_addr: None,
         admin_key_file: Some(key_file),
         proxy_config_file: opts.proxy_config.clone(),
+        plain_http: opts.plain_http,
         run_dir: run_dir.clone(),
         accel,
     };
@@ -145,7 +149,14 @@ pub fn run(opts: RunOptions) -> Result<()> {
             return Err(e);
         }
     }
-    println!("API ready: http://127.0.0.1:{api_port}/api");
+    println!("API ready: {}", machine.api().url());
+    if !opts.plain_http {
+        let fingerprint = crate::api_trust::fingerprint_on_console(&machine.console()).unwrap_or_default();
+        let ca = machine.api_ca_file.display();
+        println!("API CA (trust this file): {ca}");
+        eprintln!("[run] its SHA-256 fingerprint, as the appliance's console printed it: {fingerprint}");
+        eprintln!("[run] Python SDK: SSL_CERT_FILE={ca}; Node SDK: NODE_EXTRA_CA_CERTS={ca}; curl: --cacert {ca}");
+    }
     if generated {
         eprintln!("[run] admin API key (generated; set OPENCOMPUTER_API_KEY to choose one): {key}");
     } else {

@@ -3,6 +3,7 @@
 
 use image::err;
 use image::error::Result;
+use image::http::Endpoint;
 use serde_json::Value;
 use std::time::Duration;
 
@@ -10,13 +11,14 @@ use std::time::Duration;
 const TIMEOUT: Duration = Duration::from_secs(240);
 
 pub struct Api {
-    pub port: u16,
+    /// The appliance's API on this host (HTTPS, trusting the CA learned from the console).
+    pub endpoint: Endpoint,
     pub key: String,
 }
 
 impl Api {
-    pub fn new(port: u16, key: &str) -> Api {
-        Api { port, key: key.to_string() }
+    pub fn new(endpoint: Endpoint, key: &str) -> Api {
+        Api { endpoint, key: key.to_string() }
     }
 
     /// `path` is below `/api`.
@@ -26,7 +28,7 @@ impl Api {
 
     fn request(&self, method: &str, full_path: &str, body: &[u8]) -> Result<(u16, Vec<u8>)> {
         let headers = [("X-API-Key", self.key.as_str()), ("Content-Type", "application/json")];
-        let resp = image::http::request(self.port, method, full_path, &headers, body, TIMEOUT)?;
+        let resp = image::http::request(&self.endpoint, method, full_path, &headers, body, TIMEOUT)?;
         Ok((resp.status, resp.body))
     }
 

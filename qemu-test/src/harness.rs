@@ -97,7 +97,7 @@ impl Appliance {
 
     /// The API of this appliance, with its admin key.
     pub fn api(&self) -> Api {
-        Api::new(self.machine.api_port, &self.api_key)
+        Api::new(self.machine.api(), &self.api_key)
     }
 
     pub fn console_len(&self) -> usize {
@@ -119,6 +119,7 @@ fn start(artifacts: &Artifacts, data_disk: &Path, key_file: &Path, proxy_config:
         api_port: qemu::free_port(0)?,
         api_guest_addr: None,
         admin_key_file: Some(key_file.to_path_buf()),
+        plain_http: false,
         proxy_config_file: Some(proxy_config.to_path_buf()),
         run_dir: dir.to_path_buf(),
         accel,

@@ -1,7 +1,8 @@
 //! `appliance bench api`: concurrent clients creating projects and setting secrets
-//! against the real server and store, and the same request stream against a trivial
-//! tiny_http server answering a constant, side by side in one run; then the real server's
-//! `/api/healthz` while hundreds of long commands are in flight, beside the same probe idle.
+//! against the real server and store, over plain HTTP and then over HTTPS (the appliance's own
+//! certificate), and the same request stream against a trivial tiny_http server answering a
+//! constant, side by side in one run; then the real server's `/api/healthz` while hundreds of
+//! long commands are in flight, beside the same probe idle.
 
 mod sleeping_runtime;
 
@@ -11,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
+use crate::api_tls::TlsChoice;
 use crate::cli::BenchOptions;
 use crate::client::HttpClient;
 use crate::lifecycle::Backend;
@@ -128,18 +130,30 @@ impl LoadResult {
 }
 
 /// Each client alternates `POST /api/projects` and `PUT .../secrets/API_KEY` on
-/// its own keep-alive connection; `requests` requests per client.
-pub fn run_load(addr: SocketAddr, api_key: &str, clients: usize, requests: usize, tag: &str) -> LoadResult {
+/// its own keep-alive connection (TLS when `tls` is given); `requests` requests per client.
+pub fn run_load(
+    addr: SocketAddr,
+    api_key: &str,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    clients: usize,
+    requests: usize,
+    tag: &str,
+) -> LoadResult {
     let barrier = Arc::new(Barrier::new(clients + 1));
     let mut handles = Vec::new();
     for c in 0..clients {
         let barrier = Arc::clone(&barrier);
         let key = api_key.to_string();
         let tag = tag.to_string();
+        let tls = tls.clone();
         handles.push(std::thread::spawn(move || {
             let mut latencies = Vec::with_capacity(requests);
             let mut errors = 0;
-            let Ok(mut client) = HttpClient::connect(addr, Some(key)) else {
+            let connected = match tls {
+                Some(tls) => HttpClient::connect_tls(addr, Some(key), tls, "localhost"),
+                None => HttpClient::connect(addr, Some(key)),
+            };
+            let Ok(mut client) = connected else {
                 barrier.wait();
                 return (latencies, requests);
             };
@@ -189,6 +203,19 @@ pub fn run_load(addr: SocketAddr, api_key: &str, clients: usize, requests: usize
 /// many worker threads as the real server.
 type Baseline = (SocketAddr, Arc<tiny_http::Server>, Vec<std::thread::JoinHandle<()>>);
 
+/// The same load against the baseline server.
+fn run_baseline(api_key: &str, options: &BenchOptions) -> Result<LoadResult, String> {
+    let (addr, server, workers) = start_baseline()?;
+    let baseline = run_load(addr, api_key, None, options.clients, options.requests, "base");
+    for _ in &workers {
+        server.unblock();
+    }
+    for w in workers {
+        let _ = w.join();
+    }
+    Ok(baseline)
+}
+
 fn start_baseline() -> Result<Baseline, String> {
     let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").map_err(|e| e.to_string())?);
     let addr = server.server_addr().to_ip().ok_or("baseline has no IP address")?;
@@ -221,11 +248,12 @@ pub fn run(options: &BenchOptions) -> Result<String, String> {
     let api_key = crate::crypto::hex(&key_bytes);
     let key_file = data_dir.join("bench-admin-key");
     fs::write(&key_file, &api_key).map_err(|e| e.to_string())?;
-    let config = ServeConfig {
+    let config = |tls: TlsChoice| ServeConfig {
         listen: "127.0.0.1:0".into(),
+        loopback_listen: "127.0.0.1:0".into(),
         data_dir: data_dir.clone(),
         vmm_bin: PathBuf::from("/nonexistent/vmm"),
-        admin_key_file: Some(key_file),
+        admin_key_file: Some(key_file.clone()),
         master_key_file: None,
         log_requests: false,
         stopped_retention: Duration::from_secs(3600),
@@ -233,39 +261,45 @@ pub fn run(options: &BenchOptions) -> Result<String, String> {
         require_data_mount: false,
         capacity: crate::capacity::CapacityConfig::default(),
         connections: crate::http::front::ConnectionLimits::default(),
+        tls,
+        tls_trust_out: None,
     };
-    let backend = Backend {
+    let backend = || Backend {
         runtime: Arc::new(sleeping_runtime::SleepingRuntime::default()),
         publisher: Arc::new(sleeping_runtime::NoSeals),
         egress: Arc::default(),
     };
-    let running = serve::start(&config, SandboxSide::Wired(backend))?;
+    let running = serve::start(&config(TlsChoice::Plain), SandboxSide::Wired(backend()))?;
     println!(
         "api-bench: store at {} ({} clients x {} requests per server)",
         data_dir.display(),
         options.clients,
         options.requests
     );
-    let real = run_load(running.addr(), &api_key, options.clients, options.requests, "real");
+    let real = run_load(running.addr(), &api_key, None, options.clients, options.requests, "real");
     let busy = run_busy(&running, &api_key, BUSY_IN_FLIGHT);
     running.shutdown(Duration::from_secs(5));
     let busy = busy?;
 
-    let (baseline_addr, baseline_server, workers) = start_baseline()?;
-    let baseline = run_load(baseline_addr, &api_key, options.clients, options.requests, "base");
-    for _ in &workers {
-        baseline_server.unblock();
-    }
-    for w in workers {
-        let _ = w.join();
-    }
+    // The same store again, now over HTTPS with the certificate the appliance issues itself.
+    let trust_file = data_dir.join("bench-api-ca.pem");
+    let mut tls_config = config(TlsChoice::Generated);
+    tls_config.tls_trust_out = Some(trust_file.clone());
+    let running = serve::start(&tls_config, SandboxSide::Wired(backend()))?;
+    let trust = fs::read_to_string(&trust_file).map_err(|e| format!("cannot read {}: {e}", trust_file.display()));
+    let tls = trust.and_then(|pem| HttpClient::tls_trusting(&pem).map_err(|e| e.to_string()));
+    let https = tls.map(|tls| run_load(running.addr(), &api_key, Some(tls), options.clients, options.requests, "tls"));
+    running.shutdown(Duration::from_secs(5));
+    let https = https?;
+
+    let baseline = run_baseline(&api_key, options)?;
     if remove_after {
         let _ = fs::remove_dir_all(&data_dir);
     }
-    if real.errors > 0 || baseline.errors > 0 {
+    if real.errors > 0 || https.errors > 0 || baseline.errors > 0 {
         return Err(format!(
-            "benchmark requests failed: real {} errors, baseline {} errors",
-            real.errors, baseline.errors
+            "benchmark requests failed: real {} errors, HTTPS {} errors, baseline {} errors",
+            real.errors, https.errors, baseline.errors
         ));
     }
     println!(
@@ -280,13 +314,23 @@ pub fn run(options: &BenchOptions) -> Result<String, String> {
         busy.idle.percentile_ms(0.99),
         busy.busy.latencies.len()
     );
+    println!(
+        "api-bench: over HTTPS: p50_ms={:.3} p99_ms={:.3} rps={:.0}",
+        https.percentile_ms(0.5),
+        https.percentile_ms(0.99),
+        https.rps()
+    );
     Ok(format!(
-        "api-bench p50_ms={:.3} p99_ms={:.3} rps={:.0} baseline_rps={:.0} ratio={:.3} busy_healthz_p99_ms={:.3}",
+        "api-bench p50_ms={:.3} p99_ms={:.3} rps={:.0} baseline_rps={:.0} ratio={:.3} busy_healthz_p99_ms={:.3} \
+         https_p50_ms={:.3} https_rps={:.0} tls_ratio={:.3}",
         real.percentile_ms(0.5),
         real.percentile_ms(0.99),
         real.rps(),
         baseline.rps(),
         real.rps() / baseline.rps(),
-        busy.busy.percentile_ms(0.99)
+        busy.busy.percentile_ms(0.99),
+        https.percentile_ms(0.5),
+        https.rps(),
+        https.rps() / real.rps()
     ))
 }

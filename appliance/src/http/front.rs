@@ -6,6 +6,10 @@
 //! between requests, and relays everything else byte for byte to tiny_http, which listens on
 //! loopback only.
 //!
+//! With TLS configured, the front also terminates it: the relay to tiny_http is plaintext on
+//! loopback, so the request handlers (and the WebSocket takeover of tiny_http's socket) do not
+//! change. A client that speaks plain HTTP to the TLS port is told so in a plain `400`.
+//!
 //! It does not parse HTTP beyond finding where a request head ends (the blank line) and whether
 //! a response is informational (`1xx`) or switches protocols (`101`, after which the
 //! connection is a WebSocket and is relayed untimed). A request whose head is complete is the
@@ -16,11 +20,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 
 /// How many clients may hold connections, and how long they may hold one without using it.
 #[derive(Debug, Clone, Copy)]
@@ -51,8 +56,14 @@ pub struct Front {
 }
 
 impl Front {
-    /// Listens on `listen` and relays to `inner` (tiny_http's loopback address).
-    pub fn start(listen: &str, inner: SocketAddr, limits: ConnectionLimits) -> Result<Self, String> {
+    /// Listens on `listen` (with TLS when `tls` is given) and relays to `inner` (tiny_http's
+    /// loopback address).
+    pub fn start(
+        listen: &str,
+        inner: SocketAddr,
+        limits: ConnectionLimits,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Result<Self, String> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("api-front")
@@ -69,7 +80,7 @@ impl Front {
             let _entered = runtime.enter();
             TcpListener::from_std(std_listener).map_err(|e| format!("cannot listen on {listen}: {e}"))?
         };
-        let accepting = runtime.spawn(accept_loop(listener, inner, limits));
+        let accepting = runtime.spawn(accept_loop(listener, inner, limits, tls.map(TlsAcceptor::from)));
         Ok(Self { runtime, accepting, addr })
     }
 
@@ -88,7 +99,7 @@ impl Front {
     }
 }
 
-async fn accept_loop(listener: TcpListener, inner: SocketAddr, limits: ConnectionLimits) {
+async fn accept_loop(listener: TcpListener, inner: SocketAddr, limits: ConnectionLimits, tls: Option<TlsAcceptor>) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let client = match listener.accept().await {
@@ -100,32 +111,84 @@ async fn accept_loop(listener: TcpListener, inner: SocketAddr, limits: Connectio
                 continue;
             }
         };
-        match Arc::clone(&permits).try_acquire_owned() {
-            Ok(permit) => tokio::spawn(relay(client, inner, limits, permit)),
-            Err(_) => tokio::spawn(refuse(client, limits.max_connections)),
-        };
+        let _ = client.set_nodelay(true);
+        let permit = Arc::clone(&permits).try_acquire_owned().ok();
+        tokio::spawn(serve_client(client, inner, limits, permit, tls.clone()));
+    }
+}
+
+/// Relays one client (after its TLS handshake, if any), or refuses it when over the cap.
+async fn serve_client(
+    client: TcpStream,
+    inner: SocketAddr,
+    limits: ConnectionLimits,
+    permit: Option<OwnedSemaphorePermit>,
+    tls: Option<TlsAcceptor>,
+) {
+    let Some(acceptor) = tls else {
+        match permit {
+            Some(permit) => {
+                let (read, write) = client.into_split();
+                relay(read, write, inner, limits, permit).await;
+            }
+            None => refuse(client, limits.max_connections).await,
+        }
+        return;
+    };
+    match tokio::time::timeout(limits.header_timeout, first_byte(&client)).await {
+        Ok(Some(TLS_HANDSHAKE_RECORD)) => {}
+        Ok(Some(b'A'..=b'Z')) => return close_after(client, PLAIN_HTTP_TO_TLS_REPLY).await,
+        // Not TLS, nothing sent in time, or already closed: nothing to answer.
+        _ => return,
+    }
+    let Ok(Ok(stream)) = tokio::time::timeout(limits.header_timeout, acceptor.accept(client)).await else { return };
+    match permit {
+        Some(permit) => {
+            let (read, write) = tokio::io::split(stream);
+            relay(read, write, inner, limits, permit).await;
+        }
+        None => refuse(stream, limits.max_connections).await,
+    }
+}
+
+/// The first byte of every TLS connection (a handshake record: the ClientHello).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+const PLAIN_HTTP_TO_TLS_REPLY: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n\
+Content-Length: 62\r\nConnection: close\r\n\r\n{\"error\":\"this API is served over HTTPS: use an https:// URL\"}";
+
+/// The first byte the client sent, left in place for the TLS handshake.
+async fn first_byte(client: &TcpStream) -> Option<u8> {
+    let mut byte = [0u8; 1];
+    match client.peek(&mut byte).await {
+        Ok(1) => Some(byte[0]),
+        _ => None,
     }
 }
 
 /// Answers a connection over the cap with `503` and closes it.
-async fn refuse(mut client: TcpStream, max: usize) {
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(client: S, max: usize) {
     let body = format!("{{\"error\":\"the API has {max} open connections, its limit; retry shortly\"}}");
     let reply = format!(
         "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
          Retry-After: 1\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    let _ = tokio::time::timeout(Duration::from_secs(1), close_after(&mut client, reply.as_bytes())).await;
+    close_after(client, reply.as_bytes()).await;
 }
 
-/// Writes `reply`, then reads what the client still sends until it closes: closing with
-/// unread bytes would reset the connection and could discard the reply before it is read.
-async fn close_after(client: &mut TcpStream, reply: &[u8]) {
-    if client.write_all(reply).await.is_err() || client.shutdown().await.is_err() {
-        return;
-    }
-    let mut sink = [0u8; 4096];
-    while matches!(client.read(&mut sink).await, Ok(n) if n > 0) {}
+/// Writes `reply`, then reads what the client still sends until it closes (within a second):
+/// closing with unread bytes would reset the connection and could discard the reply before it
+/// is read.
+async fn close_after<S: AsyncRead + AsyncWrite + Unpin>(mut client: S, reply: &[u8]) {
+    let answer = async {
+        if client.write_all(reply).await.is_err() || client.shutdown().await.is_err() {
+            return;
+        }
+        let mut sink = [0u8; 4096];
+        while matches!(client.read(&mut sink).await, Ok(n) if n > 0) {}
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
 }
 
 /// Where a connection is in its request/response cycle, as far as timeouts care.
@@ -169,7 +232,16 @@ impl Connection {
     }
 }
 
-async fn relay(client: TcpStream, inner: SocketAddr, limits: ConnectionLimits, _permit: OwnedSemaphorePermit) {
+async fn relay<R, W>(
+    client_read: R,
+    mut client_write: W,
+    inner: SocketAddr,
+    limits: ConnectionLimits,
+    _permit: OwnedSemaphorePermit,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let server = match TcpStream::connect(inner).await {
         Ok(s) => s,
         Err(e) => {
@@ -177,34 +249,44 @@ async fn relay(client: TcpStream, inner: SocketAddr, limits: ConnectionLimits, _
             return;
         }
     };
-    let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
     let conn = Arc::new(Connection {
         phase: Mutex::new(Phase::AwaitingHead { since: Instant::now(), started: false, first: true }),
         changed: Notify::new(),
         limits,
     });
-    let (client_read, mut client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
     let mut downstream = Box::pin(responses(server_read, &mut client_write, &conn));
     let ended = tokio::select! {
         ended = requests(client_read, server_write, &conn) => ended,
         () = &mut downstream => RequestsEnded::Closed,
     };
-    match ended {
+    let farewell: &[u8] = match ended {
         // The client sent all it will (the server was told): its answers still go back.
-        RequestsEnded::ClientDone => downstream.await,
+        RequestsEnded::ClientDone => {
+            downstream.await;
+            b""
+        }
         RequestsEnded::HeadTooSlow => {
             drop(downstream);
-            let _ = tokio::time::timeout(Duration::from_secs(1), client_write.write_all(REQUEST_TIMEOUT_REPLY)).await;
+            REQUEST_TIMEOUT_REPLY
         }
-        // Every half drops here, which closes both connections.
-        RequestsEnded::Closed | RequestsEnded::Idle => {}
-    }
+        RequestsEnded::Closed | RequestsEnded::Idle => {
+            drop(downstream);
+            b""
+        }
+    };
+    // Ends the client's side cleanly (over TLS, with close_notify); the server's is dropped.
+    let close = async {
+        if client_write.write_all(farewell).await.is_ok() {
+            let _ = client_write.shutdown().await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), close).await;
 }
 
 const REQUEST_TIMEOUT_REPLY: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n\
-Content-Length: 50\r\nConnection: close\r\n\r\n{\"error\":\"the request head was not sent in time\"}";
+Content-Length: 49\r\nConnection: close\r\n\r\n{\"error\":\"the request head was not sent in time\"}";
 
 #[derive(Debug, PartialEq, Eq)]
 enum RequestsEnded {
@@ -219,7 +301,7 @@ enum RequestsEnded {
 }
 
 /// Client to server, until either side closes or the client is late with a request head.
-async fn requests(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, conn: &Connection) -> RequestsEnded {
+async fn requests<R: AsyncRead + Unpin>(mut from: R, mut to: OwnedWriteHalf, conn: &Connection) -> RequestsEnded {
     let mut buf = vec![0u8; 16 * 1024];
     // The last three bytes of a head seen so far, so a blank line split across reads is found.
     let mut tail = [0u8; 3];
@@ -268,7 +350,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 /// Server to client, until either side closes or the client has not taken a response chunk
 /// within the idle timeout.
-async fn responses(mut from: OwnedReadHalf, to: &mut OwnedWriteHalf, conn: &Connection) {
+async fn responses<W: AsyncWrite + Unpin>(mut from: OwnedReadHalf, to: &mut W, conn: &Connection) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match from.read(&mut buf).await {
@@ -317,7 +399,18 @@ fn head_ends_in(tail: &mut [u8; 3], chunk: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::head_ends_in;
+    use super::{head_ends_in, PLAIN_HTTP_TO_TLS_REPLY, REQUEST_TIMEOUT_REPLY};
+
+    #[test]
+    fn canned_replies_declare_their_body_length() {
+        for reply in [PLAIN_HTTP_TO_TLS_REPLY, REQUEST_TIMEOUT_REPLY] {
+            let text = std::str::from_utf8(reply).expect("ASCII");
+            let (head, body) = text.split_once("\r\n\r\n").expect("a head");
+            let declared = head.lines().find_map(|l| l.strip_prefix("Content-Length: ")).expect("a length");
+            assert_eq!(declared.parse::<usize>().ok(), Some(body.len()), "{text}");
+            assert!(serde_json::from_str::<serde_json::Value>(body).is_ok(), "{body}");
+        }
+    }
 
     #[test]
     fn a_blank_line_is_found_whole_or_split_across_reads() {

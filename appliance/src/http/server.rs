@@ -31,9 +31,19 @@ pub struct HttpServer {
 }
 
 impl HttpServer {
-    /// Listens on `listen` and serves every request with `handler` on WORKERS threads.
-    pub fn start(listen: &str, handler: Arc<Handler>, limits: ConnectionLimits) -> Result<Self, String> {
-        let inner = "127.0.0.1:0";
+    /// Listens on `listen` (over TLS when `tls` is given), relaying to tiny_http on the loopback
+    /// address `inner`, and serves every request with `handler` on WORKERS threads.
+    pub fn start(
+        listen: &str,
+        inner: &str,
+        handler: Arc<Handler>,
+        limits: ConnectionLimits,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Result<Self, String> {
+        let loopback = inner.parse::<SocketAddr>().is_ok_and(|a| a.ip().is_loopback());
+        if !loopback {
+            return Err(format!("the server's own listener {inner} must be a loopback address (127.0.0.1:PORT)"));
+        }
         let listener = TcpListener::bind(inner).map_err(|e| format!("cannot listen on {inner}: {e}"))?;
         raise_backlog(&listener).map_err(|e| format!("cannot configure {inner}: {e}"))?;
         let server = Server::from_listener(listener, None).map_err(|e| format!("cannot listen on {inner}: {e}"))?;
@@ -56,7 +66,7 @@ impl HttpServer {
             .spawn(move || kick_connection_pool(addr, &stop_kicking))
             .map_err(|e| format!("cannot start the connection-pool kicker: {e}"))?;
         workers.push(kicker);
-        let front = Front::start(listen, addr, limits)?;
+        let front = Front::start(listen, addr, limits, tls)?;
         Ok(Self { front, server, workers, stopping })
     }
 

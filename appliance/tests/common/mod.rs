@@ -310,6 +310,7 @@ pub struct Harness {
 pub fn config(data_dir: &Path, key_file: Option<PathBuf>) -> ServeConfig {
     ServeConfig {
         listen: "127.0.0.1:0".into(),
+        loopback_listen: "127.0.0.1:0".into(),
         data_dir: data_dir.to_path_buf(),
         vmm_bin: PathBuf::from("/nonexistent/vmm"),
         admin_key_file: key_file,
@@ -320,12 +321,28 @@ pub fn config(data_dir: &Path, key_file: Option<PathBuf>) -> ServeConfig {
         require_data_mount: false,
         capacity: roomy_capacity(),
         connections: ConnectionLimits::default(),
+        tls: appliance::api_tls::TlsChoice::Plain,
+        tls_trust_out: None,
     }
 }
 
 /// Far more than any test asks for, and the same on every machine that runs the tests.
 pub fn roomy_capacity() -> CapacityConfig {
     CapacityConfig { memory_total_mb: Some(1 << 20), memory_reserve_mb: Some(0), vcpus: Some(64), disk_reserve_mb: 0 }
+}
+
+/// Every file below `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read_dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
 }
 
 pub fn write_key_file(dir: &Path) -> PathBuf {

@@ -9,12 +9,20 @@ pub const RUN_DIR: &str = "/run/opencomputer";
 pub const ADMIN_KEY_FILE: &str = "/run/opencomputer/admin-key";
 /// The proxy's operator settings (host maps, private ranges, extra trusted CA), JSON.
 pub const PROXY_CONFIG_FILE: &str = "/run/opencomputer/proxy-config.json";
+/// The operator's API TLS settings (their certificate and key, or plain HTTP), JSON, 0600:
+/// `{"plainHttp": bool, "certPem": "...", "keyPem": "..."}`, the two PEMs both present or both
+/// absent. Absent when the operator set none; then the appliance generates its certificate.
+pub const API_TLS_FILE: &str = "/run/opencomputer/api-tls.json";
 /// Which slot init booted and whether that boot is committed (see [`BootState`]).
 pub const BOOT_STATE_FILE: &str = "/run/opencomputer/boot-slot";
 /// Why the data disk could not be mounted (absent when it was).
 pub const DATA_PROBLEM_FILE: &str = "/run/opencomputer/data-problem";
 /// The port the appliance API listens on inside the appliance.
 pub const API_PORT: u16 = 8080;
+/// The API server's own plain-HTTP listener on 127.0.0.1 (the public port's front relays to it
+/// after TLS): init health-checks it without a TLS stack. Reachable only from inside the
+/// appliance, where the inner listener already was.
+pub const LOOPBACK_API_PORT: u16 = 8079;
 
 /// The booted slot as init records it: `slot=`, `entry=` and `state=` lines.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,7 +65,7 @@ mod tests {
 
     #[test]
     fn every_file_is_in_the_run_dir() {
-        for file in [ADMIN_KEY_FILE, PROXY_CONFIG_FILE, BOOT_STATE_FILE, DATA_PROBLEM_FILE] {
+        for file in [ADMIN_KEY_FILE, PROXY_CONFIG_FILE, API_TLS_FILE, BOOT_STATE_FILE, DATA_PROBLEM_FILE] {
             assert!(file.starts_with(RUN_DIR) && file.len() > RUN_DIR.len() + 1, "{file}");
         }
     }

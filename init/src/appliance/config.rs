@@ -19,9 +19,13 @@ const KEYS: &[&str] = &[
     "trusted_ca",
     "allow_private",
     "trial_timeout",
+    "tls_cert",
+    "tls_key",
+    "plain_http",
 ];
-/// Keys that never come from the kernel command line: the kernel prints it on the console.
-const FILE_ONLY: &[&str] = &["admin_key"];
+/// Keys that never come from the kernel command line: the admin key because the kernel prints
+/// its command line on the console, the API's TLS settings to keep them in one place.
+const FILE_ONLY: &[&str] = &["admin_key", "tls_cert", "tls_key", "plain_http"];
 /// Keys whose values init's existing command-line parsers read (as `oc.<key>=`).
 const CMDLINE_KEYS: &[&str] = &["hostname", "net", "ip", "gw", "dns", "iface", "data"];
 pub const HOST_PREFIX: &str = "host.";
@@ -56,9 +60,14 @@ impl Config {
             let Some((key, value)) = word.split_once('=') else { continue };
             let Some(key) = key.strip_prefix("oc.") else { continue };
             if FILE_ONLY.contains(&key) {
-                config.problems.push(format!(
-                    "oc.{key} on the kernel command line is ignored: it would be printed on the console. Set {key} in {file_name}"
-                ));
+                let why = if key == "admin_key" {
+                    "it would be printed on the console"
+                } else {
+                    "it is read only from the file"
+                };
+                config
+                    .problems
+                    .push(format!("oc.{key} on the kernel command line is ignored: {why}. Set {key} in {file_name}"));
                 continue;
             }
             if known(key) && !value.is_empty() {
@@ -134,8 +143,11 @@ impl Config {
                         TRIAL_TIMEOUT_RANGE.start(),
                         TRIAL_TIMEOUT_RANGE.end()
                     )),
-                    "trusted_ca" if !valid_esp_path(&setting.value) => {
-                        Some(format!("trusted_ca = {}: name a file on the EFI partition, without '..'", setting.value))
+                    "trusted_ca" | "tls_cert" | "tls_key" if !valid_esp_path(&setting.value) => {
+                        Some(format!("{key} = {}: name a file on the EFI partition, without '..'", setting.value))
+                    }
+                    "plain_http" if setting.value != "true" && setting.value != "false" => {
+                        Some(format!("plain_http = {}: use true or false (default false)", setting.value))
                     }
                     "admin_key" if setting.value.len() < 16 => {
                         // Accepted (refusing would lock the operator out), but said plainly.
@@ -156,6 +168,22 @@ impl Config {
         for (key, problem) in bad {
             self.problems.push(format!("{}{problem}; ignored", self.where_set(&key, file_name)));
             self.settings.remove(&key);
+        }
+        // The API's certificate and its key come together or not at all.
+        for (key, other) in [("tls_cert", "tls_key"), ("tls_key", "tls_cert")] {
+            if self.settings.contains_key(key) && !self.settings.contains_key(other) {
+                self.problems.push(format!(
+                    "{}{key} is set but {other} is not (both or neither); ignored, the appliance's generated certificate is used instead",
+                    self.where_set(key, file_name)
+                ));
+                self.settings.remove(key);
+            }
+        }
+        if self.plain_http() && self.settings.contains_key("tls_cert") {
+            self.problems.push(format!(
+                "{}plain_http = true: the API serves plain HTTP, so tls_cert and tls_key are not used",
+                self.where_set("plain_http", file_name)
+            ));
         }
     }
 
@@ -194,6 +222,26 @@ impl Config {
             .iter()
             .filter_map(|(k, s)| k.strip_prefix(HOST_PREFIX).map(|name| (name, s.value.as_str())))
             .collect()
+    }
+
+    /// `plain_http = true`: the API serves plain HTTP instead of HTTPS.
+    pub fn plain_http(&self) -> bool {
+        self.get("plain_http") == Some("true")
+    }
+
+    /// The API's TLS settings (the appliance's api-tls JSON), if the operator set any: plain HTTP,
+    /// or their certificate chain and key (PEM text, read from the EFI partition).
+    pub fn api_tls_json(&self, cert_and_key_pem: Option<(&str, &str)>) -> Option<String> {
+        let plain_http = self.plain_http();
+        if !plain_http && cert_and_key_pem.is_none() {
+            return None;
+        }
+        let mut json = format!("{{\"plainHttp\": {plain_http}");
+        if let Some((cert, key)) = cert_and_key_pem {
+            json.push_str(&format!(", \"certPem\": {}, \"keyPem\": {}", json_string(cert), json_string(key)));
+        }
+        json.push_str("}\n");
+        Some(json)
     }
 
     /// The sealing proxy's settings (the appliance's proxy-config JSON), if any key asks for one.
@@ -347,5 +395,81 @@ mod tests {
              \"trustedCaPem\": \"-----BEGIN CERTIFICATE-----\\nAB\\\"C\\n\"}\n"
         );
         assert_eq!(Config::merge(None, FILE, "").proxy_json(None), None);
+    }
+
+    #[test]
+    fn tls_cert_and_tls_key_come_together_or_not_at_all() {
+        let c = Config::merge(Some("tls_cert = tls/api.crt\ntls_key = tls/api.key\n"), FILE, "");
+        assert!(c.problems.is_empty(), "{:?}", c.problems);
+        assert_eq!((c.get("tls_cert"), c.get("tls_key")), (Some("tls/api.crt"), Some("tls/api.key")));
+
+        let c = Config::merge(Some("tls_cert = api.crt\n"), FILE, "");
+        assert_eq!(c.get("tls_cert"), None);
+        assert_eq!(
+            c.problems,
+            vec!["opencomputer.conf line 1: tls_cert is set but tls_key is not (both or neither); ignored, \
+                 the appliance's generated certificate is used instead"
+                .to_string()]
+        );
+
+        // A key whose certificate was dropped (a bad path) is dropped too, and said so.
+        let c = Config::merge(Some("tls_cert = ../api.crt\ntls_key = api.key\n"), FILE, "");
+        assert_eq!((c.get("tls_cert"), c.get("tls_key")), (None, None));
+        let all = c.problems.join("\n");
+        assert!(all.contains("line 1: tls_cert = ../api.crt: name a file on the EFI partition"), "{all}");
+        assert!(all.contains("line 2: tls_key is set but tls_cert is not (both or neither)"), "{all}");
+        assert!(all.contains("generated certificate is used instead"), "{all}");
+    }
+
+    #[test]
+    fn tls_settings_never_come_from_the_kernel_command_line() {
+        let c = Config::merge(None, FILE, "oc.tls_cert=a.crt oc.tls_key=a.key oc.plain_http=true");
+        assert_eq!((c.get("tls_cert"), c.get("tls_key"), c.get("plain_http")), (None, None, None));
+        assert!(!c.plain_http());
+        assert_eq!(c.problems.len(), 3, "{:?}", c.problems);
+        assert!(
+            c.problems.iter().all(|p| p.contains("on the kernel command line is ignored") && !p.contains("a.key")),
+            "{:?}",
+            c.problems
+        );
+        assert_eq!(c.api_tls_json(None), None);
+    }
+
+    #[test]
+    fn plain_http_is_true_or_false_and_defaults_to_false() {
+        assert!(!Config::merge(None, FILE, "").plain_http());
+        assert!(!Config::merge(Some("plain_http = false\n"), FILE, "").plain_http());
+        let c = Config::merge(Some("plain_http = true\n"), FILE, "");
+        assert!(c.plain_http() && c.problems.is_empty(), "{:?}", c.problems);
+        for bad in ["yes", "TRUE", "1"] {
+            let c = Config::merge(Some(&format!("plain_http = {bad}\n")), FILE, "");
+            assert!(!c.plain_http(), "{bad}");
+            assert_eq!(c.get("plain_http"), None);
+            assert_eq!(
+                c.problems,
+                vec![format!(
+                    "opencomputer.conf line 1: plain_http = {bad}: use true or false (default false); ignored"
+                )]
+            );
+        }
+        let c = Config::merge(Some("plain_http = true\ntls_cert = a.crt\ntls_key = a.key\n"), FILE, "");
+        assert!(c.plain_http());
+        assert!(c.problems.iter().any(|p| p.contains("line 1: plain_http = true: the API serves plain HTTP")));
+    }
+
+    #[test]
+    fn tls_settings_become_the_appliances_json() {
+        let none = Config::merge(Some("plain_http = false\n"), FILE, "");
+        assert_eq!(none.api_tls_json(None), None, "nothing set: the appliance generates its certificate");
+        assert_eq!(
+            none.api_tls_json(Some(("-----BEGIN CERTIFICATE-----\nAB\"C\n", "-----BEGIN PRIVATE KEY-----\r\nK\\\n"))),
+            Some(
+                "{\"plainHttp\": false, \"certPem\": \"-----BEGIN CERTIFICATE-----\\nAB\\\"C\\n\", \
+                 \"keyPem\": \"-----BEGIN PRIVATE KEY-----\\r\\nK\\\\\\n\"}\n"
+                    .to_string()
+            )
+        );
+        let plain = Config::merge(Some("plain_http = true\n"), FILE, "");
+        assert_eq!(plain.api_tls_json(None), Some("{\"plainHttp\": true}\n".to_string()));
     }
 }

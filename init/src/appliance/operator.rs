@@ -1,28 +1,43 @@
 //! The operator's settings reach the appliance: `opencomputer.conf` is read from the EFI system
 //! partition (mounted read-only just for that), merged with the kernel command line, and the
-//! appliance service's inputs are written to a tmpfs: the admin key file (0600) and the proxy
-//! settings. QEMU fw_cfg entries, when present, take precedence (the test harness and `image
-//! run` pass the key that way). The key's value is never logged.
+//! appliance service's inputs are written to a tmpfs: the admin key file (0600), the proxy
+//! settings and the API's TLS settings (the operator's certificate and key, or plain HTTP).
+//! QEMU fw_cfg entries, when present, take precedence (the test harness and `image run` pass the
+//! key that way). Neither the admin key's value nor the TLS private key is ever logged.
 
 use super::bootdisk;
 use super::config::Config;
 use crate::log;
 use crate::sys::mount::{self, Mount};
 use boot_disk::layout;
-use init_handoff::{ADMIN_KEY_FILE, PROXY_CONFIG_FILE, RUN_DIR};
+use init_handoff::{ADMIN_KEY_FILE, API_TLS_FILE, PROXY_CONFIG_FILE, RUN_DIR};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 
 const ESP_MOUNT: &str = "/run/esp";
 const FW_CFG_ADMIN_KEY: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/opencomputer/admin-key/raw";
 const FW_CFG_PROXY_CONFIG: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/opencomputer/proxy-config/raw";
+/// `image run --plain-http` hands `{"plainHttp": true}` over this way.
+const FW_CFG_API_TLS: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/opencomputer/api-tls/raw";
 /// A CA bundle larger than this is a mistake (Debian's whole bundle is ~200 KiB).
 const MAX_CA_BYTES: u64 = 1 << 20;
+/// The API's certificate chain or its key: either is far smaller than this.
+const MAX_TLS_BYTES: u64 = 1 << 20;
 
 /// The configuration with its file read from the ESP (when booted from the disk image).
 pub struct Loaded {
     pub config: Config,
     trusted_ca_pem: Option<String>,
+    api_tls: Option<ApiTls>,
+}
+
+/// The operator's certificate chain and private key for the API (tls_cert, tls_key). No Debug:
+/// the key must not reach a log by accident.
+struct ApiTls {
+    /// tls_cert's value: the certificate file's path on the ESP.
+    cert_path: String,
+    cert_pem: String,
+    key_pem: String,
 }
 
 pub fn load(cmdline: &str, from_disk: bool) -> Loaded {
@@ -41,7 +56,7 @@ pub fn load(cmdline: &str, from_disk: bool) -> Loaded {
     config.problems = problems;
     let trusted_ca_pem = config.get("trusted_ca").map(str::to_string).and_then(|rel| {
         let read = match &mounted {
-            Some(Ok(())) => read_ca(&format!("{ESP_MOUNT}/{}", rel.trim_start_matches('/'))),
+            Some(Ok(())) => read_ca(&esp_path(&rel)),
             _ => Err(format!("{rel} cannot be read: the EFI partition is not available")),
         };
         read.map_err(|e| {
@@ -50,6 +65,28 @@ pub fn load(cmdline: &str, from_disk: bool) -> Loaded {
         })
         .ok()
     });
+    let api_tls = match (config.get("tls_cert"), config.get("tls_key")) {
+        (Some(cert), Some(key)) => {
+            let (cert, key) = (cert.to_string(), key.to_string());
+            let read = match &mounted {
+                Some(Ok(())) => read_api_tls(&esp_path(&cert), &esp_path(&key)),
+                _ => Err(format!("{cert} and {key} cannot be read: the EFI partition is not available")),
+            };
+            match read {
+                Ok((cert_pem, key_pem)) => Some(ApiTls { cert_path: cert, cert_pem, key_pem }),
+                Err(e) => {
+                    let problem = format!(
+                        "{}{e}; the appliance's generated certificate is used instead",
+                        config.where_set("tls_cert", name)
+                    );
+                    config.problems.push(problem);
+                    None
+                }
+            }
+        }
+        // Config::merge keeps both or neither (and said so).
+        _ => None,
+    };
     if let Some(Ok(())) = mounted {
         if let Err(e) = mount::umount(ESP_MOUNT, false) {
             log!("{e}");
@@ -61,7 +98,12 @@ pub fn load(cmdline: &str, from_disk: bool) -> Loaded {
     for problem in &config.problems {
         log!("CONFIGURATION PROBLEM: {problem}");
     }
-    Loaded { config, trusted_ca_pem }
+    Loaded { config, trusted_ca_pem, api_tls }
+}
+
+/// A configured path (relative to the ESP's root) where the ESP is mounted.
+fn esp_path(rel: &str) -> String {
+    format!("{ESP_MOUNT}/{}", rel.trim_start_matches('/'))
 }
 
 /// Mounts the ESP of the boot disk read-only at ESP_MOUNT.
@@ -92,22 +134,67 @@ fn read_config_file() -> Result<Option<String>, String> {
 }
 
 fn read_ca(path: &str) -> Result<String, String> {
-    let shown = path.trim_start_matches(ESP_MOUNT).trim_start_matches('/');
-    let size = std::fs::metadata(path).map_err(|e| format!("cannot read {shown} on the EFI partition: {e}"))?.len();
-    if size > MAX_CA_BYTES {
-        return Err(format!("{shown} is {size} bytes; a CA bundle should be far smaller"));
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {shown} on the EFI partition: {e}"))?;
+    let text = read_small_text(path, MAX_CA_BYTES, "a CA bundle")?;
     if !text.contains("-----BEGIN CERTIFICATE-----") {
-        return Err(format!("{shown} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"));
+        return Err(format!("{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)", shown(path)));
     }
     Ok(text)
 }
 
-/// Writes the appliance service's admin key and proxy settings to the tmpfs.
+/// The API's certificate chain (tls_cert) and private key (tls_key), both PEM. Errors name the
+/// files, never the key's contents.
+fn read_api_tls(cert_path: &str, key_path: &str) -> Result<(String, String), String> {
+    let cert = read_small_text(cert_path, MAX_TLS_BYTES, "a certificate chain")?;
+    if !cert.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(format!("{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)", shown(cert_path)));
+    }
+    let key = read_small_text(key_path, MAX_TLS_BYTES, "a private key")?;
+    let marker = key.lines().map(str::trim).find(|l| l.starts_with("-----BEGIN ") && l.ends_with("PRIVATE KEY-----"));
+    match marker {
+        None => Err(format!(
+            "{} holds no PEM private key (-----BEGIN PRIVATE KEY-----, RSA PRIVATE KEY or EC PRIVATE KEY)",
+            shown(key_path)
+        )),
+        Some(l) if l.contains("ENCRYPTED") || key.contains("Proc-Type: 4,ENCRYPTED") => {
+            Err(format!("{} holds an encrypted private key; the appliance needs it unencrypted", shown(key_path)))
+        }
+        Some(_) => Ok((cert, key)),
+    }
+}
+
+/// The path as the operator wrote it (relative to the ESP's root).
+fn shown(path: &str) -> &str {
+    path.trim_start_matches(ESP_MOUNT).trim_start_matches('/')
+}
+
+/// A UTF-8 file of at most `max` bytes; `what` says what it should hold. Errors never quote it.
+fn read_small_text(path: &str, max: u64, what: &str) -> Result<String, String> {
+    let shown = shown(path);
+    let size = std::fs::metadata(path).map_err(|e| format!("cannot read {shown} on the EFI partition: {e}"))?.len();
+    if size > max {
+        return Err(format!("{shown} is {size} bytes; {what} should be far smaller"));
+    }
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {shown} on the EFI partition: {e}"))?;
+    String::from_utf8(bytes).map_err(|_| format!("{shown} is not PEM text (not UTF-8)"))
+}
+
+/// The API TLS handoff file's contents and the console line saying what it asks for, when the
+/// operator set something (their certificate and key, or plain HTTP). The line never shows the key.
+fn api_tls_handoff(loaded: &Loaded) -> Option<(String, String)> {
+    let tls = loaded.api_tls.as_ref();
+    let json = loaded.config.api_tls_json(tls.map(|t| (t.cert_pem.as_str(), t.key_pem.as_str())))?;
+    let said = if loaded.config.plain_http() {
+        format!("API TLS: plain HTTP, turned on by plain_http in {}", layout::CONFIG_FILE)
+    } else {
+        format!("API TLS: operator certificate from {} (EFI partition)", tls?.cert_path)
+    };
+    Some((json, said))
+}
+
+/// Writes the appliance service's admin key, proxy settings and API TLS settings to the tmpfs.
 pub fn hand_over(loaded: &Loaded) {
     if let Err(e) = std::fs::create_dir_all(RUN_DIR) {
-        log!("cannot create {RUN_DIR}: {e}; the appliance gets no admin key or proxy settings");
+        log!("cannot create {RUN_DIR}: {e}; the appliance gets no admin key, proxy or API TLS settings");
         return;
     }
     let name = layout::CONFIG_FILE;
@@ -137,6 +224,22 @@ pub fn hand_over(loaded: &Loaded) {
             Err(e) => log!("PROXY SETTINGS PROBLEM: cannot write {PROXY_CONFIG_FILE}: {e}"),
         }
     }
+    let api_tls = match std::fs::read_to_string(FW_CFG_API_TLS) {
+        Ok(json) => Some((json, "API TLS: settings from QEMU fw_cfg".to_string())),
+        Err(_) => api_tls_handoff(loaded),
+    };
+    match api_tls {
+        Some((json, said)) => match write_private(API_TLS_FILE, json.as_bytes()) {
+            Ok(()) => log!("{said}"),
+            Err(e) => log!(
+                "API TLS PROBLEM: cannot write {API_TLS_FILE}: {e}; the appliance serves HTTPS with its generated certificate"
+            ),
+        },
+        // Absent: the appliance serves HTTPS with the certificate it generated.
+        None => {
+            let _ = std::fs::remove_file(API_TLS_FILE);
+        }
+    }
 }
 
 fn write_private(path: &str, bytes: &[u8]) -> std::io::Result<()> {
@@ -144,4 +247,105 @@ fn write_private(path: &str, bytes: &[u8]) -> std::io::Result<()> {
     let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
     file.write_all(bytes)?;
     file.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIB\"x\n-----END CERTIFICATE-----\n";
+    const KEY: &str = "-----BEGIN EC PRIVATE KEY-----\nc2VjcmV0\n-----END EC PRIVATE KEY-----\n";
+
+    /// A fresh directory holding `files`, removed when dropped.
+    struct Dir(std::path::PathBuf);
+    impl Dir {
+        fn new(name: &str, files: &[(&str, &[u8])]) -> Dir {
+            let dir = std::env::temp_dir().join(format!("oc-operator-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("temp dir");
+            for (file, bytes) in files {
+                std::fs::write(dir.join(file), bytes).expect("write");
+            }
+            Dir(dir)
+        }
+        fn path(&self, file: &str) -> String {
+            self.0.join(file).to_string_lossy().into_owned()
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn reads_the_operators_certificate_and_key() {
+        let dir = Dir::new("tls-ok", &[("api.crt", CERT.as_bytes()), ("api.key", KEY.as_bytes())]);
+        let (cert, key) = read_api_tls(&dir.path("api.crt"), &dir.path("api.key")).expect("read");
+        assert_eq!((cert.as_str(), key.as_str()), (CERT, KEY));
+        for header in ["PRIVATE KEY", "RSA PRIVATE KEY"] {
+            let key = format!("-----BEGIN {header}-----\nc2VjcmV0\n-----END {header}-----\n");
+            std::fs::write(dir.path("other.key"), &key).expect("write");
+            assert!(read_api_tls(&dir.path("api.crt"), &dir.path("other.key")).is_ok(), "{header}");
+        }
+    }
+
+    #[test]
+    fn a_key_or_certificate_that_is_not_pem_is_refused_without_quoting_it() {
+        let dir = Dir::new(
+            "tls-bad",
+            &[
+                ("api.crt", CERT.as_bytes()),
+                ("api.key", KEY.as_bytes()),
+                ("secret.der", b"s3cr3t-key-bytes"),
+                ("binary.der", &[0x30, 0x82, 0xff, 0xfe]),
+                ("encrypted.key", b"-----BEGIN ENCRYPTED PRIVATE KEY-----\ns3cr3t\n"),
+            ],
+        );
+        let e = read_api_tls(&dir.path("api.crt"), &dir.path("secret.der")).expect_err("not PEM");
+        assert!(e.contains("secret.der holds no PEM private key"), "{e}");
+        assert!(!e.contains("s3cr3t"), "the key's contents are never repeated: {e}");
+        let e = read_api_tls(&dir.path("api.crt"), &dir.path("binary.der")).expect_err("not text");
+        assert!(e.contains("binary.der is not PEM text"), "{e}");
+        let e = read_api_tls(&dir.path("api.crt"), &dir.path("encrypted.key")).expect_err("encrypted");
+        assert!(e.contains("encrypted private key") && !e.contains("s3cr3t"), "{e}");
+        let e = read_api_tls(&dir.path("api.key"), &dir.path("api.key")).expect_err("a key is no certificate");
+        assert!(e.contains("api.key holds no PEM certificate"), "{e}");
+        let e = read_api_tls(&dir.path("api.crt"), &dir.path("missing.key")).expect_err("missing");
+        assert!(e.contains("cannot read") && e.contains("missing.key"), "{e}");
+    }
+
+    #[test]
+    fn a_file_over_the_size_cap_is_refused() {
+        let big = format!("{CERT}{}", "A".repeat(MAX_TLS_BYTES as usize));
+        let dir = Dir::new("tls-big", &[("big.crt", big.as_bytes()), ("api.key", KEY.as_bytes())]);
+        let e = read_api_tls(&dir.path("big.crt"), &dir.path("api.key")).expect_err("too big");
+        assert!(e.contains("big.crt is 1048") && e.contains("should be far smaller"), "{e}");
+    }
+
+    fn loaded(conf: &str, api_tls: Option<ApiTls>) -> Loaded {
+        Loaded { config: Config::merge(Some(conf), layout::CONFIG_FILE, ""), trusted_ca_pem: None, api_tls }
+    }
+
+    #[test]
+    fn the_handoff_file_is_written_only_when_the_operator_set_something() {
+        assert!(api_tls_handoff(&loaded("", None)).is_none());
+        assert!(api_tls_handoff(&loaded("plain_http = false\n", None)).is_none());
+
+        let (json, said) = api_tls_handoff(&loaded("plain_http = true\n", None)).expect("plain");
+        assert_eq!(json, "{\"plainHttp\": true}\n");
+        assert_eq!(said, "API TLS: plain HTTP, turned on by plain_http in opencomputer.conf");
+
+        let tls = ApiTls { cert_path: "tls/api.crt".into(), cert_pem: CERT.into(), key_pem: KEY.into() };
+        let (json, said) =
+            api_tls_handoff(&loaded("tls_cert = tls/api.crt\ntls_key = tls/api.key\n", Some(tls))).expect("cert");
+        assert_eq!(
+            json,
+            "{\"plainHttp\": false, \
+             \"certPem\": \"-----BEGIN CERTIFICATE-----\\nMIIB\\\"x\\n-----END CERTIFICATE-----\\n\", \
+             \"keyPem\": \"-----BEGIN EC PRIVATE KEY-----\\nc2VjcmV0\\n-----END EC PRIVATE KEY-----\\n\"}\n"
+        );
+        assert_eq!(said, "API TLS: operator certificate from tls/api.crt (EFI partition)");
+        assert!(!said.contains("c2VjcmV0"));
+    }
 }

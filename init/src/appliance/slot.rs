@@ -90,7 +90,7 @@ fn commit_when_healthy(slot: Slot, current: &Entry, trial_timeout: Duration) {
 }
 
 fn api_healthy() -> bool {
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], init_handoff::API_PORT));
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], init_handoff::LOOPBACK_API_PORT));
     let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else { return false };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     if stream.write_all(b"GET /api/healthz HTTP/1.0\r\nHost: localhost\r\n\r\n").is_err() {

@@ -141,7 +141,7 @@ fn project_key_stays_in_its_project(appliance: &Appliance, pid: &str, sid: &str)
     let made = api.expect(201, "POST", "/keys", &json!({"name": "agent", "projects": ["my-agent"]}))?;
     let key = made["key"].as_str().ok_or_else(|| err!("no key in {made}"))?;
     let key_id = made["id"].as_str().ok_or_else(|| err!("no id in {made}"))?.to_string();
-    let scoped = crate::api::Api::new(appliance.machine.api_port, key);
+    let scoped = crate::api::Api::new(appliance.machine.api(), key);
     let (code, out, _) = scoped.run(sid, "echo scoped-ok", 30)?;
     check(code == 0 && out.trim() == "scoped-ok", || format!("the project key's command printed {out:?}"))?;
     for (method, path, body) in [

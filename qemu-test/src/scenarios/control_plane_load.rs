@@ -51,7 +51,7 @@ fn busy_and_full_with(api: &Api, id: &str) -> Result<()> {
             if i > 0 {
                 std::thread::sleep(CONNECT_GAP);
             }
-            let (api, id) = (Api::new(api.port, &api.key), id.to_string());
+            let (api, id) = (Api::new(api.endpoint.clone(), &api.key), id.to_string());
             std::thread::spawn(move || api.run(&id, &format!("sleep {SLEEP_SEC}"), SLEEP_SEC + 60))
         })
         .collect();

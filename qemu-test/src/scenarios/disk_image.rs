@@ -121,7 +121,7 @@ pub fn run() -> Result<String> {
     // The rest of the file: host name, static address (the API is reached through it).
     m.wait_for_console("hostname oc-disk-e2e (opencomputer.conf line 3)", 0, Duration::from_secs(1))?;
     m.wait_for_console(&format!("{STATIC_IP}/24 via 10.0.2.2 (static)"), 0, Duration::from_secs(1))?;
-    let api = Api::new(m.api_port, &run.key);
+    let api = Api::new(m.api(), &run.key);
     let system = api.expect(200, "GET", "/system", &Value::Null)?;
     check(system["hostname"] == "oc-disk-e2e", || format!("GET /api/system: {system}"))?;
     let project =
@@ -181,14 +181,14 @@ fn more_boots(run: &mut Run, disk: &Path, id: &str) -> Result<()> {
     let mut m = run.boot("second boot (disk grown to 12 GiB)", disk, DiskFormat::Raw, Network::Outbound)?;
     m.wait_for_console("data partition /dev/vda4 grown", 0, Duration::from_secs(5))?;
     m.wait_for_console("data filesystem on /dev/vda4 grown", 0, Duration::from_secs(5))?;
-    let api = Api::new(m.api_port, &run.key);
+    let api = Api::new(m.api(), &run.key);
     let again = api.expect(200, "GET", &format!("/projects/{id}"), &Value::Null)?;
     check(again["name"] == PROJECT, || format!("the project did not survive the reboot: {again}"))?;
     power_down(&mut m)?;
 
     // Boot 3, network unplugged: only the API port forward reaches the guest.
     let mut m = run.boot("network unplugged", disk, DiskFormat::Raw, Network::Unplugged)?;
-    let api = Api::new(m.api_port, &run.key);
+    let api = Api::new(m.api(), &run.key);
     let sandbox_started = Instant::now();
     let sid = api.create_sandbox(&json!({}))?;
     let (code, out, err_out) = api.run(&sid, "echo hi", 60)?;
@@ -213,7 +213,7 @@ fn power_cuts_during_writes(run: &mut Run, disk: &Path) -> Result<()> {
             DiskFormat::Raw,
             Network::Outbound,
         )?;
-        power_loss::check_present(&Api::new(m.api_port, &run.key), &acknowledged)?;
+        power_loss::check_present(&Api::new(m.api(), &run.key), &acknowledged)?;
         let prefix = format!("disk-cut-{round}");
         // Early, middle and late in the stream of 200.
         let (acked, in_flight) =
@@ -224,7 +224,7 @@ fn power_cuts_during_writes(run: &mut Run, disk: &Path) -> Result<()> {
         eprintln!("[qemu-test]   {prefix}: cut after {cut_at} acknowledged writes ({in_flight} in flight), data partition clean");
     }
     let mut m = run.boot("after the power cuts", disk, DiskFormat::Raw, Network::Outbound)?;
-    power_loss::check_present(&Api::new(m.api_port, &run.key), &acknowledged)?;
+    power_loss::check_present(&Api::new(m.api(), &run.key), &acknowledged)?;
     eprintln!(
         "[qemu-test]   {DISK_CUT_ROUNDS} power cuts on the disk image, {} acknowledged writes, none lost",
         acknowledged.len()
@@ -254,7 +254,7 @@ enum Upload {
 }
 
 /// Stages `image` through the API; returns the answer.
-fn stage(api_port: u16, key: &str, image: &Path, upload: Upload) -> Result<Value> {
+fn stage(api: &image::http::Endpoint, key: &str, image: &Path, upload: Upload) -> Result<Value> {
     let mut headers = vec![("X-API-Key", key), ("Content-Type", "application/octet-stream")];
     let body = match upload {
         Upload::Raw => std::fs::read(image).ctx(|| format!("read {}", image.display()))?,
@@ -268,7 +268,7 @@ fn stage(api_port: u16, key: &str, image: &Path, upload: Upload) -> Result<Value
         }
     };
     eprintln!("[qemu-test] uploading {} ({upload:?}, {} MiB)", image.display(), body.len() >> 20);
-    let resp = image::http::request(api_port, "POST", "/api/system/upgrade", &headers, &body, UPLOAD_TIMEOUT)?;
+    let resp = image::http::request(api, "POST", "/api/system/upgrade", &headers, &body, UPLOAD_TIMEOUT)?;
     let value: Value = serde_json::from_slice(&resp.body).unwrap_or(Value::Null);
     check(resp.status == 200, || format!("POST /api/system/upgrade: {} {}", resp.status, resp.text()))?;
     Ok(value)
@@ -287,7 +287,7 @@ fn reboot(run: &mut Run, m: &mut Machine, by: RebootBy, what: &str, timeout: Dur
     let from = m.console().len();
     match by {
         RebootBy::Api => {
-            let answer = Api::new(m.api_port, &run.key).expect(202, "POST", "/system/reboot", &Value::Null)?;
+            let answer = Api::new(m.api(), &run.key).expect(202, "POST", "/system/reboot", &Value::Null)?;
             check(answer["state"] == "rebooting", || format!("POST /api/system/reboot: {answer}"))?;
         }
         RebootBy::Keyboard => {
@@ -322,7 +322,7 @@ fn data_intact(api: &Api, id: &str) -> Result<()> {
 /// time: upload start to the API answering on B.
 fn upgrade(run: &mut Run, disk: &Path, id: &str, rebuilt: &Path, base: &str, rebuilt_version: &str) -> Result<f64> {
     let mut m = run.boot("upgrade: slot A", disk, DiskFormat::Raw, Network::Outbound)?;
-    let api = Api::new(m.api_port, &run.key);
+    let api = Api::new(m.api(), &run.key);
     expect_committed(&api, "a", base, "before the upgrade")?;
     // Uploads the appliance cannot read are refused plainly and leave nothing staged.
     for (encoding, body, status, says) in [
@@ -331,7 +331,7 @@ fn upgrade(run: &mut Run, disk: &Path, id: &str, rebuilt: &Path, base: &str, reb
     ] {
         let headers = [("X-API-Key", run.key.as_str()), ("Content-Encoding", encoding)];
         let resp =
-            image::http::request(m.api_port, "POST", "/api/system/upgrade", &headers, body, Duration::from_secs(60))?;
+            image::http::request(&m.api(), "POST", "/api/system/upgrade", &headers, body, Duration::from_secs(60))?;
         let error: Value = serde_json::from_slice(&resp.body).unwrap_or(Value::Null);
         let error = error["error"].as_str().unwrap_or("");
         check(resp.status == status && error.contains(says), || {
@@ -341,7 +341,7 @@ fn upgrade(run: &mut Run, disk: &Path, id: &str, rebuilt: &Path, base: &str, reb
     let system = api.expect(200, "GET", "/system", &Value::Null)?;
     check(system["staged"].is_null(), || format!("a refused upload left something staged: {system}"))?;
     let started = Instant::now();
-    let staged = stage(m.api_port, &run.key, rebuilt, Upload::Gzip)?;
+    let staged = stage(&m.api(), &run.key, rebuilt, Upload::Gzip)?;
     let upload = started.elapsed().as_secs_f64();
     eprintln!("[qemu-test] staged in {upload:.1}s: {staged}");
     run.times.push(("upgrade: upload (gzip) + stage".into(), upload));
@@ -356,7 +356,7 @@ fn upgrade(run: &mut Run, disk: &Path, id: &str, rebuilt: &Path, base: &str, reb
     check(system["staged"]["state"] == "staged", || format!("after staging: {system}"))?;
     let from = reboot(run, &mut m, RebootBy::Api, "upgrade: slot B", BOOT_TIMEOUT)?;
     let upgrade_secs = started.elapsed().as_secs_f64();
-    let api = Api::new(m.api_port, &run.key);
+    let api = Api::new(m.api(), &run.key);
     let system = api.expect(200, "GET", "/system", &Value::Null)?;
     check(system["slot"] == "b" && system["version"] == rebuilt_version, || {
         format!("after the upgrade reboot: {system}")
@@ -373,7 +373,7 @@ fn upgrade(run: &mut Run, disk: &Path, id: &str, rebuilt: &Path, base: &str, reb
 /// systemd-boot boots B again, data intact.
 fn fallback(run: &mut Run, disk: &Path, id: &str, broken: &Path, good_version: &str) -> Result<()> {
     let mut m = run.boot("fallback: slot B", disk, DiskFormat::Raw, Network::Outbound)?;
-    let staged = stage(m.api_port, &run.key, broken, Upload::Raw)?;
+    let staged = stage(&m.api(), &run.key, broken, Upload::Raw)?;
     check(staged["slot"] == "a", || format!("broken image staged: {staged}"))?;
     let from =
         reboot(run, &mut m, RebootBy::Keyboard, "fallback: broken slot A tried, back on B", Duration::from_secs(1800))?;
@@ -381,7 +381,7 @@ fn fallback(run: &mut Run, disk: &Path, id: &str, broken: &Path, good_version: &
     check(panics == boot_disk::entry::DEFAULT_TRIES as usize, || {
         format!("expected {} panicking tries of the broken image, saw {panics}", boot_disk::entry::DEFAULT_TRIES)
     })?;
-    let api = Api::new(m.api_port, &run.key);
+    let api = Api::new(m.api(), &run.key);
     let system = expect_committed(&api, "b", good_version, "after the fallback")?;
     check(system["staged"]["state"] == "failed", || format!("the broken upgrade is not reported as failed: {system}"))?;
     data_intact(&api, id)?;
@@ -394,12 +394,12 @@ fn fallback(run: &mut Run, disk: &Path, id: &str, broken: &Path, good_version: &
 fn power_cut_while_installing(run: &mut Run, disk: &Path, id: &str, image: &Path, base: &str) -> Result<()> {
     let mut m = run.boot("power cut while installing: slot A", disk, DiskFormat::Raw, Network::Outbound)?;
     let from = m.console().len();
-    let (port, key, image) = (m.api_port, run.key.clone(), image.to_path_buf());
-    let staging = std::thread::spawn(move || stage(port, &key, &image, Upload::Gzip));
+    let (endpoint, key, image) = (m.api(), run.key.clone(), image.to_path_buf());
+    let staging = std::thread::spawn(move || stage(&endpoint, &key, &image, Upload::Gzip));
     m.wait_for_console("upgrade image received", from, UPLOAD_TIMEOUT)?;
     let received = Instant::now();
     // While it installs, power requests and a second upgrade are refused, not queued.
-    let api = Api::new(m.api_port, &run.key);
+    let api = Api::new(m.api(), &run.key);
     for path in ["/system/reboot", "/system/poweroff", "/system/upgrade"] {
         let (status, answer) = api.call("POST", path, &Value::Null)?;
         let said = answer["error"].as_str().unwrap_or("");
@@ -414,7 +414,7 @@ fn power_cut_while_installing(run: &mut Run, disk: &Path, id: &str, image: &Path
     check(cut.is_err(), || format!("the staging finished before the power cut: {cut:?}"))?;
     let mut m = run.boot("power cut while installing: next boot", disk, DiskFormat::Raw, Network::Outbound)?;
     m.wait_for_console("removed an interrupted upgrade upload", 0, Duration::from_secs(5))?;
-    let api = Api::new(m.api_port, &run.key);
+    let api = Api::new(m.api(), &run.key);
     let system = expect_committed(&api, "a", base, "after the power cut")?;
     check(system["staged"].is_null(), || format!("a half-installed slot is offered for booting: {system}"))?;
     data_intact(&api, id)?;
@@ -425,7 +425,7 @@ fn power_cut_while_installing(run: &mut Run, disk: &Path, id: &str, image: &Path
 /// on each try init's watchdog reboots after TRIAL_SECS, then systemd-boot boots B again.
 fn watchdog_fallback(run: &mut Run, disk: &Path, id: &str, unhealthy: &Path, good_version: &str) -> Result<()> {
     let mut m = run.boot("watchdog: slot B", disk, DiskFormat::Raw, Network::Outbound)?;
-    let staged = stage(m.api_port, &run.key, unhealthy, Upload::Gzip)?;
+    let staged = stage(&m.api(), &run.key, unhealthy, Upload::Gzip)?;
     check(staged["slot"] == "a", || format!("unhealthy image staged: {staged}"))?;
     let timeout = Duration::from_secs(600 + 3 * TRIAL_SECS);
     let from = reboot(run, &mut m, RebootBy::Api, "watchdog: unhealthy slot A tried, back on B", timeout)?;
@@ -437,7 +437,7 @@ fn watchdog_fallback(run: &mut Run, disk: &Path, id: &str, unhealthy: &Path, goo
     check(missing == tries && gave_up == tries, || {
         format!("expected {tries} unhealthy tries each ended by the watchdog; saw {missing} data-disk reports and {gave_up} watchdog reboots")
     })?;
-    let api = Api::new(m.api_port, &run.key);
+    let api = Api::new(m.api(), &run.key);
     let system = expect_committed(&api, "b", good_version, "after the watchdog fallback")?;
     check(system["staged"]["state"] == "failed", || {
         format!("the unhealthy upgrade is not reported as failed: {system}")
@@ -467,6 +467,7 @@ impl Run {
             api_guest_addr: Some(STATIC_IP),
             // The key comes from the configuration file on the EFI partition, not fw_cfg.
             admin_key_file: None,
+            plain_http: false,
             proxy_config_file: None,
             run_dir,
             accel,

@@ -52,7 +52,8 @@ fn run_examples(appliance: &mut Appliance) -> Result<()> {
             Some(upstream) => upstream.received()?.len(),
             None => 0,
         };
-        let output = run_one(&python, &api, example, &dir.join(format!("example-{n}.py")))?;
+        let ca_file = appliance.machine.api_ca_file.clone();
+        let output = run_one(&python, &api, &ca_file, example, &dir.join(format!("example-{n}.py")))?;
         let lines: Vec<&str> = output.lines().map(str::trim_end).filter(|l| !l.is_empty()).collect();
         checker(&lines, appliance, upstream_before)
             .map_err(|e| err!("{} ({}): {e}\nit printed:\n{output}", example.heading, example.source))?;
@@ -61,10 +62,18 @@ fn run_examples(appliance: &mut Appliance) -> Result<()> {
     Ok(())
 }
 
-fn run_one(python: &std::path::Path, api: &Api, example: &Snippet, file: &std::path::Path) -> Result<String> {
+fn run_one(
+    python: &std::path::Path,
+    api: &Api,
+    ca_file: &std::path::Path,
+    example: &Snippet,
+    file: &std::path::Path,
+) -> Result<String> {
     let env = [
-        ("OPENCOMPUTER_API_URL", format!("http://127.0.0.1:{}/api", api.port)),
+        ("OPENCOMPUTER_API_URL", api.endpoint.url()),
         ("OPENCOMPUTER_API_KEY", api.key.clone()),
+        // The API CA learned from the console's fingerprint, trusted the documented way.
+        ("SSL_CERT_FILE", ca_file.display().to_string()),
     ];
     let out = snippets::run_python(python, &example.code, file, &env, EXAMPLE_TIMEOUT)?;
     check(out.status == Some(0), || {

@@ -9,6 +9,10 @@ use std::time::Duration;
 /// Scenarios that leave the appliance running as they found it.
 pub const SCENARIOS: &[Scenario] = &[
     Scenario { name: "healthz answers and /dev/kvm inside creates a VM and a vCPU", run: kvm_inside_works },
+    Scenario {
+        name: "the API is HTTPS with the CA whose fingerprint the console printed; plain HTTP is told so",
+        run: api_is_https,
+    },
     Scenario { name: "PID 1 is our init and it supervises the appliance service", run: pid1_supervises },
     Scenario { name: "an orphaned zombie is reaped by init", run: zombie_reaped },
     Scenario { name: "a killed service is restarted by init", run: killed_service_restarts },
@@ -26,7 +30,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(180);
 
 fn healthz(appliance: &Appliance) -> Result<String> {
     let resp =
-        image::http::request(appliance.machine.api_port, "GET", "/api/healthz", &[], b"", Duration::from_secs(10))?;
+        image::http::request(&appliance.machine.api(), "GET", "/api/healthz", &[], b"", Duration::from_secs(10))?;
     if resp.status != 200 {
         return Err(err!("healthz answered {}: {}", resp.status, resp.text()));
     }
@@ -38,6 +42,33 @@ fn kvm_inside_works(appliance: &mut Appliance) -> Result<()> {
     if !body.contains("\"kvm\":\"ok\"") || !body.contains("\"vcpu\":true") {
         return Err(err!("healthz does not report a working nested KVM: {body}"));
     }
+    Ok(())
+}
+
+/// The harness already trusts the API only through the CA whose fingerprint the console printed
+/// (image::api_trust); this checks that it did, that the trusted file is that CA, and that a
+/// plain-HTTP client of the same port gets a JSON answer pointing at https://.
+fn api_is_https(appliance: &mut Appliance) -> Result<()> {
+    let api = appliance.machine.api();
+    if api.tls.is_none() || !api.url().starts_with("https://") {
+        return Err(err!("the harness reaches the API without TLS: {}", api.url()));
+    }
+    let console = appliance.machine.console();
+    let printed = image::api_trust::fingerprint_on_console(&console)
+        .ok_or_else(|| err!("the console shows no API CA fingerprint"))?;
+    let pem_text = std::fs::read_to_string(&appliance.machine.api_ca_file)
+        .map_err(|e| err!("{}: {e}", appliance.machine.api_ca_file.display()))?;
+    let der = pem::parse(&pem_text).map_err(|e| err!("the trusted CA file is not PEM: {e}"))?;
+    let trusted = image::api_trust::fingerprint(der.contents());
+    if trusted != printed {
+        return Err(err!("the trusted CA has fingerprint {trusted}, the console printed {printed}"));
+    }
+    let plain = image::http::Endpoint::plain(api.port);
+    let resp = image::http::request(&plain, "GET", "/api/healthz", &[], b"", Duration::from_secs(10))?;
+    if resp.status != 400 || !resp.text().contains("https://") {
+        return Err(err!("plain HTTP to the HTTPS port answered {}: {}", resp.status, resp.text()));
+    }
+    eprintln!("[qemu-test]   API CA {printed} trusted; plain HTTP answered 400");
     Ok(())
 }
 

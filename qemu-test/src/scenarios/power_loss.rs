@@ -85,7 +85,7 @@ pub fn write_until_cut(
     prefix: &str,
     cut_after: usize,
 ) -> Result<(Vec<String>, usize)> {
-    let port = machine.api_port;
+    let endpoint = machine.api();
     let next = AtomicUsize::new(0);
     let sent = AtomicUsize::new(0);
     let acked: Mutex<Vec<String>> = Mutex::new(Vec::new());
@@ -93,7 +93,7 @@ pub fn write_until_cut(
     std::thread::scope(|scope| -> Result<()> {
         for _ in 0..WRITERS {
             scope.spawn(|| {
-                let api = Api::new(port, key);
+                let api = Api::new(endpoint.clone(), key);
                 loop {
                     let n = next.fetch_add(1, Ordering::SeqCst);
                     if n >= WRITES {

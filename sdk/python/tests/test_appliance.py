@@ -1,4 +1,5 @@
-"""Projects, secrets and errors against the REAL appliance control plane (`appliance serve`).
+"""Projects, secrets and errors against the REAL appliance control plane (`appliance serve`),
+over HTTPS with the certificate it generates (trusted the documented way: SSL_CERT_FILE).
 
 The binary comes from OPENCOMPUTER_APPLIANCE_BIN. Sandboxes cannot run on the host (no
 VMM, no CA roots given), so the appliance answers sandbox routes with 503 and the reason;
@@ -7,8 +8,10 @@ the tests check that this reaches the caller as a typed error with that exact me
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import ssl
 import re
 import subprocess
 import time
@@ -30,6 +33,9 @@ class RunningAppliance:
     url: str
     unavailable_reason: str
     log: Path
+    #: The API CA the appliance wrote with --tls-trust-out, and the fingerprint it printed.
+    trust_file: Path
+    fingerprint: str
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +51,13 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningAppli
     key_file.chmod(0o600)
     missing = tmp / "missing"
     log = tmp / "appliance.log"
+    trust_file = tmp / "api-ca.pem"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [binary, "serve", "--listen", "127.0.0.1:0", "--data-dir", str(tmp / "data"),
              "--admin-key-file", str(key_file), "--vmm-bin", str(missing), "--guest-kernel", str(missing),
-             "--proxy-config", str(missing), "--ca-roots", str(missing), "--templates-dir", str(missing)],
+             "--proxy-config", str(missing), "--ca-roots", str(missing), "--templates-dir", str(missing),
+             "--tls-trust-out", str(trust_file)],
             stdout=out, stderr=subprocess.STDOUT,
         )
     try:
@@ -57,7 +65,7 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningAppli
         text = ""
         while time.monotonic() < deadline:
             text = log.read_text(errors="replace")
-            listening = re.search(r"listening on (http://[0-9.]+:[0-9]+)", text)
+            listening = re.search(r"appliance: listening on (https://[0-9.]+:[0-9]+)", text)
             if listening:
                 break
             if proc.poll() is not None:
@@ -67,7 +75,10 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningAppli
             pytest.fail(f"appliance did not start within {START_TIMEOUT} s:\n{text}")
         reason = re.search(r"SANDBOXES UNAVAILABLE: (.*); sandbox routes will answer 503", text)
         assert reason, f"the appliance did not report why sandboxes are unavailable:\n{text}"
-        yield RunningAppliance(url=listening.group(1) + "/api", unavailable_reason=reason.group(1), log=log)
+        printed = re.search(r"API TLS: API CA SHA-256 fingerprint ([0-9A-F:]+)", text)
+        assert printed, f"the appliance did not print its CA's fingerprint:\n{text}"
+        yield RunningAppliance(url=listening.group(1) + "/api", unavailable_reason=reason.group(1), log=log,
+                               trust_file=trust_file, fingerprint=printed.group(1))
     finally:
         proc.terminate()
         try:
@@ -81,7 +92,30 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningAppli
 def env(appliance: RunningAppliance, monkeypatch: pytest.MonkeyPatch) -> RunningAppliance:
     monkeypatch.setenv("OPENCOMPUTER_API_URL", appliance.url)
     monkeypatch.setenv("OPENCOMPUTER_API_KEY", ADMIN_KEY)
+    monkeypatch.setenv("SSL_CERT_FILE", str(appliance.trust_file))
     return appliance
+
+
+def test_the_trusted_file_is_the_ca_whose_fingerprint_was_printed(env: RunningAppliance) -> None:
+    der = ssl.PEM_cert_to_DER_cert(env.trust_file.read_text())
+    digest = hashlib.sha256(der).hexdigest().upper()
+    assert ":".join(digest[i:i + 2] for i in range(0, len(digest), 2)) == env.fingerprint
+
+
+async def test_without_trusting_the_ca_the_sdk_refuses_the_connection(
+        env: RunningAppliance, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SSL_CERT_FILE")
+    with pytest.raises(OpenComputerError) as info:
+        await Project.list()
+    assert info.value.status is None and "CERTIFICATE_VERIFY_FAILED" in info.value.message
+
+
+async def test_plain_http_to_the_https_port_is_told_to_use_https(
+        env: RunningAppliance, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENCOMPUTER_API_URL", env.url.replace("https://", "http://"))
+    with pytest.raises(OpenComputerError) as info:
+        await Project.list()
+    assert info.value.status == 400 and "https://" in info.value.message
 
 
 def unique(prefix: str) -> str:
