@@ -15,12 +15,15 @@ pub const USAGE: &str = "usage:
                   [--power-control] [--require-data-mount] [--memory-reserve-mb N]
                   [--disk-reserve-mb N] [--max-connections N]
                   [--plain-http | --tls-cert PEM --tls-key PEM | --tls-settings JSON]
-                  [--tls-trust-out FILE]
+                  [--tls-trust-out FILE] [--upgrade-keys FILE] [--upgrade-keys-extra FILE]
   appliance bench api [--clients N] [--requests N] [--data-dir DIR]
   appliance rotate-key --data-dir DIR [--master-key-file OLD --new-master-key-file NEW]";
 
 /// How long a stopped sandbox's record stays visible (status, endAt) before it is forgotten.
 pub const DEFAULT_STOPPED_RETENTION_SEC: usize = 3600;
+
+/// Where the image ships the keys it trusts to sign upgrades (image/src/signing.rs).
+pub const DEFAULT_UPGRADE_KEYS: &str = "/etc/opencomputer/upgrade-keys";
 
 pub const DEFAULT_ADMIN_KEY_FILE: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/opencomputer/admin-key/raw";
 
@@ -155,6 +158,11 @@ pub fn parse(args: Vec<String>) -> Result<Command, String> {
                     ..ConnectionLimits::default()
                 },
                 tls: tls_choice(&mut flags)?,
+                upgrade_key_files: {
+                    let shipped = flags.value("--upgrade-keys")?.unwrap_or_else(|| DEFAULT_UPGRADE_KEYS.into());
+                    let extra = flags.value("--upgrade-keys-extra")?;
+                    std::iter::once(shipped).chain(extra).map(PathBuf::from).collect()
+                },
                 tls_trust_out: flags.value("--tls-trust-out")?.map(PathBuf::from),
             };
             let sandbox = SandboxOptions {

@@ -50,6 +50,9 @@ pub struct ServeConfig {
     pub tls: TlsChoice,
     /// Where to write the certificate clients should trust (PEM), for tools on this host.
     pub tls_trust_out: Option<PathBuf>,
+    /// Files of Ed25519 public keys (hex lines) trusted to sign upgrade images: the image's own
+    /// and the operator's; a missing file adds none.
+    pub upgrade_key_files: Vec<PathBuf>,
 }
 
 /// Builds the sandbox side once the store and keys are open (it needs both for the CA).
@@ -138,7 +141,7 @@ pub fn start(config: &ServeConfig, side: SandboxSide) -> Result<Running, String>
         long_work: LongWork::new(MAX_LONG_REQUESTS),
         kvm,
         log_requests: config.log_requests,
-        upgrades: crate::upgrade::Upgrades::new(&config.data_dir),
+        upgrades: crate::upgrade::Upgrades::new(&config.data_dir, trusted_upgrade_keys(config)?),
         power_control: config.power_control,
     });
     crate::sandbox_ops::reconcile_after_start(&app).map_err(|e| e.message)?;
@@ -164,6 +167,17 @@ pub fn start(config: &ServeConfig, side: SandboxSide) -> Result<Running, String>
     let scheme = if matches!(config.tls, TlsChoice::Plain) { "http" } else { "https" };
     println!("appliance: listening on {scheme}://{}", http.addr());
     Ok(Running { app, http, reaper_stop, reaper, _lock: lock })
+}
+
+fn trusted_upgrade_keys(config: &ServeConfig) -> Result<crate::upgrade::signature::TrustedKeys, String> {
+    let files: Vec<&Path> = config.upgrade_key_files.iter().map(PathBuf::as_path).collect();
+    let keys = crate::upgrade::signature::TrustedKeys::load(&files)?;
+    if keys.is_empty() {
+        println!("appliance: upgrades: no signing key is trusted; every upgrade image will be refused");
+    } else {
+        println!("appliance: upgrades: images signed by {} key(s) are accepted ({})", keys.len(), keys.describe());
+    }
+    Ok(keys)
 }
 
 /// Prints what clients trust (the fingerprint goes on the console, where `image run` and the

@@ -45,6 +45,8 @@ pub fn initial_entry() -> Entry {
 pub struct DiskImage {
     pub path: PathBuf,
     pub manifest: PathBuf,
+    /// The signature statement (`<image>.sig`) an upload sends along.
+    pub signature: PathBuf,
     pub sha256: String,
     pub size: u64,
 }
@@ -165,8 +167,11 @@ pub fn build(artifacts: &Artifacts, options: &DiskOptions) -> Result<DiskImage> 
     eprint!("{}", manifest::summary(&text));
     eprintln!("[image] sha256 {sha256}  {}", image.display());
     eprintln!("[image] manifest: {}", manifest_path.display());
+    let key = crate::signing::SigningKey::load()?;
+    let signature = key.sign_image(&image, &sha256, &manifest_path, &artifacts.version)?;
+    eprintln!("[image] signed with key {} ({}): {}", key.public_hex(), key.source.display(), signature.display());
     let _ = std::fs::remove_file(&esp_path);
-    Ok(DiskImage { path: image, manifest: manifest_path, sha256, size })
+    Ok(DiskImage { path: image, manifest: manifest_path, signature, size, sha256 })
 }
 
 /// The partition table for the given sizes; GUIDs come from `identity` (a hash of the inputs).

@@ -22,6 +22,7 @@ pub mod pipeline;
 pub mod progress;
 pub mod qemu;
 pub mod run;
+pub mod signing;
 pub mod system_disk;
 pub mod template;
 pub mod uki;

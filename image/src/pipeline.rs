@@ -76,6 +76,7 @@ pub const API_TLS_FW_CFG: &str = "opt/opencomputer/api-tls";
 /// (init/src/appliance/operator.rs). The TLS file is absent unless the operator set TLS keys.
 pub const ADMIN_KEY_RUN_FILE: &str = init_handoff::ADMIN_KEY_FILE;
 pub const API_TLS_RUN_FILE: &str = init_handoff::API_TLS_FILE;
+pub const UPGRADE_KEYS_RUN_FILE: &str = init_handoff::UPGRADE_KEYS_FILE;
 pub const PROXY_CONFIG_RUN_FILE: &str = init_handoff::PROXY_CONFIG_FILE;
 pub const API_PORT_IN_GUEST: u16 = init_handoff::API_PORT;
 /// The API server's plain loopback listener inside the guest, which init health-checks.
@@ -131,6 +132,10 @@ pub fn build_versioned(variant: Variant, version: &str) -> Result<Artifacts> {
     let base = template::build_base(&built[0])?;
     let system_disk = system_disk::build(std::slice::from_ref(&base))?;
 
+    // The image trusts upgrades signed by the key that signs it (see signing.rs).
+    let signing_key = crate::signing::SigningKey::load()?;
+    eprintln!("[image] signing key: {} ({})", signing_key.public_hex(), signing_key.source.display());
+
     let step = Step::start(format!("initramfs ({})", variant.name()));
     let mut tree = Tree::new();
     for dir in ["/proc", "/sys", "/dev", "/run", "/tmp", "/data", "/root", "/etc", "/var"] {
@@ -163,6 +168,11 @@ pub fn build_versioned(variant: Variant, version: &str) -> Result<Artifacts> {
         }
     }
     tree.bytes("/etc/opencomputer/services", services_file(variant), 0o644)?;
+    let trusted = format!(
+        "# Ed25519 public keys whose signatures this image accepts on upgrade images (hex)\n{}\n",
+        signing_key.public_hex()
+    );
+    tree.bytes(crate::signing::TRUSTED_KEYS_PATH, trusted, 0o644)?;
     tree.host_file(CA_ROOTS_PATH, &base.ca_bundle, 0o644)?;
     tree.dir(SYSTEM_MOUNT)?;
     tree.bytes("/etc/hostname", "opencomputer\n", 0o644)?;
@@ -213,12 +223,14 @@ fn kernel_cmdline() -> String {
 }
 
 fn services_file(variant: Variant) -> String {
+    const TRUSTED_KEYS: &str = crate::signing::TRUSTED_KEYS_PATH;
     let mut text = String::from("# name program args... (started in order, stopped in reverse)\n");
     text.push_str(&format!(
         "appliance /bin/appliance serve --listen 0.0.0.0:{API_PORT_IN_GUEST} \
          --loopback-listen 127.0.0.1:{LOOPBACK_API_PORT_IN_GUEST} --data-dir /data --vmm-bin /bin/vmm \
          --admin-key-file {ADMIN_KEY_RUN_FILE} --proxy-config {PROXY_CONFIG_RUN_FILE} \
-         --tls-settings {API_TLS_RUN_FILE} --guest-kernel {GUEST_KERNEL_PATH} --templates-dir {SYSTEM_MOUNT}/templates \
+         --tls-settings {API_TLS_RUN_FILE} --upgrade-keys {TRUSTED_KEYS} --upgrade-keys-extra {UPGRADE_KEYS_RUN_FILE} \
+         --guest-kernel {GUEST_KERNEL_PATH} --templates-dir {SYSTEM_MOUNT}/templates \
          --ca-roots {CA_ROOTS_PATH} \
          --power-control --require-data-mount\n"
     ));

@@ -11,7 +11,7 @@ use tiny_http::Request;
 use crate::app::App;
 use crate::error::AppError;
 use crate::http::reply::Reply;
-use crate::upgrade::{inspect, install, receive, status};
+use crate::upgrade::{inspect, install, receive, signature, status};
 
 /// Far above a real image (~1 GiB raw), far below a data disk.
 const MAX_IMAGE_BYTES: u64 = 16 << 30;
@@ -27,6 +27,8 @@ pub fn get(app: &App) -> Reply {
 }
 
 pub fn upgrade(app: &App, request: &mut Request) -> Result<Reply, AppError> {
+    // Before anything else: an image nobody trusted signing is not even received.
+    let signed = app.upgrades.trusted.verify(crate::http::request::header(request, boot_disk::signature::HEADER))?;
     let Some((running, _, _)) = status::boot_state() else {
         return Err(AppError::unavailable("upgrades need an appliance booted from the disk image (no A/B slots here)"));
     };
@@ -70,8 +72,11 @@ pub fn upgrade(app: &App, request: &mut Request) -> Result<Reply, AppError> {
         received.as_secs_f64()
     );
     // The staging file goes whatever happens next: it is the only thing written to the data disk.
-    let result = inspect::inspect(&staging)
-        .map_err(|e| AppError::new(422, format!("not an installable OpenComputer disk image: {e}")))
+    let result = signature::check_digest(&signed, &sha256)
+        .and_then(|()| {
+            inspect::inspect(&staging)
+                .map_err(|e| AppError::new(422, format!("not an installable OpenComputer disk image: {e}")))
+        })
         .and_then(|candidate| {
             let installed = install::install(&staging, &candidate, running).map_err(|e| match e {
                 install::InstallError::Conflict(m) => AppError::conflict(m),
@@ -82,17 +87,19 @@ pub fn upgrade(app: &App, request: &mut Request) -> Result<Reply, AppError> {
     let _ = std::fs::remove_file(&staging);
     let (candidate, installed) = result?;
     println!(
-        "appliance: upgrade to {} staged in slot {} as {} (sha256 {sha256}, {bytes} bytes received in {:.1}s, installed in {:.1}s)",
+        "appliance: upgrade to {} staged in slot {} as {} (sha256 {sha256}, signed by {}, {bytes} bytes received in {:.1}s, installed in {:.1}s)",
         candidate.version,
         installed.slot,
         installed.entry,
+        signed.key.get(..16).unwrap_or_default(),
         received.as_secs_f64(),
-        started.elapsed().checked_sub(received).unwrap().as_secs_f64()
+        started.elapsed().saturating_sub(received).as_secs_f64()
     );
     Ok(Reply::json(
         200,
         &json!({
             "sha256": sha256,
+            "signedBy": signed.key,
             "bytes": bytes,
             "version": candidate.version,
             "slot": installed.slot.letter(),
@@ -100,7 +107,7 @@ pub fn upgrade(app: &App, request: &mut Request) -> Result<Reply, AppError> {
             "from": candidate.entry_name,
             "state": "staged",
             "receiveSeconds": received.as_secs_f64(),
-            "installSeconds": started.elapsed().checked_sub(received).unwrap().as_secs_f64(),
+            "installSeconds": started.elapsed().saturating_sub(received).as_secs_f64(),
         }),
     ))
 }

@@ -263,6 +263,7 @@ pub fn run(options: &BenchOptions) -> Result<String, String> {
         connections: crate::http::front::ConnectionLimits::default(),
         tls,
         tls_trust_out: None,
+        upgrade_key_files: Vec::new(),
     };
     let backend = || Backend {
         runtime: Arc::new(sleeping_runtime::SleepingRuntime::default()),

@@ -1,4 +1,5 @@
-//! A/B upgrades from an uploaded disk image (issue 7): the image is streamed to a staging file
+//! A/B upgrades from an uploaded disk image (issue 7): its signature is checked (`signature`:
+//! a trusted Ed25519 key, before any byte is stored), the image is streamed to a staging file
 //! on the data disk (`receive`), checked (`inspect`), and its system partition and unified kernel
 //! image installed into the slot that is not running, as a boot entry with a boot counter
 //! (`install`). Init commits it after a healthy boot (init/src/appliance/slot.rs); systemd-boot
@@ -7,6 +8,7 @@
 pub mod inspect;
 pub mod install;
 pub mod receive;
+pub mod signature;
 pub mod status;
 
 use std::path::{Path, PathBuf};
@@ -18,6 +20,8 @@ const STAGING_FILE: &str = "upload.img";
 
 pub struct Upgrades {
     dir: PathBuf,
+    /// Keys whose signatures make an image installable.
+    pub trusted: signature::TrustedKeys,
     /// One upload at a time; a second one gets 409 instead of waiting.
     busy: Mutex<()>,
 }
@@ -25,8 +29,8 @@ pub struct Upgrades {
 impl Upgrades {
     /// Removes an upload that an interruption (power cut, crash) left behind: it would hold a
     /// disk image's worth of the data disk forever.
-    pub fn new(data_dir: &Path) -> Upgrades {
-        let upgrades = Upgrades { dir: data_dir.join(STAGING_DIR), busy: Mutex::new(()) };
+    pub fn new(data_dir: &Path, trusted: signature::TrustedKeys) -> Upgrades {
+        let upgrades = Upgrades { dir: data_dir.join(STAGING_DIR), trusted, busy: Mutex::new(()) };
         let leftover = upgrades.staging_file();
         if let Ok(meta) = std::fs::metadata(&leftover) {
             match std::fs::remove_file(&leftover) {

@@ -323,6 +323,7 @@ pub fn config(data_dir: &Path, key_file: Option<PathBuf>) -> ServeConfig {
         connections: ConnectionLimits::default(),
         tls: appliance::api_tls::TlsChoice::Plain,
         tls_trust_out: None,
+        upgrade_key_files: Vec::new(),
     }
 }
 

@@ -9,6 +9,8 @@
 //! - `entry`: the unified-kernel-image boot entries on the ESP (`EFI/Linux/`), their names,
 //!   systemd-boot's boot-counting suffix and the order systemd-boot picks them in;
 //! - `ext4`: the system partitions' filesystem label;
+//! - `signature`: the signature statement an upgrade image travels with (digest, manifest,
+//!   version, Ed25519 key);
 //! - `disk`: the live machine's boot disk: partitions by GPT name, the ESP mounted read-write
 //!   for one change.
 //!
@@ -22,3 +24,4 @@ pub mod fat;
 pub mod gpt;
 pub mod layout;
 pub mod pe;
+pub mod signature;

@@ -13,6 +13,10 @@ pub const PROXY_CONFIG_FILE: &str = "/run/opencomputer/proxy-config.json";
 /// `{"plainHttp": bool, "certPem": "...", "keyPem": "..."}`, the two PEMs both present or both
 /// absent. Absent when the operator set none; then the appliance generates its certificate.
 pub const API_TLS_FILE: &str = "/run/opencomputer/api-tls.json";
+/// Extra Ed25519 public keys the operator trusts for upgrade images (`upgrade_keys` in
+/// opencomputer.conf), besides those shipped in the image: the raw 32-byte keys as lowercase hex,
+/// one per line, each line ending in `\n`. Public (0644). Absent when the operator set none.
+pub const UPGRADE_KEYS_FILE: &str = "/run/opencomputer/upgrade-keys";
 /// Which slot init booted and whether that boot is committed (see [`BootState`]).
 pub const BOOT_STATE_FILE: &str = "/run/opencomputer/boot-slot";
 /// Why the data disk could not be mounted (absent when it was).
@@ -65,7 +69,9 @@ mod tests {
 
     #[test]
     fn every_file_is_in_the_run_dir() {
-        for file in [ADMIN_KEY_FILE, PROXY_CONFIG_FILE, API_TLS_FILE, BOOT_STATE_FILE, DATA_PROBLEM_FILE] {
+        for file in
+            [ADMIN_KEY_FILE, PROXY_CONFIG_FILE, API_TLS_FILE, UPGRADE_KEYS_FILE, BOOT_STATE_FILE, DATA_PROBLEM_FILE]
+        {
             assert!(file.starts_with(RUN_DIR) && file.len() > RUN_DIR.len() + 1, "{file}");
         }
     }

@@ -22,10 +22,14 @@ const KEYS: &[&str] = &[
     "tls_cert",
     "tls_key",
     "plain_http",
+    "upgrade_keys",
 ];
 /// Keys that never come from the kernel command line: the admin key because the kernel prints
-/// its command line on the console, the API's TLS settings to keep them in one place.
-const FILE_ONLY: &[&str] = &["admin_key", "tls_cert", "tls_key", "plain_http"];
+/// its command line on the console, the API's TLS settings and the extra trusted upgrade keys to
+/// keep them in one place.
+const FILE_ONLY: &[&str] = &["admin_key", "tls_cert", "tls_key", "plain_http", "upgrade_keys"];
+/// An Ed25519 public key in upgrade_keys: the raw 32 bytes as hex digits.
+const UPGRADE_KEY_HEX_DIGITS: usize = 64;
 /// Keys whose values init's existing command-line parsers read (as `oc.<key>=`).
 const CMDLINE_KEYS: &[&str] = &["hostname", "net", "ip", "gw", "dns", "iface", "data"];
 pub const HOST_PREFIX: &str = "host.";
@@ -185,6 +189,17 @@ impl Config {
                 self.where_set("plain_http", file_name)
             ));
         }
+        // upgrade_keys: each entry stands alone; a bad one is dropped, the others still count.
+        if let Some(value) = self.get("upgrade_keys").map(str::to_string) {
+            let (keys, problems) = check_upgrade_keys(&value);
+            let prefix = self.where_set("upgrade_keys", file_name);
+            self.problems.extend(problems.into_iter().map(|p| format!("{prefix}{p}")));
+            if keys.is_empty() {
+                self.settings.remove("upgrade_keys");
+            } else if let Some(setting) = self.settings.get_mut("upgrade_keys") {
+                setting.value = keys.join(",");
+            }
+        }
     }
 
     pub fn get(&self, key: &str) -> Option<&str> {
@@ -229,6 +244,21 @@ impl Config {
         self.get("plain_http") == Some("true")
     }
 
+    /// `upgrade_keys`: the extra Ed25519 public keys the operator trusts for upgrade images,
+    /// validated and in lowercase hex (64 digits each).
+    pub fn upgrade_keys(&self) -> Vec<&str> {
+        self.get("upgrade_keys").map(|v| v.split(',').filter(|k| !k.is_empty()).collect()).unwrap_or_default()
+    }
+
+    /// The upgrade keys handoff file's text (one lowercase hex key per line), if any key is set.
+    pub fn upgrade_keys_text(&self) -> Option<String> {
+        let keys = self.upgrade_keys();
+        if keys.is_empty() {
+            return None;
+        }
+        Some(keys.iter().map(|k| format!("{k}\n")).collect())
+    }
+
     /// The API's TLS settings (the appliance's api-tls JSON), if the operator set any: plain HTTP,
     /// or their certificate chain and key (PEM text, read from the EFI partition).
     pub fn api_tls_json(&self, cert_and_key_pem: Option<(&str, &str)>) -> Option<String> {
@@ -268,6 +298,45 @@ pub const TRIAL_TIMEOUT_RANGE: std::ops::RangeInclusive<u64> = 30..=86_400;
 
 pub fn trial_timeout_secs(value: &str) -> Option<u64> {
     value.parse::<u64>().ok().filter(|s| TRIAL_TIMEOUT_RANGE.contains(s))
+}
+
+/// upgrade_keys' entries (comma separated, spaces around them allowed): the valid ones in
+/// lowercase, and a sentence for each one dropped, naming its position (1 for the first).
+fn check_upgrade_keys(value: &str) -> (Vec<String>, Vec<String>) {
+    // Each valid key with its entry's position.
+    let mut keys: Vec<(String, usize)> = Vec::new();
+    let mut problems = Vec::new();
+    for (n, entry) in value.split(',').map(str::trim).enumerate() {
+        let position = n + 1;
+        let length = entry.chars().count();
+        let problem = if entry.is_empty() {
+            Some(format!("upgrade_keys entry {position} is empty"))
+        } else if length != UPGRADE_KEY_HEX_DIGITS {
+            Some(format!(
+                "upgrade_keys entry {position} is {length} characters long; an Ed25519 public key is \
+                 {UPGRADE_KEY_HEX_DIGITS} hex digits"
+            ))
+        } else if !entry.bytes().all(|b| b.is_ascii_hexdigit()) {
+            Some(format!(
+                "upgrade_keys entry {position} is not hex; an Ed25519 public key is {UPGRADE_KEY_HEX_DIGITS} \
+                 hex digits (0-9, a-f)"
+            ))
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            problems.push(format!("{problem}; that entry is ignored"));
+            continue;
+        }
+        let key = entry.to_ascii_lowercase();
+        match keys.iter().find(|(k, _)| *k == key) {
+            Some((_, first)) => {
+                problems.push(format!("upgrade_keys entry {position} repeats entry {first}; counted once"));
+            }
+            None => keys.push((key, position)),
+        }
+    }
+    (keys.into_iter().map(|(k, _)| k).collect(), problems)
 }
 
 fn known(key: &str) -> bool {
@@ -455,6 +524,71 @@ mod tests {
         let c = Config::merge(Some("plain_http = true\ntls_cert = a.crt\ntls_key = a.key\n"), FILE, "");
         assert!(c.plain_http());
         assert!(c.problems.iter().any(|p| p.contains("line 1: plain_http = true: the API serves plain HTTP")));
+    }
+
+    const KEY_A: &str = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
+    const KEY_B: &str = "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c";
+
+    #[test]
+    fn upgrade_keys_are_a_list_of_hex_keys_in_lowercase() {
+        let text = format!("upgrade_keys = {} ,  {KEY_B}\n", KEY_A.to_uppercase());
+        let c = Config::merge(Some(&text), FILE, "");
+        assert!(c.problems.is_empty(), "{:?}", c.problems);
+        assert_eq!(c.upgrade_keys(), vec![KEY_A, KEY_B]);
+        assert_eq!(c.upgrade_keys_text(), Some(format!("{KEY_A}\n{KEY_B}\n")));
+
+        let c = Config::merge(Some(&format!("upgrade_keys = {KEY_B}\n")), FILE, "");
+        assert_eq!(c.upgrade_keys_text(), Some(format!("{KEY_B}\n")));
+
+        let none = Config::merge(Some("plain_http = false\n"), FILE, "");
+        assert!(none.upgrade_keys().is_empty());
+        assert_eq!(none.upgrade_keys_text(), None);
+    }
+
+    #[test]
+    fn a_bad_upgrade_key_is_dropped_by_position_and_the_others_still_count() {
+        let short = &KEY_B[..63];
+        let not_hex = format!("{}g", &KEY_B[..63]);
+        let text = format!("hostname = box\nupgrade_keys = {KEY_A}, {short},{not_hex}, ,{KEY_A}\n");
+        let c = Config::merge(Some(&text), FILE, "");
+        assert_eq!(c.upgrade_keys(), vec![KEY_A]);
+        assert_eq!(c.upgrade_keys_text(), Some(format!("{KEY_A}\n")));
+        assert_eq!(
+            c.problems,
+            vec![
+                "opencomputer.conf line 2: upgrade_keys entry 2 is 63 characters long; an Ed25519 public key is \
+                 64 hex digits; that entry is ignored"
+                    .to_string(),
+                "opencomputer.conf line 2: upgrade_keys entry 3 is not hex; an Ed25519 public key is 64 hex digits \
+                 (0-9, a-f); that entry is ignored"
+                    .to_string(),
+                "opencomputer.conf line 2: upgrade_keys entry 4 is empty; that entry is ignored".to_string(),
+                "opencomputer.conf line 2: upgrade_keys entry 5 repeats entry 1; counted once".to_string(),
+            ]
+        );
+
+        // No valid entry at all: the key is dropped.
+        let c = Config::merge(Some(&format!("upgrade_keys = {short}\n")), FILE, "");
+        assert_eq!(c.get("upgrade_keys"), None);
+        assert_eq!(c.upgrade_keys_text(), None);
+        assert_eq!(c.problems.len(), 1, "{:?}", c.problems);
+        assert!(c.problems[0].starts_with("opencomputer.conf line 1: upgrade_keys entry 1 is 63 characters long"));
+    }
+
+    #[test]
+    fn upgrade_keys_never_come_from_the_kernel_command_line() {
+        let c = Config::merge(None, FILE, &format!("oc.upgrade_keys={KEY_A}"));
+        assert_eq!(c.get("upgrade_keys"), None);
+        assert_eq!(c.upgrade_keys_text(), None);
+        assert_eq!(
+            c.problems,
+            vec!["oc.upgrade_keys on the kernel command line is ignored: it is read only from the file. \
+                 Set upgrade_keys in opencomputer.conf"
+                .to_string()]
+        );
+        // Nor does the command line drop the file's.
+        let c = Config::merge(Some(&format!("upgrade_keys = {KEY_B}\n")), FILE, &format!("oc.upgrade_keys={KEY_A}"));
+        assert_eq!(c.upgrade_keys(), vec![KEY_B]);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The operator's settings reach the appliance: `opencomputer.conf` is read from the EFI system
 //! partition (mounted read-only just for that), merged with the kernel command line, and the
 //! appliance service's inputs are written to a tmpfs: the admin key file (0600), the proxy
-//! settings and the API's TLS settings (the operator's certificate and key, or plain HTTP).
+//! settings, the API's TLS settings (the operator's certificate and key, or plain HTTP) and the
+//! extra public keys the operator trusts for signed upgrade images.
 //! QEMU fw_cfg entries, when present, take precedence (the test harness and `image run` pass the
 //! key that way). Neither the admin key's value nor the TLS private key is ever logged.
 
@@ -10,7 +11,7 @@ use super::config::Config;
 use crate::log;
 use crate::sys::mount::{self, Mount};
 use boot_disk::layout;
-use init_handoff::{ADMIN_KEY_FILE, API_TLS_FILE, PROXY_CONFIG_FILE, RUN_DIR};
+use init_handoff::{ADMIN_KEY_FILE, API_TLS_FILE, PROXY_CONFIG_FILE, RUN_DIR, UPGRADE_KEYS_FILE};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 
@@ -191,10 +192,26 @@ fn api_tls_handoff(loaded: &Loaded) -> Option<(String, String)> {
     Some((json, said))
 }
 
-/// Writes the appliance service's admin key, proxy settings and API TLS settings to the tmpfs.
+/// The upgrade keys handoff file's text and the console line saying how many keys it adds (with
+/// each key's first 16 hex digits), when the operator configured at least one valid key.
+fn upgrade_keys_handoff(config: &Config) -> Option<(String, String)> {
+    let text = config.upgrade_keys_text()?;
+    let keys = config.upgrade_keys();
+    let short: Vec<&str> = keys.iter().map(|k| k.get(..16).unwrap_or(k)).collect();
+    let said = format!(
+        "upgrade signing keys: {} more trusted from {} ({})",
+        keys.len(),
+        layout::CONFIG_FILE,
+        short.join(", ")
+    );
+    Some((text, said))
+}
+
+/// Writes the appliance service's admin key, proxy settings, API TLS settings and extra trusted
+/// upgrade keys to the tmpfs.
 pub fn hand_over(loaded: &Loaded) {
     if let Err(e) = std::fs::create_dir_all(RUN_DIR) {
-        log!("cannot create {RUN_DIR}: {e}; the appliance gets no admin key, proxy or API TLS settings");
+        log!("cannot create {RUN_DIR}: {e}; the appliance gets no admin key, proxy, API TLS settings or upgrade keys");
         return;
     }
     let name = layout::CONFIG_FILE;
@@ -240,11 +257,34 @@ pub fn hand_over(loaded: &Loaded) {
             let _ = std::fs::remove_file(API_TLS_FILE);
         }
     }
+    match upgrade_keys_handoff(&loaded.config) {
+        Some((text, said)) => match write_public(UPGRADE_KEYS_FILE, text.as_bytes()) {
+            Ok(()) => log!("{said}"),
+            Err(e) => log!(
+                "UPGRADE KEYS PROBLEM: cannot write {UPGRADE_KEYS_FILE}: {e}; only the keys shipped in the image are trusted"
+            ),
+        },
+        // Absent: only the keys shipped in the image are trusted.
+        None => {
+            let _ = std::fs::remove_file(UPGRADE_KEYS_FILE);
+        }
+    }
 }
 
+/// A secret for the appliance service alone (0600).
 fn write_private(path: &str, bytes: &[u8]) -> std::io::Result<()> {
+    write_file(path, bytes, 0o600)
+}
+
+/// A file that holds nothing secret (0644).
+fn write_public(path: &str, bytes: &[u8]) -> std::io::Result<()> {
+    write_file(path, bytes, 0o644)
+}
+
+/// Replaces `path` with `bytes`, created with `mode` (before the umask).
+fn write_file(path: &str, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     let _ = std::fs::remove_file(path);
-    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path)?;
     file.write_all(bytes)?;
     file.sync_all()
 }
@@ -347,5 +387,32 @@ mod tests {
         );
         assert_eq!(said, "API TLS: operator certificate from tls/api.crt (EFI partition)");
         assert!(!said.contains("c2VjcmV0"));
+    }
+
+    const UPGRADE_KEY_A: &str = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
+    const UPGRADE_KEY_B: &str = "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c";
+
+    #[test]
+    fn the_upgrade_keys_file_is_written_only_when_a_valid_key_is_configured() {
+        assert!(upgrade_keys_handoff(&loaded("", None).config).is_none());
+        assert!(upgrade_keys_handoff(&loaded("upgrade_keys = 1234\n", None).config).is_none());
+
+        let conf = format!("upgrade_keys = {UPGRADE_KEY_A}, not-a-key , {}\n", UPGRADE_KEY_B.to_uppercase());
+        let (text, said) = upgrade_keys_handoff(&loaded(&conf, None).config).expect("keys");
+        assert_eq!(text, format!("{UPGRADE_KEY_A}\n{UPGRADE_KEY_B}\n"));
+        assert_eq!(
+            said,
+            "upgrade signing keys: 2 more trusted from opencomputer.conf (d75a980182b10ab7, 3d4017c3e843895a)"
+        );
+
+        // What hand_over writes, written into a temp dir: exactly the text, readable by all.
+        let dir = Dir::new("upgrade-keys", &[("upgrade-keys", b"stale\n")]);
+        let path = dir.path("upgrade-keys");
+        write_public(&path, text.as_bytes()).expect("write");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), format!("{UPGRADE_KEY_A}\n{UPGRADE_KEY_B}\n"));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).expect("metadata").permissions().mode() & 0o777;
+        assert_eq!(mode & 0o600, 0o600, "{mode:o}");
+        assert_eq!(mode & 0o022, 0, "{mode:o}");
     }
 }

@@ -172,7 +172,15 @@ fn build_variant(dir: &Path, name: &str, version: &str, extra_cmdline: &str) -> 
     let (_, image) = image::disk_image::build_disk_with(Variant::Product, &options)?;
     let copy = dir.join(name);
     qemu::prepare_disk_copy(&image.path, &copy, 0)?;
+    let signature = image::signing::signature_path(&copy);
+    std::fs::copy(&image.signature, &signature).ctx(|| format!("copy {}", image.signature.display()))?;
     Ok(copy)
+}
+
+/// The signature statement the build wrote for `image` (sent with its upload).
+fn signature_of(image: &Path) -> Result<String> {
+    let path = image::signing::signature_path(image);
+    Ok(std::fs::read_to_string(&path).ctx(|| format!("read {}", path.display()))?.trim().to_string())
 }
 
 fn more_boots(run: &mut Run, disk: &Path, id: &str) -> Result<()> {
@@ -255,7 +263,12 @@ enum Upload {
 
 /// Stages `image` through the API; returns the answer.
 fn stage(api: &image::http::Endpoint, key: &str, image: &Path, upload: Upload) -> Result<Value> {
-    let mut headers = vec![("X-API-Key", key), ("Content-Type", "application/octet-stream")];
+    let signature = signature_of(image)?;
+    let mut headers = vec![
+        ("X-API-Key", key),
+        ("Content-Type", "application/octet-stream"),
+        (boot_disk::signature::HEADER, signature.as_str()),
+    ];
     let body = match upload {
         Upload::Raw => std::fs::read(image).ctx(|| format!("read {}", image.display()))?,
         Upload::Gzip => {
@@ -318,18 +331,38 @@ fn data_intact(api: &Api, id: &str) -> Result<()> {
     check(secrets.iter().any(|n| n == SECRET), || format!("the secret did not survive: {secrets:?}"))
 }
 
+/// The same statement as `signed`, signed by a key of its own that no appliance trusts.
+fn stranger_signature(signed: &str, dir: &Path) -> Result<String> {
+    let (statement, _) =
+        boot_disk::signature::Statement::parse(signed).map_err(|e| err!("the build's signature: {e}"))?;
+    let key_file = dir.join("stranger-key.pem");
+    let _ = std::fs::remove_file(&key_file);
+    image::signing::generate(&key_file)?;
+    let stranger = image::signing::SigningKey::from_file(&key_file)?;
+    let statement = boot_disk::signature::Statement { key: stranger.public_hex(), ..statement };
+    Ok(stranger.sign(&statement))
+}
+
 /// Boot A, stage the rebuilt image, reboot into B, data intact, committed. Returns the upgrade
 /// time: upload start to the API answering on B.
 fn upgrade(run: &mut Run, disk: &Path, id: &str, rebuilt: &Path, base: &str, rebuilt_version: &str) -> Result<f64> {
     let mut m = run.boot("upgrade: slot A", disk, DiskFormat::Raw, Network::Outbound)?;
     let api = Api::new(m.api(), &run.key);
     expect_committed(&api, "a", base, "before the upgrade")?;
-    // Uploads the appliance cannot read are refused plainly and leave nothing staged.
-    for (encoding, body, status, says) in [
-        ("br", &b"x"[..], 415, "Content-Encoding \"br\" is not supported"),
-        ("gzip", &b"not gzip at all"[..], 400, "cannot read the uploaded image"),
+    // Uploads nobody trusted signing, and uploads the appliance cannot read, are refused plainly
+    // and leave nothing staged. (A statement by an unknown key is refused before the body.)
+    let signed = signature_of(rebuilt)?;
+    let stranger = stranger_signature(&signed, &run.dir)?;
+    for (signature, encoding, body, status, says) in [
+        ("", "identity", &b"x"[..], 400, "the upload is unsigned"),
+        (stranger.as_str(), "identity", &b"x"[..], 403, "which this appliance does not trust"),
+        (signed.as_str(), "br", &b"x"[..], 415, "Content-Encoding \"br\" is not supported"),
+        (signed.as_str(), "gzip", &b"not gzip at all"[..], 400, "cannot read the uploaded image"),
     ] {
-        let headers = [("X-API-Key", run.key.as_str()), ("Content-Encoding", encoding)];
+        let mut headers = vec![("X-API-Key", run.key.as_str()), ("Content-Encoding", encoding)];
+        if !signature.is_empty() {
+            headers.push((boot_disk::signature::HEADER, signature));
+        }
         let resp =
             image::http::request(&m.api(), "POST", "/api/system/upgrade", &headers, body, Duration::from_secs(60))?;
         let error: Value = serde_json::from_slice(&resp.body).unwrap_or(Value::Null);
