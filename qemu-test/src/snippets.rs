@@ -129,6 +129,18 @@ pub fn run_python(
 mod tests {
     use super::*;
 
+    /// The end-to-end suite runs a block shown in both READMEs once; if the copies drift apart
+    /// both run, and the second creates the same project again (409).
+    #[test]
+    fn the_quickstart_is_the_same_in_both_readmes() {
+        let quickstart = |doc: &str| {
+            let text = std::fs::read_to_string(image::workspace::root().join(doc)).expect("read");
+            let found = parse_markdown(&text, doc).expect("parse");
+            found.into_iter().find(|s| s.heading == "Quickstart").map(|s| s.code).expect("a Quickstart block")
+        };
+        assert_eq!(quickstart("README.md"), quickstart("sdk/python/README.md"));
+    }
+
     #[test]
     fn blocks_are_found_under_their_headings_and_unclosed_ones_rejected() {
         let text = "# Title\n\n## Quickstart\n\n```python\nprint(1)\n```\n\n```sh\nls\n```\n### Next one\n```python\nx = 2\n\nprint(x)\n```\n";
