@@ -81,15 +81,20 @@ pub fn generate_api_key() -> Result<String> {
 
 /// Writes the key to a file only the current user can read, for QEMU's fw_cfg.
 pub fn write_key_file(path: &std::path::Path, key: &str) -> Result<()> {
-    use std::io::Write;
     let _ = std::fs::remove_file(path);
+    create_private_file(path, key.as_bytes())
+}
+
+/// Creates `path` (it must not exist yet) readable by the current user only, holding `bytes`.
+pub fn create_private_file(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
         .ctx(|| format!("create {}", path.display()))?;
-    file.write_all(key.as_bytes()).ctx(|| format!("write {}", path.display()))
+    file.write_all(bytes).ctx(|| format!("write {}", path.display()))
 }
 
 pub fn run(opts: RunOptions) -> Result<()> {

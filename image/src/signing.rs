@@ -11,8 +11,6 @@ use crate::err;
 use crate::error::{Context, Result};
 use boot_disk::signature::{self, Statement};
 use ring::signature::{Ed25519KeyPair, KeyPair};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 pub const KEY_ENV: &str = "OC_SIGNING_KEY";
@@ -98,13 +96,7 @@ pub fn generate(path: &Path) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).ctx(|| format!("create {}", dir.display()))?;
     }
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .ctx(|| format!("create {}", path.display()))?;
-    file.write_all(text.as_bytes()).ctx(|| format!("write {}", path.display()))
+    crate::run::create_private_file(path, text.as_bytes())
 }
 
 #[cfg(test)]

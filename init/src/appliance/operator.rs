@@ -245,28 +245,41 @@ pub fn hand_over(loaded: &Loaded) {
         Ok(json) => Some((json, "API TLS: settings from QEMU fw_cfg".to_string())),
         Err(_) => api_tls_handoff(loaded),
     };
-    match api_tls {
-        Some((json, said)) => match write_private(API_TLS_FILE, json.as_bytes()) {
+    // Absent: the appliance serves HTTPS with the certificate it generated.
+    hand_over_optional(
+        API_TLS_FILE,
+        api_tls,
+        write_private,
+        "API TLS PROBLEM",
+        "the appliance serves HTTPS with its generated certificate",
+    );
+    // Absent: only the keys shipped in the image are trusted.
+    hand_over_optional(
+        UPGRADE_KEYS_FILE,
+        upgrade_keys_handoff(&loaded.config),
+        write_public,
+        "UPGRADE KEYS PROBLEM",
+        "only the keys shipped in the image are trusted",
+    );
+}
+
+/// Writes a handoff file the operator's settings ask for (logging what it says), or removes a
+/// leftover one when they ask for nothing. A write failure leaves the appliance's default,
+/// which `fallback` names.
+fn hand_over_optional(
+    path: &str,
+    content: Option<(String, String)>,
+    write: fn(&str, &[u8]) -> std::io::Result<()>,
+    problem: &str,
+    fallback: &str,
+) {
+    match content {
+        Some((text, said)) => match write(path, text.as_bytes()) {
             Ok(()) => log!("{said}"),
-            Err(e) => log!(
-                "API TLS PROBLEM: cannot write {API_TLS_FILE}: {e}; the appliance serves HTTPS with its generated certificate"
-            ),
+            Err(e) => log!("{problem}: cannot write {path}: {e}; {fallback}"),
         },
-        // Absent: the appliance serves HTTPS with the certificate it generated.
         None => {
-            let _ = std::fs::remove_file(API_TLS_FILE);
-        }
-    }
-    match upgrade_keys_handoff(&loaded.config) {
-        Some((text, said)) => match write_public(UPGRADE_KEYS_FILE, text.as_bytes()) {
-            Ok(()) => log!("{said}"),
-            Err(e) => log!(
-                "UPGRADE KEYS PROBLEM: cannot write {UPGRADE_KEYS_FILE}: {e}; only the keys shipped in the image are trusted"
-            ),
-        },
-        // Absent: only the keys shipped in the image are trusted.
-        None => {
-            let _ = std::fs::remove_file(UPGRADE_KEYS_FILE);
+            let _ = std::fs::remove_file(path);
         }
     }
 }
