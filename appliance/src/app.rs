@@ -4,15 +4,17 @@ use serde_json::Value;
 
 use crate::auth::Auth;
 use crate::capacity::Capacity;
-use crate::crypto::Keyring;
 use crate::http::long_work::LongWork;
 use crate::lifecycle::Lifecycle;
+use crate::master_key::{live::LiveKeyring, KeyStore};
 use crate::metrics::Metrics;
 use crate::store::Store;
 
 pub struct App {
     pub store: Store,
-    pub keyring: Keyring,
+    pub keyring: std::sync::Arc<LiveKeyring>,
+    /// Where the master key is kept (None: the operator's `--master-key-file`, rotated offline).
+    pub master_keys: Option<KeyStore>,
     pub auth: Auth,
     pub lifecycle: Lifecycle,
     /// What sandboxes may commit (guest memory, vCPUs, disk) and what they hold.

@@ -5,19 +5,21 @@ use std::path::PathBuf;
 use crate::api_tls::TlsChoice;
 use crate::capacity::{CapacityConfig, DEFAULT_DISK_RESERVE_MB};
 use crate::http::front::ConnectionLimits;
+use crate::master_key::Choice;
 use crate::sandbox_side::{SandboxOptions, DEFAULT_CA_ROOTS, DEFAULT_GUEST_KERNEL, DEFAULT_PROXY_CONFIG};
 use crate::serve::ServeConfig;
 
 pub const USAGE: &str = "usage:
   appliance serve [--listen ADDR] [--loopback-listen 127.0.0.1:PORT] [--data-dir DIR] [--vmm-bin PATH] [--admin-key-file FILE]
-                  [--master-key-file FILE] [--guest-kernel VMLINUX] [--templates-dir DIR]
+                  [--master-key-file FILE | --master-key-store auto|tpm[:DEVICE]|esp|data-dir]
+                  [--guest-kernel VMLINUX] [--templates-dir DIR]
                   [--ca-roots PEM] [--proxy-config JSON] [--stopped-retention-sec N] [--quiet]
                   [--power-control] [--require-data-mount] [--memory-reserve-mb N]
                   [--disk-reserve-mb N] [--max-connections N]
                   [--plain-http | --tls-cert PEM --tls-key PEM | --tls-settings JSON]
                   [--tls-trust-out FILE] [--upgrade-keys FILE] [--upgrade-keys-extra FILE]
   appliance bench api [--clients N] [--requests N] [--data-dir DIR]
-  appliance rotate-key --data-dir DIR [--master-key-file OLD --new-master-key-file NEW]";
+  appliance rotate-key --data-dir DIR [--master-key-store WHERE | --master-key-file OLD --new-master-key-file NEW]";
 
 /// How long a stopped sandbox's record stays visible (status, endAt) before it is forgotten.
 pub const DEFAULT_STOPPED_RETENTION_SEC: usize = 3600;
@@ -33,7 +35,7 @@ pub const DEFAULT_ADMIN_KEY_FILE: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/
 pub enum Command {
     Serve(ServeConfig, SandboxOptions),
     BenchApi(BenchOptions),
-    RotateKey { data_dir: PathBuf, old_key: Option<PathBuf>, new_key: Option<PathBuf> },
+    RotateKey { data_dir: PathBuf, store: Choice, old_key: Option<PathBuf>, new_key: Option<PathBuf> },
     Help,
 }
 
@@ -113,6 +115,11 @@ fn tls_choice(flags: &mut Flags) -> Result<TlsChoice, String> {
     }
 }
 
+/// `--master-key-store`: where the master key is kept; the data directory unless told.
+fn master_key_store(flags: &mut Flags) -> Result<Choice, String> {
+    flags.value("--master-key-store")?.map_or(Ok(Choice::DataDir), |v| Choice::parse(&v))
+}
+
 pub fn parse(args: Vec<String>) -> Result<Command, String> {
     let mut it = args.into_iter();
     let sub = it.next();
@@ -129,6 +136,7 @@ pub fn parse(args: Vec<String>) -> Result<Command, String> {
                     flags.value("--admin-key-file")?.unwrap_or_else(|| DEFAULT_ADMIN_KEY_FILE.into()),
                 )),
                 master_key_file: flags.value("--master-key-file")?.map(PathBuf::from),
+                master_key_store: master_key_store(&mut flags)?,
                 log_requests: !flags.switch("--quiet"),
                 stopped_retention: std::time::Duration::from_secs(number(
                     "--stopped-retention-sec",
@@ -191,6 +199,7 @@ pub fn parse(args: Vec<String>) -> Result<Command, String> {
         }
         Some("rotate-key") => Command::RotateKey {
             data_dir: PathBuf::from(flags.value("--data-dir")?.ok_or("rotate-key needs --data-dir")?),
+            store: master_key_store(&mut flags)?,
             old_key: flags.value("--master-key-file")?.map(PathBuf::from),
             new_key: flags.value("--new-master-key-file")?.map(PathBuf::from),
         },

@@ -104,6 +104,12 @@ impl MasterKey {
     pub fn id_hex(&self) -> String {
         hex(&self.id)
     }
+
+    /// A second handle on the same key (a rotation's keyrings each hold the old and new key).
+    pub fn duplicate(&self) -> Result<Self, CryptoError> {
+        let key = SecretKey::try_from(self.key.unprotected_as_ref()).map_err(|_| CryptoError::BadKey)?;
+        Ok(Self { id: self.id, key })
+    }
 }
 
 impl fmt::Debug for MasterKey {

@@ -1,9 +1,9 @@
-//! Files on the data partition that hold keys: the master key (mode 0600, written
-//! atomically and fsynced) and the lock that gives one process the data directory.
+//! Master key files (64 hex characters or 32 raw bytes; created mode 0600, written atomically
+//! and fsynced) and the lock that gives one process the data directory.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -37,7 +37,7 @@ pub fn read_master_key(path: &Path) -> Result<MasterKey, String> {
     MasterKey::from_bytes(bytes.as_ref()).map_err(|e| format!("master key {}: {e}", path.display()))
 }
 
-fn decode_key(raw: &[u8]) -> Option<Zeroizing<[u8; MASTER_KEY_LEN]>> {
+pub fn decode_key(raw: &[u8]) -> Option<Zeroizing<[u8; MASTER_KEY_LEN]>> {
     let mut out = Zeroizing::new([0u8; MASTER_KEY_LEN]);
     let text = raw.trim_ascii();
     if text.len() == MASTER_KEY_LEN * 2 && text.iter().all(u8::is_ascii_hexdigit) {
@@ -87,25 +87,6 @@ pub fn create_master_key(path: &Path) -> Result<MasterKey, String> {
     MasterKey::from_bytes(bytes.as_ref()).map_err(|e| e.to_string())
 }
 
-/// Loads the data directory's master key, creating it on first start.
-pub fn load_or_create_master_key(data_dir: &Path) -> Result<(MasterKey, bool), String> {
-    let path = master_key_path(data_dir);
-    if path.exists() {
-        warn_if_readable_by_others(&path);
-        Ok((read_master_key(&path)?, false))
-    } else {
-        Ok((create_master_key(&path)?, true))
-    }
-}
-
-fn warn_if_readable_by_others(path: &Path) {
-    if let Ok(meta) = fs::metadata(path) {
-        if meta.permissions().mode() & 0o077 != 0 {
-            eprintln!("appliance: warning: {} is accessible by group/others; chmod 600 it", path.display());
-        }
-    }
-}
-
 pub fn sync_parent_dir(path: &Path) -> Result<(), String> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| format!("cannot fsync directory {}: {e}", dir.display()))
@@ -153,6 +134,7 @@ impl DataDirLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn temp_dir(tag: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("appliance-keyfiles-{tag}-{}", std::process::id()));
@@ -164,12 +146,10 @@ mod tests {
     #[test]
     fn created_key_is_private_and_reloads_identically() {
         let dir = temp_dir("create");
-        let (key, created) = load_or_create_master_key(&dir).expect("create");
-        assert!(created);
+        let key = create_master_key(&master_key_path(&dir)).expect("create");
         let mode = fs::metadata(master_key_path(&dir)).expect("stat").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        let (again, created_again) = load_or_create_master_key(&dir).expect("load");
-        assert!(!created_again);
+        let again = read_master_key(&master_key_path(&dir)).expect("load");
         assert_eq!(key.id(), again.id());
         assert!(create_master_key(&master_key_path(&dir)).is_err());
         let _ = fs::remove_dir_all(&dir);

@@ -29,8 +29,8 @@ fn main() -> ExitCode {
             serve::run(&config, SandboxSide::Build(Box::new(factory)))
         }
         Command::BenchApi(options) => appliance::bench::run(&options).map(|line| println!("{line}")),
-        Command::RotateKey { data_dir, old_key, new_key } => {
-            appliance::rotate::run(&data_dir, old_key.as_deref(), new_key.as_deref()).map(|r| {
+        Command::RotateKey { data_dir, store, old_key, new_key } => {
+            appliance::master_key::rotate_offline(&data_dir, &store, old_key.as_deref(), new_key.as_deref()).map(|r| {
                 println!(
                     "appliance: rotated to master key {}: re-encrypted {} secret(s) and {} CA key(s)",
                     r.new_key_id, r.secrets, r.ca_keys

@@ -46,7 +46,14 @@ fn persist(app: &App, sandbox_id: &str, entry: &Entry) -> Result<(), AppError> {
         .seal(&json, &sandbox_seal_associated_data(sandbox_id))
         .map_err(|e| AppError::internal(format!("cannot seal the tokens of sandbox {sandbox_id}: {e}")))?;
     let id = sandbox_id.to_string();
-    app.store.write(move |wtxn, dbs| Ok(dbs.sandbox_seals.put(wtxn, &id, &blob)?))
+    let keyring = std::sync::Arc::clone(&app.keyring);
+    app.store.write(move |wtxn, dbs| {
+        // A master-key rotation may have run since the tokens were sealed.
+        let blob = keyring
+            .keep_current(blob, &sandbox_seal_associated_data(&id))
+            .map_err(|e| AppError::internal(format!("cannot seal the tokens of sandbox {id}: {e}")))?;
+        Ok(dbs.sandbox_seals.put(wtxn, &id, &blob)?)
+    })
 }
 
 /// Registers a running sandbox found after a restart with the proxy again, from what `attach`

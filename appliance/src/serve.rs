@@ -18,8 +18,9 @@ use crate::crypto::Keyring;
 use crate::http::front::ConnectionLimits;
 use crate::http::long_work::{LongWork, MAX_LONG_REQUESTS};
 use crate::http::server::HttpServer;
-use crate::keyfiles::{load_or_create_master_key, next_master_key_path, read_master_key, DataDirLock};
+use crate::keyfiles::{read_master_key, DataDirLock};
 use crate::lifecycle::{Backend, Lifecycle};
+use crate::master_key::{self, live::LiveKeyring, Choice, KeyStore};
 use crate::metrics::Metrics;
 use crate::selfcheck;
 use crate::store::Store;
@@ -34,6 +35,8 @@ pub struct ServeConfig {
     pub vmm_bin: PathBuf,
     pub admin_key_file: Option<PathBuf>,
     pub master_key_file: Option<PathBuf>,
+    /// Where the master key is kept when no `master_key_file` is given.
+    pub master_key_store: Choice,
     pub log_requests: bool,
     /// Stopped sandboxes' records are deleted this long after they ended.
     pub stopped_retention: Duration,
@@ -73,37 +76,23 @@ pub struct Running {
     _lock: DataDirLock,
 }
 
-fn open_keyring(
-    config: &ServeConfig,
-    store_needed: impl FnOnce() -> Result<Store, String>,
-) -> Result<(Keyring, Store), String> {
+/// The master key: the operator's file, or where `--master-key-store` keeps it (with the
+/// `KeyStore` for rotations through the API).
+fn open_keyring(config: &ServeConfig, store: &Store) -> Result<(Keyring, Option<KeyStore>), String> {
     if let Some(path) = &config.master_key_file {
         let key = read_master_key(path)?;
         println!("appliance: master key {} loaded from {}", key.id_hex(), path.display());
-        return Ok((Keyring::new(key), store_needed()?));
+        return Ok((Keyring::new(key), None));
     }
-    let (key, created) = load_or_create_master_key(&config.data_dir)?;
-    if created {
-        println!("appliance: generated a new master key {} in {}", key.id_hex(), config.data_dir.display());
-    } else {
-        println!("appliance: master key {} loaded", key.id_hex());
-    }
-    let store = store_needed()?;
-    if next_master_key_path(&config.data_dir).exists() {
-        println!("appliance: an interrupted key rotation was found; completing it");
-        let (report, ring) = crate::rotate::rotate_default_key(&config.data_dir, &store)?;
-        println!(
-            "appliance: key rotation completed: {} secret(s), {} CA key(s) now under key {}",
-            report.secrets, report.ca_keys, report.new_key_id
-        );
-        return Ok((ring, store));
-    }
-    Ok((Keyring::new(key), store))
+    let keys = KeyStore::choose(&config.master_key_store, &config.data_dir);
+    let ring = master_key::load(&keys, &config.data_dir, store)?;
+    Ok((ring, Some(keys)))
 }
 
 pub fn start(config: &ServeConfig, side: SandboxSide) -> Result<Running, String> {
     let lock = DataDirLock::acquire(&config.data_dir)?;
-    let (keyring, store) = open_keyring(config, || Store::open(&config.data_dir))?;
+    let store = Store::open(&config.data_dir)?;
+    let (keyring, master_keys) = open_keyring(config, &store)?;
     println!("appliance: store open at {}", store.path().display());
     let auth = configure_admin_key(&store, config.admin_key_file.as_deref())?;
     let kvm = selfcheck::run(&config.vmm_bin, selfcheck::SELFCHECK_TIMEOUT);
@@ -133,7 +122,8 @@ pub fn start(config: &ServeConfig, side: SandboxSide) -> Result<Running, String>
     );
     let app = Arc::new(App {
         store,
-        keyring,
+        keyring: Arc::new(LiveKeyring::new(keyring)),
+        master_keys,
         auth,
         lifecycle,
         capacity: Capacity::new(limits, &config.data_dir),
@@ -152,7 +142,7 @@ pub fn start(config: &ServeConfig, side: SandboxSide) -> Result<Running, String>
         Duration::from_millis(250),
         config.stopped_retention,
     );
-    let tls = crate::api_tls::prepare(&config.tls, &app.store, &app.keyring)?;
+    let tls = crate::api_tls::prepare(&config.tls, &app.store, &app.keyring.snapshot())?;
     if let Some(tls) = &tls {
         announce_tls(tls, config.tls_trust_out.as_deref())?;
     }

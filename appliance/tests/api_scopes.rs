@@ -68,6 +68,7 @@ fn rows(f: &Fixture) -> Vec<Row> {
         ("POST", "/api/system/upgrade".into(), String::new(), Allowed, 403),
         ("POST", "/api/system/reboot".into(), String::new(), Allowed, 403),
         ("POST", "/api/system/poweroff".into(), String::new(), Allowed, 403),
+        ("POST", "/api/system/master-key/rotate".into(), String::new(), Exactly(200), 403),
         ("GET", "/api/keys".into(), String::new(), Exactly(200), 403),
         ("POST", "/api/keys".into(), r#"{"name":"x","projects":["a"]}"#.into(), Exactly(201), 403),
         ("GET", "/api/projects".into(), String::new(), Exactly(200), 200),

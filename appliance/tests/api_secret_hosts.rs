@@ -163,7 +163,8 @@ fn secrets_stored_before_per_secret_hosts_still_load() {
         updated_at: 1_700_000_000,
     };
     {
-        let (key, _) = appliance::keyfiles::load_or_create_master_key(&dir).expect("master key");
+        let key =
+            appliance::keyfiles::create_master_key(&appliance::keyfiles::master_key_path(&dir)).expect("master key");
         let ring = Keyring::new(key);
         let store_dir = appliance::store::store_path(&dir);
         std::fs::create_dir_all(&store_dir).expect("mkdir");

@@ -23,6 +23,7 @@ pub mod progress;
 pub mod qemu;
 pub mod run;
 pub mod signing;
+pub mod swtpm;
 pub mod system_disk;
 pub mod template;
 pub mod uki;

@@ -10,13 +10,15 @@ const USAGE: &str = "usage:
                                            build kernel, guest kernel and initramfs (cached);
                                            --disk: also the bootable UEFI disk image and its manifest
   image run [--disk] [--port N] [--cpus N] [--memory MiB] [--data-disk PATH] [--data-disk-gib N] [--proxy-config JSON]
-            [--plain-http]
+            [--plain-http] [--no-tpm]
                                            build what is missing, boot the appliance in QEMU,
                                            print its API address (HTTPS) and the CA file to trust;
                                            Ctrl-C shuts it down cleanly.
                                            --disk: boot the disk image under UEFI (--data-disk is then
                                            the persistent copy of it, grown to --data-disk-gib)
-                                           --plain-http: serve the API over plain HTTP instead";
+                                           --plain-http: serve the API over plain HTTP instead
+                                           --no-tpm: no software TPM (swtpm) attached; the appliance then
+                                           keeps its master key on the boot disk (ESP) or data disk";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -77,6 +79,10 @@ fn parse_run(args: &[String]) -> Result<RunOptions, String> {
         }
         if flag == "--plain-http" {
             opts.plain_http = true;
+            continue;
+        }
+        if flag == "--no-tpm" {
+            opts.tpm = false;
             continue;
         }
         let value = iter.next().ok_or_else(|| format!("{flag} needs a value"))?;

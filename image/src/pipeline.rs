@@ -231,7 +231,7 @@ fn services_file(variant: Variant) -> String {
          --admin-key-file {ADMIN_KEY_RUN_FILE} --proxy-config {PROXY_CONFIG_RUN_FILE} \
          --tls-settings {API_TLS_RUN_FILE} --upgrade-keys {TRUSTED_KEYS} --upgrade-keys-extra {UPGRADE_KEYS_RUN_FILE} \
          --guest-kernel {GUEST_KERNEL_PATH} --templates-dir {SYSTEM_MOUNT}/templates \
-         --ca-roots {CA_ROOTS_PATH} \
+         --ca-roots {CA_ROOTS_PATH} --master-key-store auto \
          --power-control --require-data-mount\n"
     ));
     match variant {

@@ -106,6 +106,9 @@ pub struct MachineConfig {
     /// Serve the API over plain HTTP (handed over with fw_cfg); otherwise it is HTTPS with the
     /// appliance's own CA, trusted by the fingerprint it prints (see `wait_api_ready`).
     pub plain_http: bool,
+    /// A software TPM 2.0 with its state in this directory (kept with the disk: the appliance
+    /// seals its master key to it); None: a machine without a TPM.
+    pub tpm_state: Option<PathBuf>,
     /// Console log, monitor socket, the learned API CA (`api-ca.pem`).
     pub run_dir: PathBuf,
     pub accel: Accel,
@@ -116,6 +119,8 @@ pub const API_CA_FILE: &str = "api-ca.pem";
 
 pub struct Machine {
     child: Option<Child>,
+    /// Dropped after QEMU (fields drop in order): the TPM outlives the machine using it.
+    _tpm: Option<crate::swtpm::SoftTpm>,
     pub console_log: PathBuf,
     monitor_socket: PathBuf,
     pub api_port: u16,
@@ -233,6 +238,15 @@ impl Machine {
             .arg(format!("user,id=net0,{restrict}hostfwd=tcp:127.0.0.1:{}-{guest}:{API_PORT_IN_GUEST}", cfg.api_port));
         cmd.args(["-device", "virtio-net-pci,netdev=net0"]);
         cmd.args(["-device", "virtio-rng-pci"]);
+        let tpm = match &cfg.tpm_state {
+            Some(state) => {
+                crate::swtpm::ensure_installed()?;
+                let tpm = crate::swtpm::SoftTpm::start(state, &cfg.run_dir)?;
+                cmd.args(tpm.qemu_args());
+                Some(tpm)
+            }
+            None => None,
+        };
         if let Some(config) = &cfg.proxy_config_file {
             cmd.arg("-fw_cfg").arg(format!("name={PROXY_CONFIG_FW_CFG},file={}", config.display()));
         }
@@ -252,6 +266,7 @@ impl Machine {
         let child = cmd.spawn().ctx(|| "start qemu-system-x86_64".into())?;
         Ok(Machine {
             child: Some(child),
+            _tpm: tpm,
             console_log,
             monitor_socket,
             api_port: cfg.api_port,

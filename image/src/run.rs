@@ -26,6 +26,8 @@ pub struct RunOptions {
     pub disk: bool,
     /// Serve the API over plain HTTP (local experiments) instead of HTTPS.
     pub plain_http: bool,
+    /// Attach a software TPM (swtpm), to which the appliance seals its master key.
+    pub tpm: bool,
 }
 
 impl Default for RunOptions {
@@ -39,6 +41,7 @@ impl Default for RunOptions {
             proxy_config: None,
             disk: false,
             plain_http: false,
+            tpm: true,
         }
     }
 }
@@ -97,6 +100,17 @@ pub fn create_private_file(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
     file.write_all(bytes).ctx(|| format!("write {}", path.display()))
 }
 
+/// The software TPM's state, beside the disk it belongs to (`data.img` -> `data.img.tpm/`).
+pub fn tpm_state_dir(boot: &Boot) -> PathBuf {
+    let disk = match boot {
+        Boot::Kernel { data_disk, .. } => data_disk,
+        Boot::Disk { image, .. } => image,
+    };
+    let mut name = disk.file_name().unwrap_or_default().to_os_string();
+    name.push(".tpm");
+    disk.with_file_name(name)
+}
+
 pub fn run(opts: RunOptions) -> Result<()> {
     install_stop_handlers();
     let (key, generated) = match std::env::var("OPENCOMPUTER_API_KEY") {
@@ -123,6 +137,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
     write_key_file(&key_file, &key)?;
     let (accel, why) = qemu::detect_accel();
     let api_port = qemu::free_port(opts.port)?;
+    let tpm_state = opts.tpm.then(|| tpm_state_dir(&boot));
     let cfg = MachineConfig {
         boot,
         network: Network::Outbound,
@@ -133,6 +148,7 @@ pub fn run(opts: RunOptions) -> Result<()> {
         admin_key_file: Some(key_file),
         proxy_config_file: opts.proxy_config.clone(),
         plain_http: opts.plain_http,
+        tpm_state,
         run_dir: run_dir.clone(),
         accel,
     };
@@ -142,6 +158,12 @@ pub fn run(opts: RunOptions) -> Result<()> {
     match &cfg.boot {
         Boot::Kernel { data_disk, .. } => eprintln!("[run] data disk: {}", data_disk.display()),
         Boot::Disk { image, .. } => eprintln!("[run] boot disk (UEFI, data partition inside): {}", image.display()),
+    }
+    if let Some(state) = &cfg.tpm_state {
+        eprintln!(
+            "[run] TPM 2.0 (swtpm), state in {}: the appliance seals its master key to it, so keep it with the disk",
+            state.display()
+        );
     }
     let ready = machine.wait_api_ready(BOOT_TIMEOUT, &|| STOP.load(Ordering::SeqCst));
     match ready {

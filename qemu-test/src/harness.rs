@@ -26,6 +26,9 @@ pub struct Appliance {
     pub boot_time: Duration,
 }
 
+/// The test appliance's software TPM state, in the work dir: new with every fresh data disk.
+pub const TPM_STATE_DIR: &str = "tpm";
+
 pub fn work_dir() -> PathBuf {
     image::workspace::target_dir().join("qemu-test")
 }
@@ -51,6 +54,8 @@ impl Appliance {
         std::fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
         let data_disk = dir.join("data.img");
         let _ = std::fs::remove_file(&data_disk);
+        // The master key sealed to the old TPM belonged to the old disk.
+        let _ = std::fs::remove_dir_all(dir.join(TPM_STATE_DIR));
         let _ = std::fs::remove_file(dir.join("console.log"));
         qemu::create_data_disk(&data_disk, 8)?;
         let api_key = image::run::generate_api_key()?;
@@ -112,6 +117,7 @@ fn start(artifacts: &Artifacts, data_disk: &Path, key_file: &Path, proxy_config:
         dir.join("console.log").display()
     );
     let cfg = MachineConfig {
+        tpm_state: Some(dir.join(TPM_STATE_DIR)),
         boot: qemu::Boot::Kernel { artifacts: artifacts.clone(), data_disk: data_disk.to_path_buf() },
         network: qemu::Network::Outbound,
         memory_mib: 3072,

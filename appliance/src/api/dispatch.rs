@@ -35,7 +35,8 @@ fn is_long(route: &Route, method: &Method) -> bool {
                 | Route::Commands(_)
                 | Route::Sandboxes
                 | Route::SandboxMemoryDump(_)
-                | Route::SystemUpgrade,
+                | Route::SystemUpgrade
+                | Route::SystemMasterKeyRotate,
             Post
         ) | (Route::ExecSession(..), Get)
             | (Route::Files(_), Get | Put)
@@ -189,6 +190,7 @@ pub fn dispatch(
         (Route::SystemUpgrade, Post) => system::upgrade(app, request),
         (Route::SystemReboot, Post) => system::power(app, system::PowerAction::Reboot),
         (Route::SystemPoweroff, Post) => system::power(app, system::PowerAction::PowerOff),
+        (Route::SystemMasterKeyRotate, Post) => system::rotate_master_key(app),
         (Route::Keys, Post) => keys::create(app, request),
         (Route::Keys, Get) => keys::list(app),
         (Route::Key(id), Delete) => keys::delete(app, id),

@@ -41,9 +41,14 @@ pub fn authorize(app: &App, caller: &Caller, route: &Route, method: &Method) -> 
             _,
         ) => sandbox_allowed(app, key, id),
         (Route::Metrics, _) => Err(operator_only(key, "metrics")),
-        (Route::System | Route::SystemUpgrade | Route::SystemReboot | Route::SystemPoweroff, _) => {
-            Err(operator_only(key, "the /api/system routes"))
-        }
+        (
+            Route::System
+            | Route::SystemUpgrade
+            | Route::SystemReboot
+            | Route::SystemPoweroff
+            | Route::SystemMasterKeyRotate,
+            _,
+        ) => Err(operator_only(key, "the /api/system routes")),
         (Route::Keys | Route::Key(_), _) => Err(operator_only(key, "managing API keys")),
         (Route::Audit, _) => Err(operator_only(key, "the audit trail")),
     }

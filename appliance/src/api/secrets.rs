@@ -64,11 +64,15 @@ pub fn put(app: &App, caller: &Caller, raw_id: &str, name: &str, request: &mut R
     drop(secret);
     let key = secret_key(&project_id, name);
     let pid = project_id.clone();
+    let (keyring, aad) = (std::sync::Arc::clone(&app.keyring), secret_associated_data(&project_id, name));
     // Value and hosts are replaced together: a PUT without allowedHosts clears earlier ones.
     app.store.write(move |wtxn, dbs| {
         if dbs.projects.get(wtxn, &pid)?.is_none() {
             return Err(AppError::not_found(format!("project {pid} not found")));
         }
+        // A master-key rotation may have run since the value was sealed.
+        let blob =
+            keyring.keep_current(blob, &aad).map_err(|e| AppError::internal(format!("cannot encrypt secret: {e}")))?;
         dbs.secrets.put(wtxn, &key, &blob)?;
         if hosts.is_empty() {
             dbs.secret_hosts.delete(wtxn, &key)?;

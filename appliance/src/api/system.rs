@@ -1,7 +1,7 @@
 //! `GET /api/system` (running slot, version, staged upgrade, capacity), `POST /api/system/upgrade`
 //! (the raw body is a disk image built by `image build --disk`; it is staged into the slot
 //! that is not running and boots on the next reboot, see crate::upgrade), and
-//! `POST /api/system/reboot` / `poweroff`.
+//! `POST /api/system/reboot` / `poweroff`, and `POST /api/system/master-key/rotate`.
 
 use std::time::Duration;
 
@@ -148,4 +148,43 @@ pub fn power(app: &App, action: PowerAction) -> Result<Reply, AppError> {
     });
     spawned.map_err(|e| AppError::internal(format!("cannot start the power request: {e}")))?;
     Ok(Reply::json(202, &json!({"state": state})))
+}
+
+/// `POST /api/system/master-key/rotate`: a fresh master key, kept where the current one is (the
+/// TPM, the ESP or the data directory), with every secret, CA key and running sandbox's stored
+/// tokens re-encrypted under it in one store transaction. Requests keep being served; a crash
+/// midway is finished at the next start.
+pub fn rotate_master_key(app: &App) -> Result<Reply, AppError> {
+    let Some(keys) = &app.master_keys else {
+        return Err(AppError::conflict(
+            "the master key is the operator's file (--master-key-file): rotate it offline with \
+             `appliance rotate-key --master-key-file OLD --new-master-key-file NEW`",
+        ));
+    };
+    // One rotation at a time; an upgrade being staged is left alone too (both change the ESP).
+    let Some(_guard) = app.upgrades.try_lock() else {
+        return Err(AppError::conflict(
+            "an upgrade or another key rotation is running; try again when it has finished",
+        ));
+    };
+    let started = std::time::Instant::now();
+    let report = crate::master_key::rotate(keys, &app.store, &app.keyring)
+        .map_err(|e| AppError::internal(format!("master key rotation failed: {e}")))?;
+    println!(
+        "appliance: master key rotated to {} ({}): {} secret(s) and {} CA key(s) re-encrypted in {:.0} ms",
+        report.new_key_id,
+        keys.name(),
+        report.secrets,
+        report.ca_keys,
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    Ok(Reply::json(
+        200,
+        &json!({
+            "keyId": report.new_key_id,
+            "store": keys.name(),
+            "secrets": report.secrets,
+            "caKeys": report.ca_keys,
+        }),
+    ))
 }

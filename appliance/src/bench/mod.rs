@@ -255,6 +255,7 @@ pub fn run(options: &BenchOptions) -> Result<String, String> {
         vmm_bin: PathBuf::from("/nonexistent/vmm"),
         admin_key_file: Some(key_file.clone()),
         master_key_file: None,
+        master_key_store: crate::master_key::Choice::DataDir,
         log_requests: false,
         stopped_retention: Duration::from_secs(3600),
         power_control: false,

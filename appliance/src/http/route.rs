@@ -32,6 +32,8 @@ pub enum Route {
     SystemReboot,
     /// Power the appliance off.
     SystemPoweroff,
+    /// Rotate the master key: every sealed value re-encrypted under a fresh key.
+    SystemMasterKeyRotate,
     /// Project keys: create and list (operator only).
     Keys,
     /// One project key: revoke.
@@ -66,6 +68,7 @@ impl Route {
             Self::SystemUpgrade => "/api/system/upgrade",
             Self::SystemReboot => "/api/system/reboot",
             Self::SystemPoweroff => "/api/system/poweroff",
+            Self::SystemMasterKeyRotate => "/api/system/master-key/rotate",
             Self::Keys => "/api/keys",
             Self::Key(_) => "/api/keys/{id}",
             Self::Audit => "/api/audit",
@@ -110,6 +113,7 @@ pub fn match_route(path: &str) -> Result<Option<Route>, AppError> {
         ["system", "upgrade"] => Route::SystemUpgrade,
         ["system", "reboot"] => Route::SystemReboot,
         ["system", "poweroff"] => Route::SystemPoweroff,
+        ["system", "master-key", "rotate"] => Route::SystemMasterKeyRotate,
         ["keys"] => Route::Keys,
         ["keys", id] => Route::Key(id.to_string()),
         ["audit"] => Route::Audit,
@@ -138,6 +142,7 @@ mod tests {
         assert_eq!(match_route("/api/system/upgrade").expect("ok"), Some(Route::SystemUpgrade));
         assert_eq!(match_route("/api/system/reboot").expect("ok"), Some(Route::SystemReboot));
         assert_eq!(match_route("/api/system/poweroff").expect("ok"), Some(Route::SystemPoweroff));
+        assert_eq!(match_route("/api/system/master-key/rotate").expect("ok"), Some(Route::SystemMasterKeyRotate));
         assert_eq!(match_route("/api/nothing").expect("ok"), None);
         assert_eq!(match_route("/other").expect("ok"), None);
         assert!(match_route("/api/projects/%zz").is_err());

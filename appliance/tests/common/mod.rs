@@ -18,6 +18,8 @@ use appliance::lifecycle::Backend;
 use appliance::runtime::*;
 use appliance::seal::{SandboxSeal, SealPublisher};
 use appliance::serve::{self, Running, SandboxSide, ServeConfig};
+
+pub mod swtpm;
 use serde_json::Value;
 
 pub const ADMIN_KEY: &str = "integration-test-admin-key-0123456789";
@@ -305,6 +307,7 @@ pub struct Harness {
     pub addr: SocketAddr,
     /// Kept for `restart`.
     pub capacity: CapacityConfig,
+    pub master_key_store: appliance::master_key::Choice,
 }
 
 pub fn config(data_dir: &Path, key_file: Option<PathBuf>) -> ServeConfig {
@@ -315,6 +318,7 @@ pub fn config(data_dir: &Path, key_file: Option<PathBuf>) -> ServeConfig {
         vmm_bin: PathBuf::from("/nonexistent/vmm"),
         admin_key_file: key_file,
         master_key_file: None,
+        master_key_store: appliance::master_key::Choice::DataDir,
         log_requests: false,
         stopped_retention: std::time::Duration::from_secs(3600),
         power_control: false,
@@ -379,6 +383,14 @@ impl Harness {
     }
 
     /// Like `start`, with client connections capped and timed by `limits`.
+    /// Keeps the master key where `store` says (a swtpm socket in the TPM tests).
+    pub fn start_with_key_store(tag: &str, store: appliance::master_key::Choice) -> Harness {
+        let data_dir = temp_dir(tag);
+        Self::start_configured(data_dir, Arc::new(FakeRuntime::default()), Arc::new(FakePublisher::default()), |c| {
+            c.master_key_store = store;
+        })
+    }
+
     pub fn start_with_connections(tag: &str, limits: ConnectionLimits) -> Harness {
         let data_dir = temp_dir(tag);
         Self::start_configured(data_dir, Arc::new(FakeRuntime::default()), Arc::new(FakePublisher::default()), |c| {
@@ -398,7 +410,15 @@ impl Harness {
         adjust(&mut cfg);
         let running = serve::start(&cfg, SandboxSide::Wired(backend)).expect("start");
         let addr = running.addr();
-        Harness { running: Some(running), runtime, publisher, data_dir, addr, capacity: cfg.capacity }
+        Harness {
+            running: Some(running),
+            runtime,
+            publisher,
+            data_dir,
+            addr,
+            capacity: cfg.capacity,
+            master_key_store: cfg.master_key_store,
+        }
     }
 
     pub fn client(&self) -> Client {
@@ -419,6 +439,7 @@ impl Harness {
             Backend { runtime: self.runtime.clone(), publisher: self.publisher.clone(), egress: Arc::default() };
         let mut cfg = config(&self.data_dir, Some(key_file));
         cfg.capacity = self.capacity.clone();
+        cfg.master_key_store = self.master_key_store.clone();
         let running = serve::start(&cfg, SandboxSide::Wired(backend)).expect("restart");
         self.addr = running.addr();
         self.running = Some(running);

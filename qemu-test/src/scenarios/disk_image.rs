@@ -135,7 +135,9 @@ pub fn run() -> Result<String> {
     super::sealing::send_key_twice(&api, &sid, SECRET)?;
     upstream.expect_real_key(before, SEALED_VALUE)?;
     check(!m.console().contains(SEALED_VALUE), || "the secret appears on the console".into())?;
+    m.wait_for_console("is kept on the EFI system partition, not the data partition", 0, Duration::from_secs(1))?;
     power_down(&mut m)?;
+    data_partition_copy_decrypts_nothing(&run, &disk)?;
 
     if others {
         more_boots(&mut run, &disk, &id)?;
@@ -163,6 +165,21 @@ pub fn run() -> Result<String> {
     }
     report.push_str(&format!("  e2e-disk total {:.0}s\n", started.elapsed().as_secs_f64()));
     Ok(report)
+}
+
+/// Without a TPM the master key is on the ESP: the data partition copied out of the disk decrypts
+/// nothing, and the key on the ESP opens every secret (the control).
+fn data_partition_copy_decrypts_nothing(run: &Run, disk: &Path) -> Result<()> {
+    let extent = image::disk_image::partition_extent(disk, boot_disk::layout::DATA_NAME)?;
+    let findings = super::data_copy::decrypts_nothing(disk, Some(extent), &run.dir)?;
+    let (esp_offset, _) = image::disk_image::partition_extent(disk, boot_disk::layout::ESP_NAME)?;
+    let file = std::fs::File::open(disk).ctx(|| format!("open {}", disk.display()))?;
+    let mut esp = boot_disk::fat::Fat::open(file, esp_offset).map_err(|e| err!("the ESP: {e}"))?;
+    let path = format!("{}/{}", appliance::master_key::files::ESP_DIR, appliance::keyfiles::MASTER_KEY_FILE);
+    let text = esp.read_file(&path, 4096).map_err(|e| err!("the master key on the ESP: {e}"))?;
+    let raw = appliance::keyfiles::decode_key(&text).ok_or_else(|| err!("{path} on the ESP is not a key"))?;
+    let key = appliance::crypto::MasterKey::from_bytes(raw.as_ref()).map_err(|e| err!("{path}: {e}"))?;
+    super::data_copy::control_opens_all(key, &findings, "ESP's")
 }
 
 /// Builds the product disk image with another version (and command-line suffix), copied to `dir`.
@@ -500,6 +517,7 @@ impl Run {
             run_dir.join("console.log").display()
         );
         let cfg = MachineConfig {
+            tpm_state: None,
             boot: Boot::Disk { image: disk.to_path_buf(), format },
             network,
             memory_mib: 3072,

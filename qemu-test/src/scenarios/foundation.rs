@@ -23,8 +23,13 @@ pub const REBOOT_SCENARIOS: &[Scenario] =
     &[Scenario { name: "a file on the data disk survives a clean reboot", run: data_survives_reboot }];
 
 /// Powers the appliance off: runs last.
-pub const FINAL_SCENARIOS: &[Scenario] =
-    &[Scenario { name: "system_powerdown shuts down cleanly and the data disk checks clean", run: powerdown_is_clean }];
+pub const FINAL_SCENARIOS: &[Scenario] = &[
+    Scenario { name: "system_powerdown shuts down cleanly and the data disk checks clean", run: powerdown_is_clean },
+    Scenario {
+        name: "a copy of the data disk decrypts nothing on the host; the TPM's key opens every secret",
+        run: data_disk_copy_decrypts_nothing,
+    },
+];
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -130,4 +135,18 @@ fn powerdown_is_clean(appliance: &mut Appliance) -> Result<()> {
     }
     appliance.machine.wait_for_console("/data unmounted cleanly", offset, Duration::from_secs(1))?;
     super::xfs_check(&appliance.data_disk)
+}
+
+/// Runs after the power-off: the master key was sealed to the (software) TPM, so the data disk
+/// alone holds only the sealed blob.
+fn data_disk_copy_decrypts_nothing(appliance: &mut Appliance) -> Result<()> {
+    let findings = super::data_copy::decrypts_nothing(&appliance.data_disk, None, &appliance.run_dir)?;
+    let (_, blob) = findings
+        .small_files
+        .iter()
+        .find(|(name, _)| name == "master.key.tpm")
+        .ok_or_else(|| err!("no sealed master key (master.key.tpm) on the data disk"))?;
+    let state = appliance.run_dir.join(crate::harness::TPM_STATE_DIR);
+    let key = super::data_copy::unseal_with_swtpm(&state, blob, &appliance.run_dir)?;
+    super::data_copy::control_opens_all(key, &findings, "TPM's")
 }

@@ -2,6 +2,7 @@
 
 pub mod control_plane;
 pub mod control_plane_load;
+pub mod data_copy;
 pub mod disk_image;
 pub mod documented;
 pub mod foundation;
