@@ -22,6 +22,8 @@ pub struct App {
     pub metrics: Metrics,
     /// Threads serving requests that may take long, and their cap.
     pub long_work: LongWork,
+    /// Commands started with `exec/run-async` and their results.
+    pub async_execs: std::sync::Arc<crate::api::exec_async::AsyncExecs>,
     /// `vmm selfcheck`'s JSON, reported by healthz.
     pub kvm: Value,
     /// One log line per request (off for benchmarks).

@@ -23,10 +23,16 @@ pub struct Backend {
 pub struct Lifecycle {
     backend: Option<Backend>,
     unavailable_reason: String,
-    /// Running sandboxes and their `endAt`, the reaper's work list.
-    live: Mutex<HashMap<String, i64>>,
+    /// Running sandboxes and their deadlines, the reaper's work list.
+    live: Mutex<HashMap<String, Deadline>>,
     /// Running sandboxes' projects and tokens, to re-publish them when secrets change.
     seals: SealBook,
+}
+
+/// A running sandbox's deadline and, for an idle timeout, what activity renews it to.
+struct Deadline {
+    end_at: i64,
+    idle_sec: Option<u64>,
 }
 
 pub fn runtime_error(err: RuntimeError) -> AppError {
@@ -63,10 +69,30 @@ impl Lifecycle {
         self.live.lock().map_or(0, |m| m.len())
     }
 
-    pub(crate) fn track(&self, id: &str, end_at: i64) {
+    /// Tracks a running sandbox until `end_at`, renewed by activity to now + `idle_sec` when
+    /// it has an idle timeout.
+    pub(crate) fn track(&self, id: &str, end_at: i64, idle_sec: Option<u64>) {
         if let Ok(mut m) = self.live.lock() {
-            m.insert(id.to_string(), end_at);
+            m.insert(id.to_string(), Deadline { end_at, idle_sec: idle_sec.filter(|s| *s > 0) });
         }
+    }
+
+    /// API activity on sandbox `id`: its idle timeout starts again. In memory only (a write per
+    /// request would cost every command a commit); after a restart the adopted sandbox's idle
+    /// clock starts again (`sandbox_ops::reconcile_after_start`).
+    pub fn touch(&self, id: &str, now: i64) {
+        if let Ok(mut m) = self.live.lock() {
+            if let Some(d) = m.get_mut(id) {
+                if let Some(idle) = d.idle_sec {
+                    d.end_at = d.end_at.max(now.saturating_add(i64::try_from(idle).unwrap_or(i64::MAX)));
+                }
+            }
+        }
+    }
+
+    /// When a running sandbox will be stopped, as renewed so far.
+    pub fn deadline(&self, id: &str) -> Option<i64> {
+        self.live.lock().ok().and_then(|m| m.get(id).map(|d| d.end_at))
     }
 
     pub(crate) fn untrack(&self, id: &str) {
@@ -78,7 +104,7 @@ impl Lifecycle {
     pub(crate) fn expired(&self, now: i64) -> Vec<String> {
         self.live
             .lock()
-            .map(|m| m.iter().filter(|(_, end)| **end <= now).map(|(id, _)| id.clone()).collect())
+            .map(|m| m.iter().filter(|(_, d)| d.end_at <= now).map(|(id, _)| id.clone()).collect())
             .unwrap_or_default()
     }
 

@@ -18,7 +18,7 @@ use crate::lifecycle::{new_id, runtime_error, Backend};
 use crate::runtime::{BootSpec, EnvVars};
 use crate::seal::mint_token;
 use crate::seal_sync;
-use crate::store::records::{ProjectRecord, SandboxRecord, SandboxStatus};
+use crate::store::records::{ProjectRecord, SandboxRecord, SandboxStatus, NO_DEADLINE};
 use crate::store::Dbs;
 
 /// A fully resolved create request (defaults already merged).
@@ -82,13 +82,17 @@ pub fn create(app: &App, spec: CreateSpec) -> Result<SandboxRecord, AppError> {
     }
 
     let now = now_unix();
-    let timeout = i64::try_from(spec.timeout_sec).unwrap_or(i64::MAX);
+    let deadline = |now: i64| match spec.timeout_sec {
+        0 => NO_DEADLINE,
+        t => now.saturating_add(i64::try_from(t).unwrap_or(i64::MAX)),
+    };
     let mut record = SandboxRecord {
         id: id.clone(),
         template: spec.template.clone(),
         status: SandboxStatus::Starting,
         started_at: now,
-        end_at: now.saturating_add(timeout),
+        end_at: deadline(now),
+        idle_timeout_sec: Some(spec.timeout_sec),
         cpu_count: spec.cpu_count,
         memory_mb: spec.memory_mb,
         disk_mb: spec.disk_mb.unwrap_or(0),
@@ -148,7 +152,7 @@ pub fn create(app: &App, spec: CreateSpec) -> Result<SandboxRecord, AppError> {
     let now = now_unix();
     record.status = SandboxStatus::Running;
     record.started_at = now;
-    record.end_at = now.saturating_add(timeout);
+    record.end_at = deadline(now);
     record.cid = booted.cid;
     record.disk_mb = booted.disk_mb;
     // Held under the id before the record says running, so a DELETE or reaper stop that finds
@@ -159,7 +163,7 @@ pub fn create(app: &App, spec: CreateSpec) -> Result<SandboxRecord, AppError> {
         app.capacity.release(&id);
         return Err(e);
     }
-    app.lifecycle.track(&id, record.end_at);
+    app.lifecycle.track(&id, record.end_at, record.idle_timeout_sec);
     println!(
         "appliance: sandbox {id} running (template {}, {} vCPU, {} MiB, {} MiB disk, cid {}, ends {})",
         record.template,
@@ -167,7 +171,7 @@ pub fn create(app: &App, spec: CreateSpec) -> Result<SandboxRecord, AppError> {
         record.memory_mb,
         record.disk_mb,
         record.cid,
-        crate::clock::rfc3339(record.end_at)
+        if record.end_at == NO_DEADLINE { "never".into() } else { crate::clock::rfc3339(record.end_at) }
     );
     Ok(record)
 }
@@ -249,9 +253,12 @@ pub fn require_running<'a>(app: &'a App, id: &str) -> Result<(&'a Backend, Sandb
     Ok((backend, record))
 }
 
-/// Moves `endAt` to now + `timeout_sec`.
+/// Makes `timeout_sec` the sandbox's idle timeout, counted from now (0: no automatic stop).
 pub fn set_timeout(app: &App, id: &str, timeout_sec: u64) -> Result<SandboxRecord, AppError> {
-    let end_at = now_unix().saturating_add(i64::try_from(timeout_sec).unwrap_or(i64::MAX));
+    let end_at = match timeout_sec {
+        0 => NO_DEADLINE,
+        t => now_unix().saturating_add(i64::try_from(t).unwrap_or(i64::MAX)),
+    };
     let id_owned = id.to_string();
     let record = app.store.write(move |wtxn, dbs| {
         let mut record = dbs
@@ -262,10 +269,11 @@ pub fn set_timeout(app: &App, id: &str, timeout_sec: u64) -> Result<SandboxRecor
             return Err(AppError::conflict(format!("sandbox {id_owned} is {}", record.status.as_str())));
         }
         record.end_at = end_at;
+        record.idle_timeout_sec = Some(timeout_sec);
         dbs.sandboxes.put(wtxn, &id_owned, &record)?;
         Ok(record)
     })?;
-    app.lifecycle.track(id, record.end_at);
+    app.lifecycle.track(id, record.end_at, record.idle_timeout_sec);
     Ok(record)
 }
 
@@ -295,7 +303,9 @@ pub fn reconcile_after_start(app: &App) -> Result<(), AppError> {
         match (record.status, backend) {
             (SandboxStatus::Running, Some(b)) if alive => {
                 app.capacity.adopt(&record.id, record.cpu_count, record.memory_mb);
-                app.lifecycle.track(&record.id, record.end_at);
+                // Activity while the appliance was down is unknown: an idle clock starts again.
+                app.lifecycle.track(&record.id, record.end_at, record.idle_timeout_sec);
+                app.lifecycle.touch(&record.id, now_unix());
                 match seal_sync::restore(app, &*b.publisher, &record.id, record.cid) {
                     Ok(Some(tokens)) => println!(
                         "appliance: sandbox {}: adopted, {tokens} sealed token(s) registered with the proxy again",

@@ -129,6 +129,7 @@ pub fn start(config: &ServeConfig, side: SandboxSide) -> Result<Running, String>
         capacity: Capacity::new(limits, &config.data_dir),
         metrics: Metrics::new(),
         long_work: LongWork::new(MAX_LONG_REQUESTS),
+        async_execs: Arc::default(),
         kvm,
         log_requests: config.log_requests,
         upgrades: crate::upgrade::Upgrades::new(&config.data_dir, trusted_upgrade_keys(config)?),

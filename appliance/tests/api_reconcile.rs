@@ -150,6 +150,7 @@ fn a_create_cut_short_by_a_restart_ends_as_error_with_its_vmm_stopped() {
         status: SandboxStatus::Starting,
         started_at: 1,
         end_at: i64::MAX,
+        idle_timeout_sec: None,
         cpu_count: 1,
         memory_mb: 512,
         disk_mb: 2048,

@@ -198,8 +198,11 @@ fn get_list_timeout_delete_and_expiry() {
     assert_eq!(status, 409, "{v}");
     let (status, _) = c.call("POST", &format!("/api/sandboxes/{a_id}/timeout"), r#"{"timeout":60}"#);
     assert_eq!(status, 409);
+    // 0: no automatic stop; endAt is then null.
     let (status, _) = c.call("POST", &format!("/api/sandboxes/{b_id}/timeout"), r#"{"timeout":0}"#);
-    assert_eq!(status, 400);
+    assert_eq!(status, 204);
+    let (_, b) = c.call("GET", &format!("/api/sandboxes/{b_id}"), "");
+    assert!(b["endAt"].is_null(), "{b}");
 
     // DELETE kills the VMM and removes the record.
     let (status, _) = c.call("DELETE", &format!("/api/sandboxes/{b_id}"), "");
@@ -445,4 +448,149 @@ fn without_a_runtime_sandbox_routes_answer_503_and_nothing_is_stored() {
     assert_eq!((status, list), (200, json!([])));
     running.shutdown(Duration::from_secs(5));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Sends a WebSocket handshake for session `sid` with the key only in `?api_key=` and returns
+/// the status line's first 12 bytes.
+fn query_key_handshake(h: &Harness, id: &str, sid: &str, key: &str, upgrade: bool) -> String {
+    let mut ws = TcpStream::connect(h.addr).expect("connect");
+    ws.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let upgrade = if upgrade { "Upgrade: websocket\r\nConnection: Upgrade\r\n" } else { "" };
+    ws.write_all(
+        format!(
+            "GET /api/sandboxes/{id}/exec/{sid}?api_key={key} HTTP/1.1\r\nHost: x\r\n{upgrade}\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .expect("write");
+    let mut buf = [0u8; 12];
+    ws.read_exact(&mut buf).expect("read");
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+#[test]
+fn a_websocket_authenticates_with_the_api_key_in_its_query_string() {
+    let h = Harness::start("sbx-ws-query-key");
+    let mut c = h.client();
+    let (_, s) = c.call("POST", "/api/sandboxes", "{}");
+    let id = s["sandboxID"].as_str().expect("id").to_string();
+    let (_, started) = c.call("POST", &format!("/api/sandboxes/{id}/exec"), r#"{"cmd":"cat"}"#);
+    let sid = started["sessionID"].as_str().expect("sid").to_string();
+    assert_eq!(query_key_handshake(&h, &id, &sid, ADMIN_KEY, true), "HTTP/1.1 101");
+    assert_eq!(query_key_handshake(&h, &id, &sid, "not-the-key-0123456789", true), "HTTP/1.1 401");
+    // Only a WebSocket upgrade may carry its key in the URL: plain requests need the header.
+    assert_eq!(query_key_handshake(&h, &id, &sid, ADMIN_KEY, false), "HTTP/1.1 401");
+}
+
+#[test]
+fn run_async_answers_at_once_and_its_result_is_polled() {
+    let h = Harness::start("sbx-run-async");
+    let mut c = h.client();
+    let (_, s) = c.call("POST", "/api/sandboxes", "{}");
+    let id = s["sandboxID"].as_str().expect("id").to_string();
+    // A command that ends at once is answered inline, as the OpenComputer API does.
+    let (status, out) = c.call("POST", &format!("/api/sandboxes/{id}/exec/run-async"), r#"{"cmd":"echo hi"}"#);
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(
+        (out["running"].clone(), out["exitCode"].clone(), out["stdout"].clone()),
+        (json!(false), json!(0), json!("hi\n"))
+    );
+
+    // A longer one answers its id; polling returns the result once it ended.
+    *h.runtime.exec_delay.lock().expect("lock") = Duration::from_millis(1500);
+    let (status, started) = c.call("POST", &format!("/api/sandboxes/{id}/exec/run-async"), r#"{"cmd":"echo slow"}"#);
+    assert_eq!(status, 202, "{started}");
+    assert_eq!(started["running"], true);
+    assert!(started["startedAt"].as_str().is_some_and(|t| t.ends_with('Z')), "{started}");
+    let exec_id = started["execId"].as_str().expect("execId").to_string();
+    let result_path = format!("/api/sandboxes/{id}/exec/{exec_id}/result");
+    let (status, first) = c.call("GET", &result_path, "");
+    assert_eq!((status, first["running"].clone()), (200, json!(true)), "{first}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let done = loop {
+        let (status, polled) = c.call("GET", &result_path, "");
+        assert_eq!(status, 200, "{polled}");
+        if polled["running"] == false {
+            break polled;
+        }
+        assert!(std::time::Instant::now() < deadline, "the command never ended: {polled}");
+    };
+    assert_eq!((done["exitCode"].clone(), done["stdout"].clone()), (json!(0), json!("slow\n")), "{done}");
+    // Kept after the end: the same answer again.
+    assert_eq!(c.call("GET", &result_path, "").1["stdout"], "slow\n");
+
+    // Unknown commands, and another sandbox's, are 404s.
+    let (_, other) = c.call("POST", "/api/sandboxes", "{}");
+    let other = other["sandboxID"].as_str().expect("id").to_string();
+    let (status, _) = c.call("GET", &format!("/api/sandboxes/{other}/exec/{exec_id}/result"), "");
+    assert_eq!(status, 404);
+    let (status, _) = c.call("GET", &format!("/api/sandboxes/{id}/exec/{other}/result"), "");
+    assert_eq!(status, 404);
+}
+
+#[test]
+fn unknown_paths_under_a_sandbox_are_404_and_sessions_list_what_the_sdks_read() {
+    let h = Harness::start("sbx-unknown-paths");
+    let mut c = h.client();
+    let (_, s) = c.call("POST", "/api/sandboxes", "{}");
+    let id = s["sandboxID"].as_str().expect("id").to_string();
+    for (method, path) in [("POST", "nonexistent"), ("GET", "exec/a/b/c"), ("POST", "files/unknown-op")] {
+        let (status, body) = c.call(method, &format!("/api/sandboxes/{id}/{path}"), "{}");
+        assert_eq!(status, 404, "{method} {path}: {body}");
+        assert!(body["error"].is_string(), "{body}");
+    }
+    let (_, started) = c.call("POST", &format!("/api/sandboxes/{id}/exec"), r#"{"cmd":"cat"}"#);
+    let sid = started["sessionID"].as_str().expect("sid").to_string();
+    let (_, sessions) = c.call("GET", &format!("/api/sandboxes/{id}/exec"), "");
+    let entry = &sessions[0];
+    assert_eq!(entry["sessionID"], sid.as_str());
+    assert_eq!(entry["sandboxID"], id.as_str());
+    assert_eq!(entry["command"], "cat");
+    assert_eq!(entry["args"], json!([]));
+    assert_eq!(entry["running"], true);
+    assert!(entry.get("exitCode").is_none(), "no exit code while running: {entry}");
+}
+
+#[test]
+fn the_timeout_is_an_idle_timeout_renewed_by_activity_and_zero_never_stops() {
+    let h = Harness::start("sbx-idle-timeout");
+    let mut c = h.client();
+    let (_, s) = c.call("POST", "/api/sandboxes", r#"{"timeout":2}"#);
+    let busy = s["sandboxID"].as_str().expect("id").to_string();
+    let first_end = time_of(&s["endAt"]);
+    let (_, s) = c.call("POST", "/api/sandboxes", r#"{"timeout":2}"#);
+    let idle = s["sandboxID"].as_str().expect("id").to_string();
+    let (_, s) = c.call("POST", "/api/sandboxes", r#"{"timeout":0}"#);
+    let forever = s["sandboxID"].as_str().expect("id").to_string();
+    assert!(s["endAt"].is_null(), "timeout 0: no automatic stop: {s}");
+
+    // A command every half second keeps `busy` alive well past its 2 s; `idle` stops.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        let (status, out) = c.call("POST", &format!("/api/sandboxes/{busy}/exec/run"), r#"{"cmd":"echo hi"}"#);
+        assert_eq!(status, 200, "the busy sandbox was stopped after {:?}: {out}", started.elapsed());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (_, b) = c.call("GET", &format!("/api/sandboxes/{busy}"), "");
+    assert_eq!(b["status"], "running");
+    assert!(time_of(&b["endAt"]) > first_end, "endAt moved with the activity: {b}");
+    let (_, i) = c.call("GET", &format!("/api/sandboxes/{idle}"), "");
+    assert_eq!(i["status"], "stopped", "{i}");
+    let (_, f) = c.call("GET", &format!("/api/sandboxes/{forever}"), "");
+    assert_eq!(f["status"], "running", "{f}");
+
+    // Left idle, `busy` stops too.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, b) = h.client().call("GET", "/api/sandboxes", "");
+        let state = b.as_array().expect("list").iter().find(|s| s["sandboxID"] == busy.as_str()).expect("busy")
+            ["status"]
+            .clone();
+        if state == "stopped" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the idle sandbox was never stopped");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

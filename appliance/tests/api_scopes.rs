@@ -101,6 +101,8 @@ fn rows(f: &Fixture) -> Vec<Row> {
         ("POST", format!("/api/sandboxes/{sa}/commands"), r#"{"cmd":"echo hi"}"#.into(), Exactly(200), 200),
         ("POST", format!("/api/sandboxes/{sb}/commands"), r#"{"cmd":"echo hi"}"#.into(), Exactly(200), 403),
         ("POST", format!("/api/sandboxes/{sb}/exec/run"), r#"{"cmd":"echo hi"}"#.into(), Exactly(200), 403),
+        ("POST", format!("/api/sandboxes/{sb}/exec/run-async"), r#"{"cmd":"echo hi"}"#.into(), Exactly(200), 403),
+        ("GET", format!("/api/sandboxes/{sb}/exec/{sb}/result"), String::new(), Exactly(404), 403),
         ("POST", format!("/api/sandboxes/{sb}/exec"), r#"{"cmd":"cat"}"#.into(), Allowed, 403),
         ("GET", format!("/api/sandboxes/{sb}/exec"), String::new(), Exactly(200), 403),
         ("GET", format!("/api/sandboxes/{sb}/exec/some-session"), String::new(), Allowed, 403),

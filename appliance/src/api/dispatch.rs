@@ -11,9 +11,10 @@ use crate::api::{exec, files, keys, projects, sandboxes, scope, secrets, system}
 use crate::app::App;
 use crate::audit;
 use crate::auth::Caller;
+use crate::clock::now_unix;
 use crate::error::AppError;
 use crate::http::reply::Reply;
-use crate::http::request::{header, split_url};
+use crate::http::request::{header, query_param, split_url};
 use crate::http::route::{match_route, Route, UNMATCHED};
 
 fn not_allowed(method: &Method, route: &Route) -> AppError {
@@ -54,7 +55,9 @@ pub fn handle(app: &Arc<App>, request: Request, port: u16) {
     if let Ok(Some(Route::Healthz)) = &route {
         return respond(app, None, request_label(&route), started, request, healthz(app));
     }
-    let caller = match app.auth.identify(&app.store, header(&request, "X-API-Key")) {
+    let query_key = websocket_query_key(&request, &url);
+    let presented = header(&request, "X-API-Key").or(query_key.as_deref().map(String::as_str));
+    let caller = match app.auth.identify(&app.store, presented) {
         Ok(caller) => caller,
         Err(e) => return respond(app, None, request_label(&route), started, request, Reply::error(&e)),
     };
@@ -74,6 +77,16 @@ pub fn handle(app: &Arc<App>, request: Request, port: u16) {
         }
         Err(e) => respond(app, Some(&caller), request_label(&route), started, request, Reply::error(&e)),
     }
+}
+
+/// A WebSocket upgrade may carry its key as `?api_key=` (browsers cannot set headers on one),
+/// as the OpenComputer SDKs send it for exec attach and terminals. Only the route label and the
+/// path are ever logged or audited, never the query, so the key stays out of both.
+fn websocket_query_key(request: &Request, url: &str) -> Option<zeroize::Zeroizing<String>> {
+    if !exec::is_websocket_upgrade(request) {
+        return None;
+    }
+    query_param(split_url(url).1, "api_key").ok().flatten().map(zeroize::Zeroizing::new)
 }
 
 fn request_label(route: &Result<Option<Route>, AppError>) -> &'static str {
@@ -126,11 +139,21 @@ fn serve(
     let label = request_label(&route);
     match route {
         Ok(Some(Route::ExecSession(id, sid))) if method == Method::Get && exec::is_websocket_upgrade(&request) => {
+            app.lifecycle.touch(&id, now_unix());
             let status = exec::attach_websocket(app, &id, &sid, request, port);
+            app.lifecycle.touch(&id, now_unix());
             account(app, Some(caller), (&method, &url), label, started, status);
         }
         Ok(Some(route)) => {
+            // API activity on a sandbox renews its idle timeout, when the request comes in and
+            // when it ends (a command may run longer than the timeout).
+            if let Some(id) = route.sandbox_in_use() {
+                app.lifecycle.touch(id, now_unix());
+            }
             let reply = dispatch(app, caller, &route, &mut request, query).unwrap_or_else(|e| Reply::error(&e));
+            if let Some(id) = route.sandbox_in_use() {
+                app.lifecycle.touch(id, now_unix());
+            }
             respond(app, Some(caller), label, started, request, reply);
         }
         Ok(None) => {
@@ -177,6 +200,8 @@ pub fn dispatch(
         (Route::Sandbox(id), Delete) => sandboxes::delete(app, id),
         (Route::SandboxTimeout(id), Post) => sandboxes::set_timeout(app, id, request),
         (Route::ExecRun(id) | Route::Commands(id), Post) => exec::run(app, id, request),
+        (Route::ExecRunAsync(id), Post) => exec::run_async(app, id, request),
+        (Route::ExecResult(id, exec_id), Get) => exec::async_result(app, id, exec_id),
         (Route::ExecSessions(id), Post) => exec::start_session(app, id, request),
         (Route::ExecSessions(id), Get) => exec::list_sessions(app, id),
         (Route::ExecKill(id, sid), Post) => exec::kill_session(app, id, sid, request),

@@ -93,6 +93,23 @@ pub fn run(app: &App, raw_id: &str, request: &mut Request) -> Result<Reply, AppE
     Ok(Reply::json(200, &output_json(&out)))
 }
 
+/// `exec/run-async`: the result at once if the command ends within a moment, else its id.
+pub fn run_async(app: &App, raw_id: &str, request: &mut Request) -> Result<Reply, AppError> {
+    let id = validate::uuid("sandbox", raw_id)?;
+    let body: ExecBody = parse_json(&read_body(request, MAX_JSON_BODY)?)?;
+    let exec = exec_request(body, DEFAULT_RUN_TIMEOUT_SEC)?;
+    let (backend, _) = require_running(app, &id)?;
+    let (status, body) = app.async_execs.start(std::sync::Arc::clone(&backend.runtime), &id, exec)?;
+    Ok(Reply::json(status, &body))
+}
+
+/// `exec/{execId}/result`.
+pub fn async_result(app: &App, raw_id: &str, exec_id: &str) -> Result<Reply, AppError> {
+    let id = validate::uuid("sandbox", raw_id)?;
+    let exec_id = validate::uuid("exec", exec_id)?;
+    Ok(Reply::json(200, &app.async_execs.result(&id, &exec_id)?))
+}
+
 pub fn start_session(app: &App, raw_id: &str, request: &mut Request) -> Result<Reply, AppError> {
     let id = validate::uuid("sandbox", raw_id)?;
     let body: ExecBody = parse_json(&read_body(request, MAX_JSON_BODY)?)?;
@@ -107,9 +124,25 @@ pub fn list_sessions(app: &App, raw_id: &str) -> Result<Reply, AppError> {
     let id = validate::uuid("sandbox", raw_id)?;
     let (backend, _) = require_running(app, &id)?;
     let sessions = backend.runtime.exec_list(&id).map_err(runtime_error)?;
+    // The fields the OpenComputer SDKs read (`command`; `exitCode` only once ended), and `cmd`,
+    // which clients of earlier versions of this API read. The command line is one string here,
+    // so `args` is empty.
     let body: Vec<Value> = sessions
         .iter()
-        .map(|s| json!({"sessionID": s.session_id, "cmd": s.command_line, "running": s.running, "exitCode": s.exit_code}))
+        .map(|s| {
+            let mut entry = json!({
+                "sessionID": s.session_id,
+                "sandboxID": id,
+                "command": s.command_line,
+                "cmd": s.command_line,
+                "args": [],
+                "running": s.running,
+            });
+            if let (Some(code), Some(fields)) = (s.exit_code, entry.as_object_mut()) {
+                fields.insert("exitCode".into(), json!(code));
+            }
+            entry
+        })
         .collect();
     Ok(Reply::json(200, &body))
 }
@@ -178,22 +211,30 @@ pub fn attach_websocket(app: &App, raw_id: &str, raw_sid: &str, request: Request
     }
     // tiny_http writes the 101 and then leaves the socket to us until `_upgraded` drops.
     let _upgraded = request.upgrade("websocket", response);
-    stream_session(socket, attachment);
+    // Frames either way are activity on the sandbox: they renew its idle timeout.
+    stream_session(socket, attachment, &|| app.lifecycle.touch(raw_id, crate::clock::now_unix()));
     101
 }
 
-fn stream_session(socket: TcpStream, attachment: crate::runtime::ExecAttachment) {
+fn stream_session(socket: TcpStream, attachment: crate::runtime::ExecAttachment, activity: &dyn Fn()) {
     let Ok(write_half) = socket.try_clone() else { return };
     let writer = Arc::new(Mutex::new(write_half));
     let client_gone = Arc::new(AtomicBool::new(false));
+    // Set by the reader on every client frame, taken by the loop below.
+    let client_spoke = Arc::new(AtomicBool::new(false));
     let reader = {
         let writer = Arc::clone(&writer);
         let client_gone = Arc::clone(&client_gone);
+        let client_spoke = Arc::clone(&client_spoke);
         let mut read_half = socket;
         let mut stdin = attachment.stdin;
         std::thread::Builder::new().name("ws-reader".into()).spawn(move || {
             loop {
-                match websocket::read_message(&mut read_half) {
+                let message = websocket::read_message(&mut read_half);
+                if matches!(message, Ok(Incoming::Data(_) | Incoming::Ping(_) | Incoming::Pong)) {
+                    client_spoke.store(true, Ordering::Relaxed);
+                }
+                match message {
                     Ok(Incoming::Data(msg)) => {
                         // Only stdin frames travel client -> server; others are ignored.
                         if msg.first() == Some(&0x00)
@@ -234,7 +275,14 @@ fn stream_session(socket: TcpStream, attachment: crate::runtime::ExecAttachment)
         if client_gone.load(Ordering::Relaxed) {
             break;
         }
-        match attachment.events.recv_timeout(Duration::from_millis(200)) {
+        if client_spoke.swap(false, Ordering::Relaxed) {
+            activity();
+        }
+        let event = attachment.events.recv_timeout(Duration::from_millis(200));
+        if event.is_ok() {
+            activity();
+        }
+        match event {
             Ok(ExecEvent::Stdout(d)) => {
                 if !send(0x01, &d) {
                     break;

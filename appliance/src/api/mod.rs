@@ -2,6 +2,7 @@
 
 pub mod dispatch;
 pub mod exec;
+pub mod exec_async;
 pub mod files;
 pub mod keys;
 pub mod projects;

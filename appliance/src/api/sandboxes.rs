@@ -17,7 +17,7 @@ use crate::http::reply::Reply;
 use crate::http::request::{parse_json, read_body, MAX_JSON_BODY};
 use crate::lifecycle;
 use crate::sandbox_ops::{self, CreateSpec};
-use crate::store::records::SandboxRecord;
+use crate::store::records::{SandboxRecord, NO_DEADLINE};
 use crate::store::values;
 
 const MAX_METADATA_ENTRIES: usize = 64;
@@ -46,13 +46,17 @@ struct TimeoutBody {
     timeout: u64,
 }
 
-pub fn sandbox_json(s: &SandboxRecord) -> Value {
+/// A sandbox as the API shows it; `live_end` is the running sandbox's deadline as renewed by
+/// activity (`Lifecycle::deadline`), which the stored record lags behind.
+pub fn sandbox_json(s: &SandboxRecord, live_end: Option<i64>) -> Value {
+    let end_at = live_end.filter(|_| !s.status.has_ended()).unwrap_or(s.end_at);
     json!({
         "sandboxID": s.id,
         "templateID": s.template,
         "status": s.status.as_str(),
         "startedAt": rfc3339(s.started_at),
-        "endAt": rfc3339(s.end_at),
+        // null: no automatic stop (timeout 0).
+        "endAt": (end_at != NO_DEADLINE).then(|| rfc3339(end_at)),
         "cpuCount": s.cpu_count,
         "memoryMB": s.memory_mb,
         "diskMB": s.disk_mb,
@@ -113,33 +117,37 @@ pub fn create(app: &App, caller: &Caller, request: &mut Request) -> Result<Reply
         body.cpu_count.filter(|c| *c != 0).or(project.as_ref().map(|p| p.cpu_count)).unwrap_or(DEFAULT_CPU_COUNT);
     let memory_mb =
         body.memory_mb.filter(|m| *m != 0).or(project.as_ref().map(|p| p.memory_mb)).unwrap_or(DEFAULT_MEMORY_MB);
-    let timeout_sec =
-        body.timeout.filter(|t| *t != 0).or(project.as_ref().map(|p| p.timeout_sec)).unwrap_or(DEFAULT_TIMEOUT_SEC);
+    // 0: no automatic stop, as OpenComputer clients send it; absent: the project's, else ours.
+    let timeout_sec = match body.timeout {
+        Some(0) => 0,
+        Some(t) => validate::timeout_sec("timeout", t)?,
+        None => project.as_ref().map_or(DEFAULT_TIMEOUT_SEC, |p| p.timeout_sec),
+    };
     let spec = CreateSpec {
         template,
         cpu_count: validate::cpu_count(cpu_count)?,
         memory_mb: validate::memory_mb(memory_mb)?,
         disk_mb: body.disk_mb.filter(|d| *d != 0).map(validate::disk_mb).transpose()?,
-        timeout_sec: validate::timeout_sec("timeout", timeout_sec)?,
+        timeout_sec,
         envs,
         metadata,
         project,
     };
     let record = sandbox_ops::create(app, spec)?;
-    Ok(Reply::json(201, &sandbox_json(&record)))
+    Ok(Reply::json(201, &sandbox_json(&record, app.lifecycle.deadline(&record.id))))
 }
 
 pub fn list(app: &App, caller: &Caller) -> Result<Reply, AppError> {
     let mut records = app.store.read(|rtxn, dbs| values(&dbs.sandboxes, rtxn))?;
     records.retain(|r| scope::visible(caller, r.project_id.as_deref()));
     records.sort_by(|a, b| (a.started_at, &a.id).cmp(&(b.started_at, &b.id)));
-    let body: Vec<Value> = records.iter().map(sandbox_json).collect();
+    let body: Vec<Value> = records.iter().map(|r| sandbox_json(r, app.lifecycle.deadline(&r.id))).collect();
     Ok(Reply::json(200, &body))
 }
 
 pub fn get(app: &App, raw_id: &str) -> Result<Reply, AppError> {
     let id = validate::uuid("sandbox", raw_id)?;
-    Ok(Reply::json(200, &sandbox_json(&sandbox_ops::get(app, &id)?)))
+    Ok(Reply::json(200, &sandbox_json(&sandbox_ops::get(app, &id)?, app.lifecycle.deadline(&id))))
 }
 
 pub fn delete(app: &App, raw_id: &str) -> Result<Reply, AppError> {
@@ -151,7 +159,8 @@ pub fn delete(app: &App, raw_id: &str) -> Result<Reply, AppError> {
 pub fn set_timeout(app: &App, raw_id: &str, request: &mut Request) -> Result<Reply, AppError> {
     let id = validate::uuid("sandbox", raw_id)?;
     let body: TimeoutBody = parse_json(&read_body(request, MAX_JSON_BODY)?)?;
-    let timeout = validate::timeout_sec("timeout", body.timeout)?;
+    // 0: no automatic stop.
+    let timeout = if body.timeout == 0 { 0 } else { validate::timeout_sec("timeout", body.timeout)? };
     sandbox_ops::set_timeout(app, &id, timeout)?;
     Ok(Reply::no_content())
 }

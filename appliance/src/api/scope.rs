@@ -31,6 +31,8 @@ pub fn authorize(app: &App, caller: &Caller, route: &Route, method: &Method) -> 
             Route::Sandbox(id)
             | Route::SandboxTimeout(id)
             | Route::ExecRun(id)
+            | Route::ExecRunAsync(id)
+            | Route::ExecResult(id, _)
             | Route::Commands(id)
             | Route::ExecSessions(id)
             | Route::ExecSession(id, _)

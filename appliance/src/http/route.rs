@@ -17,6 +17,10 @@ pub enum Route {
     /// Operator diagnostics: write the sandbox's guest memory to its directory on the data disk.
     SandboxMemoryDump(String),
     ExecRun(String),
+    /// Start a command and answer at once (its result polled with `ExecResult`).
+    ExecRunAsync(String),
+    /// The result of a command started with `ExecRunAsync`.
+    ExecResult(String, String),
     Commands(String),
     ExecSessions(String),
     ExecSession(String, String),
@@ -43,6 +47,25 @@ pub enum Route {
 }
 
 impl Route {
+    /// The sandbox a route uses (commands, sessions, files: what renews its idle timeout), as
+    /// given in the path. Reading its record or setting its timeout is not use: a dashboard
+    /// polling status must not keep sandboxes alive.
+    pub fn sandbox_in_use(&self) -> Option<&str> {
+        match self {
+            Self::ExecRun(id)
+            | Self::ExecRunAsync(id)
+            | Self::ExecResult(id, _)
+            | Self::Commands(id)
+            | Self::ExecSessions(id)
+            | Self::ExecSession(id, _)
+            | Self::ExecKill(id, _)
+            | Self::Files(id)
+            | Self::FilesList(id)
+            | Self::FilesMkdir(id) => Some(id),
+            _ => None,
+        }
+    }
+
     /// Route pattern, used as the metrics label.
     pub fn label(&self) -> &'static str {
         match self {
@@ -57,6 +80,8 @@ impl Route {
             Self::SandboxTimeout(_) => "/api/sandboxes/{id}/timeout",
             Self::SandboxMemoryDump(_) => "/api/sandboxes/{id}/diagnostics/memory-dump",
             Self::ExecRun(_) => "/api/sandboxes/{id}/exec/run",
+            Self::ExecRunAsync(_) => "/api/sandboxes/{id}/exec/run-async",
+            Self::ExecResult(..) => "/api/sandboxes/{id}/exec/{execId}/result",
             Self::Commands(_) => "/api/sandboxes/{id}/commands",
             Self::ExecSessions(_) => "/api/sandboxes/{id}/exec",
             Self::ExecSession(..) => "/api/sandboxes/{id}/exec/{sid}",
@@ -102,6 +127,8 @@ pub fn match_route(path: &str) -> Result<Option<Route>, AppError> {
         ["sandboxes", id, "timeout"] => Route::SandboxTimeout(id.to_string()),
         ["sandboxes", id, "diagnostics", "memory-dump"] => Route::SandboxMemoryDump(id.to_string()),
         ["sandboxes", id, "exec", "run"] => Route::ExecRun(id.to_string()),
+        ["sandboxes", id, "exec", "run-async"] => Route::ExecRunAsync(id.to_string()),
+        ["sandboxes", id, "exec", exec_id, "result"] => Route::ExecResult(id.to_string(), exec_id.to_string()),
         ["sandboxes", id, "commands"] => Route::Commands(id.to_string()),
         ["sandboxes", id, "exec"] => Route::ExecSessions(id.to_string()),
         ["sandboxes", id, "exec", sid] => Route::ExecSession(id.to_string(), sid.to_string()),
@@ -135,6 +162,14 @@ mod tests {
             Some(Route::ProjectSecret("abc".into(), "API_KEY".into()))
         );
         assert_eq!(match_route("/api/sandboxes/s1/exec/run").expect("ok"), Some(Route::ExecRun("s1".into())));
+        assert_eq!(
+            match_route("/api/sandboxes/s1/exec/run-async").expect("ok"),
+            Some(Route::ExecRunAsync("s1".into()))
+        );
+        assert_eq!(
+            match_route("/api/sandboxes/s1/exec/e1/result").expect("ok"),
+            Some(Route::ExecResult("s1".into(), "e1".into()))
+        );
         assert_eq!(
             match_route("/api/sandboxes/s1/exec/x%2Fy/kill").expect("ok"),
             Some(Route::ExecKill("s1".into(), "x/y".into()))

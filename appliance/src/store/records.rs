@@ -46,6 +46,9 @@ impl SandboxStatus {
     }
 }
 
+/// `end_at` of a sandbox that is never stopped automatically (timeout 0).
+pub const NO_DEADLINE: i64 = i64::MAX;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SandboxRecord {
@@ -53,7 +56,14 @@ pub struct SandboxRecord {
     pub template: String,
     pub status: SandboxStatus,
     pub started_at: i64,
+    /// When the sandbox is stopped unless renewed (`NO_DEADLINE`: never); for an ended one, when
+    /// it ended.
     pub end_at: i64,
+    /// The idle timeout: API activity on the sandbox moves `end_at` to now + this; 0: no
+    /// automatic stop. Absent in records written before timeouts were idle timeouts, whose
+    /// `end_at` stays fixed.
+    #[serde(default, rename = "idleTimeoutSec", skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_sec: Option<u64>,
     pub cpu_count: u32,
     #[serde(rename = "memoryMB")]
     pub memory_mb: u32,

@@ -15,6 +15,10 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario { name: "guest reboot and poweroff end the VMM with the right status", run: guest_power_ends_vmm },
     Scenario { name: "20 sandboxes booted and destroyed in a row leak nothing", run: twenty_in_a_row },
     Scenario { name: "a sandbox is killed at its timeout, which POST /timeout moves", run: killed_at_timeout },
+    Scenario {
+        name: "the timeout is an idle timeout: commands keep a sandbox running, idleness stops it, 0 never",
+        run: idle_timeout,
+    },
 ];
 
 const LEAK_GAUGES: &[&str] =
@@ -191,4 +195,31 @@ fn killed_at_timeout(appliance: &mut Appliance) -> Result<()> {
     check(gauges.iter().any(|(n, v)| n == "appliance_vmm_processes" && *v == 0.0), || {
         format!("VMM left after the timeout: {gauges:?}")
     })
+}
+
+/// The 60 s timeout with a command every 15 s for 120 s, scaled down by six.
+fn idle_timeout(appliance: &mut Appliance) -> Result<()> {
+    let api = appliance.api();
+    // Created last, so its first command follows its creation at once (creates take seconds).
+    let idle = api.create_sandbox(&json!({"timeout": 10}))?;
+    let forever = api.create_sandbox(&json!({"timeout": 0}))?;
+    let busy = api.create_sandbox(&json!({"timeout": 10}))?;
+    let result = (|| {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(24) {
+            let (code, out, _) = api.run(&busy, "echo busy", 30)?;
+            check(code == 0 && out == "busy\n", || {
+                format!("busy sandbox after {:?}: {code} {out:?}", started.elapsed())
+            })?;
+            std::thread::sleep(Duration::from_millis(2500));
+        }
+        let (b, i, f) = (status_of(&api, &busy)?, status_of(&api, &idle)?, status_of(&api, &forever)?);
+        check(b["status"] == "running", || format!("a command every 2.5 s did not keep it running: {b}"))?;
+        check(i["status"] == "stopped", || format!("24 s idle with a 10 s timeout: {i}"))?;
+        check(f["status"] == "running" && f["endAt"].is_null(), || format!("timeout 0: {f}"))
+    })();
+    for id in [&busy, &idle, &forever] {
+        let _ = api.call("DELETE", &format!("/sandboxes/{id}"), &Value::Null);
+    }
+    result
 }

@@ -44,7 +44,7 @@ class ExecSessionInfo:
 
     @classmethod
     def from_json(cls, data: Any) -> "ExecSessionInfo":
-        """Parses the appliance's ``{sessionID, cmd, running, exitCode}``."""
+        """Parses the appliance's ``{sessionID, command, running, exitCode}``."""
         obj = expect_dict(data, "exec session")
         session_id = obj.get("sessionID")
         if not isinstance(session_id, str):
@@ -52,7 +52,7 @@ class ExecSessionInfo:
         code = obj.get("exitCode")
         return cls(
             session_id=session_id,
-            command=str(obj.get("cmd", "")),
+            command=str(obj.get("command", obj.get("cmd", ""))),
             running=bool(obj.get("running", False)),
             exit_code=code if isinstance(code, int) and not isinstance(code, bool) else None,
         )

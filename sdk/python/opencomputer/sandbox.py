@@ -150,7 +150,8 @@ class Sandbox:
         return self.status == "running"
 
     async def set_timeout(self, timeout: int) -> None:
-        """Sets the sandbox to stop ``timeout`` seconds from now."""
+        """Sets the sandbox's idle timeout: it stops ``timeout`` seconds after its last command,
+        file or session call, counting from now (0: no automatic stop)."""
         await self._client.request(
             "POST", f"/sandboxes/{path_segment(self.sandbox_id)}/timeout", json={"timeout": timeout}
         )
