@@ -62,15 +62,27 @@ fn hex_value(c: u8) -> Option<u8> {
     }
 }
 
-/// Generates a fresh key and writes it to `path` (mode 0600) durably: temp file,
-/// fsync, rename, fsync of the directory. Refuses to overwrite an existing file.
+/// A key file's content: 64 lowercase hex characters and a newline.
+pub fn encode_key(bytes: &[u8; MASTER_KEY_LEN]) -> Zeroizing<String> {
+    let mut text = Zeroizing::new(crate::crypto::hex(bytes));
+    text.push('\n');
+    text
+}
+
+/// Generates a fresh key and writes it to `path` (mode 0600) durably. Refuses to overwrite an
+/// existing file.
 pub fn create_master_key(path: &Path) -> Result<MasterKey, String> {
     if path.exists() {
         return Err(format!("refusing to overwrite existing key {}", path.display()));
     }
     let bytes = MasterKey::generate_bytes().map_err(|e| e.to_string())?;
-    let mut text = Zeroizing::new(crate::crypto::hex(bytes.as_ref()));
-    text.push('\n');
+    write_private_file(path, encode_key(&bytes).as_bytes())?;
+    MasterKey::from_bytes(bytes.as_ref()).map_err(|e| e.to_string())
+}
+
+/// Writes `bytes` to `path` (mode 0600) durably and atomically: temporary file, fsync, rename,
+/// fsync of the directory.
+pub fn write_private_file(path: &Path, bytes: &[u8]) -> Result<(), String> {
     let tmp = path.with_extension("tmp");
     let _ = fs::remove_file(&tmp);
     let mut file = OpenOptions::new()
@@ -79,12 +91,12 @@ pub fn create_master_key(path: &Path) -> Result<MasterKey, String> {
         .mode(0o600)
         .open(&tmp)
         .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
-    file.write_all(text.as_bytes())
-        .and_then(|()| file.sync_all())
-        .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
-    fs::rename(&tmp, path).map_err(|e| format!("cannot move key into place at {}: {e}", path.display()))?;
-    sync_parent_dir(path)?;
-    MasterKey::from_bytes(bytes.as_ref()).map_err(|e| e.to_string())
+    if let Err(e) = file.write_all(bytes).and_then(|()| file.sync_all()) {
+        let _ = fs::remove_file(&tmp);
+        return Err(format!("cannot write {}: {e}", tmp.display()));
+    }
+    fs::rename(&tmp, path).map_err(|e| format!("cannot move {} into place: {e}", path.display()))?;
+    sync_parent_dir(path)
 }
 
 pub fn sync_parent_dir(path: &Path) -> Result<(), String> {

@@ -1,15 +1,13 @@
 //! The small files a key location keeps (the key, or the key a rotation is moving to): in a
 //! directory of the data partition, or on the boot disk's EFI system partition.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
 use boot_disk::{disk, fat::Fat, layout};
 use zeroize::Zeroizing;
 
-use crate::keyfiles::sync_parent_dir;
+use crate::keyfiles::{sync_parent_dir, write_private_file};
 
 /// A key file is tiny; anything bigger is not ours.
 const MAX_KEY_FILE: u64 = 4096;
@@ -40,7 +38,7 @@ impl KeyFiles for DirFiles {
     }
 
     fn write(&self, name: &str, bytes: &[u8]) -> Result<(), String> {
-        write_local(&self.0.join(name), bytes)
+        write_private_file(&self.0.join(name), bytes)
     }
 
     fn rename(&self, from: &str, to: &str) -> Result<(), String> {
@@ -91,7 +89,7 @@ impl KeyFiles for EspFiles {
     }
 
     fn write(&self, name: &str, bytes: &[u8]) -> Result<(), String> {
-        self.change(|dir| write_local(&dir.join(name), bytes))
+        self.change(|dir| write_private_file(&dir.join(name), bytes))
     }
 
     fn rename(&self, from: &str, to: &str) -> Result<(), String> {
@@ -122,23 +120,6 @@ fn read_local(path: &Path) -> Result<Option<Zeroizing<Vec<u8>>>, String> {
         Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
     }
     fs::read(path).map(|b| Some(Zeroizing::new(b))).map_err(|e| format!("cannot read {}: {e}", path.display()))
-}
-
-fn write_local(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    let tmp = path.with_extension("tmp");
-    let _ = fs::remove_file(&tmp);
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
-    if let Err(e) = file.write_all(bytes).and_then(|()| file.sync_all()) {
-        let _ = fs::remove_file(&tmp);
-        return Err(format!("cannot write {}: {e}", tmp.display()));
-    }
-    fs::rename(&tmp, path).map_err(|e| format!("cannot move {} into place: {e}", path.display()))?;
-    sync_parent_dir(path)
 }
 
 fn remove_local(path: &Path) -> Result<(), String> {

@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 
 use zeroize::Zeroizing;
 
-use crate::crypto::{hex, Keyring, MasterKey, MASTER_KEY_LEN};
-use crate::keyfiles::{decode_key, MASTER_KEY_FILE, NEXT_MASTER_KEY_FILE};
+use crate::crypto::{Keyring, MasterKey, MASTER_KEY_LEN};
+use crate::keyfiles::{decode_key, encode_key, MASTER_KEY_FILE, NEXT_MASTER_KEY_FILE};
 use crate::store::Store;
 use files::{DirFiles, EspFiles, KeyFiles};
 use live::LiveKeyring;
@@ -147,7 +147,7 @@ impl KeyStore {
             Location::Tpm(device) => Zeroizing::new(
                 open_tpm(device)?.seal(key).map_err(|e| format!("the TPM cannot seal the master key: {e}"))?,
             ),
-            Location::Esp | Location::DataDir => Zeroizing::new(format!("{}\n", hex(key)).into_bytes()),
+            Location::Esp | Location::DataDir => Zeroizing::new(encode_key(key).as_bytes().to_vec()),
         };
         self.files.write(self.file(slot), &encoded)
     }
