@@ -13,7 +13,8 @@ const SOCKET_WAIT: Duration = Duration::from_secs(10);
 
 pub struct SoftTpm {
     child: Child,
-    /// The control channel QEMU's `tpm-emulator` backend connects to.
+    /// QEMU's `tpm-emulator` backend connects to it (`start`), or TPM commands go to it
+    /// (`start_command_server`).
     pub socket: PathBuf,
 }
 
@@ -23,19 +24,39 @@ pub fn ensure_installed() -> Result<()> {
 }
 
 impl SoftTpm {
-    /// Starts swtpm with its state in `state_dir` (created; a new TPM when empty), its socket and
-    /// log in `run_dir`. It ends when QEMU disconnects, or when this value is dropped.
+    /// Starts swtpm for QEMU with its state in `state_dir` (created; a new TPM when empty), its
+    /// control socket and log in `run_dir`. It ends when QEMU disconnects, or when this value is
+    /// dropped.
     pub fn start(state_dir: &Path, run_dir: &Path) -> Result<SoftTpm> {
-        std::fs::create_dir_all(state_dir).ctx(|| format!("create {}", state_dir.display()))?;
         let socket = run_dir.join("swtpm.sock");
+        let mut cmd = Command::new("swtpm");
+        cmd.args(["socket", "--tpm2", "--terminate"])
+            .arg("--ctrl")
+            .arg(format!("type=unixio,path={}", socket.display()));
+        SoftTpm::spawn(cmd, state_dir, socket, &run_dir.join("swtpm.log"))
+    }
+
+    /// Starts swtpm serving TPM commands on `<run_dir>/<name>.sock` itself (no QEMU): how a test
+    /// speaks to a TPM from the host, e.g. a copy of a machine's TPM state after the machine.
+    pub fn start_command_server(state_dir: &Path, run_dir: &Path, name: &str) -> Result<SoftTpm> {
+        let socket = run_dir.join(format!("{name}.sock"));
+        let ctrl = run_dir.join(format!("{name}.ctrl"));
+        let _ = std::fs::remove_file(&ctrl);
+        let mut cmd = Command::new("swtpm");
+        cmd.args(["socket", "--tpm2", "--flags", "not-need-init,startup-clear"])
+            .arg("--server")
+            .arg(format!("type=unixio,path={}", socket.display()))
+            .arg("--ctrl")
+            .arg(format!("type=unixio,path={}", ctrl.display()));
+        SoftTpm::spawn(cmd, state_dir, socket, &run_dir.join(format!("{name}.log")))
+    }
+
+    fn spawn(mut cmd: Command, state_dir: &Path, socket: PathBuf, log: &Path) -> Result<SoftTpm> {
+        std::fs::create_dir_all(state_dir).ctx(|| format!("create {}", state_dir.display()))?;
         let _ = std::fs::remove_file(&socket);
-        let log = run_dir.join("swtpm.log");
-        let child = Command::new("swtpm")
-            .args(["socket", "--tpm2", "--terminate"])
+        let child = cmd
             .arg("--tpmstate")
             .arg(format!("dir={}", state_dir.display()))
-            .arg("--ctrl")
-            .arg(format!("type=unixio,path={}", socket.display()))
             .arg("--log")
             .arg(format!("file={}", log.display()))
             .stdin(Stdio::null())
@@ -72,7 +93,12 @@ impl SoftTpm {
 
 impl Drop for SoftTpm {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // SIGTERM, not SIGKILL: swtpm saves its state on the way out, and a later swtpm on the
+        // same directory must find it.
+        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
+            // SAFETY: kill(2) on our own child, not reaped yet (waited for below).
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
         let _ = self.child.wait();
     }
 }

@@ -145,27 +145,10 @@ pub fn unseal_with_swtpm(state_dir: &Path, blob: &[u8], work: &Path) -> Result<M
     let state = work.join("tpm-control");
     let _ = std::fs::remove_dir_all(&state);
     run_quiet(Command::new("cp").arg("-a").arg(state_dir).arg(&state))?;
-    let socket = work.join("tpm-control.sock");
-    let ctrl = work.join("tpm-control.ctrl");
-    let _ = std::fs::remove_file(&socket);
-    let mut child = Command::new("swtpm")
-        .args(["socket", "--tpm2", "--flags", "not-need-init,startup-clear"])
-        .arg("--tpmstate")
-        .arg(format!("dir={}", state.display()))
-        .arg("--server")
-        .arg(format!("type=unixio,path={}", socket.display()))
-        .arg("--ctrl")
-        .arg(format!("type=unixio,path={}", ctrl.display()))
-        .spawn()
-        .ctx(|| "start swtpm".into())?;
-    let started = std::time::Instant::now();
-    while !socket.exists() && started.elapsed() < std::time::Duration::from_secs(10) {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let unsealed = master_key::tpm::SocketTransport::connect(&socket)
+    let server = image::swtpm::SoftTpm::start_command_server(&state, work, "tpm-control")?;
+    let unsealed = master_key::tpm::SocketTransport::connect(&server.socket)
         .map_err(|e| err!("connect to swtpm: {e}"))
         .and_then(|t| master_key::tpm::Tpm::new(t).unseal(blob).map_err(|e| err!("unseal with the TPM: {e}")));
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(server);
     MasterKey::from_bytes(&unsealed?).map_err(|e| err!("the unsealed key: {e}"))
 }
