@@ -63,6 +63,8 @@ pub struct ExecSessionInfo {
 pub enum ExecEvent {
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
+    /// The output from before the attachment has all been replayed; what follows is live.
+    ReplayEnd,
     Exit(i32),
 }
 

@@ -189,6 +189,7 @@ pub fn stop(app: &App, id: &str, status: SandboxStatus, why: &str) -> Result<(),
     }
     // The VMM is gone, so is its guest memory; a no-op for a sandbox already released.
     app.capacity.release(id);
+    app.exec_sessions.forget_sandbox(id);
     let id_owned = id.to_string();
     app.store.write(move |wtxn, dbs| record_end(wtxn, dbs, &id_owned, status))?;
     println!("appliance: sandbox {id} {} ({why})", status.as_str());

@@ -7,11 +7,10 @@ use std::time::Instant;
 use serde_json::json;
 use tiny_http::{Method, Request};
 
-use crate::api::{exec, files, keys, projects, sandboxes, scope, secrets, system};
+use crate::api::{exec, exec_wait, files, keys, projects, sandboxes, scope, secret_stores, secrets, system};
 use crate::app::App;
 use crate::audit;
 use crate::auth::Caller;
-use crate::clock::now_unix;
 use crate::error::AppError;
 use crate::http::reply::Reply;
 use crate::http::request::{header, query_param, split_url};
@@ -139,21 +138,29 @@ fn serve(
     let label = request_label(&route);
     match route {
         Ok(Some(Route::ExecSession(id, sid))) if method == Method::Get && exec::is_websocket_upgrade(&request) => {
-            app.lifecycle.touch(&id, now_unix());
+            let _in_use = app.lifecycle.in_use(&id);
             let status = exec::attach_websocket(app, &id, &sid, request, port);
-            app.lifecycle.touch(&id, now_unix());
             account(app, Some(caller), (&method, &url), label, started, status);
         }
+        Ok(Some(Route::ExecRun(id) | Route::Commands(id))) if method == Method::Post => {
+            let in_use = app.lifecycle.in_use(&id);
+            match exec::run(app, &id, request) {
+                exec_wait::Answered::Reply(reply, request) => {
+                    drop(in_use);
+                    respond(app, Some(caller), label, started, *request, reply);
+                }
+                exec_wait::Answered::Streamed(status) => {
+                    drop(in_use);
+                    account(app, Some(caller), (&method, &url), label, started, status);
+                }
+            }
+        }
         Ok(Some(route)) => {
-            // API activity on a sandbox renews its idle timeout, when the request comes in and
-            // when it ends (a command may run longer than the timeout).
-            if let Some(id) = route.sandbox_in_use() {
-                app.lifecycle.touch(id, now_unix());
-            }
+            // API activity on a sandbox renews its idle timeout, and a sandbox is not idle while
+            // a request works with it (a command may run longer than the timeout).
+            let in_use = route.sandbox_in_use().map(|id| app.lifecycle.in_use(id));
             let reply = dispatch(app, caller, &route, &mut request, query).unwrap_or_else(|e| Reply::error(&e));
-            if let Some(id) = route.sandbox_in_use() {
-                app.lifecycle.touch(id, now_unix());
-            }
+            drop(in_use);
             respond(app, Some(caller), label, started, request, reply);
         }
         Ok(None) => {
@@ -193,13 +200,22 @@ pub fn dispatch(
         (Route::ProjectSecrets(id), Get) => secrets::list(app, id),
         (Route::ProjectSecret(id, name), Put) => secrets::put(app, caller, id, name, request),
         (Route::ProjectSecret(id, name), Delete) => secrets::delete(app, id, name),
+        (Route::SecretStores, Post) => secret_stores::create(app, request),
+        (Route::SecretStores, Get) => secret_stores::list(app, caller),
+        (Route::SecretStore(id), Get) => secret_stores::get(app, id),
+        (Route::SecretStore(id), Put) => secret_stores::update(app, id, request),
+        (Route::SecretStore(id), Delete) => secret_stores::delete(app, id),
+        (Route::SecretStoreSecrets(id), Get) => secret_stores::list_secrets(app, id),
+        (Route::SecretStoreSecret(id, name), Put) => secret_stores::put_secret(app, caller, id, name, request),
+        (Route::SecretStoreSecret(id, name), Delete) => secret_stores::delete_secret(app, id, name),
         (Route::Sandboxes, Post) => sandboxes::create(app, caller, request),
         (Route::Sandboxes, Get) => sandboxes::list(app, caller),
         (Route::Sandbox(id), Get) => sandboxes::get(app, id),
         (Route::SandboxMemoryDump(id), Post) => sandboxes::memory_dump(app, id),
-        (Route::Sandbox(id), Delete) => sandboxes::delete(app, id),
+        (Route::Sandbox(id), Delete) => sandboxes::delete(app, caller, id, query),
         (Route::SandboxTimeout(id), Post) => sandboxes::set_timeout(app, id, request),
-        (Route::ExecRun(id) | Route::Commands(id), Post) => exec::run(app, id, request),
+        // Answered in `serve`, which hands the request over.
+        (Route::ExecRun(_) | Route::Commands(_), Post) => Err(AppError::internal("exec/run is answered by serve")),
         (Route::ExecRunAsync(id), Post) => exec::run_async(app, id, request),
         (Route::ExecResult(id, exec_id), Get) => exec::async_result(app, id, exec_id),
         (Route::ExecSessions(id), Post) => exec::start_session(app, id, request),

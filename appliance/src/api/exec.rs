@@ -1,6 +1,6 @@
 //! Running commands in a sandbox: one-shot (`exec/run`, `commands`) and background
 //! sessions with a WebSocket stream (frames: 0x00 stdin, 0x01 stdout, 0x02 stderr,
-//! 0x03 exit code as int32 BE).
+//! 0x03 exit code as int32 BE, 0x04 the end of the replay of earlier output).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -15,8 +15,9 @@ use serde_json::{json, Value};
 use tiny_http::{Header, Request, Response};
 
 use crate::api::sandboxes::check_envs;
-use crate::api::validate;
+use crate::api::{exec_wait, validate};
 use crate::app::App;
+use crate::clock::{now_unix, rfc3339};
 use crate::connsock::dup_connection;
 use crate::error::AppError;
 use crate::http::reply::Reply;
@@ -82,15 +83,20 @@ fn output_json(out: &ExecOutput) -> Value {
     })
 }
 
-/// `exec/run` and `commands` (same body; `commands` never takes args but
-/// accepts them the same way).
-pub fn run(app: &App, raw_id: &str, request: &mut Request) -> Result<Reply, AppError> {
-    let id = validate::uuid("sandbox", raw_id)?;
-    let body: ExecBody = parse_json(&read_body(request, MAX_JSON_BODY)?)?;
-    let exec = exec_request(body, DEFAULT_RUN_TIMEOUT_SEC)?;
-    let (backend, _) = require_running(app, &id)?;
-    let out = backend.runtime.exec_run(&id, &exec).map_err(runtime_error)?;
-    Ok(Reply::json(200, &output_json(&out)))
+/// `exec/run` and `commands` (same body; `commands` never takes args but accepts them the
+/// same way). Answers `request` itself when the command runs long (`exec_wait`).
+pub fn run(app: &App, raw_id: &str, mut request: Request) -> exec_wait::Answered {
+    let prepared = (|| {
+        let id = validate::uuid("sandbox", raw_id)?;
+        let body: ExecBody = parse_json(&read_body(&mut request, MAX_JSON_BODY)?)?;
+        let exec = exec_request(body, DEFAULT_RUN_TIMEOUT_SEC)?;
+        let (backend, _) = require_running(app, &id)?;
+        Ok::<_, AppError>((id, exec, Arc::clone(&backend.runtime)))
+    })();
+    match prepared {
+        Ok((id, exec, runtime)) => exec_wait::run(runtime, &id, exec, request, output_json),
+        Err(e) => exec_wait::Answered::Reply(Reply::error(&e), Box::new(request)),
+    }
 }
 
 /// `exec/run-async`: the result at once if the command ends within a moment, else its id.
@@ -117,19 +123,35 @@ pub fn start_session(app: &App, raw_id: &str, request: &mut Request) -> Result<R
     let exec = exec_request(body, 0)?;
     let (backend, _) = require_running(app, &id)?;
     let session_id = backend.runtime.exec_start(&id, &exec).map_err(runtime_error)?;
-    Ok(Reply::json(201, &json!({ "sessionID": session_id })))
+    let now = now_unix();
+    app.exec_sessions.started(&id, &session_id, now);
+    Ok(Reply::json(
+        201,
+        &json!({
+            "sessionID": session_id,
+            "sandboxID": id,
+            "command": exec.command_line,
+            "args": [],
+            "running": true,
+            "startedAt": rfc3339(now),
+            "attachedClients": 0,
+        }),
+    ))
 }
 
 pub fn list_sessions(app: &App, raw_id: &str) -> Result<Reply, AppError> {
     let id = validate::uuid("sandbox", raw_id)?;
     let (backend, _) = require_running(app, &id)?;
     let sessions = backend.runtime.exec_list(&id).map_err(runtime_error)?;
+    let listed: Vec<&str> = sessions.iter().map(|s| s.session_id.as_str()).collect();
+    let facts = app.exec_sessions.facts(&id, &listed, now_unix());
     // The fields the OpenComputer SDKs read (`command`; `exitCode` only once ended), and `cmd`,
     // which clients of earlier versions of this API read. The command line is one string here,
-    // so `args` is empty.
+    // so `args` is empty. `startedAt` is null for a session started before a restart.
     let body: Vec<Value> = sessions
         .iter()
         .map(|s| {
+            let known = facts.get(&s.session_id).copied().unwrap_or_default();
             let mut entry = json!({
                 "sessionID": s.session_id,
                 "sandboxID": id,
@@ -137,6 +159,8 @@ pub fn list_sessions(app: &App, raw_id: &str) -> Result<Reply, AppError> {
                 "cmd": s.command_line,
                 "args": [],
                 "running": s.running,
+                "startedAt": known.started_at.map(rfc3339),
+                "attachedClients": known.attached_clients,
             });
             if let (Some(code), Some(fields)) = (s.exit_code, entry.as_object_mut()) {
                 fields.insert("exitCode".into(), json!(code));
@@ -190,9 +214,9 @@ pub fn attach_websocket(app: &App, raw_id: &str, raw_sid: &str, request: Request
         let peer = *request.remote_addr().ok_or_else(|| AppError::internal("connection has no peer address"))?;
         let (backend, _) = require_running(app, &id)?;
         let attachment = backend.runtime.exec_attach(&id, &sid).map_err(runtime_error)?;
-        Ok((key, peer, attachment))
+        Ok((key, peer, attachment, id, sid))
     })();
-    let (key, peer, attachment) = match prepared {
+    let (key, peer, attachment, id, sid) = match prepared {
         Ok(p) => p,
         Err(e) => {
             let status = e.status;
@@ -211,6 +235,7 @@ pub fn attach_websocket(app: &App, raw_id: &str, raw_sid: &str, request: Request
     }
     // tiny_http writes the 101 and then leaves the socket to us until `_upgraded` drops.
     let _upgraded = request.upgrade("websocket", response);
+    let _attached = app.exec_sessions.attach(&id, &sid);
     // Frames either way are activity on the sandbox: they renew its idle timeout.
     stream_session(socket, attachment, &|| app.lifecycle.touch(raw_id, crate::clock::now_unix()));
     101
@@ -222,46 +247,13 @@ fn stream_session(socket: TcpStream, attachment: crate::runtime::ExecAttachment,
     let client_gone = Arc::new(AtomicBool::new(false));
     // Set by the reader on every client frame, taken by the loop below.
     let client_spoke = Arc::new(AtomicBool::new(false));
-    let reader = {
-        let writer = Arc::clone(&writer);
-        let client_gone = Arc::clone(&client_gone);
-        let client_spoke = Arc::clone(&client_spoke);
-        let mut read_half = socket;
-        let mut stdin = attachment.stdin;
-        std::thread::Builder::new().name("ws-reader".into()).spawn(move || {
-            loop {
-                let message = websocket::read_message(&mut read_half);
-                if matches!(message, Ok(Incoming::Data(_) | Incoming::Ping(_) | Incoming::Pong)) {
-                    client_spoke.store(true, Ordering::Relaxed);
-                }
-                match message {
-                    Ok(Incoming::Data(msg)) => {
-                        // Only stdin frames travel client -> server; others are ignored.
-                        if msg.first() == Some(&0x00)
-                            && stdin.write_all(&msg[1..]).and_then(|()| stdin.flush()).is_err()
-                        {
-                            break;
-                        }
-                    }
-                    Ok(Incoming::Ping(p)) => {
-                        if let Ok(mut w) = writer.lock() {
-                            let _ = websocket::write_frame(&mut *w, websocket::OP_PONG, &p);
-                        }
-                    }
-                    Ok(Incoming::Pong) => {}
-                    Ok(Incoming::Close) => break,
-                    Err(WsError::Protocol(code, why)) => {
-                        if let Ok(mut w) = writer.lock() {
-                            let _ = websocket::write_close(&mut *w, code, why);
-                        }
-                        break;
-                    }
-                    Err(WsError::Io(_)) => break,
-                }
-            }
-            client_gone.store(true, Ordering::Relaxed);
-        })
-    };
+    let reader = spawn_client_reader(
+        socket,
+        attachment.stdin,
+        Arc::clone(&writer),
+        Arc::clone(&client_gone),
+        Arc::clone(&client_spoke),
+    );
     let send = |kind: u8, data: &[u8]| -> bool {
         let mut frame = Vec::with_capacity(data.len() + 1);
         frame.push(kind);
@@ -271,6 +263,8 @@ fn stream_session(socket: TcpStream, attachment: crate::runtime::ExecAttachment,
             Err(_) => false,
         }
     };
+    // A hostile agent may announce the end of its replay more than once; clients get it once.
+    let mut replay_ended = false;
     loop {
         if client_gone.load(Ordering::Relaxed) {
             break;
@@ -292,6 +286,12 @@ fn stream_session(socket: TcpStream, attachment: crate::runtime::ExecAttachment,
                 if !send(0x02, &d) {
                     break;
                 }
+            }
+            Ok(ExecEvent::ReplayEnd) => {
+                if !replay_ended && !send(0x04, &[]) {
+                    break;
+                }
+                replay_ended = true;
             }
             Ok(ExecEvent::Exit(code)) => {
                 send(0x03, &code.to_be_bytes());
@@ -316,6 +316,48 @@ fn stream_session(socket: TcpStream, attachment: crate::runtime::ExecAttachment,
     if let Ok(handle) = reader {
         let _ = handle.join();
     }
+}
+
+/// Reads the client's frames on a thread of its own: stdin frames go to the session, pings are
+/// answered; sets `client_spoke` on each frame and `client_gone` when the client leaves.
+fn spawn_client_reader(
+    mut read_half: TcpStream,
+    mut stdin: Box<dyn Write + Send>,
+    writer: Arc<Mutex<TcpStream>>,
+    client_gone: Arc<AtomicBool>,
+    client_spoke: Arc<AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name("ws-reader".into()).spawn(move || {
+        loop {
+            let message = websocket::read_message(&mut read_half);
+            if matches!(message, Ok(Incoming::Data(_) | Incoming::Ping(_) | Incoming::Pong)) {
+                client_spoke.store(true, Ordering::Relaxed);
+            }
+            match message {
+                Ok(Incoming::Data(msg)) => {
+                    // Only stdin frames travel client -> server; others are ignored.
+                    if msg.first() == Some(&0x00) && stdin.write_all(&msg[1..]).and_then(|()| stdin.flush()).is_err() {
+                        break;
+                    }
+                }
+                Ok(Incoming::Ping(p)) => {
+                    if let Ok(mut w) = writer.lock() {
+                        let _ = websocket::write_frame(&mut *w, websocket::OP_PONG, &p);
+                    }
+                }
+                Ok(Incoming::Pong) => {}
+                Ok(Incoming::Close) => break,
+                Err(WsError::Protocol(code, why)) => {
+                    if let Ok(mut w) = writer.lock() {
+                        let _ = websocket::write_close(&mut *w, code, why);
+                    }
+                    break;
+                }
+                Err(WsError::Io(_)) => break,
+            }
+        }
+        client_gone.store(true, Ordering::Relaxed);
+    })
 }
 
 #[cfg(test)]

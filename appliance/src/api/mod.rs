@@ -3,11 +3,13 @@
 pub mod dispatch;
 pub mod exec;
 pub mod exec_async;
+pub mod exec_wait;
 pub mod files;
 pub mod keys;
 pub mod projects;
 pub mod sandboxes;
 pub mod scope;
+pub mod secret_stores;
 pub mod secrets;
 pub mod system;
 pub mod validate;

@@ -14,7 +14,7 @@ use crate::auth::Caller;
 use crate::clock::rfc3339;
 use crate::error::AppError;
 use crate::http::reply::Reply;
-use crate::http::request::{parse_json, read_body, MAX_JSON_BODY};
+use crate::http::request::{parse_json, query_param, read_body, MAX_JSON_BODY};
 use crate::lifecycle;
 use crate::sandbox_ops::{self, CreateSpec};
 use crate::store::records::{SandboxRecord, NO_DEADLINE};
@@ -150,9 +150,33 @@ pub fn get(app: &App, raw_id: &str) -> Result<Reply, AppError> {
     Ok(Reply::json(200, &sandbox_json(&sandbox_ops::get(app, &id)?, app.lifecycle.deadline(&id))))
 }
 
-pub fn delete(app: &App, raw_id: &str) -> Result<Reply, AppError> {
+/// `?deleteSecretStore=true` also deletes the sandbox's project (its secret store, as the
+/// OpenComputer SDKs call it), which only the operator may do.
+pub fn delete(app: &App, caller: &Caller, raw_id: &str, query: &str) -> Result<Reply, AppError> {
     let id = validate::uuid("sandbox", raw_id)?;
+    let with_store = match query_param(query, "deleteSecretStore")?.as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(AppError::bad_request(format!("deleteSecretStore must be true or false, got {other:?}")))
+        }
+    };
+    if with_store && *caller != Caller::Operator {
+        return Err(AppError::forbidden(
+            "deleteSecretStore=true deletes a secret store (a project), which needs the operator scope",
+        ));
+    }
+    let project = sandbox_ops::get(app, &id)?.project_id;
     sandbox_ops::delete(app, &id)?;
+    if let Some(project) = project.filter(|_| with_store) {
+        match projects::delete(app, &project) {
+            // Deleted meanwhile by someone else: what was asked for holds.
+            Err(e) if e.status == 404 => {}
+            other => {
+                other?;
+            }
+        }
+    }
     Ok(Reply::no_content())
 }
 

@@ -18,14 +18,21 @@ use crate::store::records::ProjectKeyRecord;
 pub fn authorize(app: &App, caller: &Caller, route: &Route, method: &Method) -> Result<(), AppError> {
     let Caller::Project(key) = caller else { return Ok(()) };
     match (route, method) {
-        (Route::Healthz | Route::Sandboxes, _) | (Route::Projects, Method::Get) => Ok(()),
-        (Route::Project(id), Method::Get) | (Route::ProjectSecrets(id) | Route::ProjectSecret(id, _), _) => {
-            project_allowed(key, id)
-        }
+        (Route::Healthz | Route::Sandboxes, _) | (Route::Projects | Route::SecretStores, Method::Get) => Ok(()),
+        (Route::Project(id) | Route::SecretStore(id), Method::Get)
+        | (
+            Route::ProjectSecrets(id)
+            | Route::ProjectSecret(id, _)
+            | Route::SecretStoreSecrets(id)
+            | Route::SecretStoreSecret(id, _),
+            _,
+        ) => project_allowed(key, id),
         (Route::Projects, _) => Err(operator_only(key, "creating projects")),
+        (Route::SecretStores, _) => Err(operator_only(key, "creating secret stores")),
         (Route::Project(_), _) => {
             Err(operator_only(key, "changing or deleting a project (its allowlist and defaults)"))
         }
+        (Route::SecretStore(_), _) => Err(operator_only(key, "changing or deleting a secret store (its allowlist)")),
         (Route::SandboxMemoryDump(_), _) => Err(operator_only(key, "memory dumps")),
         (
             Route::Sandbox(id)

@@ -11,6 +11,11 @@ pub enum Route {
     Project(String),
     ProjectSecrets(String),
     ProjectSecret(String, String),
+    /// Projects as today's OpenComputer SDKs see them: secret stores.
+    SecretStores,
+    SecretStore(String),
+    SecretStoreSecrets(String),
+    SecretStoreSecret(String, String),
     Sandboxes,
     Sandbox(String),
     SandboxTimeout(String),
@@ -75,6 +80,10 @@ impl Route {
             Self::Project(_) => "/api/projects/{id}",
             Self::ProjectSecrets(_) => "/api/projects/{id}/secrets",
             Self::ProjectSecret(..) => "/api/projects/{id}/secrets/{name}",
+            Self::SecretStores => "/api/secret-stores",
+            Self::SecretStore(_) => "/api/secret-stores/{id}",
+            Self::SecretStoreSecrets(_) => "/api/secret-stores/{id}/secrets",
+            Self::SecretStoreSecret(..) => "/api/secret-stores/{id}/secrets/{name}",
             Self::Sandboxes => "/api/sandboxes",
             Self::Sandbox(_) => "/api/sandboxes/{id}",
             Self::SandboxTimeout(_) => "/api/sandboxes/{id}/timeout",
@@ -122,6 +131,10 @@ pub fn match_route(path: &str) -> Result<Option<Route>, AppError> {
         ["projects", id] => Route::Project(id.to_string()),
         ["projects", id, "secrets"] => Route::ProjectSecrets(id.to_string()),
         ["projects", id, "secrets", name] => Route::ProjectSecret(id.to_string(), name.to_string()),
+        ["secret-stores"] => Route::SecretStores,
+        ["secret-stores", id] => Route::SecretStore(id.to_string()),
+        ["secret-stores", id, "secrets"] => Route::SecretStoreSecrets(id.to_string()),
+        ["secret-stores", id, "secrets", name] => Route::SecretStoreSecret(id.to_string(), name.to_string()),
         ["sandboxes"] => Route::Sandboxes,
         ["sandboxes", id] => Route::Sandbox(id.to_string()),
         ["sandboxes", id, "timeout"] => Route::SandboxTimeout(id.to_string()),
@@ -178,6 +191,10 @@ mod tests {
         assert_eq!(match_route("/api/system/reboot").expect("ok"), Some(Route::SystemReboot));
         assert_eq!(match_route("/api/system/poweroff").expect("ok"), Some(Route::SystemPoweroff));
         assert_eq!(match_route("/api/system/master-key/rotate").expect("ok"), Some(Route::SystemMasterKeyRotate));
+        assert_eq!(
+            match_route("/api/secret-stores/s1/secrets/K").expect("ok"),
+            Some(Route::SecretStoreSecret("s1".into(), "K".into()))
+        );
         assert_eq!(match_route("/api/nothing").expect("ok"), None);
         assert_eq!(match_route("/other").expect("ok"), None);
         assert!(match_route("/api/projects/%zz").is_err());

@@ -135,6 +135,7 @@ pub fn attach(agent: Agent, session: u32) -> Result<ExecAttachment, RuntimeError
             let event = match reader.next_event(None) {
                 Ok(AttachEvent::Output { stream: OutputStream::Stdout, data }) => ExecEvent::Stdout(data),
                 Ok(AttachEvent::Output { stream: OutputStream::Stderr, data }) => ExecEvent::Stderr(data),
+                Ok(AttachEvent::ReplayEnd) => ExecEvent::ReplayEnd,
                 Ok(AttachEvent::Notice { .. }) => continue,
                 Ok(AttachEvent::Ended(status)) => {
                     let _ = tx.send(ExecEvent::Exit(status.shell_code()));

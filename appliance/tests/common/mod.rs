@@ -217,6 +217,7 @@ impl SandboxRuntime for FakeRuntime {
         let (stdin_tx, stdin_rx) = mpsc::channel::<Vec<u8>>();
         std::thread::spawn(move || {
             let _ = events_tx.send(ExecEvent::Stdout(b"ready\n".to_vec()));
+            let _ = events_tx.send(ExecEvent::ReplayEnd);
             while let Ok(chunk) = stdin_rx.recv() {
                 let text = String::from_utf8_lossy(&chunk).to_string();
                 if text.trim() == "exit" {

@@ -114,6 +114,8 @@ pub enum AttachEvent {
         code: ErrorCode,
         message: String,
     },
+    /// The replay of output from before the attachment is over; what follows is live.
+    ReplayEnd,
     /// The session ended; nothing follows.
     Ended(ExitStatus),
 }
@@ -696,6 +698,7 @@ impl<C: Connection> AttachReader<C> {
         }
         match self.client.recv_open_ended(idle)? {
             Reply::Output { stream, data } => Ok(AttachEvent::Output { stream, data }),
+            Reply::ReplayEnd => Ok(AttachEvent::ReplayEnd),
             Reply::SessionEnded(status) => {
                 self.ended = true;
                 Ok(AttachEvent::Ended(status))

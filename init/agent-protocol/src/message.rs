@@ -256,19 +256,42 @@ pub enum Request {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
     Ok,
-    Error { code: ErrorCode, message: String },
-    Pong { protocol: u8, agent_version: String },
-    Output { stream: OutputStream, data: Vec<u8> },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+    Pong {
+        protocol: u8,
+        agent_version: String,
+    },
+    Output {
+        stream: OutputStream,
+        data: Vec<u8>,
+    },
     Exited(RunExit),
-    SessionStarted { id: u32, pid: u32 },
+    SessionStarted {
+        id: u32,
+        pid: u32,
+    },
     Sessions(Vec<SessionInfo>),
     SessionEnded(ExitStatus),
     Data(Vec<u8>),
-    DataEnd { size: u64 },
-    DirEntries { entries: Vec<DirEntry>, more: bool },
+    DataEnd {
+        size: u64,
+    },
+    DirEntries {
+        entries: Vec<DirEntry>,
+        more: bool,
+    },
     Stat(FileStat),
-    CaInstalled { bundle_path: String },
-    Written { size: u64 },
+    CaInstalled {
+        bundle_path: String,
+    },
+    Written {
+        size: u64,
+    },
+    /// After an attach's replay of earlier output: what follows is live.
+    ReplayEnd,
 }
 
 mod kind {
@@ -307,6 +330,7 @@ mod kind {
     pub const STAT: u8 = 0x8B;
     pub const CA_INSTALLED: u8 = 0x8C;
     pub const WRITTEN: u8 = 0x8D;
+    pub const REPLAY_END: u8 = 0x8E;
 }
 
 impl Request {
@@ -490,6 +514,7 @@ impl Reply {
             Reply::Stat(_) => kind::STAT,
             Reply::CaInstalled { .. } => kind::CA_INSTALLED,
             Reply::Written { .. } => kind::WRITTEN,
+            Reply::ReplayEnd => kind::REPLAY_END,
         }
     }
 
@@ -500,7 +525,7 @@ impl Reply {
     pub fn to_frame(&self) -> Result<Vec<u8>, frame::FrameError> {
         let mut e = Encoder::with_reserved(frame::HEADER_LEN);
         match self {
-            Reply::Ok => {}
+            Reply::Ok | Reply::ReplayEnd => {}
             Reply::Error { code, message } => {
                 e.u16(code.to_u16());
                 e.str(message);
@@ -629,6 +654,7 @@ impl Reply {
             }),
             kind::CA_INSTALLED => Reply::CaInstalled { bundle_path: d.string()? },
             kind::WRITTEN => Reply::Written { size: d.u64()? },
+            kind::REPLAY_END => Reply::ReplayEnd,
             other => return Err(DecodeError(format!("unknown reply kind 0x{other:02x}"))),
         };
         d.finish()?;
@@ -776,6 +802,7 @@ mod tests {
             }),
             Reply::CaInstalled { bundle_path: "/etc/ssl/x.crt".into() },
             Reply::Written { size: 10 },
+            Reply::ReplayEnd,
         ]
     }
 

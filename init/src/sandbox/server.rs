@@ -334,6 +334,7 @@ fn attach<C: Connection>(shared: &Shared, conn: &mut C, id: u32) -> io::Result<F
     for (stream, data) in &subscription.replay {
         send(conn, &Reply::Output { stream: *stream, data: data.clone() })?;
     }
+    send(conn, &Reply::ReplayEnd)?;
     if let Some(status) = subscription.ended {
         send(conn, &Reply::SessionEnded(status))?;
         return Ok(Flow::Close);
