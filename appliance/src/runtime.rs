@@ -82,6 +82,20 @@ pub struct DirEntry {
     pub size: u64,
 }
 
+/// One file's metadata, as `stat` in the sandbox saw it (symlinks followed, `is_symlink` set).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileInfo {
+    pub name: String,
+    pub path: String,
+    pub is_dir: bool,
+    pub is_symlink: bool,
+    pub size: u64,
+    /// Permission bits (st_mode & 0o7777).
+    pub mode: u32,
+    /// Modification time, milliseconds since the Unix epoch.
+    pub modified_ms: i64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RuntimeError {
     /// The sandbox (or session, or file) does not exist on the sandbox side.
@@ -129,6 +143,26 @@ pub trait SandboxRuntime: Send + Sync {
     fn remove_file(&self, sandbox_id: &str, path: &str) -> Result<(), RuntimeError>;
     fn list_dir(&self, sandbox_id: &str, path: &str) -> Result<Vec<DirEntry>, RuntimeError>;
     fn make_dir(&self, sandbox_id: &str, path: &str) -> Result<(), RuntimeError>;
+
+    fn stat_file(&self, sandbox_id: &str, path: &str) -> Result<FileInfo, RuntimeError> {
+        let _ = (sandbox_id, path);
+        Err(RuntimeError::Failed("file stat is not supported by this runtime".into()))
+    }
+    /// Moves a file or directory within the sandbox.
+    fn rename_file(&self, sandbox_id: &str, from: &str, to: &str) -> Result<(), RuntimeError> {
+        let _ = (sandbox_id, from, to);
+        Err(RuntimeError::Failed("file rename is not supported by this runtime".into()))
+    }
+
+    /// The last `max_bytes` (at most) of what the sandbox's guest wrote to its console, while
+    /// it runs and, kept when it ended, until `forget`. Only guest output: nothing the host adds.
+    fn console_tail(&self, sandbox_id: &str, max_bytes: u64) -> Result<Vec<u8>, RuntimeError> {
+        let _ = max_bytes;
+        Err(RuntimeError::NotFound(format!("no console log is kept for sandbox {sandbox_id}")))
+    }
+
+    /// Drops what is kept of an ended sandbox (its console log); its record is gone.
+    fn forget(&self, _sandbox_id: &str) {}
 
     /// Has the VMM write all guest RAM to a file on the data disk (diagnostics and the
     /// secret-search tests); returns where and how large.

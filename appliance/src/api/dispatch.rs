@@ -7,7 +7,9 @@ use std::time::Instant;
 use serde_json::json;
 use tiny_http::{Method, Request};
 
-use crate::api::{exec, exec_wait, files, keys, projects, sandboxes, scope, secret_stores, secrets, system};
+use crate::api::{
+    exec, exec_wait, files, keys, projects, sandbox_info, sandboxes, scope, secret_stores, secrets, system,
+};
 use crate::app::App;
 use crate::audit;
 use crate::auth::Caller;
@@ -209,7 +211,7 @@ pub fn dispatch(
         (Route::SecretStoreSecret(id, name), Put) => secret_stores::put_secret(app, caller, id, name, request),
         (Route::SecretStoreSecret(id, name), Delete) => secret_stores::delete_secret(app, id, name),
         (Route::Sandboxes, Post) => sandboxes::create(app, caller, request),
-        (Route::Sandboxes, Get) => sandboxes::list(app, caller),
+        (Route::Sandboxes, Get) => sandboxes::list(app, caller, query),
         (Route::Sandbox(id), Get) => sandboxes::get(app, id),
         (Route::SandboxMemoryDump(id), Post) => sandboxes::memory_dump(app, id),
         (Route::Sandbox(id), Delete) => sandboxes::delete(app, caller, id, query),
@@ -227,6 +229,11 @@ pub fn dispatch(
         (Route::Files(id), Delete) => files::remove(app, id, query),
         (Route::FilesList(id), Get) => files::list(app, id, query),
         (Route::FilesMkdir(id), Post) => files::mkdir(app, id, query),
+        (Route::FilesStat(id), Get) => files::stat(app, id, query),
+        (Route::FilesRename(id), Post) => files::rename(app, id, request),
+        (Route::SandboxLogs(id), Get) => sandbox_info::logs(app, id),
+        (Route::SandboxAllowedHosts(id), Get) => sandbox_info::allowed_hosts(app, id),
+        (Route::Unsupported(feature), _) => Err(AppError::new(501, feature.reason())),
         (Route::System, Get) => Ok(system::get(app)),
         (Route::SystemUpgrade, Post) => system::upgrade(app, request),
         (Route::SystemReboot, Post) => system::power(app, system::PowerAction::Reboot),

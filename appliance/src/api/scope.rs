@@ -18,7 +18,9 @@ use crate::store::records::ProjectKeyRecord;
 pub fn authorize(app: &App, caller: &Caller, route: &Route, method: &Method) -> Result<(), AppError> {
     let Caller::Project(key) = caller else { return Ok(()) };
     match (route, method) {
-        (Route::Healthz | Route::Sandboxes, _) | (Route::Projects | Route::SecretStores, Method::Get) => Ok(()),
+        // An unsupported route touches nothing: its 501 says why to any key.
+        (Route::Healthz | Route::Sandboxes | Route::Unsupported(_), _)
+        | (Route::Projects | Route::SecretStores, Method::Get) => Ok(()),
         (Route::Project(id) | Route::SecretStore(id), Method::Get)
         | (
             Route::ProjectSecrets(id)
@@ -46,7 +48,11 @@ pub fn authorize(app: &App, caller: &Caller, route: &Route, method: &Method) -> 
             | Route::ExecKill(id, _)
             | Route::Files(id)
             | Route::FilesList(id)
-            | Route::FilesMkdir(id),
+            | Route::FilesMkdir(id)
+            | Route::FilesStat(id)
+            | Route::FilesRename(id)
+            | Route::SandboxLogs(id)
+            | Route::SandboxAllowedHosts(id),
             _,
         ) => sandbox_allowed(app, key, id),
         (Route::Metrics, _) => Err(operator_only(key, "metrics")),

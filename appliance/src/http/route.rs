@@ -1,5 +1,6 @@
 //! Maps a URL path to a route of the wire contract. Path parameters are percent-decoded.
 
+use crate::api::unsupported::{self, Unsupported};
 use crate::error::AppError;
 use crate::http::request::percent_decode;
 
@@ -33,6 +34,16 @@ pub enum Route {
     Files(String),
     FilesList(String),
     FilesMkdir(String),
+    /// One file's metadata (`?path=`).
+    FilesStat(String),
+    /// Move a file or directory within the sandbox (JSON `oldPath`, `newPath`).
+    FilesRename(String),
+    /// The tail of the sandbox's guest console.
+    SandboxLogs(String),
+    /// The egress allowlist and per-secret hosts the proxy applies to the sandbox.
+    SandboxAllowedHosts(String),
+    /// A route of the hosted service this appliance cannot honour (answers 501).
+    Unsupported(Unsupported),
     /// The running slot and version, and a staged upgrade.
     System,
     /// Stage an A/B upgrade from a disk image in the request body.
@@ -66,7 +77,9 @@ impl Route {
             | Self::ExecKill(id, _)
             | Self::Files(id)
             | Self::FilesList(id)
-            | Self::FilesMkdir(id) => Some(id),
+            | Self::FilesMkdir(id)
+            | Self::FilesStat(id)
+            | Self::FilesRename(id) => Some(id),
             _ => None,
         }
     }
@@ -98,6 +111,11 @@ impl Route {
             Self::Files(_) => "/api/sandboxes/{id}/files",
             Self::FilesList(_) => "/api/sandboxes/{id}/files/list",
             Self::FilesMkdir(_) => "/api/sandboxes/{id}/files/mkdir",
+            Self::FilesStat(_) => "/api/sandboxes/{id}/files/stat",
+            Self::FilesRename(_) => "/api/sandboxes/{id}/files/rename",
+            Self::SandboxLogs(_) => "/api/sandboxes/{id}/logs",
+            Self::SandboxAllowedHosts(_) => "/api/sandboxes/{id}/allowed-hosts",
+            Self::Unsupported(u) => u.label(),
             Self::System => "/api/system",
             Self::SystemUpgrade => "/api/system/upgrade",
             Self::SystemReboot => "/api/system/reboot",
@@ -149,6 +167,10 @@ pub fn match_route(path: &str) -> Result<Option<Route>, AppError> {
         ["sandboxes", id, "files"] => Route::Files(id.to_string()),
         ["sandboxes", id, "files", "list"] => Route::FilesList(id.to_string()),
         ["sandboxes", id, "files", "mkdir"] => Route::FilesMkdir(id.to_string()),
+        ["sandboxes", id, "files", "stat"] => Route::FilesStat(id.to_string()),
+        ["sandboxes", id, "files", "rename"] => Route::FilesRename(id.to_string()),
+        ["sandboxes", id, "logs"] => Route::SandboxLogs(id.to_string()),
+        ["sandboxes", id, "allowed-hosts"] => Route::SandboxAllowedHosts(id.to_string()),
         ["system"] => Route::System,
         ["system", "upgrade"] => Route::SystemUpgrade,
         ["system", "reboot"] => Route::SystemReboot,
@@ -157,7 +179,10 @@ pub fn match_route(path: &str) -> Result<Option<Route>, AppError> {
         ["keys"] => Route::Keys,
         ["keys", id] => Route::Key(id.to_string()),
         ["audit"] => Route::Audit,
-        _ => return Ok(None),
+        other => match unsupported::feature(other) {
+            Some(feature) => Route::Unsupported(feature),
+            None => return Ok(None),
+        },
     };
     Ok(Some(route))
 }
@@ -195,6 +220,12 @@ mod tests {
             match_route("/api/secret-stores/s1/secrets/K").expect("ok"),
             Some(Route::SecretStoreSecret("s1".into(), "K".into()))
         );
+        assert_eq!(match_route("/api/sandboxes/s1/logs").expect("ok"), Some(Route::SandboxLogs("s1".into())));
+        assert_eq!(
+            match_route("/api/sandboxes/s1/hibernate").expect("ok"),
+            Some(Route::Unsupported(Unsupported::Hibernate))
+        );
+        assert_eq!(match_route("/api/sandboxes/s1/no-such-thing").expect("ok"), None);
         assert_eq!(match_route("/api/nothing").expect("ok"), None);
         assert_eq!(match_route("/other").expect("ok"), None);
         assert!(match_route("/api/projects/%zz").is_err());

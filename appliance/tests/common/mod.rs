@@ -50,6 +50,8 @@ pub struct FakeSandbox {
     pub dirs: Vec<String>,
     pub sessions: Vec<ExecSessionInfo>,
     pub killed: Vec<(String, i32)>,
+    /// What the guest wrote to its console; kept after the sandbox stops, as the real runtime does.
+    pub console: Vec<u8>,
 }
 
 /// Disk size of every template of the runtime double.
@@ -67,6 +69,8 @@ pub struct FakeRuntime {
     pub boot_delay: Mutex<Duration>,
     /// How long every `exec_run` takes (a command that sleeps).
     pub exec_delay: Mutex<Duration>,
+    /// Sandboxes whose kept state (console log) the control plane dropped.
+    pub forgotten: Mutex<Vec<String>>,
 }
 
 impl FakeRuntime {
@@ -271,6 +275,46 @@ impl SandboxRuntime for FakeRuntime {
     }
     fn make_dir(&self, id: &str, path: &str) -> Result<(), RuntimeError> {
         self.with_sandbox(id, |s| s.dirs.push(path.to_string()))
+    }
+    fn stat_file(&self, id: &str, path: &str) -> Result<FileInfo, RuntimeError> {
+        let found = self.with_sandbox(id, |s| {
+            let name = path.rsplit('/').next().unwrap_or_default().to_string();
+            let info = |is_dir: bool, size: u64| FileInfo {
+                name: name.clone(),
+                path: path.to_string(),
+                is_dir,
+                is_symlink: false,
+                size,
+                mode: if is_dir { 0o755 } else { 0o644 },
+                modified_ms: 1_700_000_000_000,
+            };
+            match s.files.get(path) {
+                Some(data) => Some(info(false, data.len() as u64)),
+                None => s.dirs.iter().any(|d| d == path).then(|| info(true, 0)),
+            }
+        })?;
+        found.ok_or_else(|| RuntimeError::NotFound(format!("{path}: no such file or directory")))
+    }
+    fn rename_file(&self, id: &str, from: &str, to: &str) -> Result<(), RuntimeError> {
+        self.with_sandbox(id, |s| match s.files.remove(from) {
+            Some(data) => {
+                s.files.insert(to.to_string(), data);
+                Ok(())
+            }
+            None => Err(RuntimeError::NotFound(format!("{from}: no such file or directory"))),
+        })?
+    }
+    fn console_tail(&self, id: &str, max_bytes: u64) -> Result<Vec<u8>, RuntimeError> {
+        let map = self.sandboxes.lock().expect("lock");
+        let s = map.get(id).ok_or_else(|| RuntimeError::NotFound(format!("sandbox {id} unknown")))?;
+        let start = s.console.len().saturating_sub(max_bytes as usize);
+        Ok(s.console[start..].to_vec())
+    }
+    fn forget(&self, id: &str) {
+        self.forgotten.lock().expect("lock").push(id.to_string());
+        if let Some(s) = self.sandboxes.lock().expect("lock").get_mut(id) {
+            s.console.clear();
+        }
     }
 }
 

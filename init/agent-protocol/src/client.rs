@@ -403,6 +403,11 @@ impl<C: Connection> AgentClient<C> {
         self.simple(&Request::Remove { path: path.to_string(), recursive }, "remove")
     }
 
+    /// Moves a file or directory within the sandbox (rename(2)).
+    pub fn rename(&mut self, from: &str, to: &str) -> Result<(), AgentError> {
+        self.simple(&Request::Rename { from: from.to_string(), to: to.to_string() }, "rename")
+    }
+
     /// Sets and unsets variables for every later command and session.
     pub fn set_env(&mut self, set: &[(String, String)], unset: &[String]) -> Result<(), AgentError> {
         self.simple(&Request::SetEnv { set: EnvVars(set.to_vec()), unset: unset.to_vec() }, "set env")

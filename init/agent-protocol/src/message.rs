@@ -234,6 +234,11 @@ pub enum Request {
         path: String,
         recursive: bool,
     },
+    /// Moves a file or directory (rename(2): within one file system, replacing a file at `to`).
+    Rename {
+        from: String,
+        to: String,
+    },
     SetEnv {
         set: EnvVars,
         unset: Vec<String>,
@@ -311,6 +316,7 @@ mod kind {
     pub const SET_ENV: u8 = 0x0E;
     pub const INSTALL_CA: u8 = 0x0F;
     pub const POWER: u8 = 0x10;
+    pub const RENAME: u8 = 0x1F;
     pub const DATA: u8 = 0x20;
     pub const DATA_END: u8 = 0x21;
     pub const STDIN: u8 = 0x22;
@@ -349,6 +355,7 @@ impl Request {
             Request::FileStat { .. } => kind::FILE_STAT,
             Request::Mkdir { .. } => kind::MKDIR,
             Request::Remove { .. } => kind::REMOVE,
+            Request::Rename { .. } => kind::RENAME,
             Request::SetEnv { .. } => kind::SET_ENV,
             Request::InstallCa { .. } => kind::INSTALL_CA,
             Request::Power(_) => kind::POWER,
@@ -375,6 +382,7 @@ impl Request {
             Request::FileStat { .. } => "file-stat",
             Request::Mkdir { .. } => "mkdir",
             Request::Remove { .. } => "remove",
+            Request::Rename { .. } => "rename",
             Request::SetEnv { .. } => "set-env",
             Request::InstallCa { .. } => "install-ca",
             Request::Power(_) => "power",
@@ -431,6 +439,10 @@ impl Request {
                 e.str(path);
                 e.bool(*recursive);
             }
+            Request::Rename { from, to } => {
+                e.str(from);
+                e.str(to);
+            }
             Request::SetEnv { set, unset } => {
                 e.pairs(&set.0);
                 e.strings(unset);
@@ -479,6 +491,7 @@ impl Request {
             kind::FILE_STAT => Request::FileStat { path: d.string()? },
             kind::MKDIR => Request::Mkdir { path: d.string()? },
             kind::REMOVE => Request::Remove { path: d.string()?, recursive: d.bool()? },
+            kind::RENAME => Request::Rename { from: d.string()?, to: d.string()? },
             kind::SET_ENV => Request::SetEnv { set: EnvVars(d.pairs()?), unset: d.strings()? },
             kind::INSTALL_CA => Request::InstallCa { pem: d.bytes()? },
             kind::POWER => Request::Power(match d.u8()? {
@@ -754,6 +767,7 @@ mod tests {
             Request::FileStat { path: "/x".into() },
             Request::Mkdir { path: "/a/b/c".into() },
             Request::Remove { path: "/a".into(), recursive: true },
+            Request::Rename { from: "/a/b".into(), to: "c d".into() },
             Request::SetEnv { set: EnvVars(vec![("K".into(), "v".into())]), unset: vec!["OLD".into()] },
             Request::InstallCa { pem: b"-----BEGIN CERTIFICATE-----".to_vec() },
             Request::Power(Power::Off),

@@ -186,6 +186,9 @@ fn dispatch<C: Connection>(shared: &Shared, conn: &mut C, request: Request) -> i
         Request::Remove { path, recursive } => {
             paths::resolve(&path, home).and_then(|p| files::remove(&p, recursive)).map(|()| Reply::Ok)
         }
+        Request::Rename { from, to } => paths::resolve(&from, home)
+            .and_then(|f| paths::resolve(&to, home).and_then(|t| files::rename(&f, &t)))
+            .map(|()| Reply::Ok),
         Request::SetEnv { set, unset } => shared.env.update(&set.0, &unset).map(|()| Reply::Ok),
         Request::InstallCa { pem } => install_ca(shared, &pem),
         Request::Power(action) => return power(shared, conn, action),
