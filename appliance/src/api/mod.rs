@@ -6,6 +6,7 @@ pub mod exec_async;
 pub mod files;
 pub mod keys;
 pub mod projects;
+pub mod pty;
 pub mod sandboxes;
 pub mod scope;
 pub mod secrets;

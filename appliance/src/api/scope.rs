@@ -37,6 +37,9 @@ pub fn authorize(app: &App, caller: &Caller, route: &Route, method: &Method) -> 
             | Route::ExecSessions(id)
             | Route::ExecSession(id, _)
             | Route::ExecKill(id, _)
+            | Route::Pty(id)
+            | Route::PtySession(id, _)
+            | Route::PtyResize(id, _)
             | Route::Files(id)
             | Route::FilesList(id)
             | Route::FilesMkdir(id),
