@@ -59,6 +59,7 @@ pub fn runtime_error(err: RuntimeError) -> AppError {
     match err {
         RuntimeError::NotFound(m) => AppError::not_found(m),
         RuntimeError::Invalid(m) => AppError::bad_request(m),
+        RuntimeError::Conflict(m) => AppError::conflict(m),
         RuntimeError::Failed(m) => AppError::internal(format!("sandbox runtime: {m}")),
         // The upstream (the guest) failed, not the appliance.
         RuntimeError::Guest(m) => AppError::bad_gateway(m),

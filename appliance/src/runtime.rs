@@ -58,6 +58,15 @@ pub struct ExecSessionInfo {
     pub exit_code: Option<i32>,
 }
 
+/// An interactive terminal: a shell on a pseudo-terminal in the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PtyRequest {
+    pub cols: u16,
+    pub rows: u16,
+    /// The program to run instead of the guest's login shell.
+    pub shell: Option<String>,
+}
+
 /// Output of an attached exec session, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExecEvent {
@@ -102,6 +111,8 @@ pub enum RuntimeError {
     NotFound(String),
     /// The request is invalid for the sandbox side (bad path, bad signal...).
     Invalid(String),
+    /// The target is in a state that forbids the request (e.g. the session has ended).
+    Conflict(String),
     /// Booting or talking to the sandbox failed.
     Failed(String),
     /// The sandbox's guest misbehaved or failed: its agent broke the protocol, overran a
@@ -113,7 +124,9 @@ pub enum RuntimeError {
 impl fmt::Display for RuntimeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::NotFound(m) | Self::Invalid(m) | Self::Failed(m) | Self::Guest(m) => f.write_str(m),
+            Self::NotFound(m) | Self::Invalid(m) | Self::Conflict(m) | Self::Failed(m) | Self::Guest(m) => {
+                f.write_str(m)
+            }
         }
     }
 }
@@ -137,6 +150,12 @@ pub trait SandboxRuntime: Send + Sync {
     fn exec_list(&self, sandbox_id: &str) -> Result<Vec<ExecSessionInfo>, RuntimeError>;
     fn exec_kill(&self, sandbox_id: &str, session_id: &str, signal: i32) -> Result<(), RuntimeError>;
     fn exec_attach(&self, sandbox_id: &str, session_id: &str) -> Result<ExecAttachment, RuntimeError>;
+
+    /// Starts an interactive terminal; returns its session id. It is attached to and killed
+    /// like an exec session (`exec_attach`, `exec_kill`); everything it prints is stdout.
+    fn pty_start(&self, sandbox_id: &str, request: &PtyRequest) -> Result<String, RuntimeError>;
+    /// Sets a terminal's size (its programs get SIGWINCH).
+    fn pty_resize(&self, sandbox_id: &str, session_id: &str, cols: u16, rows: u16) -> Result<(), RuntimeError>;
 
     fn read_file(&self, sandbox_id: &str, path: &str) -> Result<Vec<u8>, RuntimeError>;
     fn write_file(&self, sandbox_id: &str, path: &str, data: &[u8]) -> Result<(), RuntimeError>;

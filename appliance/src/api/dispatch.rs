@@ -8,7 +8,7 @@ use serde_json::json;
 use tiny_http::{Method, Request};
 
 use crate::api::{
-    exec, exec_wait, files, keys, projects, sandbox_info, sandboxes, scope, secret_stores, secrets, system,
+    exec, exec_wait, files, keys, projects, pty, sandbox_info, sandboxes, scope, secret_stores, secrets, system,
 };
 use crate::app::App;
 use crate::audit;
@@ -16,7 +16,7 @@ use crate::auth::Caller;
 use crate::error::AppError;
 use crate::http::reply::Reply;
 use crate::http::request::{header, query_param, split_url};
-use crate::http::route::{match_route, Route, UNMATCHED};
+use crate::http::route::{match_request, Route, UNMATCHED};
 
 fn not_allowed(method: &Method, route: &Route) -> AppError {
     AppError::method_not_allowed(format!("method {method} is not allowed on {}", route.label()))
@@ -40,19 +40,20 @@ fn is_long(route: &Route, method: &Method) -> bool {
                 | Route::SystemUpgrade
                 | Route::SystemMasterKeyRotate,
             Post
-        ) | (Route::ExecSession(..), Get)
+        ) | (Route::ExecSession(..) | Route::PtySession(..), Get)
             | (Route::Files(_), Get | Put)
             | (Route::Sandbox(_), Delete)
     )
 }
 
 /// Serves one request (the HTTP server's handler): answers /api/healthz without a key,
-/// authenticates everything else, moves long work to its own thread, hands exec WebSocket
-/// upgrades to `exec` and other routes to `dispatch`; counts and logs each answer.
+/// authenticates everything else, moves long work to its own thread, hands WebSocket upgrades
+/// to `exec` and `pty` and other routes to `dispatch`; counts and logs each answer.
 pub fn handle(app: &Arc<App>, request: Request, port: u16) {
     let started = Instant::now();
     let url = request.url().to_string();
-    let route = match_route(split_url(&url).0);
+    let upgrade = *request.method() == Method::Get && exec::is_websocket_upgrade(&request);
+    let route = match_request(split_url(&url).0, upgrade);
     if let Ok(Some(Route::Healthz)) = &route {
         return respond(app, None, request_label(&route), started, request, healthz(app));
     }
@@ -138,10 +139,15 @@ fn serve(
     let url = request.url().to_string();
     let (path, query) = split_url(&url);
     let label = request_label(&route);
+    let upgrade = method == Method::Get && exec::is_websocket_upgrade(&request);
     match route {
-        Ok(Some(Route::ExecSession(id, sid))) if method == Method::Get && exec::is_websocket_upgrade(&request) => {
-            let _in_use = app.lifecycle.in_use(&id);
-            let status = exec::attach_websocket(app, &id, &sid, request, port);
+        Ok(Some(Route::ExecSession(id, sid))) if upgrade => {
+            let status =
+                stream(app, &id, || exec::attach_websocket(app, &id, &sid, request, port, exec::Framing::Tagged));
+            account(app, Some(caller), (&method, &url), label, started, status);
+        }
+        Ok(Some(Route::PtySession(id, sid))) if upgrade => {
+            let status = stream(app, &id, || pty::attach_websocket(app, &id, &sid, request, port));
             account(app, Some(caller), (&method, &url), label, started, status);
         }
         Ok(Some(Route::ExecRun(id) | Route::Commands(id))) if method == Method::Post => {
@@ -171,6 +177,14 @@ fn serve(
         }
         Err(e) => respond(app, Some(caller), label, started, request, Reply::error(&e)),
     }
+}
+
+/// Runs a WebSocket stream on sandbox `id`; opening and closing it are activity on the sandbox
+/// (frames in between renew its idle timeout too). Returns the HTTP status sent.
+/// A WebSocket stream uses its sandbox for as long as it is attached (see `Lifecycle::in_use`).
+fn stream(app: &App, id: &str, attach: impl FnOnce() -> u16) -> u16 {
+    let _in_use = app.lifecycle.in_use(id);
+    attach()
 }
 
 pub fn dispatch(
@@ -223,7 +237,12 @@ pub fn dispatch(
         (Route::ExecSessions(id), Post) => exec::start_session(app, id, request),
         (Route::ExecSessions(id), Get) => exec::list_sessions(app, id),
         (Route::ExecKill(id, sid), Post) => exec::kill_session(app, id, sid, request),
-        (Route::ExecSession(..), Get) => Err(AppError::bad_request("this endpoint needs a WebSocket upgrade")),
+        (Route::ExecSession(..) | Route::PtySession(..), Get) => {
+            Err(AppError::bad_request("this endpoint needs a WebSocket upgrade"))
+        }
+        (Route::Pty(id), Post) => pty::create(app, id, request),
+        (Route::PtyResize(id, sid), Post) => pty::resize(app, id, sid, request),
+        (Route::PtySession(id, sid), Delete) => pty::kill(app, id, sid),
         (Route::Files(id), Get) => files::read(app, id, query),
         (Route::Files(id), Put) => files::write(app, id, query, request),
         (Route::Files(id), Delete) => files::remove(app, id, query),

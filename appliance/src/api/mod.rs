@@ -7,6 +7,7 @@ pub mod exec_wait;
 pub mod files;
 pub mod keys;
 pub mod projects;
+pub mod pty;
 pub mod sandbox_info;
 pub mod sandboxes;
 pub mod scope;

@@ -31,6 +31,11 @@ pub enum Route {
     ExecSessions(String),
     ExecSession(String, String),
     ExecKill(String, String),
+    /// Start an interactive terminal.
+    Pty(String),
+    /// A terminal: its WebSocket (GET) or its end (DELETE).
+    PtySession(String, String),
+    PtyResize(String, String),
     Files(String),
     FilesList(String),
     FilesMkdir(String),
@@ -75,6 +80,9 @@ impl Route {
             | Self::ExecSessions(id)
             | Self::ExecSession(id, _)
             | Self::ExecKill(id, _)
+            | Self::Pty(id)
+            | Self::PtySession(id, _)
+            | Self::PtyResize(id, _)
             | Self::Files(id)
             | Self::FilesList(id)
             | Self::FilesMkdir(id)
@@ -108,6 +116,9 @@ impl Route {
             Self::ExecSessions(_) => "/api/sandboxes/{id}/exec",
             Self::ExecSession(..) => "/api/sandboxes/{id}/exec/{sid}",
             Self::ExecKill(..) => "/api/sandboxes/{id}/exec/{sid}/kill",
+            Self::Pty(_) => "/api/sandboxes/{id}/pty",
+            Self::PtySession(..) => "/api/sandboxes/{id}/pty/{sid}",
+            Self::PtyResize(..) => "/api/sandboxes/{id}/pty/{sid}/resize",
             Self::Files(_) => "/api/sandboxes/{id}/files",
             Self::FilesList(_) => "/api/sandboxes/{id}/files/list",
             Self::FilesMkdir(_) => "/api/sandboxes/{id}/files/mkdir",
@@ -131,17 +142,33 @@ impl Route {
 /// Label for requests that match no route.
 pub const UNMATCHED: &str = "unmatched";
 
+/// The route of a request. Outside `/api` only a terminal's WebSocket is served: the Python SDK
+/// opens it at `/sandboxes/{id}/pty/{sid}`, so that path is a route only for an upgrade.
+pub fn match_request(path: &str, websocket_upgrade: bool) -> Result<Option<Route>, AppError> {
+    let trimmed = path.strip_suffix('/').filter(|p| !p.is_empty()).unwrap_or(path);
+    let Some(rest) = trimmed.strip_prefix("/sandboxes/") else { return match_route(path) };
+    if !websocket_upgrade {
+        return Ok(None);
+    }
+    let seg = segments(rest)?;
+    match seg.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        [id, "pty", sid] => Ok(Some(Route::PtySession((*id).to_string(), (*sid).to_string()))),
+        _ => Ok(None),
+    }
+}
+
+/// The segments of a path (after its prefix), percent-decoded.
+fn segments(rest: &str) -> Result<Vec<String>, AppError> {
+    rest.split('/').map(|s| percent_decode(s, false)).collect()
+}
+
 pub fn match_route(path: &str) -> Result<Option<Route>, AppError> {
     let trimmed = path.strip_suffix('/').filter(|p| !p.is_empty()).unwrap_or(path);
     if trimmed == "/metrics" {
         return Ok(Some(Route::Metrics));
     }
     let Some(rest) = trimmed.strip_prefix("/api/") else { return Ok(None) };
-    let raw: Vec<&str> = rest.split('/').collect();
-    let mut seg = Vec::with_capacity(raw.len());
-    for s in &raw {
-        seg.push(percent_decode(s, false)?);
-    }
+    let seg = segments(rest)?;
     let s: Vec<&str> = seg.iter().map(String::as_str).collect();
     let route = match s.as_slice() {
         ["healthz"] => Route::Healthz,
@@ -164,6 +191,9 @@ pub fn match_route(path: &str) -> Result<Option<Route>, AppError> {
         ["sandboxes", id, "exec"] => Route::ExecSessions(id.to_string()),
         ["sandboxes", id, "exec", sid] => Route::ExecSession(id.to_string(), sid.to_string()),
         ["sandboxes", id, "exec", sid, "kill"] => Route::ExecKill(id.to_string(), sid.to_string()),
+        ["sandboxes", id, "pty"] => Route::Pty(id.to_string()),
+        ["sandboxes", id, "pty", sid] => Route::PtySession(id.to_string(), sid.to_string()),
+        ["sandboxes", id, "pty", sid, "resize"] => Route::PtyResize(id.to_string(), sid.to_string()),
         ["sandboxes", id, "files"] => Route::Files(id.to_string()),
         ["sandboxes", id, "files", "list"] => Route::FilesList(id.to_string()),
         ["sandboxes", id, "files", "mkdir"] => Route::FilesMkdir(id.to_string()),
@@ -229,5 +259,25 @@ mod tests {
         assert_eq!(match_route("/api/nothing").expect("ok"), None);
         assert_eq!(match_route("/other").expect("ok"), None);
         assert!(match_route("/api/projects/%zz").is_err());
+    }
+
+    #[test]
+    fn terminals_are_served_under_api_and_their_websocket_also_without_it() {
+        assert_eq!(match_route("/api/sandboxes/s1/pty").expect("ok"), Some(Route::Pty("s1".into())));
+        assert_eq!(
+            match_route("/api/sandboxes/s1/pty/7/resize").expect("ok"),
+            Some(Route::PtyResize("s1".into(), "7".into()))
+        );
+        let terminal = Some(Route::PtySession("s1".into(), "7".into()));
+        for upgrade in [false, true] {
+            assert_eq!(match_request("/api/sandboxes/s1/pty/7", upgrade).expect("ok"), terminal);
+        }
+        // The Python SDK's path: a route only for the WebSocket, and nothing else lives there.
+        assert_eq!(match_request("/sandboxes/s1/pty/7", true).expect("ok"), terminal);
+        assert_eq!(match_request("/sandboxes/s1/pty/7", false).expect("ok"), None);
+        assert_eq!(match_request("/sandboxes/s1/exec/7", true).expect("ok"), None);
+        assert_eq!(match_request("/sandboxes/s1/pty/7/resize", true).expect("ok"), None);
+        assert_eq!(match_request("/metrics", false).expect("ok"), Some(Route::Metrics));
+        assert!(match_request("/sandboxes/%zz/pty/7", true).is_err());
     }
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use crate::runtime::{
     BootSpec, Booted, DirEntry, EnvVars, ExecAttachment, ExecOutput, ExecRequest, ExecSessionInfo, FileInfo,
-    RuntimeError, SandboxRuntime,
+    PtyRequest, RuntimeError, SandboxRuntime,
 };
 use cids::CidPool;
 use templates::TemplateStore;
@@ -252,6 +252,16 @@ impl SandboxRuntime for VmmRuntime {
     fn exec_attach(&self, sandbox_id: &str, session_id: &str) -> Result<ExecAttachment, RuntimeError> {
         let id = agent::session_id(session_id)?;
         agent::attach(self.agent(sandbox_id)?, id).map_err(in_sandbox(sandbox_id))
+    }
+
+    fn pty_start(&self, sandbox_id: &str, request: &PtyRequest) -> Result<String, RuntimeError> {
+        agent::pty_start(&mut self.agent(sandbox_id)?, request).map_err(in_sandbox(sandbox_id))
+    }
+
+    fn pty_resize(&self, sandbox_id: &str, session_id: &str, cols: u16, rows: u16) -> Result<(), RuntimeError> {
+        let id = agent::session_id(session_id)?;
+        let size = agent_protocol::WindowSize { cols, rows };
+        self.agent(sandbox_id)?.session_resize(id, size).map_err(agent::to_runtime).map_err(in_sandbox(sandbox_id))
     }
 
     fn read_file(&self, sandbox_id: &str, path: &str) -> Result<Vec<u8>, RuntimeError> {

@@ -52,6 +52,8 @@ pub struct FakeSandbox {
     pub killed: Vec<(String, i32)>,
     /// What the guest wrote to its console; kept after the sandbox stops, as the real runtime does.
     pub console: Vec<u8>,
+    /// Terminals by session id: their size (cols, rows) and the shell asked for.
+    pub terminals: BTreeMap<String, ((u16, u16), Option<String>)>,
 }
 
 /// Disk size of every template of the runtime double.
@@ -236,6 +238,34 @@ impl SandboxRuntime for FakeRuntime {
             }
         });
         Ok(ExecAttachment { events, stdin: Box::new(ChannelStdin(stdin_tx)) })
+    }
+    /// A terminal is listed like a session (as the agent lists it) and attached to like one.
+    fn pty_start(&self, id: &str, r: &PtyRequest) -> Result<String, RuntimeError> {
+        self.with_sandbox(id, |s| {
+            let sid = format!("session-{}", s.sessions.len() + 1);
+            s.sessions.push(ExecSessionInfo {
+                session_id: sid.clone(),
+                command_line: r.shell.clone().unwrap_or_else(|| "/bin/bash -l".into()),
+                running: true,
+                exit_code: None,
+            });
+            s.terminals.insert(sid.clone(), ((r.cols, r.rows), r.shell.clone()));
+            sid
+        })
+    }
+    fn pty_resize(&self, id: &str, sid: &str, cols: u16, rows: u16) -> Result<(), RuntimeError> {
+        self.with_sandbox(id, |s| {
+            let running = s.sessions.iter().find(|x| x.session_id == sid).map(|x| x.running);
+            match (running, s.terminals.get_mut(sid)) {
+                (None, _) => Err(RuntimeError::NotFound(format!("session {sid} not found"))),
+                (Some(false), _) => Err(RuntimeError::Conflict(format!("session {sid} has already ended"))),
+                (Some(true), None) => Err(RuntimeError::Conflict(format!("session {sid} has no terminal"))),
+                (Some(true), Some((size, _))) => {
+                    *size = (cols, rows);
+                    Ok(())
+                }
+            }
+        })?
     }
     fn read_file(&self, id: &str, path: &str) -> Result<Vec<u8>, RuntimeError> {
         self.with_sandbox(id, |s| s.files.get(path).cloned())?
@@ -535,9 +565,15 @@ impl Client {
 /// Asks to attach `ws` to exec session `sid` of sandbox `id` (admin key, RFC 6455's sample
 /// key) and returns the response head.
 pub fn websocket_handshake(ws: &mut TcpStream, id: &str, sid: &str) -> String {
+    websocket_open(ws, &format!("/api/sandboxes/{id}/exec/{sid}"), &format!("X-API-Key: {ADMIN_KEY}\r\n"))
+}
+
+/// Asks to open a WebSocket at `target` (path and query) with `headers` (each ending in CRLF)
+/// added to the handshake, and returns the response head.
+pub fn websocket_open(ws: &mut TcpStream, target: &str, headers: &str) -> String {
     let handshake = format!(
-        "GET /api/sandboxes/{id}/exec/{sid} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nX-API-Key: {ADMIN_KEY}\r\n\r\n"
+        "GET {target} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n"
     );
     ws.write_all(handshake.as_bytes()).expect("handshake");
     let mut response = Vec::new();

@@ -9,8 +9,8 @@
 
 use crate::frame::{self, FrameError};
 use crate::message::{
-    Command, DirEntry, EnvVars, ErrorCode, ExitStatus, FileStat, OutputStream, Power, Reply, Request, RunExit, RunSpec,
-    SessionInfo, SessionSpec, WriteSpec,
+    Command, DirEntry, EnvVars, ErrorCode, ExitStatus, FileStat, OutputStream, Power, PtySpec, Reply, Request, RunExit,
+    RunSpec, SessionInfo, SessionSpec, WindowSize, WriteSpec,
 };
 use crate::transport::Connection;
 use std::fmt;
@@ -235,6 +235,22 @@ impl<C: Connection> AgentClient<C> {
             Reply::SessionStarted { id, pid } => Ok((id, pid)),
             other => Err(self.unexpected(other, "session start")),
         }
+    }
+
+    /// Starts a session on a pseudo-terminal; returns (session id, pid). It is listed, attached
+    /// to, written to and killed like any session.
+    pub fn pty_start(&mut self, spec: &PtySpec) -> Result<(u32, u32), AgentError> {
+        let mut call = self.quick_call("terminal start");
+        self.send(&Request::PtyStart(spec.clone()))?;
+        match self.recv(&mut call, None)? {
+            Reply::SessionStarted { id, pid } => Ok((id, pid)),
+            other => Err(self.unexpected(other, "terminal start")),
+        }
+    }
+
+    /// Sets the terminal size of a session started with `pty_start`.
+    pub fn session_resize(&mut self, id: u32, size: WindowSize) -> Result<(), AgentError> {
+        self.simple(&Request::SessionResize { id, size }, "session resize")
     }
 
     /// The agent's sessions; one frame, so at most `frame::MAX_PAYLOAD` bytes of them.

@@ -174,6 +174,10 @@ fn dispatch<C: Connection>(shared: &Shared, conn: &mut C, request: Request) -> i
         Request::SessionStart(spec) => {
             shared.sessions.start(&spec, &shared.env, home).map(|(id, pid)| Reply::SessionStarted { id, pid })
         }
+        Request::PtyStart(spec) => {
+            shared.sessions.start_terminal(&spec, &shared.env, home).map(|(id, pid)| Reply::SessionStarted { id, pid })
+        }
+        Request::SessionResize { id, size } => shared.sessions.resize(id, size).map(|()| Reply::Ok),
         Request::SessionList => Ok(Reply::Sessions(shared.sessions.list())),
         Request::SessionKill { id, signal } => shared.sessions.kill(id, signal).map(|()| Reply::Ok),
         Request::SessionStdin { id, data } => shared.sessions.write_stdin(id, &data).map(|()| Reply::Ok),
