@@ -46,6 +46,7 @@ fn e2e() -> ExitCode {
         scenarios::control_plane::SCENARIOS,
         scenarios::control_plane_load::SCENARIOS,
         scenarios::documented::SCENARIOS,
+        scenarios::published_clients::SCENARIOS,
         scenarios::sealing::SCENARIOS,
         scenarios::service_restart::SCENARIOS,
         scenarios::foundation::REBOOT_SCENARIOS,

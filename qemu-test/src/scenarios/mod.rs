@@ -7,6 +7,7 @@ pub mod disk_image;
 pub mod documented;
 pub mod foundation;
 pub mod power_loss;
+pub mod published_clients;
 pub mod sandboxes;
 pub mod sealing;
 pub mod sealing_attacks;
