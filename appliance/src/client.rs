@@ -124,6 +124,7 @@ impl HttpClient {
             .and_then(|s| s.parse::<u16>().ok())
             .ok_or_else(|| invalid("bad status line"))?;
         let mut length = 0usize;
+        let mut chunked = false;
         loop {
             line.clear();
             if self.stream.read_line(&mut line)? == 0 {
@@ -137,12 +138,46 @@ impl HttpClient {
                 if name.eq_ignore_ascii_case("content-length") {
                     length = value.trim().parse().map_err(|_| invalid("bad content-length"))?;
                 } else if name.eq_ignore_ascii_case("transfer-encoding") {
-                    return Err(invalid("chunked responses are not supported by this client"));
+                    chunked = value.trim().eq_ignore_ascii_case("chunked");
+                    if !chunked {
+                        return Err(invalid("only chunked transfer encoding is supported by this client"));
+                    }
                 }
             }
         }
-        let mut body = vec![0u8; length];
-        self.stream.read_exact(&mut body)?;
+        let body = if chunked {
+            self.read_chunks()?
+        } else {
+            let mut body = vec![0u8; length];
+            self.stream.read_exact(&mut body)?;
+            body
+        };
         Ok(HttpResponse { status, body })
+    }
+
+    /// A chunked body, whole; one that breaks off before its zero-length chunk is an error
+    /// (the server cuts a download that fails midway that way).
+    fn read_chunks(&mut self) -> io::Result<Vec<u8>> {
+        let mut body = Vec::new();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if self.stream.read_line(&mut line)? == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the chunked body broke off"));
+            }
+            let size_text = line.trim_end().split(';').next().unwrap_or_default();
+            let size = usize::from_str_radix(size_text, 16).map_err(|_| invalid("bad chunk size"))?;
+            let start = body.len();
+            body.resize(start + size, 0);
+            self.stream.read_exact(&mut body[start..])?;
+            let mut crlf = [0u8; 2];
+            self.stream.read_exact(&mut crlf)?;
+            if crlf != *b"\r\n" {
+                return Err(invalid("bad chunk end"));
+            }
+            if size == 0 {
+                return Ok(body);
+            }
+        }
     }
 }

@@ -63,6 +63,8 @@ pub fn runtime_error(err: RuntimeError) -> AppError {
         RuntimeError::Failed(m) => AppError::internal(format!("sandbox runtime: {m}")),
         // The upstream (the guest) failed, not the appliance.
         RuntimeError::Guest(m) => AppError::bad_gateway(m),
+        // 507 Insufficient Storage: the request was fine, the sandbox's disk is not.
+        RuntimeError::NoSpace(m) => AppError::new(507, format!("the sandbox's disk is full: {m}")),
     }
 }
 

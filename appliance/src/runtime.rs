@@ -5,10 +5,16 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::sync::mpsc::Receiver;
 
 use zeroize::Zeroizing;
+
+/// The largest file the API moves either way (4 GiB). Transfers are streamed through bounded
+/// buffers, so this is not about memory: it bounds how long one transfer may hold an agent
+/// connection, and it keeps the body length tiny_http may try to drain from a client bounded
+/// (see `http::front`, which refuses longer bodies before they reach tiny_http).
+pub const MAX_FILE_SIZE: u64 = 4 << 30;
 
 /// What to boot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,14 +125,19 @@ pub enum RuntimeError {
     /// deadline or a cap, or stopped answering. Code in a sandbox is root and may replace the
     /// agent, so this is the guest's doing, not the appliance's.
     Guest(String),
+    /// The sandbox's disk (or the user's quota in it) is full.
+    NoSpace(String),
 }
 
 impl fmt::Display for RuntimeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::NotFound(m) | Self::Invalid(m) | Self::Conflict(m) | Self::Failed(m) | Self::Guest(m) => {
-                f.write_str(m)
-            }
+            Self::NotFound(m)
+            | Self::Invalid(m)
+            | Self::Conflict(m)
+            | Self::Failed(m)
+            | Self::Guest(m)
+            | Self::NoSpace(m) => f.write_str(m),
         }
     }
 }
@@ -157,8 +168,13 @@ pub trait SandboxRuntime: Send + Sync {
     /// Sets a terminal's size (its programs get SIGWINCH).
     fn pty_resize(&self, sandbox_id: &str, session_id: &str, cols: u16, rows: u16) -> Result<(), RuntimeError>;
 
-    fn read_file(&self, sandbox_id: &str, path: &str) -> Result<Vec<u8>, RuntimeError>;
-    fn write_file(&self, sandbox_id: &str, path: &str, data: &[u8]) -> Result<(), RuntimeError>;
+    /// Streams the file at `path` into `sink`, in pieces as they come; returns its size. Files
+    /// larger than `MAX_FILE_SIZE` fail. An error after the first piece leaves `sink` with
+    /// part of the file: the caller must not present that as the whole file.
+    fn read_file_to(&self, sandbox_id: &str, path: &str, sink: &mut dyn Write) -> Result<u64, RuntimeError>;
+    /// Replaces the file at `path` (parents created) with everything `source` yields, taken in
+    /// pieces; returns the bytes written. If `source` fails, the file is left as it was.
+    fn write_file_from(&self, sandbox_id: &str, path: &str, source: &mut dyn Read) -> Result<u64, RuntimeError>;
     fn remove_file(&self, sandbox_id: &str, path: &str) -> Result<(), RuntimeError>;
     fn list_dir(&self, sandbox_id: &str, path: &str) -> Result<Vec<DirEntry>, RuntimeError>;
     fn make_dir(&self, sandbox_id: &str, path: &str) -> Result<(), RuntimeError>;

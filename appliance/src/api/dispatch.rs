@@ -7,14 +7,12 @@ use std::time::Instant;
 use serde_json::json;
 use tiny_http::{Method, Request};
 
-use crate::api::{
-    exec, exec_wait, files, keys, projects, pty, sandbox_info, sandboxes, scope, secret_stores, secrets, system,
-};
+use crate::api::{exec, files, keys, projects, pty, sandbox_info, sandboxes, scope, secret_stores, secrets, system};
 use crate::app::App;
 use crate::audit;
 use crate::auth::Caller;
 use crate::error::AppError;
-use crate::http::reply::Reply;
+use crate::http::reply::{Answered, Reply};
 use crate::http::request::{header, query_param, split_url};
 use crate::http::route::{match_request, Route, UNMATCHED};
 
@@ -152,16 +150,15 @@ fn serve(
         }
         Ok(Some(Route::ExecRun(id) | Route::Commands(id))) if method == Method::Post => {
             let in_use = app.lifecycle.in_use(&id);
-            match exec::run(app, &id, request) {
-                exec_wait::Answered::Reply(reply, request) => {
-                    drop(in_use);
-                    respond(app, Some(caller), label, started, *request, reply);
-                }
-                exec_wait::Answered::Streamed(status) => {
-                    drop(in_use);
-                    account(app, Some(caller), (&method, &url), label, started, status);
-                }
-            }
+            let answered = exec::run(app, &id, request);
+            drop(in_use);
+            answered_to(app, caller, (&method, &url), label, started, answered);
+        }
+        Ok(Some(Route::Files(id))) if method == Method::Get => {
+            let in_use = app.lifecycle.in_use(&id);
+            let answered = files::read(app, &id, query, request);
+            drop(in_use);
+            answered_to(app, caller, (&method, &url), label, started, answered);
         }
         Ok(Some(route)) => {
             // API activity on a sandbox renews its idle timeout, and a sandbox is not idle while
@@ -176,6 +173,21 @@ fn serve(
             respond(app, Some(caller), label, started, request, reply);
         }
         Err(e) => respond(app, Some(caller), label, started, request, Reply::error(&e)),
+    }
+}
+
+/// Sends (or only accounts, when it was streamed) the answer of a handler that may stream.
+fn answered_to(
+    app: &App,
+    caller: &Caller,
+    (method, url): (&Method, &str),
+    label: &'static str,
+    started: Instant,
+    answered: Answered,
+) {
+    match answered {
+        Answered::Reply(reply, request) => respond(app, Some(caller), label, started, *request, reply),
+        Answered::Streamed(status) => account(app, Some(caller), (method, url), label, started, status),
     }
 }
 
@@ -243,7 +255,7 @@ pub fn dispatch(
         (Route::Pty(id), Post) => pty::create(app, id, request),
         (Route::PtyResize(id, sid), Post) => pty::resize(app, id, sid, request),
         (Route::PtySession(id, sid), Delete) => pty::kill(app, id, sid),
-        (Route::Files(id), Get) => files::read(app, id, query),
+        (Route::Files(_), Get) => Err(AppError::internal("file reads are answered by serve")),
         (Route::Files(id), Put) => files::write(app, id, query, request),
         (Route::Files(id), Delete) => files::remove(app, id, query),
         (Route::FilesList(id), Get) => files::list(app, id, query),

@@ -23,13 +23,7 @@ pub const FIRST_WAIT: Duration = Duration::from_secs(15);
 /// Time between whitespace chunks once the head is out (half the Python SDK's read timeout).
 pub const KEEPALIVE: Duration = Duration::from_secs(15);
 
-/// How the command's answer went out.
-pub enum Answered {
-    /// Not yet: the command ended within `FIRST_WAIT` (or failed); the caller sends this reply.
-    Reply(Reply, Box<Request>),
-    /// Streamed, head first; the status that was sent (200) or 0 if the client left.
-    Streamed(u16),
-}
+pub use crate::http::reply::Answered;
 
 /// Runs `exec` and answers `request` with its result, keeping the connection alive while it
 /// runs. `to_json` turns the output into the answer's body.

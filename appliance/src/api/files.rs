@@ -1,5 +1,7 @@
 //! Sandbox files through the agent; `?path=` names the file inside the sandbox.
 
+use std::sync::Arc;
+
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tiny_http::Request;
@@ -8,9 +10,12 @@ use crate::api::validate;
 use crate::app::App;
 use crate::clock::rfc3339;
 use crate::error::AppError;
-use crate::http::reply::Reply;
-use crate::http::request::{parse_json, query_param, read_body, MAX_FILE_BODY, MAX_JSON_BODY};
+use crate::http::download;
+use crate::http::reply::{Answered, Reply};
+use crate::http::request::{parse_json, query_param, read_body, MAX_JSON_BODY};
+use crate::http::upload::UploadBody;
 use crate::lifecycle::runtime_error;
+use crate::runtime::MAX_FILE_SIZE;
 use crate::sandbox_ops::require_running;
 
 fn target(app: &App, raw_id: &str, query: &str) -> Result<(String, String), AppError> {
@@ -20,19 +25,44 @@ fn target(app: &App, raw_id: &str, query: &str) -> Result<(String, String), AppE
     Ok((id, path))
 }
 
-pub fn read(app: &App, raw_id: &str, query: &str) -> Result<Reply, AppError> {
-    let (id, path) = target(app, raw_id, query)?;
-    let backend = app.lifecycle.backend()?;
-    let data = backend.runtime.read_file(&id, &path).map_err(runtime_error)?;
-    Ok(Reply::bytes(data))
+/// `GET .../files?path=`: the file's bytes, streamed (`http::download`): a failure before the
+/// first byte is a JSON error, one after it cuts the body.
+pub fn read(app: &App, raw_id: &str, query: &str, request: Request) -> Answered {
+    let (id, path) = match target(app, raw_id, query) {
+        Ok(target) => target,
+        Err(e) => return Answered::Reply(Reply::error(&e), Box::new(request)),
+    };
+    download(app, id, path, request)
 }
 
+/// Streams file `path` of sandbox `id` (already checked) to the client.
+pub fn download(app: &App, id: String, path: String, request: Request) -> Answered {
+    let runtime = match app.lifecycle.backend() {
+        Ok(backend) => Arc::clone(&backend.runtime),
+        Err(e) => return Answered::Reply(Reply::error(&e), Box::new(request)),
+    };
+    download::stream(request, move |sink| runtime.read_file_to(&id, &path, sink).map_err(runtime_error))
+}
+
+/// `PUT .../files?path=` with the file as the body (`Content-Length` required, at most
+/// `MAX_FILE_SIZE`): streamed into the sandbox; 204.
 pub fn write(app: &App, raw_id: &str, query: &str, request: &mut Request) -> Result<Reply, AppError> {
-    let (id, path) = target(app, raw_id, query)?;
-    let data = read_body(request, MAX_FILE_BODY)?;
+    let mut body = UploadBody::open(request, MAX_FILE_SIZE)?;
+    let written = target(app, raw_id, query).and_then(|(id, path)| upload(app, &id, &path, &mut body));
+    if written.is_err() {
+        body.discard_rest();
+    }
+    written
+}
+
+/// Streams `body` into file `path` of sandbox `id` (already checked).
+pub fn upload(app: &App, id: &str, path: &str, body: &mut UploadBody) -> Result<Reply, AppError> {
     let backend = app.lifecycle.backend()?;
-    backend.runtime.write_file(&id, &path, &data).map_err(runtime_error)?;
-    Ok(Reply::no_content())
+    match backend.runtime.write_file_from(id, path, body) {
+        Ok(_) => Ok(Reply::no_content()),
+        // A body that broke off explains the failure better than the agent's view of it.
+        Err(e) => Err(body.problem().unwrap_or_else(|| runtime_error(e))),
+    }
 }
 
 pub fn remove(app: &App, raw_id: &str, query: &str) -> Result<Reply, AppError> {

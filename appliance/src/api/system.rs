@@ -14,7 +14,7 @@ use crate::http::reply::Reply;
 use crate::upgrade::{inspect, install, receive, signature, status};
 
 /// Far above a real image (~1 GiB raw), far below a data disk.
-const MAX_IMAGE_BYTES: u64 = 16 << 30;
+pub const MAX_IMAGE_BYTES: u64 = 16 << 30;
 
 /// The boot/upgrade status plus `capacity` (memory, vCPUs and disk: what sandboxes may commit,
 /// what they hold, what is free).

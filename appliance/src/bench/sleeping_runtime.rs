@@ -80,10 +80,10 @@ impl SandboxRuntime for SleepingRuntime {
     fn pty_resize(&self, _id: &str, _session_id: &str, _cols: u16, _rows: u16) -> Result<(), RuntimeError> {
         Err(unsupported("terminals"))
     }
-    fn read_file(&self, _id: &str, _path: &str) -> Result<Vec<u8>, RuntimeError> {
+    fn read_file_to(&self, _id: &str, _path: &str, _sink: &mut dyn std::io::Write) -> Result<u64, RuntimeError> {
         Err(unsupported("files"))
     }
-    fn write_file(&self, _id: &str, _path: &str, _data: &[u8]) -> Result<(), RuntimeError> {
+    fn write_file_from(&self, _id: &str, _path: &str, _source: &mut dyn std::io::Read) -> Result<u64, RuntimeError> {
         Err(unsupported("files"))
     }
     fn remove_file(&self, _id: &str, _path: &str) -> Result<(), RuntimeError> {

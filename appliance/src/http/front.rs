@@ -10,7 +10,8 @@
 //! loopback, so the request handlers (and the WebSocket takeover of tiny_http's socket) do not
 //! change. A client that speaks plain HTTP to the TLS port is told so in a plain `400`.
 //!
-//! It does not parse HTTP beyond finding where a request head ends (the blank line) and whether
+//! It does not parse HTTP beyond finding where a request head ends (the blank line), the
+//! length a head announces for its body (see `MAX_REQUEST_BODY`), and whether
 //! a response is informational (`1xx`) or switches protocols (`101`, after which the
 //! connection is a WebSocket and is relayed untimed). A request whose head is complete is the
 //! server's to answer, however long that takes (commands run for hours); its body and the
@@ -271,6 +272,14 @@ async fn relay<R, W>(
             drop(downstream);
             REQUEST_TIMEOUT_REPLY
         }
+        RequestsEnded::BodyTooLarge => {
+            drop(downstream);
+            BODY_TOO_LARGE_REPLY
+        }
+        RequestsEnded::HeadTooLarge => {
+            drop(downstream);
+            HEAD_TOO_LARGE_REPLY
+        }
         RequestsEnded::Closed | RequestsEnded::Idle => {
             drop(downstream);
             b""
@@ -285,6 +294,24 @@ async fn relay<R, W>(
     let _ = tokio::time::timeout(Duration::from_secs(1), close).await;
 }
 
+/// The longest body any route takes (an upgrade image). A longer `Content-Length` is refused
+/// (`413`, connection closed) before tiny_http sees the head: when a request is dropped with
+/// its body unread, tiny_http drains the rest into one buffer of the remaining length,
+/// allocated at once, and an allocation that fails aborts the whole appliance.
+pub const MAX_REQUEST_BODY: u64 = if crate::api::system::MAX_IMAGE_BYTES > crate::runtime::MAX_FILE_SIZE {
+    crate::api::system::MAX_IMAGE_BYTES
+} else {
+    crate::runtime::MAX_FILE_SIZE
+};
+/// The longest request head kept to read its `Content-Length`; a longer head is refused (`431`).
+const MAX_HEAD: usize = 64 << 10;
+
+const BODY_TOO_LARGE_REPLY: &[u8] = b"HTTP/1.1 413 Content Too Large\r\nContent-Type: application/json\r\n\
+Content-Length: 71\r\nConnection: close\r\n\r\n{\"error\":\"the request body is longer than any route of this API takes\"}";
+const HEAD_TOO_LARGE_REPLY: &[u8] =
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: application/json\r\n\
+Content-Length: 50\r\nConnection: close\r\n\r\n{\"error\":\"the request head is longer than 64 KiB\"}";
+
 const REQUEST_TIMEOUT_REPLY: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n\
 Content-Length: 49\r\nConnection: close\r\n\r\n{\"error\":\"the request head was not sent in time\"}";
 
@@ -298,6 +325,10 @@ enum RequestsEnded {
     Idle,
     /// A request head was begun (or the connection opened) and not finished in time.
     HeadTooSlow,
+    /// A head announced a body longer than `MAX_REQUEST_BODY`; it was not passed on.
+    BodyTooLarge,
+    /// A head longer than `MAX_HEAD`; it was not passed on whole.
+    HeadTooLarge,
 }
 
 /// Client to server, until either side closes or the client is late with a request head.
@@ -305,6 +336,8 @@ async fn requests<R: AsyncRead + Unpin>(mut from: R, mut to: OwnedWriteHalf, con
     let mut buf = vec![0u8; 16 * 1024];
     // The last three bytes of a head seen so far, so a blank line split across reads is found.
     let mut tail = [0u8; 3];
+    // The head so far (and what follows it in the same read), for its Content-Length.
+    let mut head = Vec::new();
     loop {
         let deadline = conn.deadline();
         let read = tokio::select! {
@@ -328,7 +361,16 @@ async fn requests<R: AsyncRead + Unpin>(mut from: R, mut to: OwnedWriteHalf, con
             Ok(n) => n,
         };
         if let Phase::AwaitingHead { started, .. } = conn.phase() {
+            // Kept until the head is complete, and passed on only if its body is not too long.
+            if head.len() > MAX_HEAD {
+                return RequestsEnded::HeadTooLarge;
+            }
+            head.extend_from_slice(&buf[..n]);
             if head_ends_in(&mut tail, &buf[..n]) {
+                if announced_length(&head).is_some_and(|len| len > MAX_REQUEST_BODY) {
+                    return RequestsEnded::BodyTooLarge;
+                }
+                head.clear();
                 conn.set(Phase::Answering);
             } else if !started {
                 conn.set(Phase::AwaitingHead { since: Instant::now(), started: true, first: false });
@@ -338,6 +380,21 @@ async fn requests<R: AsyncRead + Unpin>(mut from: R, mut to: OwnedWriteHalf, con
             return RequestsEnded::Closed;
         }
     }
+}
+
+/// The largest `Content-Length` the head at the start of `bytes` announces, if any (several
+/// headers may disagree; the largest is what tiny_http might drain).
+fn announced_length(bytes: &[u8]) -> Option<u64> {
+    let end = bytes.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(bytes.len());
+    bytes[..end]
+        .split(|b| *b == b'\n')
+        .filter_map(|line| {
+            let line = std::str::from_utf8(line).ok()?;
+            let (name, value) = line.split_once(':')?;
+            // Unparsable values count as huge: tiny_http's own parse is not ours to predict.
+            name.trim().eq_ignore_ascii_case("content-length").then(|| value.trim().parse().unwrap_or(u64::MAX))
+        })
+        .max()
 }
 
 /// Sleeps until `deadline`, or for ever without one.
@@ -399,11 +456,23 @@ fn head_ends_in(tail: &mut [u8; 3], chunk: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{head_ends_in, PLAIN_HTTP_TO_TLS_REPLY, REQUEST_TIMEOUT_REPLY};
+    use super::{
+        announced_length, head_ends_in, BODY_TOO_LARGE_REPLY, HEAD_TOO_LARGE_REPLY, PLAIN_HTTP_TO_TLS_REPLY,
+        REQUEST_TIMEOUT_REPLY,
+    };
+
+    #[test]
+    fn the_announced_body_length_is_read_from_the_head_only() {
+        assert_eq!(announced_length(b"PUT / HTTP/1.1\r\ncontent-LENGTH: 12\r\n\r\n"), Some(12));
+        assert_eq!(announced_length(b"PUT / HTTP/1.1\r\nHost: x\r\n\r\nContent-Length: 99\r\n"), None);
+        let twice = b"PUT / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length:  7000\r\n\r\n";
+        assert_eq!(announced_length(twice), Some(7000));
+        assert_eq!(announced_length(b"PUT / HTTP/1.1\r\nContent-Length: 1e9\r\n\r\n"), Some(u64::MAX));
+    }
 
     #[test]
     fn canned_replies_declare_their_body_length() {
-        for reply in [PLAIN_HTTP_TO_TLS_REPLY, REQUEST_TIMEOUT_REPLY] {
+        for reply in [PLAIN_HTTP_TO_TLS_REPLY, REQUEST_TIMEOUT_REPLY, BODY_TOO_LARGE_REPLY, HEAD_TOO_LARGE_REPLY] {
             let text = std::str::from_utf8(reply).expect("ASCII");
             let (head, body) = text.split_once("\r\n\r\n").expect("a head");
             let declared = head.lines().find_map(|l| l.strip_prefix("Content-Length: ")).expect("a length");

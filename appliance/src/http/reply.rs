@@ -1,7 +1,7 @@
 //! A handler's answer before it is written to the connection.
 
 use serde::Serialize;
-use tiny_http::{Header, Response};
+use tiny_http::{Header, Request, Response};
 
 use crate::error::AppError;
 
@@ -45,6 +45,15 @@ impl Reply {
         }
         response
     }
+}
+
+/// How the answer of a handler that may stream went out.
+pub enum Answered {
+    /// Not yet: the caller sends this reply (the work ended early, or failed before any output).
+    Reply(Reply, Box<Request>),
+    /// Streamed, head first: the status sent (200), the status of a failure that cut the body
+    /// short after the head was out, or 0 if the client left.
+    Streamed(u16),
 }
 
 impl From<AppError> for Reply {

@@ -10,8 +10,6 @@ use crate::error::AppError;
 
 /// JSON bodies are small; anything bigger is refused before it is read.
 pub const MAX_JSON_BODY: usize = 1 << 20;
-/// Upper bound for a file upload through `PUT .../files`.
-pub const MAX_FILE_BODY: usize = 64 << 20;
 
 pub fn header<'a>(request: &'a Request, name: &str) -> Option<&'a str> {
     request.headers().iter().find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name)).map(|h| h.value.as_str())

@@ -18,8 +18,6 @@ use crate::runtime::{
 
 /// A command's stdout and stderr are each kept up to this size (the rest is counted, not kept).
 pub const MAX_OUTPUT: u64 = 16 << 20;
-/// Files larger than this are refused by `read_file` (the API holds a file in memory).
-pub const MAX_FILE: u64 = 256 << 20;
 /// The `timeout` convention for a command killed at its deadline.
 const TIMED_OUT_EXIT: i32 = 124;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -50,6 +48,7 @@ pub fn to_runtime(e: AgentError) -> RuntimeError {
     match e {
         AgentError::Remote { code: ErrorCode::NotFound, message } => RuntimeError::NotFound(message),
         AgentError::Remote { code: ErrorCode::Conflict, message } => RuntimeError::Conflict(message),
+        AgentError::Remote { code: ErrorCode::NoSpace, message } => RuntimeError::NoSpace(message),
         AgentError::Remote {
             code:
                 ErrorCode::BadRequest
@@ -208,6 +207,7 @@ mod tests {
         assert!(matches!(to_runtime(remote(ErrorCode::NotFound)), RuntimeError::NotFound(_)));
         assert!(matches!(to_runtime(remote(ErrorCode::IsADirectory)), RuntimeError::Invalid(_)));
         assert!(matches!(to_runtime(remote(ErrorCode::Conflict)), RuntimeError::Conflict(_)));
+        assert!(matches!(to_runtime(remote(ErrorCode::NoSpace)), RuntimeError::NoSpace(_)));
         assert!(matches!(to_runtime(remote(ErrorCode::Busy)), RuntimeError::Failed(_)));
         let unanswered = AgentError::Io(std::io::Error::other("connection refused"));
         assert!(matches!(to_runtime(unanswered), RuntimeError::Failed(_)));

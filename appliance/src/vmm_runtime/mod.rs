@@ -10,13 +10,14 @@ mod vm;
 
 use std::collections::HashMap;
 use std::fs;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::runtime::{
     BootSpec, Booted, DirEntry, EnvVars, ExecAttachment, ExecOutput, ExecRequest, ExecSessionInfo, FileInfo,
-    PtyRequest, RuntimeError, SandboxRuntime,
+    PtyRequest, RuntimeError, SandboxRuntime, MAX_FILE_SIZE,
 };
 use cids::CidPool;
 use templates::TemplateStore;
@@ -264,18 +265,17 @@ impl SandboxRuntime for VmmRuntime {
         self.agent(sandbox_id)?.session_resize(id, size).map_err(agent::to_runtime).map_err(in_sandbox(sandbox_id))
     }
 
-    fn read_file(&self, sandbox_id: &str, path: &str) -> Result<Vec<u8>, RuntimeError> {
+    fn read_file_to(&self, sandbox_id: &str, path: &str, sink: &mut dyn Write) -> Result<u64, RuntimeError> {
         self.agent(sandbox_id)?
-            .read_file(path, agent::MAX_FILE)
+            .read_file_to(path, MAX_FILE_SIZE, sink)
             .map_err(agent::to_runtime)
             .map_err(in_sandbox(sandbox_id))
     }
 
-    fn write_file(&self, sandbox_id: &str, path: &str, data: &[u8]) -> Result<(), RuntimeError> {
+    fn write_file_from(&self, sandbox_id: &str, path: &str, source: &mut dyn Read) -> Result<u64, RuntimeError> {
         let spec = agent_protocol::message::WriteSpec { path: path.to_string(), mode: None, create_parents: true };
         self.agent(sandbox_id)?
-            .write_file(&spec, data)
-            .map(|_| ())
+            .write_file_from(&spec, source)
             .map_err(agent::to_runtime)
             .map_err(in_sandbox(sandbox_id))
     }

@@ -177,6 +177,8 @@ pub enum ErrorCode {
     Conflict,
     /// Any other operating-system failure; the message says which.
     Io,
+    /// The file system (or the user's quota) is full: a write could not be completed.
+    NoSpace,
     Other(u16),
 }
 
@@ -198,6 +200,7 @@ impl ErrorCode {
             ErrorCode::Timeout => 13,
             ErrorCode::Conflict => 14,
             ErrorCode::Io => 15,
+            ErrorCode::NoSpace => 16,
             ErrorCode::Other(n) => n,
         }
     }
@@ -219,6 +222,7 @@ impl ErrorCode {
             13 => ErrorCode::Timeout,
             14 => ErrorCode::Conflict,
             15 => ErrorCode::Io,
+            16 => ErrorCode::NoSpace,
             other => ErrorCode::Other(other),
         }
     }

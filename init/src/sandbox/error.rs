@@ -30,6 +30,10 @@ impl OpError {
             io::ErrorKind::IsADirectory => ErrorCode::IsADirectory,
             io::ErrorKind::DirectoryNotEmpty => ErrorCode::DirectoryNotEmpty,
             io::ErrorKind::InvalidInput | io::ErrorKind::InvalidFilename => ErrorCode::BadRequest,
+            // ENOSPC, EDQUOT, EFBIG: the client is told the disk is full, not that I/O failed.
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded | io::ErrorKind::FileTooLarge => {
+                ErrorCode::NoSpace
+            }
             _ => ErrorCode::Io,
         };
         OpError { code, message: format!("{what}: {err}") }
@@ -69,5 +73,8 @@ mod tests {
         assert!(e.message.starts_with("/nope: "), "{}", e.message);
         assert_eq!(OpError::io("x", &io::Error::from_raw_os_error(libc::ENOTEMPTY)).code, ErrorCode::DirectoryNotEmpty);
         assert_eq!(OpError::io("x", &io::Error::from_raw_os_error(libc::EIO)).code, ErrorCode::Io);
+        for full in [libc::ENOSPC, libc::EDQUOT, libc::EFBIG] {
+            assert_eq!(OpError::io("x", &io::Error::from_raw_os_error(full)).code, ErrorCode::NoSpace);
+        }
     }
 }
