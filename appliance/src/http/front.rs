@@ -338,6 +338,13 @@ async fn requests<R: AsyncRead + Unpin>(mut from: R, mut to: OwnedWriteHalf, con
     let mut tail = [0u8; 3];
     // The head so far (and what follows it in the same read), for its Content-Length.
     let mut head = Vec::new();
+    // Bytes of the current request's body still to pass before the next head can begin: a
+    // client may still be sending a body the server answered early (413, 401), and those bytes
+    // are not a head.
+    let mut body_left: u64 = 0;
+    // The current body is chunked, its end unknown here: what follows is scanned for a blank
+    // line as before, keeping only the last `MAX_HEAD` bytes.
+    let mut body_unknown = false;
     loop {
         let deadline = conn.deadline();
         let read = tokio::select! {
@@ -360,16 +367,26 @@ async fn requests<R: AsyncRead + Unpin>(mut from: R, mut to: OwnedWriteHalf, con
             Err(_) => return RequestsEnded::Closed,
             Ok(n) => n,
         };
-        if let Phase::AwaitingHead { started, .. } = conn.phase() {
+        let body = usize::try_from(body_left).unwrap_or(usize::MAX).min(n);
+        body_left -= body as u64;
+        let fresh = &buf[body..n];
+        if let (false, Phase::AwaitingHead { started, .. }) = (fresh.is_empty(), conn.phase()) {
             // Kept until the head is complete, and passed on only if its body is not too long.
             if head.len() > MAX_HEAD {
-                return RequestsEnded::HeadTooLarge;
+                if !body_unknown {
+                    return RequestsEnded::HeadTooLarge;
+                }
+                head.drain(..head.len() - MAX_HEAD);
             }
-            head.extend_from_slice(&buf[..n]);
-            if head_ends_in(&mut tail, &buf[..n]) {
-                if announced_length(&head).is_some_and(|len| len > MAX_REQUEST_BODY) {
+            head.extend_from_slice(fresh);
+            if head_ends_in(&mut tail, fresh) {
+                let framing = body_framing(&head);
+                if framing.length.is_some_and(|len| len > MAX_REQUEST_BODY) {
                     return RequestsEnded::BodyTooLarge;
                 }
+                let after_head = framing.head_len.map_or(0, |h| head.len().saturating_sub(h));
+                body_left = framing.length.unwrap_or(0).saturating_sub(after_head as u64);
+                body_unknown = framing.chunked;
                 head.clear();
                 conn.set(Phase::Answering);
             } else if !started {
@@ -382,19 +399,30 @@ async fn requests<R: AsyncRead + Unpin>(mut from: R, mut to: OwnedWriteHalf, con
     }
 }
 
-/// The largest `Content-Length` the head at the start of `bytes` announces, if any (several
-/// headers may disagree; the largest is what tiny_http might drain).
-fn announced_length(bytes: &[u8]) -> Option<u64> {
-    let end = bytes.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(bytes.len());
-    bytes[..end]
-        .split(|b| *b == b'\n')
-        .filter_map(|line| {
-            let line = std::str::from_utf8(line).ok()?;
-            let (name, value) = line.split_once(':')?;
-            // Unparsable values count as huge: tiny_http's own parse is not ours to predict.
-            name.trim().eq_ignore_ascii_case("content-length").then(|| value.trim().parse().unwrap_or(u64::MAX))
-        })
-        .max()
+/// How the head at the start of `bytes` frames its body.
+struct BodyFraming {
+    /// Where the head ends in `bytes` (after its blank line), if the blank line is there.
+    head_len: Option<usize>,
+    /// The largest `Content-Length` (several headers may disagree; the largest is what tiny_http
+    /// might drain); unparsable values count as huge: tiny_http's own parse is not ours to predict.
+    length: Option<u64>,
+    /// `Transfer-Encoding` is present: the body's end is not known from the head.
+    chunked: bool,
+}
+
+fn body_framing(bytes: &[u8]) -> BodyFraming {
+    let head_len = bytes.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4);
+    let head_end = head_len.map_or(bytes.len(), |h| h - 4);
+    let mut framing = BodyFraming { head_len, length: None, chunked: false };
+    for line in bytes[..head_end].split(|b| *b == b'\n') {
+        let Some((name, value)) = std::str::from_utf8(line).ok().and_then(|l| l.split_once(':')) else { continue };
+        if name.trim().eq_ignore_ascii_case("content-length") {
+            framing.length = framing.length.max(Some(value.trim().parse().unwrap_or(u64::MAX)));
+        } else if name.trim().eq_ignore_ascii_case("transfer-encoding") {
+            framing.chunked = true;
+        }
+    }
+    framing
 }
 
 /// Sleeps until `deadline`, or for ever without one.
@@ -457,17 +485,22 @@ fn head_ends_in(tail: &mut [u8; 3], chunk: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::{
-        announced_length, head_ends_in, BODY_TOO_LARGE_REPLY, HEAD_TOO_LARGE_REPLY, PLAIN_HTTP_TO_TLS_REPLY,
+        body_framing, head_ends_in, BODY_TOO_LARGE_REPLY, HEAD_TOO_LARGE_REPLY, PLAIN_HTTP_TO_TLS_REPLY,
         REQUEST_TIMEOUT_REPLY,
     };
 
     #[test]
     fn the_announced_body_length_is_read_from_the_head_only() {
-        assert_eq!(announced_length(b"PUT / HTTP/1.1\r\ncontent-LENGTH: 12\r\n\r\n"), Some(12));
-        assert_eq!(announced_length(b"PUT / HTTP/1.1\r\nHost: x\r\n\r\nContent-Length: 99\r\n"), None);
+        let length = |bytes: &[u8]| body_framing(bytes).length;
+        assert_eq!(length(b"PUT / HTTP/1.1\r\ncontent-LENGTH: 12\r\n\r\n"), Some(12));
+        assert_eq!(length(b"PUT / HTTP/1.1\r\nHost: x\r\n\r\nContent-Length: 99\r\n"), None);
         let twice = b"PUT / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length:  7000\r\n\r\n";
-        assert_eq!(announced_length(twice), Some(7000));
-        assert_eq!(announced_length(b"PUT / HTTP/1.1\r\nContent-Length: 1e9\r\n\r\n"), Some(u64::MAX));
+        assert_eq!(length(twice), Some(7000));
+        assert_eq!(length(b"PUT / HTTP/1.1\r\nContent-Length: 1e9\r\n\r\n"), Some(u64::MAX));
+        // What follows the head in the same read is body: its length is known from the head.
+        let framing = body_framing(b"PUT / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc");
+        assert_eq!((framing.head_len, framing.chunked), (Some(38), false));
+        assert!(body_framing(b"PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").chunked);
     }
 
     #[test]
