@@ -25,6 +25,7 @@ pub mod lifecycle;
 pub mod master_key;
 pub mod metrics;
 pub mod runtime;
+pub mod sandbox_envs;
 pub mod sandbox_ops;
 pub mod sandbox_side;
 pub mod seal;

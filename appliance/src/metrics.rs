@@ -127,11 +127,17 @@ impl Metrics {
     pub fn render_gauges(out: &mut String, runtime: &[(&'static str, &'static str, u64)]) {
         let open_fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count() as u64).ok();
         let threads = std::fs::read_dir("/proc/self/task").map(|d| d.count() as u64).ok();
-        let resident = resident_bytes();
+        let status = std::fs::read_to_string("/proc/self/status").ok();
+        let memory = |field: &str| status.as_deref().and_then(|s| status_bytes(s, field));
         let process = [
             ("process_open_fds", "Open file descriptors of the appliance process.", open_fds),
             ("process_threads", "Threads of the appliance process.", threads),
-            ("process_resident_memory_bytes", "Resident memory of the appliance process.", resident),
+            ("process_resident_memory_bytes", "Resident memory of the appliance process.", memory("VmRSS:")),
+            (
+                "process_resident_memory_peak_bytes",
+                "The largest resident memory of the appliance process since it started.",
+                memory("VmHWM:"),
+            ),
         ];
         let all = process.into_iter().chain(runtime.iter().map(|&(n, h, v)| (n, h, Some(v))));
         for (name, help, value) in all {
@@ -172,11 +178,10 @@ pub fn render_egress(out: &mut String, egress: &proxy::egress_log::EgressSnapsho
     }
 }
 
-/// This process's resident set (`VmRSS` in /proc/self/status).
-fn resident_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+/// A memory field of /proc/self/status (`VmRSS:`, `VmHWM:`, in kB) in bytes.
+fn status_bytes(status: &str, field: &str) -> Option<u64> {
     let kib: u64 =
-        status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().strip_suffix("kB")?.trim().parse().ok()?;
+        status.lines().find_map(|l| l.strip_prefix(field))?.trim().strip_suffix("kB")?.trim().parse().ok()?;
     Some(kib * 1024)
 }
 

@@ -147,6 +147,10 @@ impl std::error::Error for RuntimeError {}
 /// The sandbox side. Implementations must be safe to call from many request threads.
 pub trait SandboxRuntime: Send + Sync {
     fn boot(&self, spec: &BootSpec) -> Result<Booted, RuntimeError>;
+    /// Restarts a running sandbox's guest from its own root disk with a fresh VMM and the same
+    /// vsock CID: its files stay, its processes and memory do not, nor its environment (the
+    /// caller hands that over again with `set_env`).
+    fn restart(&self, spec: &BootSpec) -> Result<Booted, RuntimeError>;
     /// Hands the agent its environment (sealed tokens, proxy settings, request envs).
     fn set_env(&self, sandbox_id: &str, envs: &EnvVars) -> Result<(), RuntimeError>;
     /// Kills the VMM and releases the sandbox's disk; stopping a dead sandbox is not an error.

@@ -15,7 +15,8 @@ use crate::app::App;
 use crate::clock::now_unix;
 use crate::error::AppError;
 use crate::lifecycle::{new_id, runtime_error, Backend};
-use crate::runtime::{BootSpec, EnvVars};
+use crate::runtime::{BootSpec, EnvVars, SandboxRuntime};
+use crate::sandbox_envs;
 use crate::seal::mint_token;
 use crate::seal_sync;
 use crate::store::records::{ProjectRecord, SandboxRecord, SandboxStatus, NO_DEADLINE};
@@ -143,9 +144,9 @@ pub fn create(app: &App, spec: CreateSpec) -> Result<SandboxRecord, AppError> {
         undo(false);
         return Err(e);
     }
-    if let Err(e) = backend.runtime.set_env(&id, &envs) {
+    if let Err(e) = hand_over_env(app, &*backend.runtime, &id, &envs) {
         undo(true);
-        return Err(runtime_error(e));
+        return Err(e);
     }
     drop(envs);
 
@@ -197,6 +198,60 @@ pub fn stop(app: &App, id: &str, status: SandboxStatus, why: &str) -> Result<(),
     Ok(())
 }
 
+/// Hands the guest its environment, and keeps a sealed copy for a restart of the guest
+/// (`restart`), which comes back without it.
+fn hand_over_env(app: &App, runtime: &dyn SandboxRuntime, id: &str, envs: &EnvVars) -> Result<(), AppError> {
+    runtime.set_env(id, envs).map_err(runtime_error)?;
+    sandbox_envs::store(app, id, envs)
+}
+
+/// Restarts a running sandbox's guest from its own root disk (`POST .../reboot`): the files
+/// stay, processes and memory do not. The guest gets back the environment it was created with
+/// and keeps its vsock CID, so its tokens stay registered with the proxy as they were. A
+/// restart that fails leaves the sandbox stopped with the error.
+pub fn restart(app: &App, id: &str) -> Result<SandboxRecord, AppError> {
+    let (backend, record) = require_running(app, id)?;
+    let envs = sandbox_envs::load(app, id)?;
+    let spec = BootSpec {
+        sandbox_id: id.to_string(),
+        template: record.template.clone(),
+        cpu_count: record.cpu_count,
+        memory_mb: record.memory_mb,
+        disk_mb: Some(record.disk_mb).filter(|d| *d != 0),
+    };
+    // Untracked meanwhile, so the reaper does not take the old VMM's end for a crash.
+    app.lifecycle.untrack(id);
+    app.exec_sessions.forget_sandbox(id);
+    let started = Instant::now();
+    let restarted = backend.runtime.restart(&spec).map_err(runtime_error).and_then(|booted| {
+        if booted.cid != record.cid {
+            return Err(AppError::internal(format!(
+                "the restarted guest got CID {} instead of {}",
+                booted.cid, record.cid
+            )));
+        }
+        backend.runtime.set_env(id, &envs).map_err(runtime_error)
+    });
+    drop(envs);
+    if let Err(e) = restarted {
+        app.metrics.record_boot_failure();
+        println!("appliance: sandbox {id}: restart failed: {}", e.message);
+        stop(app, id, SandboxStatus::Error, "restart failed")?;
+        return Err(e);
+    }
+    app.metrics.record_boot(started.elapsed());
+    // The idle timeout starts again from the restart; a sandbox without one stays without.
+    let now = now_unix();
+    let end_at = match record.idle_timeout_sec {
+        Some(0) => NO_DEADLINE,
+        Some(idle) => now.saturating_add(i64::try_from(idle).unwrap_or(i64::MAX)),
+        None => record.end_at,
+    };
+    app.lifecycle.track(id, end_at, record.idle_timeout_sec);
+    println!("appliance: sandbox {id} restarted in {:.1}s", started.elapsed().as_secs_f64());
+    get(app, id)
+}
+
 /// DELETE: stops the sandbox if needed and removes its record.
 pub fn delete(app: &App, id: &str) -> Result<(), AppError> {
     let record = get(app, id)?;
@@ -225,6 +280,7 @@ fn store_record(app: &App, record: &SandboxRecord) -> Result<(), AppError> {
 fn remove_record(wtxn: &mut RwTxn, dbs: &Dbs, id: &str) -> Result<bool, AppError> {
     let existed = dbs.sandboxes.delete(wtxn, id)?;
     dbs.sandbox_seals.delete(wtxn, id)?;
+    dbs.sandbox_seals.delete(wtxn, &sandbox_envs::key(id))?;
     Ok(existed)
 }
 
@@ -240,6 +296,7 @@ fn record_end(wtxn: &mut RwTxn, dbs: &Dbs, id: &str, status: SandboxStatus) -> R
         }
     }
     dbs.sandbox_seals.delete(wtxn, id)?;
+    dbs.sandbox_seals.delete(wtxn, &sandbox_envs::key(id))?;
     Ok(())
 }
 

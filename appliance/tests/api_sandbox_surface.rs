@@ -207,8 +207,6 @@ fn routes_the_appliance_cannot_honour_answer_501_and_unknown_ones_404() {
     let unsupported = [
         ("POST", format!("/api/sandboxes/{id}/hibernate")),
         ("POST", format!("/api/sandboxes/{id}/wake")),
-        ("POST", format!("/api/sandboxes/{id}/reboot")),
-        ("POST", format!("/api/sandboxes/{id}/power-cycle")),
         ("POST", format!("/api/sandboxes/{id}/scale")),
         ("PUT", format!("/api/sandboxes/{id}/autoscale")),
         ("GET", format!("/api/sandboxes/{id}/scaling-lock")),

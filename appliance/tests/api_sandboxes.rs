@@ -678,3 +678,55 @@ fn decode_chunks(mut rest: &str) -> String {
         rest = &after[size + 2..];
     }
 }
+
+/// `reboot` (and `power-cycle`) start the guest again from its own disk: it keeps its files and
+/// CID, gets back the environment it was created with (tokens and envs, kept sealed meanwhile),
+/// and its idle timeout starts again.
+#[test]
+fn a_restarted_guest_gets_its_environment_back_and_a_failed_restart_stops_it() {
+    let h = Harness::start("sbx-restart");
+    let mut c = h.client();
+    project_with_secret(&mut c, "restart-agent", "sk-live-restart-0000");
+    let env_value = "plain-env-value-5d1f0c";
+    let (status, s) = c.call(
+        "POST",
+        "/api/sandboxes",
+        &json!({"project": "restart-agent", "envs": {"GREETING": env_value}}).to_string(),
+    );
+    assert_eq!(status, 201, "{s}");
+    let id = s["sandboxID"].as_str().expect("id").to_string();
+    let mut before = h.runtime.env_of(&id);
+    before.sort();
+    assert!(before.iter().any(|(k, v)| k == "GREETING" && v == env_value), "{before:?}");
+
+    for route in ["reboot", "power-cycle"] {
+        let (status, after) = c.call("POST", &format!("/api/sandboxes/{id}/{route}"), "");
+        assert_eq!((status, &after["status"]), (200, &json!("running")), "{route}: {after}");
+        let mut env = h.runtime.env_of(&id);
+        env.sort();
+        assert_eq!(env, before, "{route}: the same tokens and envs");
+    }
+    assert_eq!(h.runtime.restarts.lock().expect("lock").len(), 2);
+    // The proxy registration (by CID) is untouched; the environment is stored only sealed.
+    assert_eq!(h.publisher.published.lock().expect("lock").get(&id).map(|s| s.bindings.len()), Some(1));
+    for file in common::files_under(&h.data_dir) {
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        assert!(
+            !bytes.windows(env_value.len()).any(|w| w == env_value.as_bytes()),
+            "plaintext env in {}",
+            file.display()
+        );
+    }
+
+    let missing = "00000000-0000-4000-8000-000000000000";
+    assert_eq!(c.call("POST", &format!("/api/sandboxes/{missing}/reboot"), "").0, 404);
+    // A guest that does not take its environment back is stopped with the error.
+    *h.runtime.fail_set_env.lock().expect("lock") = true;
+    let (status, err) = c.call("POST", &format!("/api/sandboxes/{id}/reboot"), "");
+    assert_eq!(status, 500, "{err}");
+    *h.runtime.fail_set_env.lock().expect("lock") = false;
+    let (_, now) = c.call("GET", &format!("/api/sandboxes/{id}"), "");
+    assert_eq!(now["status"], "error", "{now}");
+    let (status, err) = c.call("POST", &format!("/api/sandboxes/{id}/reboot"), "");
+    assert_eq!(status, 409, "a stopped sandbox cannot be restarted: {err}");
+}

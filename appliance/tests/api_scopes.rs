@@ -142,6 +142,7 @@ fn rows(f: &Fixture) -> Vec<Row> {
         ("GET", format!("/api/sandboxes/{sa}/allowed-hosts"), String::new(), Exactly(200), 200),
         ("POST", format!("/api/sandboxes/{sa}/hibernate"), String::new(), Exactly(501), 501),
         ("POST", format!("/api/sandboxes/{sb}/timeout"), r#"{"timeout":600}"#.into(), Exactly(204), 403),
+        ("POST", format!("/api/sandboxes/{sb}/reboot"), String::new(), Exactly(200), 403),
         ("POST", format!("/api/sandboxes/{sa}/timeout"), r#"{"timeout":600}"#.into(), Exactly(204), 204),
         ("POST", format!("/api/sandboxes/{sa}/diagnostics/memory-dump"), String::new(), Allowed, 403),
         ("DELETE", format!("/api/keys/{other_key_id}"), String::new(), Exactly(204), 403),

@@ -47,6 +47,7 @@ fn e2e() -> ExitCode {
         scenarios::control_plane_load::SCENARIOS,
         scenarios::documented::SCENARIOS,
         scenarios::published_clients::SCENARIOS,
+        scenarios::file_streams::SCENARIOS,
         scenarios::sealing::SCENARIOS,
         scenarios::service_restart::SCENARIOS,
         scenarios::foundation::REBOOT_SCENARIOS,

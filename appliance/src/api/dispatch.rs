@@ -35,6 +35,7 @@ fn is_long(route: &Route, method: &Method) -> bool {
                 | Route::Commands(_)
                 | Route::Sandboxes
                 | Route::SandboxMemoryDump(_)
+                | Route::SandboxRestart(_)
                 | Route::SystemUpgrade
                 | Route::SystemMasterKeyRotate,
             Post
@@ -242,6 +243,7 @@ pub fn dispatch(
         (Route::SandboxMemoryDump(id), Post) => sandboxes::memory_dump(app, id),
         (Route::Sandbox(id), Delete) => sandboxes::delete(app, caller, id, query),
         (Route::SandboxTimeout(id), Post) => sandboxes::set_timeout(app, id, request),
+        (Route::SandboxRestart(id), Post) => sandboxes::restart(app, id),
         // Answered in `serve`, which hands the request over.
         (Route::ExecRun(_) | Route::Commands(_), Post) => Err(AppError::internal("exec/run is answered by serve")),
         (Route::ExecRunAsync(id), Post) => exec::run_async(app, id, request),

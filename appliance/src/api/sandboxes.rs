@@ -237,6 +237,14 @@ pub fn set_timeout(app: &App, raw_id: &str, request: &mut Request) -> Result<Rep
     Ok(Reply::no_content())
 }
 
+/// `reboot` and `power-cycle`: the guest starts again from its own disk with its environment;
+/// answers the sandbox.
+pub fn restart(app: &App, raw_id: &str) -> Result<Reply, AppError> {
+    let id = validate::uuid("sandbox", raw_id)?;
+    let record = sandbox_ops::restart(app, &id)?;
+    Ok(Reply::json(200, &sandbox_json(&record, app.lifecycle.deadline(&id))))
+}
+
 /// Operator diagnostics: the sandbox's guest memory, written to its directory on the data disk.
 pub fn memory_dump(app: &App, raw_id: &str) -> Result<Reply, AppError> {
     let id = validate::uuid("sandbox", raw_id)?;

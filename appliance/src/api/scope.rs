@@ -39,6 +39,7 @@ pub fn authorize(app: &App, caller: &Caller, route: &Route, method: &Method) -> 
         (
             Route::Sandbox(id)
             | Route::SandboxTimeout(id)
+            | Route::SandboxRestart(id)
             | Route::ExecRun(id)
             | Route::ExecRunAsync(id)
             | Route::ExecResult(id, _)

@@ -9,8 +9,6 @@
 pub enum Unsupported {
     Hibernate,
     Wake,
-    Reboot,
-    PowerCycle,
     Scale,
     Autoscale,
     ScalingLock,
@@ -48,8 +46,6 @@ pub fn feature(s: &[&str]) -> Option<Unsupported> {
         ["sandboxes", "checkpoints", _, "patches", _] => U::CheckpointPatch,
         ["sandboxes", _, "hibernate"] => U::Hibernate,
         ["sandboxes", _, "wake"] => U::Wake,
-        ["sandboxes", _, "reboot"] => U::Reboot,
-        ["sandboxes", _, "power-cycle"] => U::PowerCycle,
         ["sandboxes", _, "scale"] => U::Scale,
         ["sandboxes", _, "autoscale"] => U::Autoscale,
         ["sandboxes", _, "scaling-lock"] => U::ScalingLock,
@@ -84,8 +80,6 @@ impl Unsupported {
         match self {
             U::Hibernate => "/api/sandboxes/{id}/hibernate",
             U::Wake => "/api/sandboxes/{id}/wake",
-            U::Reboot => "/api/sandboxes/{id}/reboot",
-            U::PowerCycle => "/api/sandboxes/{id}/power-cycle",
             U::Scale => "/api/sandboxes/{id}/scale",
             U::Autoscale => "/api/sandboxes/{id}/autoscale",
             U::ScalingLock => "/api/sandboxes/{id}/scaling-lock",
@@ -121,9 +115,6 @@ impl Unsupported {
         match self {
             U::Hibernate | U::Wake => {
                 "this appliance cannot hibernate or wake sandboxes: it does not snapshot guest memory yet; a sandbox runs until it is deleted or its timeout stops it"
-            }
-            U::Reboot | U::PowerCycle => {
-                "this appliance cannot restart a sandbox in place: the environment given at create is held only by the running guest, so a restarted guest would come back without it; delete the sandbox and create a new one"
             }
             U::Scale | U::Autoscale | U::ScalingLock => {
                 "this appliance does not resize running sandboxes: a sandbox keeps the cpuCount and memoryMB it was created with"

@@ -40,6 +40,10 @@ impl SandboxRuntime for SleepingRuntime {
         alive.insert(spec.sandbox_id.clone());
         Ok(Booted { cid: 3 + self.next_cid.fetch_add(1, Ordering::SeqCst), disk_mb: spec.disk_mb.unwrap_or(2048) })
     }
+    fn restart(&self, spec: &BootSpec) -> Result<Booted, RuntimeError> {
+        self.check(&spec.sandbox_id)?;
+        Err(RuntimeError::Invalid("the benchmark's sleeping runtime keeps no guests to restart".into()))
+    }
     fn set_env(&self, id: &str, _envs: &EnvVars) -> Result<(), RuntimeError> {
         self.check(id)
     }

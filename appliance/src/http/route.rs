@@ -20,6 +20,9 @@ pub enum Route {
     Sandboxes,
     Sandbox(String),
     SandboxTimeout(String),
+    /// Restart the sandbox's guest from its own disk (`reboot`, and `power-cycle`, which is the
+    /// same here: every restart is a fresh VMM).
+    SandboxRestart(String),
     /// Operator diagnostics: write the sandbox's guest memory to its directory on the data disk.
     SandboxMemoryDump(String),
     ExecRun(String),
@@ -108,6 +111,7 @@ impl Route {
             Self::Sandboxes => "/api/sandboxes",
             Self::Sandbox(_) => "/api/sandboxes/{id}",
             Self::SandboxTimeout(_) => "/api/sandboxes/{id}/timeout",
+            Self::SandboxRestart(_) => "/api/sandboxes/{id}/reboot",
             Self::SandboxMemoryDump(_) => "/api/sandboxes/{id}/diagnostics/memory-dump",
             Self::ExecRun(_) => "/api/sandboxes/{id}/exec/run",
             Self::ExecRunAsync(_) => "/api/sandboxes/{id}/exec/run-async",
@@ -183,6 +187,7 @@ pub fn match_route(path: &str) -> Result<Option<Route>, AppError> {
         ["sandboxes"] => Route::Sandboxes,
         ["sandboxes", id] => Route::Sandbox(id.to_string()),
         ["sandboxes", id, "timeout"] => Route::SandboxTimeout(id.to_string()),
+        ["sandboxes", id, "reboot" | "power-cycle"] => Route::SandboxRestart(id.to_string()),
         ["sandboxes", id, "diagnostics", "memory-dump"] => Route::SandboxMemoryDump(id.to_string()),
         ["sandboxes", id, "exec", "run"] => Route::ExecRun(id.to_string()),
         ["sandboxes", id, "exec", "run-async"] => Route::ExecRunAsync(id.to_string()),

@@ -135,6 +135,11 @@ impl VmmRuntime {
     fn boot_into(&self, spec: &BootSpec, dir: &Path, cid: u32) -> Result<(Arc<Vm>, u32), RuntimeError> {
         let template = self.templates.resolve(&spec.template)?;
         let disk_mb = templates::clone_sized(&template, &dir.join(vm::ROOT_DISK), spec.disk_mb)?;
+        Ok((self.start_vm(spec, dir, cid)?, disk_mb))
+    }
+
+    /// Starts a VMM on the root disk in `dir` and waits for its guest's agent.
+    fn start_vm(&self, spec: &BootSpec, dir: &Path, cid: u32) -> Result<Arc<Vm>, RuntimeError> {
         let vm_spec = vm::VmSpec {
             sandbox_id: &spec.sandbox_id,
             dir,
@@ -151,7 +156,7 @@ impl VmmRuntime {
         }
         let ready = self.prepare_guest(&vm, cid);
         ready.map_err(|e| RuntimeError::Failed(format!("{e}; guest console:\n{}", vm.console_tail(12))))?;
-        Ok((vm, disk_mb))
+        Ok(vm)
     }
 }
 
@@ -194,6 +199,28 @@ impl SandboxRuntime for VmmRuntime {
                     let _ = fs::remove_dir_all(&dir);
                     self.cids.release(cid);
                 }
+                Err(e)
+            }
+        }
+    }
+
+    fn restart(&self, spec: &BootSpec) -> Result<Booted, RuntimeError> {
+        let id = &spec.sandbox_id;
+        let old = self.vm(id)?;
+        old.kill();
+        if !old.wait_ended(KILL_WAIT) {
+            return Err(RuntimeError::Failed(format!("sandbox {id}: VMM pid {} did not die", old.pid)));
+        }
+        // The VMM appends to the console log: what the guest printed before stays in `logs`.
+        let disk_mb = fs::metadata(old.dir.join(vm::ROOT_DISK))
+            .map(|m| u32::try_from(m.len() >> 20).unwrap_or(u32::MAX))
+            .map_err(|e| RuntimeError::Failed(format!("sandbox {id}: its root disk is gone: {e}")))?;
+        // The same CID: the proxy's registration of its tokens is by CID and stays valid.
+        match self.start_vm(spec, &old.dir, old.cid) {
+            Ok(_) => Ok(Booted { cid: old.cid, disk_mb }),
+            Err(e) => {
+                // Its new VMM (if one started) is stopped; the caller records the sandbox stopped.
+                let _ = self.stop(id);
                 Err(e)
             }
         }

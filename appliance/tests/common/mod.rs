@@ -64,6 +64,8 @@ pub struct FakeRuntime {
     pub sandboxes: Mutex<HashMap<String, FakeSandbox>>,
     pub next_cid: AtomicU32,
     pub stops: Mutex<Vec<String>>,
+    /// Sandboxes restarted, in order.
+    pub restarts: Mutex<Vec<String>>,
     /// Makes the next boots fail (templates named here are "missing").
     pub fail_boot_template: Mutex<Option<String>>,
     pub fail_set_env: Mutex<bool>,
@@ -178,6 +180,16 @@ impl SandboxRuntime for FakeRuntime {
             },
         );
         Ok(Booted { cid, disk_mb })
+    }
+    /// Keeps the files and the CID; the guest's environment, sessions and terminals are gone.
+    fn restart(&self, spec: &BootSpec) -> Result<Booted, RuntimeError> {
+        self.restarts.lock().expect("lock").push(spec.sandbox_id.clone());
+        self.with_sandbox(&spec.sandbox_id, |s| {
+            s.env.clear();
+            s.sessions.clear();
+            s.terminals.clear();
+            Booted { cid: s.cid, disk_mb: spec.disk_mb.unwrap_or(TEMPLATE_DISK_MB) }
+        })
     }
     fn set_env(&self, id: &str, envs: &EnvVars) -> Result<(), RuntimeError> {
         if *self.fail_set_env.lock().expect("lock") {

@@ -5,6 +5,7 @@ pub mod control_plane_load;
 pub mod data_copy;
 pub mod disk_image;
 pub mod documented;
+pub mod file_streams;
 pub mod foundation;
 pub mod power_loss;
 pub mod published_clients;

@@ -19,6 +19,10 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "the timeout is an idle timeout: commands keep a sandbox running, idleness stops it, 0 never",
         run: idle_timeout,
     },
+    Scenario {
+        name: "a sandbox restarted through the API keeps its files and gets its envs and sealed token back",
+        run: restart_keeps_files_and_environment,
+    },
 ];
 
 const LEAK_GAUGES: &[&str] =
@@ -221,5 +225,42 @@ fn idle_timeout(appliance: &mut Appliance) -> Result<()> {
     for id in [&busy, &idle, &forever] {
         let _ = api.call("DELETE", &format!("/sandboxes/{id}"), &Value::Null);
     }
+    result
+}
+
+fn restart_keeps_files_and_environment(appliance: &mut Appliance) -> Result<()> {
+    let api = appliance.api();
+    let project =
+        api.expect(201, "POST", "/projects", &json!({"name": "restart-e2e", "egressAllowlist": ["api.example.com"]}))?;
+    let pid = project["id"].as_str().ok_or_else(|| err!("no project id in {project}"))?.to_string();
+    api.expect(204, "PUT", &format!("/projects/{pid}/secrets/SERVICE_KEY"), &json!({"value": "sk-restart-e2e-0000"}))?;
+    let id =
+        api.create_sandbox(&json!({"project": "restart-e2e", "envs": {"GREETING": "hello-restart"}, "timeout": 0}))?;
+    let result = (|| {
+        let probe = "echo $GREETING $SERVICE_KEY; cat /proc/sys/kernel/random/boot_id; cat /root/kept.txt; pgrep -c -x sleep || true";
+        let (status, _) =
+            api.raw("PUT", &format!("/sandboxes/{id}/files?path=/root/kept.txt"), b"kept across the restart")?;
+        check(status == 204, || format!("writing the file answered {status}"))?;
+        api.expect(201, "POST", &format!("/sandboxes/{id}/exec"), &json!({"cmd": "sleep 600"}))?;
+        let (_, before, _) = api.run(&id, probe, 30)?;
+        let started = Instant::now();
+        let restarted = api.expect(200, "POST", &format!("/sandboxes/{id}/reboot"), &Value::Null)?;
+        let took = started.elapsed();
+        check(restarted["status"] == "running", || format!("after the restart: {restarted}"))?;
+        let (code, after, err) = api.run(&id, probe, 30)?;
+        check(code == 0, || format!("the probe after the restart exited {code}: {err}"))?;
+        let (b, a): (Vec<&str>, Vec<&str>) = (before.lines().collect(), after.lines().collect());
+        check(b.len() == 4 && a.len() == 4, || format!("probe output before {before:?}, after {after:?}"))?;
+        check(a[0] == b[0] && a[0].starts_with("hello-restart osb_sealed_"), || {
+            format!("the environment came back as {:?} (before: {:?})", a[0], b[0])
+        })?;
+        check(a[1] != b[1], || format!("the guest did not boot again (boot id {} both times)", a[1]))?;
+        check(a[2] == "kept across the restart", || format!("the file came back as {:?}", a[2]))?;
+        check(b[3] == "1" && a[3] == "0", || format!("sleep processes before/after: {} / {}", b[3], a[3]))?;
+        eprintln!("[qemu-test]   restarted in {:.1}s: same files, envs and token; new boot id", took.as_secs_f64());
+        Ok(())
+    })();
+    let _ = api.call("DELETE", &format!("/sandboxes/{id}"), &Value::Null);
+    let _ = api.call("DELETE", &format!("/projects/{pid}"), &Value::Null);
     result
 }
