@@ -244,6 +244,31 @@ mod tests {
     }
 
     #[test]
+    fn every_template_on_the_system_disk_is_imported_and_default_stays_base() {
+        let dir = temp_dir("all");
+        let (source, store_dir) = (dir.join("system"), dir.join("data"));
+        fs::create_dir_all(&source).expect("mkdir");
+        // As the image lays them out: <name>.ext4 and <name>.id for base, python and node.
+        for name in ["node", "base", "python"] {
+            fs::write(source.join(format!("{name}.ext4")), name).expect("disk");
+            fs::write(source.join(format!("{name}.id")), format!("{name}-id\n")).expect("id");
+        }
+        let (store, names) = TemplateStore::import(Some(&source), &store_dir).expect("import");
+        assert_eq!(names, ["base", "node", "python"]);
+        for name in ["base", "python", "node"] {
+            let disk = store.resolve(name).expect(name);
+            assert_eq!(fs::read(&disk).expect("read"), name.as_bytes());
+            assert_eq!(fs::read_to_string(store_dir.join(format!("{name}.id"))).expect("id"), format!("{name}-id\n"));
+        }
+        assert_eq!(store.resolve("default").expect("alias"), store_dir.join("base.ext4"));
+        match store.resolve("ruby") {
+            Err(RuntimeError::Invalid(m)) => assert!(m.contains("available: base, node, python"), "{m}"),
+            other => panic!("unexpected {other:?}"),
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn unknown_templates_are_refused_with_the_available_names() {
         let dir = temp_dir("unknown");
         let (store, _) = TemplateStore::import(None, &dir).expect("empty");
