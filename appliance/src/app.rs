@@ -24,6 +24,8 @@ pub struct App {
     pub long_work: LongWork,
     /// Commands started with `exec/run-async` and their results.
     pub async_execs: std::sync::Arc<crate::api::exec_async::AsyncExecs>,
+    /// When exec sessions started and who is attached to them.
+    pub exec_sessions: std::sync::Arc<crate::session_book::SessionBook>,
     /// `vmm selfcheck`'s JSON, reported by healthz.
     pub kvm: Value,
     /// One log line per request (off for benchmarks).

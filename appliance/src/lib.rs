@@ -32,6 +32,7 @@ pub mod seal_sync;
 pub mod sealing;
 pub mod selfcheck;
 pub mod serve;
+pub mod session_book;
 pub mod signals;
 pub mod store;
 pub mod upgrade;

@@ -33,12 +33,33 @@ pub struct Lifecycle {
 struct Deadline {
     end_at: i64,
     idle_sec: Option<u64>,
+    /// Requests using the sandbox right now (a command, a transfer, an attached stream): an idle
+    /// timeout does not stop a sandbox while it works for a client.
+    busy: u32,
+}
+
+/// A request using a sandbox; dropping it ends the use and renews the idle timeout from then.
+pub struct InUse<'a> {
+    lifecycle: &'a Lifecycle,
+    id: String,
+}
+
+impl Drop for InUse<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.lifecycle.live.lock() {
+            if let Some(d) = m.get_mut(&self.id) {
+                d.busy = d.busy.saturating_sub(1);
+            }
+        }
+        self.lifecycle.touch(&self.id, crate::clock::now_unix());
+    }
 }
 
 pub fn runtime_error(err: RuntimeError) -> AppError {
     match err {
         RuntimeError::NotFound(m) => AppError::not_found(m),
         RuntimeError::Invalid(m) => AppError::bad_request(m),
+        RuntimeError::Conflict(m) => AppError::conflict(m),
         RuntimeError::Failed(m) => AppError::internal(format!("sandbox runtime: {m}")),
         // The upstream (the guest) failed, not the appliance.
         RuntimeError::Guest(m) => AppError::bad_gateway(m),
@@ -73,8 +94,22 @@ impl Lifecycle {
     /// it has an idle timeout.
     pub(crate) fn track(&self, id: &str, end_at: i64, idle_sec: Option<u64>) {
         if let Ok(mut m) = self.live.lock() {
-            m.insert(id.to_string(), Deadline { end_at, idle_sec: idle_sec.filter(|s| *s > 0) });
+            let busy = m.get(id).map_or(0, |d| d.busy);
+            m.insert(id.to_string(), Deadline { end_at, idle_sec: idle_sec.filter(|s| *s > 0), busy });
         }
+    }
+
+    /// Sandbox `id` is used by a request until the guard drops: it is not stopped for being idle
+    /// meanwhile, and its idle timeout starts again now and when the use ends.
+    pub fn in_use(&self, id: &str) -> InUse<'_> {
+        let now = crate::clock::now_unix();
+        self.touch(id, now);
+        if let Ok(mut m) = self.live.lock() {
+            if let Some(d) = m.get_mut(id) {
+                d.busy = d.busy.saturating_add(1);
+            }
+        }
+        InUse { lifecycle: self, id: id.to_string() }
     }
 
     /// API activity on sandbox `id`: its idle timeout starts again. In memory only (a write per
@@ -104,7 +139,7 @@ impl Lifecycle {
     pub(crate) fn expired(&self, now: i64) -> Vec<String> {
         self.live
             .lock()
-            .map(|m| m.iter().filter(|(_, d)| d.end_at <= now).map(|(id, _)| id.clone()).collect())
+            .map(|m| m.iter().filter(|(_, d)| d.end_at <= now && d.busy == 0).map(|(id, _)| id.clone()).collect())
             .unwrap_or_default()
     }
 
@@ -117,4 +152,28 @@ pub fn new_id() -> Result<String, AppError> {
     let mut bytes = [0u8; 16];
     crate::crypto::random_bytes(&mut bytes).map_err(|e| AppError::internal(e.to_string()))?;
     Ok(uuid::Builder::from_random_bytes(bytes).into_uuid().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sandbox_in_use_is_not_idle_and_its_timeout_starts_again_when_the_use_ends() {
+        let lifecycle = Lifecycle::new(None, "test");
+        let now = crate::clock::now_unix();
+        lifecycle.track("s", now + 60, Some(60));
+        let working = lifecycle.in_use("s");
+        assert!(lifecycle.expired(now + 3_600).is_empty(), "a command running past the timeout");
+        // A timeout set meanwhile keeps the use.
+        lifecycle.track("s", now + 10, Some(10));
+        assert!(lifecycle.expired(now + 3_600).is_empty());
+        drop(working);
+        let renewed = lifecycle.deadline("s").expect("tracked");
+        assert!(renewed >= now + 10, "{renewed}");
+        assert_eq!(lifecycle.expired(now + 3_600), vec!["s".to_string()]);
+        // A use of a sandbox that is not tracked (gone, or no deadline) changes nothing.
+        drop(lifecycle.in_use("other"));
+        assert_eq!(lifecycle.deadline("other"), None);
+    }
 }

@@ -58,11 +58,22 @@ pub struct ExecSessionInfo {
     pub exit_code: Option<i32>,
 }
 
+/// An interactive terminal: a shell on a pseudo-terminal in the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PtyRequest {
+    pub cols: u16,
+    pub rows: u16,
+    /// The program to run instead of the guest's login shell.
+    pub shell: Option<String>,
+}
+
 /// Output of an attached exec session, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExecEvent {
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
+    /// The output from before the attachment has all been replayed; what follows is live.
+    ReplayEnd,
     Exit(i32),
 }
 
@@ -80,12 +91,28 @@ pub struct DirEntry {
     pub size: u64,
 }
 
+/// One file's metadata, as `stat` in the sandbox saw it (symlinks followed, `is_symlink` set).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileInfo {
+    pub name: String,
+    pub path: String,
+    pub is_dir: bool,
+    pub is_symlink: bool,
+    pub size: u64,
+    /// Permission bits (st_mode & 0o7777).
+    pub mode: u32,
+    /// Modification time, milliseconds since the Unix epoch.
+    pub modified_ms: i64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RuntimeError {
     /// The sandbox (or session, or file) does not exist on the sandbox side.
     NotFound(String),
     /// The request is invalid for the sandbox side (bad path, bad signal...).
     Invalid(String),
+    /// The target is in a state that forbids the request (e.g. the session has ended).
+    Conflict(String),
     /// Booting or talking to the sandbox failed.
     Failed(String),
     /// The sandbox's guest misbehaved or failed: its agent broke the protocol, overran a
@@ -97,7 +124,9 @@ pub enum RuntimeError {
 impl fmt::Display for RuntimeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::NotFound(m) | Self::Invalid(m) | Self::Failed(m) | Self::Guest(m) => f.write_str(m),
+            Self::NotFound(m) | Self::Invalid(m) | Self::Conflict(m) | Self::Failed(m) | Self::Guest(m) => {
+                f.write_str(m)
+            }
         }
     }
 }
@@ -122,11 +151,37 @@ pub trait SandboxRuntime: Send + Sync {
     fn exec_kill(&self, sandbox_id: &str, session_id: &str, signal: i32) -> Result<(), RuntimeError>;
     fn exec_attach(&self, sandbox_id: &str, session_id: &str) -> Result<ExecAttachment, RuntimeError>;
 
+    /// Starts an interactive terminal; returns its session id. It is attached to and killed
+    /// like an exec session (`exec_attach`, `exec_kill`); everything it prints is stdout.
+    fn pty_start(&self, sandbox_id: &str, request: &PtyRequest) -> Result<String, RuntimeError>;
+    /// Sets a terminal's size (its programs get SIGWINCH).
+    fn pty_resize(&self, sandbox_id: &str, session_id: &str, cols: u16, rows: u16) -> Result<(), RuntimeError>;
+
     fn read_file(&self, sandbox_id: &str, path: &str) -> Result<Vec<u8>, RuntimeError>;
     fn write_file(&self, sandbox_id: &str, path: &str, data: &[u8]) -> Result<(), RuntimeError>;
     fn remove_file(&self, sandbox_id: &str, path: &str) -> Result<(), RuntimeError>;
     fn list_dir(&self, sandbox_id: &str, path: &str) -> Result<Vec<DirEntry>, RuntimeError>;
     fn make_dir(&self, sandbox_id: &str, path: &str) -> Result<(), RuntimeError>;
+
+    fn stat_file(&self, sandbox_id: &str, path: &str) -> Result<FileInfo, RuntimeError> {
+        let _ = (sandbox_id, path);
+        Err(RuntimeError::Failed("file stat is not supported by this runtime".into()))
+    }
+    /// Moves a file or directory within the sandbox.
+    fn rename_file(&self, sandbox_id: &str, from: &str, to: &str) -> Result<(), RuntimeError> {
+        let _ = (sandbox_id, from, to);
+        Err(RuntimeError::Failed("file rename is not supported by this runtime".into()))
+    }
+
+    /// The last `max_bytes` (at most) of what the sandbox's guest wrote to its console, while
+    /// it runs and, kept when it ended, until `forget`. Only guest output: nothing the host adds.
+    fn console_tail(&self, sandbox_id: &str, max_bytes: u64) -> Result<Vec<u8>, RuntimeError> {
+        let _ = max_bytes;
+        Err(RuntimeError::NotFound(format!("no console log is kept for sandbox {sandbox_id}")))
+    }
+
+    /// Drops what is kept of an ended sandbox (its console log); its record is gone.
+    fn forget(&self, _sandbox_id: &str) {}
 
     /// Has the VMM write all guest RAM to a file on the data disk (diagnostics and the
     /// secret-search tests); returns where and how large.

@@ -108,6 +108,7 @@ pub fn create(app: &App, spec: CreateSpec) -> Result<SandboxRecord, AppError> {
         if let Err(e) = app.store.write(move |wtxn, dbs| remove_record(wtxn, dbs, &id).map(|_| ())) {
             println!("appliance: sandbox {}: cannot remove the record of a failed create: {}", record.id, e.message);
         }
+        backend.runtime.forget(&record.id);
     };
 
     let boot_spec = BootSpec {
@@ -189,6 +190,7 @@ pub fn stop(app: &App, id: &str, status: SandboxStatus, why: &str) -> Result<(),
     }
     // The VMM is gone, so is its guest memory; a no-op for a sandbox already released.
     app.capacity.release(id);
+    app.exec_sessions.forget_sandbox(id);
     let id_owned = id.to_string();
     app.store.write(move |wtxn, dbs| record_end(wtxn, dbs, &id_owned, status))?;
     println!("appliance: sandbox {id} {} ({why})", status.as_str());
@@ -207,7 +209,11 @@ pub fn delete(app: &App, id: &str) -> Result<(), AppError> {
             return Err(AppError::not_found(format!("sandbox {id_owned} not found")));
         }
         Ok(())
-    })
+    })?;
+    if let Ok(backend) = app.lifecycle.backend() {
+        backend.runtime.forget(id);
+    }
+    Ok(())
 }
 
 fn store_record(app: &App, record: &SandboxRecord) -> Result<(), AppError> {
@@ -377,7 +383,7 @@ pub fn reap(app: &App) {
 /// Deletes the records of sandboxes that ended more than `retention` ago; returns how many.
 pub fn purge_stopped(app: &App, now: i64, retention: Duration) -> Result<usize, AppError> {
     let cutoff = now.saturating_sub(i64::try_from(retention.as_secs()).unwrap_or(i64::MAX));
-    app.store.write(move |wtxn, dbs| {
+    let old = app.store.write(move |wtxn, dbs| {
         let mut old = Vec::new();
         for item in dbs.sandboxes.iter(wtxn)? {
             let (id, record) = item?;
@@ -388,8 +394,15 @@ pub fn purge_stopped(app: &App, now: i64, retention: Duration) -> Result<usize, 
         for id in &old {
             dbs.sandboxes.delete(wtxn, id)?;
         }
-        Ok(old.len())
-    })
+        Ok(old)
+    })?;
+    // Their kept console logs go with them.
+    if let Ok(backend) = app.lifecycle.backend() {
+        for id in &old {
+            backend.runtime.forget(id);
+        }
+    }
+    Ok(old.len())
 }
 
 /// How often the reaper looks for stopped sandboxes to forget.

@@ -143,6 +143,13 @@ fn publish(publisher: &dyn SealPublisher, seal: SandboxSeal) -> Result<(), AppEr
         .map_err(|e| AppError::internal(format!("cannot register sealed tokens with the proxy: {e}")))
 }
 
+/// What the proxy applies to running sandbox `sandbox_id` now: its egress allowlist and the
+/// names of the secrets it holds tokens for. None when it is not registered (not running).
+pub fn published(app: &App, sandbox_id: &str) -> Option<(Vec<String>, Vec<String>)> {
+    let sandboxes = app.lifecycle.seals().lock();
+    sandboxes.get(sandbox_id).map(|e| (e.egress_allowlist.clone(), e.tokens.keys().cloned().collect()))
+}
+
 /// Withdraws a sandbox's registration and forgets it; unknown sandboxes are fine.
 pub fn detach(app: &App, publisher: &dyn SealPublisher, sandbox_id: &str) {
     let mut sandboxes = app.lifecycle.seals().lock();

@@ -130,6 +130,7 @@ pub fn start(config: &ServeConfig, side: SandboxSide) -> Result<Running, String>
         metrics: Metrics::new(),
         long_work: LongWork::new(MAX_LONG_REQUESTS),
         async_execs: Arc::default(),
+        exec_sessions: Arc::default(),
         kvm,
         log_requests: config.log_requests,
         upgrades: crate::upgrade::Upgrades::new(&config.data_dir, trusted_upgrade_keys(config)?),

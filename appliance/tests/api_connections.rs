@@ -124,6 +124,8 @@ fn requests_and_websockets_outlive_the_timeouts() {
     let response = websocket_handshake(&mut ws, &id, &sid);
     assert!(response.starts_with("HTTP/1.1 101"), "{response}");
     assert_eq!(read_server_frame(&mut ws), (0x2, b"\x01ready\n".to_vec()));
+    // The end of the replay, which shells wait for before they send anything.
+    assert_eq!(read_server_frame(&mut ws), (0x2, b"\x04".to_vec()));
     std::thread::sleep(IDLE_TIMEOUT * 2);
     ws.write_all(&masked_frame(0x2, b"\x00still here\n")).expect("stdin");
     assert_eq!(read_server_frame(&mut ws), (0x2, b"\x01still here\n".to_vec()));

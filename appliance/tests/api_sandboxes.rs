@@ -357,6 +357,17 @@ fn websocket_exec_stream_carries_stdin_stdout_stderr_and_exit() {
     assert!(text.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{text}");
 
     assert_eq!(read_server_frame(&mut ws), (0x2, b"\x01ready\n".to_vec()));
+    // The end of the replay, which shells wait for before they send anything.
+    assert_eq!(read_server_frame(&mut ws), (0x2, b"\x04".to_vec()));
+    // The session list counts the attached client and says when the session started.
+    let session_of = |c: &mut common::Client| {
+        let (_, listed) = c.call("GET", &format!("/api/sandboxes/{id}/exec"), "");
+        listed.as_array().and_then(|l| l.iter().find(|s| s["sessionID"] == json!(sid)).cloned()).expect("listed")
+    };
+    let listed = session_of(&mut c);
+    assert_eq!(listed["attachedClients"], 1, "{listed}");
+    assert!(listed["startedAt"].as_str().is_some_and(|t| t.len() == 20 && t.ends_with('Z')), "{listed}");
+    assert_eq!((&listed["command"], &listed["sandboxID"], &listed["args"]), (&json!("cat"), &json!(id), &json!([])));
     ws.write_all(&masked_frame(0x2, b"\x00hello\n")).expect("stdin");
     assert_eq!(read_server_frame(&mut ws), (0x2, b"\x01hello\n".to_vec()));
     ws.write_all(&masked_frame(0x9, b"ping!")).expect("ping");
@@ -369,6 +380,11 @@ fn websocket_exec_stream_carries_stdin_stdout_stderr_and_exit() {
     assert_eq!(read_server_frame(&mut ws), (0x2, exit));
     let (op, payload) = read_server_frame(&mut ws);
     assert_eq!((op, &payload[..2]), (0x8, &1000u16.to_be_bytes()[..]));
+    let detached = Instant::now() + Duration::from_secs(5);
+    while session_of(&mut c)["attachedClients"] != 0 {
+        assert!(Instant::now() < detached, "the ended attachment is still counted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // Unknown sessions and missing auth are refused before any upgrade.
     let mut bad = TcpStream::connect(h.addr).expect("connect");
@@ -592,5 +608,73 @@ fn the_timeout_is_an_idle_timeout_renewed_by_activity_and_zero_never_stops() {
         }
         assert!(Instant::now() < deadline, "the idle sandbox was never stopped");
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The Python SDK reads with a 30 s timeout while `exec.run` waits for the command: a command
+/// still running after 15 s gets its 200 head, then a space every 15 s, then its JSON.
+#[test]
+fn a_long_synchronous_command_keeps_its_connection_alive_until_its_result() {
+    let h = Harness::start("sbx-exec-keepalive");
+    let mut c = h.client();
+    // An idle timeout far shorter than the command: a sandbox is not idle while it works.
+    let (_, s) = c.call("POST", "/api/sandboxes", r#"{"timeout":2}"#);
+    let id = s["sandboxID"].as_str().expect("id").to_string();
+    let runs_for = appliance::api::exec_wait::FIRST_WAIT + Duration::from_secs(2);
+    *h.runtime.exec_delay.lock().expect("lock") = runs_for;
+
+    let mut conn = TcpStream::connect(h.addr).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    let body = r#"{"cmd":"echo","args":["hi"],"timeout":120}"#;
+    let started = Instant::now();
+    write!(
+        conn,
+        "POST /api/sandboxes/{id}/exec/run HTTP/1.1\r\nHost: x\r\nX-API-Key: {ADMIN_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut received = Vec::new();
+    let mut head_at = None;
+    let mut buf = [0u8; 4096];
+    while !received.ends_with(b"0\r\n\r\n") {
+        let n = conn.read(&mut buf).expect("read");
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&received));
+        received.extend_from_slice(&buf[..n]);
+        if head_at.is_none() && received.windows(4).any(|w| w == b"\r\n\r\n") {
+            head_at = Some(started.elapsed());
+        }
+    }
+    let head_at = head_at.expect("a head");
+    assert!(head_at < runs_for, "the head came at {head_at:?}, only after the command ({runs_for:?})");
+    assert!(started.elapsed() >= runs_for);
+    let text = String::from_utf8_lossy(&received).to_string();
+    let (head, chunks) = text.split_once("\r\n\r\n").expect("head");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "{head}");
+    let body = decode_chunks(chunks);
+    assert!(body.starts_with(' '), "whitespace first: {body:?}");
+    let result: Value = serde_json::from_str(&body).expect("JSON after the whitespace");
+    assert_eq!((&result["exitCode"], &result["stdout"]), (&json!(0), &json!("hi\n")));
+    let (_, record) = c.call("GET", &format!("/api/sandboxes/{id}"), "");
+    assert_eq!(record["status"], "running", "stopped for being idle while its command ran: {record}");
+
+    // The connection is still good for the next request.
+    *h.runtime.exec_delay.lock().expect("lock") = Duration::ZERO;
+    write!(conn, "GET /api/healthz HTTP/1.1\r\nHost: x\r\n\r\n").expect("send");
+    let n = conn.read(&mut buf).expect("read");
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
+}
+
+fn decode_chunks(mut rest: &str) -> String {
+    let mut body = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n").expect("chunk size");
+        let size = usize::from_str_radix(size.trim(), 16).expect("hex size");
+        if size == 0 {
+            return body;
+        }
+        body.push_str(&after[..size]);
+        rest = &after[size + 2..];
     }
 }

@@ -239,6 +239,8 @@ fn a_session_takes_stdin_and_streams_output_until_it_exits() {
     let (id, pid) = agent.client().session_start(&session("cat; echo bye >&2")).unwrap();
     assert!(pid > 0);
     let (mut writer, mut reader) = agent.client().attach(id).unwrap();
+    // Nothing to replay yet: the replay ends at once.
+    assert_eq!(reader.next_event(Some(Duration::from_secs(5))).unwrap(), AttachEvent::ReplayEnd);
     writer.stdin(b"hello\n").unwrap();
     match reader.next_event(Some(Duration::from_secs(5))).unwrap() {
         AttachEvent::Output { stream: OutputStream::Stdout, data } => assert_eq!(data, b"hello\n"),
@@ -292,6 +294,7 @@ fn sessions_are_listed_killed_and_replayed_to_late_attachers() {
         reader.next_event(Some(Duration::from_secs(5))).unwrap(),
         AttachEvent::Output { stream: OutputStream::Stdout, data: b"started\n".to_vec() }
     );
+    assert_eq!(reader.next_event(Some(Duration::from_secs(5))).unwrap(), AttachEvent::ReplayEnd);
     assert_eq!(reader.next_event(Some(Duration::from_secs(5))).unwrap(), AttachEvent::Ended(exit));
 
     let (code, _) = remote_code(client.session_kill(id, libc::SIGTERM));
@@ -322,6 +325,7 @@ fn session_output_streams_live_to_an_attached_client() {
                 assert_eq!(status, ExitStatus::Code(0));
                 break;
             }
+            AttachEvent::ReplayEnd => {}
             other @ AttachEvent::Notice { .. } => panic!("unexpected {other:?}"),
         }
     }
@@ -348,6 +352,7 @@ fn session_stdin_without_attaching_and_killing_children_with_the_group() {
                 assert_eq!(status, ExitStatus::Code(0));
                 break;
             }
+            AttachEvent::ReplayEnd => {}
             other @ AttachEvent::Notice { .. } => panic!("unexpected {other:?}"),
         }
     }
@@ -369,7 +374,7 @@ fn stdin_to_a_process_that_closed_it_is_reported_during_the_attachment() {
     loop {
         match reader.next_event(Some(Duration::from_secs(5))).unwrap() {
             AttachEvent::Notice { code, message } => notice = Some((code, message)),
-            AttachEvent::Output { .. } => {}
+            AttachEvent::Output { .. } | AttachEvent::ReplayEnd => {}
             AttachEvent::Ended(_) => break,
         }
     }

@@ -204,6 +204,27 @@ fn remove_handles_files_links_and_directories() {
 }
 
 #[test]
+fn rename_moves_files_and_directories_and_refuses_the_root() {
+    let agent = TestAgent::start();
+    let mut client = agent.client();
+    client.write_file(&WriteSpec::new("a.txt"), b"content").unwrap();
+    client.write_file(&WriteSpec::new("old.txt"), b"replaced").unwrap();
+    client.rename("a.txt", "old.txt").unwrap();
+    assert!(!agent.home.join("a.txt").exists());
+    assert_eq!(std::fs::read(agent.home.join("old.txt")).unwrap(), b"content", "a file at `to` is replaced");
+
+    client.write_file(&WriteSpec::new("dir/inner"), b"x").unwrap();
+    client.rename("dir", "moved").unwrap();
+    assert_eq!(std::fs::read(agent.home.join("moved/inner")).unwrap(), b"x");
+
+    assert_eq!(remote_code(client.rename("missing", "x")), ErrorCode::NotFound);
+    assert_eq!(remote_code(client.rename("moved", "no/such/parent")), ErrorCode::NotFound);
+    assert_eq!(remote_code(client.rename("/", "x")), ErrorCode::BadRequest);
+    assert_eq!(remote_code(client.rename("old.txt", "/..")), ErrorCode::BadRequest);
+    assert!(agent.home.join("old.txt").exists());
+}
+
+#[test]
 fn paths_are_resolved_against_home_and_normalised() {
     let agent = TestAgent::start();
     let mut client = agent.client();

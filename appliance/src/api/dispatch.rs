@@ -7,15 +7,16 @@ use std::time::Instant;
 use serde_json::json;
 use tiny_http::{Method, Request};
 
-use crate::api::{exec, files, keys, projects, sandboxes, scope, secrets, system};
+use crate::api::{
+    exec, exec_wait, files, keys, projects, pty, sandbox_info, sandboxes, scope, secret_stores, secrets, system,
+};
 use crate::app::App;
 use crate::audit;
 use crate::auth::Caller;
-use crate::clock::now_unix;
 use crate::error::AppError;
 use crate::http::reply::Reply;
 use crate::http::request::{header, query_param, split_url};
-use crate::http::route::{match_route, Route, UNMATCHED};
+use crate::http::route::{match_request, Route, UNMATCHED};
 
 fn not_allowed(method: &Method, route: &Route) -> AppError {
     AppError::method_not_allowed(format!("method {method} is not allowed on {}", route.label()))
@@ -39,19 +40,20 @@ fn is_long(route: &Route, method: &Method) -> bool {
                 | Route::SystemUpgrade
                 | Route::SystemMasterKeyRotate,
             Post
-        ) | (Route::ExecSession(..), Get)
+        ) | (Route::ExecSession(..) | Route::PtySession(..), Get)
             | (Route::Files(_), Get | Put)
             | (Route::Sandbox(_), Delete)
     )
 }
 
 /// Serves one request (the HTTP server's handler): answers /api/healthz without a key,
-/// authenticates everything else, moves long work to its own thread, hands exec WebSocket
-/// upgrades to `exec` and other routes to `dispatch`; counts and logs each answer.
+/// authenticates everything else, moves long work to its own thread, hands WebSocket upgrades
+/// to `exec` and `pty` and other routes to `dispatch`; counts and logs each answer.
 pub fn handle(app: &Arc<App>, request: Request, port: u16) {
     let started = Instant::now();
     let url = request.url().to_string();
-    let route = match_route(split_url(&url).0);
+    let upgrade = *request.method() == Method::Get && exec::is_websocket_upgrade(&request);
+    let route = match_request(split_url(&url).0, upgrade);
     if let Ok(Some(Route::Healthz)) = &route {
         return respond(app, None, request_label(&route), started, request, healthz(app));
     }
@@ -137,23 +139,36 @@ fn serve(
     let url = request.url().to_string();
     let (path, query) = split_url(&url);
     let label = request_label(&route);
+    let upgrade = method == Method::Get && exec::is_websocket_upgrade(&request);
     match route {
-        Ok(Some(Route::ExecSession(id, sid))) if method == Method::Get && exec::is_websocket_upgrade(&request) => {
-            app.lifecycle.touch(&id, now_unix());
-            let status = exec::attach_websocket(app, &id, &sid, request, port);
-            app.lifecycle.touch(&id, now_unix());
+        Ok(Some(Route::ExecSession(id, sid))) if upgrade => {
+            let status =
+                stream(app, &id, || exec::attach_websocket(app, &id, &sid, request, port, exec::Framing::Tagged));
             account(app, Some(caller), (&method, &url), label, started, status);
         }
+        Ok(Some(Route::PtySession(id, sid))) if upgrade => {
+            let status = stream(app, &id, || pty::attach_websocket(app, &id, &sid, request, port));
+            account(app, Some(caller), (&method, &url), label, started, status);
+        }
+        Ok(Some(Route::ExecRun(id) | Route::Commands(id))) if method == Method::Post => {
+            let in_use = app.lifecycle.in_use(&id);
+            match exec::run(app, &id, request) {
+                exec_wait::Answered::Reply(reply, request) => {
+                    drop(in_use);
+                    respond(app, Some(caller), label, started, *request, reply);
+                }
+                exec_wait::Answered::Streamed(status) => {
+                    drop(in_use);
+                    account(app, Some(caller), (&method, &url), label, started, status);
+                }
+            }
+        }
         Ok(Some(route)) => {
-            // API activity on a sandbox renews its idle timeout, when the request comes in and
-            // when it ends (a command may run longer than the timeout).
-            if let Some(id) = route.sandbox_in_use() {
-                app.lifecycle.touch(id, now_unix());
-            }
+            // API activity on a sandbox renews its idle timeout, and a sandbox is not idle while
+            // a request works with it (a command may run longer than the timeout).
+            let in_use = route.sandbox_in_use().map(|id| app.lifecycle.in_use(id));
             let reply = dispatch(app, caller, &route, &mut request, query).unwrap_or_else(|e| Reply::error(&e));
-            if let Some(id) = route.sandbox_in_use() {
-                app.lifecycle.touch(id, now_unix());
-            }
+            drop(in_use);
             respond(app, Some(caller), label, started, request, reply);
         }
         Ok(None) => {
@@ -162,6 +177,14 @@ fn serve(
         }
         Err(e) => respond(app, Some(caller), label, started, request, Reply::error(&e)),
     }
+}
+
+/// Runs a WebSocket stream on sandbox `id`; opening and closing it are activity on the sandbox
+/// (frames in between renew its idle timeout too). Returns the HTTP status sent.
+/// A WebSocket stream uses its sandbox for as long as it is attached (see `Lifecycle::in_use`).
+fn stream(app: &App, id: &str, attach: impl FnOnce() -> u16) -> u16 {
+    let _in_use = app.lifecycle.in_use(id);
+    attach()
 }
 
 pub fn dispatch(
@@ -193,24 +216,43 @@ pub fn dispatch(
         (Route::ProjectSecrets(id), Get) => secrets::list(app, id),
         (Route::ProjectSecret(id, name), Put) => secrets::put(app, caller, id, name, request),
         (Route::ProjectSecret(id, name), Delete) => secrets::delete(app, id, name),
+        (Route::SecretStores, Post) => secret_stores::create(app, request),
+        (Route::SecretStores, Get) => secret_stores::list(app, caller),
+        (Route::SecretStore(id), Get) => secret_stores::get(app, id),
+        (Route::SecretStore(id), Put) => secret_stores::update(app, id, request),
+        (Route::SecretStore(id), Delete) => secret_stores::delete(app, id),
+        (Route::SecretStoreSecrets(id), Get) => secret_stores::list_secrets(app, id),
+        (Route::SecretStoreSecret(id, name), Put) => secret_stores::put_secret(app, caller, id, name, request),
+        (Route::SecretStoreSecret(id, name), Delete) => secret_stores::delete_secret(app, id, name),
         (Route::Sandboxes, Post) => sandboxes::create(app, caller, request),
-        (Route::Sandboxes, Get) => sandboxes::list(app, caller),
+        (Route::Sandboxes, Get) => sandboxes::list(app, caller, query),
         (Route::Sandbox(id), Get) => sandboxes::get(app, id),
         (Route::SandboxMemoryDump(id), Post) => sandboxes::memory_dump(app, id),
-        (Route::Sandbox(id), Delete) => sandboxes::delete(app, id),
+        (Route::Sandbox(id), Delete) => sandboxes::delete(app, caller, id, query),
         (Route::SandboxTimeout(id), Post) => sandboxes::set_timeout(app, id, request),
-        (Route::ExecRun(id) | Route::Commands(id), Post) => exec::run(app, id, request),
+        // Answered in `serve`, which hands the request over.
+        (Route::ExecRun(_) | Route::Commands(_), Post) => Err(AppError::internal("exec/run is answered by serve")),
         (Route::ExecRunAsync(id), Post) => exec::run_async(app, id, request),
         (Route::ExecResult(id, exec_id), Get) => exec::async_result(app, id, exec_id),
         (Route::ExecSessions(id), Post) => exec::start_session(app, id, request),
         (Route::ExecSessions(id), Get) => exec::list_sessions(app, id),
         (Route::ExecKill(id, sid), Post) => exec::kill_session(app, id, sid, request),
-        (Route::ExecSession(..), Get) => Err(AppError::bad_request("this endpoint needs a WebSocket upgrade")),
+        (Route::ExecSession(..) | Route::PtySession(..), Get) => {
+            Err(AppError::bad_request("this endpoint needs a WebSocket upgrade"))
+        }
+        (Route::Pty(id), Post) => pty::create(app, id, request),
+        (Route::PtyResize(id, sid), Post) => pty::resize(app, id, sid, request),
+        (Route::PtySession(id, sid), Delete) => pty::kill(app, id, sid),
         (Route::Files(id), Get) => files::read(app, id, query),
         (Route::Files(id), Put) => files::write(app, id, query, request),
         (Route::Files(id), Delete) => files::remove(app, id, query),
         (Route::FilesList(id), Get) => files::list(app, id, query),
         (Route::FilesMkdir(id), Post) => files::mkdir(app, id, query),
+        (Route::FilesStat(id), Get) => files::stat(app, id, query),
+        (Route::FilesRename(id), Post) => files::rename(app, id, request),
+        (Route::SandboxLogs(id), Get) => sandbox_info::logs(app, id),
+        (Route::SandboxAllowedHosts(id), Get) => sandbox_info::allowed_hosts(app, id),
+        (Route::Unsupported(feature), _) => Err(AppError::new(501, feature.reason())),
         (Route::System, Get) => Ok(system::get(app)),
         (Route::SystemUpgrade, Post) => system::upgrade(app, request),
         (Route::SystemReboot, Post) => system::power(app, system::PowerAction::Reboot),

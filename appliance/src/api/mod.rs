@@ -3,11 +3,16 @@
 pub mod dispatch;
 pub mod exec;
 pub mod exec_async;
+pub mod exec_wait;
 pub mod files;
 pub mod keys;
 pub mod projects;
+pub mod pty;
+pub mod sandbox_info;
 pub mod sandboxes;
 pub mod scope;
+pub mod secret_stores;
 pub mod secrets;
 pub mod system;
+pub mod unsupported;
 pub mod validate;

@@ -78,6 +78,30 @@ pub fn create(app: &App, request: &mut Request) -> Result<Reply, AppError> {
         created_at: now,
         updated_at: now,
     };
+    insert(app, &record)?;
+    Ok(Reply::json(201, &project_json(&record)))
+}
+
+/// A project with the appliance's defaults, named `name` (a secret store created through
+/// `/api/secret-stores`, which has no defaults of its own).
+pub fn with_defaults(name: String, egress_allowlist: &[String]) -> Result<ProjectRecord, AppError> {
+    validate::project_name(&name)?;
+    let now = now_unix();
+    Ok(ProjectRecord {
+        id: new_id()?,
+        name,
+        template: DEFAULT_TEMPLATE.to_string(),
+        cpu_count: DEFAULT_CPU_COUNT,
+        memory_mb: DEFAULT_MEMORY_MB,
+        timeout_sec: DEFAULT_TIMEOUT_SEC,
+        egress_allowlist: allowlist(egress_allowlist)?,
+        created_at: now,
+        updated_at: now,
+    })
+}
+
+/// Stores a new project; its name must be free.
+pub fn insert(app: &App, record: &ProjectRecord) -> Result<(), AppError> {
     let stored = record.clone();
     app.store.write(move |wtxn, dbs| {
         if dbs.project_names.get(wtxn, &stored.name)?.is_some() {
@@ -86,8 +110,7 @@ pub fn create(app: &App, request: &mut Request) -> Result<Reply, AppError> {
         dbs.projects.put(wtxn, &stored.id, &stored)?;
         dbs.project_names.put(wtxn, &stored.name, &stored.id)?;
         Ok(())
-    })?;
-    Ok(Reply::json(201, &project_json(&record)))
+    })
 }
 
 pub fn list(app: &App, caller: &Caller) -> Result<Reply, AppError> {
@@ -119,20 +142,46 @@ pub fn get(app: &App, raw_id: &str) -> Result<Reply, AppError> {
 }
 
 pub fn update(app: &App, raw_id: &str, request: &mut Request) -> Result<Reply, AppError> {
-    let id = validate::uuid("project", raw_id)?;
     let body: ProjectBody = parse_json(&read_body(request, MAX_JSON_BODY)?)?;
-    let name = non_empty(body.name);
+    let changes = Changes {
+        name: non_empty(body.name),
+        template: non_empty(body.template),
+        cpu_count: non_zero(body.cpu_count),
+        memory_mb: non_zero(body.memory_mb),
+        timeout_sec: non_zero(body.timeout_sec),
+        // Here an empty list keeps the allowlist (absent and empty fields change nothing).
+        egress_allowlist: body.egress_allowlist.filter(|l| !l.is_empty()),
+    };
+    Ok(Reply::json(200, &project_json(&apply(app, raw_id, changes)?)))
+}
+
+/// What an update changes; None keeps the field.
+#[derive(Default)]
+pub struct Changes {
+    pub name: Option<String>,
+    pub template: Option<String>,
+    pub cpu_count: Option<u32>,
+    pub memory_mb: Option<u32>,
+    pub timeout_sec: Option<u64>,
+    pub egress_allowlist: Option<Vec<String>>,
+}
+
+/// Validates and applies `changes` to project `raw_id`; running sandboxes of the project get
+/// the new allowlist before this returns.
+pub fn apply(app: &App, raw_id: &str, changes: Changes) -> Result<ProjectRecord, AppError> {
+    let id = validate::uuid("project", raw_id)?;
+    let name = changes.name;
     if let Some(n) = &name {
         validate::project_name(n)?;
     }
-    let template = non_empty(body.template);
+    let template = changes.template;
     if let Some(t) = &template {
         validate::template(t)?;
     }
-    let cpu = non_zero(body.cpu_count).map(validate::cpu_count).transpose()?;
-    let memory = non_zero(body.memory_mb).map(validate::memory_mb).transpose()?;
-    let timeout = non_zero(body.timeout_sec).map(|t| validate::timeout_sec("timeoutSec", t)).transpose()?;
-    let egress = body.egress_allowlist.filter(|l| !l.is_empty()).map(|l| allowlist(&l)).transpose()?;
+    let cpu = changes.cpu_count.map(validate::cpu_count).transpose()?;
+    let memory = changes.memory_mb.map(validate::memory_mb).transpose()?;
+    let timeout = changes.timeout_sec.map(|t| validate::timeout_sec("timeoutSec", t)).transpose()?;
+    let egress = changes.egress_allowlist.map(|l| allowlist(&l)).transpose()?;
     let now = now_unix();
     let updated = app.store.write(move |wtxn, dbs| {
         let mut record =
@@ -166,7 +215,7 @@ pub fn update(app: &App, raw_id: &str, request: &mut Request) -> Result<Reply, A
     })?;
     // A new allowlist reaches running sandboxes now, with the secrets that follow it.
     seal_sync::republish_project(app, &updated.id)?;
-    Ok(Reply::json(200, &project_json(&updated)))
+    Ok(updated)
 }
 
 /// Deletes the project, its name and all its secrets in one transaction. Sandboxes

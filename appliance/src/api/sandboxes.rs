@@ -14,7 +14,7 @@ use crate::auth::Caller;
 use crate::clock::rfc3339;
 use crate::error::AppError;
 use crate::http::reply::Reply;
-use crate::http::request::{parse_json, read_body, MAX_JSON_BODY};
+use crate::http::request::{parse_json, percent_decode, query_param, query_values, read_body, MAX_JSON_BODY};
 use crate::lifecycle;
 use crate::sandbox_ops::{self, CreateSpec};
 use crate::store::records::{SandboxRecord, NO_DEADLINE};
@@ -137,9 +137,57 @@ pub fn create(app: &App, caller: &Caller, request: &mut Request) -> Result<Reply
     Ok(Reply::json(201, &sandbox_json(&record, app.lifecycle.deadline(&record.id))))
 }
 
-pub fn list(app: &App, caller: &Caller) -> Result<Reply, AppError> {
+/// States a list may be filtered by. `paused` and `hibernated` are states of the hosted service
+/// that no sandbox here is ever in: accepted, they match nothing.
+const LIST_STATES: [&str; 6] = ["starting", "running", "stopped", "error", "paused", "hibernated"];
+
+/// `?state=` (comma-separated, may repeat) and `?metadata=` (a URL-encoded `k=v&k2=v2`, may
+/// repeat), as E2B-style clients send them: a sandbox is listed when its status is one of the
+/// states given and its metadata holds every pair given.
+struct ListFilter {
+    states: Option<Vec<String>>,
+    metadata: BTreeMap<String, String>,
+}
+
+impl ListFilter {
+    fn parse(query: &str) -> Result<Self, AppError> {
+        let mut states: Option<Vec<String>> = None;
+        for value in query_values(query, "state")? {
+            for state in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                if !LIST_STATES.contains(&state) {
+                    return Err(AppError::bad_request(format!(
+                        "unknown state {state:?} in ?state=; known states: {}",
+                        LIST_STATES.join(", ")
+                    )));
+                }
+                states.get_or_insert_with(Vec::new).push(state.to_string());
+            }
+        }
+        let mut metadata = BTreeMap::new();
+        for value in query_values(query, "metadata")? {
+            for pair in value.split('&').filter(|p| !p.is_empty()) {
+                let Some((k, v)) = pair.split_once('=') else {
+                    return Err(AppError::bad_request(format!(
+                        "?metadata= takes URL-encoded key=value pairs joined by '&'; {pair:?} has no '='"
+                    )));
+                };
+                metadata.insert(percent_decode(k, true)?, percent_decode(v, true)?);
+            }
+        }
+        check_metadata(&metadata)?;
+        Ok(Self { states, metadata })
+    }
+
+    fn matches(&self, r: &SandboxRecord) -> bool {
+        self.states.as_ref().is_none_or(|s| s.iter().any(|s| s == r.status.as_str()))
+            && self.metadata.iter().all(|(k, v)| r.metadata.get(k) == Some(v))
+    }
+}
+
+pub fn list(app: &App, caller: &Caller, query: &str) -> Result<Reply, AppError> {
+    let filter = ListFilter::parse(query)?;
     let mut records = app.store.read(|rtxn, dbs| values(&dbs.sandboxes, rtxn))?;
-    records.retain(|r| scope::visible(caller, r.project_id.as_deref()));
+    records.retain(|r| scope::visible(caller, r.project_id.as_deref()) && filter.matches(r));
     records.sort_by(|a, b| (a.started_at, &a.id).cmp(&(b.started_at, &b.id)));
     let body: Vec<Value> = records.iter().map(|r| sandbox_json(r, app.lifecycle.deadline(&r.id))).collect();
     Ok(Reply::json(200, &body))
@@ -150,9 +198,33 @@ pub fn get(app: &App, raw_id: &str) -> Result<Reply, AppError> {
     Ok(Reply::json(200, &sandbox_json(&sandbox_ops::get(app, &id)?, app.lifecycle.deadline(&id))))
 }
 
-pub fn delete(app: &App, raw_id: &str) -> Result<Reply, AppError> {
+/// `?deleteSecretStore=true` also deletes the sandbox's project (its secret store, as the
+/// OpenComputer SDKs call it), which only the operator may do.
+pub fn delete(app: &App, caller: &Caller, raw_id: &str, query: &str) -> Result<Reply, AppError> {
     let id = validate::uuid("sandbox", raw_id)?;
+    let with_store = match query_param(query, "deleteSecretStore")?.as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(AppError::bad_request(format!("deleteSecretStore must be true or false, got {other:?}")))
+        }
+    };
+    if with_store && *caller != Caller::Operator {
+        return Err(AppError::forbidden(
+            "deleteSecretStore=true deletes a secret store (a project), which needs the operator scope",
+        ));
+    }
+    let project = sandbox_ops::get(app, &id)?.project_id;
     sandbox_ops::delete(app, &id)?;
+    if let Some(project) = project.filter(|_| with_store) {
+        match projects::delete(app, &project) {
+            // Deleted meanwhile by someone else: what was asked for holds.
+            Err(e) if e.status == 404 => {}
+            other => {
+                other?;
+            }
+        }
+    }
     Ok(Reply::no_content())
 }
 

@@ -18,14 +18,23 @@ use crate::store::records::ProjectKeyRecord;
 pub fn authorize(app: &App, caller: &Caller, route: &Route, method: &Method) -> Result<(), AppError> {
     let Caller::Project(key) = caller else { return Ok(()) };
     match (route, method) {
-        (Route::Healthz | Route::Sandboxes, _) | (Route::Projects, Method::Get) => Ok(()),
-        (Route::Project(id), Method::Get) | (Route::ProjectSecrets(id) | Route::ProjectSecret(id, _), _) => {
-            project_allowed(key, id)
-        }
+        // An unsupported route touches nothing: its 501 says why to any key.
+        (Route::Healthz | Route::Sandboxes | Route::Unsupported(_), _)
+        | (Route::Projects | Route::SecretStores, Method::Get) => Ok(()),
+        (Route::Project(id) | Route::SecretStore(id), Method::Get)
+        | (
+            Route::ProjectSecrets(id)
+            | Route::ProjectSecret(id, _)
+            | Route::SecretStoreSecrets(id)
+            | Route::SecretStoreSecret(id, _),
+            _,
+        ) => project_allowed(key, id),
         (Route::Projects, _) => Err(operator_only(key, "creating projects")),
+        (Route::SecretStores, _) => Err(operator_only(key, "creating secret stores")),
         (Route::Project(_), _) => {
             Err(operator_only(key, "changing or deleting a project (its allowlist and defaults)"))
         }
+        (Route::SecretStore(_), _) => Err(operator_only(key, "changing or deleting a secret store (its allowlist)")),
         (Route::SandboxMemoryDump(_), _) => Err(operator_only(key, "memory dumps")),
         (
             Route::Sandbox(id)
@@ -37,9 +46,16 @@ pub fn authorize(app: &App, caller: &Caller, route: &Route, method: &Method) -> 
             | Route::ExecSessions(id)
             | Route::ExecSession(id, _)
             | Route::ExecKill(id, _)
+            | Route::Pty(id)
+            | Route::PtySession(id, _)
+            | Route::PtyResize(id, _)
             | Route::Files(id)
             | Route::FilesList(id)
-            | Route::FilesMkdir(id),
+            | Route::FilesMkdir(id)
+            | Route::FilesStat(id)
+            | Route::FilesRename(id)
+            | Route::SandboxLogs(id)
+            | Route::SandboxAllowedHosts(id),
             _,
         ) => sandbox_allowed(app, key, id),
         (Route::Metrics, _) => Err(operator_only(key, "metrics")),

@@ -29,6 +29,13 @@ struct SecretBody {
 }
 
 pub fn put(app: &App, caller: &Caller, raw_id: &str, name: &str, request: &mut Request) -> Result<Reply, AppError> {
+    store(app, caller, raw_id, name, request)?;
+    Ok(Reply::no_content())
+}
+
+/// Seals and stores the secret in `request`'s body; running sandboxes of the project have its
+/// token bound to the new value before this returns.
+pub fn store(app: &App, caller: &Caller, raw_id: &str, name: &str, request: &mut Request) -> Result<(), AppError> {
     let project_id = validate::uuid("project", raw_id)?;
     validate::env_name("secret", name)?;
     let body = read_body(request, MAX_JSON_BODY)?;
@@ -81,8 +88,7 @@ pub fn put(app: &App, caller: &Caller, raw_id: &str, name: &str, request: &mut R
         }
         Ok(())
     })?;
-    seal_sync::republish_project(app, &project_id)?;
-    Ok(Reply::no_content())
+    seal_sync::republish_project(app, &project_id)
 }
 
 /// The first byte of `value` that cannot appear in an HTTP header field value.
@@ -99,8 +105,15 @@ fn header_breaking_byte(value: &[u8]) -> Option<&'static str> {
 /// entries; `allowedHosts` is `[]` for a secret that follows its project's allowlist (also
 /// every secret stored before per-secret hosts existed).
 pub fn list(app: &App, raw_id: &str) -> Result<Reply, AppError> {
+    let body: Vec<_> =
+        entries(app, raw_id)?.into_iter().map(|(name, hosts)| json!({"name": name, "allowedHosts": hosts})).collect();
+    Ok(Reply::json(200, &body))
+}
+
+/// (name, allowed hosts) of each secret of project `raw_id`, sorted by name; never a value.
+pub fn entries(app: &App, raw_id: &str) -> Result<Vec<(String, Vec<String>)>, AppError> {
     let project_id = validate::uuid("project", raw_id)?;
-    let entries = app.store.read(|rtxn, dbs| {
+    app.store.read(|rtxn, dbs| {
         if dbs.projects.get(rtxn, &project_id)?.is_none() {
             return Err(AppError::not_found(format!("project {project_id} not found")));
         }
@@ -109,11 +122,10 @@ pub fn list(app: &App, raw_id: &str) -> Result<Reply, AppError> {
         for item in dbs.secrets.prefix_iter(rtxn, &prefix)? {
             let key = item?.0;
             let hosts = dbs.secret_hosts.get(rtxn, key)?.map(|r| r.allowed_hosts).unwrap_or_default();
-            entries.push(json!({"name": &key[prefix.len()..], "allowedHosts": hosts}));
+            entries.push((key[prefix.len()..].to_string(), hosts));
         }
         Ok(entries)
-    })?;
-    Ok(Reply::json(200, &entries))
+    })
 }
 
 pub fn delete(app: &App, raw_id: &str, name: &str) -> Result<Reply, AppError> {

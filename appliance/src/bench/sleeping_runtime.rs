@@ -8,8 +8,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::runtime::{
-    BootSpec, Booted, DirEntry, EnvVars, ExecAttachment, ExecOutput, ExecRequest, ExecSessionInfo, RuntimeError,
-    SandboxRuntime,
+    BootSpec, Booted, DirEntry, EnvVars, ExecAttachment, ExecOutput, ExecRequest, ExecSessionInfo, PtyRequest,
+    RuntimeError, SandboxRuntime,
 };
 use crate::seal::{SandboxSeal, SealPublisher};
 
@@ -73,6 +73,12 @@ impl SandboxRuntime for SleepingRuntime {
     }
     fn exec_attach(&self, _id: &str, _session_id: &str) -> Result<ExecAttachment, RuntimeError> {
         Err(unsupported("exec sessions"))
+    }
+    fn pty_start(&self, _id: &str, _request: &PtyRequest) -> Result<String, RuntimeError> {
+        Err(unsupported("terminals"))
+    }
+    fn pty_resize(&self, _id: &str, _session_id: &str, _cols: u16, _rows: u16) -> Result<(), RuntimeError> {
+        Err(unsupported("terminals"))
     }
     fn read_file(&self, _id: &str, _path: &str) -> Result<Vec<u8>, RuntimeError> {
         Err(unsupported("files"))

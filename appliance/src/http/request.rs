@@ -86,6 +86,18 @@ pub fn query_param(query: &str, name: &str) -> Result<Option<String>, AppError> 
     Ok(None)
 }
 
+/// The decoded values of every occurrence of query parameter `name`, in order.
+pub fn query_values(query: &str, name: &str) -> Result<Vec<String>, AppError> {
+    let mut out = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if percent_decode(key, true)? == name {
+            out.push(percent_decode(value, true)?);
+        }
+    }
+    Ok(out)
+}
+
 /// Decodes `%XX` escapes (and `+` as space in query strings); the result must be UTF-8.
 pub fn percent_decode(raw: &str, plus_is_space: bool) -> Result<String, AppError> {
     let bytes = raw.as_bytes();

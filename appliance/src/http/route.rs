@@ -1,5 +1,6 @@
 //! Maps a URL path to a route of the wire contract. Path parameters are percent-decoded.
 
+use crate::api::unsupported::{self, Unsupported};
 use crate::error::AppError;
 use crate::http::request::percent_decode;
 
@@ -11,6 +12,11 @@ pub enum Route {
     Project(String),
     ProjectSecrets(String),
     ProjectSecret(String, String),
+    /// Projects as today's OpenComputer SDKs see them: secret stores.
+    SecretStores,
+    SecretStore(String),
+    SecretStoreSecrets(String),
+    SecretStoreSecret(String, String),
     Sandboxes,
     Sandbox(String),
     SandboxTimeout(String),
@@ -25,9 +31,24 @@ pub enum Route {
     ExecSessions(String),
     ExecSession(String, String),
     ExecKill(String, String),
+    /// Start an interactive terminal.
+    Pty(String),
+    /// A terminal: its WebSocket (GET) or its end (DELETE).
+    PtySession(String, String),
+    PtyResize(String, String),
     Files(String),
     FilesList(String),
     FilesMkdir(String),
+    /// One file's metadata (`?path=`).
+    FilesStat(String),
+    /// Move a file or directory within the sandbox (JSON `oldPath`, `newPath`).
+    FilesRename(String),
+    /// The tail of the sandbox's guest console.
+    SandboxLogs(String),
+    /// The egress allowlist and per-secret hosts the proxy applies to the sandbox.
+    SandboxAllowedHosts(String),
+    /// A route of the hosted service this appliance cannot honour (answers 501).
+    Unsupported(Unsupported),
     /// The running slot and version, and a staged upgrade.
     System,
     /// Stage an A/B upgrade from a disk image in the request body.
@@ -59,9 +80,14 @@ impl Route {
             | Self::ExecSessions(id)
             | Self::ExecSession(id, _)
             | Self::ExecKill(id, _)
+            | Self::Pty(id)
+            | Self::PtySession(id, _)
+            | Self::PtyResize(id, _)
             | Self::Files(id)
             | Self::FilesList(id)
-            | Self::FilesMkdir(id) => Some(id),
+            | Self::FilesMkdir(id)
+            | Self::FilesStat(id)
+            | Self::FilesRename(id) => Some(id),
             _ => None,
         }
     }
@@ -75,6 +101,10 @@ impl Route {
             Self::Project(_) => "/api/projects/{id}",
             Self::ProjectSecrets(_) => "/api/projects/{id}/secrets",
             Self::ProjectSecret(..) => "/api/projects/{id}/secrets/{name}",
+            Self::SecretStores => "/api/secret-stores",
+            Self::SecretStore(_) => "/api/secret-stores/{id}",
+            Self::SecretStoreSecrets(_) => "/api/secret-stores/{id}/secrets",
+            Self::SecretStoreSecret(..) => "/api/secret-stores/{id}/secrets/{name}",
             Self::Sandboxes => "/api/sandboxes",
             Self::Sandbox(_) => "/api/sandboxes/{id}",
             Self::SandboxTimeout(_) => "/api/sandboxes/{id}/timeout",
@@ -86,9 +116,17 @@ impl Route {
             Self::ExecSessions(_) => "/api/sandboxes/{id}/exec",
             Self::ExecSession(..) => "/api/sandboxes/{id}/exec/{sid}",
             Self::ExecKill(..) => "/api/sandboxes/{id}/exec/{sid}/kill",
+            Self::Pty(_) => "/api/sandboxes/{id}/pty",
+            Self::PtySession(..) => "/api/sandboxes/{id}/pty/{sid}",
+            Self::PtyResize(..) => "/api/sandboxes/{id}/pty/{sid}/resize",
             Self::Files(_) => "/api/sandboxes/{id}/files",
             Self::FilesList(_) => "/api/sandboxes/{id}/files/list",
             Self::FilesMkdir(_) => "/api/sandboxes/{id}/files/mkdir",
+            Self::FilesStat(_) => "/api/sandboxes/{id}/files/stat",
+            Self::FilesRename(_) => "/api/sandboxes/{id}/files/rename",
+            Self::SandboxLogs(_) => "/api/sandboxes/{id}/logs",
+            Self::SandboxAllowedHosts(_) => "/api/sandboxes/{id}/allowed-hosts",
+            Self::Unsupported(u) => u.label(),
             Self::System => "/api/system",
             Self::SystemUpgrade => "/api/system/upgrade",
             Self::SystemReboot => "/api/system/reboot",
@@ -104,17 +142,33 @@ impl Route {
 /// Label for requests that match no route.
 pub const UNMATCHED: &str = "unmatched";
 
+/// The route of a request. Outside `/api` only a terminal's WebSocket is served: the Python SDK
+/// opens it at `/sandboxes/{id}/pty/{sid}`, so that path is a route only for an upgrade.
+pub fn match_request(path: &str, websocket_upgrade: bool) -> Result<Option<Route>, AppError> {
+    let trimmed = path.strip_suffix('/').filter(|p| !p.is_empty()).unwrap_or(path);
+    let Some(rest) = trimmed.strip_prefix("/sandboxes/") else { return match_route(path) };
+    if !websocket_upgrade {
+        return Ok(None);
+    }
+    let seg = segments(rest)?;
+    match seg.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        [id, "pty", sid] => Ok(Some(Route::PtySession((*id).to_string(), (*sid).to_string()))),
+        _ => Ok(None),
+    }
+}
+
+/// The segments of a path (after its prefix), percent-decoded.
+fn segments(rest: &str) -> Result<Vec<String>, AppError> {
+    rest.split('/').map(|s| percent_decode(s, false)).collect()
+}
+
 pub fn match_route(path: &str) -> Result<Option<Route>, AppError> {
     let trimmed = path.strip_suffix('/').filter(|p| !p.is_empty()).unwrap_or(path);
     if trimmed == "/metrics" {
         return Ok(Some(Route::Metrics));
     }
     let Some(rest) = trimmed.strip_prefix("/api/") else { return Ok(None) };
-    let raw: Vec<&str> = rest.split('/').collect();
-    let mut seg = Vec::with_capacity(raw.len());
-    for s in &raw {
-        seg.push(percent_decode(s, false)?);
-    }
+    let seg = segments(rest)?;
     let s: Vec<&str> = seg.iter().map(String::as_str).collect();
     let route = match s.as_slice() {
         ["healthz"] => Route::Healthz,
@@ -122,6 +176,10 @@ pub fn match_route(path: &str) -> Result<Option<Route>, AppError> {
         ["projects", id] => Route::Project(id.to_string()),
         ["projects", id, "secrets"] => Route::ProjectSecrets(id.to_string()),
         ["projects", id, "secrets", name] => Route::ProjectSecret(id.to_string(), name.to_string()),
+        ["secret-stores"] => Route::SecretStores,
+        ["secret-stores", id] => Route::SecretStore(id.to_string()),
+        ["secret-stores", id, "secrets"] => Route::SecretStoreSecrets(id.to_string()),
+        ["secret-stores", id, "secrets", name] => Route::SecretStoreSecret(id.to_string(), name.to_string()),
         ["sandboxes"] => Route::Sandboxes,
         ["sandboxes", id] => Route::Sandbox(id.to_string()),
         ["sandboxes", id, "timeout"] => Route::SandboxTimeout(id.to_string()),
@@ -133,9 +191,16 @@ pub fn match_route(path: &str) -> Result<Option<Route>, AppError> {
         ["sandboxes", id, "exec"] => Route::ExecSessions(id.to_string()),
         ["sandboxes", id, "exec", sid] => Route::ExecSession(id.to_string(), sid.to_string()),
         ["sandboxes", id, "exec", sid, "kill"] => Route::ExecKill(id.to_string(), sid.to_string()),
+        ["sandboxes", id, "pty"] => Route::Pty(id.to_string()),
+        ["sandboxes", id, "pty", sid] => Route::PtySession(id.to_string(), sid.to_string()),
+        ["sandboxes", id, "pty", sid, "resize"] => Route::PtyResize(id.to_string(), sid.to_string()),
         ["sandboxes", id, "files"] => Route::Files(id.to_string()),
         ["sandboxes", id, "files", "list"] => Route::FilesList(id.to_string()),
         ["sandboxes", id, "files", "mkdir"] => Route::FilesMkdir(id.to_string()),
+        ["sandboxes", id, "files", "stat"] => Route::FilesStat(id.to_string()),
+        ["sandboxes", id, "files", "rename"] => Route::FilesRename(id.to_string()),
+        ["sandboxes", id, "logs"] => Route::SandboxLogs(id.to_string()),
+        ["sandboxes", id, "allowed-hosts"] => Route::SandboxAllowedHosts(id.to_string()),
         ["system"] => Route::System,
         ["system", "upgrade"] => Route::SystemUpgrade,
         ["system", "reboot"] => Route::SystemReboot,
@@ -144,7 +209,10 @@ pub fn match_route(path: &str) -> Result<Option<Route>, AppError> {
         ["keys"] => Route::Keys,
         ["keys", id] => Route::Key(id.to_string()),
         ["audit"] => Route::Audit,
-        _ => return Ok(None),
+        other => match unsupported::feature(other) {
+            Some(feature) => Route::Unsupported(feature),
+            None => return Ok(None),
+        },
     };
     Ok(Some(route))
 }
@@ -178,8 +246,38 @@ mod tests {
         assert_eq!(match_route("/api/system/reboot").expect("ok"), Some(Route::SystemReboot));
         assert_eq!(match_route("/api/system/poweroff").expect("ok"), Some(Route::SystemPoweroff));
         assert_eq!(match_route("/api/system/master-key/rotate").expect("ok"), Some(Route::SystemMasterKeyRotate));
+        assert_eq!(
+            match_route("/api/secret-stores/s1/secrets/K").expect("ok"),
+            Some(Route::SecretStoreSecret("s1".into(), "K".into()))
+        );
+        assert_eq!(match_route("/api/sandboxes/s1/logs").expect("ok"), Some(Route::SandboxLogs("s1".into())));
+        assert_eq!(
+            match_route("/api/sandboxes/s1/hibernate").expect("ok"),
+            Some(Route::Unsupported(Unsupported::Hibernate))
+        );
+        assert_eq!(match_route("/api/sandboxes/s1/no-such-thing").expect("ok"), None);
         assert_eq!(match_route("/api/nothing").expect("ok"), None);
         assert_eq!(match_route("/other").expect("ok"), None);
         assert!(match_route("/api/projects/%zz").is_err());
+    }
+
+    #[test]
+    fn terminals_are_served_under_api_and_their_websocket_also_without_it() {
+        assert_eq!(match_route("/api/sandboxes/s1/pty").expect("ok"), Some(Route::Pty("s1".into())));
+        assert_eq!(
+            match_route("/api/sandboxes/s1/pty/7/resize").expect("ok"),
+            Some(Route::PtyResize("s1".into(), "7".into()))
+        );
+        let terminal = Some(Route::PtySession("s1".into(), "7".into()));
+        for upgrade in [false, true] {
+            assert_eq!(match_request("/api/sandboxes/s1/pty/7", upgrade).expect("ok"), terminal);
+        }
+        // The Python SDK's path: a route only for the WebSocket, and nothing else lives there.
+        assert_eq!(match_request("/sandboxes/s1/pty/7", true).expect("ok"), terminal);
+        assert_eq!(match_request("/sandboxes/s1/pty/7", false).expect("ok"), None);
+        assert_eq!(match_request("/sandboxes/s1/exec/7", true).expect("ok"), None);
+        assert_eq!(match_request("/sandboxes/s1/pty/7/resize", true).expect("ok"), None);
+        assert_eq!(match_request("/metrics", false).expect("ok"), Some(Route::Metrics));
+        assert!(match_request("/sandboxes/%zz/pty/7", true).is_err());
     }
 }

@@ -6,11 +6,15 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use agent_protocol::client::{AgentClient, AgentError, AttachEvent, AttachWriter};
-use agent_protocol::message::{Command, EnvVars, ErrorCode, ExitStatus, OutputStream, RunSpec, SessionSpec};
+use agent_protocol::message::{
+    Command, EnvVars, ErrorCode, ExitStatus, OutputStream, PtySpec, RunSpec, SessionSpec, WindowSize,
+};
 use agent_protocol::AGENT_PORT;
 use vsock::VsockStream;
 
-use crate::runtime::{DirEntry, ExecAttachment, ExecEvent, ExecOutput, ExecRequest, ExecSessionInfo, RuntimeError};
+use crate::runtime::{
+    DirEntry, ExecAttachment, ExecEvent, ExecOutput, ExecRequest, ExecSessionInfo, PtyRequest, RuntimeError,
+};
 
 /// A command's stdout and stderr are each kept up to this size (the rest is counted, not kept).
 pub const MAX_OUTPUT: u64 = 16 << 20;
@@ -45,6 +49,7 @@ pub fn wait_ready(cid: u32, limit: Duration, vm_ended: &dyn Fn() -> bool) -> Res
 pub fn to_runtime(e: AgentError) -> RuntimeError {
     match e {
         AgentError::Remote { code: ErrorCode::NotFound, message } => RuntimeError::NotFound(message),
+        AgentError::Remote { code: ErrorCode::Conflict, message } => RuntimeError::Conflict(message),
         AgentError::Remote {
             code:
                 ErrorCode::BadRequest
@@ -107,6 +112,17 @@ pub fn session_start(agent: &mut Agent, request: &ExecRequest) -> Result<String,
     agent.session_start(&spec).map(|(id, _pid)| id.to_string()).map_err(to_runtime)
 }
 
+/// A terminal: the guest's login shell, or `shell` (a program, run without arguments).
+pub fn pty_start(agent: &mut Agent, request: &PtyRequest) -> Result<String, RuntimeError> {
+    let spec = PtySpec {
+        command: request.shell.as_ref().map(|program| Command::Argv(vec![program.clone()])),
+        env: EnvVars::default(),
+        cwd: None,
+        size: WindowSize { cols: request.cols, rows: request.rows },
+    };
+    agent.pty_start(&spec).map(|(id, _pid)| id.to_string()).map_err(to_runtime)
+}
+
 pub fn session_list(agent: &mut Agent) -> Result<Vec<ExecSessionInfo>, RuntimeError> {
     let sessions = agent.session_list().map_err(to_runtime)?;
     Ok(sessions
@@ -135,6 +151,7 @@ pub fn attach(agent: Agent, session: u32) -> Result<ExecAttachment, RuntimeError
             let event = match reader.next_event(None) {
                 Ok(AttachEvent::Output { stream: OutputStream::Stdout, data }) => ExecEvent::Stdout(data),
                 Ok(AttachEvent::Output { stream: OutputStream::Stderr, data }) => ExecEvent::Stderr(data),
+                Ok(AttachEvent::ReplayEnd) => ExecEvent::ReplayEnd,
                 Ok(AttachEvent::Notice { .. }) => continue,
                 Ok(AttachEvent::Ended(status)) => {
                     let _ = tx.send(ExecEvent::Exit(status.shell_code()));
@@ -190,6 +207,7 @@ mod tests {
         let remote = |code| AgentError::Remote { code, message: "m".into() };
         assert!(matches!(to_runtime(remote(ErrorCode::NotFound)), RuntimeError::NotFound(_)));
         assert!(matches!(to_runtime(remote(ErrorCode::IsADirectory)), RuntimeError::Invalid(_)));
+        assert!(matches!(to_runtime(remote(ErrorCode::Conflict)), RuntimeError::Conflict(_)));
         assert!(matches!(to_runtime(remote(ErrorCode::Busy)), RuntimeError::Failed(_)));
         let unanswered = AgentError::Io(std::io::Error::other("connection refused"));
         assert!(matches!(to_runtime(unanswered), RuntimeError::Failed(_)));

@@ -3,6 +3,7 @@
 
 mod agent;
 mod cids;
+mod console_keep;
 mod console_trim;
 pub mod templates;
 mod vm;
@@ -14,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::runtime::{
-    BootSpec, Booted, DirEntry, EnvVars, ExecAttachment, ExecOutput, ExecRequest, ExecSessionInfo, RuntimeError,
-    SandboxRuntime,
+    BootSpec, Booted, DirEntry, EnvVars, ExecAttachment, ExecOutput, ExecRequest, ExecSessionInfo, FileInfo,
+    PtyRequest, RuntimeError, SandboxRuntime,
 };
 use cids::CidPool;
 use templates::TemplateStore;
@@ -41,6 +42,8 @@ pub struct VmmRuntime {
     config: RuntimeConfig,
     templates: TemplateStore,
     sandboxes_dir: PathBuf,
+    /// The console logs of ended sandboxes, kept until their records are forgotten.
+    consoles_dir: PathBuf,
     cids: Arc<CidPool>,
     vms: Mutex<HashMap<String, Arc<Vm>>>,
 }
@@ -62,10 +65,12 @@ impl VmmRuntime {
         println!("appliance: sandbox templates: {}", names.join(", "));
         let sandboxes_dir = config.data_dir.join("sandboxes");
         fs::create_dir_all(&sandboxes_dir).map_err(|e| format!("cannot create {}: {e}", sandboxes_dir.display()))?;
+        let consoles_dir = config.data_dir.join("consoles");
         let runtime = VmmRuntime {
             config,
             templates,
             sandboxes_dir,
+            consoles_dir,
             cids: Arc::new(CidPool::default()),
             vms: Mutex::new(HashMap::new()),
         };
@@ -83,18 +88,17 @@ impl VmmRuntime {
         for entry in entries.flatten() {
             let id = entry.file_name().to_string_lossy().into_owned();
             let dir = entry.path();
-            match vm::adopt(&dir, self.exit_reporter(&id)) {
-                Some(vm) => {
-                    println!("appliance: sandbox {id}: VMM pid {} still running; adopted (cid {})", vm.pid, vm.cid);
-                    self.cids.claim(vm.cid);
-                    if let Ok(mut vms) = self.vms.lock() {
-                        vms.insert(id, vm);
-                    }
+            if let Some(vm) = vm::adopt(&dir, self.exit_reporter(&id)) {
+                println!("appliance: sandbox {id}: VMM pid {} still running; adopted (cid {})", vm.pid, vm.cid);
+                self.cids.claim(vm.cid);
+                if let Ok(mut vms) = self.vms.lock() {
+                    vms.insert(id, vm);
                 }
-                None => {
-                    if let Err(e) = fs::remove_dir_all(&dir) {
-                        println!("appliance: cannot remove leftovers of sandbox {id}: {e}");
-                    }
+            } else {
+                // Its VMM ended while the appliance was down: keep what its guest printed.
+                self.keep_console(&id, &dir);
+                if let Err(e) = fs::remove_dir_all(&dir) {
+                    println!("appliance: cannot remove leftovers of sandbox {id}: {e}");
                 }
             }
         }
@@ -113,6 +117,13 @@ impl VmmRuntime {
         match vms.get(id) {
             Some(vm) if !vm.has_ended() => Ok(Arc::clone(vm)),
             _ => Err(RuntimeError::NotFound(format!("sandbox {id} is not running"))),
+        }
+    }
+
+    /// Keeps the tail of an ended sandbox's console before its directory goes.
+    fn keep_console(&self, id: &str, dir: &Path) {
+        if let Err(e) = console_keep::keep(&dir.join(vm::CONSOLE_LOG), &self.consoles_dir, id) {
+            println!("appliance: sandbox {id}: cannot keep its console log: {e}");
         }
     }
 
@@ -205,6 +216,7 @@ impl SandboxRuntime for VmmRuntime {
             return Err(RuntimeError::Failed(format!("sandbox {sandbox_id}: VMM pid {} did not die", vm.pid)));
         }
         self.cids.release(vm.cid);
+        self.keep_console(sandbox_id, &vm.dir);
         fs::remove_dir_all(&vm.dir)
             .map_err(|e| RuntimeError::Failed(format!("cannot remove {}: {e}", vm.dir.display())))
     }
@@ -242,6 +254,16 @@ impl SandboxRuntime for VmmRuntime {
         agent::attach(self.agent(sandbox_id)?, id).map_err(in_sandbox(sandbox_id))
     }
 
+    fn pty_start(&self, sandbox_id: &str, request: &PtyRequest) -> Result<String, RuntimeError> {
+        agent::pty_start(&mut self.agent(sandbox_id)?, request).map_err(in_sandbox(sandbox_id))
+    }
+
+    fn pty_resize(&self, sandbox_id: &str, session_id: &str, cols: u16, rows: u16) -> Result<(), RuntimeError> {
+        let id = agent::session_id(session_id)?;
+        let size = agent_protocol::WindowSize { cols, rows };
+        self.agent(sandbox_id)?.session_resize(id, size).map_err(agent::to_runtime).map_err(in_sandbox(sandbox_id))
+    }
+
     fn read_file(&self, sandbox_id: &str, path: &str) -> Result<Vec<u8>, RuntimeError> {
         self.agent(sandbox_id)?
             .read_file(path, agent::MAX_FILE)
@@ -268,6 +290,41 @@ impl SandboxRuntime for VmmRuntime {
 
     fn make_dir(&self, sandbox_id: &str, path: &str) -> Result<(), RuntimeError> {
         self.agent(sandbox_id)?.mkdir(path).map_err(agent::to_runtime).map_err(in_sandbox(sandbox_id))
+    }
+
+    fn stat_file(&self, sandbox_id: &str, path: &str) -> Result<FileInfo, RuntimeError> {
+        let st = self.agent(sandbox_id)?.stat(path).map_err(agent::to_runtime).map_err(in_sandbox(sandbox_id))?;
+        Ok(FileInfo {
+            name: st.name,
+            path: st.path,
+            is_dir: st.is_dir,
+            is_symlink: st.is_symlink,
+            size: st.size,
+            mode: st.mode,
+            modified_ms: st.modified_ms,
+        })
+    }
+
+    fn rename_file(&self, sandbox_id: &str, from: &str, to: &str) -> Result<(), RuntimeError> {
+        self.agent(sandbox_id)?.rename(from, to).map_err(agent::to_runtime).map_err(in_sandbox(sandbox_id))
+    }
+
+    fn console_tail(&self, sandbox_id: &str, max_bytes: u64) -> Result<Vec<u8>, RuntimeError> {
+        let max = max_bytes.min(console_keep::KEEP_BYTES);
+        let live = self.vms.lock().ok().and_then(|vms| vms.get(sandbox_id).map(|vm| vm.dir.join(vm::CONSOLE_LOG)));
+        let path = match live {
+            Some(path) => path,
+            None => console_keep::kept_path(&self.consoles_dir, sandbox_id)
+                .ok_or_else(|| RuntimeError::Invalid(format!("{sandbox_id:?} is not a sandbox id")))?,
+        };
+        console_keep::read_tail(&path, max)
+            .map_err(|e| RuntimeError::Failed(format!("cannot read the console log of sandbox {sandbox_id}: {e}")))
+    }
+
+    fn forget(&self, sandbox_id: &str) {
+        if let Err(e) = console_keep::forget(&self.consoles_dir, sandbox_id) {
+            println!("appliance: sandbox {sandbox_id}: cannot remove its kept console log: {e}");
+        }
     }
 
     fn memory_dump(&self, sandbox_id: &str) -> Result<(String, u64), RuntimeError> {

@@ -50,6 +50,10 @@ pub struct FakeSandbox {
     pub dirs: Vec<String>,
     pub sessions: Vec<ExecSessionInfo>,
     pub killed: Vec<(String, i32)>,
+    /// What the guest wrote to its console; kept after the sandbox stops, as the real runtime does.
+    pub console: Vec<u8>,
+    /// Terminals by session id: their size (cols, rows) and the shell asked for.
+    pub terminals: BTreeMap<String, ((u16, u16), Option<String>)>,
 }
 
 /// Disk size of every template of the runtime double.
@@ -67,6 +71,8 @@ pub struct FakeRuntime {
     pub boot_delay: Mutex<Duration>,
     /// How long every `exec_run` takes (a command that sleeps).
     pub exec_delay: Mutex<Duration>,
+    /// Sandboxes whose kept state (console log) the control plane dropped.
+    pub forgotten: Mutex<Vec<String>>,
 }
 
 impl FakeRuntime {
@@ -217,6 +223,7 @@ impl SandboxRuntime for FakeRuntime {
         let (stdin_tx, stdin_rx) = mpsc::channel::<Vec<u8>>();
         std::thread::spawn(move || {
             let _ = events_tx.send(ExecEvent::Stdout(b"ready\n".to_vec()));
+            let _ = events_tx.send(ExecEvent::ReplayEnd);
             while let Ok(chunk) = stdin_rx.recv() {
                 let text = String::from_utf8_lossy(&chunk).to_string();
                 if text.trim() == "exit" {
@@ -231,6 +238,34 @@ impl SandboxRuntime for FakeRuntime {
             }
         });
         Ok(ExecAttachment { events, stdin: Box::new(ChannelStdin(stdin_tx)) })
+    }
+    /// A terminal is listed like a session (as the agent lists it) and attached to like one.
+    fn pty_start(&self, id: &str, r: &PtyRequest) -> Result<String, RuntimeError> {
+        self.with_sandbox(id, |s| {
+            let sid = format!("session-{}", s.sessions.len() + 1);
+            s.sessions.push(ExecSessionInfo {
+                session_id: sid.clone(),
+                command_line: r.shell.clone().unwrap_or_else(|| "/bin/bash -l".into()),
+                running: true,
+                exit_code: None,
+            });
+            s.terminals.insert(sid.clone(), ((r.cols, r.rows), r.shell.clone()));
+            sid
+        })
+    }
+    fn pty_resize(&self, id: &str, sid: &str, cols: u16, rows: u16) -> Result<(), RuntimeError> {
+        self.with_sandbox(id, |s| {
+            let running = s.sessions.iter().find(|x| x.session_id == sid).map(|x| x.running);
+            match (running, s.terminals.get_mut(sid)) {
+                (None, _) => Err(RuntimeError::NotFound(format!("session {sid} not found"))),
+                (Some(false), _) => Err(RuntimeError::Conflict(format!("session {sid} has already ended"))),
+                (Some(true), None) => Err(RuntimeError::Conflict(format!("session {sid} has no terminal"))),
+                (Some(true), Some((size, _))) => {
+                    *size = (cols, rows);
+                    Ok(())
+                }
+            }
+        })?
     }
     fn read_file(&self, id: &str, path: &str) -> Result<Vec<u8>, RuntimeError> {
         self.with_sandbox(id, |s| s.files.get(path).cloned())?
@@ -270,6 +305,46 @@ impl SandboxRuntime for FakeRuntime {
     }
     fn make_dir(&self, id: &str, path: &str) -> Result<(), RuntimeError> {
         self.with_sandbox(id, |s| s.dirs.push(path.to_string()))
+    }
+    fn stat_file(&self, id: &str, path: &str) -> Result<FileInfo, RuntimeError> {
+        let found = self.with_sandbox(id, |s| {
+            let name = path.rsplit('/').next().unwrap_or_default().to_string();
+            let info = |is_dir: bool, size: u64| FileInfo {
+                name: name.clone(),
+                path: path.to_string(),
+                is_dir,
+                is_symlink: false,
+                size,
+                mode: if is_dir { 0o755 } else { 0o644 },
+                modified_ms: 1_700_000_000_000,
+            };
+            match s.files.get(path) {
+                Some(data) => Some(info(false, data.len() as u64)),
+                None => s.dirs.iter().any(|d| d == path).then(|| info(true, 0)),
+            }
+        })?;
+        found.ok_or_else(|| RuntimeError::NotFound(format!("{path}: no such file or directory")))
+    }
+    fn rename_file(&self, id: &str, from: &str, to: &str) -> Result<(), RuntimeError> {
+        self.with_sandbox(id, |s| match s.files.remove(from) {
+            Some(data) => {
+                s.files.insert(to.to_string(), data);
+                Ok(())
+            }
+            None => Err(RuntimeError::NotFound(format!("{from}: no such file or directory"))),
+        })?
+    }
+    fn console_tail(&self, id: &str, max_bytes: u64) -> Result<Vec<u8>, RuntimeError> {
+        let map = self.sandboxes.lock().expect("lock");
+        let s = map.get(id).ok_or_else(|| RuntimeError::NotFound(format!("sandbox {id} unknown")))?;
+        let start = s.console.len().saturating_sub(max_bytes as usize);
+        Ok(s.console[start..].to_vec())
+    }
+    fn forget(&self, id: &str) {
+        self.forgotten.lock().expect("lock").push(id.to_string());
+        if let Some(s) = self.sandboxes.lock().expect("lock").get_mut(id) {
+            s.console.clear();
+        }
     }
 }
 
@@ -490,9 +565,15 @@ impl Client {
 /// Asks to attach `ws` to exec session `sid` of sandbox `id` (admin key, RFC 6455's sample
 /// key) and returns the response head.
 pub fn websocket_handshake(ws: &mut TcpStream, id: &str, sid: &str) -> String {
+    websocket_open(ws, &format!("/api/sandboxes/{id}/exec/{sid}"), &format!("X-API-Key: {ADMIN_KEY}\r\n"))
+}
+
+/// Asks to open a WebSocket at `target` (path and query) with `headers` (each ending in CRLF)
+/// added to the handshake, and returns the response head.
+pub fn websocket_open(ws: &mut TcpStream, target: &str, headers: &str) -> String {
     let handshake = format!(
-        "GET /api/sandboxes/{id}/exec/{sid} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nX-API-Key: {ADMIN_KEY}\r\n\r\n"
+        "GET {target} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n"
     );
     ws.write_all(handshake.as_bytes()).expect("handshake");
     let mut response = Vec::new();

@@ -9,8 +9,8 @@
 
 use crate::frame::{self, FrameError};
 use crate::message::{
-    Command, DirEntry, EnvVars, ErrorCode, ExitStatus, FileStat, OutputStream, Power, Reply, Request, RunExit, RunSpec,
-    SessionInfo, SessionSpec, WriteSpec,
+    Command, DirEntry, EnvVars, ErrorCode, ExitStatus, FileStat, OutputStream, Power, PtySpec, Reply, Request, RunExit,
+    RunSpec, SessionInfo, SessionSpec, WindowSize, WriteSpec,
 };
 use crate::transport::Connection;
 use std::fmt;
@@ -114,6 +114,8 @@ pub enum AttachEvent {
         code: ErrorCode,
         message: String,
     },
+    /// The replay of output from before the attachment is over; what follows is live.
+    ReplayEnd,
     /// The session ended; nothing follows.
     Ended(ExitStatus),
 }
@@ -233,6 +235,22 @@ impl<C: Connection> AgentClient<C> {
             Reply::SessionStarted { id, pid } => Ok((id, pid)),
             other => Err(self.unexpected(other, "session start")),
         }
+    }
+
+    /// Starts a session on a pseudo-terminal; returns (session id, pid). It is listed, attached
+    /// to, written to and killed like any session.
+    pub fn pty_start(&mut self, spec: &PtySpec) -> Result<(u32, u32), AgentError> {
+        let mut call = self.quick_call("terminal start");
+        self.send(&Request::PtyStart(spec.clone()))?;
+        match self.recv(&mut call, None)? {
+            Reply::SessionStarted { id, pid } => Ok((id, pid)),
+            other => Err(self.unexpected(other, "terminal start")),
+        }
+    }
+
+    /// Sets the terminal size of a session started with `pty_start`.
+    pub fn session_resize(&mut self, id: u32, size: WindowSize) -> Result<(), AgentError> {
+        self.simple(&Request::SessionResize { id, size }, "session resize")
     }
 
     /// The agent's sessions; one frame, so at most `frame::MAX_PAYLOAD` bytes of them.
@@ -399,6 +417,11 @@ impl<C: Connection> AgentClient<C> {
 
     pub fn remove(&mut self, path: &str, recursive: bool) -> Result<(), AgentError> {
         self.simple(&Request::Remove { path: path.to_string(), recursive }, "remove")
+    }
+
+    /// Moves a file or directory within the sandbox (rename(2)).
+    pub fn rename(&mut self, from: &str, to: &str) -> Result<(), AgentError> {
+        self.simple(&Request::Rename { from: from.to_string(), to: to.to_string() }, "rename")
     }
 
     /// Sets and unsets variables for every later command and session.
@@ -696,6 +719,7 @@ impl<C: Connection> AttachReader<C> {
         }
         match self.client.recv_open_ended(idle)? {
             Reply::Output { stream, data } => Ok(AttachEvent::Output { stream, data }),
+            Reply::ReplayEnd => Ok(AttachEvent::ReplayEnd),
             Reply::SessionEnded(status) => {
                 self.ended = true;
                 Ok(AttachEvent::Ended(status))

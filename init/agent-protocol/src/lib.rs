@@ -21,6 +21,6 @@ pub const EGRESS_LISTEN: &str = "127.0.0.1:3128";
 
 pub use client::{AgentClient, AgentError, AttachEvent, ClientTimeouts, RunOutput};
 pub use message::{
-    Command, DirEntry, EnvVars, ErrorCode, ExitStatus, FileStat, OutputStream, Power, RunExit, RunSpec, SessionInfo,
-    SessionSpec, WriteSpec,
+    Command, DirEntry, EnvVars, ErrorCode, ExitStatus, FileStat, OutputStream, Power, PtySpec, RunExit, RunSpec,
+    SessionInfo, SessionSpec, WindowSize, WriteSpec, MAX_WINDOW_SIDE,
 };

@@ -45,6 +45,34 @@ pub struct SessionSpec {
     pub cwd: Option<String>,
 }
 
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowSize {
+    pub cols: u16,
+    pub rows: u16,
+}
+
+/// The largest side of a terminal either end accepts; 0 is never valid.
+pub const MAX_WINDOW_SIDE: u16 = 1000;
+
+impl WindowSize {
+    /// Both sides within 1..=`MAX_WINDOW_SIDE`.
+    pub fn is_valid(self) -> bool {
+        (1..=MAX_WINDOW_SIDE).contains(&self.cols) && (1..=MAX_WINDOW_SIDE).contains(&self.rows)
+    }
+}
+
+/// An interactive session: a session whose process runs on a pseudo-terminal instead of pipes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PtySpec {
+    /// None: the agent's login shell (`/bin/bash -l`, or `/bin/sh -l` without bash).
+    pub command: Option<Command>,
+    pub env: EnvVars,
+    /// None: the agent's home directory.
+    pub cwd: Option<String>,
+    pub size: WindowSize,
+}
+
 /// An atomic file replacement: the data follows in `Data` frames after the agent's `Ok`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WriteSpec {
@@ -215,6 +243,13 @@ pub enum Request {
         id: u32,
         data: Vec<u8>,
     },
+    /// Starts a session on a pseudo-terminal; answered like `SessionStart`.
+    PtyStart(PtySpec),
+    /// Sets the terminal size of a session started with `PtyStart`.
+    SessionResize {
+        id: u32,
+        size: WindowSize,
+    },
     /// `limit` 0 means no limit.
     FileRead {
         path: String,
@@ -233,6 +268,11 @@ pub enum Request {
     Remove {
         path: String,
         recursive: bool,
+    },
+    /// Moves a file or directory (rename(2): within one file system, replacing a file at `to`).
+    Rename {
+        from: String,
+        to: String,
     },
     SetEnv {
         set: EnvVars,
@@ -256,19 +296,42 @@ pub enum Request {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
     Ok,
-    Error { code: ErrorCode, message: String },
-    Pong { protocol: u8, agent_version: String },
-    Output { stream: OutputStream, data: Vec<u8> },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+    Pong {
+        protocol: u8,
+        agent_version: String,
+    },
+    Output {
+        stream: OutputStream,
+        data: Vec<u8>,
+    },
     Exited(RunExit),
-    SessionStarted { id: u32, pid: u32 },
+    SessionStarted {
+        id: u32,
+        pid: u32,
+    },
     Sessions(Vec<SessionInfo>),
     SessionEnded(ExitStatus),
     Data(Vec<u8>),
-    DataEnd { size: u64 },
-    DirEntries { entries: Vec<DirEntry>, more: bool },
+    DataEnd {
+        size: u64,
+    },
+    DirEntries {
+        entries: Vec<DirEntry>,
+        more: bool,
+    },
     Stat(FileStat),
-    CaInstalled { bundle_path: String },
-    Written { size: u64 },
+    CaInstalled {
+        bundle_path: String,
+    },
+    Written {
+        size: u64,
+    },
+    /// After an attach's replay of earlier output: what follows is live.
+    ReplayEnd,
 }
 
 mod kind {
@@ -288,6 +351,9 @@ mod kind {
     pub const SET_ENV: u8 = 0x0E;
     pub const INSTALL_CA: u8 = 0x0F;
     pub const POWER: u8 = 0x10;
+    pub const PTY_START: u8 = 0x11;
+    pub const SESSION_RESIZE: u8 = 0x12;
+    pub const RENAME: u8 = 0x1F;
     pub const DATA: u8 = 0x20;
     pub const DATA_END: u8 = 0x21;
     pub const STDIN: u8 = 0x22;
@@ -307,6 +373,7 @@ mod kind {
     pub const STAT: u8 = 0x8B;
     pub const CA_INSTALLED: u8 = 0x8C;
     pub const WRITTEN: u8 = 0x8D;
+    pub const REPLAY_END: u8 = 0x8E;
 }
 
 impl Request {
@@ -319,12 +386,15 @@ impl Request {
             Request::SessionKill { .. } => kind::SESSION_KILL,
             Request::SessionAttach { .. } => kind::SESSION_ATTACH,
             Request::SessionStdin { .. } => kind::SESSION_STDIN,
+            Request::PtyStart(_) => kind::PTY_START,
+            Request::SessionResize { .. } => kind::SESSION_RESIZE,
             Request::FileRead { .. } => kind::FILE_READ,
             Request::FileWrite(_) => kind::FILE_WRITE,
             Request::FileList { .. } => kind::FILE_LIST,
             Request::FileStat { .. } => kind::FILE_STAT,
             Request::Mkdir { .. } => kind::MKDIR,
             Request::Remove { .. } => kind::REMOVE,
+            Request::Rename { .. } => kind::RENAME,
             Request::SetEnv { .. } => kind::SET_ENV,
             Request::InstallCa { .. } => kind::INSTALL_CA,
             Request::Power(_) => kind::POWER,
@@ -345,12 +415,15 @@ impl Request {
             Request::SessionKill { .. } => "session-kill",
             Request::SessionAttach { .. } => "session-attach",
             Request::SessionStdin { .. } => "session-stdin",
+            Request::PtyStart(_) => "pty-start",
+            Request::SessionResize { .. } => "session-resize",
             Request::FileRead { .. } => "file-read",
             Request::FileWrite(_) => "file-write",
             Request::FileList { .. } => "file-list",
             Request::FileStat { .. } => "file-stat",
             Request::Mkdir { .. } => "mkdir",
             Request::Remove { .. } => "remove",
+            Request::Rename { .. } => "rename",
             Request::SetEnv { .. } => "set-env",
             Request::InstallCa { .. } => "install-ca",
             Request::Power(_) => "power",
@@ -387,6 +460,19 @@ impl Request {
                 e.u32(*id);
                 e.bytes(data);
             }
+            Request::PtyStart(spec) => {
+                match &spec.command {
+                    None => e.u8(0),
+                    Some(command) => encode_command(&mut e, command),
+                }
+                e.pairs(&spec.env.0);
+                e.opt_str(spec.cwd.as_deref());
+                encode_size(&mut e, spec.size);
+            }
+            Request::SessionResize { id, size } => {
+                e.u32(*id);
+                encode_size(&mut e, *size);
+            }
             Request::FileRead { path, limit } => {
                 e.str(path);
                 e.u64(*limit);
@@ -406,6 +492,10 @@ impl Request {
             Request::Remove { path, recursive } => {
                 e.str(path);
                 e.bool(*recursive);
+            }
+            Request::Rename { from, to } => {
+                e.str(from);
+                e.str(to);
             }
             Request::SetEnv { set, unset } => {
                 e.pairs(&set.0);
@@ -441,6 +531,17 @@ impl Request {
             kind::SESSION_KILL => Request::SessionKill { id: d.u32()?, signal: d.i32()? },
             kind::SESSION_ATTACH => Request::SessionAttach { id: d.u32()? },
             kind::SESSION_STDIN => Request::SessionStdin { id: d.u32()?, data: d.bytes()? },
+            kind::PTY_START => Request::PtyStart(PtySpec {
+                // Tag 0 is "absent"; 1 and 2 are the command tags themselves.
+                command: match d.u8()? {
+                    0 => None,
+                    tag => Some(decode_command_body(&mut d, tag)?),
+                },
+                env: EnvVars(d.pairs()?),
+                cwd: d.opt_string()?,
+                size: decode_size(&mut d)?,
+            }),
+            kind::SESSION_RESIZE => Request::SessionResize { id: d.u32()?, size: decode_size(&mut d)? },
             kind::FILE_READ => Request::FileRead { path: d.string()?, limit: d.u64()? },
             kind::FILE_WRITE => {
                 let path = d.string()?;
@@ -455,6 +556,7 @@ impl Request {
             kind::FILE_STAT => Request::FileStat { path: d.string()? },
             kind::MKDIR => Request::Mkdir { path: d.string()? },
             kind::REMOVE => Request::Remove { path: d.string()?, recursive: d.bool()? },
+            kind::RENAME => Request::Rename { from: d.string()?, to: d.string()? },
             kind::SET_ENV => Request::SetEnv { set: EnvVars(d.pairs()?), unset: d.strings()? },
             kind::INSTALL_CA => Request::InstallCa { pem: d.bytes()? },
             kind::POWER => Request::Power(match d.u8()? {
@@ -490,6 +592,7 @@ impl Reply {
             Reply::Stat(_) => kind::STAT,
             Reply::CaInstalled { .. } => kind::CA_INSTALLED,
             Reply::Written { .. } => kind::WRITTEN,
+            Reply::ReplayEnd => kind::REPLAY_END,
         }
     }
 
@@ -500,7 +603,7 @@ impl Reply {
     pub fn to_frame(&self) -> Result<Vec<u8>, frame::FrameError> {
         let mut e = Encoder::with_reserved(frame::HEADER_LEN);
         match self {
-            Reply::Ok => {}
+            Reply::Ok | Reply::ReplayEnd => {}
             Reply::Error { code, message } => {
                 e.u16(code.to_u16());
                 e.str(message);
@@ -629,6 +732,7 @@ impl Reply {
             }),
             kind::CA_INSTALLED => Reply::CaInstalled { bundle_path: d.string()? },
             kind::WRITTEN => Reply::Written { size: d.u64()? },
+            kind::REPLAY_END => Reply::ReplayEnd,
             other => return Err(DecodeError(format!("unknown reply kind 0x{other:02x}"))),
         };
         d.finish()?;
@@ -650,11 +754,26 @@ fn encode_command(e: &mut Encoder, command: &Command) {
 }
 
 fn decode_command(d: &mut Decoder) -> Result<Command, DecodeError> {
-    match d.u8()? {
+    let tag = d.u8()?;
+    decode_command_body(d, tag)
+}
+
+fn decode_command_body(d: &mut Decoder, tag: u8) -> Result<Command, DecodeError> {
+    match tag {
         1 => Ok(Command::Shell(d.string()?)),
         2 => Ok(Command::Argv(d.strings()?)),
         other => Err(DecodeError(format!("invalid command tag {other}"))),
     }
+}
+
+/// Columns then rows. Any value decodes; the agent checks the range.
+fn encode_size(e: &mut Encoder, size: WindowSize) {
+    e.u16(size.cols);
+    e.u16(size.rows);
+}
+
+fn decode_size(d: &mut Decoder) -> Result<WindowSize, DecodeError> {
+    Ok(WindowSize { cols: d.u16()?, rows: d.u16()? })
 }
 
 fn encode_status(e: &mut Encoder, status: ExitStatus) {
@@ -721,6 +840,25 @@ mod tests {
             Request::SessionKill { id: 3, signal: 15 },
             Request::SessionAttach { id: u32::MAX },
             Request::SessionStdin { id: 1, data: vec![0, 1, 2] },
+            Request::PtyStart(PtySpec {
+                command: None,
+                env: EnvVars(vec![("TERM".into(), "vt100".into())]),
+                cwd: Some("/srv".into()),
+                size: WindowSize { cols: 80, rows: 24 },
+            }),
+            Request::PtyStart(PtySpec {
+                command: Some(Command::Argv(vec!["/bin/zsh".into()])),
+                env: EnvVars::default(),
+                cwd: None,
+                size: WindowSize { cols: 1000, rows: 1 },
+            }),
+            Request::PtyStart(PtySpec {
+                command: Some(Command::Shell("top".into())),
+                env: EnvVars::default(),
+                cwd: None,
+                size: WindowSize { cols: 0, rows: u16::MAX },
+            }),
+            Request::SessionResize { id: 7, size: WindowSize { cols: 120, rows: 40 } },
             Request::FileRead { path: "/etc/hostname".into(), limit: 99 },
             Request::FileWrite(WriteSpec { path: "a/b".into(), mode: Some(0o755), create_parents: true }),
             Request::FileWrite(WriteSpec { path: "x".into(), mode: None, create_parents: false }),
@@ -728,6 +866,7 @@ mod tests {
             Request::FileStat { path: "/x".into() },
             Request::Mkdir { path: "/a/b/c".into() },
             Request::Remove { path: "/a".into(), recursive: true },
+            Request::Rename { from: "/a/b".into(), to: "c d".into() },
             Request::SetEnv { set: EnvVars(vec![("K".into(), "v".into())]), unset: vec!["OLD".into()] },
             Request::InstallCa { pem: b"-----BEGIN CERTIFICATE-----".to_vec() },
             Request::Power(Power::Off),
@@ -776,6 +915,7 @@ mod tests {
             }),
             Reply::CaInstalled { bundle_path: "/etc/ssl/x.crt".into() },
             Reply::Written { size: 10 },
+            Reply::ReplayEnd,
         ]
     }
 
@@ -822,6 +962,66 @@ mod tests {
         assert!(Request::decode(0x7F, &[]).is_err());
         assert!(Reply::decode(0x01, &[]).is_err());
         assert!(Request::decode(kind::OK, &[]).is_err());
+    }
+
+    #[test]
+    fn terminal_requests_with_bad_tags_or_trailing_bytes_are_errors() {
+        let start = Request::PtyStart(PtySpec {
+            command: None,
+            env: EnvVars::default(),
+            cwd: None,
+            size: WindowSize { cols: 80, rows: 24 },
+        });
+        let bytes = start.to_frame().unwrap();
+        let mut payload = bytes[frame::HEADER_LEN..].to_vec();
+        // Layout: command tag (0 = login shell), env count, cwd tag, cols, rows.
+        assert_eq!(payload, [0, 0, 0, 0, 0, 0, 0, 0x50, 0, 0x18]);
+        payload[0] = 3;
+        let err = Request::decode(kind::PTY_START, &payload).unwrap_err();
+        assert!(err.0.contains("command tag"), "{err}");
+        payload[0] = 0;
+        payload.push(0);
+        assert!(Request::decode(kind::PTY_START, &payload).is_err(), "trailing byte");
+
+        let resize = Request::SessionResize { id: 1, size: WindowSize { cols: 120, rows: 40 } };
+        let mut payload = resize.to_frame().unwrap()[frame::HEADER_LEN..].to_vec();
+        assert_eq!(payload, [0, 0, 0, 1, 0, 120, 0, 40]);
+        payload.push(9);
+        assert!(Request::decode(kind::SESSION_RESIZE, &payload).is_err(), "trailing byte");
+    }
+
+    #[test]
+    fn window_sizes_are_valid_only_within_the_limit() {
+        assert!(WindowSize { cols: 80, rows: 24 }.is_valid());
+        assert!(WindowSize { cols: MAX_WINDOW_SIDE, rows: 1 }.is_valid());
+        assert!(!WindowSize { cols: 0, rows: 24 }.is_valid());
+        assert!(!WindowSize { cols: 80, rows: 0 }.is_valid());
+        assert!(!WindowSize { cols: MAX_WINDOW_SIDE + 1, rows: 24 }.is_valid());
+    }
+
+    /// Garbage of every length for every kind: decoding fails or succeeds, never panics, and
+    /// whatever decodes encodes back to the same payload.
+    #[test]
+    fn garbage_payloads_never_panic_and_what_decodes_round_trips() {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for kind in 0..=u8::MAX {
+            for len in 0..48 {
+                // Small values make valid tags, counts and lengths likely enough to go deep.
+                let payload: Vec<u8> = (0..len).map(|_| (next() % 5) as u8).collect();
+                if let Ok(request) = Request::decode(kind, &payload) {
+                    assert_eq!(&request.to_frame().unwrap()[frame::HEADER_LEN..], &payload[..], "{request:?}");
+                }
+                if let Ok(reply) = Reply::decode(kind, &payload) {
+                    assert_eq!(&reply.to_frame().unwrap()[frame::HEADER_LEN..], &payload[..], "{reply:?}");
+                }
+            }
+        }
     }
 
     #[test]

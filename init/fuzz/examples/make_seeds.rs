@@ -4,7 +4,8 @@
 
 use agent_protocol::message::{Reply, Request};
 use agent_protocol::{
-    Command, DirEntry, EnvVars, ErrorCode, ExitStatus, FileStat, OutputStream, RunExit, RunSpec, SessionInfo, WriteSpec,
+    Command, DirEntry, EnvVars, ErrorCode, ExitStatus, FileStat, OutputStream, PtySpec, RunExit, RunSpec, SessionInfo,
+    WindowSize, WriteSpec,
 };
 use boot_disk::gpt::{Gpt, Guid, Partition, ESP_TYPE, LINUX_FS_TYPE};
 use init::sys::net::dhcp::frame::{broadcast_datagram, CLIENT_PORT, SERVER_PORT};
@@ -44,6 +45,13 @@ fn agent() {
         Request::FileWrite(WriteSpec { path: "/a".into(), mode: Some(0o600), create_parents: true }),
         Request::SetEnv { set: EnvVars(vec![("K".into(), "v".into())]), unset: vec!["OLD".into()] },
         Request::SessionStdin { id: 1, data: b"x\n".to_vec() },
+        Request::PtyStart(PtySpec {
+            command: None,
+            env: EnvVars(vec![("TERM".into(), "vt100".into())]),
+            cwd: Some("/tmp".into()),
+            size: WindowSize { cols: 80, rows: 24 },
+        }),
+        Request::SessionResize { id: 1, size: WindowSize { cols: 120, rows: 40 } },
     ];
     let replies = [
         Reply::error(ErrorCode::NotFound, "no such file"),

@@ -1,15 +1,18 @@
-//! Starting one command in its own process group and following it: its output is read as it
-//! comes, and its exit is seen through a pidfd, so one poll loop waits for both without a
-//! helper thread and without touching any other child of the agent.
+//! Starting one command in its own process group (with pipes, or on a pseudo-terminal) and
+//! following it: its output is read as it comes, and its exit is seen through a pidfd, so one
+//! poll loop waits for both without a helper thread and without touching any other child of
+//! the agent.
 
 use super::error::OpError;
+use super::pty;
 use crate::sys::process::kill_group;
-use agent_protocol::{Command, ExitStatus, OutputStream};
+use agent_protocol::{Command, ExitStatus, OutputStream, WindowSize};
+use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
-use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 /// Once the main process has exited, pipes are drained for at most this long: background
@@ -20,9 +23,12 @@ const READ_CHUNK: usize = 64 * 1024;
 /// A running command.
 pub struct Spawned {
     pub child: Child,
-    pub stdin: Option<ChildStdin>,
-    stdout: Option<ChildStdout>,
-    stderr: Option<ChildStderr>,
+    /// The command's input: a pipe, or the terminal's master side.
+    pub stdin: Option<File>,
+    /// The terminal's master side (for resizing), when the command runs on one.
+    pub terminal: Option<File>,
+    stdout: Option<File>,
+    stderr: Option<File>,
     pidfd: OwnedFd,
 }
 
@@ -47,6 +53,69 @@ pub fn describe(command: &Command) -> String {
 
 /// Starts `command` in a new process group with exactly `env`, in `cwd`.
 pub fn spawn(command: &Command, env: &[(String, String)], cwd: &Path, with_stdin: bool) -> Result<Spawned, OpError> {
+    let mut cmd = prepare(command, env, cwd)?;
+    // SAFETY: the hook runs in the child between fork and exec and only calls sigemptyset and
+    // pthread_sigmask on a local set, both async-signal-safe.
+    unsafe { cmd.pre_exec(crate::sys::process::unblock_all_signals) };
+    cmd.process_group(0)
+        .stdin(if with_stdin { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let (mut child, pidfd) = start(cmd, command)?;
+    let stdout = child.stdout.take().map(|p| File::from(OwnedFd::from(p)));
+    let stderr = child.stderr.take().map(|p| File::from(OwnedFd::from(p)));
+    for pipe in stdout.iter().chain(stderr.iter()) {
+        if let Err(e) = crate::sys::process::set_nonblocking(pipe.as_raw_fd()) {
+            abandon(&mut child);
+            return Err(OpError::io("output pipe", &e));
+        }
+    }
+    let stdin = child.stdin.take().map(|p| File::from(OwnedFd::from(p)));
+    Ok(Spawned { child, stdin, terminal: None, stdout, stderr, pidfd })
+}
+
+/// Starts `command` on a new pseudo-terminal of `size`: it leads a new session with the
+/// terminal as its controlling terminal, stdin, stdout and stderr. Everything the terminal
+/// prints arrives as stdout; `stdin` and `terminal` are the master side.
+pub fn spawn_terminal(
+    command: &Command,
+    env: &[(String, String)],
+    cwd: &Path,
+    size: WindowSize,
+) -> Result<Spawned, OpError> {
+    let mut cmd = prepare(command, env, cwd)?;
+    let pty::Terminal { master, slave } =
+        pty::open(size).map_err(|e| OpError::io("cannot open a pseudo-terminal", &e))?;
+    let copies = slave.try_clone().and_then(|a| Ok((a, slave.try_clone()?)));
+    let (stdin, stdout) = copies.map_err(|e| OpError::io("terminal slave", &e))?;
+    cmd.stdin(Stdio::from(stdin)).stdout(Stdio::from(stdout)).stderr(Stdio::from(slave));
+    // SAFETY: the hook runs in the child between fork and exec (after std has put the slave on
+    // fds 0-2) and only makes async-signal-safe calls: sigemptyset, pthread_sigmask, setsid,
+    // ioctl.
+    unsafe {
+        cmd.pre_exec(|| {
+            crate::sys::process::unblock_all_signals()?;
+            pty::take_as_controlling_terminal()
+        })
+    };
+    // `start` drops `cmd` and with it the agent's copies of the slave, so reading the master
+    // ends once the command and whatever it started have closed theirs.
+    let (mut child, pidfd) = start(cmd, command)?;
+    let halves = crate::sys::process::set_nonblocking(master.as_raw_fd())
+        .and_then(|()| Ok((master.try_clone()?, master.try_clone()?)));
+    let (output, input) = match halves {
+        Ok(halves) => halves,
+        Err(e) => {
+            abandon(&mut child);
+            return Err(OpError::io("terminal master", &e));
+        }
+    };
+    Ok(Spawned { child, stdin: Some(input), terminal: Some(master), stdout: Some(output), stderr: None, pidfd })
+}
+
+/// The command with its program checked for NUL bytes, `cwd` checked to be a directory, and
+/// exactly `env`; stdio and the child-side hook are the caller's.
+fn prepare(command: &Command, env: &[(String, String)], cwd: &Path) -> Result<std::process::Command, OpError> {
     let mut cmd = match command {
         Command::Shell(line) => {
             if line.contains('\0') {
@@ -79,47 +148,37 @@ pub fn spawn(command: &Command, env: &[(String, String)], cwd: &Path, with_stdin
         Err(e) => return Err(OpError::io(format!("working directory {}", cwd.display()), &e)),
     }
     // std keeps the caller's signal mask across exec; a command must not start with signals
-    // blocked (PID 1 blocks the ones it reads from a signalfd, and the mask is inherited).
-    // SAFETY: the hook runs in the child between fork and exec and only calls sigemptyset and
-    // pthread_sigmask on a local set, both async-signal-safe.
-    unsafe { cmd.pre_exec(crate::sys::process::unblock_all_signals) };
-    cmd.env_clear()
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .current_dir(cwd)
-        .process_group(0)
-        .stdin(if with_stdin { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|e| {
+    // blocked (PID 1 blocks the ones it reads from a signalfd, and the mask is inherited), so
+    // every caller's pre_exec hook unblocks them.
+    cmd.env_clear().envs(env.iter().map(|(k, v)| (k, v))).current_dir(cwd);
+    Ok(cmd)
+}
+
+/// Spawns `cmd` (dropping it, and with it the parent's copies of the child's stdio) and opens
+/// a pidfd for the child.
+fn start(mut cmd: std::process::Command, command: &Command) -> Result<(Child, OwnedFd), OpError> {
+    let spawned = cmd.spawn();
+    drop(cmd);
+    let mut child = spawned.map_err(|e| {
         let program = match command {
             Command::Shell(_) => "/bin/sh",
             Command::Argv(argv) => argv[0].as_str(),
         };
         OpError::io(format!("cannot start {program}"), &e)
     })?;
-    let pidfd = match pidfd_open(child.id()) {
-        Ok(fd) => fd,
+    match pidfd_open(child.id()) {
+        Ok(fd) => Ok((child, fd)),
         Err(e) => {
-            let _ = kill_group(child.id() as libc::pid_t, libc::SIGKILL);
-            let _ = child.wait();
-            return Err(OpError::io("pidfd_open", &e));
-        }
-    };
-    let stdout = child.stdout.take();
-    let stderr = child.stderr.take();
-    for fd in
-        [stdout.as_ref().map(std::os::fd::AsRawFd::as_raw_fd), stderr.as_ref().map(std::os::fd::AsRawFd::as_raw_fd)]
-            .into_iter()
-            .flatten()
-    {
-        if let Err(e) = crate::sys::process::set_nonblocking(fd) {
-            let _ = kill_group(child.id() as libc::pid_t, libc::SIGKILL);
-            let _ = child.wait();
-            return Err(OpError::io("output pipe", &e));
+            abandon(&mut child);
+            Err(OpError::io("pidfd_open", &e))
         }
     }
-    let stdin = child.stdin.take();
-    Ok(Spawned { child, stdin, stdout, stderr, pidfd })
+}
+
+/// Kills a child that cannot be followed, and reaps it.
+fn abandon(child: &mut Child) {
+    let _ = kill_group(child.id() as libc::pid_t, libc::SIGKILL);
+    let _ = child.wait();
 }
 
 fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {

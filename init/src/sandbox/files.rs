@@ -221,6 +221,17 @@ pub fn remove(path: &Path, recursive: bool) -> Result<(), OpError> {
     result.map_err(|e| OpError::io(path.display(), &e))
 }
 
+/// Moves `from` to `to` in one step (rename(2)): a file at `to` is replaced, a directory at `to`
+/// only when empty; neither end may be `/`. Missing parents of `to` are not created.
+pub fn rename(from: &Path, to: &Path) -> Result<(), OpError> {
+    if from == Path::new("/") || to == Path::new("/") {
+        return Err(OpError::bad_request("refusing to move / or onto /"));
+    }
+    // Checked first so a missing source is reported as such, not as a problem with `to`.
+    fs::symlink_metadata(from).map_err(|e| OpError::io(from.display(), &e))?;
+    fs::rename(from, to).map_err(|e| OpError::io(to.display(), &e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,6 +14,7 @@ mod grow_root;
 mod loopback;
 mod paths;
 mod pid1;
+mod pty;
 mod server;
 mod sessions;
 

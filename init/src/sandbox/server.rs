@@ -174,6 +174,10 @@ fn dispatch<C: Connection>(shared: &Shared, conn: &mut C, request: Request) -> i
         Request::SessionStart(spec) => {
             shared.sessions.start(&spec, &shared.env, home).map(|(id, pid)| Reply::SessionStarted { id, pid })
         }
+        Request::PtyStart(spec) => {
+            shared.sessions.start_terminal(&spec, &shared.env, home).map(|(id, pid)| Reply::SessionStarted { id, pid })
+        }
+        Request::SessionResize { id, size } => shared.sessions.resize(id, size).map(|()| Reply::Ok),
         Request::SessionList => Ok(Reply::Sessions(shared.sessions.list())),
         Request::SessionKill { id, signal } => shared.sessions.kill(id, signal).map(|()| Reply::Ok),
         Request::SessionStdin { id, data } => shared.sessions.write_stdin(id, &data).map(|()| Reply::Ok),
@@ -186,6 +190,9 @@ fn dispatch<C: Connection>(shared: &Shared, conn: &mut C, request: Request) -> i
         Request::Remove { path, recursive } => {
             paths::resolve(&path, home).and_then(|p| files::remove(&p, recursive)).map(|()| Reply::Ok)
         }
+        Request::Rename { from, to } => paths::resolve(&from, home)
+            .and_then(|f| paths::resolve(&to, home).and_then(|t| files::rename(&f, &t)))
+            .map(|()| Reply::Ok),
         Request::SetEnv { set, unset } => shared.env.update(&set.0, &unset).map(|()| Reply::Ok),
         Request::InstallCa { pem } => install_ca(shared, &pem),
         Request::Power(action) => return power(shared, conn, action),
@@ -334,6 +341,7 @@ fn attach<C: Connection>(shared: &Shared, conn: &mut C, id: u32) -> io::Result<F
     for (stream, data) in &subscription.replay {
         send(conn, &Reply::Output { stream: *stream, data: data.clone() })?;
     }
+    send(conn, &Reply::ReplayEnd)?;
     if let Some(status) = subscription.ended {
         send(conn, &Reply::SessionEnded(status))?;
         return Ok(Flow::Close);

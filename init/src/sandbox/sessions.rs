@@ -1,17 +1,18 @@
-//! Background sessions: commands that outlive the request that started them. Each has a pump
-//! thread that reads its output into a bounded backlog and passes it to attached clients; a
-//! client that attaches late gets the backlog first, then live output, then the exit status.
+//! Background sessions: commands that outlive the request that started them, with pipes or on a
+//! pseudo-terminal (interactive terminals). Each has a pump thread that reads its output into a
+//! bounded backlog and passes it to attached clients; a client that attaches late gets the
+//! backlog first, then live output, then the exit status.
 
 use super::child::{self, Spawned};
 use super::env::EnvStore;
 use super::error::OpError;
-use super::paths;
-use agent_protocol::{ErrorCode, ExitStatus, OutputStream, SessionInfo, SessionSpec};
+use super::{paths, pty};
+use agent_protocol::{Command, ErrorCode, ExitStatus, OutputStream, PtySpec, SessionInfo, SessionSpec, WindowSize};
 use std::collections::{BTreeMap, VecDeque};
+use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
-use std::path::Path;
-use std::process::ChildStdin;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -48,7 +49,11 @@ pub struct Session {
     id: u32,
     pid: u32,
     command: String,
-    stdin: Mutex<Option<ChildStdin>>,
+    /// Whether it runs on a pseudo-terminal (it then leads its own session of processes).
+    on_terminal: bool,
+    /// The terminal's master side, for resizing; closed when the session ends.
+    terminal: Mutex<Option<File>>,
+    stdin: Mutex<Option<File>>,
     state: Mutex<State>,
     next_subscriber: AtomicU64,
 }
@@ -81,17 +86,38 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Sessions {
     pub fn start(&self, spec: &SessionSpec, env: &EnvStore, home: &Path) -> Result<(u32, u32), OpError> {
-        let cwd = match &spec.cwd {
-            Some(dir) => paths::resolve(dir, home)?,
-            None => home.to_path_buf(),
-        };
+        let cwd = working_dir(spec.cwd.as_deref(), home)?;
         let vars = env.for_command(home, &spec.env.0)?;
+        self.launch(&spec.command, false, || child::spawn(&spec.command, &vars, &cwd, true))
+    }
+
+    /// Starts an interactive session on a pseudo-terminal (a login shell unless the spec names
+    /// a command), with `TERM` set for it unless the request sets its own.
+    pub fn start_terminal(&self, spec: &PtySpec, env: &EnvStore, home: &Path) -> Result<(u32, u32), OpError> {
+        check_size(spec.size)?;
+        let command = spec.command.clone().unwrap_or_else(pty::login_shell);
+        let cwd = working_dir(spec.cwd.as_deref(), home)?;
+        let mut vars = env.for_command(home, &spec.env.0)?;
+        if !spec.env.0.iter().any(|(name, _)| name == "TERM") {
+            vars.retain(|(name, _)| name != "TERM");
+            vars.push(("TERM".into(), pty::TERM.into()));
+        }
+        self.launch(&command, true, || child::spawn_terminal(&command, &vars, &cwd, spec.size))
+    }
+
+    /// Registers a session whose process `spawn` starts, within the running-session limit.
+    fn launch(
+        &self,
+        command: &Command,
+        on_terminal: bool,
+        spawn: impl FnOnce() -> Result<Spawned, OpError>,
+    ) -> Result<(u32, u32), OpError> {
         let mut table = lock(&self.table);
         let running = table.values().filter(|s| lock(&s.state).exit.is_none()).count();
         if running >= MAX_RUNNING {
             return Err(OpError::new(ErrorCode::Busy, format!("{MAX_RUNNING} sessions are already running")));
         }
-        let mut process = child::spawn(&spec.command, &vars, &cwd, true)?;
+        let mut process = spawn()?;
         if let Some(stdin) = &process.stdin {
             if let Err(e) = crate::sys::process::set_nonblocking(stdin.as_raw_fd()) {
                 let _ = process.kill_and_reap();
@@ -102,7 +128,9 @@ impl Sessions {
         let session = Arc::new(Session {
             id,
             pid: process.pid(),
-            command: child::describe(&spec.command),
+            command: child::describe(command),
+            on_terminal,
+            terminal: Mutex::new(process.terminal.take()),
             stdin: Mutex::new(process.stdin.take()),
             state: Mutex::new(State::default()),
             next_subscriber: AtomicU64::new(0),
@@ -118,6 +146,20 @@ impl Sessions {
         table.insert(id, Arc::clone(&session));
         prune_ended(&mut table);
         Ok((id, session.pid))
+    }
+
+    /// Sets the terminal size of a session started with `start_terminal`.
+    pub fn resize(&self, id: u32, size: WindowSize) -> Result<(), OpError> {
+        check_size(size)?;
+        let session = self.get(id)?;
+        let terminal = lock(&session.terminal);
+        match terminal.as_ref() {
+            Some(master) => pty::set_size(master, size).map_err(|e| OpError::io(format!("resize session {id}"), &e)),
+            None if session.on_terminal => {
+                Err(OpError::new(ErrorCode::Conflict, format!("session {id} has already ended")))
+            }
+            None => Err(OpError::new(ErrorCode::Conflict, format!("session {id} has no terminal"))),
+        }
     }
 
     pub fn list(&self) -> Vec<SessionInfo> {
@@ -143,8 +185,13 @@ impl Sessions {
         if state.exit.is_some() {
             return Err(OpError::new(ErrorCode::Conflict, format!("session {id} has already ended")));
         }
-        crate::sys::process::kill_group(session.pid as libc::pid_t, signal)
-            .map_err(|e| OpError::io(format!("signal session {id}"), &e))
+        let pid = session.pid as libc::pid_t;
+        // A shell with job control runs each job in a process group of its own: a terminal's
+        // signal goes to every process of its session (the shell's group included).
+        if session.on_terminal && crate::sys::process::kill_session(pid, signal) > 0 {
+            return Ok(());
+        }
+        crate::sys::process::kill_group(pid, signal).map_err(|e| OpError::io(format!("signal session {id}"), &e))
     }
 
     pub fn write_stdin(&self, id: u32, data: &[u8]) -> Result<(), OpError> {
@@ -166,6 +213,25 @@ impl Sessions {
         };
         drop(state);
         Ok(Subscription { replay, ended, events: rx, injector: tx, session, subscriber })
+    }
+}
+
+fn working_dir(cwd: Option<&str>, home: &Path) -> Result<PathBuf, OpError> {
+    match cwd {
+        Some(dir) => paths::resolve(dir, home),
+        None => Ok(home.to_path_buf()),
+    }
+}
+
+fn check_size(size: WindowSize) -> Result<(), OpError> {
+    if size.is_valid() {
+        Ok(())
+    } else {
+        let max = agent_protocol::MAX_WINDOW_SIDE;
+        Err(OpError::bad_request(format!(
+            "terminal size {}x{} is outside 1x1 to {max}x{max} (columns x rows)",
+            size.cols, size.rows
+        )))
     }
 }
 
@@ -213,6 +279,11 @@ impl Session {
         *lock(&self.stdin) = None;
     }
 
+    /// Closes the agent's last handles on the session's terminal, if it has one.
+    fn close_terminal(&self) {
+        *lock(&self.terminal) = None;
+    }
+
     fn publish(&self, stream: OutputStream, data: &[u8]) {
         let subscribers = {
             let mut state = lock(&self.state);
@@ -246,6 +317,7 @@ impl Session {
             std::mem::take(&mut state.subscribers)
         };
         self.close_stdin();
+        self.close_terminal();
         for (_, tx) in subscribers {
             let _ = tx.send(Event::Ended(status));
         }

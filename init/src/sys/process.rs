@@ -92,6 +92,19 @@ pub fn kill_group(pgid: libc::pid_t, signal: libc::c_int) -> io::Result<()> {
     check(ret, || format!("kill(-{pgid}, {signal})")).map(|_| ())
 }
 
+/// Sends `signal` to every process of session `sid` (a terminal's shell and all its jobs, in
+/// whatever process groups they run); returns how many were signalled. The caller keeps the
+/// session leader unreaped, so no unrelated session can have this id meanwhile.
+pub fn kill_session(sid: libc::pid_t, signal: libc::c_int) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<libc::pid_t>().ok())
+        // SAFETY: getsid and kill take plain integers.
+        .filter(|&pid| unsafe { libc::getsid(pid) } == sid && unsafe { libc::kill(pid, signal) } == 0)
+        .count()
+}
+
 /// Sends `signal` to every process except PID 1 itself (kill(-1, ...)).
 pub fn kill_everything(signal: libc::c_int) {
     // SAFETY: kill(2) with plain integers; -1 means all processes we may signal except init.

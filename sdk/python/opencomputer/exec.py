@@ -2,7 +2,8 @@
 session's output over the appliance's WebSocket stream.
 
 Stream messages start with one byte naming their kind: 0x00 stdin (client to server),
-0x01 stdout, 0x02 stderr, 0x03 exit (a signed 32-bit big-endian exit code).
+0x01 stdout, 0x02 stderr, 0x03 exit (a signed 32-bit big-endian exit code), 0x04 the end of
+the replay of output written before attaching (nothing to do here: it is skipped).
 """
 
 from __future__ import annotations

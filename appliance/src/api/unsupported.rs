@@ -1,0 +1,180 @@
+//! Routes today's OpenComputer clients call that this appliance cannot honour. Each answers
+//! `501 {"error": "<why>"}` whatever its method, never a silent success, so a client fails
+//! loudly at the call instead of believing a sandbox was hibernated or checkpointed. Paths
+//! that no client calls stay unmatched (404).
+
+/// A feature of the hosted service the appliance does not have, named by the route(s) that ask
+/// for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unsupported {
+    Hibernate,
+    Wake,
+    Reboot,
+    PowerCycle,
+    Scale,
+    Autoscale,
+    ScalingLock,
+    Checkpoints,
+    Checkpoint,
+    CheckpointRestore,
+    FromCheckpoint,
+    CheckpointPatches,
+    CheckpointPatch,
+    Preview,
+    PreviewPort,
+    PreviewRotate,
+    Agent,
+    AgentSession,
+    Mounts,
+    SandboxUsage,
+    SandboxTags,
+    Usage,
+    Tags,
+    Snapshots,
+    Snapshot,
+    Templates,
+    Template,
+    Webhooks,
+    SignedUrl,
+    SignedTransfer,
+}
+
+/// Which unsupported feature the path segments after `/api/` ask for, if any.
+pub fn feature(s: &[&str]) -> Option<Unsupported> {
+    use Unsupported as U;
+    Some(match s {
+        ["sandboxes", "from-checkpoint", _] => U::FromCheckpoint,
+        ["sandboxes", "checkpoints", _, "patches"] => U::CheckpointPatches,
+        ["sandboxes", "checkpoints", _, "patches", _] => U::CheckpointPatch,
+        ["sandboxes", _, "hibernate"] => U::Hibernate,
+        ["sandboxes", _, "wake"] => U::Wake,
+        ["sandboxes", _, "reboot"] => U::Reboot,
+        ["sandboxes", _, "power-cycle"] => U::PowerCycle,
+        ["sandboxes", _, "scale"] => U::Scale,
+        ["sandboxes", _, "autoscale"] => U::Autoscale,
+        ["sandboxes", _, "scaling-lock"] => U::ScalingLock,
+        ["sandboxes", _, "checkpoints"] => U::Checkpoints,
+        ["sandboxes", _, "checkpoints", _] => U::Checkpoint,
+        ["sandboxes", _, "checkpoints", _, "restore"] => U::CheckpointRestore,
+        ["sandboxes", _, "preview"] => U::Preview,
+        ["sandboxes", _, "preview", "rotate"] => U::PreviewRotate,
+        ["sandboxes", _, "preview", _] => U::PreviewPort,
+        ["sandboxes", _, "agent"] => U::Agent,
+        ["sandboxes", _, "agent", _] | ["sandboxes", _, "agent", _, "kill" | "prompt" | "interrupt"] => U::AgentSession,
+        ["sandboxes", _, "mounts"] => U::Mounts,
+        ["sandboxes", _, "files", "download-url" | "upload-url"] => U::SignedUrl,
+        ["sandboxes", _, "files", "download" | "upload"] => U::SignedTransfer,
+        ["sandboxes", _, "usage"] => U::SandboxUsage,
+        ["sandboxes", _, "tags"] => U::SandboxTags,
+        ["usage"] => U::Usage,
+        ["tags"] => U::Tags,
+        ["snapshots"] => U::Snapshots,
+        ["snapshots", ..] => U::Snapshot,
+        ["templates"] => U::Templates,
+        ["templates", _] => U::Template,
+        ["webhooks", ..] => U::Webhooks,
+        _ => return None,
+    })
+}
+
+impl Unsupported {
+    /// Route pattern, used as the metrics label.
+    pub fn label(self) -> &'static str {
+        use Unsupported as U;
+        match self {
+            U::Hibernate => "/api/sandboxes/{id}/hibernate",
+            U::Wake => "/api/sandboxes/{id}/wake",
+            U::Reboot => "/api/sandboxes/{id}/reboot",
+            U::PowerCycle => "/api/sandboxes/{id}/power-cycle",
+            U::Scale => "/api/sandboxes/{id}/scale",
+            U::Autoscale => "/api/sandboxes/{id}/autoscale",
+            U::ScalingLock => "/api/sandboxes/{id}/scaling-lock",
+            U::Checkpoints => "/api/sandboxes/{id}/checkpoints",
+            U::Checkpoint => "/api/sandboxes/{id}/checkpoints/{checkpointId}",
+            U::CheckpointRestore => "/api/sandboxes/{id}/checkpoints/{checkpointId}/restore",
+            U::FromCheckpoint => "/api/sandboxes/from-checkpoint/{checkpointId}",
+            U::CheckpointPatches => "/api/sandboxes/checkpoints/{checkpointId}/patches",
+            U::CheckpointPatch => "/api/sandboxes/checkpoints/{checkpointId}/patches/{patchId}",
+            U::Preview => "/api/sandboxes/{id}/preview",
+            U::PreviewPort => "/api/sandboxes/{id}/preview/{port}",
+            U::PreviewRotate => "/api/sandboxes/{id}/preview/rotate",
+            U::Agent => "/api/sandboxes/{id}/agent",
+            U::AgentSession => "/api/sandboxes/{id}/agent/{sid}",
+            U::Mounts => "/api/sandboxes/{id}/mounts",
+            U::SandboxUsage => "/api/sandboxes/{id}/usage",
+            U::SandboxTags => "/api/sandboxes/{id}/tags",
+            U::Usage => "/api/usage",
+            U::Tags => "/api/tags",
+            U::Snapshots => "/api/snapshots",
+            U::Snapshot => "/api/snapshots/{name}",
+            U::Templates => "/api/templates",
+            U::Template => "/api/templates/{name}",
+            U::Webhooks => "/api/webhooks",
+            U::SignedUrl => "/api/sandboxes/{id}/files/{download-url,upload-url}",
+            U::SignedTransfer => "/api/sandboxes/{id}/files/{download,upload}",
+        }
+    }
+
+    /// Why the appliance cannot do it, as the 501 answer says.
+    pub fn reason(self) -> &'static str {
+        use Unsupported as U;
+        match self {
+            U::Hibernate | U::Wake => {
+                "this appliance cannot hibernate or wake sandboxes: it does not snapshot guest memory yet; a sandbox runs until it is deleted or its timeout stops it"
+            }
+            U::Reboot | U::PowerCycle => {
+                "this appliance cannot restart a sandbox in place: the environment given at create is held only by the running guest, so a restarted guest would come back without it; delete the sandbox and create a new one"
+            }
+            U::Scale | U::Autoscale | U::ScalingLock => {
+                "this appliance does not resize running sandboxes: a sandbox keeps the cpuCount and memoryMB it was created with"
+            }
+            U::Checkpoints
+            | U::Checkpoint
+            | U::CheckpointRestore
+            | U::FromCheckpoint
+            | U::CheckpointPatches
+            | U::CheckpointPatch => {
+                "this appliance has no checkpoints: it does not snapshot sandboxes yet, so none can be taken, listed, restored or patched"
+            }
+            U::Preview | U::PreviewPort | U::PreviewRotate => {
+                "this appliance has no preview URLs: sandboxes have no network device and nothing outside reaches their ports"
+            }
+            U::Agent | U::AgentSession => {
+                "this appliance does not run hosted agent sessions; run the agent yourself with exec"
+            }
+            U::Mounts => {
+                "this appliance does not mount remote file systems into sandboxes: their only way out is the egress proxy"
+            }
+            U::SandboxUsage | U::Usage => "this appliance does not meter usage; /metrics has its resource gauges",
+            U::SandboxTags | U::Tags => {
+                "this appliance has no sandbox tags; give metadata at create and filter GET /api/sandboxes with ?metadata="
+            }
+            U::Snapshots | U::Snapshot => {
+                "this appliance does not build images: sandboxes boot from the templates shipped in its image"
+            }
+            U::Templates | U::Template => {
+                "this appliance does not build or manage templates: sandboxes boot from the templates shipped in its image"
+            }
+            U::Webhooks => "this appliance sends no webhooks",
+            U::SignedUrl | U::SignedTransfer => {
+                "this appliance does not sign file URLs yet; read and write files with GET and PUT /api/sandboxes/{id}/files?path= and an API key"
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_paths_map_to_features() {
+        assert_eq!(feature(&["sandboxes", "s1", "hibernate"]), Some(Unsupported::Hibernate));
+        assert_eq!(feature(&["sandboxes", "s1", "preview", "rotate"]), Some(Unsupported::PreviewRotate));
+        assert_eq!(feature(&["sandboxes", "s1", "preview", "3000"]), Some(Unsupported::PreviewPort));
+        assert_eq!(feature(&["sandboxes", "from-checkpoint", "c1"]), Some(Unsupported::FromCheckpoint));
+        assert_eq!(feature(&["sandboxes", "checkpoints", "c1", "patches", "p"]), Some(Unsupported::CheckpointPatch));
+        assert_eq!(feature(&["sandboxes", "s1", "nothing"]), None);
+        assert_eq!(feature(&["projects"]), None);
+    }
+}
