@@ -26,8 +26,21 @@ use std::path::{Path, PathBuf};
 const MIB: u64 = 1 << 20;
 /// The ESP holds two unified kernel images (A/B) plus slack; never below this.
 const ESP_MIN: u64 = 64 * MIB;
-/// System partitions leave room for the templates to grow a little in later versions.
+/// A system partition is the system ext4 plus a quarter (`slot_size`), rounded up to this: room
+/// for later versions' templates, because an installed appliance's partitions never move and an
+/// upgrade's system ext4 must fit the slot its first image made. Measured (Debian 12, 2026-12-04):
+/// with base alone, stored uncompressed, the system ext4 was 388.5 MiB (271 MiB allocated), slots
+/// 512 MiB; base, python and node uncompressed would need 1379.8 MiB, slots 1728 MiB, which no
+/// appliance installed with 512 MiB slots could take as an upgrade. Stored zstd-compressed
+/// (system_disk.rs, level 9: 73.7, 82.3 and 114.1 MiB) they make a system ext4 of 367.8 MiB
+/// (278.6 MiB allocated), 144 MiB inside `FIRST_SLOT_SIZE`, and slots of 512 MiB again: the
+/// same partition layout as the first images. The raw image is 1100 MiB (291 MiB allocated).
 const SYSTEM_ROUND: u64 = 64 * MIB;
+/// The system slots of the first disk images (base alone, stored uncompressed). An installed
+/// appliance's partitions never move, so as long as such appliances are in service every
+/// image's system ext4 must fit this for them to take it as an upgrade
+/// (appliance/src/upgrade/install.rs); the build warns when it does not (`first_slots_warning`).
+pub const FIRST_SLOT_SIZE: u64 = 512 * MIB;
 /// The operator configuration file's name on the ESP.
 pub const CONFIG_FILE: &str = layout::CONFIG_FILE;
 /// Its content as shipped: every setting documented and commented out.
@@ -129,7 +142,10 @@ pub fn build(artifacts: &Artifacts, options: &DiskOptions) -> Result<DiskImage> 
 
     let step = Step::start("disk image");
     let system_size = size_of(&artifacts.system_disk)?;
-    let slot_size = round_up(system_size + system_size / 4, SYSTEM_ROUND);
+    let slot_size = slot_size(system_size);
+    if let Some(warning) = first_slots_warning(system_size) {
+        eprintln!("[image] WARNING: {warning}");
+    }
     let identity = identity_hash(&uki_path, &artifacts.system_disk)?;
     let table = plan(&identity, esp_size, slot_size)?;
     let disk_sectors = table.end_of_partitions() + gpt::ALIGN;
@@ -262,6 +278,24 @@ fn size_of(path: &Path) -> Result<u64> {
     Ok(std::fs::metadata(path).ctx(|| format!("stat {}", path.display()))?.len())
 }
 
+/// Why appliances installed from the first images cannot take this one as an upgrade, if they
+/// cannot: its system ext4 is larger than their system slots (`FIRST_SLOT_SIZE`).
+pub fn first_slots_warning(system_size: u64) -> Option<String> {
+    (system_size > FIRST_SLOT_SIZE).then(|| {
+        format!(
+            "the system ext4 ({}) is larger than the system slots of the first disk images ({}): \
+             appliances installed from those refuse this image as an upgrade",
+            fmt_size(system_size),
+            fmt_size(FIRST_SLOT_SIZE)
+        )
+    })
+}
+
+/// The size of each system partition (A and B) for a system ext4 of `system_size` bytes.
+pub fn slot_size(system_size: u64) -> u64 {
+    round_up(system_size + system_size / 4, SYSTEM_ROUND)
+}
+
 fn round_up(value: u64, to: u64) -> u64 {
     value.div_ceil(to) * to
 }
@@ -296,5 +330,24 @@ mod tests {
         assert_eq!(parts[1].sectors(), parts[2].sectors());
         assert_eq!(parts[0].type_guid, gpt::ESP_TYPE);
         a.validate(a.end_of_partitions() + ALIGN).expect("fits with 1 MiB for the backup table");
+    }
+
+    #[test]
+    fn system_slots_leave_a_quarter_for_later_versions() {
+        // The measured system ext4 sizes of SYSTEM_ROUND's comment: base alone, base, python
+        // and node uncompressed, and the three compressed.
+        assert_eq!(slot_size(407_422_976), 512 * MIB);
+        assert_eq!(slot_size(1_446_785_024), 1728 * MIB);
+        assert_eq!(slot_size(385_673_216), 512 * MIB);
+        assert_eq!(slot_size(SYSTEM_ROUND), 128 * MIB);
+    }
+
+    #[test]
+    fn the_build_warns_when_the_first_images_slots_cannot_take_the_system_ext4() {
+        assert_eq!(first_slots_warning(385_673_216), None, "the three templates, compressed");
+        assert_eq!(first_slots_warning(FIRST_SLOT_SIZE), None);
+        let warning = first_slots_warning(1_446_785_024).expect("uncompressed, they did not fit");
+        assert!(warning.contains("(1379.8 MiB)") && warning.contains("(512.0 MiB)"), "{warning}");
+        assert!(warning.contains("refuse this image as an upgrade"), "{warning}");
     }
 }

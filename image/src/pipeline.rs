@@ -129,8 +129,8 @@ pub fn build_versioned(variant: Variant, version: &str) -> Result<Artifacts> {
         Variant::Bench => bins.push(("qemu-test", "oc-bench")),
     }
     let built = workspace::build(&bins)?;
-    let base = template::build_base(&built[0])?;
-    let system_disk = system_disk::build(std::slice::from_ref(&base))?;
+    let templates = template::build_all(&built[0])?;
+    let system_disk = system_disk::build(&templates)?;
 
     // The image trusts upgrades signed by the key that signs it (see signing.rs).
     let signing_key = crate::signing::SigningKey::load()?;
@@ -173,6 +173,8 @@ pub fn build_versioned(variant: Variant, version: &str) -> Result<Artifacts> {
         signing_key.public_hex()
     );
     tree.bytes(crate::signing::TRUSTED_KEYS_PATH, trusted, 0o644)?;
+    // Debian's CA bundle is the same in every template; base's is taken.
+    let base = templates.iter().find(|t| t.name == template::BASE.name).ok_or_else(|| err!("no base template"))?;
     tree.host_file(CA_ROOTS_PATH, &base.ca_bundle, 0o644)?;
     tree.dir(SYSTEM_MOUNT)?;
     tree.bytes("/etc/hostname", "opencomputer\n", 0o644)?;
@@ -200,11 +202,10 @@ pub fn build_versioned(variant: Variant, version: &str) -> Result<Artifacts> {
         variant,
         appliance_kernel: format!("{} ({})", kernel.version, kernel.package),
         guest_kernel: format!("linux-source {} with image/guest-kernel.config", guest.source_version),
-        templates: vec![TemplateInfo {
-            name: base.name.to_string(),
-            id: base.id.clone(),
-            packages: base.installed_packages()?,
-        }],
+        templates: templates
+            .iter()
+            .map(|t| Ok(TemplateInfo { name: t.name.to_string(), id: t.id.clone(), packages: t.installed_packages()? }))
+            .collect::<Result<_>>()?,
     };
     Ok(Artifacts {
         kernel: vmlinuz,

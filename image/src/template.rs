@@ -1,25 +1,98 @@
 //! Sandbox templates: root filesystems built from Debian packages with mmdebstrap, with our
 //! sandbox init and agent installed, packed as ext4 disk images that the appliance clones
-//! copy-on-write for each sandbox.
+//! copy-on-write for each sandbox. The image ships `base`, `python` and `node` (`TEMPLATES`);
+//! each root filesystem and each disk is a cache entry keyed by a hash of its inputs.
 
 use crate::cache::{self, Entry};
 use crate::error::{Context, Result};
 use crate::ext4;
 use crate::host::{self, run_quiet, tool};
-use crate::progress::{fmt_size, Outcome, Step};
+use crate::progress::{fmt_duration, fmt_size, Outcome, Step};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Instant;
 
-/// The `base` template (alias `default`).
+/// What every template installs (the `base` template, alias `default`, is just this).
 pub const BASE_PACKAGES: &[&str] = &["bash", "coreutils", "curl", "ca-certificates", "python3", "git", "procps"];
 pub const SUITE: &str = "bookworm";
 /// Where the sandbox PID 1 lives inside every template.
 pub const SANDBOX_INIT_PATH: &str = "/sbin/oc-init";
-/// Size of the template disk (sparse): what a sandbox can grow its root filesystem to.
+/// Size of a template disk (sparse): what a sandbox can grow its root filesystem to.
 const DISK_SIZE: &str = "2G";
-/// Fixed filesystem identity, so the same inputs give the same image.
-const FS_UUID: &str = "5a1db0c5-0c0c-4e1e-9b2a-0a7c0ffee000";
-const HASH_SEED: &str = "0c0ffee0-5a1d-4b0c-8e3a-5eed00000000";
+
+/// One sandbox template: its name (the API's `templateID`), the Debian packages it installs
+/// beyond `BASE_PACKAGES`, and the fixed identity of its ext4 filesystem, so the same inputs
+/// give the same disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TemplateSpec {
+    pub name: &'static str,
+    pub extra_packages: &'static [&'static str],
+    pub fs_uuid: &'static str,
+    pub hash_seed: &'static str,
+}
+
+/// Debian's minimal userland with bash, curl, git and Python.
+pub const BASE: TemplateSpec = TemplateSpec {
+    name: "base",
+    extra_packages: &[],
+    fs_uuid: "5a1db0c5-0c0c-4e1e-9b2a-0a7c0ffee000",
+    hash_seed: "0c0ffee0-5a1d-4b0c-8e3a-5eed00000000",
+};
+/// `base` plus pip and venv (`python3 -m venv` needs python3-venv's ensurepip wheels).
+pub const PYTHON: TemplateSpec = TemplateSpec {
+    name: "python",
+    extra_packages: &["python3-pip", "python3-venv"],
+    fs_uuid: "5a1db0c5-0c0c-4e1e-9b2a-0a7c0ffee002",
+    hash_seed: "0c0ffee0-5a1d-4b0c-8e3a-5eed00000002",
+};
+/// `base` plus Debian's Node.js and npm (npm brings node-gyp and with it gcc and make).
+pub const NODE: TemplateSpec = TemplateSpec {
+    name: "node",
+    extra_packages: &["nodejs", "npm"],
+    fs_uuid: "5a1db0c5-0c0c-4e1e-9b2a-0a7c0ffee003",
+    hash_seed: "0c0ffee0-5a1d-4b0c-8e3a-5eed00000003",
+};
+/// Every template the image ships (the system disk's `...001` identity is taken).
+pub const TEMPLATES: &[TemplateSpec] = &[BASE, PYTHON, NODE];
+
+impl TemplateSpec {
+    /// Everything mmdebstrap installs beyond minbase, as its `--include=` takes it.
+    pub fn packages(&self) -> String {
+        let all: Vec<&str> = BASE_PACKAGES.iter().chain(self.extra_packages).copied().collect();
+        all.join(",")
+    }
+
+    /// The disk's file name in its cache entry (the system disk names it the same).
+    fn disk_file(&self) -> String {
+        format!("{}.ext4", self.name)
+    }
+
+    /// The root filesystem's cache key: the Debian inputs only (for `base` the same key as
+    /// before templates had specs, so a warm cache keeps its root filesystem).
+    pub fn rootfs_key(&self) -> String {
+        cache::key(&[
+            ("suite", SUITE.as_bytes()),
+            ("packages", self.packages().as_bytes()),
+            ("recipe", b"minbase, SOURCE_DATE_EPOCH, v2"),
+        ])
+    }
+
+    /// The disk's cache key, which is also the template's id on the system disk: the root
+    /// filesystem, the sandbox init, the disk size and the filesystem identity.
+    pub fn disk_key(&self, rootfs_key: &str, init: &[u8]) -> String {
+        cache::key(&[
+            ("rootfs", rootfs_key.as_bytes()),
+            ("init", init),
+            ("size", DISK_SIZE.as_bytes()),
+            ("name", self.name.as_bytes()),
+            ("uuid", self.fs_uuid.as_bytes()),
+            ("hash seed", self.hash_seed.as_bytes()),
+            ("recipe", b"ext4 v4"),
+        ])
+    }
+}
+
 const CA_BUNDLE_FILE: &str = "ca-certificates.crt";
 /// Files mmdebstrap copies from the build host (or leaves out) that a sandbox gets its own
 /// version of: a sandbox resolves no names itself (its traffic goes through the appliance's
@@ -64,20 +137,25 @@ pub fn parse_dpkg_status(status: &str) -> Vec<(String, String)> {
     packages
 }
 
-/// Builds (or takes from the cache) the `base` template with `sandbox_init` installed.
-pub fn build_base(sandbox_init: &Path) -> Result<Template> {
-    let step = Step::start("template base");
+/// Builds (or takes from the cache) every template of `TEMPLATES` with `sandbox_init`
+/// installed, in that order (`base` first).
+pub fn build_all(sandbox_init: &Path) -> Result<Vec<Template>> {
     host::ensure(&[tool("mmdebstrap", "mmdebstrap"), tool("mkfs.ext4", "e2fsprogs")])?;
-    let packages = BASE_PACKAGES.join(",");
-    let rootfs_key = cache::key(&[
-        ("suite", SUITE.as_bytes()),
-        ("packages", packages.as_bytes()),
-        ("recipe", b"minbase, SOURCE_DATE_EPOCH, v2"),
-    ]);
-    let rootfs = Entry::new("rootfs-base", &rootfs_key);
-    let mut outcome = Outcome::Cached;
+    let init_bytes = std::fs::read(sandbox_init).ctx(|| format!("read {}", sandbox_init.display()))?;
+    TEMPLATES.iter().map(|spec| build(spec, sandbox_init, &init_bytes)).collect()
+}
+
+/// Builds (or takes from the cache) one template: its root filesystem (mmdebstrap), then its
+/// ext4 disk with the sandbox init (`init_bytes` is the content of `sandbox_init`).
+fn build(spec: &TemplateSpec, sandbox_init: &Path, init_bytes: &[u8]) -> Result<Template> {
+    let step = Step::start(format!("template {}", spec.name));
+    let packages = spec.packages();
+    let rootfs_key = spec.rootfs_key();
+    let rootfs = Entry::new(&format!("rootfs-{}", spec.name), &rootfs_key);
+    let mut done = Vec::new();
     if !rootfs.is_complete() {
         step.note(&format!("mmdebstrap {SUITE} with {packages} (a few minutes)"));
+        let started = Instant::now();
         rootfs.fill(|dir| {
             run_quiet(
                 Command::new("mmdebstrap")
@@ -89,36 +167,42 @@ pub fn build_base(sandbox_init: &Path) -> Result<Template> {
             )
             .map(|_| ())
         })?;
-        outcome = Outcome::Built;
+        done.push(format!("mmdebstrap {}", fmt_duration(started.elapsed())));
     }
-    let init_bytes = std::fs::read(sandbox_init).ctx(|| format!("read {}", sandbox_init.display()))?;
-    let disk_key = cache::key(&[
-        ("rootfs", rootfs_key.as_bytes()),
-        ("init", &init_bytes),
-        ("size", DISK_SIZE.as_bytes()),
-        ("recipe", b"ext4 v4"),
-    ]);
-    let disk = Entry::new("template-base", &disk_key);
+    let disk_key = spec.disk_key(&rootfs_key, init_bytes);
+    let disk = Entry::new(&format!("template-{}", spec.name), &disk_key);
     if !disk.is_complete() {
-        disk.fill(|dir| pack(&rootfs.path("rootfs.tar"), sandbox_init, dir))?;
-        outcome = Outcome::Built;
+        step.note("packing the ext4 disk");
+        let started = Instant::now();
+        disk.fill(|dir| pack(spec, &rootfs.path("rootfs.tar"), sandbox_init, dir))?;
+        done.push(format!("ext4 {}", fmt_duration(started.elapsed())));
     }
     let template = Template {
-        name: "base",
-        disk: disk.path("base.ext4"),
+        name: spec.name,
+        disk: disk.path(&spec.disk_file()),
         id: disk_key,
         ca_bundle: disk.path(CA_BUNDLE_FILE),
         rootfs_tar: rootfs.path("rootfs.tar"),
     };
-    let used = std::fs::metadata(rootfs.path("rootfs.tar")).map_or(0, |m| m.len());
-    step.finish(outcome, &format!("{} of files in a {DISK_SIZE} sparse ext4 disk", fmt_size(used)));
+    let files = std::fs::metadata(&template.rootfs_tar).map_or(0, |m| m.len());
+    let allocated = std::fs::metadata(&template.disk).map_or(0, |m| m.blocks() * 512);
+    let outcome = if done.is_empty() { Outcome::Cached } else { Outcome::Built };
+    let timings = if done.is_empty() { String::new() } else { format!(" ({})", done.join(", ")) };
+    step.finish(
+        outcome,
+        &format!(
+            "{} of files, {} allocated in a {DISK_SIZE} sparse ext4 disk{timings}",
+            fmt_size(files),
+            fmt_size(allocated)
+        ),
+    );
     Ok(template)
 }
 
 /// Unpacks the root filesystem, installs the sandbox init, makes the ext4 image and keeps a
 /// copy of the CA roots bundle beside it.
-fn pack(rootfs_tar: &Path, sandbox_init: &Path, dir: &Path) -> Result<()> {
-    let out = dir.join("base.ext4");
+fn pack(spec: &TemplateSpec, rootfs_tar: &Path, sandbox_init: &Path, dir: &Path) -> Result<()> {
+    let out = dir.join(spec.disk_file());
     let staging = dir.join("staging");
     std::fs::create_dir_all(&staging).ctx(|| format!("create {}", staging.display()))?;
     run_quiet(Command::new("tar").arg("-xpf").arg(rootfs_tar).arg("-C").arg(&staging).arg("--numeric-owner"))?;
@@ -136,7 +220,7 @@ fn pack(rootfs_tar: &Path, sandbox_init: &Path, dir: &Path) -> Result<()> {
     run_quiet(Command::new("chmod").arg("0755").arg(&init_target))?;
     let roots = staging.join("etc/ssl/certs/ca-certificates.crt");
     std::fs::copy(&roots, dir.join(CA_BUNDLE_FILE)).ctx(|| format!("copy {}", roots.display()))?;
-    let identity = ext4::Identity { label: "base", uuid: FS_UUID, hash_seed: HASH_SEED };
+    let identity = ext4::Identity { label: spec.name, uuid: spec.fs_uuid, hash_seed: spec.hash_seed };
     ext4::from_dir(&staging, &out, DISK_SIZE, &identity, &[], newest)?;
     Ok(())
 }
@@ -154,5 +238,50 @@ mod tests {
             parse_dpkg_status(status),
             vec![("apt".to_string(), "2.6.1".to_string()), ("bash".to_string(), "5.2.15-2+b2".to_string())]
         );
+    }
+
+    #[test]
+    fn the_image_ships_base_python_and_node_each_with_its_own_identity() {
+        let names: Vec<&str> = TEMPLATES.iter().map(|t| t.name).collect();
+        assert_eq!(names, ["base", "python", "node"], "base first: the CA bundle comes from it");
+        assert_eq!(BASE.packages(), BASE_PACKAGES.join(","));
+        assert!(PYTHON.packages().ends_with(",python3,git,procps,python3-pip,python3-venv"));
+        assert!(NODE.packages().ends_with(",procps,nodejs,npm"));
+        for (i, a) in TEMPLATES.iter().enumerate() {
+            // The name is the disk's file name on the system disk and its ext4 label (<= 16 bytes).
+            assert!(a.name.len() <= 16 && a.name.bytes().all(|b| b.is_ascii_lowercase()), "{}", a.name);
+            assert!(a.packages().starts_with(&BASE_PACKAGES.join(",")), "{} extends base", a.name);
+            for b in &TEMPLATES[i + 1..] {
+                assert_ne!(a.name, b.name);
+                assert_ne!(a.fs_uuid, b.fs_uuid, "{} and {}", a.name, b.name);
+                assert_ne!(a.hash_seed, b.hash_seed, "{} and {}", a.name, b.name);
+            }
+            // The system disk has its own identity.
+            assert!(!a.fs_uuid.ends_with("ffee001") && !a.hash_seed.ends_with("00000001"), "{}", a.name);
+        }
+    }
+
+    #[test]
+    fn cache_keys_differ_per_template_and_follow_their_inputs() {
+        // base's root filesystem keeps the key it had before there were specs.
+        let before = cache::key(&[
+            ("suite", b"bookworm"),
+            ("packages", b"bash,coreutils,curl,ca-certificates,python3,git,procps"),
+            ("recipe", b"minbase, SOURCE_DATE_EPOCH, v2"),
+        ]);
+        assert_eq!(BASE.rootfs_key(), before);
+        let rootfs: Vec<String> = TEMPLATES.iter().map(TemplateSpec::rootfs_key).collect();
+        let disks: Vec<String> = TEMPLATES.iter().map(|t| t.disk_key(&t.rootfs_key(), b"init")).collect();
+        for keys in [&rootfs, &disks] {
+            let mut unique = keys.clone();
+            unique.sort();
+            unique.dedup();
+            assert_eq!(unique.len(), TEMPLATES.len(), "{keys:?}");
+        }
+        // A disk's key (its id on the system disk) follows the sandbox init and its template,
+        // even for one root filesystem.
+        assert_ne!(PYTHON.disk_key("r", b"init"), PYTHON.disk_key("r", b"other init"));
+        assert_ne!(PYTHON.disk_key("r", b"init"), NODE.disk_key("r", b"init"));
+        assert_eq!(NODE.disk_key("r", b"init"), NODE.disk_key("r", b"init"));
     }
 }

@@ -172,6 +172,9 @@ mod tests {
         let too_many: Vec<String> = (0..=MAX_HOST_PATTERNS).map(|i| format!("h{i}.example")).collect();
         assert!(host_list("allowedHosts", &too_many).unwrap_err().message.contains("more than 256"));
         assert!(template("../etc").is_err());
+        for name in ["base", "default", "python", "node"] {
+            assert!(template(name).is_ok(), "{name}");
+        }
     }
 
     #[test]
