@@ -67,6 +67,15 @@ struct Handoff {
 }
 
 impl TlsChoice {
+    /// The URL scheme clients reach the API with.
+    pub fn scheme(&self) -> &'static str {
+        if matches!(self, TlsChoice::Plain) {
+            "http"
+        } else {
+            "https"
+        }
+    }
+
     /// The choice in init's handoff file; `Generated` when there is none (the operator set nothing).
     pub fn from_handoff(path: &Path) -> Result<TlsChoice, String> {
         let text = match std::fs::read_to_string(path) {

@@ -35,4 +35,7 @@ pub struct App {
     /// This process is the appliance's system service under oc-init (PID 1), which reboots or
     /// powers off the machine when asked (`/api/system/reboot`, `/api/system/poweroff`).
     pub power_control: bool,
+    /// `https` or `http`: how clients reach the API (the front's TLS, or plain where the operator
+    /// turned it on); the origin of signed file URLs is this and the request's `Host`.
+    pub api_scheme: &'static str,
 }

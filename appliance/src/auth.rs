@@ -30,7 +30,22 @@ pub enum Caller {
     Operator,
     /// A project key: the sandboxes and secrets of its projects.
     Project(ProjectKeyRecord),
+    /// No key: a signed file URL (`url_signing`), checked already. It grants its one operation
+    /// on its one sandbox (`api::scope` refuses it everything else).
+    SignedUrl(SignedGrant),
 }
+
+/// What a verified signed URL grants: one transfer on one sandbox (the path is in the query the
+/// signature was checked against, and the file routes read it from there).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedGrant {
+    /// Canonical (validated) sandbox id.
+    pub sandbox_id: String,
+    pub transfer: crate::url_signing::Transfer,
+}
+
+/// How the audit trail names a request authorised by a signed URL (never the signature).
+pub const SIGNED_URL_KEY_ID: &str = "signed-url";
 
 impl Caller {
     /// The key's id as the audit trail and logs name it (never the key).
@@ -38,6 +53,7 @@ impl Caller {
         match self {
             Self::Operator => ADMIN_KEY_ID,
             Self::Project(key) => &key.id,
+            Self::SignedUrl(_) => SIGNED_URL_KEY_ID,
         }
     }
 }

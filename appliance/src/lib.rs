@@ -37,5 +37,6 @@ pub mod session_book;
 pub mod signals;
 pub mod store;
 pub mod upgrade;
+pub mod url_signing;
 pub mod vmm_runtime;
 pub mod websocket;

@@ -135,6 +135,7 @@ pub fn start(config: &ServeConfig, side: SandboxSide) -> Result<Running, String>
         log_requests: config.log_requests,
         upgrades: crate::upgrade::Upgrades::new(&config.data_dir, trusted_upgrade_keys(config)?),
         power_control: config.power_control,
+        api_scheme: config.tls.scheme(),
     });
     crate::sandbox_ops::reconcile_after_start(&app).map_err(|e| e.message)?;
     let reaper_stop = Arc::new(AtomicBool::new(false));
@@ -156,8 +157,7 @@ pub fn start(config: &ServeConfig, side: SandboxSide) -> Result<Running, String>
         config.connections,
         tls.map(|t| t.server),
     )?;
-    let scheme = if matches!(config.tls, TlsChoice::Plain) { "http" } else { "https" };
-    println!("appliance: listening on {scheme}://{}", http.addr());
+    println!("appliance: listening on {}://{}", config.tls.scheme(), http.addr());
     Ok(Running { app, http, reaper_stop, reaper, _lock: lock })
 }
 

@@ -229,9 +229,6 @@ fn routes_the_appliance_cannot_honour_answer_501_and_unknown_ones_404() {
         ("GET", "/api/snapshots".to_string()),
         ("GET", "/api/templates".to_string()),
         ("GET", "/api/webhooks".to_string()),
-        ("POST", format!("/api/sandboxes/{id}/files/download-url")),
-        ("POST", format!("/api/sandboxes/{id}/files/upload-url")),
-        ("GET", format!("/api/sandboxes/{id}/files/download?path=/x&expires=1&signature=00")),
     ];
     for (method, path) in &unsupported {
         let (status, err) = c.call(method, path, "{}");

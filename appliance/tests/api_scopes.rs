@@ -136,6 +136,16 @@ fn rows(f: &Fixture) -> Vec<Row> {
             Allowed,
             403,
         ),
+        // Signed file URLs: signing is a use of the sandbox; a key without a signature may use the
+        // signed routes as plain file routes, in its scope.
+        ("POST", format!("/api/sandboxes/{sb}/files/download-url"), r#"{"path":"/tmp/x"}"#.into(), Exactly(200), 403),
+        ("POST", format!("/api/sandboxes/{sb}/files/upload-url"), r#"{"path":"/tmp/x"}"#.into(), Exactly(200), 403),
+        ("POST", format!("/api/sandboxes/{sa}/files/download-url"), r#"{"path":"/tmp/x"}"#.into(), Exactly(200), 200),
+        ("POST", format!("/api/sandboxes/{sa}/files/upload-url"), r#"{"path":"/tmp/x"}"#.into(), Exactly(200), 200),
+        ("PUT", format!("/api/sandboxes/{sb}/files/upload?path=/tmp/x"), "data".into(), Exactly(204), 403),
+        ("GET", format!("/api/sandboxes/{sb}/files/download?path=/tmp/x"), String::new(), Exactly(200), 403),
+        ("PUT", format!("/api/sandboxes/{sa}/files/upload?path=/tmp/y"), "data".into(), Exactly(204), 204),
+        ("GET", format!("/api/sandboxes/{sa}/files/download?path=/tmp/y"), String::new(), Exactly(200), 200),
         ("GET", format!("/api/sandboxes/{sb}/logs"), String::new(), Exactly(200), 403),
         ("GET", format!("/api/sandboxes/{sa}/logs"), String::new(), Exactly(200), 200),
         ("GET", format!("/api/sandboxes/{sb}/allowed-hosts"), String::new(), Exactly(200), 403),

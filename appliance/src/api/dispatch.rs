@@ -7,7 +7,9 @@ use std::time::Instant;
 use serde_json::json;
 use tiny_http::{Method, Request};
 
-use crate::api::{exec, files, keys, projects, pty, sandbox_info, sandboxes, scope, secret_stores, secrets, system};
+use crate::api::{
+    exec, files, keys, projects, pty, sandbox_info, sandboxes, scope, secret_stores, secrets, signed_urls, system,
+};
 use crate::app::App;
 use crate::audit;
 use crate::auth::Caller;
@@ -15,6 +17,7 @@ use crate::error::AppError;
 use crate::http::reply::{Answered, Reply};
 use crate::http::request::{header, query_param, split_url};
 use crate::http::route::{match_request, Route, UNMATCHED};
+use crate::url_signing::Transfer;
 
 fn not_allowed(method: &Method, route: &Route) -> AppError {
     AppError::method_not_allowed(format!("method {method} is not allowed on {}", route.label()))
@@ -39,15 +42,16 @@ fn is_long(route: &Route, method: &Method) -> bool {
                 | Route::SystemUpgrade
                 | Route::SystemMasterKeyRotate,
             Post
-        ) | (Route::ExecSession(..) | Route::PtySession(..), Get)
-            | (Route::Files(_), Get | Put)
+        ) | (Route::ExecSession(..) | Route::PtySession(..) | Route::Files(_) | Route::FilesDownload(_), Get)
+            | (Route::Files(_) | Route::FilesUpload(_), Put)
             | (Route::Sandbox(_), Delete)
     )
 }
 
 /// Serves one request (the HTTP server's handler): answers /api/healthz without a key,
-/// authenticates everything else, moves long work to its own thread, hands WebSocket upgrades
-/// to `exec` and `pty` and other routes to `dispatch`; counts and logs each answer.
+/// authenticates everything else (by its key, or a signed file URL by its signature), moves long
+/// work to its own thread, hands WebSocket upgrades to `exec` and `pty` and other routes to
+/// `dispatch`; counts and logs each answer.
 pub fn handle(app: &Arc<App>, request: Request, port: u16) {
     let started = Instant::now();
     let url = request.url().to_string();
@@ -56,9 +60,14 @@ pub fn handle(app: &Arc<App>, request: Request, port: u16) {
     if let Ok(Some(Route::Healthz)) = &route {
         return respond(app, None, request_label(&route), started, request, healthz(app));
     }
-    let query_key = websocket_query_key(&request, &url);
-    let presented = header(&request, "X-API-Key").or(query_key.as_deref().map(String::as_str));
-    let caller = match app.auth.identify(&app.store, presented) {
+    // A signed file URL is its own authorisation (a key beside it is not looked at); a refused
+    // one, like a request without a key, is counted but not audited.
+    let identified = signed_urls::signed_caller(app, &route, request.method(), &url).unwrap_or_else(|| {
+        let query_key = websocket_query_key(&request, &url);
+        let presented = header(&request, "X-API-Key").or(query_key.as_deref().map(String::as_str));
+        app.auth.identify(&app.store, presented)
+    });
+    let caller = match identified {
         Ok(caller) => caller,
         Err(e) => return respond(app, None, request_label(&route), started, request, Reply::error(&e)),
     };
@@ -155,7 +164,7 @@ fn serve(
             drop(in_use);
             answered_to(app, caller, (&method, &url), label, started, answered);
         }
-        Ok(Some(Route::Files(id))) if method == Method::Get => {
+        Ok(Some(Route::Files(id) | Route::FilesDownload(id))) if method == Method::Get => {
             let in_use = app.lifecycle.in_use(&id);
             let answered = files::read(app, &id, query, request);
             drop(in_use);
@@ -257,8 +266,10 @@ pub fn dispatch(
         (Route::Pty(id), Post) => pty::create(app, id, request),
         (Route::PtyResize(id, sid), Post) => pty::resize(app, id, sid, request),
         (Route::PtySession(id, sid), Delete) => pty::kill(app, id, sid),
-        (Route::Files(_), Get) => Err(AppError::internal("file reads are answered by serve")),
-        (Route::Files(id), Put) => files::write(app, id, query, request),
+        (Route::Files(_) | Route::FilesDownload(_), Get) => Err(AppError::internal("file reads are answered by serve")),
+        (Route::Files(id) | Route::FilesUpload(id), Put) => files::write(app, id, query, request),
+        (Route::FilesDownloadUrl(id), Post) => signed_urls::create(app, id, Transfer::Download, request),
+        (Route::FilesUploadUrl(id), Post) => signed_urls::create(app, id, Transfer::Upload, request),
         (Route::Files(id), Delete) => files::remove(app, id, query),
         (Route::FilesList(id), Get) => files::list(app, id, query),
         (Route::FilesMkdir(id), Post) => files::mkdir(app, id, query),

@@ -13,6 +13,7 @@ pub mod sandboxes;
 pub mod scope;
 pub mod secret_stores;
 pub mod secrets;
+pub mod signed_urls;
 pub mod system;
 pub mod unsupported;
 pub mod validate;

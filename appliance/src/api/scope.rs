@@ -1,22 +1,27 @@
 //! What each kind of key may do. The operator key may do everything. A project key may read
 //! its projects, manage their secrets, and create and use sandboxes in them; it may not change
 //! a project (its allowlist decides where secrets may go), see other projects or their
-//! sandboxes, manage keys, read metrics, or touch `/api/system`. A refusal is `403` naming the
-//! scope that is missing.
+//! sandboxes, manage keys, read metrics, or touch `/api/system`. A signed file URL (no key) grants
+//! only the one transfer it was signed for. A refusal is `403` naming the scope that is missing.
 
 use tiny_http::Method;
 
 use crate::api::validate;
 use crate::app::App;
-use crate::auth::Caller;
+use crate::auth::{Caller, SignedGrant};
 use crate::error::AppError;
 use crate::http::route::Route;
 use crate::store::records::ProjectKeyRecord;
+use crate::url_signing::Transfer;
 
 /// Checks `route` and `method` against the caller's scope. Lists and creates are narrowed
 /// further by their handlers (`visible`, `project_allowed`).
 pub fn authorize(app: &App, caller: &Caller, route: &Route, method: &Method) -> Result<(), AppError> {
-    let Caller::Project(key) = caller else { return Ok(()) };
+    let key = match caller {
+        Caller::Operator => return Ok(()),
+        Caller::Project(key) => key,
+        Caller::SignedUrl(grant) => return signed_allowed(grant, route, method),
+    };
     match (route, method) {
         // An unsupported route touches nothing: its 501 says why to any key.
         (Route::Healthz | Route::Sandboxes | Route::Unsupported(_), _)
@@ -55,6 +60,10 @@ pub fn authorize(app: &App, caller: &Caller, route: &Route, method: &Method) -> 
             | Route::FilesMkdir(id)
             | Route::FilesStat(id)
             | Route::FilesRename(id)
+            | Route::FilesDownload(id)
+            | Route::FilesUpload(id)
+            | Route::FilesDownloadUrl(id)
+            | Route::FilesUploadUrl(id)
             | Route::SandboxLogs(id)
             | Route::SandboxAllowedHosts(id),
             _,
@@ -108,10 +117,31 @@ fn sandbox_allowed(app: &App, key: &ProjectKeyRecord, raw_id: &str) -> Result<()
     }
 }
 
+/// A signed URL (already verified) reaches only the transfer it was signed for, on its sandbox:
+/// anything else is refused, whatever route it is presented to.
+fn signed_allowed(grant: &SignedGrant, route: &Route, method: &Method) -> Result<(), AppError> {
+    let target = match (route, method, grant.transfer) {
+        (Route::FilesDownload(id), Method::Get, Transfer::Download)
+        | (Route::FilesUpload(id), Method::Put, Transfer::Upload) => validate::uuid("sandbox", id).ok(),
+        _ => None,
+    };
+    if target.as_deref() == Some(grant.sandbox_id.as_str()) {
+        Ok(())
+    } else {
+        Err(AppError::forbidden(format!(
+            "a signed URL grants only {} /api/sandboxes/{}/files/{}; other requests need an API key",
+            grant.transfer.method(),
+            grant.sandbox_id,
+            grant.transfer.endpoint()
+        )))
+    }
+}
+
 /// Whether a caller sees a record of project `project_id` in a list.
 pub fn visible(caller: &Caller, project_id: Option<&str>) -> bool {
     match caller {
         Caller::Operator => true,
         Caller::Project(key) => project_id.is_some_and(|p| key.project_ids.iter().any(|k| k == p)),
+        Caller::SignedUrl(_) => false,
     }
 }

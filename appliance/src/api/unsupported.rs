@@ -33,8 +33,6 @@ pub enum Unsupported {
     Templates,
     Template,
     Webhooks,
-    SignedUrl,
-    SignedTransfer,
 }
 
 /// Which unsupported feature the path segments after `/api/` ask for, if any.
@@ -58,8 +56,6 @@ pub fn feature(s: &[&str]) -> Option<Unsupported> {
         ["sandboxes", _, "agent"] => U::Agent,
         ["sandboxes", _, "agent", _] | ["sandboxes", _, "agent", _, "kill" | "prompt" | "interrupt"] => U::AgentSession,
         ["sandboxes", _, "mounts"] => U::Mounts,
-        ["sandboxes", _, "files", "download-url" | "upload-url"] => U::SignedUrl,
-        ["sandboxes", _, "files", "download" | "upload"] => U::SignedTransfer,
         ["sandboxes", _, "usage"] => U::SandboxUsage,
         ["sandboxes", _, "tags"] => U::SandboxTags,
         ["usage"] => U::Usage,
@@ -104,8 +100,6 @@ impl Unsupported {
             U::Templates => "/api/templates",
             U::Template => "/api/templates/{name}",
             U::Webhooks => "/api/webhooks",
-            U::SignedUrl => "/api/sandboxes/{id}/files/{download-url,upload-url}",
-            U::SignedTransfer => "/api/sandboxes/{id}/files/{download,upload}",
         }
     }
 
@@ -147,9 +141,6 @@ impl Unsupported {
                 "this appliance does not build or manage templates: sandboxes boot from the templates shipped in its image"
             }
             U::Webhooks => "this appliance sends no webhooks",
-            U::SignedUrl | U::SignedTransfer => {
-                "this appliance does not sign file URLs yet; read and write files with GET and PUT /api/sandboxes/{id}/files?path= and an API key"
-            }
         }
     }
 }
@@ -166,6 +157,8 @@ mod tests {
         assert_eq!(feature(&["sandboxes", "from-checkpoint", "c1"]), Some(Unsupported::FromCheckpoint));
         assert_eq!(feature(&["sandboxes", "checkpoints", "c1", "patches", "p"]), Some(Unsupported::CheckpointPatch));
         assert_eq!(feature(&["sandboxes", "s1", "nothing"]), None);
+        // Signed file URLs are served (`api::signed_urls`), not refused.
+        assert_eq!(feature(&["sandboxes", "s1", "files", "download-url"]), None);
         assert_eq!(feature(&["projects"]), None);
     }
 }

@@ -46,6 +46,14 @@ pub enum Route {
     FilesStat(String),
     /// Move a file or directory within the sandbox (JSON `oldPath`, `newPath`).
     FilesRename(String),
+    /// Sign a URL that downloads one file without a key (JSON `path`, `expiresIn`).
+    FilesDownloadUrl(String),
+    /// Sign a URL that uploads one file without a key (JSON `path`, `expiresIn`).
+    FilesUploadUrl(String),
+    /// A file's bytes (`GET`, `?path=`): by a signed URL (`&expires=&signature=`) or a key.
+    FilesDownload(String),
+    /// Write a file (`PUT`, `?path=`): by a signed URL (`&expires=&signature=`) or a key.
+    FilesUpload(String),
     /// The tail of the sandbox's guest console.
     SandboxLogs(String),
     /// The egress allowlist and per-secret hosts the proxy applies to the sandbox.
@@ -90,7 +98,9 @@ impl Route {
             | Self::FilesList(id)
             | Self::FilesMkdir(id)
             | Self::FilesStat(id)
-            | Self::FilesRename(id) => Some(id),
+            | Self::FilesRename(id)
+            | Self::FilesDownload(id)
+            | Self::FilesUpload(id) => Some(id),
             _ => None,
         }
     }
@@ -128,6 +138,10 @@ impl Route {
             Self::FilesMkdir(_) => "/api/sandboxes/{id}/files/mkdir",
             Self::FilesStat(_) => "/api/sandboxes/{id}/files/stat",
             Self::FilesRename(_) => "/api/sandboxes/{id}/files/rename",
+            Self::FilesDownloadUrl(_) => "/api/sandboxes/{id}/files/download-url",
+            Self::FilesUploadUrl(_) => "/api/sandboxes/{id}/files/upload-url",
+            Self::FilesDownload(_) => "/api/sandboxes/{id}/files/download",
+            Self::FilesUpload(_) => "/api/sandboxes/{id}/files/upload",
             Self::SandboxLogs(_) => "/api/sandboxes/{id}/logs",
             Self::SandboxAllowedHosts(_) => "/api/sandboxes/{id}/allowed-hosts",
             Self::Unsupported(u) => u.label(),
@@ -204,6 +218,10 @@ pub fn match_route(path: &str) -> Result<Option<Route>, AppError> {
         ["sandboxes", id, "files", "mkdir"] => Route::FilesMkdir(id.to_string()),
         ["sandboxes", id, "files", "stat"] => Route::FilesStat(id.to_string()),
         ["sandboxes", id, "files", "rename"] => Route::FilesRename(id.to_string()),
+        ["sandboxes", id, "files", "download-url"] => Route::FilesDownloadUrl(id.to_string()),
+        ["sandboxes", id, "files", "upload-url"] => Route::FilesUploadUrl(id.to_string()),
+        ["sandboxes", id, "files", "download"] => Route::FilesDownload(id.to_string()),
+        ["sandboxes", id, "files", "upload"] => Route::FilesUpload(id.to_string()),
         ["sandboxes", id, "logs"] => Route::SandboxLogs(id.to_string()),
         ["sandboxes", id, "allowed-hosts"] => Route::SandboxAllowedHosts(id.to_string()),
         ["system"] => Route::System,
@@ -256,6 +274,11 @@ mod tests {
             Some(Route::SecretStoreSecret("s1".into(), "K".into()))
         );
         assert_eq!(match_route("/api/sandboxes/s1/logs").expect("ok"), Some(Route::SandboxLogs("s1".into())));
+        assert_eq!(
+            match_route("/api/sandboxes/s1/files/download-url").expect("ok"),
+            Some(Route::FilesDownloadUrl("s1".into()))
+        );
+        assert_eq!(match_route("/api/sandboxes/s1/files/upload").expect("ok"), Some(Route::FilesUpload("s1".into())));
         assert_eq!(
             match_route("/api/sandboxes/s1/hibernate").expect("ok"),
             Some(Route::Unsupported(Unsupported::Hibernate))

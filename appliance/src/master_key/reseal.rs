@@ -1,14 +1,19 @@
 //! Re-encrypts every value sealed under the master key (secrets, CA keys, running sandboxes'
-//! stored tokens) under a keyring's current key, in one store transaction.
+//! stored tokens, the key that signs file URLs) under a keyring's current key, in one store
+//! transaction.
 
 use crate::crypto::{hex, Keyring};
 use crate::error::AppError;
-use crate::store::records::{ca_associated_data, sandbox_seal_associated_data, secret_associated_data, CaRecord};
+use crate::store::records::{
+    ca_associated_data, sandbox_seal_associated_data, secret_associated_data, url_key_associated_data, CaRecord,
+};
 use crate::store::Store;
 
 /// How many values in the store are sealed under some master key.
 pub fn sealed_values(store: &Store) -> Result<u64, AppError> {
-    store.read(|rtxn, dbs| Ok(dbs.secrets.len(rtxn)? + dbs.ca.len(rtxn)? + dbs.sandbox_seals.len(rtxn)?))
+    store.read(|rtxn, dbs| {
+        Ok(dbs.secrets.len(rtxn)? + dbs.ca.len(rtxn)? + dbs.sandbox_seals.len(rtxn)? + dbs.url_keys.len(rtxn)?)
+    })
 }
 
 /// Re-seals every value not already under `ring`'s current key, in one transaction.
@@ -64,6 +69,22 @@ pub fn reseal_all(store: &Store, ring: &Keyring) -> Result<(usize, usize), AppEr
             let plain = ring.open(&blob, &aad).map_err(|e| AppError::internal(format!("sandbox {id} tokens: {e}")))?;
             let fresh = ring.seal(&plain, &aad).map_err(|e| AppError::internal(e.to_string()))?;
             dbs.sandbox_seals.put(wtxn, &id, &fresh)?;
+        }
+        // The URL-signing key (`url_signing`): re-sealed, its bytes unchanged, so URLs signed
+        // before the rotation still verify. Not counted in the report either.
+        let mut url_keys = Vec::new();
+        for item in dbs.url_keys.iter(wtxn)? {
+            let (name, blob) = item?;
+            if !ring.is_current(blob) {
+                url_keys.push((name.to_string(), blob.to_vec()));
+            }
+        }
+        for (name, blob) in url_keys {
+            let aad = url_key_associated_data(&name);
+            let plain =
+                ring.open(&blob, &aad).map_err(|e| AppError::internal(format!("URL-signing key {name}: {e}")))?;
+            let fresh = ring.seal(&plain, &aad).map_err(|e| AppError::internal(e.to_string()))?;
+            dbs.url_keys.put(wtxn, &name, &fresh)?;
         }
         Ok((resealed_secrets, resealed_ca))
     })

@@ -56,6 +56,10 @@ pub struct Dbs {
     /// Audit trail: zero-padded sequence number -> entry, oldest first.
     pub audit: Database<Str, SerdeJson<AuditRecord>>,
     pub ca: Database<Str, SerdeJson<CaRecord>>,
+    /// Name -> sealed blob of a key that signs file URLs (`url_signing`), made on first use. A
+    /// database of its own, so stores written before it existed read as "no key yet" and an
+    /// older appliance booted after a rollback never sees it.
+    pub url_keys: Database<Str, Bytes>,
 }
 
 pub struct Store {
@@ -94,6 +98,7 @@ impl Store {
             project_keys: create(&env, &mut wtxn, "project_keys")?,
             audit: create(&env, &mut wtxn, "audit")?,
             ca: create(&env, &mut wtxn, "ca")?,
+            url_keys: create(&env, &mut wtxn, "url_keys")?,
         };
         schema::migrate(&mut wtxn, &dbs)?;
         wtxn.commit().map_err(|e| format!("store: cannot commit schema: {e}"))?;

@@ -107,7 +107,8 @@ pub struct ProjectKeyRecord {
 pub struct AuditRecord {
     pub seq: u64,
     pub time: i64,
-    /// `admin` for the operator key, else the project key's id.
+    /// `admin` for the operator key, `signed-url` for a request authorised by a signed file URL
+    /// (`url_signing`), else the project key's id.
     pub key_id: String,
     pub method: String,
     /// The route pattern, e.g. `/api/projects/{id}/secrets/{name}`.
@@ -152,4 +153,9 @@ pub fn sandbox_seal_associated_data(sandbox_id: &str) -> Vec<u8> {
 
 pub fn ca_associated_data(name: &str) -> Vec<u8> {
     format!("opencomputer/ca-key/v1:{name}").into_bytes()
+}
+
+/// Associated data binding a sealed URL-signing key to its name in `url_keys`.
+pub fn url_key_associated_data(name: &str) -> Vec<u8> {
+    format!("opencomputer/url-signing-key/v1:{name}").into_bytes()
 }

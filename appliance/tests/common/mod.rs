@@ -576,7 +576,8 @@ impl Harness {
         })
     }
 
-    fn start_configured(
+    /// Starts with the configuration adjusted by `adjust` (e.g. HTTPS).
+    pub fn start_configured(
         data_dir: PathBuf,
         runtime: Arc<FakeRuntime>,
         publisher: Arc<FakePublisher>,
