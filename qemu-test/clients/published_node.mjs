@@ -84,6 +84,17 @@ async function files(sb) {
   await sb.files.remove("/tmp/published-ts/note.txt");
   expect(!(await sb.files.exists("/tmp/published-ts/note.txt")), "still exists after remove");
   ok("files: 1 MiB binary and UTF-8 text round trip, list, remove");
+
+  // Signed URLs: usable by anyone, no API key, for that one file until they expire.
+  const up = await sb.uploadUrl("/tmp/published-ts/signed.txt", { expiresIn: 600 });
+  const put = await fetch(up, { method: "PUT", body: "via a signed URL" });
+  expect(put.ok, `signed upload answered ${put.status}`);
+  const down = await sb.downloadUrl("/tmp/published-ts/signed.txt", { expiresIn: 600 });
+  const got = await fetch(down);
+  expect(got.ok && (await got.text()) === "via a signed URL", `signed download answered ${got.status}`);
+  const other = await fetch(down.replace("signed.txt", "blob.bin"));
+  expect(other.status === 403, `a signed URL with another path answered ${other.status}`);
+  ok("signed URLs: upload and download without a key; another path is refused");
 }
 
 const sb = await Sandbox.create({ timeout: 60 });
@@ -99,6 +110,16 @@ const longRun = (async () => {
   expect(r.exitCode === 0 && r.stdout === "long-done\n", `long run gave ${JSON.stringify(r)}`);
   ok(`commands.run of a 65 s command through run-async answered after ${Math.round((Date.now() - t) / 1000)}s`);
 })();
+{
+  const nodeBox = await Sandbox.create({ template: "node", timeout: 0 });
+  try {
+    const r = await nodeBox.commands.run("node -e 'console.log(6*7)' && npm --version", { timeout: 120 });
+    expect(r.exitCode === 0 && r.stdout.startsWith("42\n"), `node and npm: ${JSON.stringify(r)}`);
+  } finally {
+    await nodeBox.kill();
+  }
+  ok("template node: node and npm run");
+}
 await sessions(sb);
 await files(sb);
 await pty(sb);

@@ -106,6 +106,18 @@ async def files(sb: Sandbox) -> None:
     expect(not await sb.files.exists("/tmp/published/note.txt"), "still exists after remove")
     ok("files: 1 MiB binary and UTF-8 text round trip, list, exists, remove")
 
+    # Signed URLs: usable by anyone, no API key, for that one file until they expire.
+    up = await sb.upload_url("/tmp/published/signed.txt", expires_in=600)
+    async with httpx.AsyncClient() as anyone:
+        put = await anyone.put(up, content=b"via a signed URL")
+        expect(put.status_code in (200, 204), f"signed upload answered {put.status_code}: {put.text}")
+        down = await sb.download_url("/tmp/published/signed.txt", expires_in=600)
+        got = await anyone.get(down)
+        expect((got.status_code, got.content) == (200, b"via a signed URL"), f"signed download: {got.status_code}")
+        other = await anyone.get(down.replace("signed.txt", "blob.bin"))
+        expect(other.status_code == 403, f"a signed URL with another path answered {other.status_code}")
+    ok("signed URLs: upload and download without a key; another path is refused")
+
 
 async def secret_store() -> None:
     name = f"published-py-{uuid.uuid4().hex[:8]}"
@@ -121,6 +133,16 @@ async def secret_store() -> None:
         await sb.kill(delete_secret_store=True)
     expect(name not in [s["name"] for s in await SecretStore.list()], "the store outlived delete_secret_store")
     ok("secret store: created, secret set, sealed in the sandbox, deleted with it")
+
+
+async def python_template() -> None:
+    sb = await Sandbox.create(template="python", timeout=0)
+    try:
+        out = await sb.exec.run("python3 -m venv /tmp/venv && /tmp/venv/bin/pip --version", timeout=120)
+        expect(out.exit_code == 0 and out.stdout.startswith("pip "), f"venv and pip: {out}")
+    finally:
+        await sb.kill()
+    ok("template python: a venv with pip")
 
 
 async def idle_timeouts(busy: Sandbox, idle: Sandbox) -> None:
@@ -153,6 +175,7 @@ async def main() -> None:
         ok(f"exec.run of a 65 s command answered after {took:.0f}s")
 
     async def the_rest() -> None:
+        await python_template()
         await sessions(sb)
         await files(sb)
         await pty(sb)
