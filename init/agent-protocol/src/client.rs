@@ -424,6 +424,12 @@ impl<C: Connection> AgentClient<C> {
         self.simple(&Request::Rename { from: from.to_string(), to: to.to_string() }, "rename")
     }
 
+    /// Tells the agent the sandbox was resumed from a snapshot: it sets the wall clock to
+    /// `wall_clock_ns` and mixes `entropy` into the kernel's random pool.
+    pub fn resumed(&mut self, wall_clock_ns: u64, entropy: &[u8]) -> Result<(), AgentError> {
+        self.simple(&Request::Resumed { wall_clock_ns, entropy: entropy.to_vec() }, "resumed")
+    }
+
     /// Sets and unsets variables for every later command and session.
     pub fn set_env(&mut self, set: &[(String, String)], unset: &[String]) -> Result<(), AgentError> {
         self.simple(&Request::SetEnv { set: EnvVars(set.to_vec()), unset: unset.to_vec() }, "set env")

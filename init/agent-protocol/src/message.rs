@@ -273,6 +273,13 @@ pub enum Request {
         path: String,
         recursive: bool,
     },
+    /// The sandbox was resumed from a snapshot: set the wall clock (nanoseconds since the Unix
+    /// epoch, the appliance's clock) and mix `entropy` into the kernel's random pool, so that two
+    /// sandboxes resumed from one snapshot do not share random output.
+    Resumed {
+        wall_clock_ns: u64,
+        entropy: Vec<u8>,
+    },
     /// Moves a file or directory (rename(2): within one file system, replacing a file at `to`).
     Rename {
         from: String,
@@ -357,6 +364,7 @@ mod kind {
     pub const POWER: u8 = 0x10;
     pub const PTY_START: u8 = 0x11;
     pub const SESSION_RESIZE: u8 = 0x12;
+    pub const RESUMED: u8 = 0x13;
     pub const RENAME: u8 = 0x1F;
     pub const DATA: u8 = 0x20;
     pub const DATA_END: u8 = 0x21;
@@ -398,6 +406,7 @@ impl Request {
             Request::FileStat { .. } => kind::FILE_STAT,
             Request::Mkdir { .. } => kind::MKDIR,
             Request::Remove { .. } => kind::REMOVE,
+            Request::Resumed { .. } => kind::RESUMED,
             Request::Rename { .. } => kind::RENAME,
             Request::SetEnv { .. } => kind::SET_ENV,
             Request::InstallCa { .. } => kind::INSTALL_CA,
@@ -427,6 +436,7 @@ impl Request {
             Request::FileStat { .. } => "file-stat",
             Request::Mkdir { .. } => "mkdir",
             Request::Remove { .. } => "remove",
+            Request::Resumed { .. } => "resumed",
             Request::Rename { .. } => "rename",
             Request::SetEnv { .. } => "set-env",
             Request::InstallCa { .. } => "install-ca",
@@ -497,6 +507,10 @@ impl Request {
                 e.str(path);
                 e.bool(*recursive);
             }
+            Request::Resumed { wall_clock_ns, entropy } => {
+                e.u64(*wall_clock_ns);
+                e.bytes(entropy);
+            }
             Request::Rename { from, to } => {
                 e.str(from);
                 e.str(to);
@@ -560,6 +574,7 @@ impl Request {
             kind::FILE_STAT => Request::FileStat { path: d.string()? },
             kind::MKDIR => Request::Mkdir { path: d.string()? },
             kind::REMOVE => Request::Remove { path: d.string()?, recursive: d.bool()? },
+            kind::RESUMED => Request::Resumed { wall_clock_ns: d.u64()?, entropy: d.bytes()? },
             kind::RENAME => Request::Rename { from: d.string()?, to: d.string()? },
             kind::SET_ENV => Request::SetEnv { set: EnvVars(d.pairs()?), unset: d.strings()? },
             kind::INSTALL_CA => Request::InstallCa { pem: d.bytes()? },
@@ -871,6 +886,7 @@ mod tests {
             Request::Mkdir { path: "/a/b/c".into() },
             Request::Remove { path: "/a".into(), recursive: true },
             Request::Rename { from: "/a/b".into(), to: "c d".into() },
+            Request::Resumed { wall_clock_ns: 1_800_000_000_123_456_789, entropy: vec![7; 64] },
             Request::SetEnv { set: EnvVars(vec![("K".into(), "v".into())]), unset: vec!["OLD".into()] },
             Request::InstallCa { pem: b"-----BEGIN CERTIFICATE-----".to_vec() },
             Request::Power(Power::Off),

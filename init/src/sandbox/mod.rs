@@ -15,6 +15,7 @@ mod loopback;
 mod paths;
 mod pid1;
 mod pty;
+mod resume;
 mod server;
 mod sessions;
 

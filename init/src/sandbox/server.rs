@@ -7,7 +7,7 @@ use super::ca::{self, CaPaths};
 use super::env::EnvStore;
 use super::error::{Failure, OpError};
 use super::sessions::{Event, Session, Sessions};
-use super::{exec, files, paths};
+use super::{exec, files, paths, resume};
 use agent_protocol::frame::{self, FrameError};
 use agent_protocol::message::{Reply, Request};
 use agent_protocol::transport::{Connection, Listener};
@@ -195,6 +195,10 @@ fn dispatch<C: Connection>(shared: &Shared, conn: &mut C, request: Request) -> i
             .map(|()| Reply::Ok),
         Request::SetEnv { set, unset } => shared.env.update(&set.0, &unset).map(|()| Reply::Ok),
         Request::InstallCa { pem } => install_ca(shared, &pem),
+        Request::Resumed { wall_clock_ns, entropy } => resume::apply(wall_clock_ns, &entropy).map(|()| {
+            crate::sys::console::line("agent", "resumed from a snapshot: clock set, entropy added");
+            Reply::Ok
+        }),
         Request::Power(action) => return power(shared, conn, action),
         Request::Data(_) | Request::DataEnd => Err(OpError::bad_request("data frame outside a file write")),
         Request::Stdin(_) | Request::StdinClose => {

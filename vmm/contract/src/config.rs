@@ -15,6 +15,36 @@ pub struct DiskConfig {
     pub read_only: bool,
 }
 
+/// Where the VMM writes a snapshot when asked ([`crate::Control::Checkpoint`] or
+/// [`crate::Control::Hibernate`]). The files are created (empty) when the VMM starts, before it
+/// confines itself, and overwritten by every snapshot; the requester moves them away once the
+/// VMM reports [`crate::Event::SnapshotWritten`]. A snapshot is complete only then: until the
+/// event, the files may hold half of one.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotTarget {
+    /// The machine state: vCPUs, interrupt controllers, clocks and devices, versioned and
+    /// checksummed (small: tens of KiB).
+    pub state: PathBuf,
+    /// Guest RAM, sparse: file offset = guest-physical address, never-written pages are holes.
+    pub memory: PathBuf,
+    /// A copy of the root disk taken while the vCPUs are paused (a reflink where the file system
+    /// has them). Only a checkpoint writes it: a hibernating VMM exits with the disk as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<PathBuf>,
+}
+
+/// A snapshot to resume instead of booting the kernel. The rest of the configuration must
+/// describe the same machine (vCPUs, memory, the number of disks, a vsock device); the vsock
+/// CID may differ (a fork), and the guest is told its transport was reset either way.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreSource {
+    pub state: PathBuf,
+    /// Mapped copy-on-write: it must stay unchanged while the restored VMM runs.
+    pub memory: PathBuf,
+}
+
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
@@ -43,6 +73,12 @@ pub struct VmConfig {
     /// Where the VMM appends its [`crate::Event`] lines.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub events: Option<PathBuf>,
+    /// Where snapshots go; without it, snapshot requests are refused (reported as failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_to: Option<SnapshotTarget>,
+    /// Resume this snapshot (the kernel and initrd are then not loaded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_from: Option<RestoreSource>,
 }
 
 pub const DEFAULT_VCPUS: u8 = 1;
@@ -70,6 +106,8 @@ impl VmConfig {
             vsock_cid: None,
             memory_dump: None,
             events: None,
+            snapshot_to: None,
+            restore_from: None,
         }
     }
 
@@ -95,6 +133,8 @@ mod tests {
         cfg.disks.push(DiskConfig { path: "/r".into(), read_only: false });
         cfg.vsock_cid = Some(9);
         cfg.events = Some("/e".into());
+        cfg.snapshot_to = Some(SnapshotTarget { state: "/s".into(), memory: "/m".into(), disk: None });
+        cfg.restore_from = Some(RestoreSource { state: "/s0".into(), memory: "/m0".into() });
         assert_eq!(VmConfig::from_json(&cfg.to_json()), Ok(cfg));
     }
 

@@ -12,6 +12,13 @@ pub enum Control {
     /// Write all guest RAM to the configured memory dump file, then report
     /// [`Event::MemoryDumped`] or [`Event::MemoryDumpFailed`].
     DumpMemory,
+    /// Pause the vCPUs, write a snapshot (state, memory and a copy of the root disk) to the
+    /// configured [`crate::config::SnapshotTarget`], report [`Event::SnapshotWritten`] or
+    /// [`Event::SnapshotFailed`], then let the guest run on.
+    Checkpoint,
+    /// Like `Checkpoint` without the disk copy, then exit with
+    /// [`crate::ExitStatus::Hibernated`] instead of running on (or run on if writing failed).
+    Hibernate,
 }
 
 impl Control {
@@ -19,6 +26,8 @@ impl Control {
     pub fn signal(self) -> libc::c_int {
         match self {
             Control::DumpMemory => libc::SIGUSR1,
+            Control::Checkpoint => libc::SIGUSR2,
+            Control::Hibernate => libc::SIGPWR,
         }
     }
 }
@@ -31,6 +40,11 @@ pub enum Event {
     MemoryDumped { bytes: u64 },
     /// The dump could not be written.
     MemoryDumpFailed { error: String },
+    /// The snapshot files are complete and flushed. `memory_bytes` is what the memory file
+    /// holds (holes excluded), `paused_ms` how long the guest stood still for it.
+    SnapshotWritten { state_bytes: u64, memory_bytes: u64, paused_ms: u64 },
+    /// No usable snapshot was written; the guest runs on.
+    SnapshotFailed { error: String },
 }
 
 impl Event {
@@ -63,7 +77,11 @@ mod tests {
     }
 
     #[test]
-    fn a_dump_is_requested_with_sigusr1() {
+    fn each_request_has_its_own_signal() {
         assert_eq!(Control::DumpMemory.signal(), libc::SIGUSR1);
+        assert_eq!(Control::Checkpoint.signal(), libc::SIGUSR2);
+        assert_eq!(Control::Hibernate.signal(), libc::SIGPWR);
+        let line = Event::SnapshotWritten { state_bytes: 1, memory_bytes: 2, paused_ms: 3 }.to_line();
+        assert_eq!(line, "{\"event\":\"snapshot_written\",\"state_bytes\":1,\"memory_bytes\":2,\"paused_ms\":3}\n");
     }
 }

@@ -14,11 +14,20 @@ pub enum ExitStatus {
     Reboot,
     /// The guest kernel printed its panic banner, then rebooted or hung.
     Panic,
+    /// The VMM wrote a snapshot on [`crate::Control::Hibernate`] and stopped; resuming it
+    /// continues the guest where it was.
+    Hibernated,
 }
 
 impl ExitStatus {
-    pub const ALL: [ExitStatus; 5] =
-        [ExitStatus::PowerOff, ExitStatus::VmmError, ExitStatus::Usage, ExitStatus::Reboot, ExitStatus::Panic];
+    pub const ALL: [ExitStatus; 6] = [
+        ExitStatus::PowerOff,
+        ExitStatus::VmmError,
+        ExitStatus::Usage,
+        ExitStatus::Reboot,
+        ExitStatus::Panic,
+        ExitStatus::Hibernated,
+    ];
 
     pub const fn code(self) -> u8 {
         match self {
@@ -27,6 +36,7 @@ impl ExitStatus {
             ExitStatus::Usage => 2,
             ExitStatus::Reboot => 3,
             ExitStatus::Panic => 4,
+            ExitStatus::Hibernated => 5,
         }
     }
 
@@ -41,6 +51,7 @@ impl ExitStatus {
             ExitStatus::Usage => "VMM refused its configuration",
             ExitStatus::Reboot => "guest rebooted",
             ExitStatus::Panic => "guest kernel panicked",
+            ExitStatus::Hibernated => "guest state saved, VMM stopped",
         }
     }
 

@@ -11,6 +11,6 @@ pub mod config;
 pub mod control;
 pub mod exit;
 
-pub use config::{DiskConfig, VmConfig};
+pub use config::{DiskConfig, RestoreSource, SnapshotTarget, VmConfig};
 pub use control::{Control, Event};
 pub use exit::ExitStatus;
