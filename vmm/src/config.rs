@@ -9,7 +9,9 @@
 //! `disks` (list of `{"path", "read_only"}`; the first is the root disk, /dev/vda),
 //! `vsock_cid` (guest CID for vhost-vsock; no vsock device without it),
 //! `memory_dump` (path written with all guest RAM on SIGUSR1),
-//! `events` (path the VMM appends its event lines to, e.g. "memory dumped").
+//! `events` (path the VMM appends its event lines to, e.g. "memory dumped"),
+//! `snapshot_to` (`{"state", "memory", "disk"}`: files a checkpoint or hibernation writes),
+//! `restore_from` (`{"state", "memory"}`: a snapshot to resume instead of booting).
 //! Devices go on the kernel command line and CPUs in an MP table.
 
 use std::path::PathBuf;
@@ -51,8 +53,11 @@ pub const USAGE: &str =
                [--memory-mib M] [--console-log FILE] [--disk PATH] [--disk-ro PATH]
                [--vsock-cid CID] [--memory-dump FILE] [--events FILE]
        vmm selfcheck
+       vmm check-snapshot STATE MEMORY   (reads both files whole; exit 0 when intact)
 exit status of run: 0 guest powered off, 3 guest rebooted, 4 guest panicked,
-                    1 VMM error, 2 bad usage or configuration";
+                    5 hibernated (snapshot written), 1 VMM error, 2 bad usage or configuration
+snapshots (checkpoint on SIGUSR2, hibernate on SIGPWR) and restores are set in the
+configuration file: snapshot_to {state, memory, disk}, restore_from {state, memory}";
 
 /// Parses the arguments after `run`.
 pub fn from_args(args: &[String]) -> Result<VmConfig, String> {

@@ -20,6 +20,8 @@ pub enum ExitReason {
     Reboot,
     Panic,
     VmmError,
+    /// A snapshot was written on request and the VMM stops (not raised by the guest).
+    Hibernated,
 }
 
 impl ExitReason {
@@ -30,6 +32,7 @@ impl ExitReason {
             ExitReason::Reboot => ExitStatus::Reboot,
             ExitReason::Panic => ExitStatus::Panic,
             ExitReason::VmmError => ExitStatus::VmmError,
+            ExitReason::Hibernated => ExitStatus::Hibernated,
         }
     }
 
@@ -42,7 +45,7 @@ impl ExitReason {
     }
 
     fn from_u8(v: u8) -> Option<Self> {
-        [ExitReason::PowerOff, ExitReason::Reboot, ExitReason::Panic, ExitReason::VmmError]
+        [ExitReason::PowerOff, ExitReason::Reboot, ExitReason::Panic, ExitReason::VmmError, ExitReason::Hibernated]
             .into_iter()
             .find(|r| *r as u8 + 1 == v)
     }

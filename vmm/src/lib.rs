@@ -6,8 +6,8 @@
 //! (vmm/fuzz) reach the guest-facing parsers through [`fuzzing`], and exposes nothing else.
 //!
 //! `vmm run` exit status: 0 guest powered off, 3 guest rebooted, 4 guest panicked (the
-//! kernel's "Kernel panic - not syncing" banner on the console, then its reboot), 1 VMM
-//! error, 2 bad usage or configuration. The last stderr line says which, in words.
+//! kernel's "Kernel panic - not syncing" banner on the console, then its reboot), 5 snapshot
+//! written on a hibernation request, 1 VMM error, 2 bad usage or configuration. The last stderr line says which, in words.
 
 mod arch;
 mod config;
@@ -18,6 +18,7 @@ mod layout;
 mod memory;
 mod seccomp;
 mod selfcheck;
+mod snapshot;
 mod timeline;
 mod vmm;
 mod vstate;
@@ -49,9 +50,27 @@ pub fn main(args: Vec<String>) -> ExitCode {
             }
         },
         Some("run") => run(&args[1..]),
+        Some("check-snapshot") => check_snapshot(&args[1..]),
         _ => {
             eprintln!("{}", config::USAGE);
             ExitCode::from(STATUS_USAGE)
+        }
+    }
+}
+
+fn check_snapshot(args: &[String]) -> ExitCode {
+    let [state, memory] = args else {
+        eprintln!("{}", config::USAGE);
+        return ExitCode::from(STATUS_USAGE);
+    };
+    match snapshot::check_files(state.as_ref(), memory.as_ref()) {
+        Ok(summary) => {
+            println!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
 
 use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress,
@@ -81,6 +82,53 @@ pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemory, String> {
 }
 
 const MAP_FLAGS: libc::c_int = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+
+/// Guest RAM from a snapshot's memory file (offset = guest-physical address), mapped privately:
+/// pages come from the file when the guest first touches them and its writes never reach the
+/// file, so a restore costs what the guest touches, and one file can back many sandboxes.
+pub fn map_guest_memory_from(file: &File, mem_bytes: u64) -> Result<GuestMemory, String> {
+    let fail = |e: String| format!("cannot map the snapshot's {} MiB of guest memory: {e}", mem_bytes >> 20);
+    let ranges = ram_ranges(mem_bytes);
+    let end = ranges.last().map_or(0, |(start, size)| start.0 + *size as u64);
+    let len = file.metadata().map_err(|e| fail(format!("cannot stat the memory file: {e}")))?.len();
+    if len != end {
+        return Err(fail(format!("the memory file is {len} bytes, this guest needs {end}")));
+    }
+    let regions = ranges
+        .into_iter()
+        .map(|(start, size)| {
+            let host = map_aligned(size, HugePages::Never).map_err(fail)?;
+            // SAFETY: MAP_FIXED over the reservation just made (ours, `size` bytes, nothing in it
+            // referenced yet) replaces it with the file's pages at offset `start`, which the
+            // length check above showed to be inside the file.
+            let mapped = unsafe {
+                libc::mmap(
+                    host.cast::<libc::c_void>(),
+                    size,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    file.as_raw_fd(),
+                    start.0 as libc::off_t,
+                )
+            };
+            if mapped == libc::MAP_FAILED || mapped.cast::<u8>() != host {
+                return Err(fail(format!("mmap failed: {}", std::io::Error::last_os_error())));
+            }
+            // SAFETY: `host` is a private file mapping of exactly `size` bytes made above that
+            // this process never unmaps (guest RAM lives until exit; KVM slots point at it).
+            let mapping = unsafe {
+                vm_memory::mmap::MmapRegionBuilder::new(size)
+                    .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                    .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                    .with_raw_mmap_pointer(host)
+            }
+            .build()
+            .map_err(|e| fail(e.to_string()))?;
+            GuestRegionMmap::new(mapping, start).ok_or_else(|| fail("region end overflows".into()))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    GuestMemory::from_regions(regions).map_err(|e| fail(e.to_string()))
+}
 
 /// Maps `size` bytes of anonymous memory starting on a `HUGE_PAGE` boundary: reserves a huge
 /// page more than needed and gives back the unaligned head and the tail.
@@ -189,6 +237,30 @@ mod tests {
         let (a, b) = range.split_once('-').unwrap();
         let len = usize::from_str_radix(b, 16).unwrap() - usize::from_str_radix(a, 16).unwrap();
         assert!(len >= 64 << 20, "{line}");
+    }
+
+    #[test]
+    fn memory_mapped_from_a_snapshot_reads_the_file_and_never_writes_it() {
+        let mem = create_guest_memory(32 << 20).unwrap();
+        mem.write_slice(b"before the snapshot", GuestAddress(0x4000)).unwrap();
+        let path = std::env::temp_dir().join(format!("vmm-map-test-{}", std::process::id()));
+        let f = File::options().create(true).truncate(true).read(true).write(true).open(&path).unwrap();
+        crate::snapshot::memory_file::write(&mem, &f).unwrap();
+        let restored = map_guest_memory_from(&f, 32 << 20).unwrap();
+        assert_eq!(restored.iter().next().unwrap().as_ptr() as usize % HUGE_PAGE, 0);
+        let mut text = [0u8; 19];
+        restored.read_slice(&mut text, GuestAddress(0x4000)).unwrap();
+        assert_eq!(&text, b"before the snapshot");
+        restored.write_slice(b"AFTER", GuestAddress(0x4000)).unwrap();
+        let mut on_disk = [0u8; 5];
+        f.read_exact_at(&mut on_disk, 0x4000).unwrap();
+        assert_eq!(&on_disk, b"befor", "the guest's writes stay private");
+        // Two restores of one file do not see each other.
+        let other = map_guest_memory_from(&f, 32 << 20).unwrap();
+        other.read_slice(&mut text, GuestAddress(0x4000)).unwrap();
+        assert_eq!(&text, b"before the snapshot");
+        assert!(map_guest_memory_from(&f, 64 << 20).unwrap_err().contains("this guest needs"));
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

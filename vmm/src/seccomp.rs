@@ -9,16 +9,48 @@
 use std::collections::BTreeMap;
 use std::os::raw::c_ulong;
 
+use kvm_bindings::{
+    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msrs, kvm_pit_state2, kvm_regs,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, KVMIO,
+};
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
 };
-use vmm_sys_util::ioctl_io_nr;
+use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iowr_nr};
 
 use crate::devices::virtio::vhost;
 use crate::exit::STATUS_VMM_ERROR;
 
-// The one KVM request a vCPU thread issues once running (<linux/kvm.h>).
+// What a vCPU thread issues once running (<linux/kvm.h>): KVM_RUN, and for a snapshot the
+// reads of its own state.
 ioctl_io_nr!(KVM_RUN, kvm_bindings::KVMIO, 0x80);
+ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
+ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
+ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
+ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
+ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
+ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
+ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
+ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
+ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
+// What the main thread issues for a snapshot: the VM-wide state.
+ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
+ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
+ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
+
+fn vcpu_state_ioctls() -> [c_ulong; 9] {
+    [
+        KVM_GET_REGS(),
+        KVM_GET_SREGS(),
+        KVM_GET_MSRS(),
+        KVM_GET_LAPIC(),
+        KVM_GET_MP_STATE(),
+        KVM_GET_VCPU_EVENTS(),
+        KVM_GET_DEBUGREGS(),
+        KVM_GET_XSAVE(),
+        KVM_GET_XCRS(),
+    ]
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -60,6 +92,12 @@ const MAIN_ONLY: &[libc::c_long] = &[
     libc::SYS_fsync,
     libc::SYS_ftruncate,
     libc::SYS_lseek,
+    // A checkpoint's disk copy, and the disk's size for it (on an open descriptor: no path
+    // resolves inside the jail).
+    libc::SYS_copy_file_range,
+    libc::SYS_fstat,
+    libc::SYS_statx,
+    libc::SYS_newfstatat,
 ];
 
 fn syscalls(role: Role) -> Vec<libc::c_long> {
@@ -75,10 +113,15 @@ fn ioctls(role: Role) -> Vec<c_ulong> {
     match role {
         Role::Vcpu => {
             let mut v = vec![KVM_RUN()];
+            v.extend_from_slice(&vcpu_state_ioctls());
             v.extend_from_slice(&vhost::runtime_ioctls());
             v
         }
-        Role::Main => Vec::new(),
+        Role::Main => {
+            let mut v = vec![KVM_GET_IRQCHIP(), KVM_GET_CLOCK(), KVM_GET_PIT2()];
+            v.extend_from_slice(&vhost::snapshot_ioctls());
+            v
+        }
     }
 }
 
@@ -86,6 +129,13 @@ fn ioctls(role: Role) -> Vec<c_ulong> {
 /// listed request, anything else traps (SIGSYS).
 fn filter(role: Role) -> Result<SeccompFilter, seccompiler::BackendError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = syscalls(role).into_iter().map(|nr| (nr, Vec::new())).collect();
+    if role == Role::Main {
+        // Kicking vCPU threads out of KVM_RUN for a snapshot: signals to this process only.
+        // SAFETY: getpid has no preconditions.
+        let pid = unsafe { libc::getpid() } as u64;
+        let own = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, pid)?;
+        rules.insert(libc::SYS_tgkill, vec![SeccompRule::new(vec![own])?]);
+    }
     let requests = ioctls(role);
     if !requests.is_empty() {
         // The request is an int to the kernel: comparing the low 32 bits (Dword) is what it sees.
@@ -158,9 +208,14 @@ mod tests {
     /// `struct seccomp_data`, ALU and jumps with constants, returns), so the tests check
     /// what the compiled program decides rather than how it is laid out.
     fn run(prog: &[seccompiler::sock_filter], arch: u32, nr: i64, arg1: u64) -> u32 {
+        run_with(prog, arch, nr, 0, arg1)
+    }
+
+    fn run_with(prog: &[seccompiler::sock_filter], arch: u32, nr: i64, arg0: u64, arg1: u64) -> u32 {
         let mut data = [0u8; 64];
         data[0..4].copy_from_slice(&(nr as u32).to_le_bytes());
         data[4..8].copy_from_slice(&arch.to_le_bytes());
+        data[16..24].copy_from_slice(&arg0.to_le_bytes());
         data[24..32].copy_from_slice(&arg1.to_le_bytes());
         let mut acc = 0u32;
         let mut pc = 0usize;
@@ -211,7 +266,7 @@ mod tests {
     }
 
     #[test]
-    fn main_thread_does_block_io_but_no_ioctl() {
+    fn main_thread_does_block_io_and_snapshot_reads_only() {
         let p = program(Role::Main).unwrap();
         for nr in
             [libc::SYS_pread64, libc::SYS_pwrite64, libc::SYS_fdatasync, libc::SYS_epoll_wait, libc::SYS_exit_group]
@@ -220,6 +275,43 @@ mod tests {
         }
         assert_eq!(run(&p, AUDIT_ARCH_X86_64, libc::SYS_ioctl, KVM_RUN()), SECCOMP_RET_TRAP);
         assert_eq!(run(&p, AUDIT_ARCH_X86_64, libc::SYS_clone, 0), SECCOMP_RET_TRAP);
+        for r in [KVM_GET_IRQCHIP(), KVM_GET_CLOCK(), KVM_GET_PIT2()].into_iter().chain(vhost::snapshot_ioctls()) {
+            assert_eq!(run(&p, AUDIT_ARCH_X86_64, libc::SYS_ioctl, r), SECCOMP_RET_ALLOW, "ioctl {r:#x}");
+        }
+        // Restoring state happens before the filter: no KVM_SET_* once running.
+        const KVM_SET_REGS: u64 = 0x4090_ae82;
+        const KVM_SET_CLOCK: u64 = 0x4030_ae7b;
+        for r in [KVM_SET_REGS, KVM_SET_CLOCK, vhost::VHOST_SET_OWNER()] {
+            assert_eq!(run(&p, AUDIT_ARCH_X86_64, libc::SYS_ioctl, r), SECCOMP_RET_TRAP, "ioctl {r:#x}");
+        }
+        // Signals only to this process's own threads.
+        let pid = u64::from(std::process::id());
+        assert_eq!(run_with(&p, AUDIT_ARCH_X86_64, libc::SYS_tgkill, pid, 7), SECCOMP_RET_ALLOW);
+        assert_eq!(run_with(&p, AUDIT_ARCH_X86_64, libc::SYS_tgkill, 1, 7), SECCOMP_RET_TRAP);
+        assert_eq!(run(&p, AUDIT_ARCH_X86_64, libc::SYS_kill, 0), SECCOMP_RET_TRAP);
+    }
+
+    #[test]
+    fn snapshot_ioctl_numbers_match_linux() {
+        assert_eq!(
+            vcpu_state_ioctls(),
+            [
+                0x8090_ae81,
+                0x8138_ae83,
+                0xc008_ae88,
+                0x8400_ae8e,
+                0x8004_ae98,
+                0x8040_ae9f,
+                0x8080_aea1,
+                0x9000_aea4,
+                0x8188_aea6
+            ]
+        );
+        assert_eq!([KVM_GET_IRQCHIP(), KVM_GET_CLOCK(), KVM_GET_PIT2()], [0xc208_ae62, 0x8030_ae7c, 0x8070_ae9f]);
+        let p = program(Role::Vcpu).unwrap();
+        for r in vcpu_state_ioctls() {
+            assert_eq!(run(&p, AUDIT_ARCH_X86_64, libc::SYS_ioctl, r), SECCOMP_RET_ALLOW, "ioctl {r:#x}");
+        }
     }
 
     #[test]

@@ -8,6 +8,8 @@ use std::fs::File;
 use std::io;
 use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::SerialState;
 use vm_superio::{I8042Device, Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -43,12 +45,68 @@ pub struct LegacyDevices {
     i8042: Mutex<I8042Device<ResetLine>>,
 }
 
+/// The UART's registers and unread input in a snapshot. (The i8042 keeps nothing worth saving:
+/// its only job here is the reset line.)
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SerialSnapshot {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
+}
+
 impl LegacyDevices {
     pub fn new(serial_irq: EventFd, console: ConsoleLog<File>, exit: Arc<ExitSignal>) -> Self {
         LegacyDevices {
             serial: Mutex::new(Serial::new(IrqLine(serial_irq), console)),
             i8042: Mutex::new(I8042Device::new(ResetLine(exit))),
         }
+    }
+
+    /// The devices as a snapshot left them.
+    pub fn restored(
+        saved: &SerialSnapshot,
+        serial_irq: EventFd,
+        console: ConsoleLog<File>,
+        exit: Arc<ExitSignal>,
+    ) -> Result<Self, String> {
+        let state = SerialState {
+            baud_divisor_low: saved.baud_divisor_low,
+            baud_divisor_high: saved.baud_divisor_high,
+            interrupt_enable: saved.interrupt_enable,
+            interrupt_identification: saved.interrupt_identification,
+            line_control: saved.line_control,
+            line_status: saved.line_status,
+            modem_control: saved.modem_control,
+            modem_status: saved.modem_status,
+            scratch: saved.scratch,
+            in_buffer: saved.in_buffer.clone(),
+        };
+        let serial = Serial::from_state(&state, IrqLine(serial_irq), vm_superio::serial::NoEvents, console)
+            .map_err(|e| format!("snapshot's serial port state is refused: {e:?}"))?;
+        Ok(LegacyDevices { serial: Mutex::new(serial), i8042: Mutex::new(I8042Device::new(ResetLine(exit))) })
+    }
+
+    pub fn serial_snapshot(&self) -> Result<SerialSnapshot, String> {
+        let s = self.serial.lock().map_err(|_| "serial port lock poisoned".to_string())?.state();
+        Ok(SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        })
     }
 
     /// Handles an IN; returns false if no device decodes `port` (the bus then reads 0xff).
@@ -122,6 +180,30 @@ mod tests {
         let mut lsr = [0u8];
         assert!(d.read(COM1_PORT + 5, &mut lsr));
         assert_eq!(lsr[0] & 0x60, 0x60);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn the_serial_port_comes_back_as_the_snapshot_left_it() {
+        let (d, exit, irq, path) = devices();
+        d.write(COM1_PORT + 3, &[0x80]); // DLAB on
+        d.write(COM1_PORT, &[0x01]); // divisor 1: 115200 baud
+        d.write(COM1_PORT + 3, &[0x03]); // 8N1, DLAB off
+        d.write(COM1_PORT + 7, &[0x5a]); // scratch
+        d.write(COM1_PORT + 1, &[0x02]); // THR-empty interrupt on
+        let saved = d.serial_snapshot().unwrap();
+        let saved: SerialSnapshot = serde_json::from_str(&serde_json::to_string(&saved).unwrap()).unwrap();
+        let file = File::create(&path).unwrap();
+        let back = LegacyDevices::restored(&saved, irq, ConsoleLog::new(file, exit.clone()), exit).unwrap();
+        assert_eq!(back.serial_snapshot().unwrap(), saved);
+        let mut b = [0u8];
+        assert!(back.read(COM1_PORT + 7, &mut b));
+        assert_eq!(b[0], 0x5a);
+        let mut too_much = saved;
+        too_much.in_buffer = vec![0; 65];
+        let (_, exit, irq, _) = devices();
+        let file = File::create(&path).unwrap();
+        assert!(LegacyDevices::restored(&too_much, irq, ConsoleLog::new(file, exit.clone()), exit).is_err());
         std::fs::remove_file(path).unwrap();
     }
 

@@ -6,6 +6,8 @@ use std::sync::Arc;
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
+use super::pause::Pause;
+use super::vcpu_state::VcpuState;
 use crate::devices::bus::Bus;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::timeline::{self, Once};
@@ -13,14 +15,21 @@ use crate::timeline::{self, Once};
 pub struct Vcpu {
     pub id: u8,
     pub fd: VcpuFd,
+    /// The MSRs a snapshot saves, in restore order.
+    pub msr_indices: Vec<u32>,
 }
 
 impl Vcpu {
-    /// Runs until the VM must stop; the reason is reported through `exit`.
-    pub fn run(mut self, bus: Arc<Bus>, exit: Arc<ExitSignal>) {
+    /// Runs until the VM must stop; the reason is reported through `exit`. When `pause` asks,
+    /// saves this vCPU's state and waits until it may go on.
+    pub fn run(mut self, bus: Arc<Bus>, exit: Arc<ExitSignal>, pause: Arc<Pause>) {
         loop {
             if exit.reason().is_some() {
                 return;
+            }
+            if pause.requested() {
+                self.park(&pause);
+                continue;
             }
             if self.id == 0 {
                 timeline::once(Once::KvmRun, "first KVM_RUN");
@@ -54,5 +63,15 @@ impl Vcpu {
                 Err(e) => exit.fail(format!("vCPU {}: KVM_RUN failed: {e}", self.id)),
             }
         }
+    }
+
+    fn park(&mut self, pause: &Pause) {
+        // An I/O exit we just served is only complete once KVM_RUN ran again (an IN's value
+        // goes into the guest's register then). With immediate_exit set, KVM finishes it and
+        // returns EINTR without entering the guest, so the state read next is consistent.
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
+        pause.park(self.id, VcpuState::save(self.id, &self.fd, &self.msr_indices));
     }
 }

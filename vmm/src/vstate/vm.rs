@@ -1,7 +1,11 @@
-//! The KVM VM: guest memory slots, the in-kernel interrupt controllers and the PIT.
+//! The KVM VM: guest memory slots, the in-kernel interrupt controllers and the PIT, and their
+//! state in a snapshot.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::layout::KVM_TSS_ADDR;
@@ -28,4 +32,50 @@ pub fn create_vm(kvm: &Kvm, mem: &GuestMemory) -> Result<VmFd, String> {
         unsafe { vm.set_user_memory_region(r) }.map_err(|e| format!("KVM_SET_USER_MEMORY_REGION failed: {e}"))?;
     }
     Ok(vm)
+}
+
+/// The VM-wide state a snapshot keeps: the guest's clock and the in-kernel interrupt
+/// controllers and timer (the local APICs belong to the vCPUs).
+#[derive(Serialize, Deserialize)]
+pub struct VmState {
+    clock: kvm_clock_data,
+    pic_master: kvm_irqchip,
+    pic_slave: kvm_irqchip,
+    ioapic: kvm_irqchip,
+    pit: kvm_pit_state2,
+}
+
+const IRQCHIP_PIC_MASTER: u32 = 0;
+const IRQCHIP_PIC_SLAVE: u32 = 1;
+const IRQCHIP_IOAPIC: u32 = 2;
+
+impl VmState {
+    pub fn save(vm: &VmFd) -> Result<VmState, String> {
+        let chip = |id: u32| {
+            let mut chip = kvm_irqchip { chip_id: id, ..Default::default() };
+            vm.get_irqchip(&mut chip).map_err(|e| format!("KVM_GET_IRQCHIP {id} failed: {e}"))?;
+            Ok::<_, String>(chip)
+        };
+        Ok(VmState {
+            clock: vm.get_clock().map_err(|e| format!("KVM_GET_CLOCK failed: {e}"))?,
+            pic_master: chip(IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(IRQCHIP_IOAPIC)?,
+            pit: vm.get_pit2().map_err(|e| format!("KVM_GET_PIT2 failed: {e}"))?,
+        })
+    }
+
+    /// Puts the state into a VM made by [`create_vm`] (its irqchip and PIT exist).
+    pub fn restore(&self, vm: &VmFd) -> Result<(), String> {
+        vm.set_pit2(&self.pit).map_err(|e| format!("KVM_SET_PIT2 failed: {e}"))?;
+        // The guest's clock continues from where it stopped rather than jumping by the time
+        // the snapshot lay on disk (no KVM_CLOCK_REALTIME): its timers don't all fire at once,
+        // and the agent sets the wall clock afterwards.
+        let clock = kvm_clock_data { clock: self.clock.clock, ..Default::default() };
+        vm.set_clock(&clock).map_err(|e| format!("KVM_SET_CLOCK failed: {e}"))?;
+        for chip in [&self.pic_master, &self.pic_slave, &self.ioapic] {
+            vm.set_irqchip(chip).map_err(|e| format!("KVM_SET_IRQCHIP {} failed: {e}", chip.chip_id))?;
+        }
+        Ok(())
+    }
 }

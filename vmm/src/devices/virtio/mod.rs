@@ -40,4 +40,26 @@ pub trait VirtioDevice: Send {
     fn completes_in_kernel(&self) -> bool {
         false
     }
+    /// For a snapshot: stops the device's kernel backend and returns where it stands in each
+    /// queue it serves (nothing for devices the VMM serves itself, whose queues say it all).
+    fn pause_backend(&mut self) -> Result<Vec<u16>, String> {
+        Ok(Vec::new())
+    }
+    /// After a snapshot the VM survives: the backend takes over again.
+    fn resume_backend(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+    /// Brings an active device back from a snapshot (instead of `activate`), with the queue
+    /// positions `pause_backend` returned. Returns whether it added used buffers (an event
+    /// for the driver), which the transport then signals.
+    fn restore(
+        &mut self,
+        mem: &GuestMemory,
+        queues: &mut [Queue],
+        features: u64,
+        backend_positions: &[u16],
+    ) -> Result<bool, String> {
+        let _ = backend_positions;
+        self.activate(mem, queues, features).map(|()| false)
+    }
 }

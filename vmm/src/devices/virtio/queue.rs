@@ -24,6 +24,7 @@
 use std::num::Wrapping;
 use std::sync::atomic::Ordering;
 
+use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::memory::GuestMemory;
@@ -84,6 +85,18 @@ impl std::fmt::Display for QueueError {
     }
 }
 
+/// What a snapshot keeps of a queue: the driver's settings and the device's ring positions.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct QueueState {
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+}
+
 /// Driver-programmed queue state plus the device's private ring positions.
 #[derive(Clone, Debug)]
 pub struct Queue {
@@ -113,6 +126,29 @@ impl Queue {
 
     pub fn reset(&mut self) {
         *self = Queue::new(self.max_size);
+    }
+
+    pub fn state(&self) -> QueueState {
+        QueueState {
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table.0,
+            avail_ring: self.avail_ring.0,
+            used_ring: self.used_ring.0,
+            next_avail: self.next_avail.0,
+            next_used: self.next_used.0,
+        }
+    }
+
+    /// Takes back a saved state; the caller validates the layout (`is_valid`) before use.
+    pub fn restore(&mut self, s: &QueueState) {
+        self.size = s.size;
+        self.ready = s.ready;
+        self.desc_table = GuestAddress(s.desc_table);
+        self.avail_ring = GuestAddress(s.avail_ring);
+        self.used_ring = GuestAddress(s.used_ring);
+        self.next_avail = Wrapping(s.next_avail);
+        self.next_used = Wrapping(s.next_used);
     }
 
     /// Whether the driver's settings describe a usable queue in `mem`.

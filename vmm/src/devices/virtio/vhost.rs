@@ -7,7 +7,7 @@ use std::os::raw::{c_int, c_uint, c_ulong};
 use std::os::unix::io::RawFd;
 
 use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ref, ioctl_with_ptr, ioctl_with_ref};
-use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr};
+use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
 /// The ioctl "type" byte of every vhost request (`VHOST_VIRTIO` in <linux/vhost.h>).
 const VHOST_VIRTIO: c_uint = 0xaf;
@@ -61,6 +61,7 @@ ioctl_iow_nr!(VHOST_SET_MEM_TABLE, VHOST_VIRTIO, 0x03, MemoryHeader);
 ioctl_iow_nr!(VHOST_SET_VRING_NUM, VHOST_VIRTIO, 0x10, VringState);
 ioctl_iow_nr!(VHOST_SET_VRING_ADDR, VHOST_VIRTIO, 0x11, VringAddr);
 ioctl_iow_nr!(VHOST_SET_VRING_BASE, VHOST_VIRTIO, 0x12, VringState);
+ioctl_iowr_nr!(VHOST_GET_VRING_BASE, VHOST_VIRTIO, 0x12, VringState);
 ioctl_iow_nr!(VHOST_SET_VRING_KICK, VHOST_VIRTIO, 0x20, VringFile);
 ioctl_iow_nr!(VHOST_SET_VRING_CALL, VHOST_VIRTIO, 0x21, VringFile);
 ioctl_iow_nr!(VHOST_VSOCK_SET_GUEST_CID, VHOST_VIRTIO, 0x60, u64);
@@ -165,6 +166,20 @@ impl VhostVsock {
     pub fn set_running(&self, running: bool) -> std::io::Result<()> {
         self.write_arg(VHOST_VSOCK_SET_RUNNING(), &c_int::from(running))
     }
+
+    /// The next available-ring entry the backend will take from queue `index`.
+    pub fn vring_base(&self, index: u32) -> std::io::Result<u16> {
+        let mut state = VringState { index, num: 0 };
+        // SAFETY: the kernel fills in one vhost_vring_state, which `state` is.
+        check(unsafe { ioctl_with_mut_ref(&self.file, VHOST_GET_VRING_BASE(), &mut state) })?;
+        Ok(state.num as u16)
+    }
+}
+
+/// The requests a snapshot makes from the main thread: stop the backend, read its positions,
+/// start it again.
+pub fn snapshot_ioctls() -> [c_ulong; 2] {
+    [VHOST_GET_VRING_BASE(), VHOST_VSOCK_SET_RUNNING()]
 }
 
 /// An ioctl's return value as a Result (negative means errno is set).
@@ -190,6 +205,7 @@ mod tests {
         assert_eq!(VHOST_SET_VRING_NUM(), 0x4008_af10);
         assert_eq!(VHOST_SET_VRING_ADDR(), 0x4028_af11);
         assert_eq!(VHOST_SET_VRING_BASE(), 0x4008_af12);
+        assert_eq!(VHOST_GET_VRING_BASE(), 0xc008_af12);
         assert_eq!(VHOST_SET_VRING_KICK(), 0x4008_af20);
         assert_eq!(VHOST_SET_VRING_CALL(), 0x4008_af21);
         assert_eq!(VHOST_VSOCK_SET_GUEST_CID(), 0x4008_af60);

@@ -6,7 +6,7 @@
 
 use std::os::unix::io::AsRawFd;
 
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::queue::Queue;
@@ -40,7 +40,13 @@ impl Vsock {
         Ok(Vsock { cid, backend, offered, kicks, call, running: false, sizes: [QUEUE_SIZE; 3] })
     }
 
-    fn start(&mut self, mem: &GuestMemory, queues: &[Queue], features: u64) -> std::io::Result<()> {
+    fn start(
+        &mut self,
+        mem: &GuestMemory,
+        queues: &[Queue],
+        features: u64,
+        bases: [u16; VHOST_QUEUES],
+    ) -> std::io::Result<()> {
         self.backend.set_features(features)?;
         let regions: Vec<MemoryRegion> = mem
             .iter()
@@ -58,7 +64,7 @@ impl Vsock {
             let index = i as u32;
             self.backend.set_vring_num(index, q.size)?;
             self.backend.set_vring_addr(index, host(q.desc_table)?, host(q.avail_ring)?, host(q.used_ring)?)?;
-            self.backend.set_vring_base(index, 0)?;
+            self.backend.set_vring_base(index, bases[i])?;
             self.backend.set_vring_call(index, self.call.as_raw_fd())?;
             self.backend.set_vring_kick(index, self.kicks[i].as_raw_fd())?;
         }
@@ -87,9 +93,46 @@ impl VirtioDevice for Vsock {
         if queues.iter().take(VHOST_QUEUES).any(|q| !q.ready) {
             return Err("the rx and tx queues must both be ready".into());
         }
-        self.start(mem, queues, features).map_err(|e| format!("cannot start vhost-vsock: {e}"))?;
+        self.start(mem, queues, features, [0; VHOST_QUEUES]).map_err(|e| format!("cannot start vhost-vsock: {e}"))?;
         self.running = true;
         Ok(())
+    }
+
+    fn pause_backend(&mut self) -> Result<Vec<u16>, String> {
+        self.backend.set_running(false).map_err(|e| format!("cannot stop vhost-vsock: {e}"))?;
+        self.running = false;
+        (0..VHOST_QUEUES as u32)
+            .map(|q| {
+                self.backend.vring_base(q).map_err(|e| format!("cannot read vhost-vsock queue {q}'s position: {e}"))
+            })
+            .collect()
+    }
+
+    fn resume_backend(&mut self) -> Result<(), String> {
+        self.backend.set_running(true).map_err(|e| format!("cannot restart vhost-vsock: {e}"))?;
+        self.running = true;
+        Ok(())
+    }
+
+    /// The backend resumes where it stood; the driver is then told its transport was reset:
+    /// the connections it had belong to a host that no longer holds them (and after a fork, its
+    /// CID changed), so it closes them and reads the CID again. Listening sockets stay.
+    fn restore(
+        &mut self,
+        mem: &GuestMemory,
+        queues: &mut [Queue],
+        features: u64,
+        backend_positions: &[u16],
+    ) -> Result<bool, String> {
+        let bases: [u16; VHOST_QUEUES] = backend_positions.try_into().map_err(|_| {
+            format!("snapshot has {} vhost queue positions, expected {VHOST_QUEUES}", backend_positions.len())
+        })?;
+        if queues.iter().take(VHOST_QUEUES).any(|q| !q.ready) {
+            return Err("the rx and tx queues must both be ready".into());
+        }
+        self.start(mem, queues, features, bases).map_err(|e| format!("cannot start vhost-vsock: {e}"))?;
+        self.running = true;
+        post_transport_reset(mem, queues.get_mut(EVENT_QUEUE).ok_or("no event queue")?)
     }
 
     fn reset(&mut self) {
@@ -113,6 +156,37 @@ impl VirtioDevice for Vsock {
 }
 
 /// Reads `struct virtio_vsock_config` (guest_cid, le64) at `offset`; bytes past it are zero.
+/// The event queue, which the VMM serves (vhost only has rx and tx).
+const EVENT_QUEUE: usize = 2;
+/// `struct virtio_vsock_event { le32 id; }` with id VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (0).
+const TRANSPORT_RESET_EVENT: [u8; 4] = 0u32.to_le_bytes();
+
+/// Puts a transport-reset event in the driver's next event buffer. Returns whether one was
+/// there (the Linux driver keeps the queue filled; without a buffer the event is lost, and the
+/// driver only notices the reset when its connections fail).
+fn post_transport_reset(mem: &GuestMemory, queue: &mut Queue) -> Result<bool, String> {
+    if !queue.ready {
+        return Ok(false);
+    }
+    let Some((head, chain)) = queue.pop(mem).map_err(|e| format!("event queue: {e}"))? else {
+        return Ok(false);
+    };
+    let written = match chain {
+        Ok(chain) => {
+            match chain.descriptors.iter().find(|d| d.writable && d.len as usize >= TRANSPORT_RESET_EVENT.len()) {
+                Some(d) => {
+                    mem.write_slice(&TRANSPORT_RESET_EVENT, d.addr).map_err(|e| format!("event queue buffer: {e}"))?;
+                    TRANSPORT_RESET_EVENT.len() as u32
+                }
+                None => 0,
+            }
+        }
+        Err(_) => 0,
+    };
+    queue.add_used(mem, head, written).map_err(|e| format!("event queue: {e}"))?;
+    Ok(true)
+}
+
 fn read_cid_config(cid: u64, offset: u64, data: &mut [u8]) {
     let config = cid.to_le_bytes();
     for (i, b) in data.iter_mut().enumerate() {
@@ -123,6 +197,27 @@ fn read_cid_config(cid: u64, offset: u64, data: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::devices::virtio::queue::testing::{make_available, ready_queue, used_elem, used_index, write_desc};
+    use crate::memory::create_guest_memory;
+    use vm_memory::GuestAddress;
+
+    #[test]
+    fn a_restore_tells_the_driver_its_transport_was_reset() {
+        let mem = create_guest_memory(16 << 20).unwrap();
+        let mut q = ready_queue(8);
+        mem.write_slice(&[0xaa; 4], GuestAddress(0x8000)).unwrap();
+        write_desc(&mem, 0, 0x8000, 4, 2 /* device-writable */, 0);
+        make_available(&mem, 8, 0, 0);
+        assert!(post_transport_reset(&mem, &mut q).unwrap());
+        assert_eq!(used_index(&mem), 1);
+        assert_eq!(used_elem(&mem, 0), (0, 4));
+        let mut event = [0xffu8; 4];
+        mem.read_slice(&mut event, GuestAddress(0x8000)).unwrap();
+        assert_eq!(event, [0; 4], "id 0: VIRTIO_VSOCK_EVENT_TRANSPORT_RESET");
+        // No buffer left: nothing to signal, and no error.
+        assert!(!post_transport_reset(&mem, &mut q).unwrap());
+    }
 
     #[test]
     fn config_space_holds_the_cid_little_endian() {
