@@ -48,6 +48,7 @@ fn e2e() -> ExitCode {
         scenarios::documented::SCENARIOS,
         scenarios::published_clients::SCENARIOS,
         scenarios::file_streams::SCENARIOS,
+        scenarios::snapshots::SCENARIOS,
         scenarios::sealing::SCENARIOS,
         scenarios::service_restart::SCENARIOS,
         scenarios::foundation::REBOOT_SCENARIOS,

@@ -13,6 +13,7 @@ pub mod sandboxes;
 pub mod sealing;
 pub mod sealing_attacks;
 pub mod service_restart;
+pub mod snapshots;
 
 use image::error::Result;
 use std::path::Path;

@@ -137,7 +137,7 @@ fn guest_power_ends_vmm(appliance: &mut Appliance) -> Result<()> {
     Ok(())
 }
 
-fn leak_gauges(api: &Api) -> Result<Vec<(String, f64)>> {
+pub(crate) fn leak_gauges(api: &Api) -> Result<Vec<(String, f64)>> {
     let text = api.metrics()?;
     let mut out = Vec::new();
     for name in LEAK_GAUGES.iter().chain(["process_threads"].iter()) {
