@@ -158,6 +158,7 @@ fn a_create_cut_short_by_a_restart_ends_as_error_with_its_vmm_stopped() {
         project: None,
         project_id: None,
         cid: 0,
+        hibernate_on_idle: true,
     };
     store.write(move |wtxn, dbs| Ok(dbs.sandboxes.put(wtxn, &record.id, &record)?)).expect("write");
     store.close();

@@ -150,7 +150,12 @@ fn rows(f: &Fixture) -> Vec<Row> {
         ("GET", format!("/api/sandboxes/{sa}/logs"), String::new(), Exactly(200), 200),
         ("GET", format!("/api/sandboxes/{sb}/allowed-hosts"), String::new(), Exactly(200), 403),
         ("GET", format!("/api/sandboxes/{sa}/allowed-hosts"), String::new(), Exactly(200), 200),
-        ("POST", format!("/api/sandboxes/{sa}/hibernate"), String::new(), Exactly(501), 501),
+        // Hibernating a hibernated sandbox or waking a running one answers it as it is.
+        ("POST", format!("/api/sandboxes/{sa}/hibernate"), String::new(), Exactly(200), 200),
+        ("POST", format!("/api/sandboxes/{sa}/wake"), r#"{"timeout":600}"#.into(), Exactly(200), 200),
+        ("POST", format!("/api/sandboxes/{sb}/hibernate"), String::new(), Exactly(200), 403),
+        ("POST", format!("/api/sandboxes/{sb}/wake"), String::new(), Exactly(200), 403),
+        ("POST", format!("/api/sandboxes/{sa}/checkpoints"), String::new(), Exactly(501), 501),
         ("POST", format!("/api/sandboxes/{sb}/timeout"), r#"{"timeout":600}"#.into(), Exactly(204), 403),
         ("POST", format!("/api/sandboxes/{sb}/reboot"), String::new(), Exactly(200), 403),
         ("POST", format!("/api/sandboxes/{sa}/timeout"), r#"{"timeout":600}"#.into(), Exactly(204), 204),
