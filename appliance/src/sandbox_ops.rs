@@ -87,10 +87,7 @@ pub fn create(app: &App, spec: CreateSpec) -> Result<SandboxRecord, AppError> {
     }
 
     let now = now_unix();
-    let deadline = |now: i64| match spec.timeout_sec {
-        0 => NO_DEADLINE,
-        t => now.saturating_add(i64::try_from(t).unwrap_or(i64::MAX)),
-    };
+    let deadline = |now: i64| idle_deadline(now, Some(spec.timeout_sec));
     let mut record = SandboxRecord {
         id: id.clone(),
         template: spec.template.clone(),
