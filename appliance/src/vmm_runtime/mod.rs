@@ -509,3 +509,123 @@ fn in_sandbox(id: &str) -> impl Fn(RuntimeError) -> RuntimeError + '_ {
         other => other,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A runtime over a scratch data directory, with stand-ins for the VMM (exits at once) and
+    /// the kernel, and sandbox directories as a crash left them.
+    fn runtime_after_a_crash(tag: &str, sandboxes: &[(&str, &[&str])]) -> (VmmRuntime, PathBuf) {
+        let root = std::env::temp_dir().join(format!("appliance-vmm-runtime-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let templates = root.join("shipped");
+        fs::create_dir_all(&templates).expect("mkdir");
+        fs::write(templates.join("base.ext4"), vec![0u8; 4096]).expect("template");
+        fs::write(templates.join("base.id"), "1").expect("template id");
+        fs::write(root.join("kernel"), b"kernel").expect("kernel");
+        for (n, (id, files)) in sandboxes.iter().enumerate() {
+            let dir = root.join("data").join("sandboxes").join(id);
+            fs::create_dir_all(&dir).expect("mkdir");
+            let mut config = vmm_contract::VmConfig::new(root.join("kernel"));
+            config.vsock_cid = Some(20 + n as u64);
+            fs::write(dir.join("vm.json"), config.to_json()).expect("config");
+            // No process runs this config: its VMM is gone.
+            fs::write(dir.join("vmm.pid"), "999999999").expect("pid");
+            fs::write(dir.join(vm::CONSOLE_LOG), b"guest said hello\n").expect("console");
+            for file in *files {
+                let path = dir.join(file);
+                fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+                fs::write(path, b"bytes").expect("file");
+            }
+        }
+        let config = RuntimeConfig {
+            vmm_bin: PathBuf::from("/bin/true"),
+            guest_kernel: root.join("kernel"),
+            templates_source: Some(templates),
+            data_dir: root.join("data"),
+            ca_cert_pem: String::new(),
+        };
+        (VmmRuntime::start(config).expect("start"), root.join("data").join("sandboxes"))
+    }
+
+    #[test]
+    fn a_restart_keeps_complete_snapshots_and_removes_half_written_ones() {
+        let complete: &[&str] = &["hibernated/state", "hibernated/memory", "snapshot.next/state", "resumed/memory"];
+        let half: &[&str] = &["snapshot.next/state", "snapshot.next/memory"];
+        let (runtime, dir) = runtime_after_a_crash("recover", &[("kept", complete), ("half", half)]);
+        assert_eq!(runtime.hibernated_ids(), vec!["kept".to_string()]);
+        assert!(runtime.running_ids().is_empty());
+        let kept = dir.join("kept");
+        assert!(snapshot_dir::is_complete(&kept));
+        assert!(!kept.join(snapshot_dir::NEXT).exists(), "a half-written snapshot is removed");
+        assert!(!kept.join(snapshot_dir::RESUMED).exists(), "no VMM maps the resumed one any more");
+        assert!(!dir.join("half").exists(), "a sandbox with only a half-written snapshot is gone");
+        // Its CID stays held while it is hibernated, and its console readable.
+        assert_eq!(runtime.cids.in_use(), 1);
+        assert_eq!(runtime.console_tail("kept", 1024).expect("console"), b"guest said hello\n");
+
+        // Deleting it drops the snapshot with the directory and frees the CID.
+        runtime.stop("kept").expect("stop");
+        assert!(!kept.exists());
+        assert!(runtime.hibernated_ids().is_empty());
+        assert_eq!(runtime.cids.in_use(), 0);
+    }
+
+    #[test]
+    fn a_hibernated_vmm_leaves_a_durable_snapshot_under_its_name_and_holds_its_cid() {
+        let (runtime, dir) = runtime_after_a_crash("hibernate", &[]);
+        let sandbox = dir.join("live");
+        fs::create_dir_all(&sandbox).expect("mkdir");
+        fs::write(sandbox.join(vm::ROOT_DISK), b"disk").expect("disk");
+        let vmm = vm::tests::fake_vmm(&sandbox, Some(&vm::tests::WRITTEN), Some(5));
+        let spec = vm::VmSpec {
+            sandbox_id: "live",
+            dir: &sandbox,
+            vmm_bin: &vmm,
+            kernel: Path::new("/k"),
+            vcpus: 1,
+            memory_mib: 128,
+            cid: 31,
+            restore_from: None,
+        };
+        let vm = vm::spawn(&spec, |_| {}).expect("spawn");
+        runtime.cids.claim(31);
+        runtime.vms.lock().expect("lock").insert("live".into(), vm);
+        std::thread::sleep(Duration::from_millis(200));
+
+        let snapshot = runtime.hibernate("live").expect("hibernated");
+        assert_eq!(snapshot.memory_bytes, 2);
+        assert_eq!(runtime.hibernated_ids(), vec!["live".to_string()]);
+        assert!(runtime.running_ids().is_empty() && !runtime.is_alive("live"));
+        assert!(snapshot_dir::is_complete(&sandbox));
+        assert!(!sandbox.join(snapshot_dir::NEXT).exists());
+        assert_eq!(runtime.cids.in_use(), 1, "it wakes with the same CID");
+        // Hibernated, it cannot be hibernated again; it can be dropped.
+        assert!(matches!(runtime.hibernate("live"), Err(RuntimeError::NotFound(_))));
+        runtime.stop("live").expect("stop");
+        assert!(!sandbox.exists());
+        assert_eq!(runtime.cids.in_use(), 0);
+    }
+
+    #[test]
+    fn a_wake_that_fails_leaves_no_vmm_no_snapshot_and_no_cid() {
+        let complete: &[&str] = &["hibernated/state", "hibernated/memory", "root.ext4"];
+        let (runtime, dir) = runtime_after_a_crash("wake-fails", &[("sleeper", complete)]);
+        let spec = BootSpec {
+            sandbox_id: "sleeper".into(),
+            template: "base".into(),
+            cpu_count: 1,
+            memory_mb: 128,
+            disk_mb: None,
+        };
+        // The stand-in VMM exits at once, so the resumed guest's agent never answers.
+        let err = runtime.wake(&spec).expect_err("no guest to resume");
+        assert!(matches!(err, RuntimeError::Failed(_)), "{err:?}");
+        assert!(!dir.join("sleeper").exists());
+        assert!(runtime.hibernated_ids().is_empty() && runtime.running_ids().is_empty());
+        assert_eq!(runtime.cids.in_use(), 0);
+        // Nothing is left to wake.
+        assert!(matches!(runtime.wake(&spec), Err(RuntimeError::NotFound(_))));
+    }
+}

@@ -291,8 +291,88 @@ fn runs_config(pid: i32, config: &Path) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+
+    /// A stand-in VMM (bash) that answers the hibernate request (SIGPWR) as a real one would:
+    /// writes its snapshot files, appends `answer` to its events file (beside its config, where the
+    /// real one is told to write them), then exits with `exit` (or idles on without one).
+    pub fn fake_vmm(dir: &Path, answer: Option<&Event>, exit: Option<i32>) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        if let Some(event) = answer {
+            fs::write(dir.join("answer"), event.to_line()).expect("answer");
+        }
+        let on_pwr = [
+            r#"printf s > "$d/snapshot.next/state"; printf mm > "$d/snapshot.next/memory""#.to_string(),
+            answer.map_or(String::new(), |_| r#"cat "$d/answer" >> "$d/vmm.events""#.to_string()),
+            exit.map_or(String::new(), |code| format!("exit {code}")),
+        ]
+        .join("\n");
+        let text = format!(
+            "#!/bin/bash\nd=$(dirname \"$3\")\non_pwr() {{\n{on_pwr}\n:\n}}\ntrap on_pwr PWR\nwhile :; do sleep 0.05; done\n"
+        );
+        let script = dir.join("fake-vmm.sh");
+        fs::write(&script, text).expect("script");
+        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).expect("chmod");
+        script
+    }
+
+    pub const WRITTEN: Event = Event::SnapshotWritten { state_bytes: 1, memory_bytes: 2, paused_ms: 3 };
+
+    fn spawn_fake(tag: &str, answer: Option<&Event>, exit: Option<i32>) -> (Arc<Vm>, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("appliance-vm-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("mkdir");
+        let vmm = fake_vmm(&dir, answer, exit);
+        let spec = VmSpec {
+            sandbox_id: "s1",
+            dir: &dir,
+            vmm_bin: &vmm,
+            kernel: Path::new("/k"),
+            vcpus: 1,
+            memory_mib: 128,
+            cid: 9,
+            restore_from: None,
+        };
+        let vm = spawn(&spec, |_| {}).expect("spawn");
+        // Let bash set its trap before it is signalled.
+        std::thread::sleep(Duration::from_millis(200));
+        (vm, dir)
+    }
+
+    #[test]
+    fn hibernation_waits_for_the_snapshot_event_and_the_hibernated_exit() {
+        let (vm, dir) = spawn_fake("hibernates", Some(&WRITTEN), Some(5));
+        let snapshot = vm.hibernate(Duration::from_secs(10)).expect("hibernated");
+        assert_eq!(snapshot, Snapshot { state_bytes: 1, memory_bytes: 2, paused_ms: 3 });
+        assert!(vm.has_ended());
+        assert_eq!(fs::read(dir.join(snapshot_dir::NEXT).join(snapshot_dir::MEMORY)).expect("memory"), b"mm");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_failed_snapshot_leaves_the_vmm_running_and_a_vmm_that_dies_is_no_snapshot() {
+        let failed = Event::SnapshotFailed { error: "disk full".into() };
+        let (vm, dir) = spawn_fake("snapshot-fails", Some(&failed), None);
+        let err = vm.hibernate(Duration::from_secs(10)).expect_err("failed");
+        assert!(err.contains("disk full"), "{err}");
+        assert!(!vm.has_ended(), "the guest runs on");
+        vm.kill();
+        assert!(vm.wait_ended(Duration::from_secs(5)));
+        let _ = fs::remove_dir_all(&dir);
+
+        // Reports nothing and exits as a crash would.
+        let (vm, dir) = spawn_fake("snapshot-crash", None, Some(1));
+        let err = vm.hibernate(Duration::from_secs(10)).expect_err("no snapshot");
+        assert!(err.contains("ended before it finished the snapshot"), "{err}");
+        let _ = fs::remove_dir_all(&dir);
+
+        // Reports the snapshot, then exits otherwise than a hibernated VMM: not kept.
+        let (vm, dir) = spawn_fake("snapshot-wrong-exit", Some(&WRITTEN), Some(1));
+        let err = vm.hibernate(Duration::from_secs(10)).expect_err("wrong exit");
+        assert!(err.contains("then ended otherwise: VMM error"), "{err}");
+        let _ = fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn the_guest_command_line_hands_over_to_the_sandbox_init() {
