@@ -2,7 +2,8 @@
 //! appliance itself, vCPUs, data-disk space) and what admitted sandboxes hold. A create reserves
 //! its guest memory before anything is booted, under one lock, so concurrent creates cannot
 //! overcommit; the reservation is handed back when it is dropped (any failed create) or, once
-//! the sandbox runs, when the sandbox ends (`release` by id, so a second release is a no-op).
+//! the sandbox runs, when the sandbox ends or hibernates (`release` by id, so a second release is
+//! a no-op); a wake is admitted like a create (`hibernation`).
 //! vCPUs are not refused on their sum (overcommitting vCPUs is normal for VMs), only a single
 //! sandbox asking for more than the machine has.
 

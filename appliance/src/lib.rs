@@ -19,6 +19,7 @@ pub mod console_log;
 pub mod crypto;
 pub mod degraded;
 pub mod error;
+pub mod hibernation;
 pub mod http;
 pub mod keyfiles;
 pub mod lifecycle;

@@ -1,10 +1,12 @@
 //! The sandbox side as the control plane holds it: the runtime and the seal publisher it was
 //! wired with (or why there is none), and the running sandboxes with their `endAt`, which is
 //! the reaper's work list, and what each one was registered with at the sealing proxy
-//! (`seal_sync`). The operations on sandboxes are in `sandbox_ops`.
+//! (`seal_sync`), and which sandboxes are changing state (a hibernation, a wake, a stop), so
+//! that such changes of one sandbox happen one at a time. The operations on sandboxes are in
+//! `sandbox_ops` and `hibernation`.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use crate::error::AppError;
 use crate::runtime::{RuntimeError, SandboxRuntime};
@@ -27,6 +29,30 @@ pub struct Lifecycle {
     live: Mutex<HashMap<String, Deadline>>,
     /// Running sandboxes' projects and tokens, to re-publish them when secrets change.
     seals: SealBook,
+    transitions: Arc<Transitions>,
+}
+
+/// Sandboxes whose state is being changed (hibernated, woken, stopped, restarted).
+#[derive(Default)]
+struct Transitions {
+    held: Mutex<HashSet<String>>,
+    released: Condvar,
+}
+
+/// The right to change one sandbox's state, until dropped. Owned (no borrow), so the reaper can
+/// hand it to the thread that hibernates the sandbox.
+pub struct Transition {
+    transitions: Arc<Transitions>,
+    id: String,
+}
+
+impl Drop for Transition {
+    fn drop(&mut self) {
+        // The set stays consistent whatever panicked while holding its lock (single inserts and
+        // removals), so a poisoned lock is still usable.
+        self.transitions.held.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.id);
+        self.transitions.released.notify_all();
+    }
 }
 
 /// A running sandbox's deadline and, for an idle timeout, what activity renews it to.
@@ -75,7 +101,35 @@ impl Lifecycle {
             unavailable_reason: unavailable_reason.into(),
             live: Mutex::new(HashMap::new()),
             seals: SealBook::new(),
+            transitions: Arc::default(),
         }
+    }
+
+    /// Waits until no other state change of sandbox `id` is under way, then holds the right to
+    /// make one. Bounded by the changes themselves (every runtime call has a deadline).
+    pub fn transition(&self, id: &str) -> Transition {
+        let t = &self.transitions;
+        let mut held = t.held.lock().unwrap_or_else(PoisonError::into_inner);
+        while held.contains(id) {
+            held = t.released.wait(held).unwrap_or_else(PoisonError::into_inner);
+        }
+        held.insert(id.to_string());
+        Transition { transitions: Arc::clone(t), id: id.to_string() }
+    }
+
+    /// Like `transition`, but None at once when a change of `id` is under way.
+    pub fn try_transition(&self, id: &str) -> Option<Transition> {
+        let t = &self.transitions;
+        let mut held = t.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if !held.insert(id.to_string()) {
+            return None;
+        }
+        Some(Transition { transitions: Arc::clone(t), id: id.to_string() })
+    }
+
+    /// Whether a state change of `id` is under way (a request would wait for it).
+    pub fn in_transition(&self, id: &str) -> bool {
+        self.transitions.held.lock().unwrap_or_else(PoisonError::into_inner).contains(id)
     }
 
     pub fn backend(&self) -> Result<&Backend, AppError> {
@@ -145,6 +199,12 @@ impl Lifecycle {
             .unwrap_or_default()
     }
 
+    /// Whether sandbox `id` is tracked, past its deadline and not in use (the reaper's test,
+    /// repeated by an idle hibernation once it holds the sandbox's transition).
+    pub(crate) fn is_expired(&self, id: &str, now: i64) -> bool {
+        self.live.lock().is_ok_and(|m| m.get(id).is_some_and(|d| d.end_at <= now && d.busy == 0))
+    }
+
     pub(crate) fn live_ids(&self) -> Vec<String> {
         self.live.lock().map(|m| m.keys().cloned().collect()).unwrap_or_default()
     }
@@ -177,5 +237,24 @@ mod tests {
         // A use of a sandbox that is not tracked (gone, or no deadline) changes nothing.
         drop(lifecycle.in_use("other"));
         assert_eq!(lifecycle.deadline("other"), None);
+    }
+
+    #[test]
+    fn state_changes_of_one_sandbox_happen_one_at_a_time() {
+        let lifecycle = Arc::new(Lifecycle::new(None, "test"));
+        let first = lifecycle.transition("s");
+        assert!(lifecycle.in_transition("s"));
+        assert!(lifecycle.try_transition("s").is_none());
+        // Another sandbox is not held up.
+        assert!(lifecycle.try_transition("t").is_some());
+        let waiter = {
+            let lifecycle = Arc::clone(&lifecycle);
+            std::thread::spawn(move || drop(lifecycle.transition("s")))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!waiter.is_finished(), "a second change waits for the first");
+        drop(first);
+        waiter.join().expect("the waiter ends once the first change is over");
+        assert!(!lifecycle.in_transition("s"));
     }
 }

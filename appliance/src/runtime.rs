@@ -35,6 +35,17 @@ pub struct Booted {
     pub disk_mb: u32,
 }
 
+/// A hibernated sandbox's snapshot, as the VMM reported writing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The machine state (vCPUs, devices, clocks).
+    pub state_bytes: u64,
+    /// Guest memory actually stored (never-written pages are holes and not counted).
+    pub memory_bytes: u64,
+    /// How long the guest stood still while it was written.
+    pub paused_ms: u64,
+}
+
 /// One environment variable handed to the agent. Values are wiped on drop (they are
 /// sealed tokens or caller-supplied values, never secret plaintexts).
 pub type EnvVars = Vec<(String, Zeroizing<String>)>;
@@ -151,9 +162,29 @@ pub trait SandboxRuntime: Send + Sync {
     /// vsock CID: its files stay, its processes and memory do not, nor its environment (the
     /// caller hands that over again with `set_env`).
     fn restart(&self, spec: &BootSpec) -> Result<Booted, RuntimeError>;
+    /// Writes a running sandbox's guest state and memory to a snapshot on the data disk and ends
+    /// its VMM; its root disk and vsock CID stay, so it holds no memory and no process until
+    /// `wake`. A snapshot is kept only once complete and durable; if it cannot be written the
+    /// sandbox runs on and the error says why.
+    fn hibernate(&self, sandbox_id: &str) -> Result<Snapshot, RuntimeError> {
+        Err(RuntimeError::Failed(format!("hibernation is not supported by this runtime (sandbox {sandbox_id})")))
+    }
+    /// Resumes a hibernated sandbox from its snapshot on the same root disk and CID: its
+    /// processes, open files and sessions carry on; the guest is given the current time and
+    /// fresh entropy. The snapshot is dropped once the resumed VMM ends, or at the next
+    /// hibernation. A wake that fails leaves no VMM running.
+    fn wake(&self, spec: &BootSpec) -> Result<Booted, RuntimeError> {
+        Err(RuntimeError::Failed(format!("hibernation is not supported by this runtime (sandbox {})", spec.sandbox_id)))
+    }
+    /// Every sandbox with a complete hibernation snapshot and no VMM, including those found
+    /// after a restart (`stop` drops one).
+    fn hibernated_ids(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// Hands the agent its environment (sealed tokens, proxy settings, request envs).
     fn set_env(&self, sandbox_id: &str, envs: &EnvVars) -> Result<(), RuntimeError>;
-    /// Kills the VMM and releases the sandbox's disk; stopping a dead sandbox is not an error.
+    /// Kills the VMM and releases the sandbox's disk and snapshot; stopping a dead sandbox is not
+    /// an error.
     fn stop(&self, sandbox_id: &str) -> Result<(), RuntimeError>;
     /// Whether the sandbox's VMM is still running (used after restarts and by the reaper).
     fn is_alive(&self, sandbox_id: &str) -> bool;

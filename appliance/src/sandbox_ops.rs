@@ -1,7 +1,8 @@
 //! Operations on sandboxes: create (secret names -> sealed tokens -> boot -> publish -> env ->
-//! record), stop at `endAt` or on DELETE, timeout changes, and reconciliation after a
-//! restart. Every failure path undoes what was already done, so nothing is half-made; the
-//! capacity a create reserved is handed back on every path that ends a sandbox.
+//! record), stop at `endAt` (or hibernate, `hibernation`) or on DELETE, timeout changes, and
+//! reconciliation after a restart. Every failure path undoes what was already done, so nothing
+//! is half-made; the capacity a create reserved is handed back on every path that ends a
+//! sandbox. Changes of one sandbox's state hold its `Lifecycle::transition`.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,6 +15,7 @@ use zeroize::Zeroizing;
 use crate::app::App;
 use crate::clock::now_unix;
 use crate::error::AppError;
+use crate::hibernation;
 use crate::lifecycle::{new_id, runtime_error, Backend};
 use crate::runtime::{BootSpec, EnvVars, SandboxRuntime};
 use crate::sandbox_envs;
@@ -33,6 +35,8 @@ pub struct CreateSpec {
     pub envs: BTreeMap<String, Zeroizing<String>>,
     pub metadata: BTreeMap<String, String>,
     pub project: Option<ProjectRecord>,
+    /// What the idle timeout does: hibernate (true) or stop.
+    pub hibernate_on_idle: bool,
 }
 
 /// Mints a sealed token for each of the project's secrets, except those the request's own
@@ -83,10 +87,7 @@ pub fn create(app: &App, spec: CreateSpec) -> Result<SandboxRecord, AppError> {
     }
 
     let now = now_unix();
-    let deadline = |now: i64| match spec.timeout_sec {
-        0 => NO_DEADLINE,
-        t => now.saturating_add(i64::try_from(t).unwrap_or(i64::MAX)),
-    };
+    let deadline = |now: i64| idle_deadline(now, Some(spec.timeout_sec));
     let mut record = SandboxRecord {
         id: id.clone(),
         template: spec.template.clone(),
@@ -101,6 +102,7 @@ pub fn create(app: &App, spec: CreateSpec) -> Result<SandboxRecord, AppError> {
         project: spec.project.as_ref().map(|p| p.name.clone()),
         project_id: spec.project.as_ref().map(|p| p.id.clone()),
         cid: 0,
+        hibernate_on_idle: spec.hibernate_on_idle,
     };
     // Recorded before the VMM exists: a restart at any later point finds the record (reconcile).
     store_record(app, &record)?;
@@ -178,9 +180,15 @@ pub fn create(app: &App, spec: CreateSpec) -> Result<SandboxRecord, AppError> {
     Ok(record)
 }
 
-/// Stops a sandbox's VMM, withdraws its tokens and records `status`. Safe to call
-/// for a sandbox that is already gone.
+/// Stops a sandbox's VMM (or drops its hibernation snapshot), withdraws its tokens and records
+/// `status`. Safe to call for a sandbox that is already gone.
 pub fn stop(app: &App, id: &str, status: SandboxStatus, why: &str) -> Result<(), AppError> {
+    let _changing = app.lifecycle.transition(id);
+    stop_locked(app, id, status, why)
+}
+
+/// `stop`, for a caller that holds the sandbox's transition.
+pub(crate) fn stop_locked(app: &App, id: &str, status: SandboxStatus, why: &str) -> Result<(), AppError> {
     // Untracked first, so the reaper does not report this VMM's end as a crash.
     app.lifecycle.untrack(id);
     if let Ok(backend) = app.lifecycle.backend() {
@@ -210,6 +218,7 @@ fn hand_over_env(app: &App, runtime: &dyn SandboxRuntime, id: &str, envs: &EnvVa
 /// and keeps its vsock CID, so its tokens stay registered with the proxy as they were. A
 /// restart that fails leaves the sandbox stopped with the error.
 pub fn restart(app: &App, id: &str) -> Result<SandboxRecord, AppError> {
+    let _changing = app.lifecycle.transition(id);
     let (backend, record) = require_running(app, id)?;
     let envs = sandbox_envs::load(app, id)?;
     let spec = BootSpec {
@@ -236,7 +245,7 @@ pub fn restart(app: &App, id: &str) -> Result<SandboxRecord, AppError> {
     if let Err(e) = restarted {
         app.metrics.record_boot_failure();
         println!("appliance: sandbox {id}: restart failed: {}", e.message);
-        stop(app, id, SandboxStatus::Error, "restart failed")?;
+        stop_locked(app, id, SandboxStatus::Error, "restart failed")?;
         return Err(e);
     }
     app.metrics.record_boot(started.elapsed());
@@ -252,11 +261,13 @@ pub fn restart(app: &App, id: &str) -> Result<SandboxRecord, AppError> {
     get(app, id)
 }
 
-/// DELETE: stops the sandbox if needed and removes its record.
+/// DELETE: stops the sandbox (or drops its hibernation snapshot) if needed and removes its
+/// record.
 pub fn delete(app: &App, id: &str) -> Result<(), AppError> {
+    let _changing = app.lifecycle.transition(id);
     let record = get(app, id)?;
-    if record.status == SandboxStatus::Running {
-        stop(app, id, SandboxStatus::Stopped, "deleted")?;
+    if matches!(record.status, SandboxStatus::Running | SandboxStatus::Hibernated) {
+        stop_locked(app, id, SandboxStatus::Stopped, "deleted")?;
     }
     let id_owned = id.to_string();
     app.store.write(move |wtxn, dbs| {
@@ -271,7 +282,7 @@ pub fn delete(app: &App, id: &str) -> Result<(), AppError> {
     Ok(())
 }
 
-fn store_record(app: &App, record: &SandboxRecord) -> Result<(), AppError> {
+pub(crate) fn store_record(app: &App, record: &SandboxRecord) -> Result<(), AppError> {
     let record = record.clone();
     app.store.write(move |wtxn, dbs| Ok(dbs.sandboxes.put(wtxn, &record.id, &record)?))
 }
@@ -316,37 +327,57 @@ pub fn require_running<'a>(app: &'a App, id: &str) -> Result<(&'a Backend, Sandb
     Ok((backend, record))
 }
 
-/// Makes `timeout_sec` the sandbox's idle timeout, counted from now (0: no automatic stop).
+/// When a sandbox with idle timeout `idle_sec` (0 or None: none) that is used at `now` ends.
+pub(crate) fn idle_deadline(now: i64, idle_sec: Option<u64>) -> i64 {
+    match idle_sec {
+        None | Some(0) => NO_DEADLINE,
+        Some(t) => now.saturating_add(i64::try_from(t).unwrap_or(i64::MAX)),
+    }
+}
+
+/// Makes `timeout_sec` the sandbox's idle timeout, counted from now (0: no automatic stop). A
+/// hibernated sandbox keeps it for when it is woken (its timeout does not run meanwhile).
 pub fn set_timeout(app: &App, id: &str, timeout_sec: u64) -> Result<SandboxRecord, AppError> {
-    let end_at = match timeout_sec {
-        0 => NO_DEADLINE,
-        t => now_unix().saturating_add(i64::try_from(t).unwrap_or(i64::MAX)),
-    };
+    let _changing = app.lifecycle.transition(id);
+    set_timeout_locked(app, id, timeout_sec)
+}
+
+/// `set_timeout`, for a caller that holds the sandbox's transition.
+pub(crate) fn set_timeout_locked(app: &App, id: &str, timeout_sec: u64) -> Result<SandboxRecord, AppError> {
+    let end_at = idle_deadline(now_unix(), Some(timeout_sec));
     let id_owned = id.to_string();
     let record = app.store.write(move |wtxn, dbs| {
         let mut record = dbs
             .sandboxes
             .get(wtxn, &id_owned)?
             .ok_or_else(|| AppError::not_found(format!("sandbox {id_owned} not found")))?;
-        if record.status != SandboxStatus::Running {
-            return Err(AppError::conflict(format!("sandbox {id_owned} is {}", record.status.as_str())));
+        match record.status {
+            SandboxStatus::Running => record.end_at = end_at,
+            SandboxStatus::Hibernated => {}
+            other => return Err(AppError::conflict(format!("sandbox {id_owned} is {}", other.as_str()))),
         }
-        record.end_at = end_at;
         record.idle_timeout_sec = Some(timeout_sec);
         dbs.sandboxes.put(wtxn, &id_owned, &record)?;
         Ok(record)
     })?;
-    app.lifecycle.track(id, record.end_at, record.idle_timeout_sec);
+    if record.status == SandboxStatus::Running {
+        app.lifecycle.track(id, record.end_at, record.idle_timeout_sec);
+    }
     Ok(record)
 }
 
-/// After a restart, the one reconcile of the store with the VMMs the runtime found, both ways:
+/// After a restart, the one reconcile of the store with the VMMs and hibernation snapshots the
+/// runtime found, both ways:
 /// - a running record whose VMM lives is adopted: its memory is committed, its timeout tracked,
 ///   and its sealed tokens registered with the proxy again (from the store);
-/// - a running record without a VMM is marked `stopped`;
+/// - a running record without a VMM but with a complete snapshot (the appliance stopped between
+///   keeping the snapshot and recording it) is hibernated; without a snapshot it is `stopped`;
+/// - a hibernated record keeps its snapshot and its tokens are registered again (no VMM, no
+///   memory); without its snapshot it is `stopped`; with a VMM (a wake cut short, whose guest
+///   has run on from the snapshot, which is therefore stale) it is `error` and the VMM stopped;
 /// - a record still `starting` (the appliance stopped in the middle of its create, whose client
 ///   got no answer) is marked `error` and its VMM, if any, stopped;
-/// - a VMM without a running record is stopped.
+/// - a VMM without a running record is stopped, a snapshot without a hibernated record dropped.
 pub fn reconcile_after_start(app: &App) -> Result<(), AppError> {
     let records: Vec<SandboxRecord> = app.store.read(|rtxn, dbs| {
         let mut out = Vec::new();
@@ -359,31 +390,50 @@ pub fn reconcile_after_start(app: &App) -> Result<(), AppError> {
         Ok(out)
     })?;
     let backend = app.lifecycle.backend().ok();
+    let snapshots: std::collections::HashSet<String> =
+        backend.map(|b| b.runtime.hibernated_ids().into_iter().collect()).unwrap_or_default();
     let mut adopted = std::collections::HashSet::new();
+    let mut kept_hibernated = std::collections::HashSet::new();
     let mut ended = Vec::new();
     for record in records {
         let alive = backend.is_some_and(|b| b.runtime.is_alive(&record.id));
+        let snapshot = snapshots.contains(&record.id);
         match (record.status, backend) {
             (SandboxStatus::Running, Some(b)) if alive => {
                 app.capacity.adopt(&record.id, record.cpu_count, record.memory_mb);
                 // Activity while the appliance was down is unknown: an idle clock starts again.
                 app.lifecycle.track(&record.id, record.end_at, record.idle_timeout_sec);
                 app.lifecycle.touch(&record.id, now_unix());
-                match seal_sync::restore(app, &*b.publisher, &record.id, record.cid) {
-                    Ok(Some(tokens)) => println!(
-                        "appliance: sandbox {}: adopted, {tokens} sealed token(s) registered with the proxy again",
-                        record.id
-                    ),
-                    Ok(None) => println!(
-                        "appliance: sandbox {}: adopted; no sealed tokens were stored for it (created by an older version), so it has no egress",
-                        record.id
-                    ),
-                    Err(e) => println!(
-                        "appliance: sandbox {}: adopted, but its sealed tokens could not be registered ({}); it has no egress",
-                        record.id, e.message
-                    ),
-                }
+                register_again(app, b, &record, "adopted");
                 adopted.insert(record.id);
+            }
+            (SandboxStatus::Running | SandboxStatus::Hibernated, Some(b)) if !alive && snapshot => {
+                if record.status == SandboxStatus::Running {
+                    hibernation::record_hibernated(app, record.clone())?;
+                    println!(
+                        "appliance: sandbox {}: its VMM had written its snapshot when the appliance stopped; hibernated",
+                        record.id
+                    );
+                }
+                register_again(app, b, &record, "hibernated");
+                kept_hibernated.insert(record.id);
+            }
+            (SandboxStatus::Hibernated, Some(b)) if alive => {
+                println!(
+                    "appliance: sandbox {}: a wake was cut short by the restart; its guest ran on from a snapshot that is now stale, so it ends as error",
+                    record.id
+                );
+                if let Err(e) = b.runtime.stop(&record.id) {
+                    println!("appliance: sandbox {}: cannot stop its half-woken VMM: {e}", record.id);
+                }
+                ended.push((record.id, SandboxStatus::Error));
+            }
+            (SandboxStatus::Hibernated, _) => {
+                println!(
+                    "appliance: sandbox {}: hibernated, but no complete snapshot of it was found on the data disk; marked stopped",
+                    record.id
+                );
+                ended.push((record.id, SandboxStatus::Stopped));
             }
             (SandboxStatus::Starting, _) => {
                 if let (true, Some(b)) = (alive, backend) {
@@ -405,24 +455,66 @@ pub fn reconcile_after_start(app: &App) -> Result<(), AppError> {
                 }
             }
         }
+        for id in snapshots.iter().filter(|id| !kept_hibernated.contains(*id)) {
+            println!("appliance: sandbox {id}: its hibernation snapshot has no hibernated record; removing it");
+            if let Err(e) = b.runtime.stop(id) {
+                println!("appliance: sandbox {id}: cannot remove its snapshot: {e}");
+            }
+        }
     }
     if ended.is_empty() {
         return Ok(());
     }
     let count = ended.len();
     app.store.write(move |wtxn, dbs| ended.iter().try_for_each(|(id, status)| record_end(wtxn, dbs, id, *status)))?;
-    println!("appliance: {count} sandbox(es) from before the restart have no VMM any more or never finished starting; marked ended");
+    println!("appliance: {count} sandbox(es) from before the restart have no VMM or snapshot any more or never finished starting; marked ended");
     Ok(())
 }
 
-/// One pass of the reaper: kills sandboxes past `endAt` and records VMMs that died.
-pub fn reap(app: &App) {
+/// Registers a sandbox found after a restart (running, or hibernated and so woken with the same
+/// CID) with the proxy again, from its sealed tokens in the store.
+fn register_again(app: &App, backend: &Backend, record: &SandboxRecord, what: &str) {
+    match seal_sync::restore(app, &*backend.publisher, &record.id, record.cid) {
+        Ok(Some(tokens)) => println!(
+            "appliance: sandbox {}: {what}, {tokens} sealed token(s) registered with the proxy again",
+            record.id
+        ),
+        Ok(None) => println!(
+            "appliance: sandbox {}: {what}; no sealed tokens were stored for it (created by an older version), so it has no egress",
+            record.id
+        ),
+        Err(e) => println!(
+            "appliance: sandbox {}: {what}, but its sealed tokens could not be registered ({}); it has no egress",
+            record.id, e.message
+        ),
+    }
+}
+
+/// One pass of the reaper: sandboxes past `endAt` are stopped, or hibernated on threads of their
+/// own (returned, so the reaper can wait for them before it ends) when their record says so;
+/// VMMs that died are recorded.
+pub fn reap(app: &Arc<App>) -> Vec<std::thread::JoinHandle<()>> {
+    let mut hibernating = Vec::new();
     for id in app.lifecycle.expired(now_unix()) {
+        let hibernates = get(app, &id).is_ok_and(|r| r.hibernate_on_idle && r.status == SandboxStatus::Running);
+        if hibernates {
+            // Held from here, so the next passes leave it alone while its snapshot is written.
+            let Some(changing) = app.lifecycle.try_transition(&id) else { continue };
+            let worker = Arc::clone(app);
+            let spawned = std::thread::Builder::new()
+                .name("idle-hibernate".into())
+                .spawn(move || hibernation::on_idle(&worker, &id, changing));
+            match spawned {
+                Ok(handle) => hibernating.push(handle),
+                Err(e) => println!("appliance: cannot start an idle hibernation: {e}; retried at the next pass"),
+            }
+            continue;
+        }
         if let Err(e) = stop(app, &id, SandboxStatus::Stopped, "timeout reached") {
             println!("appliance: sandbox {id}: could not record timeout stop: {}", e.message);
         }
     }
-    let Ok(backend) = app.lifecycle.backend() else { return };
+    let Ok(backend) = app.lifecycle.backend() else { return hibernating };
     for id in app.lifecycle.live_ids() {
         if !backend.runtime.is_alive(&id) {
             let (status, why) = match backend.runtime.exit_description(&id) {
@@ -435,6 +527,7 @@ pub fn reap(app: &App) {
             }
         }
     }
+    hibernating
 }
 
 /// Deletes the records of sandboxes that ended more than `retention` ago; returns how many.
@@ -476,8 +569,10 @@ pub fn spawn_reaper(
         .name("sandbox-reaper".into())
         .spawn(move || {
             let mut last_purge = std::time::Instant::now();
+            let mut hibernating: Vec<std::thread::JoinHandle<()>> = Vec::new();
             while !stop_flag.load(Ordering::Relaxed) {
-                reap(&app);
+                hibernating.retain(|h| !h.is_finished());
+                hibernating.extend(reap(&app));
                 if last_purge.elapsed() >= PURGE_PERIOD {
                     last_purge = std::time::Instant::now();
                     match purge_stopped(&app, now_unix(), retention) {
@@ -490,6 +585,10 @@ pub fn spawn_reaper(
                     }
                 }
                 std::thread::sleep(period);
+            }
+            // Each is bounded by the runtime's deadlines; the store must not close under them.
+            for handle in hibernating {
+                let _ = handle.join();
             }
         })
         .ok()

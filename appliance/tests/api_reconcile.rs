@@ -1,7 +1,10 @@
 //! The reconcile after a restart, over real HTTP and a real store with the runtime double whose
-//! "VMMs" outlive the server: running records with a VMM are adopted and their sealed tokens
-//! registered with the (new, empty) proxy registry again; records without a VMM end; a create
-//! cut short by the restart ends as `error` with its VMM stopped; VMMs without a record stop.
+//! "VMMs" and hibernation snapshots outlive the server: running records with a VMM are adopted
+//! and their sealed tokens registered with the (new, empty) proxy registry again; records without
+//! a VMM end; a create cut short by the restart ends as `error` with its VMM stopped; VMMs
+//! without a record stop. Hibernated records keep their snapshot (or end `stopped` without one),
+//! a running record whose VMM left a complete snapshot is hibernated, a wake cut short ends as
+//! `error`, and a snapshot without a record is removed.
 
 mod common;
 
@@ -158,6 +161,7 @@ fn a_create_cut_short_by_a_restart_ends_as_error_with_its_vmm_stopped() {
         project: None,
         project_id: None,
         cid: 0,
+        hibernate_on_idle: true,
     };
     store.write(move |wtxn, dbs| Ok(dbs.sandboxes.put(wtxn, &record.id, &record)?)).expect("write");
     store.close();
@@ -172,4 +176,120 @@ fn a_create_cut_short_by_a_restart_ends_as_error_with_its_vmm_stopped() {
     assert!(h.runtime.stops.lock().expect("lock").contains(&id), "the half-created VMM was not stopped");
     let (_, system) = h.client().call("GET", "/api/system", "");
     assert_eq!(system["capacity"]["memoryMB"]["committed"], 0, "{system}");
+}
+
+fn hibernate(h: &Harness, id: &str) {
+    let (status, body) = h.client().call("POST", &format!("/api/sandboxes/{id}/hibernate"), "");
+    assert_eq!((status, body["status"].as_str()), (200, Some("hibernated")), "{body}");
+}
+
+fn status_of(h: &Harness, id: &str) -> String {
+    let (_, sandbox) = h.client().call("GET", &format!("/api/sandboxes/{id}"), "");
+    sandbox["status"].as_str().expect("status").to_string()
+}
+
+fn committed_mb(h: &Harness) -> u64 {
+    let (_, system) = h.client().call("GET", "/api/system", "");
+    system["capacity"]["memoryMB"]["committed"].as_u64().expect("committed")
+}
+
+#[test]
+fn a_hibernated_sandbox_stays_hibernated_and_its_tokens_work_once_woken() {
+    let mut h = Harness::start("reconcile-hibernated");
+    new_project(&h, "agents", &["API_KEY"]);
+    let id = new_sandbox(&h, "agents");
+    let token = token_of(&h, &id, "API_KEY");
+    let before = published(&h, &id).expect("published at create");
+    hibernate(&h, &id);
+    restart_with_empty_registry(&mut h);
+
+    assert_eq!(status_of(&h, &id), "hibernated");
+    assert_eq!(committed_mb(&h), 0, "no memory is committed for it");
+    assert_eq!(published(&h, &id), Some(before), "its tokens are registered again under its CID");
+    // A command wakes it, with the token it had.
+    let (status, out) = h.client().call("POST", &format!("/api/sandboxes/{id}/commands"), r#"{"cmd":"echo $API_KEY"}"#);
+    assert_eq!((status, out["stdout"].as_str()), (200, Some(format!("{token}\n").as_str())), "{out}");
+    assert_eq!(status_of(&h, &id), "running");
+    assert_eq!(committed_mb(&h), 512);
+}
+
+#[test]
+fn a_hibernated_record_whose_snapshot_is_gone_ends_stopped() {
+    let mut h = Harness::start("reconcile-lost-snapshot");
+    new_project(&h, "agents", &["API_KEY"]);
+    let id = new_sandbox(&h, "agents");
+    hibernate(&h, &id);
+    h.stop();
+    h.runtime.sandboxes.lock().expect("lock").get_mut(&id).expect("sandbox").hibernated = false;
+    h.publisher.published.lock().expect("lock").clear();
+    h.restart();
+    assert_eq!(status_of(&h, &id), "stopped");
+    assert!(published(&h, &id).is_none());
+    let (status, err) = h.client().call("POST", &format!("/api/sandboxes/{id}/wake"), "");
+    assert_eq!(status, 409, "{err}");
+}
+
+#[test]
+fn a_running_record_whose_vmm_left_a_complete_snapshot_is_hibernated() {
+    let mut h = Harness::start("reconcile-unrecorded-snapshot");
+    new_project(&h, "agents", &["API_KEY"]);
+    let id = new_sandbox(&h, "agents");
+    let token = token_of(&h, &id, "API_KEY");
+    // The appliance stopped after the snapshot was kept and before the record said so.
+    h.stop();
+    {
+        let mut sandboxes = h.runtime.sandboxes.lock().expect("lock");
+        let sandbox = sandboxes.get_mut(&id).expect("sandbox");
+        sandbox.alive = false;
+        sandbox.hibernated = true;
+    }
+    h.publisher.published.lock().expect("lock").clear();
+    h.restart();
+    assert_eq!(status_of(&h, &id), "hibernated");
+    assert_eq!(committed_mb(&h), 0);
+    let (status, woken) = h.client().call("POST", &format!("/api/sandboxes/{id}/wake"), "");
+    assert_eq!((status, woken["status"].as_str()), (200, Some("running")), "{woken}");
+    let (_, out) = h.client().call("POST", &format!("/api/sandboxes/{id}/commands"), r#"{"cmd":"echo $API_KEY"}"#);
+    assert_eq!(out["stdout"].as_str(), Some(format!("{token}\n").as_str()));
+}
+
+#[test]
+fn a_wake_cut_short_by_a_restart_ends_as_error_with_its_vmm_stopped() {
+    let mut h = Harness::start("reconcile-half-woken");
+    let id = new_sandbox_without_project(&h);
+    hibernate(&h, &id);
+    // The appliance stopped after the VMM resumed the snapshot and before the record said so.
+    h.stop();
+    {
+        let mut sandboxes = h.runtime.sandboxes.lock().expect("lock");
+        let sandbox = sandboxes.get_mut(&id).expect("sandbox");
+        sandbox.alive = true;
+        sandbox.hibernated = false;
+    }
+    h.restart();
+    assert_eq!(status_of(&h, &id), "error");
+    assert!(h.runtime.stops.lock().expect("lock").contains(&id), "the half-woken VMM was stopped");
+    assert!(!h.runtime.sandboxes.lock().expect("lock")[&id].alive);
+    assert_eq!(committed_mb(&h), 0);
+}
+
+#[test]
+fn a_snapshot_without_a_hibernated_record_is_removed() {
+    let mut h = Harness::start("reconcile-orphan-snapshot");
+    h.stop();
+    let orphan = "3f1c9a52-0000-4000-8000-00000000cafe".to_string();
+    h.runtime
+        .sandboxes
+        .lock()
+        .expect("lock")
+        .insert(orphan.clone(), FakeSandbox { cid: 79, hibernated: true, ..Default::default() });
+    h.restart();
+    assert!(h.runtime.stops.lock().expect("lock").contains(&orphan), "the orphan snapshot was not removed");
+    assert!(!h.runtime.sandboxes.lock().expect("lock")[&orphan].hibernated);
+}
+
+fn new_sandbox_without_project(h: &Harness) -> String {
+    let (status, sandbox) = h.client().call("POST", "/api/sandboxes", r#"{"timeout":600}"#);
+    assert_eq!(status, 201, "{sandbox}");
+    sandbox["sandboxID"].as_str().expect("id").to_string()
 }

@@ -205,8 +205,6 @@ fn routes_the_appliance_cannot_honour_answer_501_and_unknown_ones_404() {
     let mut c = h.client();
     let id = create(&mut c, &json!({}));
     let unsupported = [
-        ("POST", format!("/api/sandboxes/{id}/hibernate")),
-        ("POST", format!("/api/sandboxes/{id}/wake")),
         ("POST", format!("/api/sandboxes/{id}/scale")),
         ("PUT", format!("/api/sandboxes/{id}/autoscale")),
         ("GET", format!("/api/sandboxes/{id}/scaling-lock")),
@@ -248,5 +246,6 @@ fn routes_the_appliance_cannot_honour_answer_501_and_unknown_ones_404() {
     }
     // A key is still needed to learn any of this.
     let mut anonymous = Client::new(h.addr, None);
+    assert_eq!(anonymous.call("POST", &format!("/api/sandboxes/{id}/scale"), "").0, 401);
     assert_eq!(anonymous.call("POST", &format!("/api/sandboxes/{id}/hibernate"), "").0, 401);
 }

@@ -169,8 +169,11 @@ fn time_of(v: &Value) -> i64 {
 fn get_list_timeout_delete_and_expiry() {
     let h = Harness::start("sbx-life");
     let mut c = h.client();
-    let (_, a) = c.call("POST", "/api/sandboxes", r#"{"timeout":600}"#);
-    let (_, b) = c.call("POST", "/api/sandboxes", r#"{"timeout":600}"#);
+    // Its idle timeout stops a sandbox of this project instead of hibernating it.
+    let (status, p) = c.call("POST", "/api/projects", r#"{"name":"stops","autoHibernate":false}"#);
+    assert_eq!(status, 201, "{p}");
+    let (_, a) = c.call("POST", "/api/sandboxes", r#"{"project":"stops","timeout":600}"#);
+    let (_, b) = c.call("POST", "/api/sandboxes", r#"{"project":"stops","timeout":600}"#);
     let a_id = a["sandboxID"].as_str().expect("id").to_string();
     let b_id = b["sandboxID"].as_str().expect("id").to_string();
     let (status, got) = c.call("GET", &format!("/api/sandboxes/{a_id}"), "");
@@ -218,7 +221,9 @@ fn get_list_timeout_delete_and_expiry() {
 fn a_stopped_sandbox_is_forgotten_after_the_retention_and_a_running_one_never() {
     let h = Harness::start_with_retention("sbx-purge", Duration::from_secs(1));
     let mut c = h.client();
-    let (_, short) = c.call("POST", "/api/sandboxes", r#"{"timeout":1}"#);
+    let (status, p) = c.call("POST", "/api/projects", r#"{"name":"stops","autoHibernate":false}"#);
+    assert_eq!(status, 201, "{p}");
+    let (_, short) = c.call("POST", "/api/sandboxes", r#"{"project":"stops","timeout":1}"#);
     let (_, long) = c.call("POST", "/api/sandboxes", r#"{"timeout":600}"#);
     let short_id = short["sandboxID"].as_str().expect("id").to_string();
     let long_id = long["sandboxID"].as_str().expect("id").to_string();
@@ -581,7 +586,8 @@ fn the_timeout_is_an_idle_timeout_renewed_by_activity_and_zero_never_stops() {
     let forever = s["sandboxID"].as_str().expect("id").to_string();
     assert!(s["endAt"].is_null(), "timeout 0: no automatic stop: {s}");
 
-    // A command every half second keeps `busy` alive well past its 2 s; `idle` stops.
+    // A command every half second keeps `busy` alive well past its 2 s; `idle` hibernates (what
+    // an idle timeout does unless a project says otherwise, as OpenComputer's does).
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(5) {
         let (status, out) = c.call("POST", &format!("/api/sandboxes/{busy}/exec/run"), r#"{"cmd":"echo hi"}"#);
@@ -592,21 +598,21 @@ fn the_timeout_is_an_idle_timeout_renewed_by_activity_and_zero_never_stops() {
     assert_eq!(b["status"], "running");
     assert!(time_of(&b["endAt"]) > first_end, "endAt moved with the activity: {b}");
     let (_, i) = c.call("GET", &format!("/api/sandboxes/{idle}"), "");
-    assert_eq!(i["status"], "stopped", "{i}");
+    assert_eq!(i["status"], "hibernated", "{i}");
     let (_, f) = c.call("GET", &format!("/api/sandboxes/{forever}"), "");
     assert_eq!(f["status"], "running", "{f}");
 
-    // Left idle, `busy` stops too.
+    // Left idle, `busy` hibernates too.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (_, b) = h.client().call("GET", "/api/sandboxes", "");
         let state = b.as_array().expect("list").iter().find(|s| s["sandboxID"] == busy.as_str()).expect("busy")
             ["status"]
             .clone();
-        if state == "stopped" {
+        if state == "hibernated" {
             break;
         }
-        assert!(Instant::now() < deadline, "the idle sandbox was never stopped");
+        assert!(Instant::now() < deadline, "the idle sandbox was never hibernated");
         std::thread::sleep(Duration::from_millis(200));
     }
 }

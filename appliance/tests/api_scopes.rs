@@ -60,7 +60,7 @@ type Row = (&'static str, String, String, Operator, u16);
 /// Rows run in order, the project key first; later rows rely on what earlier ones did.
 fn rows(f: &Fixture) -> Vec<Row> {
     use Operator::{Allowed, Exactly, Skipped};
-    let Fixture { pa, pb, sa, sb, s0, other_key_id, .. } = f;
+    let Fixture { pa, pb, .. } = f;
     vec![
         ("GET", "/api/healthz".into(), String::new(), Exactly(200), 200),
         ("GET", "/metrics".into(), String::new(), Exactly(200), 403),
@@ -103,6 +103,17 @@ fn rows(f: &Fixture) -> Vec<Row> {
         ("PUT", format!("/api/secret-stores/{pa}/secrets/STORED"), r#"{"value":"v"}"#.into(), Exactly(200), 200),
         ("DELETE", format!("/api/secret-stores/{pa}/secrets/STORED"), String::new(), Exactly(404), 204),
         ("PUT", format!("/api/secret-stores/{pb}/secrets/OTHER"), r#"{"value":"v"}"#.into(), Exactly(200), 403),
+    ]
+    .into_iter()
+    .chain(sandbox_rows(f))
+    .collect()
+}
+
+/// The sandbox routes' rows, run after `rows`' others.
+fn sandbox_rows(f: &Fixture) -> Vec<Row> {
+    use Operator::{Allowed, Exactly, Skipped};
+    let Fixture { pb, sa, sb, s0, other_key_id, .. } = f;
+    vec![
         ("GET", "/api/sandboxes".into(), String::new(), Exactly(200), 200),
         ("POST", "/api/sandboxes".into(), r#"{"project":"a"}"#.into(), Exactly(201), 201),
         ("POST", "/api/sandboxes".into(), r#"{"project":"b"}"#.into(), Exactly(201), 403),
@@ -150,7 +161,12 @@ fn rows(f: &Fixture) -> Vec<Row> {
         ("GET", format!("/api/sandboxes/{sa}/logs"), String::new(), Exactly(200), 200),
         ("GET", format!("/api/sandboxes/{sb}/allowed-hosts"), String::new(), Exactly(200), 403),
         ("GET", format!("/api/sandboxes/{sa}/allowed-hosts"), String::new(), Exactly(200), 200),
-        ("POST", format!("/api/sandboxes/{sa}/hibernate"), String::new(), Exactly(501), 501),
+        // Hibernating a hibernated sandbox or waking a running one answers it as it is.
+        ("POST", format!("/api/sandboxes/{sa}/hibernate"), String::new(), Exactly(200), 200),
+        ("POST", format!("/api/sandboxes/{sa}/wake"), r#"{"timeout":600}"#.into(), Exactly(200), 200),
+        ("POST", format!("/api/sandboxes/{sb}/hibernate"), String::new(), Exactly(200), 403),
+        ("POST", format!("/api/sandboxes/{sb}/wake"), String::new(), Exactly(200), 403),
+        ("POST", format!("/api/sandboxes/{sa}/checkpoints"), String::new(), Exactly(501), 501),
         ("POST", format!("/api/sandboxes/{sb}/timeout"), r#"{"timeout":600}"#.into(), Exactly(204), 403),
         ("POST", format!("/api/sandboxes/{sb}/reboot"), String::new(), Exactly(200), 403),
         ("POST", format!("/api/sandboxes/{sa}/timeout"), r#"{"timeout":600}"#.into(), Exactly(204), 204),

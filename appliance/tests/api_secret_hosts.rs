@@ -159,6 +159,7 @@ fn secrets_stored_before_per_secret_hosts_still_load() {
         memory_mb: 512,
         timeout_sec: 300,
         egress_allowlist: vec!["api.legacy.example".into()],
+        auto_hibernate: true,
         created_at: 1_700_000_000,
         updated_at: 1_700_000_000,
     };

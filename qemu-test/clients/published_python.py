@@ -147,14 +147,14 @@ async def python_template() -> None:
 
 async def idle_timeouts(busy: Sandbox, idle: Sandbox) -> None:
     started = time.monotonic()
-    # A command every 15 s keeps the 60 s idle timeout from firing; the idle one stops.
+    # A command every 15 s keeps the 60 s idle timeout from firing; the idle one hibernates.
     while time.monotonic() - started < 120:
         out = await busy.exec.run("echo tick")
         expect(out.stdout == "tick\n", f"tick at {time.monotonic() - started:.0f}s: {out}")
         await asyncio.sleep(15)
     expect(await busy.is_running(), "the sandbox given a command every 15 s stopped")
     expect(not await idle.is_running(), "the idle sandbox still runs after 120 s with a 60 s timeout")
-    ok("timeout=60: a command every 15 s keeps it for 120 s; the idle one stopped")
+    ok("timeout=60: a command every 15 s keeps it for 120 s; the idle one no longer runs")
 
 
 async def main() -> None:

@@ -14,6 +14,7 @@ use crate::app::App;
 use crate::audit;
 use crate::auth::Caller;
 use crate::error::AppError;
+use crate::hibernation;
 use crate::http::reply::{Answered, Reply};
 use crate::http::request::{header, query_param, split_url};
 use crate::http::route::{match_request, Route, UNMATCHED};
@@ -39,6 +40,8 @@ fn is_long(route: &Route, method: &Method) -> bool {
                 | Route::Sandboxes
                 | Route::SandboxMemoryDump(_)
                 | Route::SandboxRestart(_)
+                | Route::SandboxHibernate(_)
+                | Route::SandboxWake(_)
                 | Route::SystemUpgrade
                 | Route::SystemMasterKeyRotate,
             Post
@@ -76,7 +79,9 @@ pub fn handle(app: &Arc<App>, request: Request, port: u16) {
             return respond(app, Some(&caller), request_label(&route), started, request, Reply::error(&e));
         }
     }
-    let long = matches!(&route, Ok(Some(r)) if is_long(r, request.method()));
+    // A request that must first wake its sandbox (or wait for it to change state) is long too.
+    let long = matches!(&route, Ok(Some(r)) if is_long(r, request.method())
+        || r.sandbox_in_use().is_some_and(|id| hibernation::must_wait(app, id)));
     if !long {
         return serve(app, &caller, request, route, port, started);
     }
@@ -148,32 +153,39 @@ fn serve(
     let (path, query) = split_url(&url);
     let label = request_label(&route);
     let upgrade = method == Method::Get && exec::is_websocket_upgrade(&request);
+    // The one place a request that needs the guest finds its sandbox: a hibernated one is woken
+    // first. API activity on a sandbox renews its idle timeout, and a sandbox is not idle while
+    // a request works with it (a command may run longer than the timeout, a WebSocket stays
+    // attached); the use ends when `in_use` drops, before the answer is written.
+    let in_use = match &route {
+        Ok(Some(r)) => match r.sandbox_in_use().map(|id| hibernation::awake_in_use(app, id)).transpose() {
+            Ok(in_use) => in_use,
+            Err(e) => return respond(app, Some(caller), label, started, request, Reply::error(&e)),
+        },
+        _ => None,
+    };
     match route {
         Ok(Some(Route::ExecSession(id, sid))) if upgrade => {
-            let status =
-                stream(app, &id, || exec::attach_websocket(app, &id, &sid, request, port, exec::Framing::Tagged));
+            let status = exec::attach_websocket(app, &id, &sid, request, port, exec::Framing::Tagged);
+            drop(in_use);
             account(app, Some(caller), (&method, &url), label, started, status);
         }
         Ok(Some(Route::PtySession(id, sid))) if upgrade => {
-            let status = stream(app, &id, || pty::attach_websocket(app, &id, &sid, request, port));
+            let status = pty::attach_websocket(app, &id, &sid, request, port);
+            drop(in_use);
             account(app, Some(caller), (&method, &url), label, started, status);
         }
         Ok(Some(Route::ExecRun(id) | Route::Commands(id))) if method == Method::Post => {
-            let in_use = app.lifecycle.in_use(&id);
             let answered = exec::run(app, &id, request);
             drop(in_use);
             answered_to(app, caller, (&method, &url), label, started, answered);
         }
         Ok(Some(Route::Files(id) | Route::FilesDownload(id))) if method == Method::Get => {
-            let in_use = app.lifecycle.in_use(&id);
             let answered = files::read(app, &id, query, request);
             drop(in_use);
             answered_to(app, caller, (&method, &url), label, started, answered);
         }
         Ok(Some(route)) => {
-            // API activity on a sandbox renews its idle timeout, and a sandbox is not idle while
-            // a request works with it (a command may run longer than the timeout).
-            let in_use = route.sandbox_in_use().map(|id| app.lifecycle.in_use(id));
             let reply = dispatch(app, caller, &route, &mut request, query).unwrap_or_else(|e| Reply::error(&e));
             drop(in_use);
             respond(app, Some(caller), label, started, request, reply);
@@ -199,14 +211,6 @@ fn answered_to(
         Answered::Reply(reply, request) => respond(app, Some(caller), label, started, *request, reply),
         Answered::Streamed(status) => account(app, Some(caller), (method, url), label, started, status),
     }
-}
-
-/// Runs a WebSocket stream on sandbox `id`; opening and closing it are activity on the sandbox
-/// (frames in between renew its idle timeout too). Returns the HTTP status sent.
-/// A WebSocket stream uses its sandbox for as long as it is attached (see `Lifecycle::in_use`).
-fn stream(app: &App, id: &str, attach: impl FnOnce() -> u16) -> u16 {
-    let _in_use = app.lifecycle.in_use(id);
-    attach()
 }
 
 pub fn dispatch(
@@ -253,6 +257,8 @@ pub fn dispatch(
         (Route::Sandbox(id), Delete) => sandboxes::delete(app, caller, id, query),
         (Route::SandboxTimeout(id), Post) => sandboxes::set_timeout(app, id, request),
         (Route::SandboxRestart(id), Post) => sandboxes::restart(app, id),
+        (Route::SandboxHibernate(id), Post) => sandboxes::hibernate(app, id),
+        (Route::SandboxWake(id), Post) => sandboxes::wake(app, id, request),
         // Answered in `serve`, which hands the request over.
         (Route::ExecRun(_) | Route::Commands(_), Post) => Err(AppError::internal("exec/run is answered by serve")),
         (Route::ExecRunAsync(id), Post) => exec::run_async(app, id, request),

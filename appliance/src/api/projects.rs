@@ -1,4 +1,5 @@
-//! Projects: named defaults (template, resources, timeout, egress allowlist) for sandboxes.
+//! Projects: named defaults (template, resources, timeout, egress allowlist, whether the idle
+//! timeout hibernates or stops) for sandboxes.
 
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -20,6 +21,9 @@ pub const DEFAULT_TEMPLATE: &str = "base";
 pub const DEFAULT_CPU_COUNT: u32 = 1;
 pub const DEFAULT_MEMORY_MB: u32 = 512;
 pub const DEFAULT_TIMEOUT_SEC: u64 = 300;
+/// OpenComputer's idle timeout hibernates a sandbox ("auto-hibernate"), so a project's does too
+/// unless it says otherwise.
+pub const DEFAULT_AUTO_HIBERNATE: bool = true;
 
 /// Body of create and update; on update, absent or zero/empty fields keep their value.
 #[derive(Debug, Deserialize)]
@@ -32,6 +36,7 @@ struct ProjectBody {
     memory_mb: Option<u32>,
     timeout_sec: Option<u64>,
     egress_allowlist: Option<Vec<String>>,
+    auto_hibernate: Option<bool>,
 }
 
 pub fn project_json(p: &ProjectRecord) -> Value {
@@ -43,6 +48,7 @@ pub fn project_json(p: &ProjectRecord) -> Value {
         "memoryMB": p.memory_mb,
         "timeoutSec": p.timeout_sec,
         "egressAllowlist": p.egress_allowlist,
+        "autoHibernate": p.auto_hibernate,
         "createdAt": rfc3339(p.created_at),
         "updatedAt": rfc3339(p.updated_at),
     })
@@ -75,6 +81,7 @@ pub fn create(app: &App, request: &mut Request) -> Result<Reply, AppError> {
         memory_mb: validate::memory_mb(non_zero(body.memory_mb).unwrap_or(DEFAULT_MEMORY_MB))?,
         timeout_sec: validate::timeout_sec("timeoutSec", non_zero(body.timeout_sec).unwrap_or(DEFAULT_TIMEOUT_SEC))?,
         egress_allowlist: allowlist(&body.egress_allowlist.unwrap_or_default())?,
+        auto_hibernate: body.auto_hibernate.unwrap_or(DEFAULT_AUTO_HIBERNATE),
         created_at: now,
         updated_at: now,
     };
@@ -95,6 +102,7 @@ pub fn with_defaults(name: String, egress_allowlist: &[String]) -> Result<Projec
         memory_mb: DEFAULT_MEMORY_MB,
         timeout_sec: DEFAULT_TIMEOUT_SEC,
         egress_allowlist: allowlist(egress_allowlist)?,
+        auto_hibernate: DEFAULT_AUTO_HIBERNATE,
         created_at: now,
         updated_at: now,
     })
@@ -151,6 +159,8 @@ pub fn update(app: &App, raw_id: &str, request: &mut Request) -> Result<Reply, A
         timeout_sec: non_zero(body.timeout_sec),
         // Here an empty list keeps the allowlist (absent and empty fields change nothing).
         egress_allowlist: body.egress_allowlist.filter(|l| !l.is_empty()),
+        // A boolean has no "empty" value: absent keeps it, false and true set it.
+        auto_hibernate: body.auto_hibernate,
     };
     Ok(Reply::json(200, &project_json(&apply(app, raw_id, changes)?)))
 }
@@ -164,6 +174,7 @@ pub struct Changes {
     pub memory_mb: Option<u32>,
     pub timeout_sec: Option<u64>,
     pub egress_allowlist: Option<Vec<String>>,
+    pub auto_hibernate: Option<bool>,
 }
 
 /// Validates and applies `changes` to project `raw_id`; running sandboxes of the project get
@@ -182,6 +193,7 @@ pub fn apply(app: &App, raw_id: &str, changes: Changes) -> Result<ProjectRecord,
     let memory = changes.memory_mb.map(validate::memory_mb).transpose()?;
     let timeout = changes.timeout_sec.map(|t| validate::timeout_sec("timeoutSec", t)).transpose()?;
     let egress = changes.egress_allowlist.map(|l| allowlist(&l)).transpose()?;
+    let auto_hibernate = changes.auto_hibernate;
     let now = now_unix();
     let updated = app.store.write(move |wtxn, dbs| {
         let mut record =
@@ -208,6 +220,9 @@ pub fn apply(app: &App, raw_id: &str, changes: Changes) -> Result<ProjectRecord,
         }
         if let Some(e) = egress {
             record.egress_allowlist = e;
+        }
+        if let Some(h) = auto_hibernate {
+            record.auto_hibernate = h;
         }
         record.updated_at = now;
         dbs.projects.put(wtxn, &record.id, &record)?;

@@ -1,4 +1,5 @@
-//! Sandboxes: create (project defaults merged), list, get, delete, timeout.
+//! Sandboxes: create (project defaults merged), list, get, delete, timeout, restart, hibernate
+//! and wake.
 
 use std::collections::BTreeMap;
 
@@ -7,12 +8,15 @@ use serde_json::{json, Value};
 use tiny_http::Request;
 use zeroize::Zeroizing;
 
-use crate::api::projects::{self, DEFAULT_CPU_COUNT, DEFAULT_MEMORY_MB, DEFAULT_TEMPLATE, DEFAULT_TIMEOUT_SEC};
+use crate::api::projects::{
+    self, DEFAULT_AUTO_HIBERNATE, DEFAULT_CPU_COUNT, DEFAULT_MEMORY_MB, DEFAULT_TEMPLATE, DEFAULT_TIMEOUT_SEC,
+};
 use crate::api::{scope, validate};
 use crate::app::App;
 use crate::auth::Caller;
 use crate::clock::rfc3339;
 use crate::error::AppError;
+use crate::hibernation;
 use crate::http::reply::Reply;
 use crate::http::request::{parse_json, percent_decode, query_param, query_values, read_body, MAX_JSON_BODY};
 use crate::lifecycle;
@@ -44,6 +48,12 @@ struct CreateBody {
 #[derive(Deserialize)]
 struct TimeoutBody {
     timeout: u64,
+}
+
+/// `POST .../wake`: an optional body; `timeout` (seconds, 0: none) becomes the idle timeout.
+#[derive(Deserialize)]
+struct WakeBody {
+    timeout: Option<u64>,
 }
 
 /// A sandbox as the API shows it; `live_end` is the running sandbox's deadline as renewed by
@@ -123,7 +133,9 @@ pub fn create(app: &App, caller: &Caller, request: &mut Request) -> Result<Reply
         Some(t) => validate::timeout_sec("timeout", t)?,
         None => project.as_ref().map_or(DEFAULT_TIMEOUT_SEC, |p| p.timeout_sec),
     };
+    let hibernate_on_idle = project.as_ref().map_or(DEFAULT_AUTO_HIBERNATE, |p| p.auto_hibernate);
     let spec = CreateSpec {
+        hibernate_on_idle,
         template,
         cpu_count: validate::cpu_count(cpu_count)?,
         memory_mb: validate::memory_mb(memory_mb)?,
@@ -137,8 +149,8 @@ pub fn create(app: &App, caller: &Caller, request: &mut Request) -> Result<Reply
     Ok(Reply::json(201, &sandbox_json(&record, app.lifecycle.deadline(&record.id))))
 }
 
-/// States a list may be filtered by. `paused` and `hibernated` are states of the hosted service
-/// that no sandbox here is ever in: accepted, they match nothing.
+/// States a list may be filtered by. `paused` is a state of the hosted service that no sandbox
+/// here is ever in: accepted, it matches nothing.
 const LIST_STATES: [&str; 6] = ["starting", "running", "stopped", "error", "paused", "hibernated"];
 
 /// `?state=` (comma-separated, may repeat) and `?metadata=` (a URL-encoded `k=v&k2=v2`, may
@@ -242,6 +254,31 @@ pub fn set_timeout(app: &App, raw_id: &str, request: &mut Request) -> Result<Rep
 pub fn restart(app: &App, raw_id: &str) -> Result<Reply, AppError> {
     let id = validate::uuid("sandbox", raw_id)?;
     let record = sandbox_ops::restart(app, &id)?;
+    Ok(Reply::json(200, &sandbox_json(&record, app.lifecycle.deadline(&id))))
+}
+
+/// `hibernate`: answers the sandbox (`status` `hibernated`), with `sizeBytes` (state and memory
+/// kept on the data disk) when this call wrote the snapshot; a hibernated sandbox is answered as
+/// it is, as OpenComputer does.
+pub fn hibernate(app: &App, raw_id: &str) -> Result<Reply, AppError> {
+    let id = validate::uuid("sandbox", raw_id)?;
+    let (record, snapshot) = hibernation::hibernate(app, &id)?;
+    let mut body = sandbox_json(&record, None);
+    if let (Some(snapshot), Some(fields)) = (snapshot, body.as_object_mut()) {
+        fields.insert("sizeBytes".into(), json!(snapshot.state_bytes.saturating_add(snapshot.memory_bytes)));
+    }
+    Ok(Reply::json(200, &body))
+}
+
+/// `wake`: answers the sandbox (`status` `running`); a running sandbox is answered as it is (with
+/// the new timeout, if one is given), as OpenComputer does.
+pub fn wake(app: &App, raw_id: &str, request: &mut Request) -> Result<Reply, AppError> {
+    let id = validate::uuid("sandbox", raw_id)?;
+    let raw = read_body(request, MAX_JSON_BODY)?;
+    let timeout = if raw.iter().all(u8::is_ascii_whitespace) { None } else { parse_json::<WakeBody>(&raw)?.timeout };
+    // 0: no automatic stop (or hibernation).
+    let timeout = timeout.map(|t| if t == 0 { Ok(0) } else { validate::timeout_sec("timeout", t) }).transpose()?;
+    let record = hibernation::wake(app, &id, timeout)?;
     Ok(Reply::json(200, &sandbox_json(&record, app.lifecycle.deadline(&id))))
 }
 

@@ -45,6 +45,8 @@ pub fn authorize(app: &App, caller: &Caller, route: &Route, method: &Method) -> 
             Route::Sandbox(id)
             | Route::SandboxTimeout(id)
             | Route::SandboxRestart(id)
+            | Route::SandboxHibernate(id)
+            | Route::SandboxWake(id)
             | Route::ExecRun(id)
             | Route::ExecRunAsync(id)
             | Route::ExecResult(id, _)

@@ -16,7 +16,8 @@ use crate::error::AppError;
 use crate::http::reply::Reply;
 use crate::http::request::{header, parse_json, query_param, read_body, split_url, MAX_JSON_BODY};
 use crate::http::route::Route;
-use crate::sandbox_ops::require_running;
+use crate::sandbox_ops;
+use crate::store::records::SandboxStatus;
 use crate::url_signing::{self, refused, Transfer};
 
 /// How long a URL lives when the request does not say (the SDKs' default too).
@@ -47,7 +48,11 @@ pub fn create(app: &App, raw_id: &str, transfer: Transfer, request: &mut Request
         )));
     }
     let host = host(request)?;
-    let _ = require_running(app, &id)?;
+    // Signing needs no guest: a hibernated sandbox is woken by the transfer itself.
+    let record = sandbox_ops::get(app, &id)?;
+    if !matches!(record.status, SandboxStatus::Running | SandboxStatus::Hibernated) {
+        return Err(AppError::conflict(format!("sandbox {id} is {}", record.status.as_str())));
+    }
     let key = url_signing::signing_key(&app.store, &app.keyring)?;
     let expires = now_unix().saturating_add(expires_in);
     let signature = url_signing::sign(&key, transfer, &id, expires, &path);

@@ -1,14 +1,12 @@
 //! Routes today's OpenComputer clients call that this appliance cannot honour. Each answers
 //! `501 {"error": "<why>"}` whatever its method, never a silent success, so a client fails
-//! loudly at the call instead of believing a sandbox was hibernated or checkpointed. Paths
+//! loudly at the call instead of believing a sandbox was checkpointed or scaled. Paths
 //! that no client calls stay unmatched (404).
 
 /// A feature of the hosted service the appliance does not have, named by the route(s) that ask
 /// for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unsupported {
-    Hibernate,
-    Wake,
     Scale,
     Autoscale,
     ScalingLock,
@@ -42,8 +40,6 @@ pub fn feature(s: &[&str]) -> Option<Unsupported> {
         ["sandboxes", "from-checkpoint", _] => U::FromCheckpoint,
         ["sandboxes", "checkpoints", _, "patches"] => U::CheckpointPatches,
         ["sandboxes", "checkpoints", _, "patches", _] => U::CheckpointPatch,
-        ["sandboxes", _, "hibernate"] => U::Hibernate,
-        ["sandboxes", _, "wake"] => U::Wake,
         ["sandboxes", _, "scale"] => U::Scale,
         ["sandboxes", _, "autoscale"] => U::Autoscale,
         ["sandboxes", _, "scaling-lock"] => U::ScalingLock,
@@ -74,8 +70,6 @@ impl Unsupported {
     pub fn label(self) -> &'static str {
         use Unsupported as U;
         match self {
-            U::Hibernate => "/api/sandboxes/{id}/hibernate",
-            U::Wake => "/api/sandboxes/{id}/wake",
             U::Scale => "/api/sandboxes/{id}/scale",
             U::Autoscale => "/api/sandboxes/{id}/autoscale",
             U::ScalingLock => "/api/sandboxes/{id}/scaling-lock",
@@ -107,9 +101,6 @@ impl Unsupported {
     pub fn reason(self) -> &'static str {
         use Unsupported as U;
         match self {
-            U::Hibernate | U::Wake => {
-                "this appliance cannot hibernate or wake sandboxes: it does not snapshot guest memory yet; a sandbox runs until it is deleted or its timeout stops it"
-            }
             U::Scale | U::Autoscale | U::ScalingLock => {
                 "this appliance does not resize running sandboxes: a sandbox keeps the cpuCount and memoryMB it was created with"
             }
@@ -151,7 +142,9 @@ mod tests {
 
     #[test]
     fn client_paths_map_to_features() {
-        assert_eq!(feature(&["sandboxes", "s1", "hibernate"]), Some(Unsupported::Hibernate));
+        assert_eq!(feature(&["sandboxes", "s1", "scale"]), Some(Unsupported::Scale));
+        // Hibernate and wake are served (`hibernation`), not refused.
+        assert_eq!(feature(&["sandboxes", "s1", "hibernate"]), None);
         assert_eq!(feature(&["sandboxes", "s1", "preview", "rotate"]), Some(Unsupported::PreviewRotate));
         assert_eq!(feature(&["sandboxes", "s1", "preview", "3000"]), Some(Unsupported::PreviewPort));
         assert_eq!(feature(&["sandboxes", "from-checkpoint", "c1"]), Some(Unsupported::FromCheckpoint));

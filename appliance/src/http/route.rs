@@ -25,6 +25,10 @@ pub enum Route {
     SandboxRestart(String),
     /// Operator diagnostics: write the sandbox's guest memory to its directory on the data disk.
     SandboxMemoryDump(String),
+    /// Snapshot the guest and end its VMM: it holds no memory until woken.
+    SandboxHibernate(String),
+    /// Resume a hibernated sandbox from its snapshot.
+    SandboxWake(String),
     ExecRun(String),
     /// Start a command and answer at once (its result polled with `ExecResult`).
     ExecRunAsync(String),
@@ -79,9 +83,10 @@ pub enum Route {
 }
 
 impl Route {
-    /// The sandbox a route uses (commands, sessions, files: what renews its idle timeout), as
-    /// given in the path. Reading its record or setting its timeout is not use: a dashboard
-    /// polling status must not keep sandboxes alive.
+    /// The sandbox a route uses (commands, sessions, files: what needs the guest, so a hibernated
+    /// sandbox is woken for it, and what renews its idle timeout), as given in the path. Reading
+    /// its record or setting its timeout is not use: a dashboard polling status must not keep
+    /// sandboxes alive (nor wake them).
     pub fn sandbox_in_use(&self) -> Option<&str> {
         match self {
             Self::ExecRun(id)
@@ -123,6 +128,8 @@ impl Route {
             Self::SandboxTimeout(_) => "/api/sandboxes/{id}/timeout",
             Self::SandboxRestart(_) => "/api/sandboxes/{id}/reboot",
             Self::SandboxMemoryDump(_) => "/api/sandboxes/{id}/diagnostics/memory-dump",
+            Self::SandboxHibernate(_) => "/api/sandboxes/{id}/hibernate",
+            Self::SandboxWake(_) => "/api/sandboxes/{id}/wake",
             Self::ExecRun(_) => "/api/sandboxes/{id}/exec/run",
             Self::ExecRunAsync(_) => "/api/sandboxes/{id}/exec/run-async",
             Self::ExecResult(..) => "/api/sandboxes/{id}/exec/{execId}/result",
@@ -203,6 +210,8 @@ pub fn match_route(path: &str) -> Result<Option<Route>, AppError> {
         ["sandboxes", id, "timeout"] => Route::SandboxTimeout(id.to_string()),
         ["sandboxes", id, "reboot" | "power-cycle"] => Route::SandboxRestart(id.to_string()),
         ["sandboxes", id, "diagnostics", "memory-dump"] => Route::SandboxMemoryDump(id.to_string()),
+        ["sandboxes", id, "hibernate"] => Route::SandboxHibernate(id.to_string()),
+        ["sandboxes", id, "wake"] => Route::SandboxWake(id.to_string()),
         ["sandboxes", id, "exec", "run"] => Route::ExecRun(id.to_string()),
         ["sandboxes", id, "exec", "run-async"] => Route::ExecRunAsync(id.to_string()),
         ["sandboxes", id, "exec", exec_id, "result"] => Route::ExecResult(id.to_string(), exec_id.to_string()),
@@ -279,9 +288,11 @@ mod tests {
             Some(Route::FilesDownloadUrl("s1".into()))
         );
         assert_eq!(match_route("/api/sandboxes/s1/files/upload").expect("ok"), Some(Route::FilesUpload("s1".into())));
+        assert_eq!(match_route("/api/sandboxes/s1/hibernate").expect("ok"), Some(Route::SandboxHibernate("s1".into())));
+        assert_eq!(match_route("/api/sandboxes/s1/wake").expect("ok"), Some(Route::SandboxWake("s1".into())));
         assert_eq!(
-            match_route("/api/sandboxes/s1/hibernate").expect("ok"),
-            Some(Route::Unsupported(Unsupported::Hibernate))
+            match_route("/api/sandboxes/s1/checkpoints").expect("ok"),
+            Some(Route::Unsupported(Unsupported::Checkpoints))
         );
         assert_eq!(match_route("/api/sandboxes/s1/no-such-thing").expect("ok"), None);
         assert_eq!(match_route("/api/nothing").expect("ok"), None);

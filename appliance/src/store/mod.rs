@@ -181,6 +181,7 @@ mod tests {
             memory_mb: 512,
             timeout_sec: 300,
             egress_allowlist: vec![],
+            auto_hibernate: true,
             created_at: 0,
             updated_at: 0,
         }

@@ -16,8 +16,16 @@ pub struct ProjectRecord {
     pub memory_mb: u32,
     pub timeout_sec: u64,
     pub egress_allowlist: Vec<String>,
+    /// Whether its sandboxes hibernate when their idle timeout passes (true, as OpenComputer's
+    /// idle timeout does) or stop (false). Absent in records written before hibernation: true.
+    #[serde(default = "default_true")]
+    pub auto_hibernate: bool,
     pub created_at: i64,
     pub updated_at: i64,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,6 +34,9 @@ pub enum SandboxStatus {
     /// Recorded before its VMM starts, so a restart in the middle of a create finds it.
     Starting,
     Running,
+    /// Its guest's state and memory are in a snapshot on the data disk; no VMM runs and it
+    /// holds no guest memory until it is woken.
+    Hibernated,
     Stopped,
     Error,
 }
@@ -40,6 +51,7 @@ impl SandboxStatus {
         match self {
             Self::Starting => "starting",
             Self::Running => "running",
+            Self::Hibernated => "hibernated",
             Self::Stopped => "stopped",
             Self::Error => "error",
         }
@@ -77,8 +89,13 @@ pub struct SandboxRecord {
     /// given to another project later). Absent in records written before keys had scopes.
     #[serde(default, rename = "projectID", skip_serializing_if = "Option::is_none")]
     pub project_id: Option<String>,
-    /// vsock CID the runtime assigned; the sandbox's identity towards the proxy.
+    /// vsock CID the runtime assigned; the sandbox's identity towards the proxy. Kept while it
+    /// is hibernated: it wakes with the same one.
     pub cid: u32,
+    /// What its idle timeout does: hibernate (true) or stop it (false); from its project's
+    /// `autoHibernate` at create. Absent in records written before hibernation: true.
+    #[serde(default = "default_true", rename = "hibernateOnIdle")]
+    pub hibernate_on_idle: bool,
 }
 
 /// A stored API key: only its BLAKE2b-256 hash.

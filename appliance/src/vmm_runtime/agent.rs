@@ -25,6 +25,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// is slower than the guest, the reader thread blocks here and stops reading vsock, so a
 /// flooding guest is held back instead of growing the appliance's memory.
 const ATTACH_QUEUE: usize = 64;
+/// Bytes of OS randomness a resumed guest mixes into its pool.
+const RESUME_ENTROPY: usize = 64;
 
 pub type Agent = AgentClient<VsockStream>;
 
@@ -39,6 +41,18 @@ pub fn wait_ready(cid: u32, limit: Duration, vm_ended: &dyn Fn() -> bool) -> Res
         Err(_) if vm_ended() => Err(RuntimeError::Failed("the VM ended before its agent answered".into())),
         Err(e) => Err(RuntimeError::Failed(format!("the agent did not answer within {}s: {e}", limit.as_secs()))),
     }
+}
+
+/// Tells a resumed guest's agent the current time and gives it 64 bytes of fresh entropy.
+pub fn resumed(agent: &mut Agent) -> Result<(), RuntimeError> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| RuntimeError::Failed(format!("the appliance's clock is before 1970: {e}")))?;
+    let wall_clock_ns = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
+    let mut entropy = zeroize::Zeroizing::new([0u8; RESUME_ENTROPY]);
+    crate::crypto::random_bytes(entropy.as_mut_slice())
+        .map_err(|e| RuntimeError::Failed(format!("no entropy for the resumed guest: {e}")))?;
+    agent.resumed(wall_clock_ns, entropy.as_slice()).map_err(to_runtime)
 }
 
 /// Translates an agent failure. The guest's own doing (a broken protocol, an overrun deadline

@@ -1,10 +1,12 @@
 //! The real sandbox runtime: each sandbox is a `vmm` process booting the guest kernel on a
-//! reflink clone of its template, reached through its agent over vsock (CID = identity).
+//! reflink clone of its template, reached through its agent over vsock (CID = identity). A
+//! hibernated sandbox is only its directory (disk and snapshot, `snapshot_dir`) and its CID.
 
 mod agent;
 mod cids;
 mod console_keep;
 mod console_trim;
+mod snapshot_dir;
 pub mod templates;
 mod vm;
 
@@ -17,7 +19,7 @@ use std::time::Duration;
 
 use crate::runtime::{
     BootSpec, Booted, DirEntry, EnvVars, ExecAttachment, ExecOutput, ExecRequest, ExecSessionInfo, FileInfo,
-    PtyRequest, RuntimeError, SandboxRuntime, MAX_FILE_SIZE,
+    PtyRequest, RuntimeError, SandboxRuntime, Snapshot, MAX_FILE_SIZE,
 };
 use cids::CidPool;
 use templates::TemplateStore;
@@ -28,6 +30,12 @@ const AGENT_READY_LIMIT: Duration = Duration::from_secs(90);
 const KILL_WAIT: Duration = Duration::from_secs(10);
 /// Writing guest RAM out (zero MiB are skipped) takes well under this, even nested.
 const DUMP_WAIT: Duration = Duration::from_secs(60);
+/// A snapshot is guest RAM written out plus a little state, and the VMM's exit: as a dump, with
+/// room for the largest guests.
+const HIBERNATE_WAIT: Duration = Duration::from_secs(120);
+/// A resumed guest's agent answers once its vsock transport is reset; a restore maps memory
+/// lazily, so this is far less than a boot, but nested guests are slow.
+const RESUME_READY_LIMIT: Duration = Duration::from_secs(60);
 
 pub struct RuntimeConfig {
     pub vmm_bin: PathBuf,
@@ -47,6 +55,14 @@ pub struct VmmRuntime {
     consoles_dir: PathBuf,
     cids: Arc<CidPool>,
     vms: Mutex<HashMap<String, Arc<Vm>>>,
+    /// Hibernated sandboxes: no VMM, a complete snapshot in their directory, their CID held.
+    parked: Mutex<HashMap<String, Parked>>,
+}
+
+#[derive(Clone)]
+struct Parked {
+    dir: PathBuf,
+    cid: u32,
 }
 
 impl VmmRuntime {
@@ -74,6 +90,7 @@ impl VmmRuntime {
             consoles_dir,
             cids: Arc::new(CidPool::default()),
             vms: Mutex::new(HashMap::new()),
+            parked: Mutex::new(HashMap::new()),
         };
         runtime.recover();
         console_trim::spawn(&runtime.sandboxes_dir, vm::CONSOLE_LOG)
@@ -81,9 +98,10 @@ impl VmmRuntime {
         Ok(runtime)
     }
 
-    /// Finds the VMMs that outlived an appliance restart and removes what is left of those that
-    /// did not. Which of the found ones stay is the control plane's call (its reconcile stops
-    /// those without a record).
+    /// Finds the VMMs that outlived an appliance restart and the complete hibernation snapshots,
+    /// and removes what is left of the other sandboxes (half-written snapshots included). Which of
+    /// the found ones stay is the control plane's call (its reconcile stops VMMs without a
+    /// running record and drops snapshots without a hibernated one).
     fn recover(&self) {
         let Ok(entries) = fs::read_dir(&self.sandboxes_dir) else { return };
         for entry in entries.flatten() {
@@ -94,6 +112,15 @@ impl VmmRuntime {
                 self.cids.claim(vm.cid);
                 if let Ok(mut vms) = self.vms.lock() {
                     vms.insert(id, vm);
+                }
+            } else if let Some(cid) = vm::configured_cid(&dir).filter(|_| snapshot_dir::is_complete(&dir)) {
+                if let Err(e) = snapshot_dir::clean_after_vmm(&dir) {
+                    println!("appliance: sandbox {id}: cannot remove a half-written snapshot: {e}");
+                }
+                println!("appliance: sandbox {id}: hibernated (cid {cid}); its snapshot is kept");
+                self.cids.claim(cid);
+                if let Ok(mut parked) = self.parked.lock() {
+                    parked.insert(id, Parked { dir, cid });
                 }
             } else {
                 // Its VMM ended while the appliance was down: keep what its guest printed.
@@ -140,6 +167,21 @@ impl VmmRuntime {
 
     /// Starts a VMM on the root disk in `dir` and waits for its guest's agent.
     fn start_vm(&self, spec: &BootSpec, dir: &Path, cid: u32) -> Result<Arc<Vm>, RuntimeError> {
+        let vm = self.spawn_vm(spec, dir, cid, None)?;
+        let ready = self.prepare_guest(&vm, cid);
+        ready.map_err(|e| RuntimeError::Failed(format!("{e}; guest console:\n{}", vm.console_tail(12))))?;
+        Ok(vm)
+    }
+
+    /// Starts a VMM in `dir` (resuming the snapshot directory `restore_from`, if given) and
+    /// tracks it.
+    fn spawn_vm(
+        &self,
+        spec: &BootSpec,
+        dir: &Path,
+        cid: u32,
+        restore_from: Option<&Path>,
+    ) -> Result<Arc<Vm>, RuntimeError> {
         let vm_spec = vm::VmSpec {
             sandbox_id: &spec.sandbox_id,
             dir,
@@ -148,15 +190,24 @@ impl VmmRuntime {
             vcpus: spec.cpu_count,
             memory_mib: spec.memory_mb,
             cid,
+            restore_from,
         };
         let vm = vm::spawn(&vm_spec, self.exit_reporter(&spec.sandbox_id)).map_err(RuntimeError::Failed)?;
-        println!("appliance: sandbox {}: VMM pid {} started (cid {cid})", spec.sandbox_id, vm.pid);
+        let how = if restore_from.is_some() { "resuming its snapshot" } else { "booting" };
+        println!("appliance: sandbox {}: VMM pid {} started, {how} (cid {cid})", spec.sandbox_id, vm.pid);
         if let Ok(mut vms) = self.vms.lock() {
             vms.insert(spec.sandbox_id.clone(), Arc::clone(&vm));
         }
-        let ready = self.prepare_guest(&vm, cid);
-        ready.map_err(|e| RuntimeError::Failed(format!("{e}; guest console:\n{}", vm.console_tail(12))))?;
         Ok(vm)
+    }
+
+    /// A resumed guest's vsock connections broke with the restore: reconnects to its agent and
+    /// hands it the time and fresh entropy (its clock stood still, and two guests resumed from
+    /// one snapshot must not share random output).
+    fn resume_guest(vm: &Arc<Vm>) -> Result<(), RuntimeError> {
+        let ended = Arc::clone(vm);
+        let mut agent = agent::wait_ready(vm.cid, RESUME_READY_LIMIT, &|| ended.has_ended())?;
+        agent::resumed(&mut agent)
     }
 }
 
@@ -226,6 +277,60 @@ impl SandboxRuntime for VmmRuntime {
         }
     }
 
+    fn hibernate(&self, sandbox_id: &str) -> Result<Snapshot, RuntimeError> {
+        let vm = self.vm(sandbox_id)?;
+        let failed = |e: String| RuntimeError::Failed(format!("sandbox {sandbox_id}: {e}"));
+        let snapshot = vm.hibernate(HIBERNATE_WAIT).map_err(failed)?;
+        // The VMM is gone; the snapshot counts once it and the disk it goes with are durable. On a
+        // failure here the ended VMM stays listed, so the sandbox's end is noticed and `stop`
+        // removes its directory.
+        snapshot_dir::keep(&vm.dir, &vm.dir.join(vm::ROOT_DISK)).map_err(|e| failed(e.to_string()))?;
+        let lock = || RuntimeError::Failed("runtime state poisoned".into());
+        self.parked
+            .lock()
+            .map_err(|_| lock())?
+            .insert(sandbox_id.to_string(), Parked { dir: vm.dir.clone(), cid: vm.cid });
+        self.vms.lock().map_err(|_| lock())?.remove(sandbox_id);
+        Ok(snapshot)
+    }
+
+    fn wake(&self, spec: &BootSpec) -> Result<Booted, RuntimeError> {
+        let id = &spec.sandbox_id;
+        let parked =
+            self.parked.lock().map_err(|_| RuntimeError::Failed("runtime state poisoned".into()))?.get(id).cloned();
+        let Parked { dir, cid } =
+            parked.ok_or_else(|| RuntimeError::NotFound(format!("sandbox {id} has no hibernation snapshot")))?;
+        let failed = |e: std::io::Error| RuntimeError::Failed(format!("sandbox {id}: {e}"));
+        let disk_mb = fs::metadata(dir.join(vm::ROOT_DISK))
+            .map(|m| u32::try_from(m.len() >> 20).unwrap_or(u32::MAX))
+            .map_err(failed)?;
+        let resumed = snapshot_dir::take_for_resume(&dir).map_err(failed)?;
+        // From here it is a VMM (or nothing): `stop` finds it either way and removes its directory.
+        let started = self.spawn_vm(spec, &dir, cid, Some(&resumed));
+        if let Ok(mut parked) = self.parked.lock() {
+            if started.is_ok() {
+                parked.remove(id);
+            }
+        }
+        let ready = started.and_then(|vm| {
+            Self::resume_guest(&vm)
+                .map_err(|e| RuntimeError::Failed(format!("{e}; guest console:\n{}", vm.console_tail(12))))
+        });
+        match ready {
+            Ok(()) => Ok(Booted { cid, disk_mb }),
+            Err(e) => {
+                if let Err(stop_error) = self.stop(id) {
+                    println!("appliance: sandbox {id}: cleanup after a failed wake: {stop_error}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn hibernated_ids(&self) -> Vec<String> {
+        self.parked.lock().map(|p| p.keys().cloned().collect()).unwrap_or_default()
+    }
+
     fn set_env(&self, sandbox_id: &str, envs: &EnvVars) -> Result<(), RuntimeError> {
         use zeroize::Zeroize;
         let mut pairs: Vec<(String, String)> = envs.iter().map(|(k, v)| (k.clone(), v.to_string())).collect();
@@ -237,16 +342,25 @@ impl SandboxRuntime for VmmRuntime {
     }
 
     fn stop(&self, sandbox_id: &str) -> Result<(), RuntimeError> {
-        let vm = self.vms.lock().map_err(|_| RuntimeError::Failed("runtime state poisoned".into()))?.remove(sandbox_id);
-        let Some(vm) = vm else { return Ok(()) };
-        vm.kill();
-        if !vm.wait_ended(KILL_WAIT) {
-            return Err(RuntimeError::Failed(format!("sandbox {sandbox_id}: VMM pid {} did not die", vm.pid)));
-        }
-        self.cids.release(vm.cid);
-        self.keep_console(sandbox_id, &vm.dir);
-        fs::remove_dir_all(&vm.dir)
-            .map_err(|e| RuntimeError::Failed(format!("cannot remove {}: {e}", vm.dir.display())))
+        let poisoned = || RuntimeError::Failed("runtime state poisoned".into());
+        let vm = self.vms.lock().map_err(|_| poisoned())?.remove(sandbox_id);
+        // A hibernated sandbox (or one whose wake failed before its VMM started) has no VMM.
+        let parked = self.parked.lock().map_err(|_| poisoned())?.remove(sandbox_id);
+        let (dir, cid) = match (&vm, parked) {
+            (Some(vm), _) => {
+                vm.kill();
+                if !vm.wait_ended(KILL_WAIT) {
+                    return Err(RuntimeError::Failed(format!("sandbox {sandbox_id}: VMM pid {} did not die", vm.pid)));
+                }
+                (vm.dir.clone(), vm.cid)
+            }
+            (None, Some(parked)) => (parked.dir, parked.cid),
+            (None, None) => return Ok(()),
+        };
+        self.cids.release(cid);
+        self.keep_console(sandbox_id, &dir);
+        // The snapshot goes with the directory.
+        fs::remove_dir_all(&dir).map_err(|e| RuntimeError::Failed(format!("cannot remove {}: {e}", dir.display())))
     }
 
     fn is_alive(&self, sandbox_id: &str) -> bool {
@@ -338,7 +452,13 @@ impl SandboxRuntime for VmmRuntime {
 
     fn console_tail(&self, sandbox_id: &str, max_bytes: u64) -> Result<Vec<u8>, RuntimeError> {
         let max = max_bytes.min(console_keep::KEEP_BYTES);
-        let live = self.vms.lock().ok().and_then(|vms| vms.get(sandbox_id).map(|vm| vm.dir.join(vm::CONSOLE_LOG)));
+        let live = self
+            .vms
+            .lock()
+            .ok()
+            .and_then(|vms| vms.get(sandbox_id).map(|vm| vm.dir.clone()))
+            .or_else(|| self.parked.lock().ok().and_then(|p| p.get(sandbox_id).map(|p| p.dir.clone())))
+            .map(|dir| dir.join(vm::CONSOLE_LOG));
         let path = match live {
             Some(path) => path,
             None => console_keep::kept_path(&self.consoles_dir, sandbox_id)
@@ -367,11 +487,17 @@ impl SandboxRuntime for VmmRuntime {
 
     fn resource_gauges(&self) -> Vec<(&'static str, &'static str, u64)> {
         let vmms = self.vms.lock().map_or(0, |v| v.len() as u64);
+        let hibernated = self.parked.lock().map_or(0, |p| p.len() as u64);
         let disks = fs::read_dir(&self.sandboxes_dir).map_or(0, |d| d.count() as u64);
         vec![
             ("appliance_vmm_processes", "VMM processes the runtime tracks.", vmms),
             ("appliance_vsock_cids_in_use", "Guest vsock CIDs held by sandboxes.", self.cids.in_use() as u64),
             ("appliance_sandbox_disks", "Sandbox directories (root disk clones) on the data disk.", disks),
+            (
+                "appliance_hibernated_sandboxes",
+                "Hibernated sandboxes: a snapshot on the data disk, no VMM.",
+                hibernated,
+            ),
         ]
     }
 }
@@ -381,5 +507,125 @@ fn in_sandbox(id: &str) -> impl Fn(RuntimeError) -> RuntimeError + '_ {
     move |e| match e {
         RuntimeError::Guest(m) => RuntimeError::Guest(format!("sandbox {id}: {m}")),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A runtime over a scratch data directory, with stand-ins for the VMM (exits at once) and
+    /// the kernel, and sandbox directories as a crash left them.
+    fn runtime_after_a_crash(tag: &str, sandboxes: &[(&str, &[&str])]) -> (VmmRuntime, PathBuf) {
+        let root = std::env::temp_dir().join(format!("appliance-vmm-runtime-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let templates = root.join("shipped");
+        fs::create_dir_all(&templates).expect("mkdir");
+        fs::write(templates.join("base.ext4"), vec![0u8; 4096]).expect("template");
+        fs::write(templates.join("base.id"), "1").expect("template id");
+        fs::write(root.join("kernel"), b"kernel").expect("kernel");
+        for (n, (id, files)) in sandboxes.iter().enumerate() {
+            let dir = root.join("data").join("sandboxes").join(id);
+            fs::create_dir_all(&dir).expect("mkdir");
+            let mut config = vmm_contract::VmConfig::new(root.join("kernel"));
+            config.vsock_cid = Some(20 + n as u64);
+            fs::write(dir.join("vm.json"), config.to_json()).expect("config");
+            // No process runs this config: its VMM is gone.
+            fs::write(dir.join("vmm.pid"), "999999999").expect("pid");
+            fs::write(dir.join(vm::CONSOLE_LOG), b"guest said hello\n").expect("console");
+            for file in *files {
+                let path = dir.join(file);
+                fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+                fs::write(path, b"bytes").expect("file");
+            }
+        }
+        let config = RuntimeConfig {
+            vmm_bin: PathBuf::from("/bin/true"),
+            guest_kernel: root.join("kernel"),
+            templates_source: Some(templates),
+            data_dir: root.join("data"),
+            ca_cert_pem: String::new(),
+        };
+        (VmmRuntime::start(config).expect("start"), root.join("data").join("sandboxes"))
+    }
+
+    #[test]
+    fn a_restart_keeps_complete_snapshots_and_removes_half_written_ones() {
+        let complete: &[&str] = &["hibernated/state", "hibernated/memory", "snapshot.next/state", "resumed/memory"];
+        let half: &[&str] = &["snapshot.next/state", "snapshot.next/memory"];
+        let (runtime, dir) = runtime_after_a_crash("recover", &[("kept", complete), ("half", half)]);
+        assert_eq!(runtime.hibernated_ids(), vec!["kept".to_string()]);
+        assert!(runtime.running_ids().is_empty());
+        let kept = dir.join("kept");
+        assert!(snapshot_dir::is_complete(&kept));
+        assert!(!kept.join(snapshot_dir::NEXT).exists(), "a half-written snapshot is removed");
+        assert!(!kept.join(snapshot_dir::RESUMED).exists(), "no VMM maps the resumed one any more");
+        assert!(!dir.join("half").exists(), "a sandbox with only a half-written snapshot is gone");
+        // Its CID stays held while it is hibernated, and its console readable.
+        assert_eq!(runtime.cids.in_use(), 1);
+        assert_eq!(runtime.console_tail("kept", 1024).expect("console"), b"guest said hello\n");
+
+        // Deleting it drops the snapshot with the directory and frees the CID.
+        runtime.stop("kept").expect("stop");
+        assert!(!kept.exists());
+        assert!(runtime.hibernated_ids().is_empty());
+        assert_eq!(runtime.cids.in_use(), 0);
+    }
+
+    #[test]
+    fn a_hibernated_vmm_leaves_a_durable_snapshot_under_its_name_and_holds_its_cid() {
+        let (runtime, dir) = runtime_after_a_crash("hibernate", &[]);
+        let sandbox = dir.join("live");
+        fs::create_dir_all(&sandbox).expect("mkdir");
+        fs::write(sandbox.join(vm::ROOT_DISK), b"disk").expect("disk");
+        let vmm = vm::tests::fake_vmm(&sandbox, Some(&vm::tests::WRITTEN), Some(5));
+        let spec = vm::VmSpec {
+            sandbox_id: "live",
+            dir: &sandbox,
+            vmm_bin: &vmm,
+            kernel: Path::new("/k"),
+            vcpus: 1,
+            memory_mib: 128,
+            cid: 31,
+            restore_from: None,
+        };
+        let vm = vm::spawn(&spec, |_| {}).expect("spawn");
+        runtime.cids.claim(31);
+        runtime.vms.lock().expect("lock").insert("live".into(), vm);
+        std::thread::sleep(Duration::from_millis(200));
+
+        let snapshot = runtime.hibernate("live").expect("hibernated");
+        assert_eq!(snapshot.memory_bytes, 2);
+        assert_eq!(runtime.hibernated_ids(), vec!["live".to_string()]);
+        assert!(runtime.running_ids().is_empty() && !runtime.is_alive("live"));
+        assert!(snapshot_dir::is_complete(&sandbox));
+        assert!(!sandbox.join(snapshot_dir::NEXT).exists());
+        assert_eq!(runtime.cids.in_use(), 1, "it wakes with the same CID");
+        // Hibernated, it cannot be hibernated again; it can be dropped.
+        assert!(matches!(runtime.hibernate("live"), Err(RuntimeError::NotFound(_))));
+        runtime.stop("live").expect("stop");
+        assert!(!sandbox.exists());
+        assert_eq!(runtime.cids.in_use(), 0);
+    }
+
+    #[test]
+    fn a_wake_that_fails_leaves_no_vmm_no_snapshot_and_no_cid() {
+        let complete: &[&str] = &["hibernated/state", "hibernated/memory", "root.ext4"];
+        let (runtime, dir) = runtime_after_a_crash("wake-fails", &[("sleeper", complete)]);
+        let spec = BootSpec {
+            sandbox_id: "sleeper".into(),
+            template: "base".into(),
+            cpu_count: 1,
+            memory_mb: 128,
+            disk_mb: None,
+        };
+        // The stand-in VMM exits at once, so the resumed guest's agent never answers.
+        let err = runtime.wake(&spec).expect_err("no guest to resume");
+        assert!(matches!(err, RuntimeError::Failed(_)), "{err:?}");
+        assert!(!dir.join("sleeper").exists());
+        assert!(runtime.hibernated_ids().is_empty() && runtime.running_ids().is_empty());
+        assert_eq!(runtime.cids.in_use(), 0);
+        // Nothing is left to wake.
+        assert!(matches!(runtime.wake(&spec), Err(RuntimeError::NotFound(_))));
     }
 }

@@ -7,7 +7,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use vmm_contract::{Control, DiskConfig, Event, VmConfig};
+use vmm_contract::{Control, DiskConfig, Event, ExitStatus, VmConfig};
+
+use super::snapshot_dir;
+use crate::runtime::Snapshot;
 
 /// Files in a sandbox's directory.
 pub const ROOT_DISK: &str = "root.ext4";
@@ -36,6 +39,8 @@ pub struct VmSpec<'a> {
     pub vcpus: u32,
     pub memory_mib: u32,
     pub cid: u32,
+    /// A snapshot directory to resume (`snapshot_dir`) instead of booting the kernel.
+    pub restore_from: Option<&'a Path>,
 }
 
 /// A running (or ended) VMM.
@@ -43,6 +48,8 @@ pub struct Vm {
     pub pid: i32,
     pub cid: u32,
     pub dir: PathBuf,
+    /// Found running after an appliance restart: not our child, so its exit status is unknown.
+    adopted: bool,
     /// None while running; Some(exit code or None when killed by a signal / unknown) once ended.
     #[allow(clippy::option_option)] // the two Nones mean different things, as said above
     ended: Mutex<Option<Option<i32>>>,
@@ -90,29 +97,73 @@ impl Vm {
     /// Has the VMM write guest RAM to its memory dump file and waits for the event saying it is
     /// done; returns the dump's size.
     pub fn dump_memory(&self, limit: Duration) -> Result<u64, String> {
+        self.ask(Control::DumpMemory, "the dump", limit, |event| match event {
+            Event::MemoryDumped { bytes } => Some(Ok(bytes)),
+            Event::MemoryDumpFailed { error } => Some(Err(format!("memory dump failed: {error}"))),
+            _ => None,
+        })
+    }
+
+    /// Has the VMM write its snapshot (`snapshot_dir::NEXT`) and exit, and waits for both; the
+    /// caller makes the snapshot durable and keeps it. On an error the guest runs on, unless the
+    /// VMM ended (then it is gone, as its exit says).
+    pub fn hibernate(&self, limit: Duration) -> Result<Snapshot, String> {
+        let deadline = Instant::now() + limit;
+        let snapshot = self.ask(Control::Hibernate, "the snapshot", limit, |event| match event {
+            Event::SnapshotWritten { state_bytes, memory_bytes, paused_ms } => {
+                Some(Ok(Snapshot { state_bytes, memory_bytes, paused_ms }))
+            }
+            Event::SnapshotFailed { error } => Some(Err(format!("the snapshot could not be written: {error}"))),
+            _ => None,
+        })?;
+        if !self.wait_ended(deadline.saturating_duration_since(Instant::now())) {
+            // A paused guest whose VMM does not do what it said is of no use to anyone.
+            self.kill();
+            return Err("the VMM wrote its snapshot but did not exit; it was killed".into());
+        }
+        let status = self.ended.lock().map_err(|_| "VMM state poisoned".to_string())?.flatten();
+        let hibernated = i32::from(ExitStatus::Hibernated.code());
+        match status {
+            Some(code) if code == hibernated => Ok(snapshot),
+            // An adopted VMM's exit status cannot be known; the event and its end say enough.
+            None if self.adopted => Ok(snapshot),
+            other => Err(format!(
+                "the VMM wrote its snapshot, then ended otherwise: {}",
+                vmm_contract::exit::describe(other)
+            )),
+        }
+    }
+
+    /// Sends `request` and waits up to `limit` for the first new event `answer` takes (`what` names
+    /// the work in errors).
+    fn ask<T>(
+        &self,
+        request: Control,
+        what: &str,
+        limit: Duration,
+        answer: impl Fn(Event) -> Option<Result<T, String>>,
+    ) -> Result<T, String> {
         let events = self.dir.join(EVENTS);
         let seen = fs::metadata(&events).map_or(0, |m| m.len());
-        let request = Control::DumpMemory;
-        // SAFETY: as in kill(); the signal is the VMM's documented dump request.
+        // SAFETY: as in kill(); the signal is one of the VMM's documented requests.
         if self.has_ended() || unsafe { libc::kill(self.pid, request.signal()) } != 0 {
             return Err("the VMM is not running".into());
         }
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
+            // Looked at before the events, so an event written just before the end is still read.
+            let ended = self.has_ended();
             let text = fs::read(&events).unwrap_or_default();
             let new = String::from_utf8_lossy(text.get(seen as usize..).unwrap_or_default()).into_owned();
-            // The dump request is the only one that produces events, so the first new one answers it.
-            match Event::parse_lines(&new).into_iter().next() {
-                Some(Event::MemoryDumped { bytes }) => return Ok(bytes),
-                Some(Event::MemoryDumpFailed { error }) => return Err(format!("memory dump failed: {error}")),
-                None => {}
+            if let Some(result) = Event::parse_lines(&new).into_iter().find_map(&answer) {
+                return result;
             }
-            if self.has_ended() {
-                return Err("the VMM ended during the memory dump".into());
+            if ended {
+                return Err(format!("the VMM ended before it finished {what}"));
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        Err(format!("the VMM did not finish the dump within {}s", limit.as_secs()))
+        Err(format!("the VMM did not finish {what} within {}s", limit.as_secs()))
     }
 
     fn mark_ended(&self, status: Option<i32>) {
@@ -146,8 +197,12 @@ pub fn spawn(spec: &VmSpec, on_exit: impl FnOnce(Option<i32>) + Send + 'static) 
         vsock_cid: Some(u64::from(spec.cid)),
         memory_dump: Some(spec.dir.join(MEMORY_DUMP)),
         events: Some(spec.dir.join(EVENTS)),
+        snapshot_to: Some(snapshot_dir::target(spec.dir)),
+        restore_from: spec.restore_from.map(snapshot_dir::source),
         ..VmConfig::new(spec.kernel)
     };
+    // The VMM creates its snapshot files in here when it starts; nothing else is in it.
+    snapshot_dir::prepare_next(spec.dir).map_err(|e| format!("cannot prepare the snapshot directory: {e}"))?;
     let config_path = spec.dir.join(CONFIG);
     fs::write(&config_path, config.to_json()).map_err(|e| format!("cannot write {}: {e}", config_path.display()))?;
     let log = File::create(spec.dir.join(VMM_LOG)).map_err(|e| format!("cannot create the VMM log: {e}"))?;
@@ -171,6 +226,7 @@ pub fn spawn(spec: &VmSpec, on_exit: impl FnOnce(Option<i32>) + Send + 'static) 
         pid,
         cid: spec.cid,
         dir: spec.dir.to_path_buf(),
+        adopted: false,
         ended: Mutex::new(None),
         ended_signal: Condvar::new(),
     });
@@ -187,6 +243,13 @@ pub fn spawn(spec: &VmSpec, on_exit: impl FnOnce(Option<i32>) + Send + 'static) 
     Ok(vm)
 }
 
+/// The vsock CID in the configuration the sandbox in `dir` last ran with (kept while it is
+/// hibernated, so it wakes with the same one).
+pub fn configured_cid(dir: &Path) -> Option<u32> {
+    let config = VmConfig::from_json(&fs::read_to_string(dir.join(CONFIG)).ok()?).ok()?;
+    u32::try_from(config.vsock_cid?).ok()
+}
+
 /// Re-attaches to the VMM of the sandbox in `dir` if it is still running (the appliance
 /// restarted while sandboxes were up). `on_exit` runs when it ends.
 pub fn adopt(dir: &Path, on_exit: impl FnOnce(Option<i32>) + Send + 'static) -> Option<Arc<Vm>> {
@@ -197,7 +260,14 @@ pub fn adopt(dir: &Path, on_exit: impl FnOnce(Option<i32>) + Send + 'static) -> 
     if !runs_config(pid, &config_path) {
         return None;
     }
-    let vm = Arc::new(Vm { pid, cid, dir: dir.to_path_buf(), ended: Mutex::new(None), ended_signal: Condvar::new() });
+    let vm = Arc::new(Vm {
+        pid,
+        cid,
+        dir: dir.to_path_buf(),
+        adopted: true,
+        ended: Mutex::new(None),
+        ended_signal: Condvar::new(),
+    });
     let watched = Arc::clone(&vm);
     std::thread::Builder::new()
         .name(format!("vmm-{pid}"))
@@ -221,8 +291,88 @@ fn runs_config(pid: i32, config: &Path) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+
+    /// A stand-in VMM (bash) that answers the hibernate request (SIGPWR) as a real one would:
+    /// writes its snapshot files, appends `answer` to its events file (beside its config, where the
+    /// real one is told to write them), then exits with `exit` (or idles on without one).
+    pub fn fake_vmm(dir: &Path, answer: Option<&Event>, exit: Option<i32>) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        if let Some(event) = answer {
+            fs::write(dir.join("answer"), event.to_line()).expect("answer");
+        }
+        let on_pwr = [
+            r#"printf s > "$d/snapshot.next/state"; printf mm > "$d/snapshot.next/memory""#.to_string(),
+            answer.map_or(String::new(), |_| r#"cat "$d/answer" >> "$d/vmm.events""#.to_string()),
+            exit.map_or(String::new(), |code| format!("exit {code}")),
+        ]
+        .join("\n");
+        let text = format!(
+            "#!/bin/bash\nd=$(dirname \"$3\")\non_pwr() {{\n{on_pwr}\n:\n}}\ntrap on_pwr PWR\nwhile :; do sleep 0.05; done\n"
+        );
+        let script = dir.join("fake-vmm.sh");
+        fs::write(&script, text).expect("script");
+        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).expect("chmod");
+        script
+    }
+
+    pub const WRITTEN: Event = Event::SnapshotWritten { state_bytes: 1, memory_bytes: 2, paused_ms: 3 };
+
+    fn spawn_fake(tag: &str, answer: Option<&Event>, exit: Option<i32>) -> (Arc<Vm>, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("appliance-vm-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("mkdir");
+        let vmm = fake_vmm(&dir, answer, exit);
+        let spec = VmSpec {
+            sandbox_id: "s1",
+            dir: &dir,
+            vmm_bin: &vmm,
+            kernel: Path::new("/k"),
+            vcpus: 1,
+            memory_mib: 128,
+            cid: 9,
+            restore_from: None,
+        };
+        let vm = spawn(&spec, |_| {}).expect("spawn");
+        // Let bash set its trap before it is signalled.
+        std::thread::sleep(Duration::from_millis(200));
+        (vm, dir)
+    }
+
+    #[test]
+    fn hibernation_waits_for_the_snapshot_event_and_the_hibernated_exit() {
+        let (vm, dir) = spawn_fake("hibernates", Some(&WRITTEN), Some(5));
+        let snapshot = vm.hibernate(Duration::from_secs(10)).expect("hibernated");
+        assert_eq!(snapshot, Snapshot { state_bytes: 1, memory_bytes: 2, paused_ms: 3 });
+        assert!(vm.has_ended());
+        assert_eq!(fs::read(dir.join(snapshot_dir::NEXT).join(snapshot_dir::MEMORY)).expect("memory"), b"mm");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_failed_snapshot_leaves_the_vmm_running_and_a_vmm_that_dies_is_no_snapshot() {
+        let failed = Event::SnapshotFailed { error: "disk full".into() };
+        let (vm, dir) = spawn_fake("snapshot-fails", Some(&failed), None);
+        let err = vm.hibernate(Duration::from_secs(10)).expect_err("failed");
+        assert!(err.contains("disk full"), "{err}");
+        assert!(!vm.has_ended(), "the guest runs on");
+        vm.kill();
+        assert!(vm.wait_ended(Duration::from_secs(5)));
+        let _ = fs::remove_dir_all(&dir);
+
+        // Reports nothing and exits as a crash would.
+        let (vm, dir) = spawn_fake("snapshot-crash", None, Some(1));
+        let err = vm.hibernate(Duration::from_secs(10)).expect_err("no snapshot");
+        assert!(err.contains("ended before it finished the snapshot"), "{err}");
+        let _ = fs::remove_dir_all(&dir);
+
+        // Reports the snapshot, then exits otherwise than a hibernated VMM: not kept.
+        let (vm, dir) = spawn_fake("snapshot-wrong-exit", Some(&WRITTEN), Some(1));
+        let err = vm.hibernate(Duration::from_secs(10)).expect_err("wrong exit");
+        assert!(err.contains("then ended otherwise: VMM error"), "{err}");
+        let _ = fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn the_guest_command_line_hands_over_to_the_sandbox_init() {
@@ -248,6 +398,7 @@ mod tests {
             vcpus: 1,
             memory_mib: 128,
             cid: 9,
+            restore_from: None,
         };
         let vm = spawn(&spec, move |status| tx.send(status).expect("send")).expect("spawn");
         assert_eq!(rx.recv_timeout(Duration::from_secs(10)).expect("exit"), Some(1));
@@ -256,6 +407,12 @@ mod tests {
         assert_eq!(config.vsock_cid, Some(9));
         assert!(!config.disks[0].read_only);
         assert_eq!(config.events, Some(dir.join(EVENTS)));
+        // Every VMM can be hibernated: its snapshot goes to a directory of its own.
+        let target = config.snapshot_to.expect("snapshot target");
+        assert_eq!(target.state, dir.join(snapshot_dir::NEXT).join(snapshot_dir::STATE));
+        assert!(dir.join(snapshot_dir::NEXT).is_dir());
+        assert_eq!(config.restore_from, None);
+        assert_eq!(configured_cid(&dir), Some(9));
         // Its pid no longer runs that config: nothing to adopt.
         assert!(adopt(&dir, |_| {}).is_none());
         let _ = fs::remove_dir_all(&dir);

@@ -54,6 +54,10 @@ pub struct FakeSandbox {
     pub console: Vec<u8>,
     /// Terminals by session id: their size (cols, rows) and the shell asked for.
     pub terminals: BTreeMap<String, ((u16, u16), Option<String>)>,
+    /// Its guest is in a snapshot: no VMM (`alive` is false), everything above kept for a wake.
+    pub hibernated: bool,
+    /// How many times it was woken and told the time and given entropy (`Resumed`).
+    pub resumed: u32,
 }
 
 /// Disk size of every template of the runtime double.
@@ -87,6 +91,16 @@ pub struct FakeRuntime {
     pub cut_reads_at: Mutex<Option<u64>>,
     /// Writes of more than this many bytes fail as a full disk.
     pub disk_left: Mutex<Option<u64>>,
+    /// Sandboxes hibernated and woken, in order.
+    pub hibernations: Mutex<Vec<String>>,
+    pub wakes: Mutex<Vec<String>>,
+    /// Makes hibernations fail with this error (the VMM reported `SnapshotFailed`); the guest
+    /// runs on.
+    pub fail_hibernate: Mutex<Option<String>>,
+    /// Makes wakes fail (the resumed guest's agent never answers); no VMM is left.
+    pub fail_wake: Mutex<bool>,
+    /// How long each hibernation takes.
+    pub hibernate_delay: Mutex<Duration>,
 }
 
 /// The piece size of the double's file transfers (the agent's is 256 KiB).
@@ -191,6 +205,43 @@ impl SandboxRuntime for FakeRuntime {
             Booted { cid: s.cid, disk_mb: spec.disk_mb.unwrap_or(TEMPLATE_DISK_MB) }
         })
     }
+    /// Everything of the guest is kept (files, env, sessions, terminals); commands are refused
+    /// until it is woken, as there is no VMM to run them.
+    fn hibernate(&self, id: &str) -> Result<Snapshot, RuntimeError> {
+        let delay = *self.hibernate_delay.lock().expect("lock");
+        std::thread::sleep(delay);
+        if let Some(error) = self.fail_hibernate.lock().expect("lock").clone() {
+            return Err(RuntimeError::Failed(format!("sandbox {id}: the snapshot could not be written: {error}")));
+        }
+        let memory = self.with_sandbox(id, |s| {
+            s.alive = false;
+            s.hibernated = true;
+            s.memory
+        })?;
+        self.hibernations.lock().expect("lock").push(id.to_string());
+        Ok(Snapshot { state_bytes: 40 << 10, memory_bytes: u64::from(memory) << 18, paused_ms: 12 })
+    }
+    fn wake(&self, spec: &BootSpec) -> Result<Booted, RuntimeError> {
+        let id = &spec.sandbox_id;
+        let fail = *self.fail_wake.lock().expect("lock");
+        let mut map = self.sandboxes.lock().expect("lock");
+        let s = match map.get_mut(id) {
+            Some(s) if s.hibernated => s,
+            _ => return Err(RuntimeError::NotFound(format!("sandbox {id} has no hibernation snapshot"))),
+        };
+        if fail {
+            s.hibernated = false;
+            return Err(RuntimeError::Failed(format!("the agent did not answer within 60s (sandbox {id}, test)")));
+        }
+        s.hibernated = false;
+        s.alive = true;
+        s.resumed += 1;
+        self.wakes.lock().expect("lock").push(id.clone());
+        Ok(Booted { cid: s.cid, disk_mb: spec.disk_mb.unwrap_or(TEMPLATE_DISK_MB) })
+    }
+    fn hibernated_ids(&self) -> Vec<String> {
+        self.sandboxes.lock().expect("lock").iter().filter(|(_, s)| s.hibernated).map(|(id, _)| id.clone()).collect()
+    }
     fn set_env(&self, id: &str, envs: &EnvVars) -> Result<(), RuntimeError> {
         if *self.fail_set_env.lock().expect("lock") {
             return Err(RuntimeError::Failed("agent did not answer".into()));
@@ -201,6 +252,8 @@ impl SandboxRuntime for FakeRuntime {
         self.stops.lock().expect("lock").push(id.to_string());
         if let Some(s) = self.sandboxes.lock().expect("lock").get_mut(id) {
             s.alive = false;
+            // The snapshot goes with the sandbox's directory.
+            s.hibernated = false;
         }
         Ok(())
     }

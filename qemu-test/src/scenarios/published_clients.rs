@@ -39,7 +39,7 @@ const PYTHON_CHECKS: &[&str] = &[
     "signed URLs: upload and download without a key; another path is refused",
     "pty: tty, stty size 24 80, resized to 40 120, top draws its screen",
     "secret store: created, secret set, sealed in the sandbox, deleted with it",
-    "timeout=60: a command every 15 s keeps it for 120 s; the idle one stopped",
+    "timeout=60: a command every 15 s keeps it for 120 s; the idle one no longer runs",
     "set_timeout(0) and set_timeout(300)",
     "killed",
 ];

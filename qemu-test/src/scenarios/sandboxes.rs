@@ -16,7 +16,7 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario { name: "20 sandboxes booted and destroyed in a row leak nothing", run: twenty_in_a_row },
     Scenario { name: "a sandbox is killed at its timeout, which POST /timeout moves", run: killed_at_timeout },
     Scenario {
-        name: "the timeout is an idle timeout: commands keep a sandbox running, idleness stops it, 0 never",
+        name: "the timeout is an idle timeout: commands keep a sandbox running, idleness hibernates it, 0 never",
         run: idle_timeout,
     },
     Scenario {
@@ -178,7 +178,9 @@ fn status_of(api: &Api, id: &str) -> Result<Value> {
 
 fn killed_at_timeout(appliance: &mut Appliance) -> Result<()> {
     let api = appliance.api();
-    let id = api.create_sandbox(&json!({"timeout": 5}))?;
+    // Its idle timeout stops a sandbox of this project (by default it would hibernate it).
+    api.expect(201, "POST", "/projects", &json!({"name": "timeout-stops-e2e", "autoHibernate": false}))?;
+    let id = api.create_sandbox(&json!({"project": "timeout-stops-e2e", "timeout": 5}))?;
     // Moved out: still running well past the original 5 s.
     api.expect(204, "POST", &format!("/sandboxes/{id}/timeout"), &json!({"timeout": 60}))?;
     std::thread::sleep(Duration::from_secs(8));
@@ -219,7 +221,8 @@ fn idle_timeout(appliance: &mut Appliance) -> Result<()> {
         }
         let (b, i, f) = (status_of(&api, &busy)?, status_of(&api, &idle)?, status_of(&api, &forever)?);
         check(b["status"] == "running", || format!("a command every 2.5 s did not keep it running: {b}"))?;
-        check(i["status"] == "stopped", || format!("24 s idle with a 10 s timeout: {i}"))?;
+        // An idle timeout hibernates a sandbox unless its project says otherwise.
+        check(i["status"] == "hibernated", || format!("24 s idle with a 10 s timeout: {i}"))?;
         check(f["status"] == "running" && f["endAt"].is_null(), || format!("timeout 0: {f}"))
     })();
     for id in [&busy, &idle, &forever] {

@@ -28,7 +28,7 @@ class Sandbox:
     """One sandbox on the appliance.
 
     Attributes mirror the appliance's sandbox record as of the last call that returned it:
-    ``sandbox_id``, ``template_id``, ``status`` (``running``, ``stopped`` or ``error``),
+    ``sandbox_id``, ``template_id``, ``status`` (``running``, ``hibernated``, ``stopped`` or ``error``),
     ``started_at`` / ``end_at`` (RFC 3339), ``cpu_count``, ``memory_mb``, ``disk_mb``, ``metadata``.
     """
 
@@ -150,8 +150,9 @@ class Sandbox:
         return self.status == "running"
 
     async def set_timeout(self, timeout: int) -> None:
-        """Sets the sandbox's idle timeout: it stops ``timeout`` seconds after its last command,
-        file or session call, counting from now (0: no automatic stop)."""
+        """Sets the sandbox's idle timeout: it hibernates (or, if its project says so, stops)
+        ``timeout`` seconds after its last command, file or session call, counting from now (0: no
+        automatic end)."""
         await self._client.request(
             "POST", f"/sandboxes/{path_segment(self.sandbox_id)}/timeout", json={"timeout": timeout}
         )
