@@ -111,7 +111,9 @@ const longRun = (async () => {
   ok(`commands.run of a 65 s command through run-async answered after ${Math.round((Date.now() - t) / 1000)}s`);
 })();
 {
-  const nodeBox = await Sandbox.create({ template: "node", timeout: 0 });
+  // 256 MiB: beside the Python client's sandboxes, another 512 MiB guest would not fit the test
+  // appliance (admission control answers 503).
+  const nodeBox = await Sandbox.create({ template: "node", timeout: 0, memoryMB: 256 });
   try {
     const r = await nodeBox.commands.run("node -e 'console.log(6*7)' && npm --version", { timeout: 120 });
     expect(r.exitCode === 0 && r.stdout.startsWith("42\n"), `node and npm: ${JSON.stringify(r)}`);

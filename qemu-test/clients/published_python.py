@@ -136,7 +136,9 @@ async def secret_store() -> None:
 
 
 async def python_template() -> None:
-    sb = await Sandbox.create(template="python", timeout=0)
+    # 256 MiB: with the Node client's sandboxes beside these, five 512 MiB guests would not fit
+    # the test appliance (admission control answers 503).
+    sb = await Sandbox.create(template="python", timeout=0, memory_mb=256)
     try:
         out = await sb.exec.run("python3 -m venv /tmp/venv && /tmp/venv/bin/pip --version", timeout=120)
         expect(out.exit_code == 0 and out.stdout.startswith("pip "), f"venv and pip: {out}")

@@ -240,7 +240,7 @@ fn restart_keeps_files_and_environment(appliance: &mut Appliance) -> Result<()> 
     let id =
         api.create_sandbox(&json!({"project": "restart-e2e", "envs": {"GREETING": "hello-restart"}, "timeout": 0}))?;
     let result = (|| {
-        let probe = "echo $GREETING $SERVICE_KEY; cat /proc/sys/kernel/random/boot_id; cat /root/kept.txt; pgrep -c -x sleep || true";
+        let probe = "echo $GREETING $SERVICE_KEY; cat /proc/sys/kernel/random/boot_id; cat /root/kept.txt; echo; pgrep -c -x sleep || true";
         let (status, _) =
             api.raw("PUT", &format!("/sandboxes/{id}/files?path=/root/kept.txt"), b"kept across the restart")?;
         check(status == 204, || format!("writing the file answered {status}"))?;
