@@ -343,10 +343,13 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, Option<String>), String> {
         }
     }
     let bus = Arc::new(Bus { legacy, virtio });
-    let vcpus = create_vcpus(&kvm, &vm, cfg.vcpus, &vcpu_start)?;
     if let Some(machine) = &restore {
-        // Last, so the guest's clock resumes just before its vCPUs do.
+        // The interrupt controllers, timer and clock before the vCPUs whose local APICs and
+        // kvmclock refer to them.
         machine.vm.restore(&vm)?;
+    }
+    let vcpus = create_vcpus(&kvm, &vm, cfg.vcpus, &vcpu_start)?;
+    if restore.is_some() {
         eprintln!("vmm: resumed from a snapshot");
     }
     timeline::mark("devices and vCPUs set up");

@@ -52,8 +52,12 @@ fn hibernate_and_wake(appliance: &mut Appliance) -> Result<()> {
             api.raw("PUT", &format!("/sandboxes/{id}/files?path=/root/kept.txt"), b"kept across hibernation")?;
         check(status == 204, || format!("writing the file answered {status}"))?;
         // A process started in its own working directory, holding a file open.
+        // A heartbeat on the guest console: if a restored guest stops running, its console
+        // (part of a failed wake's error) shows where.
+        api.run(&id, "setsid sh -c 'while :; do echo guest-tick-$(date +%s) > /dev/console; sleep 5; done' </dev/null >/dev/null 2>&1 &", 30)?;
         let (code, out, err) =
-            api.run(&id, "mkdir -p /tmp/work && cd /tmp/work && setsid sh -c 'exec 3>open.txt; exec sleep 1000' </dev/null >/dev/null 2>&1 & echo $!", 30)?;
+            api.run(&id, "mkdir -p /tmp/work && cd /tmp/work && setsid sh -c 'exec 3>open.txt; exec sleep 1000' </dev/null >/dev/null 2>&1 & \
+             pid=$!; for i in $(seq 100); do [ -e /proc/$pid/fd/3 ] && break; sleep 0.1; done; echo $pid", 30)?;
         check(code == 0, || format!("starting the background process: {err}"))?;
         let pid = out.trim().to_string();
         let probe = format!(

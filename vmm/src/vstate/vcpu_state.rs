@@ -73,6 +73,12 @@ impl VcpuState {
         write_msrs(fd, &self.msrs).map_err(|e| format!("vCPU {id}: {e}"))?;
         // Pending exceptions and interrupts last, on top of everything they refer to.
         fd.set_vcpu_events(&self.events).map_err(|e| fail("KVM_SET_VCPU_EVENTS", e))?;
+        eprintln!(
+            "vmm: vCPU {id} restored at rip {:#x}, mp_state {}, {} MSRs",
+            self.regs.rip,
+            self.mp_state.mp_state,
+            self.msrs.len()
+        );
         // Tell the guest's kvmclock the vCPU was stopped, so its watchdogs don't call the gap
         // a soft lockup. Old hosts lack it (EINVAL), which costs a warning in the guest only.
         let _ = fd.kvmclock_ctrl();
@@ -92,7 +98,12 @@ impl std::fmt::Debug for VcpuState {
 }
 
 /// The MSRs to save, in the order a restore must write them: the TSC first, its deadline last.
+/// The deadline is added when KVM's list leaves it out: without it a restored guest's local
+/// APIC timer would never fire again.
 pub fn msr_save_order(mut indices: Vec<u32>) -> Vec<u32> {
+    if !indices.contains(&MSR_IA32_TSC_DEADLINE) {
+        indices.push(MSR_IA32_TSC_DEADLINE);
+    }
     let rank = |i: &u32| match *i {
         MSR_IA32_TSC => 0,
         MSR_IA32_TSC_DEADLINE => 2,
@@ -205,5 +216,6 @@ mod tests {
     fn the_tsc_goes_first_and_its_deadline_last() {
         let order = msr_save_order(vec![0x6e0, 0x174, 0x10, 0xc000_0080]);
         assert_eq!(order, vec![0x10, 0x174, 0xc000_0080, 0x6e0]);
+        assert_eq!(msr_save_order(vec![0x174, 0x10]), vec![0x10, 0x174, 0x6e0]);
     }
 }
