@@ -330,6 +330,7 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, Option<String>), String> {
     let exit = Arc::new(ExitSignal::new().map_err(|e| format!("cannot create an eventfd: {e}"))?);
     let serial_irq = eventfd()?;
     vm.register_irqfd(&serial_irq, COM1_IRQ).map_err(|e| format!("KVM_IRQFD failed: {e}"))?;
+    let serial_irq_again = serial_irq.try_clone().map_err(|e| format!("cannot clone an eventfd: {e}"))?;
     let console = files.console.try_clone().map_err(|e| format!("cannot reuse the console log: {e}"))?;
     let console = ConsoleLog::new(console, exit.clone());
     let legacy = match &restore {
@@ -350,6 +351,13 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, Option<String>), String> {
     }
     let vcpus = create_vcpus(&kvm, &vm, cfg.vcpus, &vcpu_start)?;
     if restore.is_some() {
+        // Interrupts lost on their way into the old VM (see `signal_after_restore`) are raised
+        // again, now that the interrupt controllers hold their saved state. The serial driver
+        // reads the UART's interrupt register and carries on if transmission was waiting.
+        for transport in &bus.virtio {
+            transport.lock().map_err(|_| "a device lock is poisoned")?.signal_after_restore();
+        }
+        let _ = serial_irq_again.write(1);
         eprintln!("vmm: resumed from a snapshot");
     }
     timeline::mark("devices and vCPUs set up");

@@ -73,12 +73,7 @@ impl VcpuState {
         write_msrs(fd, &self.msrs).map_err(|e| format!("vCPU {id}: {e}"))?;
         // Pending exceptions and interrupts last, on top of everything they refer to.
         fd.set_vcpu_events(&self.events).map_err(|e| fail("KVM_SET_VCPU_EVENTS", e))?;
-        eprintln!(
-            "vmm: vCPU {id} restored at rip {:#x}, mp_state {}, {} MSRs",
-            self.regs.rip,
-            self.mp_state.mp_state,
-            self.msrs.len()
-        );
+        eprintln!("vmm: vCPU {id} restored: {}", self.describe());
         // Tell the guest's kvmclock the vCPU was stopped, so its watchdogs don't call the gap
         // a soft lockup. Old hosts lack it (EINVAL), which costs a warning in the guest only.
         let _ = fd.kvmclock_ctrl();
@@ -88,6 +83,44 @@ impl VcpuState {
     #[cfg(test)]
     pub fn regs(&self) -> &kvm_regs {
         &self.regs
+    }
+}
+
+impl VcpuState {
+    /// One line for the VMM's log: where the vCPU stands and what could keep interrupts from it.
+    fn describe(&self) -> String {
+        let reg = |offset: usize| {
+            let r = &self.lapic.regs[offset..offset + 4];
+            u32::from_le_bytes([r[0] as u8, r[1] as u8, r[2] as u8, r[3] as u8])
+        };
+        let vectors = |base: usize| -> Vec<u32> {
+            (0..8u32)
+                .flat_map(|w| {
+                    let bits = reg(base + 0x10 * w as usize);
+                    (0..32).filter(move |b| bits & (1 << b) != 0).map(move |b| w * 32 + b)
+                })
+                .collect()
+        };
+        let msr = |index: u32| self.msrs.iter().find(|m| m.index == index).map(|m| m.data);
+        format!(
+            "rip {:#x} rflags {:#x} mp_state {} tpr {:#x} svr {:#x} lvtt {:#x} isr {:?} irr {:?} \
+             interrupt injected {} shadow {} nmi pending {} masked {} tsc {:?} deadline {:?} ({} MSRs)",
+            self.regs.rip,
+            self.regs.rflags,
+            self.mp_state.mp_state,
+            reg(0x80),
+            reg(0xf0),
+            reg(0x320),
+            vectors(0x100),
+            vectors(0x200),
+            self.events.interrupt.injected,
+            self.events.interrupt.shadow,
+            self.events.nmi.pending,
+            self.events.nmi.masked,
+            msr(MSR_IA32_TSC),
+            msr(MSR_IA32_TSC_DEADLINE),
+            self.msrs.len()
+        )
     }
 }
 

@@ -50,16 +50,15 @@ pub trait VirtioDevice: Send {
         Ok(())
     }
     /// Brings an active device back from a snapshot (instead of `activate`), with the queue
-    /// positions `pause_backend` returned. Returns whether it added used buffers (an event
-    /// for the driver), which the transport then signals.
+    /// positions `pause_backend` returned. The transport interrupts the driver afterwards.
     fn restore(
         &mut self,
         mem: &GuestMemory,
         queues: &mut [Queue],
         features: u64,
         backend_positions: &[u16],
-    ) -> Result<bool, String> {
+    ) -> Result<(), String> {
         let _ = backend_positions;
-        self.activate(mem, queues, features).map(|()| false)
+        self.activate(mem, queues, features)
     }
 }

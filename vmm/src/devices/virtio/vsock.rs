@@ -123,7 +123,7 @@ impl VirtioDevice for Vsock {
         queues: &mut [Queue],
         features: u64,
         backend_positions: &[u16],
-    ) -> Result<bool, String> {
+    ) -> Result<(), String> {
         let bases: [u16; VHOST_QUEUES] = backend_positions.try_into().map_err(|_| {
             format!("snapshot has {} vhost queue positions, expected {VHOST_QUEUES}", backend_positions.len())
         })?;
@@ -132,7 +132,9 @@ impl VirtioDevice for Vsock {
         }
         self.start(mem, queues, features, bases).map_err(|e| format!("cannot start vhost-vsock: {e}"))?;
         self.running = true;
-        post_transport_reset(mem, queues.get_mut(EVENT_QUEUE).ok_or("no event queue")?)
+        // Without a free event buffer the event is lost and the driver only notices the reset
+        // when its connections fail; the Linux driver keeps the queue filled.
+        post_transport_reset(mem, queues.get_mut(EVENT_QUEUE).ok_or("no event queue")?).map(|_| ())
     }
 
     fn reset(&mut self) {
