@@ -67,21 +67,37 @@ pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemory, String> {
             let host = map_aligned(size, hugepages).map_err(fail)?;
             // SAFETY: `host` is the start of a fresh anonymous mapping of exactly `size` bytes
             // that this process never unmaps (guest RAM lives until exit; KVM slots point at it).
-            let mapping = unsafe {
-                vm_memory::mmap::MmapRegionBuilder::new(size)
-                    .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                    .with_mmap_flags(MAP_FLAGS)
-                    .with_raw_mmap_pointer(host)
-            }
-            .build()
-            .map_err(|e| fail(e.to_string()))?;
-            GuestRegionMmap::new(mapping, start).ok_or_else(|| fail("region end overflows".into()))
+            unsafe { region_at(host, size, start, MAP_FLAGS) }.map_err(fail)
         })
         .collect::<Result<Vec<_>, String>>()?;
     GuestMemory::from_regions(regions).map_err(|e| fail(e.to_string()))
 }
 
 const MAP_FLAGS: libc::c_int = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+
+/// Guest RAM region at guest address `start` over the `size` bytes mapped at `host` (mapped
+/// with `flags`, read-write).
+///
+/// # Safety
+/// `host` must be a live mapping of at least `size` bytes that is never unmapped while the
+/// region (or anything it is handed to, such as a KVM memory slot) is in use.
+unsafe fn region_at(
+    host: *mut u8,
+    size: usize,
+    start: GuestAddress,
+    flags: libc::c_int,
+) -> Result<GuestRegionMmap<()>, String> {
+    // SAFETY: the caller promises what `with_raw_mmap_pointer` requires (see above).
+    let mapping = unsafe {
+        vm_memory::mmap::MmapRegionBuilder::new(size)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(flags)
+            .with_raw_mmap_pointer(host)
+    }
+    .build()
+    .map_err(|e| e.to_string())?;
+    GuestRegionMmap::new(mapping, start).ok_or_else(|| "region end overflows".into())
+}
 
 /// Guest RAM from a snapshot's memory file (offset = guest-physical address), mapped privately:
 /// pages come from the file when the guest first touches them and its writes never reach the
@@ -116,15 +132,7 @@ pub fn map_guest_memory_from(file: &File, mem_bytes: u64) -> Result<GuestMemory,
             }
             // SAFETY: `host` is a private file mapping of exactly `size` bytes made above that
             // this process never unmaps (guest RAM lives until exit; KVM slots point at it).
-            let mapping = unsafe {
-                vm_memory::mmap::MmapRegionBuilder::new(size)
-                    .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                    .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-                    .with_raw_mmap_pointer(host)
-            }
-            .build()
-            .map_err(|e| fail(e.to_string()))?;
-            GuestRegionMmap::new(mapping, start).ok_or_else(|| fail("region end overflows".into()))
+            unsafe { region_at(host, size, start, libc::MAP_PRIVATE | libc::MAP_NORESERVE) }.map_err(fail)
         })
         .collect::<Result<Vec<_>, String>>()?;
     GuestMemory::from_regions(regions).map_err(|e| fail(e.to_string()))
