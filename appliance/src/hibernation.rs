@@ -12,7 +12,7 @@ use crate::app::App;
 use crate::clock::now_unix;
 use crate::error::AppError;
 use crate::lifecycle::{runtime_error, InUse, Transition};
-use crate::runtime::{BootSpec, Snapshot};
+use crate::runtime::Snapshot;
 use crate::sandbox_ops::{self, idle_deadline};
 use crate::store::records::{SandboxRecord, SandboxStatus, NO_DEADLINE};
 
@@ -101,13 +101,7 @@ fn wake_locked(app: &App, id: &str, timeout_sec: Option<u64>) -> Result<SandboxR
     }
     // Admitted like a create: a wake that does not fit leaves it hibernated (503).
     let reservation = app.capacity.admit(record.cpu_count, record.memory_mb)?;
-    let spec = BootSpec {
-        sandbox_id: id.to_string(),
-        template: record.template.clone(),
-        cpu_count: record.cpu_count,
-        memory_mb: record.memory_mb,
-        disk_mb: Some(record.disk_mb).filter(|d| *d != 0),
-    };
+    let spec = sandbox_ops::boot_spec_of(&record);
     let started = Instant::now();
     let woken = backend.runtime.wake(&spec).map_err(runtime_error).and_then(|booted| {
         // Its tokens are registered with the proxy under its CID.

@@ -213,6 +213,17 @@ fn hand_over_env(app: &App, runtime: &dyn SandboxRuntime, id: &str, envs: &EnvVa
     sandbox_envs::store(app, id, envs)
 }
 
+/// The machine a stored sandbox runs on (for a restart or a wake: the record's resources).
+pub(crate) fn boot_spec_of(record: &SandboxRecord) -> BootSpec {
+    BootSpec {
+        sandbox_id: record.id.clone(),
+        template: record.template.clone(),
+        cpu_count: record.cpu_count,
+        memory_mb: record.memory_mb,
+        disk_mb: Some(record.disk_mb).filter(|d| *d != 0),
+    }
+}
+
 /// Restarts a running sandbox's guest from its own root disk (`POST .../reboot`): the files
 /// stay, processes and memory do not. The guest gets back the environment it was created with
 /// and keeps its vsock CID, so its tokens stay registered with the proxy as they were. A
@@ -221,13 +232,7 @@ pub fn restart(app: &App, id: &str) -> Result<SandboxRecord, AppError> {
     let _changing = app.lifecycle.transition(id);
     let (backend, record) = require_running(app, id)?;
     let envs = sandbox_envs::load(app, id)?;
-    let spec = BootSpec {
-        sandbox_id: id.to_string(),
-        template: record.template.clone(),
-        cpu_count: record.cpu_count,
-        memory_mb: record.memory_mb,
-        disk_mb: Some(record.disk_mb).filter(|d| *d != 0),
-    };
+    let spec = boot_spec_of(&record);
     // Untracked meanwhile, so the reaper does not take the old VMM's end for a crash.
     app.lifecycle.untrack(id);
     app.exec_sessions.forget_sandbox(id);
