@@ -3,9 +3,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
-use common::{Client, Harness};
+use common::{wait_ended, Client, Harness};
 use serde_json::{json, Value};
 
 fn create(c: &mut Client, body: &Value) -> String {
@@ -26,19 +24,6 @@ fn listed(c: &mut Client, query: &str) -> Vec<String> {
 fn sorted(mut ids: Vec<String>) -> Vec<String> {
     ids.sort();
     ids
-}
-
-/// Waits until the reaper has recorded that sandbox `id` ended.
-fn wait_ended(c: &mut Client, id: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, s) = c.call("GET", &format!("/api/sandboxes/{id}"), "");
-        if s["status"] != "running" {
-            return;
-        }
-        assert!(Instant::now() < deadline, "the reaper did not notice the dead VMM");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

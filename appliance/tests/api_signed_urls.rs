@@ -6,7 +6,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use serde_json::{json, Value};
@@ -55,18 +55,6 @@ fn param(target: &str, name: &str) -> String {
 fn error_of(r: &appliance::client::HttpResponse) -> String {
     let v: Value = serde_json::from_slice(&r.body).expect("json error");
     v["error"].as_str().expect("error").to_string()
-}
-
-fn wait_ended(c: &mut Client, id: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, s) = c.call("GET", &format!("/api/sandboxes/{id}"), "");
-        if s["status"] != "running" {
-            return;
-        }
-        assert!(Instant::now() < deadline, "the reaper did not notice the dead VMM");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

@@ -694,6 +694,19 @@ pub fn secret_names(list: &Value) -> Vec<String> {
         .collect()
 }
 
+/// Waits (up to 10 s) until the reaper has recorded that sandbox `id` ended.
+pub fn wait_ended(c: &mut Client, id: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, s) = c.call("GET", &format!("/api/sandboxes/{id}"), "");
+        if s["status"] != "running" {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "the reaper did not notice the dead VMM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 pub struct Client {
     inner: HttpClient,
     /// Every response body, for the secrecy checks.
