@@ -183,28 +183,42 @@ const DUMP_CHUNK: usize = 1 << 20;
 /// Returns the number of bytes of RAM covered.
 pub fn dump_guest_memory(mem: &GuestMemory, out: &File) -> Result<u64, String> {
     out.set_len(0).map_err(|e| format!("cannot truncate the memory dump file: {e}"))?;
-    let mut chunk = vec![0u8; DUMP_CHUNK];
+    let covered = for_each_chunk(mem, DUMP_CHUNK, |gpa, chunk| {
+        if chunk.iter().any(|&b| b != 0) {
+            out.write_all_at(chunk, gpa).map_err(|e| format!("cannot write the memory dump: {e}"))?;
+        }
+        Ok(())
+    })?;
+    // The logical size must reach the end of the last region even if it ended in zeroes.
+    let end = mem.last_addr().0 + 1;
+    out.set_len(end).map_err(|e| format!("cannot size the memory dump: {e}"))?;
+    out.sync_data().map_err(|e| format!("cannot flush the memory dump: {e}"))?;
+    Ok(covered)
+}
+
+/// Copies all of guest RAM out in pieces of at most `chunk_size` bytes and hands each to `f`
+/// with its guest-physical address; returns the bytes of RAM covered.
+pub fn for_each_chunk(
+    mem: &GuestMemory,
+    chunk_size: usize,
+    mut f: impl FnMut(u64, &[u8]) -> Result<(), String>,
+) -> Result<u64, String> {
+    let mut chunk = vec![0u8; chunk_size];
     let mut covered = 0u64;
     for region in mem.iter() {
         let start = region.start_addr().0;
         let len = region.len();
         let mut off = 0u64;
         while off < len {
-            let n = (len - off).min(DUMP_CHUNK as u64) as usize;
+            let n = (len - off).min(chunk_size as u64) as usize;
             region
                 .read_slice(&mut chunk[..n], MemoryRegionAddress(off))
                 .map_err(|e| format!("cannot read guest memory at {:#x}: {e}", start + off))?;
-            if chunk[..n].iter().any(|&b| b != 0) {
-                out.write_all_at(&chunk[..n], start + off).map_err(|e| format!("cannot write the memory dump: {e}"))?;
-            }
+            f(start + off, &chunk[..n])?;
             off += n as u64;
         }
         covered += len;
     }
-    // The logical size must reach the end of the last region even if it ended in zeroes.
-    let end = mem.last_addr().0 + 1;
-    out.set_len(end).map_err(|e| format!("cannot size the memory dump: {e}"))?;
-    out.sync_data().map_err(|e| format!("cannot flush the memory dump: {e}"))?;
     Ok(covered)
 }
 

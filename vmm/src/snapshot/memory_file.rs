@@ -10,9 +10,9 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use serde::{Deserialize, Serialize};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+use vm_memory::GuestMemoryBackend;
 
-use crate::memory::GuestMemory;
+use crate::memory::{for_each_chunk, GuestMemory};
 
 const PAGE: usize = 4096;
 /// Guest memory is copied out in chunks of this size and written as runs of non-zero pages.
@@ -30,22 +30,12 @@ pub struct MemoryFileInfo {
 /// Writes all of guest RAM into `out` (emptied first) and flushes it.
 pub fn write(mem: &GuestMemory, out: &File) -> Result<MemoryFileInfo, String> {
     out.set_len(0).map_err(|e| format!("cannot empty the memory file: {e}"))?;
-    let mut buf = vec![0u8; CHUNK];
     let mut digest = crc32fast::Hasher::new();
     let mut data_bytes = 0u64;
-    for region in mem.iter() {
-        let start = region.start_addr().0;
-        let len = region.len();
-        let mut off = 0u64;
-        while off < len {
-            let n = (len - off).min(CHUNK as u64) as usize;
-            region
-                .read_slice(&mut buf[..n], MemoryRegionAddress(off))
-                .map_err(|e| format!("cannot read guest memory at {:#x}: {e}", start + off))?;
-            data_bytes += write_nonzero_runs(&buf[..n], start + off, out, &mut digest)?;
-            off += n as u64;
-        }
-    }
+    for_each_chunk(mem, CHUNK, |gpa, chunk| {
+        data_bytes += write_nonzero_runs(chunk, gpa, out, &mut digest)?;
+        Ok(())
+    })?;
     let len = mem.last_addr().0 + 1;
     out.set_len(len).map_err(|e| format!("cannot size the memory file: {e}"))?;
     out.sync_data().map_err(|e| format!("cannot flush the memory file: {e}"))?;
@@ -113,9 +103,6 @@ pub fn verify(file: &File, info: &MemoryFileInfo) -> Result<(), String> {
     }
     Ok(())
 }
-
-// `read_slice` on a region comes from this trait.
-use vm_memory::Bytes as _;
 
 #[cfg(test)]
 mod tests {
