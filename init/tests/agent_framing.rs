@@ -253,7 +253,11 @@ fn rand_suffix() -> u128 {
 }
 
 fn client_for(path: &std::path::Path) -> AgentClient<UnixStream> {
-    let timeouts = ClientTimeouts { reply: Duration::from_millis(500), frame: Duration::from_millis(500) };
+    let timeouts = ClientTimeouts {
+        reply: Duration::from_millis(500),
+        frame: Duration::from_millis(500),
+        file_start: Duration::from_millis(500),
+    };
     AgentClient::new(UnixStream::connect(path).unwrap(), timeouts).unwrap()
 }
 

@@ -79,11 +79,20 @@ pub struct ClientTimeouts {
     pub reply: Duration,
     /// For a frame, once begun, to arrive completely; also bounds each write.
     pub frame: Duration,
+    /// For the first data of a file read. Longer than `reply`: right after a large write the
+    /// guest's disk may still be busy writing back (a 2 GiB upload then download waited 30.4 s
+    /// for the first chunk under nested emulation), and the appliance's download pipe allows
+    /// this long anyway (`STALL_LIMIT`).
+    pub file_start: Duration,
 }
 
 impl Default for ClientTimeouts {
     fn default() -> Self {
-        ClientTimeouts { reply: Duration::from_secs(30), frame: Duration::from_secs(30) }
+        ClientTimeouts {
+            reply: Duration::from_secs(30),
+            frame: Duration::from_secs(30),
+            file_start: Duration::from_secs(120),
+        }
     }
 }
 
@@ -289,15 +298,18 @@ impl<C: Connection> AgentClient<C> {
         Ok(out)
     }
 
-    /// Streams a file into `sink`; returns its size. The agent has the reply timeout to start
-    /// and to go quiet between frames, and the data must keep up `MIN_FILE_PACE` on average
-    /// (see `Deadline::earn`); time spent writing to `sink` is not held against it.
+    /// Streams a file into `sink`; returns its size. The agent has the file-start timeout to
+    /// start, the reply timeout to go quiet between frames, and the data must keep up
+    /// `MIN_FILE_PACE` on average (see `Deadline::earn`); time spent writing to `sink` is not
+    /// held against it.
     pub fn read_file_to(&mut self, path: &str, limit: u64, sink: &mut dyn Write) -> Result<u64, AgentError> {
-        let mut call = self.quick_call("file read");
+        let start = self.timeouts.file_start.max(self.timeouts.reply);
+        let mut call = Deadline::new("file read", start);
         self.send(&Request::FileRead { path: path.to_string(), limit })?;
         let mut total = 0u64;
         loop {
-            match self.recv(&mut call, Some(self.timeouts.reply))? {
+            let idle = if call.frames == 0 { start } else { self.timeouts.reply };
+            match self.recv(&mut call, Some(idle))? {
                 Reply::Data(data) => {
                     total += data.len() as u64;
                     if limit > 0 && total > limit {

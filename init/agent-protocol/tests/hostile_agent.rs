@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 const REPLY: Duration = Duration::from_millis(500);
 const FRAME: Duration = Duration::from_millis(500);
+const FILE_START: Duration = Duration::from_millis(1500);
 /// The reply timeout less some timer slack.
 const REPLY_AT_THE_EARLIEST: Duration = Duration::from_millis(450);
 /// A flood that outlives this has not been stopped by the client: the double gives up so a
@@ -45,7 +46,8 @@ fn agent_double(
         let (frames_written, cut_off) = script(&mut agent_end, &request);
         Done { request, frames_written, cut_off }
     });
-    let client = AgentClient::new(client_end, ClientTimeouts { reply: REPLY, frame: FRAME }).expect("client");
+    let client = AgentClient::new(client_end, ClientTimeouts { reply: REPLY, frame: FRAME, file_start: FILE_START })
+        .expect("client");
     (client, handle)
 }
 
@@ -194,6 +196,22 @@ fn a_silent_agent_fails_a_quick_request_at_the_reply_timeout() {
 }
 
 #[test]
+fn a_silent_agent_fails_a_file_read_at_the_file_start_timeout() {
+    let (mut client, double) = agent_double(|conn, _| stall(conn));
+    let started = Instant::now();
+    match client.read_file("/x", 0) {
+        Err(AgentError::Io(e)) => {
+            assert_eq!(e.kind(), ErrorKind::TimedOut);
+            assert!(e.to_string().contains("did not reply to the file read within 1.5 s"), "{e}");
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    let took = started.elapsed();
+    assert!(took >= FILE_START - (REPLY - REPLY_AT_THE_EARLIEST) && took < FILE_START * 2, "took {took:?}");
+    assert!(double.join().expect("double").cut_off, "the client closed the connection");
+}
+
+#[test]
 fn endless_empty_data_ends_a_file_read_at_its_deadline() {
     let empty = frame_of(&Reply::Data(Vec::new()));
     let (mut client, double) = agent_double(move |conn, _| flood(conn, &empty));
@@ -261,6 +279,17 @@ fn well_behaved_replies_still_work() {
         (3, false)
     });
     assert_eq!(client.read_file("/f", 0).expect("read"), b"hello world");
+    double.join().expect("double");
+
+    // A file whose first chunk comes later than a reply would (a guest disk still writing
+    // back), but within the file-start timeout.
+    let (mut client, double) = agent_double(|conn, _| {
+        std::thread::sleep(REPLY * 2);
+        conn.write_all(&frame_of(&Reply::Data(b"late".to_vec()))).expect("write");
+        conn.write_all(&frame_of(&Reply::DataEnd { size: 4 })).expect("write");
+        (2, false)
+    });
+    assert_eq!(client.read_file("/late", 0).expect("read"), b"late");
     double.join().expect("double");
 
     // A run with output on both streams that takes longer than the reply timeout but not
