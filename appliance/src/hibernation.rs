@@ -81,7 +81,7 @@ pub fn wake(app: &App, id: &str, timeout_sec: Option<u64>) -> Result<SandboxReco
     wake_locked(app, id, timeout_sec)
 }
 
-fn wake_locked(app: &App, id: &str, timeout_sec: Option<u64>) -> Result<SandboxRecord, AppError> {
+pub(crate) fn wake_locked(app: &App, id: &str, timeout_sec: Option<u64>) -> Result<SandboxRecord, AppError> {
     let mut record = sandbox_ops::get(app, id)?;
     let backend = app.lifecycle.backend()?;
     match record.status {

@@ -11,6 +11,7 @@ pub mod auth;
 pub mod bench;
 pub mod ca_store;
 pub mod capacity;
+pub mod checkpoints;
 pub mod cli;
 pub mod client;
 pub mod clock;

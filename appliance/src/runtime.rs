@@ -10,6 +10,8 @@ use std::sync::mpsc::Receiver;
 
 use zeroize::Zeroizing;
 
+pub use crate::store::records::CheckpointKind;
+
 /// The largest file the API moves either way (4 GiB). Transfers are streamed through bounded
 /// buffers, so this is not about memory: it bounds how long one transfer may hold an agent
 /// connection, and it keeps the body length tiny_http may try to drain from a client bounded
@@ -179,6 +181,48 @@ pub trait SandboxRuntime: Send + Sync {
     /// Every sandbox with a complete hibernation snapshot and no VMM, including those found
     /// after a restart (`stop` drops one).
     fn hibernated_ids(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Writes a checkpoint of a running sandbox under `checkpoint_id`: its root disk copied while
+    /// the guest stood still, and for `full` its machine state and memory too; the guest runs on.
+    /// Kept only once complete and durable; returns the bytes it takes on the data disk.
+    fn checkpoint(&self, sandbox_id: &str, checkpoint_id: &str, kind: CheckpointKind) -> Result<u64, RuntimeError> {
+        let _ = (checkpoint_id, kind);
+        Err(RuntimeError::Failed(format!("checkpoints are not supported by this runtime (sandbox {sandbox_id})")))
+    }
+    /// Puts a running sandbox back to a checkpoint, keeping its vsock CID: its root disk is
+    /// replaced by the checkpoint's, and its guest resumes the checkpoint (`full`, given the time
+    /// and fresh entropy) or boots from that disk (`disk_only`, then it needs `set_env` again).
+    /// A restore that fails leaves no VMM running.
+    fn restore_checkpoint(
+        &self,
+        spec: &BootSpec,
+        checkpoint_id: &str,
+        kind: CheckpointKind,
+    ) -> Result<Booted, RuntimeError> {
+        let _ = (checkpoint_id, kind);
+        Err(RuntimeError::Failed(format!(
+            "checkpoints are not supported by this runtime (sandbox {})",
+            spec.sandbox_id
+        )))
+    }
+    /// Starts the new sandbox `spec.sandbox_id` from a checkpoint: a new vsock CID and a
+    /// copy-on-write clone of the checkpoint's disk; the guest resumes (`full`) or boots from it
+    /// (`disk_only`). Like `boot`, it then needs its environment (`set_env`).
+    fn fork(&self, spec: &BootSpec, checkpoint_id: &str, kind: CheckpointKind) -> Result<Booted, RuntimeError> {
+        let _ = (checkpoint_id, kind);
+        Err(RuntimeError::Failed(format!(
+            "checkpoints are not supported by this runtime (sandbox {})",
+            spec.sandbox_id
+        )))
+    }
+    /// Removes a checkpoint's files; a missing one is not an error.
+    fn delete_checkpoint(&self, checkpoint_id: &str) -> Result<(), RuntimeError> {
+        let _ = checkpoint_id;
+        Ok(())
+    }
+    /// Every complete checkpoint on the data disk (the control plane drops those without a record).
+    fn checkpoint_ids(&self) -> Vec<String> {
         Vec::new()
     }
     /// Hands the agent its environment (sealed tokens, proxy settings, request envs).

@@ -17,7 +17,7 @@ use crate::clock::now_unix;
 use crate::error::AppError;
 use crate::hibernation;
 use crate::lifecycle::{new_id, runtime_error, Backend};
-use crate::runtime::{BootSpec, EnvVars, SandboxRuntime};
+use crate::runtime::{BootSpec, Booted, EnvVars, RuntimeError, SandboxRuntime};
 use crate::sandbox_envs;
 use crate::seal::mint_token;
 use crate::seal_sync;
@@ -69,6 +69,16 @@ fn mint_project_tokens(
 }
 
 pub fn create(app: &App, spec: CreateSpec) -> Result<SandboxRecord, AppError> {
+    create_with(app, spec, &|runtime, boot_spec| runtime.boot(boot_spec))
+}
+
+/// A create whose guest is started by `start` (a boot, or a fork of a checkpoint); the rest (its
+/// record, tokens, environment, capacity, undoing on failure) is the same.
+pub(crate) fn create_with(
+    app: &App,
+    spec: CreateSpec,
+    start: &dyn Fn(&dyn SandboxRuntime, &BootSpec) -> Result<Booted, RuntimeError>,
+) -> Result<SandboxRecord, AppError> {
     let backend = app.lifecycle.backend()?.clone();
     // Admitted before anything is minted or booted; every early return below drops the
     // reservation, which hands its memory back.
@@ -122,7 +132,7 @@ pub fn create(app: &App, spec: CreateSpec) -> Result<SandboxRecord, AppError> {
         disk_mb: spec.disk_mb,
     };
     let started = Instant::now();
-    let booted = match backend.runtime.boot(&boot_spec) {
+    let booted = match start(&*backend.runtime, &boot_spec) {
         Ok(b) => b,
         Err(e) => {
             app.metrics.record_boot_failure();

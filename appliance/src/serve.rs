@@ -138,6 +138,7 @@ pub fn start(config: &ServeConfig, side: SandboxSide) -> Result<Running, String>
         api_scheme: config.tls.scheme(),
     });
     crate::sandbox_ops::reconcile_after_start(&app).map_err(|e| e.message)?;
+    crate::checkpoints::reconcile(&app).map_err(|e| e.message)?;
     let reaper_stop = Arc::new(AtomicBool::new(false));
     let reaper = crate::sandbox_ops::spawn_reaper(
         Arc::clone(&app),

@@ -166,7 +166,11 @@ fn sandbox_rows(f: &Fixture) -> Vec<Row> {
         ("POST", format!("/api/sandboxes/{sa}/wake"), r#"{"timeout":600}"#.into(), Exactly(200), 200),
         ("POST", format!("/api/sandboxes/{sb}/hibernate"), String::new(), Exactly(200), 403),
         ("POST", format!("/api/sandboxes/{sb}/wake"), String::new(), Exactly(200), 403),
-        ("POST", format!("/api/sandboxes/{sa}/checkpoints"), String::new(), Exactly(501), 501),
+        ("POST", format!("/api/sandboxes/{sb}/checkpoints"), r#"{"name":"x"}"#.into(), Exactly(201), 403),
+        ("GET", format!("/api/sandboxes/{sb}/checkpoints"), String::new(), Exactly(200), 403),
+        // The operator then finds the name taken (409).
+        ("POST", format!("/api/sandboxes/{sa}/checkpoints"), r#"{"name":"x"}"#.into(), Allowed, 201),
+        ("GET", format!("/api/sandboxes/{sa}/checkpoints"), String::new(), Exactly(200), 200),
         ("POST", format!("/api/sandboxes/{sb}/timeout"), r#"{"timeout":600}"#.into(), Exactly(204), 403),
         ("POST", format!("/api/sandboxes/{sb}/reboot"), String::new(), Exactly(200), 403),
         ("POST", format!("/api/sandboxes/{sa}/timeout"), r#"{"timeout":600}"#.into(), Exactly(204), 204),

@@ -8,7 +8,8 @@ use serde_json::json;
 use tiny_http::{Method, Request};
 
 use crate::api::{
-    exec, files, keys, projects, pty, sandbox_info, sandboxes, scope, secret_stores, secrets, signed_urls, system,
+    checkpoints, exec, files, keys, projects, pty, sandbox_info, sandboxes, scope, secret_stores, secrets, signed_urls,
+    system,
 };
 use crate::app::App;
 use crate::audit;
@@ -42,12 +43,15 @@ fn is_long(route: &Route, method: &Method) -> bool {
                 | Route::SandboxRestart(_)
                 | Route::SandboxHibernate(_)
                 | Route::SandboxWake(_)
+                | Route::Checkpoints(_)
+                | Route::CheckpointRestore(..)
+                | Route::FromCheckpoint(_)
                 | Route::SystemUpgrade
                 | Route::SystemMasterKeyRotate,
             Post
         ) | (Route::ExecSession(..) | Route::PtySession(..) | Route::Files(_) | Route::FilesDownload(_), Get)
             | (Route::Files(_) | Route::FilesUpload(_), Put)
-            | (Route::Sandbox(_), Delete)
+            | (Route::Sandbox(_) | Route::Checkpoint(..), Delete)
     )
 }
 
@@ -259,6 +263,11 @@ pub fn dispatch(
         (Route::SandboxRestart(id), Post) => sandboxes::restart(app, id),
         (Route::SandboxHibernate(id), Post) => sandboxes::hibernate(app, id),
         (Route::SandboxWake(id), Post) => sandboxes::wake(app, id, request),
+        (Route::Checkpoints(id), Post) => checkpoints::create(app, id, request),
+        (Route::Checkpoints(id), Get) => checkpoints::list(app, id),
+        (Route::Checkpoint(id, cp), Delete) => checkpoints::delete(app, id, cp),
+        (Route::CheckpointRestore(id, cp), Post) => checkpoints::restore(app, id, cp),
+        (Route::FromCheckpoint(cp), Post) => checkpoints::fork(app, caller, cp, request),
         // Answered in `serve`, which hands the request over.
         (Route::ExecRun(_) | Route::Commands(_), Post) => Err(AppError::internal("exec/run is answered by serve")),
         (Route::ExecRunAsync(id), Post) => exec::run_async(app, id, request),

@@ -1,5 +1,6 @@
 //! Request handlers of the wire contract, one module per resource.
 
+pub mod checkpoints;
 pub mod dispatch;
 pub mod exec;
 pub mod exec_async;

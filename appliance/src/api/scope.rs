@@ -41,12 +41,17 @@ pub fn authorize(app: &App, caller: &Caller, route: &Route, method: &Method) -> 
         }
         (Route::SecretStore(_), _) => Err(operator_only(key, "changing or deleting a secret store (its allowlist)")),
         (Route::SandboxMemoryDump(_), _) => Err(operator_only(key, "memory dumps")),
+        // The checkpoint's project is checked by the handler, which reads it anyway.
+        (Route::FromCheckpoint(_), _) => Ok(()),
         (
             Route::Sandbox(id)
             | Route::SandboxTimeout(id)
             | Route::SandboxRestart(id)
             | Route::SandboxHibernate(id)
             | Route::SandboxWake(id)
+            | Route::Checkpoints(id)
+            | Route::Checkpoint(id, _)
+            | Route::CheckpointRestore(id, _)
             | Route::ExecRun(id)
             | Route::ExecRunAsync(id)
             | Route::ExecResult(id, _)

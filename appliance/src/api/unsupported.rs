@@ -10,12 +10,9 @@ pub enum Unsupported {
     Scale,
     Autoscale,
     ScalingLock,
-    Checkpoints,
-    Checkpoint,
-    CheckpointRestore,
-    FromCheckpoint,
     CheckpointPatches,
     CheckpointPatch,
+    CheckpointPublish,
     Preview,
     PreviewPort,
     PreviewRotate,
@@ -37,15 +34,12 @@ pub enum Unsupported {
 pub fn feature(s: &[&str]) -> Option<Unsupported> {
     use Unsupported as U;
     Some(match s {
-        ["sandboxes", "from-checkpoint", _] => U::FromCheckpoint,
         ["sandboxes", "checkpoints", _, "patches"] => U::CheckpointPatches,
+        ["sandboxes", "checkpoints", _, "publish" | "unpublish"] => U::CheckpointPublish,
         ["sandboxes", "checkpoints", _, "patches", _] => U::CheckpointPatch,
         ["sandboxes", _, "scale"] => U::Scale,
         ["sandboxes", _, "autoscale"] => U::Autoscale,
         ["sandboxes", _, "scaling-lock"] => U::ScalingLock,
-        ["sandboxes", _, "checkpoints"] => U::Checkpoints,
-        ["sandboxes", _, "checkpoints", _] => U::Checkpoint,
-        ["sandboxes", _, "checkpoints", _, "restore"] => U::CheckpointRestore,
         ["sandboxes", _, "preview"] => U::Preview,
         ["sandboxes", _, "preview", "rotate"] => U::PreviewRotate,
         ["sandboxes", _, "preview", _] => U::PreviewPort,
@@ -73,12 +67,9 @@ impl Unsupported {
             U::Scale => "/api/sandboxes/{id}/scale",
             U::Autoscale => "/api/sandboxes/{id}/autoscale",
             U::ScalingLock => "/api/sandboxes/{id}/scaling-lock",
-            U::Checkpoints => "/api/sandboxes/{id}/checkpoints",
-            U::Checkpoint => "/api/sandboxes/{id}/checkpoints/{checkpointId}",
-            U::CheckpointRestore => "/api/sandboxes/{id}/checkpoints/{checkpointId}/restore",
-            U::FromCheckpoint => "/api/sandboxes/from-checkpoint/{checkpointId}",
             U::CheckpointPatches => "/api/sandboxes/checkpoints/{checkpointId}/patches",
             U::CheckpointPatch => "/api/sandboxes/checkpoints/{checkpointId}/patches/{patchId}",
+            U::CheckpointPublish => "/api/sandboxes/checkpoints/{checkpointId}/publish",
             U::Preview => "/api/sandboxes/{id}/preview",
             U::PreviewPort => "/api/sandboxes/{id}/preview/{port}",
             U::PreviewRotate => "/api/sandboxes/{id}/preview/rotate",
@@ -104,13 +95,11 @@ impl Unsupported {
             U::Scale | U::Autoscale | U::ScalingLock => {
                 "this appliance does not resize running sandboxes: a sandbox keeps the cpuCount and memoryMB it was created with"
             }
-            U::Checkpoints
-            | U::Checkpoint
-            | U::CheckpointRestore
-            | U::FromCheckpoint
-            | U::CheckpointPatches
-            | U::CheckpointPatch => {
-                "this appliance has no checkpoints: it does not snapshot sandboxes yet, so none can be taken, listed, restored or patched"
+            U::CheckpointPatches | U::CheckpointPatch => {
+                "this appliance does not patch checkpoints: take a new checkpoint after changing the sandbox"
+            }
+            U::CheckpointPublish => {
+                "this appliance does not publish checkpoints: fork any checkpoint of your projects by its id"
             }
             U::Preview | U::PreviewPort | U::PreviewRotate => {
                 "this appliance has no preview URLs: sandboxes have no network device and nothing outside reaches their ports"
@@ -147,7 +136,10 @@ mod tests {
         assert_eq!(feature(&["sandboxes", "s1", "hibernate"]), None);
         assert_eq!(feature(&["sandboxes", "s1", "preview", "rotate"]), Some(Unsupported::PreviewRotate));
         assert_eq!(feature(&["sandboxes", "s1", "preview", "3000"]), Some(Unsupported::PreviewPort));
-        assert_eq!(feature(&["sandboxes", "from-checkpoint", "c1"]), Some(Unsupported::FromCheckpoint));
+        // Checkpoints and forks are served (`checkpoints`); publishing them is not.
+        assert_eq!(feature(&["sandboxes", "from-checkpoint", "c1"]), None);
+        assert_eq!(feature(&["sandboxes", "s1", "checkpoints", "c1", "restore"]), None);
+        assert_eq!(feature(&["sandboxes", "checkpoints", "c1", "publish"]), Some(Unsupported::CheckpointPublish));
         assert_eq!(feature(&["sandboxes", "checkpoints", "c1", "patches", "p"]), Some(Unsupported::CheckpointPatch));
         assert_eq!(feature(&["sandboxes", "s1", "nothing"]), None);
         // Signed file URLs are served (`api::signed_urls`), not refused.

@@ -29,6 +29,14 @@ pub enum Route {
     SandboxHibernate(String),
     /// Resume a hibernated sandbox from its snapshot.
     SandboxWake(String),
+    /// A sandbox's checkpoints: take one (POST), list them (GET).
+    Checkpoints(String),
+    /// One checkpoint of a sandbox: delete it.
+    Checkpoint(String, String),
+    /// Put the sandbox back to one of its checkpoints.
+    CheckpointRestore(String, String),
+    /// A new sandbox from a checkpoint (a fork).
+    FromCheckpoint(String),
     ExecRun(String),
     /// Start a command and answer at once (its result polled with `ExecResult`).
     ExecRunAsync(String),
@@ -130,6 +138,10 @@ impl Route {
             Self::SandboxMemoryDump(_) => "/api/sandboxes/{id}/diagnostics/memory-dump",
             Self::SandboxHibernate(_) => "/api/sandboxes/{id}/hibernate",
             Self::SandboxWake(_) => "/api/sandboxes/{id}/wake",
+            Self::Checkpoints(_) => "/api/sandboxes/{id}/checkpoints",
+            Self::Checkpoint(..) => "/api/sandboxes/{id}/checkpoints/{checkpointId}",
+            Self::CheckpointRestore(..) => "/api/sandboxes/{id}/checkpoints/{checkpointId}/restore",
+            Self::FromCheckpoint(_) => "/api/sandboxes/from-checkpoint/{checkpointId}",
             Self::ExecRun(_) => "/api/sandboxes/{id}/exec/run",
             Self::ExecRunAsync(_) => "/api/sandboxes/{id}/exec/run-async",
             Self::ExecResult(..) => "/api/sandboxes/{id}/exec/{execId}/result",
@@ -207,11 +219,15 @@ pub fn match_route(path: &str) -> Result<Option<Route>, AppError> {
         ["secret-stores", id, "secrets", name] => Route::SecretStoreSecret(id.to_string(), name.to_string()),
         ["sandboxes"] => Route::Sandboxes,
         ["sandboxes", id] => Route::Sandbox(id.to_string()),
+        ["sandboxes", "from-checkpoint", cp] => Route::FromCheckpoint(cp.to_string()),
         ["sandboxes", id, "timeout"] => Route::SandboxTimeout(id.to_string()),
         ["sandboxes", id, "reboot" | "power-cycle"] => Route::SandboxRestart(id.to_string()),
         ["sandboxes", id, "diagnostics", "memory-dump"] => Route::SandboxMemoryDump(id.to_string()),
         ["sandboxes", id, "hibernate"] => Route::SandboxHibernate(id.to_string()),
         ["sandboxes", id, "wake"] => Route::SandboxWake(id.to_string()),
+        ["sandboxes", id, "checkpoints"] => Route::Checkpoints(id.to_string()),
+        ["sandboxes", id, "checkpoints", cp] => Route::Checkpoint(id.to_string(), cp.to_string()),
+        ["sandboxes", id, "checkpoints", cp, "restore"] => Route::CheckpointRestore(id.to_string(), cp.to_string()),
         ["sandboxes", id, "exec", "run"] => Route::ExecRun(id.to_string()),
         ["sandboxes", id, "exec", "run-async"] => Route::ExecRunAsync(id.to_string()),
         ["sandboxes", id, "exec", exec_id, "result"] => Route::ExecResult(id.to_string(), exec_id.to_string()),
@@ -290,9 +306,18 @@ mod tests {
         assert_eq!(match_route("/api/sandboxes/s1/files/upload").expect("ok"), Some(Route::FilesUpload("s1".into())));
         assert_eq!(match_route("/api/sandboxes/s1/hibernate").expect("ok"), Some(Route::SandboxHibernate("s1".into())));
         assert_eq!(match_route("/api/sandboxes/s1/wake").expect("ok"), Some(Route::SandboxWake("s1".into())));
+        assert_eq!(match_route("/api/sandboxes/s1/checkpoints").expect("ok"), Some(Route::Checkpoints("s1".into())));
         assert_eq!(
-            match_route("/api/sandboxes/s1/checkpoints").expect("ok"),
-            Some(Route::Unsupported(Unsupported::Checkpoints))
+            match_route("/api/sandboxes/s1/checkpoints/c1/restore").expect("ok"),
+            Some(Route::CheckpointRestore("s1".into(), "c1".into()))
+        );
+        assert_eq!(
+            match_route("/api/sandboxes/from-checkpoint/c1").expect("ok"),
+            Some(Route::FromCheckpoint("c1".into()))
+        );
+        assert_eq!(
+            match_route("/api/sandboxes/checkpoints/c1/patches").expect("ok"),
+            Some(Route::Unsupported(Unsupported::CheckpointPatches))
         );
         assert_eq!(match_route("/api/sandboxes/s1/no-such-thing").expect("ok"), None);
         assert_eq!(match_route("/api/nothing").expect("ok"), None);

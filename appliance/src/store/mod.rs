@@ -12,7 +12,10 @@ use heed::types::{Bytes, SerdeJson, Str};
 use heed::{Database, Env, EnvOpenOptions, RoTxn, RwTxn};
 
 use crate::error::AppError;
-use records::{ApiKeyRecord, AuditRecord, CaRecord, ProjectKeyRecord, ProjectRecord, SandboxRecord, SecretHostsRecord};
+use records::{
+    ApiKeyRecord, AuditRecord, CaRecord, CheckpointRecord, ProjectKeyRecord, ProjectRecord, SandboxRecord,
+    SecretHostsRecord,
+};
 
 pub use commit::Committer;
 
@@ -60,6 +63,9 @@ pub struct Dbs {
     /// database of its own, so stores written before it existed read as "no key yet" and an
     /// older appliance booted after a rollback never sees it.
     pub url_keys: Database<Str, Bytes>,
+    /// Checkpoint id -> its record (`checkpoints`). A database of its own, so stores written
+    /// before checkpoints existed read as "none", and an older appliance never sees it.
+    pub checkpoints: Database<Str, SerdeJson<CheckpointRecord>>,
 }
 
 pub struct Store {
@@ -99,6 +105,7 @@ impl Store {
             audit: create(&env, &mut wtxn, "audit")?,
             ca: create(&env, &mut wtxn, "ca")?,
             url_keys: create(&env, &mut wtxn, "url_keys")?,
+            checkpoints: create(&env, &mut wtxn, "checkpoints")?,
         };
         schema::migrate(&mut wtxn, &dbs)?;
         wtxn.commit().map_err(|e| format!("store: cannot commit schema: {e}"))?;

@@ -98,6 +98,56 @@ pub struct SandboxRecord {
     pub hibernate_on_idle: bool,
 }
 
+/// What a checkpoint keeps: the whole machine (`full`: a restore or fork resumes its processes)
+/// or only the root disk (`disk_only`: a restore or fork boots from it), as OpenComputer's
+/// `kind` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckpointKind {
+    Full,
+    DiskOnly,
+}
+
+impl CheckpointKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::DiskOnly => "disk_only",
+        }
+    }
+}
+
+/// A checkpoint of a sandbox: its files are under the data disk's `checkpoints/<id>/`, written
+/// before this record (a record always has its files). It outlives its sandbox, so a fork can be
+/// made after the sandbox is gone; it carries what a fork needs of the sandbox (the machine it
+/// resumes must be the same, and the project its tokens are minted for).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointRecord {
+    pub id: String,
+    #[serde(rename = "sandboxID")]
+    pub sandbox_id: String,
+    pub name: String,
+    pub kind: CheckpointKind,
+    /// Bytes on the data disk when it was written (state, memory and the root disk's copy; the
+    /// copy shares unchanged blocks with the sandbox's disk).
+    pub size_bytes: u64,
+    pub created_at: i64,
+    /// Orders checkpoints taken within one second (oldest first, for the retention policy).
+    pub created_at_ns: u128,
+    pub template: String,
+    pub cpu_count: u32,
+    #[serde(rename = "memoryMB")]
+    pub memory_mb: u32,
+    #[serde(rename = "diskMB")]
+    pub disk_mb: u32,
+    pub project: Option<String>,
+    #[serde(rename = "projectID")]
+    pub project_id: Option<String>,
+    pub hibernate_on_idle: bool,
+    pub metadata: BTreeMap<String, String>,
+}
+
 /// A stored API key: only its BLAKE2b-256 hash.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

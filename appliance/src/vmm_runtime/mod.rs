@@ -3,6 +3,7 @@
 //! hibernated sandbox is only its directory (disk and snapshot, `snapshot_dir`) and its CID.
 
 mod agent;
+mod checkpoint_files;
 mod cids;
 mod console_keep;
 mod console_trim;
@@ -18,9 +19,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::runtime::{
-    BootSpec, Booted, DirEntry, EnvVars, ExecAttachment, ExecOutput, ExecRequest, ExecSessionInfo, FileInfo,
-    PtyRequest, RuntimeError, SandboxRuntime, Snapshot, MAX_FILE_SIZE,
+    BootSpec, Booted, CheckpointKind, DirEntry, EnvVars, ExecAttachment, ExecOutput, ExecRequest, ExecSessionInfo,
+    FileInfo, PtyRequest, RuntimeError, SandboxRuntime, Snapshot, MAX_FILE_SIZE,
 };
+use checkpoint_files::CheckpointFiles;
 use cids::CidPool;
 use templates::TemplateStore;
 use vm::Vm;
@@ -36,6 +38,8 @@ const HIBERNATE_WAIT: Duration = Duration::from_secs(120);
 /// A resumed guest's agent answers once its vsock transport is reset; a restore maps memory
 /// lazily, so this is far less than a boot, but nested guests are slow.
 const RESUME_READY_LIMIT: Duration = Duration::from_secs(60);
+/// A checkpoint writes what a hibernation does, plus a reflink of the root disk.
+const CHECKPOINT_WAIT: Duration = HIBERNATE_WAIT;
 
 pub struct RuntimeConfig {
     pub vmm_bin: PathBuf,
@@ -57,6 +61,7 @@ pub struct VmmRuntime {
     vms: Mutex<HashMap<String, Arc<Vm>>>,
     /// Hibernated sandboxes: no VMM, a complete snapshot in their directory, their CID held.
     parked: Mutex<HashMap<String, Parked>>,
+    checkpoints: CheckpointFiles,
 }
 
 #[derive(Clone)]
@@ -83,7 +88,9 @@ impl VmmRuntime {
         let sandboxes_dir = config.data_dir.join("sandboxes");
         fs::create_dir_all(&sandboxes_dir).map_err(|e| format!("cannot create {}: {e}", sandboxes_dir.display()))?;
         let consoles_dir = config.data_dir.join("consoles");
+        let checkpoints = CheckpointFiles::open(config.data_dir.join("checkpoints"))?;
         let runtime = VmmRuntime {
+            checkpoints,
             config,
             templates,
             sandboxes_dir,
@@ -209,6 +216,38 @@ impl VmmRuntime {
         let mut agent = agent::wait_ready(vm.cid, RESUME_READY_LIMIT, &|| ended.has_ended())?;
         agent::resumed(&mut agent)
     }
+
+    /// Starts the sandbox in `dir` (its root disk already the checkpoint's) from checkpoint
+    /// `source`: resumes it (`full`) or boots from its disk (`disk_only`); returns the disk's size
+    /// in MiB. On an error a started VMM is left for the caller to stop.
+    fn start_from_checkpoint(
+        &self,
+        spec: &BootSpec,
+        dir: &Path,
+        cid: u32,
+        source: &Path,
+        kind: CheckpointKind,
+    ) -> Result<u32, RuntimeError> {
+        let disk_mb = disk_mb_of(&dir.join(vm::ROOT_DISK))?;
+        match kind {
+            CheckpointKind::Full => {
+                let vm = self.spawn_vm(spec, dir, cid, Some(source))?;
+                Self::resume_guest(&vm)
+                    .map_err(|e| RuntimeError::Failed(format!("{e}; guest console:\n{}", vm.console_tail(12))))?;
+            }
+            CheckpointKind::DiskOnly => {
+                self.start_vm(spec, dir, cid)?;
+            }
+        }
+        Ok(disk_mb)
+    }
+}
+
+/// A root disk's size in MiB.
+fn disk_mb_of(disk: &Path) -> Result<u32, RuntimeError> {
+    fs::metadata(disk)
+        .map(|m| u32::try_from(m.len() >> 20).unwrap_or(u32::MAX))
+        .map_err(|e| RuntimeError::Failed(format!("cannot read {}: {e}", disk.display())))
 }
 
 impl VmmRuntime {
@@ -325,6 +364,79 @@ impl SandboxRuntime for VmmRuntime {
                 Err(e)
             }
         }
+    }
+
+    fn checkpoint(&self, sandbox_id: &str, checkpoint_id: &str, kind: CheckpointKind) -> Result<u64, RuntimeError> {
+        let vm = self.vm(sandbox_id)?;
+        vm.checkpoint(CHECKPOINT_WAIT).map_err(|e| RuntimeError::Failed(format!("sandbox {sandbox_id}: {e}")))?;
+        self.checkpoints.keep(checkpoint_id, &vm.dir.join(snapshot_dir::NEXT), kind)
+    }
+
+    fn restore_checkpoint(
+        &self,
+        spec: &BootSpec,
+        checkpoint_id: &str,
+        kind: CheckpointKind,
+    ) -> Result<Booted, RuntimeError> {
+        let id = &spec.sandbox_id;
+        let source = self.checkpoints.path(checkpoint_id)?;
+        let old = self.vm(id)?;
+        old.kill();
+        if !old.wait_ended(KILL_WAIT) {
+            return Err(RuntimeError::Failed(format!("sandbox {id}: VMM pid {} did not die", old.pid)));
+        }
+        // From here the sandbox is what the checkpoint was, or nothing.
+        let disk = old.dir.join(vm::ROOT_DISK);
+        let restored = fs::remove_file(&disk)
+            .map_err(|e| RuntimeError::Failed(format!("sandbox {id}: cannot replace its root disk: {e}")))
+            .and_then(|()| templates::reflink(&source.join(snapshot_dir::DISK), &disk))
+            .and_then(|()| snapshot_dir::clean_after_vmm(&old.dir).map_err(|e| RuntimeError::Failed(e.to_string())))
+            .and_then(|()| self.start_from_checkpoint(spec, &old.dir, old.cid, &source, kind));
+        match restored {
+            Ok(disk_mb) => Ok(Booted { cid: old.cid, disk_mb }),
+            Err(e) => {
+                if let Err(stop_error) = self.stop(id) {
+                    println!("appliance: sandbox {id}: cleanup after a failed restore: {stop_error}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn fork(&self, spec: &BootSpec, checkpoint_id: &str, kind: CheckpointKind) -> Result<Booted, RuntimeError> {
+        let id = &spec.sandbox_id;
+        let source = self.checkpoints.path(checkpoint_id)?;
+        let cid = self.cids.allocate().ok_or_else(|| RuntimeError::Failed("no free vsock CID".into()))?;
+        let dir = self.sandboxes_dir.join(id);
+        if let Err(e) = fs::create_dir(&dir) {
+            self.cids.release(cid);
+            return Err(RuntimeError::Failed(format!("cannot create {}: {e}", dir.display())));
+        }
+        let started = templates::reflink(&source.join(snapshot_dir::DISK), &dir.join(vm::ROOT_DISK))
+            .and_then(|()| self.start_from_checkpoint(spec, &dir, cid, &source, kind));
+        match started {
+            Ok(disk_mb) => Ok(Booted { cid, disk_mb }),
+            Err(e) => {
+                if self.vms.lock().is_ok_and(|v| v.contains_key(id)) {
+                    // Kills the VMM, then frees its CID and directory once it is gone.
+                    if let Err(stop_error) = self.stop(id) {
+                        println!("appliance: sandbox {id}: cleanup after a failed fork: {stop_error}");
+                    }
+                } else {
+                    let _ = fs::remove_dir_all(&dir);
+                    self.cids.release(cid);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn delete_checkpoint(&self, checkpoint_id: &str) -> Result<(), RuntimeError> {
+        self.checkpoints.remove(checkpoint_id)
+    }
+
+    fn checkpoint_ids(&self) -> Vec<String> {
+        self.checkpoints.ids()
     }
 
     fn hibernated_ids(&self) -> Vec<String> {

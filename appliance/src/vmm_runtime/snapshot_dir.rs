@@ -19,12 +19,14 @@ pub const HIBERNATED: &str = "hibernated";
 pub const RESUMED: &str = "resumed";
 pub const STATE: &str = "state";
 pub const MEMORY: &str = "memory";
+/// The root disk's copy a checkpoint writes.
+pub const DISK: &str = "disk";
 
-/// Where a VMM started in `dir` writes its snapshots. No disk copy: only a checkpoint would write
-/// one, and hibernation leaves the root disk as it is.
+/// Where a VMM started in `dir` writes its snapshots; only a checkpoint writes the disk copy
+/// (hibernation leaves the root disk as it is).
 pub fn target(dir: &Path) -> SnapshotTarget {
     let next = dir.join(NEXT);
-    SnapshotTarget { state: next.join(STATE), memory: next.join(MEMORY), disk: None }
+    SnapshotTarget { state: next.join(STATE), memory: next.join(MEMORY), disk: Some(next.join(DISK)) }
 }
 
 /// What a VMM resumes from the snapshot directory `snapshot`.

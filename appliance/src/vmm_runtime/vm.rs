@@ -109,13 +109,7 @@ impl Vm {
     /// VMM ended (then it is gone, as its exit says).
     pub fn hibernate(&self, limit: Duration) -> Result<Snapshot, String> {
         let deadline = Instant::now() + limit;
-        let snapshot = self.ask(Control::Hibernate, "the snapshot", limit, |event| match event {
-            Event::SnapshotWritten { state_bytes, memory_bytes, paused_ms } => {
-                Some(Ok(Snapshot { state_bytes, memory_bytes, paused_ms }))
-            }
-            Event::SnapshotFailed { error } => Some(Err(format!("the snapshot could not be written: {error}"))),
-            _ => None,
-        })?;
+        let snapshot = self.ask(Control::Hibernate, "the snapshot", limit, snapshot_answer)?;
         if !self.wait_ended(deadline.saturating_duration_since(Instant::now())) {
             // A paused guest whose VMM does not do what it said is of no use to anyone.
             self.kill();
@@ -132,6 +126,12 @@ impl Vm {
                 vmm_contract::exit::describe(other)
             )),
         }
+    }
+
+    /// Has the VMM write a checkpoint (`snapshot_dir::NEXT`, the root disk's copy included) while
+    /// the guest stands still, and waits for the event saying it is done; the guest runs on.
+    pub fn checkpoint(&self, limit: Duration) -> Result<Snapshot, String> {
+        self.ask(Control::Checkpoint, "the checkpoint", limit, snapshot_answer)
     }
 
     /// Sends `request` and waits up to `limit` for the first new event `answer` takes (`what` names
@@ -176,6 +176,17 @@ impl Vm {
     /// The last lines of the guest console, to explain a failed boot.
     pub fn console_tail(&self, lines: usize) -> String {
         tail(&self.dir.join(CONSOLE_LOG), lines) + &tail(&self.dir.join(VMM_LOG), lines)
+    }
+}
+
+/// The VMM's answer to a snapshot request, among its events.
+fn snapshot_answer(event: Event) -> Option<Result<Snapshot, String>> {
+    match event {
+        Event::SnapshotWritten { state_bytes, memory_bytes, paused_ms } => {
+            Some(Ok(Snapshot { state_bytes, memory_bytes, paused_ms }))
+        }
+        Event::SnapshotFailed { error } => Some(Err(format!("the snapshot could not be written: {error}"))),
+        _ => None,
     }
 }
 

@@ -101,6 +101,21 @@ pub struct FakeRuntime {
     pub fail_wake: Mutex<bool>,
     /// How long each hibernation takes.
     pub hibernate_delay: Mutex<Duration>,
+    /// Checkpoints by id: what of the guest each kept.
+    pub checkpoints: Mutex<HashMap<String, FakeCheckpoint>>,
+    /// Makes checkpoints fail (the VMM reported `SnapshotFailed`); the guest runs on.
+    pub fail_checkpoint: Mutex<Option<String>>,
+}
+
+/// What a checkpoint of the double keeps: the disk (files) always, the guest (environment,
+/// sessions) when `full`.
+#[derive(Clone)]
+pub struct FakeCheckpoint {
+    pub kind: CheckpointKind,
+    pub files: BTreeMap<String, Vec<u8>>,
+    pub env: Vec<(String, String)>,
+    pub sessions: Vec<ExecSessionInfo>,
+    pub memory: u32,
 }
 
 /// The piece size of the double's file transfers (the agent's is 256 KiB).
@@ -238,6 +253,61 @@ impl SandboxRuntime for FakeRuntime {
         s.resumed += 1;
         self.wakes.lock().expect("lock").push(id.clone());
         Ok(Booted { cid: s.cid, disk_mb: spec.disk_mb.unwrap_or(TEMPLATE_DISK_MB) })
+    }
+    fn checkpoint(&self, id: &str, checkpoint_id: &str, kind: CheckpointKind) -> Result<u64, RuntimeError> {
+        if let Some(error) = self.fail_checkpoint.lock().expect("lock").clone() {
+            return Err(RuntimeError::Failed(format!("sandbox {id}: the snapshot could not be written: {error}")));
+        }
+        let kept = self.with_sandbox(id, |s| FakeCheckpoint {
+            kind,
+            files: s.files.clone(),
+            env: if kind == CheckpointKind::Full { s.env.clone() } else { Vec::new() },
+            sessions: if kind == CheckpointKind::Full { s.sessions.clone() } else { Vec::new() },
+            memory: s.memory,
+        })?;
+        let size = kept.files.values().map(|f| f.len() as u64).sum::<u64>() + 4096;
+        self.checkpoints.lock().expect("lock").insert(checkpoint_id.to_string(), kept);
+        Ok(size)
+    }
+    fn restore_checkpoint(
+        &self,
+        spec: &BootSpec,
+        checkpoint_id: &str,
+        kind: CheckpointKind,
+    ) -> Result<Booted, RuntimeError> {
+        let kept = self.checkpoints.lock().expect("lock").get(checkpoint_id).cloned();
+        let kept = kept.ok_or_else(|| RuntimeError::NotFound(format!("checkpoint {checkpoint_id} has no files")))?;
+        assert_eq!(kept.kind, kind, "restored as the kind it was taken as");
+        self.with_sandbox(&spec.sandbox_id, |s| {
+            s.files = kept.files;
+            s.env = kept.env;
+            s.sessions = kept.sessions;
+            s.terminals.clear();
+            if kind == CheckpointKind::Full {
+                s.resumed += 1;
+            }
+            Booted { cid: s.cid, disk_mb: spec.disk_mb.unwrap_or(TEMPLATE_DISK_MB) }
+        })
+    }
+    fn fork(&self, spec: &BootSpec, checkpoint_id: &str, kind: CheckpointKind) -> Result<Booted, RuntimeError> {
+        let kept = self.checkpoints.lock().expect("lock").get(checkpoint_id).cloned();
+        let kept = kept.ok_or_else(|| RuntimeError::NotFound(format!("checkpoint {checkpoint_id} has no files")))?;
+        assert_eq!((kept.kind, kept.memory), (kind, spec.memory_mb), "forked with the checkpoint's machine");
+        let booted = self.boot(spec)?;
+        self.with_sandbox(&spec.sandbox_id, |s| {
+            s.files = kept.files;
+            s.env = kept.env;
+            s.sessions = kept.sessions;
+            s.resumed = u32::from(kind == CheckpointKind::Full);
+        })?;
+        Ok(booted)
+    }
+    fn delete_checkpoint(&self, checkpoint_id: &str) -> Result<(), RuntimeError> {
+        self.checkpoints.lock().expect("lock").remove(checkpoint_id);
+        Ok(())
+    }
+    fn checkpoint_ids(&self) -> Vec<String> {
+        self.checkpoints.lock().expect("lock").keys().cloned().collect()
     }
     fn hibernated_ids(&self) -> Vec<String> {
         self.sandboxes.lock().expect("lock").iter().filter(|(_, s)| s.hibernated).map(|(id, _)| id.clone()).collect()
