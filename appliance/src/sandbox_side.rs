@@ -45,5 +45,7 @@ pub fn build(options: &SandboxOptions, data_dir: PathBuf, store: &Store, keyring
         data_dir,
         ca_cert_pem,
     })?;
-    Ok(Backend { runtime: Arc::new(runtime), publisher: Arc::new(RegistryPublisher::new(registry)), egress })
+    let runtime = Arc::new(runtime);
+    runtime.snapshot_templates();
+    Ok(Backend { runtime, publisher: Arc::new(RegistryPublisher::new(registry)), egress })
 }

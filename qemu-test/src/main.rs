@@ -23,8 +23,9 @@ fn main() -> ExitCode {
             }
         },
         Some("bench") if args.get(1).map(String::as_str) == Some("vmm") => bench_vmm(),
+        Some("bench") if args.get(1).map(String::as_str) == Some("snapshot") => bench_snapshot(),
         _ => {
-            eprintln!("usage: qemu-test e2e | qemu-test e2e-disk | qemu-test bench vmm   (OC_BENCH_RUNS=N runs per VMM, default 5; OC_BENCH_DIAG=N diagnostic rounds first)");
+            eprintln!("usage: qemu-test e2e | qemu-test e2e-disk | qemu-test bench vmm | qemu-test bench snapshot   (OC_BENCH_RUNS=N runs per VMM or path, default 5; OC_BENCH_DIAG=N diagnostic rounds first)");
             ExitCode::from(2)
         }
     }
@@ -49,6 +50,7 @@ fn e2e() -> ExitCode {
         scenarios::published_clients::SCENARIOS,
         scenarios::file_streams::SCENARIOS,
         scenarios::snapshots::SCENARIOS,
+        scenarios::checkpoints::SCENARIOS,
         scenarios::sealing::SCENARIOS,
         scenarios::service_restart::SCENARIOS,
         scenarios::foundation::REBOOT_SCENARIOS,
@@ -76,16 +78,41 @@ fn e2e() -> ExitCode {
     }
 }
 
-fn bench_vmm() -> ExitCode {
-    let runs = match std::env::var("OC_BENCH_RUNS") {
-        Err(_) => 5,
+/// OC_BENCH_RUNS: runs per VMM or path (default 5).
+fn bench_runs() -> Result<u32, ExitCode> {
+    match std::env::var("OC_BENCH_RUNS") {
+        Err(_) => Ok(5),
         Ok(text) => match text.parse::<u32>() {
-            Ok(n) if (1..=50).contains(&n) => n,
+            Ok(n) if (1..=50).contains(&n) => Ok(n),
             _ => {
                 eprintln!("[qemu-test] OC_BENCH_RUNS={text} is not a number in 1..=50");
-                return ExitCode::from(2);
+                Err(ExitCode::from(2))
             }
         },
+    }
+}
+
+fn bench_snapshot() -> ExitCode {
+    let runs = match bench_runs() {
+        Ok(runs) => runs,
+        Err(code) => return code,
+    };
+    match qemu_test::bench::snapshot::snapshot(runs) {
+        Ok(bench) => {
+            println!("{}", bench.report());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("[qemu-test] the snapshot benchmark failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench_vmm() -> ExitCode {
+    let runs = match bench_runs() {
+        Ok(runs) => runs,
+        Err(code) => return code,
     };
     // OC_BENCH_DIAG=N: diagnostic boots (timelines, KVM counters, N rounds of each variant)
     // before the measured runs.

@@ -193,11 +193,11 @@ mod tests {
         assert_eq!(files.ids(), vec!["earlier".to_string()]);
         assert!(files.path("later").is_err());
 
-        let _files = CheckpointFiles::open(root.clone()).expect("reopen");
+        let files = CheckpointFiles::open(root.clone()).expect("reopen");
         assert!(!root.join("later.partial").exists(), "removed at the start");
         assert!(root.join("earlier").join(DISK).exists(), "the earlier one stays");
         // A snapshot whose files are missing is not kept, and leaves nothing behind.
-        let err = _files.keep("broken", &dir.join("no-snapshot"), CheckpointKind::Full).expect_err("nothing to keep");
+        let err = files.keep("broken", &dir.join("no-snapshot"), CheckpointKind::Full).expect_err("nothing to keep");
         assert!(err.to_string().contains("cannot"), "{err}");
         assert!(!root.join("broken.partial").exists() && !root.join("broken").exists());
         let _ = fs::remove_dir_all(&dir);

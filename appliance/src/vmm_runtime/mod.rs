@@ -8,6 +8,7 @@ mod cids;
 mod console_keep;
 mod console_trim;
 mod snapshot_dir;
+mod template_snapshots;
 pub mod templates;
 mod vm;
 
@@ -16,7 +17,7 @@ use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::runtime::{
     BootSpec, Booted, CheckpointKind, DirEntry, EnvVars, ExecAttachment, ExecOutput, ExecRequest, ExecSessionInfo,
@@ -24,6 +25,7 @@ use crate::runtime::{
 };
 use checkpoint_files::CheckpointFiles;
 use cids::CidPool;
+use template_snapshots::TemplateSnapshots;
 use templates::TemplateStore;
 use vm::Vm;
 
@@ -62,6 +64,9 @@ pub struct VmmRuntime {
     /// Hibernated sandboxes: no VMM, a complete snapshot in their directory, their CID held.
     parked: Mutex<HashMap<String, Parked>>,
     checkpoints: CheckpointFiles,
+    template_snapshots: TemplateSnapshots,
+    /// Where template snapshots are taken: one directory per template, gone once it is kept.
+    template_snapshots_work: PathBuf,
 }
 
 #[derive(Clone)]
@@ -89,8 +94,13 @@ impl VmmRuntime {
         fs::create_dir_all(&sandboxes_dir).map_err(|e| format!("cannot create {}: {e}", sandboxes_dir.display()))?;
         let consoles_dir = config.data_dir.join("consoles");
         let checkpoints = CheckpointFiles::open(config.data_dir.join("checkpoints"))?;
+        let template_snapshots = TemplateSnapshots::open(config.data_dir.join("template-snapshots"))?;
+        let template_snapshots_work = config.data_dir.join("template-snapshots.work");
+        clear_work_dir(&template_snapshots_work);
         let runtime = VmmRuntime {
             checkpoints,
+            template_snapshots,
+            template_snapshots_work,
             config,
             templates,
             sandboxes_dir,
@@ -166,10 +176,121 @@ impl VmmRuntime {
         agent::connect(self.vm(id)?.cid)
     }
 
-    fn boot_into(&self, spec: &BootSpec, dir: &Path, cid: u32) -> Result<(Arc<Vm>, u32), RuntimeError> {
+    /// Starts a new sandbox's guest in `dir`: resumes its template's snapshot when there is one
+    /// for its machine and disk size, boots the template's disk otherwise. Returns the disk's size
+    /// in MiB.
+    fn boot_into(&self, spec: &BootSpec, dir: &Path, cid: u32) -> Result<u32, RuntimeError> {
         let template = self.templates.resolve(&spec.template)?;
+        let name = template.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let template_mb = disk_mb_of(&template)?;
+        let snapshot = self
+            .template_snapshots
+            .lookup(&name, spec.cpu_count, spec.memory_mb)
+            .filter(|_| spec.disk_mb.is_none_or(|mb| mb == template_mb));
+        if let Some((id, snapshot)) = snapshot {
+            let disk = dir.join(vm::ROOT_DISK);
+            let resumed = templates::reflink(&snapshot.join(snapshot_dir::DISK), &disk)
+                .and_then(|()| self.start_from_checkpoint(spec, dir, cid, &snapshot, CheckpointKind::Full));
+            match resumed {
+                Ok(disk_mb) => return Ok(disk_mb),
+                Err(e) => {
+                    println!("appliance: template {name}: resuming its snapshot {id} failed ({e}); booting instead, and creates boot from now on");
+                    self.template_snapshots.withdraw(&name);
+                    self.discard_vm(&spec.sandbox_id);
+                    let _ = fs::remove_file(&disk);
+                }
+            }
+        }
         let disk_mb = templates::clone_sized(&template, &dir.join(vm::ROOT_DISK), spec.disk_mb)?;
-        Ok((self.start_vm(spec, dir, cid)?, disk_mb))
+        self.start_vm(spec, dir, cid)?;
+        Ok(disk_mb)
+    }
+
+    /// Kills a sandbox's VMM and forgets it, keeping its directory and CID (for another start).
+    fn discard_vm(&self, id: &str) {
+        let vm = self.vms.lock().ok().and_then(|mut vms| vms.remove(id));
+        if let Some(vm) = vm {
+            vm.kill();
+            vm.wait_ended(KILL_WAIT);
+        }
+    }
+
+    /// Finds or takes each template's snapshot, one after the other on a thread of its own;
+    /// creates of a template boot until its snapshot is ready.
+    pub fn snapshot_templates(self: &Arc<Self>) {
+        let runtime = Arc::clone(self);
+        let spawned = std::thread::Builder::new().name("template-snapshots".into()).spawn(move || {
+            for name in runtime.templates.names() {
+                if let Err(e) = runtime.snapshot_template(&name) {
+                    println!("appliance: template {name}: no snapshot ({e}); its sandboxes boot their kernel");
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            println!("appliance: cannot start taking template snapshots ({e}); sandboxes boot their kernel");
+        }
+    }
+
+    fn snapshot_template(&self, name: &str) -> Result<(), String> {
+        let disk = self.templates.resolve(name).map_err(|e| e.to_string())?;
+        let content = template_snapshots::template_content_id(&disk)?;
+        let id = template_snapshots::snapshot_id(name, &content, &self.config.vmm_bin, &self.config.guest_kernel)?;
+        let stale = self.template_snapshots.remove_stale(name, &id);
+        if stale > 0 {
+            println!("appliance: template {name}: removed {stale} snapshot(s) of another VMM, kernel or template");
+        }
+        if self.template_snapshots.files.path(&id).is_ok() {
+            self.template_snapshots.set_ready(name, &id);
+            println!("appliance: template {name}: snapshot {id} found; creates resume it");
+            return Ok(());
+        }
+        let started = Instant::now();
+        let cid = self.cids.allocate().ok_or("no free vsock CID")?;
+        let dir = self.template_snapshots_work.join(name);
+        let taken = fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))
+            .and_then(|()| self.take_template_snapshot(name, &disk, &dir, cid, &id));
+        let _ = fs::remove_dir_all(&dir);
+        self.cids.release(cid);
+        let bytes = taken?;
+        self.template_snapshots.set_ready(name, &id);
+        println!(
+            "appliance: template {name}: snapshot {id} taken in {:.1}s ({} MiB); creates resume it",
+            started.elapsed().as_secs_f64(),
+            bytes >> 20
+        );
+        Ok(())
+    }
+
+    /// Boots the template's disk in `dir` to a ready agent and checkpoints it as `id`.
+    fn take_template_snapshot(&self, name: &str, disk: &Path, dir: &Path, cid: u32, id: &str) -> Result<u64, String> {
+        templates::reflink(disk, &dir.join(vm::ROOT_DISK)).map_err(|e| e.to_string())?;
+        let sandbox_id = format!("template-{name}");
+        let (vcpus, memory_mib) = template_snapshots::SHAPE;
+        let vm_spec = vm::VmSpec {
+            sandbox_id: &sandbox_id,
+            dir,
+            vmm_bin: &self.config.vmm_bin,
+            kernel: &self.config.guest_kernel,
+            vcpus,
+            memory_mib,
+            cid,
+            restore_from: None,
+        };
+        let vm = vm::spawn(&vm_spec, |_| {})?;
+        let taken = self
+            .prepare_guest(&vm, cid)
+            .map_err(|e| format!("{e}; guest console:\n{}", vm.console_tail(12)))
+            .and_then(|()| vm.checkpoint(CHECKPOINT_WAIT))
+            .and_then(|_| {
+                self.template_snapshots
+                    .files
+                    .keep(id, &dir.join(snapshot_dir::NEXT), CheckpointKind::Full)
+                    .map_err(|e| e.to_string())
+            });
+        vm.kill();
+        vm.wait_ended(KILL_WAIT);
+        taken
     }
 
     /// Starts a VMM on the root disk in `dir` and waits for its guest's agent.
@@ -243,6 +364,20 @@ impl VmmRuntime {
     }
 }
 
+/// Stops what a template snapshot's VMM left running when the appliance stopped, and removes its
+/// directory.
+fn clear_work_dir(work: &Path) {
+    if let Ok(entries) = fs::read_dir(work) {
+        for entry in entries.flatten() {
+            if let Some(vm) = vm::adopt(&entry.path(), |_| {}) {
+                vm.kill();
+                vm.wait_ended(KILL_WAIT);
+            }
+        }
+    }
+    let _ = fs::remove_dir_all(work);
+}
+
 /// A root disk's size in MiB.
 fn disk_mb_of(disk: &Path) -> Result<u32, RuntimeError> {
     fs::metadata(disk)
@@ -277,7 +412,7 @@ impl SandboxRuntime for VmmRuntime {
             return Err(RuntimeError::Failed(format!("cannot create {}: {e}", dir.display())));
         }
         match self.boot_into(spec, &dir, cid) {
-            Ok((_, disk_mb)) => Ok(Booted { cid, disk_mb }),
+            Ok(disk_mb) => Ok(Booted { cid, disk_mb }),
             Err(e) => {
                 let started = self.vms.lock().is_ok_and(|v| v.contains_key(&spec.sandbox_id));
                 if started {
@@ -598,17 +733,29 @@ impl SandboxRuntime for VmmRuntime {
     }
 
     fn resource_gauges(&self) -> Vec<(&'static str, &'static str, u64)> {
-        let vmms = self.vms.lock().map_or(0, |v| v.len() as u64);
+        let (vmms, resident) = self.vms.lock().map_or((0, 0), |v| {
+            (v.len() as u64, v.values().filter(|vm| !vm.has_ended()).map(|vm| vm::resident_bytes(vm.pid)).sum())
+        });
         let hibernated = self.parked.lock().map_or(0, |p| p.len() as u64);
         let disks = fs::read_dir(&self.sandboxes_dir).map_or(0, |d| d.count() as u64);
         vec![
             ("appliance_vmm_processes", "VMM processes the runtime tracks.", vmms),
+            (
+                "appliance_vmm_resident_bytes",
+                "Resident memory of the VMM processes (guest RAM they touched included).",
+                resident,
+            ),
             ("appliance_vsock_cids_in_use", "Guest vsock CIDs held by sandboxes.", self.cids.in_use() as u64),
             ("appliance_sandbox_disks", "Sandbox directories (root disk clones) on the data disk.", disks),
             (
                 "appliance_hibernated_sandboxes",
                 "Hibernated sandboxes: a snapshot on the data disk, no VMM.",
                 hibernated,
+            ),
+            (
+                "appliance_template_snapshots_ready",
+                "Templates whose creates resume a snapshot instead of booting a kernel.",
+                self.template_snapshots.ready_count(),
             ),
         ]
     }

@@ -179,6 +179,15 @@ impl Vm {
     }
 }
 
+/// Resident memory of process `pid` (0 once it is gone), from /proc/<pid>/statm.
+pub fn resident_bytes(pid: i32) -> u64 {
+    let Ok(statm) = fs::read_to_string(format!("/proc/{pid}/statm")) else { return 0 };
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf reads a constant of the running kernel; no memory is involved.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * u64::try_from(page).unwrap_or(4096)
+}
+
 /// The VMM's answer to a snapshot request, among its events.
 fn snapshot_answer(event: Event) -> Option<Result<Snapshot, String>> {
     match event {

@@ -6,6 +6,7 @@ pub mod diag;
 pub mod memory;
 pub mod report;
 pub mod runner;
+pub mod snapshot;
 
 use crate::harness::Appliance;
 use image::err;

@@ -1,5 +1,6 @@
 //! End-to-end scenarios, grouped by the capability they prove.
 
+pub mod checkpoints;
 pub mod control_plane;
 pub mod control_plane_load;
 pub mod data_copy;
