@@ -58,6 +58,7 @@ fn e2e() -> ExitCode {
         scenarios::foundation::FINAL_SCENARIOS,
         scenarios::sealing::AFTER_POWERDOWN,
         scenarios::power_loss::SCENARIOS,
+        scenarios::checkpoints::POWER_CUT,
     ]
     .concat();
     // OC_E2E_ONLY=<text>[,<text>...] runs only the scenarios whose name contains one of them.

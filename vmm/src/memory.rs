@@ -267,7 +267,7 @@ mod tests {
         mem.write_slice(b"before the snapshot", GuestAddress(0x4000)).unwrap();
         let path = std::env::temp_dir().join(format!("vmm-map-test-{}", std::process::id()));
         let f = File::options().create(true).truncate(true).read(true).write(true).open(&path).unwrap();
-        crate::snapshot::memory_file::write(&mem, &f).unwrap();
+        crate::snapshot::memory_file::write(&mem, &f, None).unwrap();
         let restored = map_guest_memory_from(&f, 32 << 20).unwrap();
         assert_eq!(restored.iter().next().unwrap().as_ptr() as usize % HUGE_PAGE, 0);
         let mut text = [0u8; 19];

@@ -304,6 +304,11 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, Option<String>), String> {
         None => None,
     };
     let kvm = Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
+    // Opened while paths still resolve (the jail comes later).
+    let resumed = match &files.restore_from {
+        Some((_, memory)) => Some(snapshot::resumed_memory::ResumedMemory::open(memory)?),
+        None => None,
+    };
     let mem = Arc::new(match &files.restore_from {
         Some((_, memory)) => map_guest_memory_from(memory, cfg.memory_bytes())?,
         None => create_guest_memory(cfg.memory_bytes())?,
@@ -391,7 +396,7 @@ pub fn run(cfg: &VmConfig) -> Result<(ExitReason, Option<String>), String> {
     }
     seccomp::install(Role::Main)?;
 
-    let machine = snapshot::Machine { cfg, vm: &vm, mem: &mem, bus: &bus, pause: &pause };
+    let machine = snapshot::Machine { cfg, vm: &vm, mem: &mem, bus: &bus, pause: &pause, resumed: resumed.as_ref() };
     let requests = Requests {
         control_fd,
         dump: files.memory_dump.as_ref(),

@@ -11,11 +11,17 @@ use crate::harness::{Appliance, Scenario};
 use image::err;
 use image::error::Result;
 use serde_json::{json, Value};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 pub const SCENARIOS: &[Scenario] = &[Scenario {
     name: "checkpoints restore files and processes in place; forks get their own tokens, entropy and egress",
     run: checkpoints_and_forks,
+}];
+
+/// Runs once the appliance is powered off (after the power-loss rounds): boots it again.
+pub const POWER_CUT: &[Scenario] = &[Scenario {
+    name: "a power cut while a checkpoint is written leaves the earlier one usable",
+    run: power_cut_during_a_checkpoint,
 }];
 
 const SECRET: &str = "sk-ant-forks-e2e-93b1d04c7e";
@@ -122,4 +128,46 @@ fn checkpoints_and_forks(appliance: &mut Appliance) -> Result<()> {
     }
     let _ = api.call("DELETE", &format!("/projects/{pid}"), &Value::Null);
     result
+}
+
+fn power_cut_during_a_checkpoint(appliance: &mut Appliance) -> Result<()> {
+    appliance.boot_again()?;
+    let api = appliance.api();
+    let sid = api.create_sandbox(&json!({"timeout": 0}))?;
+    api.raw("PUT", &format!("/sandboxes/{sid}/files?path=/root/state.txt"), b"earlier")?;
+    let earlier = api.expect(201, "POST", &format!("/sandboxes/{sid}/checkpoints"), &json!({"name": "earlier"}))?;
+    let earlier_id = earlier["id"].as_str().ok_or_else(|| err!("no checkpoint id in {earlier}"))?.to_string();
+    // 192 MiB of guest memory to write makes the next checkpoint take seconds, not milliseconds.
+    let (code, _, err) = api.run(&sid, "head -c 192m /dev/urandom > /dev/shm/ballast", 120)?;
+    check(code == 0, || format!("filling guest memory: {err}"))?;
+    api.raw("PUT", &format!("/sandboxes/{sid}/files?path=/root/state.txt"), b"later")?;
+    let answer = std::thread::scope(|scope| {
+        let later =
+            scope.spawn(|| api.call("POST", &format!("/sandboxes/{sid}/checkpoints"), &json!({"name": "later"})));
+        std::thread::sleep(Duration::from_millis(700));
+        appliance.machine.kill();
+        later.join()
+    });
+    if let Ok(Ok((201, written))) = answer {
+        return Err(err!("the checkpoint was complete before the cut ({written}); cut earlier"));
+    }
+    appliance.boot_again()?;
+    let api = appliance.api();
+    let list = api.expect(200, "GET", &format!("/sandboxes/{sid}/checkpoints"), &Value::Null)?;
+    let names: Vec<&str> =
+        list.as_array().map(|a| a.iter().filter_map(|c| c["name"].as_str()).collect()).unwrap_or_default();
+    check(names == ["earlier"], || format!("after the cut the checkpoints are {list}"))?;
+    let fork = api.expect(201, "POST", &format!("/sandboxes/from-checkpoint/{earlier_id}"), &json!({"timeout": 0}))?;
+    let fork_id = fork["sandboxID"].as_str().ok_or_else(|| err!("no sandboxID in {fork}"))?.to_string();
+    let state = file_of(&api, &fork_id, "/root/state.txt")?;
+    check(state == (200, "earlier".into()), || format!("the earlier checkpoint's file reads {state:?}"))?;
+    let console = appliance.machine.console();
+    let removed = console.contains("a crash interrupted writing it");
+    eprintln!(
+        "[qemu-test]   cut 0.7 s into a checkpoint; after the boot: only the earlier one, forked with its file{}",
+        if removed { "; the half-kept one was removed at the start" } else { "" }
+    );
+    let _ = api.call("DELETE", &format!("/sandboxes/{fork_id}"), &Value::Null);
+    let _ = api.call("DELETE", &format!("/sandboxes/{sid}"), &Value::Null);
+    Ok(())
 }

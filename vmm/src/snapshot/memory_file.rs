@@ -10,8 +10,9 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use serde::{Deserialize, Serialize};
-use vm_memory::GuestMemoryBackend;
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
+use super::resumed_memory::ResumedMemory;
 use crate::memory::{for_each_chunk, GuestMemory};
 
 const PAGE: usize = 4096;
@@ -27,15 +28,45 @@ pub struct MemoryFileInfo {
     pub digest: u32,
 }
 
-/// Writes all of guest RAM into `out` (emptied first) and flushes it.
-pub fn write(mem: &GuestMemory, out: &File) -> Result<MemoryFileInfo, String> {
+/// Writes all of guest RAM into `out` (emptied first) and flushes it. For a guest resumed from a
+/// memory file (`resumed`), pages that are certainly zero are not read (see `resumed_memory`).
+pub fn write(mem: &GuestMemory, out: &File, resumed: Option<&ResumedMemory>) -> Result<MemoryFileInfo, String> {
     out.set_len(0).map_err(|e| format!("cannot empty the memory file: {e}"))?;
     let mut digest = crc32fast::Hasher::new();
     let mut data_bytes = 0u64;
-    for_each_chunk(mem, CHUNK, |gpa, chunk| {
+    let mut write_chunk = |gpa: u64, chunk: &[u8]| -> Result<(), String> {
         data_bytes += write_nonzero_runs(chunk, gpa, out, &mut digest)?;
         Ok(())
-    })?;
+    };
+    match resumed {
+        None => {
+            for_each_chunk(mem, CHUNK, write_chunk)?;
+        }
+        Some(resumed) => {
+            let data = resumed.data_ranges()?;
+            let mut chunk = vec![0u8; CHUNK];
+            for region in mem.iter() {
+                let (start, len, host) = (region.start_addr().0, region.len(), region.as_ptr() as usize);
+                let mut off = 0u64;
+                while off < len {
+                    let n = (len - off).min(CHUNK as u64) as usize;
+                    let must_read = resumed.must_read(host + off as usize, start + off, n.div_ceil(PAGE), &data)?;
+                    chunk[..n].fill(0);
+                    for (p, read) in must_read.iter().enumerate() {
+                        if *read {
+                            let at = p * PAGE;
+                            let end = (at + PAGE).min(n);
+                            region
+                                .read_slice(&mut chunk[at..end], MemoryRegionAddress(off + at as u64))
+                                .map_err(|e| format!("cannot read guest memory at {:#x}: {e}", start + off))?;
+                        }
+                    }
+                    write_chunk(start + off, &chunk[..n])?;
+                    off += n as u64;
+                }
+            }
+        }
+    }
     let len = mem.last_addr().0 + 1;
     out.set_len(len).map_err(|e| format!("cannot size the memory file: {e}"))?;
     out.sync_data().map_err(|e| format!("cannot flush the memory file: {e}"))?;
@@ -124,7 +155,7 @@ mod tests {
         mem.write_slice(&[7u8; 3 * PAGE], GuestAddress(10 << 20)).unwrap();
         mem.write_slice(b"last", GuestAddress((64 << 20) - 4)).unwrap();
         let (path, f) = temp("sparse");
-        let info = write(&mem, &f).unwrap();
+        let info = write(&mem, &f, None).unwrap();
         assert_eq!(info.len, 64 << 20);
         assert_eq!(info.data_bytes, 5 * PAGE as u64);
         let meta = f.metadata().unwrap();

@@ -7,6 +7,7 @@
 //! it complete (its CRC holds) may rely on the others.
 
 pub mod memory_file;
+pub mod resumed_memory;
 pub mod state_file;
 
 use std::fs::File;
@@ -140,6 +141,8 @@ pub struct Machine<'a> {
     pub mem: &'a GuestMemory,
     pub bus: &'a Bus,
     pub pause: &'a Pause,
+    /// Where guest RAM came from, for a resumed guest.
+    pub resumed: Option<&'a resumed_memory::ResumedMemory>,
 }
 
 /// Takes a snapshot into `target`. On success the vCPUs stay paused for a hibernation (the
@@ -178,7 +181,7 @@ fn write_all(
         *backends_paused += 1;
     }
     let serial = machine.bus.legacy.serial_snapshot()?;
-    let memory = memory_file::write(machine.mem, &target.memory)?;
+    let memory = memory_file::write(machine.mem, &target.memory, machine.resumed)?;
     if kind == Kind::Checkpoint {
         let (copy, root) = target.disk.as_ref().ok_or("no disk copy file is configured for checkpoints")?;
         copy_disk(root, copy)?;
