@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 const SERVICE_GRACE: Duration = Duration::from_secs(10);
 /// Time the remaining processes get between SIGTERM and SIGKILL.
 const STRAGGLER_GRACE: Duration = Duration::from_secs(3);
+/// How long processes killed at shutdown may take to be gone before /data is unmounted anyway.
+const KILLED_GRACE: Duration = Duration::from_secs(10);
 const HOSTNAME_DEFAULT: &str = "opencomputer";
 
 pub fn run() -> ! {
@@ -277,8 +279,21 @@ fn stop_stragglers() {
     }
     log!("killing remaining processes");
     process::kill_everything(libc::SIGKILL);
-    std::thread::sleep(Duration::from_millis(100));
-    process::reap_all();
+    // A killed process holds its files until the kernel has torn it down (a VMM unmapping guest
+    // RAM backed by a snapshot file on /data takes a while under emulation), and /data cannot be
+    // unmounted before: wait for them, within bounds.
+    let deadline = Instant::now() + KILLED_GRACE;
+    loop {
+        process::reap_all();
+        if !process::user_processes_remain() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            log!("processes remain {}s after SIGKILL", KILLED_GRACE.as_secs());
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn unmount_data() {

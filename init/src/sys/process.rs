@@ -117,9 +117,25 @@ pub fn user_processes_remain() -> bool {
     entries.flatten().any(|entry| {
         let name = entry.file_name();
         let Some(pid) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else { return false };
-        // Kernel threads have an empty cmdline; zombies are reaped by the caller's loop.
-        pid != 1 && std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
+        // Zombies are reaped by the caller's loop. Not the command line: a killed process loses
+        // it before the kernel has torn its memory down and closed its files.
+        pid != 1 && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| !is_kernel_thread(&stat))
     })
+}
+
+/// PF_KTHREAD in the flags of /proc/<pid>/stat.
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// Whether a /proc/<pid>/stat line is a kernel thread's. Its fields after the command name (in
+/// parentheses, which may itself hold spaces and parentheses): state, ppid, pgrp, session,
+/// tty_nr, tpgid, flags.
+fn is_kernel_thread(stat: &str) -> bool {
+    let after_comm = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
+    after_comm
+        .split_whitespace()
+        .nth(6)
+        .and_then(|f| f.parse::<u64>().ok())
+        .is_some_and(|flags| flags & PF_KTHREAD != 0)
 }
 
 /// Waits until `fd` is readable or `timeout_ms` passes (-1: forever). Returns the ready fds.
@@ -166,5 +182,18 @@ pub fn unblock_all_signals() -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::from_raw_os_error(ret))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_threads_are_told_by_their_flags() {
+        // kthreadd's flags (0x208040) hold PF_KTHREAD; a VMM's (0x400100) do not.
+        assert!(is_kernel_thread("2 (kthreadd) S 0 0 0 0 -1 2129984 0 0"));
+        assert!(!is_kernel_thread("812 (vmm (a) b) R 1 812 812 0 -1 4194560 100 0"));
+        assert!(!is_kernel_thread("garbage"));
     }
 }
