@@ -151,6 +151,12 @@ fn malformed_payloads_get_errors_and_the_connection_carries_on() {
     expect_error(&mut s, ErrorCode::BadRequest);
     s.write_all(&Request::StdinClose.to_frame().unwrap()).unwrap();
     expect_error(&mut s, ErrorCode::BadRequest);
+    // A hostname the kernel would take but no sandbox should have (refused before any call).
+    for name in ["", "two words", "../x", &"a".repeat(65)] {
+        s.write_all(&Request::SetHostname { name: name.to_string() }.to_frame().unwrap()).unwrap();
+        let message = expect_error(&mut s, ErrorCode::BadRequest);
+        assert!(message.contains("not a valid hostname"), "{name:?}: {message}");
+    }
     // Still in step.
     s.write_all(&Request::Ping.to_frame().unwrap()).unwrap();
     assert!(matches!(read_reply(&mut s), Reply::Pong { .. }));

@@ -331,11 +331,15 @@ impl VmmRuntime {
 
     /// A resumed guest's vsock connections broke with the restore: reconnects to its agent and
     /// hands it the time and fresh entropy (its clock stood still, and two guests resumed from
-    /// one snapshot must not share random output).
-    fn resume_guest(vm: &Arc<Vm>) -> Result<(), RuntimeError> {
+    /// one snapshot must not share random output), and `hostname` if it is to change.
+    fn resume_guest(vm: &Arc<Vm>, hostname: Option<&str>) -> Result<(), RuntimeError> {
         let ended = Arc::clone(vm);
         let mut agent = agent::wait_ready(vm.cid, RESUME_READY_LIMIT, &|| ended.has_ended())?;
-        agent::resumed(&mut agent)
+        agent::resumed(&mut agent)?;
+        match hostname {
+            Some(name) => agent.set_hostname(name).map_err(agent::to_runtime),
+            None => Ok(()),
+        }
     }
 
     /// Starts the sandbox in `dir` (its root disk already the checkpoint's) from checkpoint
@@ -353,7 +357,10 @@ impl VmmRuntime {
         match kind {
             CheckpointKind::Full => {
                 let vm = self.spawn_vm(spec, dir, cid, Some(source))?;
-                Self::resume_guest(&vm)
+                // The guest was another sandbox's (a fork, or a template's snapshot) or this one's
+                // (a restore): either way it gets this sandbox's name.
+                let name = vm::guest_hostname(&spec.sandbox_id);
+                Self::resume_guest(&vm, Some(&name))
                     .map_err(|e| RuntimeError::Failed(format!("{e}; guest console:\n{}", vm.console_tail(12))))?;
             }
             CheckpointKind::DiskOnly => {
@@ -487,7 +494,7 @@ impl SandboxRuntime for VmmRuntime {
             }
         }
         let ready = started.and_then(|vm| {
-            Self::resume_guest(&vm)
+            Self::resume_guest(&vm, None)
                 .map_err(|e| RuntimeError::Failed(format!("{e}; guest console:\n{}", vm.console_tail(12))))
         });
         match ready {

@@ -26,9 +26,14 @@ const ADOPTED_POLL: Duration = Duration::from_millis(500);
 /// What the guest kernel is told. `quiet` keeps console exits (each byte is a VM exit) rare.
 pub fn guest_cmdline(sandbox_id: &str) -> String {
     format!(
-        "console=ttyS0 reboot=k panic=-1 pci=off quiet oc.hostname=sandbox-{} init=/sbin/oc-init -- sandbox",
-        &sandbox_id[..8.min(sandbox_id.len())]
+        "console=ttyS0 reboot=k panic=-1 pci=off quiet oc.hostname={} init=/sbin/oc-init -- sandbox",
+        guest_hostname(sandbox_id)
     )
+}
+
+/// A sandbox's hostname: `sandbox-` and the first 8 characters of its id.
+pub fn guest_hostname(sandbox_id: &str) -> String {
+    format!("sandbox-{}", sandbox_id.get(..8).unwrap_or(sandbox_id))
 }
 
 pub struct VmSpec<'a> {

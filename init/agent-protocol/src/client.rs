@@ -442,6 +442,11 @@ impl<C: Connection> AgentClient<C> {
         self.simple(&Request::Resumed { wall_clock_ns, entropy: entropy.to_vec() }, "resumed")
     }
 
+    /// Sets the guest's hostname.
+    pub fn set_hostname(&mut self, name: &str) -> Result<(), AgentError> {
+        self.simple(&Request::SetHostname { name: name.to_string() }, "set hostname")
+    }
+
     /// Sets and unsets variables for every later command and session.
     pub fn set_env(&mut self, set: &[(String, String)], unset: &[String]) -> Result<(), AgentError> {
         self.simple(&Request::SetEnv { set: EnvVars(set.to_vec()), unset: unset.to_vec() }, "set env")

@@ -280,6 +280,11 @@ pub enum Request {
         wall_clock_ns: u64,
         entropy: Vec<u8>,
     },
+    /// The sandbox's hostname (a guest resumed from another sandbox's snapshot still has that
+    /// one's). A request of its own, so an agent that predates it answers "unknown request".
+    SetHostname {
+        name: String,
+    },
     /// Moves a file or directory (rename(2): within one file system, replacing a file at `to`).
     Rename {
         from: String,
@@ -365,6 +370,7 @@ mod kind {
     pub const PTY_START: u8 = 0x11;
     pub const SESSION_RESIZE: u8 = 0x12;
     pub const RESUMED: u8 = 0x13;
+    pub const SET_HOSTNAME: u8 = 0x14;
     pub const RENAME: u8 = 0x1F;
     pub const DATA: u8 = 0x20;
     pub const DATA_END: u8 = 0x21;
@@ -407,6 +413,7 @@ impl Request {
             Request::Mkdir { .. } => kind::MKDIR,
             Request::Remove { .. } => kind::REMOVE,
             Request::Resumed { .. } => kind::RESUMED,
+            Request::SetHostname { .. } => kind::SET_HOSTNAME,
             Request::Rename { .. } => kind::RENAME,
             Request::SetEnv { .. } => kind::SET_ENV,
             Request::InstallCa { .. } => kind::INSTALL_CA,
@@ -437,6 +444,7 @@ impl Request {
             Request::Mkdir { .. } => "mkdir",
             Request::Remove { .. } => "remove",
             Request::Resumed { .. } => "resumed",
+            Request::SetHostname { .. } => "set-hostname",
             Request::Rename { .. } => "rename",
             Request::SetEnv { .. } => "set-env",
             Request::InstallCa { .. } => "install-ca",
@@ -511,6 +519,7 @@ impl Request {
                 e.u64(*wall_clock_ns);
                 e.bytes(entropy);
             }
+            Request::SetHostname { name } => e.str(name),
             Request::Rename { from, to } => {
                 e.str(from);
                 e.str(to);
@@ -575,6 +584,7 @@ impl Request {
             kind::MKDIR => Request::Mkdir { path: d.string()? },
             kind::REMOVE => Request::Remove { path: d.string()?, recursive: d.bool()? },
             kind::RESUMED => Request::Resumed { wall_clock_ns: d.u64()?, entropy: d.bytes()? },
+            kind::SET_HOSTNAME => Request::SetHostname { name: d.string()? },
             kind::RENAME => Request::Rename { from: d.string()?, to: d.string()? },
             kind::SET_ENV => Request::SetEnv { set: EnvVars(d.pairs()?), unset: d.strings()? },
             kind::INSTALL_CA => Request::InstallCa { pem: d.bytes()? },
@@ -887,6 +897,7 @@ mod tests {
             Request::Remove { path: "/a".into(), recursive: true },
             Request::Rename { from: "/a/b".into(), to: "c d".into() },
             Request::Resumed { wall_clock_ns: 1_800_000_000_123_456_789, entropy: vec![7; 64] },
+            Request::SetHostname { name: "sandbox-0123abcd".into() },
             Request::SetEnv { set: EnvVars(vec![("K".into(), "v".into())]), unset: vec!["OLD".into()] },
             Request::InstallCa { pem: b"-----BEGIN CERTIFICATE-----".to_vec() },
             Request::Power(Power::Off),

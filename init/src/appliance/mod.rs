@@ -133,10 +133,8 @@ fn early_mounts() {
 }
 
 fn set_hostname(name: &str) {
-    // SAFETY: the pointer and length describe the live `name` bytes, which sethostname only reads.
-    let ret = unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
-    if ret != 0 {
-        log!("sethostname {name:?}: {}", std::io::Error::last_os_error());
+    if let Err(e) = crate::sys::hostname::set(name) {
+        log!("hostname {name:?}: {e}");
     }
 }
 

@@ -33,7 +33,7 @@ pub fn run() -> ! {
     };
     let cmdline = crate::sys::fs::kernel_cmdline();
     let hostname = crate::sys::fs::cmdline_value(&cmdline, "oc.hostname").unwrap_or(HOSTNAME_DEFAULT);
-    if let Err(e) = set_hostname(hostname) {
+    if let Err(e) = crate::sys::hostname::set(hostname) {
         log!("hostname {hostname:?}: {e}");
     }
     if let Err(e) = loopback::bring_up() {
@@ -104,18 +104,6 @@ fn remount_root_rw() -> std::io::Result<()> {
     let ret =
         unsafe { libc::mount(std::ptr::null(), root.as_ptr(), std::ptr::null(), libc::MS_REMOUNT, std::ptr::null()) };
     crate::sys::check(ret, || "remount / read-write".into()).map(|_| ())
-}
-
-fn set_hostname(name: &str) -> std::io::Result<()> {
-    let valid = !name.is_empty()
-        && name.len() <= 64
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-    if !valid {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a valid hostname"));
-    }
-    // SAFETY: the pointer and length describe the live bytes of `name`; sethostname copies them.
-    let ret = unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
-    crate::sys::check(ret, || format!("sethostname {name}")).map(|_| ())
 }
 
 /// The agent child process and its restart schedule.

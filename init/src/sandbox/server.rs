@@ -199,6 +199,9 @@ fn dispatch<C: Connection>(shared: &Shared, conn: &mut C, request: Request) -> i
             crate::sys::console::line("agent", "resumed from a snapshot: clock set, entropy added");
             Reply::Ok
         }),
+        Request::SetHostname { name } => crate::sys::hostname::set(&name)
+            .map(|()| Reply::Ok)
+            .map_err(|e| OpError::bad_request(format!("hostname {name:?}: {e}"))),
         Request::Power(action) => return power(shared, conn, action),
         Request::Data(_) | Request::DataEnd => Err(OpError::bad_request("data frame outside a file write")),
         Request::Stdin(_) | Request::StdinClose => {

@@ -3,6 +3,7 @@
 
 pub mod console;
 pub mod fs;
+pub mod hostname;
 pub mod kmod;
 pub mod mount;
 pub mod net;

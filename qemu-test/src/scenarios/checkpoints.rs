@@ -92,6 +92,10 @@ fn checkpoints_and_forks(appliance: &mut Appliance) -> Result<()> {
             check(file_of(&api, fork, "/root/state.txt")? == (200, "v1".into()), || {
                 format!("fork {fork} lacks the checkpoint's file")
             })?;
+            let (_, hostname, _) = api.run(fork, "hostname", 30)?;
+            check(hostname.trim() == format!("sandbox-{}", &fork[..8]), || {
+                format!("fork {fork} is named {hostname:?}")
+            })?;
             let token = token_of(&api, fork)?;
             check(!tokens.contains(&token), || format!("fork {fork} holds a token another sandbox has"))?;
             tokens.push(token);
