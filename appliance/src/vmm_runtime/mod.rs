@@ -336,9 +336,14 @@ impl VmmRuntime {
         let ended = Arc::clone(vm);
         let mut agent = agent::wait_ready(vm.cid, RESUME_READY_LIMIT, &|| ended.has_ended())?;
         agent::resumed(&mut agent)?;
-        match hostname {
-            Some(name) => agent.set_hostname(name).map_err(agent::to_runtime),
-            None => Ok(()),
+        match hostname.map(|name| agent.set_hostname(name)) {
+            // An agent that predates the request (in an older checkpoint) keeps its old name.
+            Some(Err(agent_protocol::AgentError::Remote { message, .. })) => {
+                println!("appliance: cid {}: the resumed guest keeps its hostname: {message}", vm.cid);
+                Ok(())
+            }
+            Some(Err(e)) => Err(agent::to_runtime(e)),
+            Some(Ok(())) | None => Ok(()),
         }
     }
 
