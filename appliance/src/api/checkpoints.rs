@@ -9,8 +9,8 @@ use serde_json::{json, Value};
 use tiny_http::Request;
 use zeroize::Zeroizing;
 
-use crate::api::projects::{self, DEFAULT_TIMEOUT_SEC};
-use crate::api::sandboxes::{check_envs, sandbox_json};
+use crate::api::projects;
+use crate::api::sandboxes::{check_envs, idle_timeout_of, project_named, sandbox_json};
 use crate::api::{scope, validate};
 use crate::app::App;
 use crate::auth::Caller;
@@ -145,12 +145,7 @@ pub fn fork(app: &App, caller: &Caller, raw_checkpoint: &str, request: &mut Requ
             return Err(AppError::not_found(format!("checkpoint {checkpoint_id} not found")));
         }
     }
-    let named = match (body.secret_store.filter(|p| !p.is_empty()), body.project.filter(|p| !p.is_empty())) {
-        (Some(a), Some(b)) if a != b => {
-            return Err(AppError::bad_request("project and secretStore name different projects; give one"))
-        }
-        (a, b) => a.or(b),
-    };
+    let named = project_named(body.project, body.secret_store)?;
     let project = match (named, &checkpoint.project_id) {
         (Some(name), _) => Some(projects::load_by_name(app, &name)?),
         // The checkpointed sandbox's project, unless it was deleted since.
@@ -170,11 +165,7 @@ pub fn fork(app: &App, caller: &Caller, raw_checkpoint: &str, request: &mut Requ
     }
     let envs = body.envs.unwrap_or_default();
     check_envs(&envs)?;
-    let timeout_sec = match body.timeout {
-        Some(0) => 0,
-        Some(t) => validate::timeout_sec("timeout", t)?,
-        None => project.as_ref().map_or(DEFAULT_TIMEOUT_SEC, |p| p.timeout_sec),
-    };
+    let timeout_sec = idle_timeout_of(body.timeout, project.as_ref())?;
     let record = ops::fork(app, ForkSpec { checkpoint, timeout_sec, envs, project })?;
     Ok(Reply::json(201, &sandbox_json(&record, app.lifecycle.deadline(&record.id))))
 }

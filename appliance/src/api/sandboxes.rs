@@ -21,7 +21,7 @@ use crate::http::reply::Reply;
 use crate::http::request::{parse_json, percent_decode, query_param, query_values, read_body, MAX_JSON_BODY};
 use crate::lifecycle;
 use crate::sandbox_ops::{self, CreateSpec};
-use crate::store::records::{SandboxRecord, NO_DEADLINE};
+use crate::store::records::{ProjectRecord, SandboxRecord, NO_DEADLINE};
 use crate::store::values;
 
 const MAX_METADATA_ENTRIES: usize = 64;
@@ -93,15 +93,30 @@ pub fn check_envs<V>(envs: &BTreeMap<String, V>) -> Result<(), AppError> {
     envs.keys().try_for_each(|k| validate::env_name("env", k))
 }
 
+/// The project a request names by `project` or its alias `secretStore` (empty: none); both
+/// naming different ones is refused.
+pub fn project_named(project: Option<String>, secret_store: Option<String>) -> Result<Option<String>, AppError> {
+    match (project.filter(|p| !p.is_empty()), secret_store.filter(|p| !p.is_empty())) {
+        (Some(a), Some(b)) if a != b => {
+            Err(AppError::bad_request("project and secretStore name different projects; give one"))
+        }
+        (a, b) => Ok(a.or(b)),
+    }
+}
+
+/// A new sandbox's idle timeout: `timeout` as given (0: no automatic stop, as OpenComputer clients
+/// send it); absent, the project's, else ours.
+pub fn idle_timeout_of(timeout: Option<u64>, project: Option<&ProjectRecord>) -> Result<u64, AppError> {
+    match timeout {
+        Some(0) => Ok(0),
+        Some(t) => validate::timeout_sec("timeout", t),
+        None => Ok(project.map_or(DEFAULT_TIMEOUT_SEC, |p| p.timeout_sec)),
+    }
+}
+
 pub fn create(app: &App, caller: &Caller, request: &mut Request) -> Result<Reply, AppError> {
     let body: CreateBody = parse_json(&read_body(request, MAX_JSON_BODY)?)?;
-    let project_name = match (body.project.filter(|p| !p.is_empty()), body.secret_store.filter(|p| !p.is_empty())) {
-        (Some(a), Some(b)) if a != b => {
-            return Err(AppError::bad_request("project and secretStore name different projects; give one"))
-        }
-        (Some(a), _) => Some(a),
-        (None, b) => b,
-    };
+    let project_name = project_named(body.project, body.secret_store)?;
     let project = project_name.map(|name| projects::load_by_name(app, &name)).transpose()?;
     if let Caller::Project(key) = caller {
         let Some(project) = &project else {
@@ -127,12 +142,7 @@ pub fn create(app: &App, caller: &Caller, request: &mut Request) -> Result<Reply
         body.cpu_count.filter(|c| *c != 0).or(project.as_ref().map(|p| p.cpu_count)).unwrap_or(DEFAULT_CPU_COUNT);
     let memory_mb =
         body.memory_mb.filter(|m| *m != 0).or(project.as_ref().map(|p| p.memory_mb)).unwrap_or(DEFAULT_MEMORY_MB);
-    // 0: no automatic stop, as OpenComputer clients send it; absent: the project's, else ours.
-    let timeout_sec = match body.timeout {
-        Some(0) => 0,
-        Some(t) => validate::timeout_sec("timeout", t)?,
-        None => project.as_ref().map_or(DEFAULT_TIMEOUT_SEC, |p| p.timeout_sec),
-    };
+    let timeout_sec = idle_timeout_of(body.timeout, project.as_ref())?;
     let hibernate_on_idle = project.as_ref().map_or(DEFAULT_AUTO_HIBERNATE, |p| p.auto_hibernate);
     let spec = CreateSpec {
         hibernate_on_idle,

@@ -15,7 +15,7 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use super::snapshot_dir::{DISK, MEMORY, STATE};
+use super::snapshot_dir::{sync_dir, DISK, MEMORY, STATE};
 use super::templates::reflink;
 use crate::runtime::{CheckpointKind, RuntimeError};
 
@@ -114,11 +114,6 @@ impl CheckpointFiles {
             .filter(|name| !name.ends_with(PARTIAL) && self.path(name).is_ok())
             .collect()
     }
-}
-
-/// Makes the entries of `dir` (a rename into it) durable.
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir).and_then(|d| d.sync_all())
 }
 
 #[cfg(test)]

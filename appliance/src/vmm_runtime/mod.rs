@@ -206,6 +206,38 @@ impl VmmRuntime {
         Ok(disk_mb)
     }
 
+    /// Gives new sandbox `id` its directory and a CID and runs `start` (which returns the root
+    /// disk's size in MiB) in them. If it fails, a VMM it started is stopped, and the directory
+    /// and CID are given back either way; `what` names the start in the log.
+    fn start_new(
+        &self,
+        id: &str,
+        what: &str,
+        start: impl FnOnce(&Path, u32) -> Result<u32, RuntimeError>,
+    ) -> Result<Booted, RuntimeError> {
+        let cid = self.cids.allocate().ok_or_else(|| RuntimeError::Failed("no free vsock CID".into()))?;
+        let dir = self.sandboxes_dir.join(id);
+        if let Err(e) = fs::create_dir(&dir) {
+            self.cids.release(cid);
+            return Err(RuntimeError::Failed(format!("cannot create {}: {e}", dir.display())));
+        }
+        match start(&dir, cid) {
+            Ok(disk_mb) => Ok(Booted { cid, disk_mb }),
+            Err(e) => {
+                if self.vms.lock().is_ok_and(|v| v.contains_key(id)) {
+                    // Kills the VMM, then frees its CID and directory once it is gone.
+                    if let Err(stop_error) = self.stop(id) {
+                        println!("appliance: sandbox {id}: cleanup after a failed {what}: {stop_error}");
+                    }
+                } else {
+                    let _ = fs::remove_dir_all(&dir);
+                    self.cids.release(cid);
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// Kills a sandbox's VMM and forgets it, keeping its directory and CID (for another start).
     fn discard_vm(&self, id: &str) {
         let vm = self.vms.lock().ok().and_then(|mut vms| vms.remove(id));
@@ -390,6 +422,16 @@ fn clear_work_dir(work: &Path) {
     let _ = fs::remove_dir_all(work);
 }
 
+/// Kills sandbox `id`'s VMM and waits for it to be gone.
+fn kill_and_wait(id: &str, vm: &Vm) -> Result<(), RuntimeError> {
+    vm.kill();
+    if vm.wait_ended(KILL_WAIT) {
+        Ok(())
+    } else {
+        Err(RuntimeError::Failed(format!("sandbox {id}: VMM pid {} did not die", vm.pid)))
+    }
+}
+
 /// A root disk's size in MiB.
 fn disk_mb_of(disk: &Path) -> Result<u32, RuntimeError> {
     fs::metadata(disk)
@@ -417,41 +459,15 @@ impl VmmRuntime {
 
 impl SandboxRuntime for VmmRuntime {
     fn boot(&self, spec: &BootSpec) -> Result<Booted, RuntimeError> {
-        let cid = self.cids.allocate().ok_or_else(|| RuntimeError::Failed("no free vsock CID".into()))?;
-        let dir = self.sandboxes_dir.join(&spec.sandbox_id);
-        if let Err(e) = fs::create_dir(&dir) {
-            self.cids.release(cid);
-            return Err(RuntimeError::Failed(format!("cannot create {}: {e}", dir.display())));
-        }
-        match self.boot_into(spec, &dir, cid) {
-            Ok(disk_mb) => Ok(Booted { cid, disk_mb }),
-            Err(e) => {
-                let started = self.vms.lock().is_ok_and(|v| v.contains_key(&spec.sandbox_id));
-                if started {
-                    // Kills the VMM, then frees its CID and directory once it is gone.
-                    if let Err(stop_error) = self.stop(&spec.sandbox_id) {
-                        println!("appliance: sandbox {}: cleanup after a failed boot: {stop_error}", spec.sandbox_id);
-                    }
-                } else {
-                    let _ = fs::remove_dir_all(&dir);
-                    self.cids.release(cid);
-                }
-                Err(e)
-            }
-        }
+        self.start_new(&spec.sandbox_id, "boot", |dir, cid| self.boot_into(spec, dir, cid))
     }
 
     fn restart(&self, spec: &BootSpec) -> Result<Booted, RuntimeError> {
         let id = &spec.sandbox_id;
         let old = self.vm(id)?;
-        old.kill();
-        if !old.wait_ended(KILL_WAIT) {
-            return Err(RuntimeError::Failed(format!("sandbox {id}: VMM pid {} did not die", old.pid)));
-        }
+        kill_and_wait(id, &old)?;
         // The VMM appends to the console log: what the guest printed before stays in `logs`.
-        let disk_mb = fs::metadata(old.dir.join(vm::ROOT_DISK))
-            .map(|m| u32::try_from(m.len() >> 20).unwrap_or(u32::MAX))
-            .map_err(|e| RuntimeError::Failed(format!("sandbox {id}: its root disk is gone: {e}")))?;
+        let disk_mb = disk_mb_of(&old.dir.join(vm::ROOT_DISK))?;
         // The same CID: the proxy's registration of its tokens is by CID and stays valid.
         match self.start_vm(spec, &old.dir, old.cid) {
             Ok(_) => Ok(Booted { cid: old.cid, disk_mb }),
@@ -487,9 +503,7 @@ impl SandboxRuntime for VmmRuntime {
         let Parked { dir, cid } =
             parked.ok_or_else(|| RuntimeError::NotFound(format!("sandbox {id} has no hibernation snapshot")))?;
         let failed = |e: std::io::Error| RuntimeError::Failed(format!("sandbox {id}: {e}"));
-        let disk_mb = fs::metadata(dir.join(vm::ROOT_DISK))
-            .map(|m| u32::try_from(m.len() >> 20).unwrap_or(u32::MAX))
-            .map_err(failed)?;
+        let disk_mb = disk_mb_of(&dir.join(vm::ROOT_DISK))?;
         let resumed = snapshot_dir::take_for_resume(&dir).map_err(failed)?;
         // From here it is a VMM (or nothing): `stop` finds it either way and removes its directory.
         let started = self.spawn_vm(spec, &dir, cid, Some(&resumed));
@@ -528,10 +542,7 @@ impl SandboxRuntime for VmmRuntime {
         let id = &spec.sandbox_id;
         let source = self.checkpoints.path(checkpoint_id)?;
         let old = self.vm(id)?;
-        old.kill();
-        if !old.wait_ended(KILL_WAIT) {
-            return Err(RuntimeError::Failed(format!("sandbox {id}: VMM pid {} did not die", old.pid)));
-        }
+        kill_and_wait(id, &old)?;
         // From here the sandbox is what the checkpoint was, or nothing.
         let disk = old.dir.join(vm::ROOT_DISK);
         let restored = fs::remove_file(&disk)
@@ -551,31 +562,11 @@ impl SandboxRuntime for VmmRuntime {
     }
 
     fn fork(&self, spec: &BootSpec, checkpoint_id: &str, kind: CheckpointKind) -> Result<Booted, RuntimeError> {
-        let id = &spec.sandbox_id;
         let source = self.checkpoints.path(checkpoint_id)?;
-        let cid = self.cids.allocate().ok_or_else(|| RuntimeError::Failed("no free vsock CID".into()))?;
-        let dir = self.sandboxes_dir.join(id);
-        if let Err(e) = fs::create_dir(&dir) {
-            self.cids.release(cid);
-            return Err(RuntimeError::Failed(format!("cannot create {}: {e}", dir.display())));
-        }
-        let started = templates::reflink(&source.join(snapshot_dir::DISK), &dir.join(vm::ROOT_DISK))
-            .and_then(|()| self.start_from_checkpoint(spec, &dir, cid, &source, kind));
-        match started {
-            Ok(disk_mb) => Ok(Booted { cid, disk_mb }),
-            Err(e) => {
-                if self.vms.lock().is_ok_and(|v| v.contains_key(id)) {
-                    // Kills the VMM, then frees its CID and directory once it is gone.
-                    if let Err(stop_error) = self.stop(id) {
-                        println!("appliance: sandbox {id}: cleanup after a failed fork: {stop_error}");
-                    }
-                } else {
-                    let _ = fs::remove_dir_all(&dir);
-                    self.cids.release(cid);
-                }
-                Err(e)
-            }
-        }
+        self.start_new(&spec.sandbox_id, "fork", |dir, cid| {
+            templates::reflink(&source.join(snapshot_dir::DISK), &dir.join(vm::ROOT_DISK))
+                .and_then(|()| self.start_from_checkpoint(spec, dir, cid, &source, kind))
+        })
     }
 
     fn delete_checkpoint(&self, checkpoint_id: &str) -> Result<(), RuntimeError> {
@@ -607,10 +598,7 @@ impl SandboxRuntime for VmmRuntime {
         let parked = self.parked.lock().map_err(|_| poisoned())?.remove(sandbox_id);
         let (dir, cid) = match (&vm, parked) {
             (Some(vm), _) => {
-                vm.kill();
-                if !vm.wait_ended(KILL_WAIT) {
-                    return Err(RuntimeError::Failed(format!("sandbox {sandbox_id}: VMM pid {} did not die", vm.pid)));
-                }
+                kill_and_wait(sandbox_id, vm)?;
                 (vm.dir.clone(), vm.cid)
             }
             (None, Some(parked)) => (parked.dir, parked.cid),

@@ -94,7 +94,7 @@ fn remove_if_present(path: &Path) -> io::Result<()> {
 }
 
 /// Makes the entries of `dir` (a rename into it) durable.
-fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(super) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir).and_then(|d| d.sync_all())
 }
 
