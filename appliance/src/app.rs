@@ -30,6 +30,8 @@ pub struct App {
     pub kvm: Value,
     /// One log line per request (off for benchmarks).
     pub log_requests: bool,
+    /// Imports and saves of templates (`/api/templates`).
+    pub templates: crate::templates::Templates,
     /// Staging of A/B upgrades (`/api/system/upgrade`).
     pub upgrades: crate::upgrade::Upgrades,
     /// This process is the appliance's system service under oc-init (PID 1), which reboots or

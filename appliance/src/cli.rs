@@ -6,13 +6,15 @@ use crate::api_tls::TlsChoice;
 use crate::capacity::{CapacityConfig, DEFAULT_DISK_RESERVE_MB};
 use crate::http::front::ConnectionLimits;
 use crate::master_key::Choice;
-use crate::sandbox_side::{SandboxOptions, DEFAULT_CA_ROOTS, DEFAULT_GUEST_KERNEL, DEFAULT_PROXY_CONFIG};
+use crate::sandbox_side::{
+    SandboxOptions, DEFAULT_CA_ROOTS, DEFAULT_GUEST_INITRD, DEFAULT_GUEST_KERNEL, DEFAULT_PROXY_CONFIG,
+};
 use crate::serve::ServeConfig;
 
 pub const USAGE: &str = "usage:
   appliance serve [--listen ADDR] [--loopback-listen 127.0.0.1:PORT] [--data-dir DIR] [--vmm-bin PATH] [--admin-key-file FILE]
                   [--master-key-file FILE | --master-key-store auto|tpm[:DEVICE]|esp|data-dir]
-                  [--guest-kernel VMLINUX] [--templates-dir DIR]
+                  [--guest-kernel VMLINUX] [--guest-initrd CPIO] [--templates-dir DIR]
                   [--ca-roots PEM] [--proxy-config JSON] [--stopped-retention-sec N] [--quiet]
                   [--power-control] [--require-data-mount] [--memory-reserve-mb N]
                   [--disk-reserve-mb N] [--max-connections N]
@@ -178,6 +180,9 @@ pub fn parse(args: Vec<String>) -> Result<Command, String> {
                 guest_kernel: PathBuf::from(
                     flags.value("--guest-kernel")?.unwrap_or_else(|| DEFAULT_GUEST_KERNEL.into()),
                 ),
+                guest_initrd: PathBuf::from(
+                    flags.value("--guest-initrd")?.unwrap_or_else(|| DEFAULT_GUEST_INITRD.into()),
+                ),
                 templates_dir: flags.value("--templates-dir")?.map(PathBuf::from),
                 ca_roots: PathBuf::from(flags.value("--ca-roots")?.unwrap_or_else(|| DEFAULT_CA_ROOTS.into())),
                 proxy_config: Some(PathBuf::from(
@@ -225,11 +230,20 @@ mod tests {
         .expect("parse");
         let Command::Serve(c, sandbox) = cmd else { panic!("not serve") };
         assert_eq!(sandbox.guest_kernel, PathBuf::from(DEFAULT_GUEST_KERNEL));
+        assert_eq!(sandbox.guest_initrd, PathBuf::from(DEFAULT_GUEST_INITRD));
         assert_eq!(sandbox.templates_dir, None);
         assert_eq!(c.listen, "0.0.0.0:8080");
         assert_eq!(c.data_dir, PathBuf::from("/data"));
         assert_eq!(c.admin_key_file.as_deref(), Some(std::path::Path::new(DEFAULT_ADMIN_KEY_FILE)));
         assert!(c.log_requests);
+
+        let Command::Serve(_, sandbox) =
+            parse(args("serve --guest-kernel /k/vmlinux --guest-initrd /k/initrd.cpio")).expect("parse")
+        else {
+            panic!("not serve")
+        };
+        assert_eq!(sandbox.guest_kernel, PathBuf::from("/k/vmlinux"));
+        assert_eq!(sandbox.guest_initrd, PathBuf::from("/k/initrd.cpio"));
     }
 
     #[test]

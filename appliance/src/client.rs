@@ -97,9 +97,21 @@ impl HttpClient {
     }
 
     pub fn request(&mut self, method: &str, path: &str, body: &[u8]) -> io::Result<HttpResponse> {
+        let content_type = if body.is_empty() { None } else { Some("application/json") };
+        self.request_typed(method, path, content_type, body)
+    }
+
+    /// A request whose body is of `content_type` (an upload), not JSON.
+    pub fn request_typed(
+        &mut self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: &[u8],
+    ) -> io::Result<HttpResponse> {
         let mut head = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n", body.len());
-        if !body.is_empty() {
-            head.push_str("Content-Type: application/json\r\n");
+        if let Some(content_type) = content_type {
+            head.push_str(&format!("Content-Type: {content_type}\r\n"));
         }
         if let Some(key) = &self.api_key {
             head.push_str(&format!("X-API-Key: {key}\r\n"));

@@ -38,6 +38,7 @@ pub mod serve;
 pub mod session_book;
 pub mod signals;
 pub mod store;
+pub mod templates;
 pub mod upgrade;
 pub mod url_signing;
 pub mod vmm_runtime;

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::{Read, Write};
+use std::path::Path;
 use std::sync::mpsc::Receiver;
 
 use zeroize::Zeroizing;
@@ -60,6 +61,8 @@ pub struct ExecRequest {
     pub cwd: Option<String>,
     /// Seconds; the agent kills the command when it runs longer.
     pub timeout_sec: u64,
+    /// Who runs it in the guest (its template's `User`); None: root.
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +87,10 @@ pub struct PtyRequest {
     pub rows: u16,
     /// The program to run instead of the guest's login shell.
     pub shell: Option<String>,
+    /// Its working directory and user (its template's `WorkingDir` and `User`); None: the
+    /// agent's home directory, root.
+    pub cwd: Option<String>,
+    pub user: Option<String>,
 }
 
 /// Output of an attached exec session, in order.
@@ -157,6 +164,16 @@ impl fmt::Display for RuntimeError {
 
 impl std::error::Error for RuntimeError {}
 
+/// A template's disk: its name, whether the image shipped it, its length and what it takes on
+/// the data disk (it is sparse, and its clones share its blocks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateDisk {
+    pub name: String,
+    pub built_in: bool,
+    pub length: u64,
+    pub allocated: u64,
+}
+
 /// The sandbox side. Implementations must be safe to call from many request threads.
 pub trait SandboxRuntime: Send + Sync {
     fn boot(&self, spec: &BootSpec) -> Result<Booted, RuntimeError>;
@@ -224,6 +241,28 @@ pub trait SandboxRuntime: Send + Sync {
     /// Every complete checkpoint on the data disk (the control plane drops those without a record).
     fn checkpoint_ids(&self) -> Vec<String> {
         Vec::new()
+    }
+    /// Every template a create may name: shipped in the image (`built_in`) or made on the appliance.
+    fn templates(&self) -> Vec<TemplateDisk> {
+        Vec::new()
+    }
+    /// Makes the ext4 file `disk` (on the data disk; moved, not copied) template `name`, whose
+    /// content is identified by `content_id`; from then on creates may name it. Replaces nothing:
+    /// a name in use is a conflict.
+    fn install_template(&self, name: &str, disk: &Path, content_id: &str) -> Result<(), RuntimeError> {
+        let _ = (disk, content_id);
+        Err(RuntimeError::Failed(format!("templates cannot be added to this runtime ({name})")))
+    }
+    /// Removes template `name`'s disk and its snapshots; sandboxes made from it keep their own
+    /// disks (copy-on-write clones).
+    fn remove_template(&self, name: &str) -> Result<(), RuntimeError> {
+        Err(RuntimeError::Failed(format!("templates cannot be removed from this runtime ({name})")))
+    }
+    /// Writes a consistent copy of a sandbox's root disk to `to` (a new file on the data disk; a
+    /// reflink, not a byte copy): a running guest stands still for the copy.
+    fn copy_root_disk(&self, sandbox_id: &str, to: &Path) -> Result<(), RuntimeError> {
+        let _ = to;
+        Err(RuntimeError::Failed(format!("root disks cannot be copied in this runtime (sandbox {sandbox_id})")))
     }
     /// Hands the agent its environment (sealed tokens, proxy settings, request envs).
     fn set_env(&self, sandbox_id: &str, envs: &EnvVars) -> Result<(), RuntimeError>;

@@ -68,6 +68,21 @@ fn mint_project_tokens(
     Ok((envs, tokens))
 }
 
+/// A new sandbox's environment; later entries win: its template's (an image's `Env`), then the
+/// project's tokens, then the request's envs.
+fn initial_env(app: &App, spec: &CreateSpec, tokens: EnvVars) -> Result<EnvVars, AppError> {
+    let mut envs: EnvVars = crate::templates::defaults(app, &spec.template)?
+        .env
+        .into_iter()
+        .map(|(name, value)| (name, Zeroizing::new(value)))
+        .collect();
+    envs.extend(tokens);
+    for (name, value) in &spec.envs {
+        envs.push((name.clone(), value.clone()));
+    }
+    Ok(envs)
+}
+
 pub fn create(app: &App, spec: CreateSpec) -> Result<SandboxRecord, AppError> {
     create_with(app, spec, &|runtime, boot_spec| runtime.boot(boot_spec))
 }
@@ -88,13 +103,11 @@ pub(crate) fn create_with(
         app.capacity.check_disk_for(u64::from(disk_mb), &format!("a {disk_mb} MiB root disk"))?;
     }
     let id = new_id()?;
-    let (mut envs, tokens) = match &spec.project {
+    let (tokens_env, tokens) = match &spec.project {
         Some(project) => mint_project_tokens(app, project, &spec.envs)?,
         None => (EnvVars::new(), BTreeMap::new()),
     };
-    for (name, value) in &spec.envs {
-        envs.push((name.clone(), value.clone()));
-    }
+    let envs = initial_env(app, &spec, tokens_env)?;
 
     let now = now_unix();
     let deadline = |now: i64| idle_deadline(now, Some(spec.timeout_sec));

@@ -15,6 +15,9 @@ use crate::vmm_runtime::{RuntimeConfig, VmmRuntime};
 
 /// The uncompressed ELF kernel (the VMM also boots a bzImage, more slowly when nested).
 pub const DEFAULT_GUEST_KERNEL: &str = "/usr/share/opencomputer/guest/vmlinux";
+/// The sandbox initramfs: our sandbox PID 1, which mounts the sandbox's root disk and runs the
+/// agent (templates carry no init of their own).
+pub const DEFAULT_GUEST_INITRD: &str = "/usr/share/opencomputer/guest/initrd.cpio";
 pub const DEFAULT_CA_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
 pub const DEFAULT_PROXY_CONFIG: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/opencomputer/proxy-config/raw";
 
@@ -22,6 +25,7 @@ pub const DEFAULT_PROXY_CONFIG: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/op
 pub struct SandboxOptions {
     pub vmm_bin: PathBuf,
     pub guest_kernel: PathBuf,
+    pub guest_initrd: PathBuf,
     /// Read-only templates shipped with the image.
     pub templates_dir: Option<PathBuf>,
     /// Public roots for upstream TLS.
@@ -41,6 +45,7 @@ pub fn build(options: &SandboxOptions, data_dir: PathBuf, store: &Store, keyring
     let runtime = VmmRuntime::start(RuntimeConfig {
         vmm_bin: options.vmm_bin.clone(),
         guest_kernel: options.guest_kernel.clone(),
+        guest_initrd: options.guest_initrd.clone(),
         templates_source: options.templates_dir.clone(),
         data_dir,
         ca_cert_pem,

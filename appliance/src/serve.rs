@@ -133,12 +133,14 @@ pub fn start(config: &ServeConfig, side: SandboxSide) -> Result<Running, String>
         exec_sessions: Arc::default(),
         kvm,
         log_requests: config.log_requests,
+        templates: crate::templates::Templates::open(&config.data_dir),
         upgrades: crate::upgrade::Upgrades::new(&config.data_dir, trusted_upgrade_keys(config)?),
         power_control: config.power_control,
         api_scheme: config.tls.scheme(),
     });
     crate::sandbox_ops::reconcile_after_start(&app).map_err(|e| e.message)?;
     crate::checkpoints::reconcile(&app).map_err(|e| e.message)?;
+    crate::templates::reconcile(&app).map_err(|e| e.message)?;
     let reaper_stop = Arc::new(AtomicBool::new(false));
     let reaper = crate::sandbox_ops::spawn_reaper(
         Arc::clone(&app),

@@ -206,7 +206,6 @@ fn routes_the_appliance_cannot_honour_answer_501_and_unknown_ones_404() {
         ("GET", format!("/api/sandboxes/{id}/usage")),
         ("GET", "/api/usage".to_string()),
         ("GET", "/api/snapshots".to_string()),
-        ("GET", "/api/templates".to_string()),
         ("GET", "/api/webhooks".to_string()),
     ];
     for (method, path) in &unsupported {

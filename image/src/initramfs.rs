@@ -104,7 +104,25 @@ impl Tree {
             .spawn()
             .ctx(|| "start zstd".into())?;
         let stdin = zstd.stdin.take().ok_or_else(|| err!("zstd has no stdin"))?;
-        let mut writer = CpioWriter::new(std::io::BufWriter::new(stdin));
+        let size = self.write_cpio(std::io::BufWriter::new(stdin))?;
+        let status = zstd.wait().ctx(|| "wait for zstd".into())?;
+        if !status.success() {
+            return Err(err!("zstd failed ({status})"));
+        }
+        let compressed = std::fs::metadata(out).ctx(|| format!("stat {}", out.display()))?.len();
+        Ok((size, compressed))
+    }
+
+    /// Writes the archive to `out` as it is (no compression); returns its size.
+    pub fn write_uncompressed(&self, out: &Path) -> Result<u64> {
+        let file = std::fs::File::create(out).ctx(|| format!("create {}", out.display()))?;
+        self.write_cpio(std::io::BufWriter::new(file))
+    }
+
+    /// The newc archive of the tree, in path order, into `sink` (flushed and dropped at the end);
+    /// returns its size.
+    fn write_cpio<W: Write>(&self, sink: W) -> Result<u64> {
+        let mut writer = CpioWriter::new(sink);
         for (path, node) in &self.nodes {
             match node {
                 Node::Dir => writer.add(path, 0o755, Kind::Directory),
@@ -120,15 +138,9 @@ impl Tree {
             }
             .ctx(|| format!("write {path} to the initramfs"))?;
         }
-        let (mut buffered, size) = writer.finish().ctx(|| "finish cpio archive".into())?;
-        buffered.flush().ctx(|| "flush to zstd".into())?;
-        drop(buffered);
-        let status = zstd.wait().ctx(|| "wait for zstd".into())?;
-        if !status.success() {
-            return Err(err!("zstd failed ({status})"));
-        }
-        let compressed = std::fs::metadata(out).ctx(|| format!("stat {}", out.display()))?.len();
-        Ok((size, compressed))
+        let (mut sink, size) = writer.finish().ctx(|| "finish cpio archive".into())?;
+        sink.flush().ctx(|| "write the cpio archive".into())?;
+        Ok(size)
     }
 }
 

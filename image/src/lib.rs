@@ -22,6 +22,7 @@ pub mod pipeline;
 pub mod progress;
 pub mod qemu;
 pub mod run;
+pub mod sandbox_initrd;
 pub mod signing;
 pub mod swtpm;
 pub mod system_disk;

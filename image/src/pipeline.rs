@@ -85,6 +85,9 @@ pub const LOOPBACK_API_PORT_IN_GUEST: u16 = init_handoff::LOOPBACK_API_PORT;
 pub const GUEST_BZIMAGE_PATH: &str = "/usr/share/opencomputer/guest/bzImage";
 /// The uncompressed ELF guest kernel: what the appliance hands our VMM (it boots faster).
 pub const GUEST_KERNEL_PATH: &str = "/usr/share/opencomputer/guest/vmlinux";
+/// The sandbox initramfs (sandbox_initrd): our sandbox PID 1, which every sandbox boots from
+/// before it switches to its root disk, so no template needs (or can bring) its own.
+pub const GUEST_INITRD_PATH: &str = "/usr/share/opencomputer/guest/initrd.cpio";
 /// Public CA roots for the proxy's upstream connections (Debian's bundle, from the template).
 pub const CA_ROOTS_PATH: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// Where init mounts the system disk (read-only).
@@ -116,6 +119,7 @@ pub fn build_versioned(variant: Variant, version: &str) -> Result<Artifacts> {
         tool("depmod", "kmod"),
         tool("dpkg-deb", "dpkg"),
         tool("mkfs.xfs", "xfsprogs"),
+        tool("mke2fs", "e2fsprogs"),
         tool("ldd", "libc-bin"),
     ])?;
     step.finish(Outcome::Done, "");
@@ -129,8 +133,11 @@ pub fn build_versioned(variant: Variant, version: &str) -> Result<Artifacts> {
         Variant::Bench => bins.push(("qemu-test", "oc-bench")),
     }
     let built = workspace::build(&bins)?;
-    let templates = template::build_all(&built[0])?;
+    let templates = template::build_all()?;
     let system_disk = system_disk::build(&templates)?;
+    let out_dir = workspace::target_dir().join("image").join(variant.name());
+    std::fs::create_dir_all(&out_dir).ctx(|| format!("create {}", out_dir.display()))?;
+    let sandbox_initrd = sandbox_initrd(&built[0], &out_dir)?;
 
     // The image trusts upgrades signed by the key that signs it (see signing.rs).
     let signing_key = crate::signing::SigningKey::load()?;
@@ -157,12 +164,12 @@ pub fn build_versioned(variant: Variant, version: &str) -> Result<Artifacts> {
     tree.host_tree("/", &kernel.modules_root)?;
     tree.bytes("/lib/modules/load-order", kernel.load_order.join("\n") + "\n", 0o644)?;
     tree.host_file(GUEST_KERNEL_PATH, &guest.vmlinux, 0o644)?;
+    tree.host_file(GUEST_INITRD_PATH, &sandbox_initrd, 0o644)?;
     if variant == Variant::Bench {
         // QEMU's -kernel takes the compressed kernel; the benchmark boots both forms.
         tree.host_file(GUEST_BZIMAGE_PATH, &guest.bzimage, 0o644)?;
     }
-    // mkfs.xfs formats a blank data disk; xfs_growfs grows it after the data partition grew.
-    for (program, image_path) in [("mkfs.xfs", "/sbin/mkfs.xfs"), ("xfs_growfs", "/sbin/xfs_growfs")] {
+    for (program, image_path) in HOST_PROGRAMS {
         for (source, image_path) in userland::with_libraries(&which(program)?, image_path)? {
             tree.host_file(&image_path, &source, 0o755)?;
         }
@@ -182,8 +189,6 @@ pub fn build_versioned(variant: Variant, version: &str) -> Result<Artifacts> {
     tree.bytes("/etc/passwd", "root:x:0:0:root:/root:/bin/false\n", 0o644)?;
     tree.bytes("/etc/group", "root:x:0:\n", 0o644)?;
 
-    let out_dir = workspace::target_dir().join("image").join(variant.name());
-    std::fs::create_dir_all(&out_dir).ctx(|| format!("create {}", out_dir.display()))?;
     let initramfs = out_dir.join("initramfs.cpio.zst");
     let (raw, compressed) = tree.write_compressed(&initramfs)?;
     let vmlinuz = out_dir.join("vmlinuz");
@@ -217,6 +222,23 @@ pub fn build_versioned(variant: Variant, version: &str) -> Result<Artifacts> {
     })
 }
 
+/// Host programs the appliance runs, carried with their shared libraries: mkfs.xfs formats a
+/// blank data disk; xfs_growfs grows it after the data partition grew; mke2fs makes template
+/// disks from imported archives (`-t ext4 -d DIR FILE SIZE`). The image has no /etc/mke2fs.conf:
+/// mke2fs then uses its built-in profile, which makes the same ext4 as Debian's file (checked
+/// inside the test image by its probe, qemu-test/src/bin/oc-probe.rs).
+const HOST_PROGRAMS: [(&str, &str); 3] =
+    [("mkfs.xfs", "/sbin/mkfs.xfs"), ("xfs_growfs", "/sbin/xfs_growfs"), ("mke2fs", "/sbin/mke2fs")];
+
+/// Writes the sandbox initramfs (sandbox_initrd) for the `init` binary into `out_dir`.
+fn sandbox_initrd(init: &std::path::Path, out_dir: &std::path::Path) -> Result<PathBuf> {
+    let step = Step::start("sandbox initramfs");
+    let path = out_dir.join("sandbox-initrd.cpio");
+    let size = crate::sandbox_initrd::write(init, &path)?;
+    step.finish(Outcome::Built, &format!("{} (uncompressed) at {}", fmt_size(size), path.display()));
+    Ok(path)
+}
+
 fn kernel_cmdline() -> String {
     // panic=10: a kernel panic reboots instead of hanging the appliance. No oc.* settings: on
     // the kernel command line they would override the operator's opencomputer.conf.
@@ -231,7 +253,7 @@ fn services_file(variant: Variant) -> String {
          --loopback-listen 127.0.0.1:{LOOPBACK_API_PORT_IN_GUEST} --data-dir /data --vmm-bin /bin/vmm \
          --admin-key-file {ADMIN_KEY_RUN_FILE} --proxy-config {PROXY_CONFIG_RUN_FILE} \
          --tls-settings {API_TLS_RUN_FILE} --upgrade-keys {TRUSTED_KEYS} --upgrade-keys-extra {UPGRADE_KEYS_RUN_FILE} \
-         --guest-kernel {GUEST_KERNEL_PATH} --templates-dir {SYSTEM_MOUNT}/templates \
+         --guest-kernel {GUEST_KERNEL_PATH} --guest-initrd {GUEST_INITRD_PATH} --templates-dir {SYSTEM_MOUNT}/templates \
          --ca-roots {CA_ROOTS_PATH} --master-key-store auto \
          --power-control --require-data-mount\n"
     ));

@@ -1,7 +1,9 @@
-//! Sandbox templates: root filesystems built from Debian packages with mmdebstrap, with our
-//! sandbox init and agent installed, packed as ext4 disk images that the appliance clones
-//! copy-on-write for each sandbox. The image ships `base`, `python` and `node` (`TEMPLATES`);
-//! each root filesystem and each disk is a cache entry keyed by a hash of its inputs.
+//! Sandbox templates: root filesystems built from Debian packages with mmdebstrap, packed as
+//! ext4 disk images that the appliance clones copy-on-write for each sandbox. They hold no init
+//! of ours: every sandbox boots our PID 1 and agent from the sandbox initramfs (sandbox_initrd),
+//! so a template disk does not change when init does. The image ships `base`, `python` and
+//! `node` (`TEMPLATES`); each root filesystem and each disk is a cache entry keyed by a hash of
+//! its inputs.
 
 use crate::cache::{self, Entry};
 use crate::error::{Context, Result};
@@ -16,8 +18,6 @@ use std::time::Instant;
 /// What every template installs (the `base` template, alias `default`, is just this).
 pub const BASE_PACKAGES: &[&str] = &["bash", "coreutils", "curl", "ca-certificates", "python3", "git", "procps"];
 pub const SUITE: &str = "bookworm";
-/// Where the sandbox PID 1 lives inside every template.
-pub const SANDBOX_INIT_PATH: &str = "/sbin/oc-init";
 /// Size of a template disk (sparse): what a sandbox can grow its root filesystem to.
 const DISK_SIZE: &str = "2G";
 
@@ -79,16 +79,16 @@ impl TemplateSpec {
     }
 
     /// The disk's cache key, which is also the template's id on the system disk: the root
-    /// filesystem, the sandbox init, the disk size and the filesystem identity.
-    pub fn disk_key(&self, rootfs_key: &str, init: &[u8]) -> String {
+    /// filesystem, the disk size and the filesystem identity (no init: the sandbox initramfs
+    /// brings it).
+    pub fn disk_key(&self, rootfs_key: &str) -> String {
         cache::key(&[
             ("rootfs", rootfs_key.as_bytes()),
-            ("init", init),
             ("size", DISK_SIZE.as_bytes()),
             ("name", self.name.as_bytes()),
             ("uuid", self.fs_uuid.as_bytes()),
             ("hash seed", self.hash_seed.as_bytes()),
-            ("recipe", b"ext4 v4"),
+            ("recipe", b"ext4 v5 (no init)"),
         ])
     }
 }
@@ -137,17 +137,15 @@ pub fn parse_dpkg_status(status: &str) -> Vec<(String, String)> {
     packages
 }
 
-/// Builds (or takes from the cache) every template of `TEMPLATES` with `sandbox_init`
-/// installed, in that order (`base` first).
-pub fn build_all(sandbox_init: &Path) -> Result<Vec<Template>> {
+/// Builds (or takes from the cache) every template of `TEMPLATES`, in that order (`base` first).
+pub fn build_all() -> Result<Vec<Template>> {
     host::ensure(&[tool("mmdebstrap", "mmdebstrap"), tool("mkfs.ext4", "e2fsprogs")])?;
-    let init_bytes = std::fs::read(sandbox_init).ctx(|| format!("read {}", sandbox_init.display()))?;
-    TEMPLATES.iter().map(|spec| build(spec, sandbox_init, &init_bytes)).collect()
+    TEMPLATES.iter().map(build).collect()
 }
 
 /// Builds (or takes from the cache) one template: its root filesystem (mmdebstrap), then its
-/// ext4 disk with the sandbox init (`init_bytes` is the content of `sandbox_init`).
-fn build(spec: &TemplateSpec, sandbox_init: &Path, init_bytes: &[u8]) -> Result<Template> {
+/// ext4 disk.
+fn build(spec: &TemplateSpec) -> Result<Template> {
     let step = Step::start(format!("template {}", spec.name));
     let packages = spec.packages();
     let rootfs_key = spec.rootfs_key();
@@ -169,12 +167,12 @@ fn build(spec: &TemplateSpec, sandbox_init: &Path, init_bytes: &[u8]) -> Result<
         })?;
         done.push(format!("mmdebstrap {}", fmt_duration(started.elapsed())));
     }
-    let disk_key = spec.disk_key(&rootfs_key, init_bytes);
+    let disk_key = spec.disk_key(&rootfs_key);
     let disk = Entry::new(&format!("template-{}", spec.name), &disk_key);
     if !disk.is_complete() {
         step.note("packing the ext4 disk");
         let started = Instant::now();
-        disk.fill(|dir| pack(spec, &rootfs.path("rootfs.tar"), sandbox_init, dir))?;
+        disk.fill(|dir| pack(spec, &rootfs.path("rootfs.tar"), dir))?;
         done.push(format!("ext4 {}", fmt_duration(started.elapsed())));
     }
     let template = Template {
@@ -199,9 +197,9 @@ fn build(spec: &TemplateSpec, sandbox_init: &Path, init_bytes: &[u8]) -> Result<
     Ok(template)
 }
 
-/// Unpacks the root filesystem, installs the sandbox init, makes the ext4 image and keeps a
-/// copy of the CA roots bundle beside it.
-fn pack(spec: &TemplateSpec, rootfs_tar: &Path, sandbox_init: &Path, dir: &Path) -> Result<()> {
+/// Unpacks the root filesystem, writes the sandbox's own name files, makes the ext4 image and
+/// keeps a copy of the CA roots bundle beside it.
+fn pack(spec: &TemplateSpec, rootfs_tar: &Path, dir: &Path) -> Result<()> {
     let out = dir.join(spec.disk_file());
     let staging = dir.join("staging");
     std::fs::create_dir_all(&staging).ctx(|| format!("create {}", staging.display()))?;
@@ -215,9 +213,6 @@ fn pack(spec: &TemplateSpec, rootfs_tar: &Path, sandbox_init: &Path, dir: &Path)
         let _ = std::fs::remove_file(&target);
         std::fs::write(&target, content).ctx(|| format!("write {}", target.display()))?;
     }
-    let init_target = staging.join(SANDBOX_INIT_PATH.trim_start_matches('/'));
-    std::fs::copy(sandbox_init, &init_target).ctx(|| format!("install {}", init_target.display()))?;
-    run_quiet(Command::new("chmod").arg("0755").arg(&init_target))?;
     let roots = staging.join("etc/ssl/certs/ca-certificates.crt");
     std::fs::copy(&roots, dir.join(CA_BUNDLE_FILE)).ctx(|| format!("copy {}", roots.display()))?;
     let identity = ext4::Identity { label: spec.name, uuid: spec.fs_uuid, hash_seed: spec.hash_seed };
@@ -271,17 +266,17 @@ mod tests {
         ]);
         assert_eq!(BASE.rootfs_key(), before);
         let rootfs: Vec<String> = TEMPLATES.iter().map(TemplateSpec::rootfs_key).collect();
-        let disks: Vec<String> = TEMPLATES.iter().map(|t| t.disk_key(&t.rootfs_key(), b"init")).collect();
+        let disks: Vec<String> = TEMPLATES.iter().map(|t| t.disk_key(&t.rootfs_key())).collect();
         for keys in [&rootfs, &disks] {
             let mut unique = keys.clone();
             unique.sort();
             unique.dedup();
             assert_eq!(unique.len(), TEMPLATES.len(), "{keys:?}");
         }
-        // A disk's key (its id on the system disk) follows the sandbox init and its template,
-        // even for one root filesystem.
-        assert_ne!(PYTHON.disk_key("r", b"init"), PYTHON.disk_key("r", b"other init"));
-        assert_ne!(PYTHON.disk_key("r", b"init"), NODE.disk_key("r", b"init"));
-        assert_eq!(NODE.disk_key("r", b"init"), NODE.disk_key("r", b"init"));
+        // A disk's key (its id on the system disk) follows its root filesystem and its template,
+        // even for one root filesystem; the sandbox init is not an input (the initramfs has it).
+        assert_ne!(PYTHON.disk_key("r"), PYTHON.disk_key("other rootfs"));
+        assert_ne!(PYTHON.disk_key("r"), NODE.disk_key("r"));
+        assert_eq!(NODE.disk_key("r"), NODE.disk_key("r"));
     }
 }

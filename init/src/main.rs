@@ -1,4 +1,5 @@
-//! The PID 1 binary: the kernel starts it as /init. With `sandbox` among its arguments (kernel
+//! The PID 1 binary: the kernel starts it as /init of the appliance's initramfs, or as /oc-init
+//! of the sandbox initramfs (`rdinit=/oc-init`). With `sandbox` among its arguments (kernel
 //! command line `... -- sandbox`) it runs the sandbox role, otherwise the appliance role.
 
 fn main() {

@@ -84,6 +84,32 @@ fn the_working_directory_defaults_to_home_and_resolves_relative_paths() {
 }
 
 #[test]
+fn a_command_runs_as_its_user_with_that_users_home_and_an_unknown_user_is_refused() {
+    // SAFETY: geteuid only reads this process's credentials.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("skipped: running a command as another user needs root");
+        return;
+    }
+    let agent = TestAgent::start();
+    let mut client = agent.client();
+    // `nobody` (65534) is in every Debian /etc/passwd, with a home that does not exist.
+    let mut spec = shell("id -u; id -g; echo $HOME; pwd");
+    spec.user = Some("nobody".into());
+    let out = client.run(&spec).unwrap();
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "65534\n65534\n/\n/\n");
+    spec.user = Some("4242:4343".into());
+    let out = client.run(&spec).unwrap();
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "4242\n4343\n/\n/\n", "numeric ids need no entry");
+    spec.user = Some("no-such-user-here".into());
+    let (code, message) = remote_code(client.run(&spec));
+    assert_eq!(code, ErrorCode::BadRequest);
+    assert!(message.contains("not in the sandbox's /etc/passwd"), "{message}");
+    // Without a user: root, as before.
+    let out = client.run(&shell("id -u")).unwrap();
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "0\n");
+}
+
+#[test]
 fn environment_layers_apply_to_later_commands() {
     let agent = TestAgent::start();
     let mut client = agent.client();
@@ -230,7 +256,7 @@ fn signal(pid: i32, sig: i32) -> i32 {
 }
 
 fn session(line: &str) -> SessionSpec {
-    SessionSpec { command: Command::Shell(line.into()), env: EnvVars::default(), cwd: None }
+    SessionSpec { command: Command::Shell(line.into()), env: EnvVars::default(), cwd: None, user: None }
 }
 
 #[test]

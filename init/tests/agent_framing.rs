@@ -188,6 +188,7 @@ fn the_client_refuses_to_send_an_oversized_request_and_stays_usable() {
         cwd: None,
         timeout_ms: 1000,
         max_output: 1000,
+        user: None,
     };
     match client.run(&spec) {
         Err(AgentError::InvalidRequest(m)) => assert!(m.contains("exceeds the limit"), "{m}"),

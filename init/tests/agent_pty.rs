@@ -18,6 +18,7 @@ fn terminal(command: Option<&[&str]>, cols: u16, rows: u16) -> PtySpec {
         env: EnvVars::default(),
         cwd: None,
         size: WindowSize { cols, rows },
+        user: None,
     }
 }
 
@@ -162,7 +163,12 @@ fn bad_sizes_and_sessions_without_a_terminal_are_refused() {
         assert_eq!(remote_code(client.pty_start(&terminal(None, cols, rows))), ErrorCode::BadRequest, "{cols}x{rows}");
     }
     let (id, _) = client
-        .session_start(&SessionSpec { command: Command::Shell("sleep 30".into()), env: EnvVars::default(), cwd: None })
+        .session_start(&SessionSpec {
+            command: Command::Shell("sleep 30".into()),
+            env: EnvVars::default(),
+            cwd: None,
+            user: None,
+        })
         .unwrap();
     assert_eq!(remote_code(client.session_resize(id, WindowSize { cols: 80, rows: 24 })), ErrorCode::Conflict);
     client.session_kill(id, libc::SIGKILL).unwrap();

@@ -259,10 +259,10 @@ mod tests {
     #[test]
     fn init_arguments_stay_last_and_windows_follow_the_devices() {
         let mut c = from_json(r#"{"kernel": "/k", "disks": [{"path": "/r"}], "vsock_cid": 3}"#).unwrap();
-        c.cmdline = Some("console=ttyS0 init=/sbin/oc-init -- sandbox".into());
+        c.cmdline = Some("console=ttyS0 rdinit=/oc-init -- sandbox".into());
         assert_eq!(
             c.kernel_cmdline(),
-            "console=ttyS0 init=/sbin/oc-init root=/dev/vda rw virtio_mmio.device=4K@0xd0000000:5 \
+            "console=ttyS0 rdinit=/oc-init root=/dev/vda rw virtio_mmio.device=4K@0xd0000000:5 \
              virtio_mmio.device=4K@0xd0001000:6 -- sandbox"
         );
         assert_eq!(

@@ -9,7 +9,7 @@ use tiny_http::{Method, Request};
 
 use crate::api::{
     checkpoints, exec, files, keys, projects, pty, sandbox_info, sandboxes, scope, secret_stores, secrets, signed_urls,
-    system,
+    system, templates,
 };
 use crate::app::App;
 use crate::audit;
@@ -46,12 +46,14 @@ fn is_long(route: &Route, method: &Method) -> bool {
                 | Route::Checkpoints(_)
                 | Route::CheckpointRestore(..)
                 | Route::FromCheckpoint(_)
+                | Route::SandboxTemplate(_)
+                | Route::Templates
                 | Route::SystemUpgrade
                 | Route::SystemMasterKeyRotate,
             Post
         ) | (Route::ExecSession(..) | Route::PtySession(..) | Route::Files(_) | Route::FilesDownload(_), Get)
             | (Route::Files(_) | Route::FilesUpload(_), Put)
-            | (Route::Sandbox(_) | Route::Checkpoint(..), Delete)
+            | (Route::Sandbox(_) | Route::Checkpoint(..) | Route::Template(_), Delete)
     )
 }
 
@@ -268,6 +270,11 @@ pub fn dispatch(
         (Route::Checkpoint(id, cp), Delete) => checkpoints::delete(app, id, cp),
         (Route::CheckpointRestore(id, cp), Post) => checkpoints::restore(app, id, cp),
         (Route::FromCheckpoint(cp), Post) => checkpoints::fork(app, caller, cp, request),
+        (Route::SandboxTemplate(id), Post) => templates::save_sandbox(app, id, request),
+        (Route::Templates, Get) => templates::list(app),
+        (Route::Templates, Post) => templates::import(app, request),
+        (Route::Template(name), Get) => templates::get(app, name),
+        (Route::Template(name), Delete) => templates::delete(app, name),
         // Answered in `serve`, which hands the request over.
         (Route::ExecRun(_) | Route::Commands(_), Post) => Err(AppError::internal("exec/run is answered by serve")),
         (Route::ExecRunAsync(id), Post) => exec::run_async(app, id, request),

@@ -26,6 +26,7 @@ use crate::http::request::{header, parse_json, read_body, MAX_JSON_BODY};
 use crate::lifecycle::runtime_error;
 use crate::runtime::{ExecEvent, ExecOutput, ExecRequest};
 use crate::sandbox_ops::require_running;
+use crate::store::records::SandboxRecord;
 use crate::websocket::{self, Incoming, WsError};
 
 /// Default limit of a one-shot command when the request gives none.
@@ -73,7 +74,18 @@ fn exec_request(body: ExecBody, default_timeout: u64) -> Result<ExecRequest, App
         None | Some(0) => default_timeout,
         Some(t) => validate::timeout_sec("timeout", t)?,
     };
-    Ok(ExecRequest { command_line: line, envs: body.envs, cwd, timeout_sec })
+    Ok(ExecRequest { command_line: line, envs: body.envs, cwd, timeout_sec, user: None })
+}
+
+/// A command runs as its template's user (an image's `User`), and in its `WorkingDir` when it
+/// names no working directory.
+fn template_defaults(app: &App, sandbox: &SandboxRecord, exec: &mut ExecRequest) -> Result<(), AppError> {
+    let defaults = crate::templates::defaults(app, &sandbox.template)?;
+    if exec.cwd.is_none() {
+        exec.cwd = defaults.working_dir;
+    }
+    exec.user = defaults.user;
+    Ok(())
 }
 
 fn output_json(out: &ExecOutput) -> Value {
@@ -90,8 +102,9 @@ pub fn run(app: &App, raw_id: &str, mut request: Request) -> exec_wait::Answered
     let prepared = (|| {
         let id = validate::uuid("sandbox", raw_id)?;
         let body: ExecBody = parse_json(&read_body(&mut request, MAX_JSON_BODY)?)?;
-        let exec = exec_request(body, DEFAULT_RUN_TIMEOUT_SEC)?;
-        let (backend, _) = require_running(app, &id)?;
+        let mut exec = exec_request(body, DEFAULT_RUN_TIMEOUT_SEC)?;
+        let (backend, record) = require_running(app, &id)?;
+        template_defaults(app, &record, &mut exec)?;
         Ok::<_, AppError>((id, exec, Arc::clone(&backend.runtime)))
     })();
     match prepared {
@@ -104,8 +117,9 @@ pub fn run(app: &App, raw_id: &str, mut request: Request) -> exec_wait::Answered
 pub fn run_async(app: &App, raw_id: &str, request: &mut Request) -> Result<Reply, AppError> {
     let id = validate::uuid("sandbox", raw_id)?;
     let body: ExecBody = parse_json(&read_body(request, MAX_JSON_BODY)?)?;
-    let exec = exec_request(body, DEFAULT_RUN_TIMEOUT_SEC)?;
-    let (backend, _) = require_running(app, &id)?;
+    let mut exec = exec_request(body, DEFAULT_RUN_TIMEOUT_SEC)?;
+    let (backend, record) = require_running(app, &id)?;
+    template_defaults(app, &record, &mut exec)?;
     let (status, body) = app.async_execs.start(std::sync::Arc::clone(&backend.runtime), &id, exec)?;
     Ok(Reply::json(status, &body))
 }
@@ -121,8 +135,9 @@ pub fn start_session(app: &App, raw_id: &str, request: &mut Request) -> Result<R
     let id = validate::uuid("sandbox", raw_id)?;
     let body: ExecBody = parse_json(&read_body(request, MAX_JSON_BODY)?)?;
     // 0: a session runs until it exits, is killed, or the sandbox stops.
-    let exec = exec_request(body, 0)?;
-    let (backend, _) = require_running(app, &id)?;
+    let mut exec = exec_request(body, 0)?;
+    let (backend, record) = require_running(app, &id)?;
+    template_defaults(app, &record, &mut exec)?;
     let session_id = backend.runtime.exec_start(&id, &exec).map_err(runtime_error)?;
     let now = now_unix();
     app.exec_sessions.started(&id, &session_id, now);

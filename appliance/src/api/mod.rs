@@ -16,5 +16,6 @@ pub mod secret_stores;
 pub mod secrets;
 pub mod signed_urls;
 pub mod system;
+pub mod templates;
 pub mod unsupported;
 pub mod validate;

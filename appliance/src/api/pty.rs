@@ -71,12 +71,17 @@ pub fn create(app: &App, raw_id: &str, request: &mut Request) -> Result<Reply, A
     } else {
         parse_json(&raw)?
     };
-    let terminal = PtyRequest {
+    let mut terminal = PtyRequest {
         cols: side("cols", body.cols.as_ref(), Some(DEFAULT_SIZE.0))?,
         rows: side("rows", body.rows.as_ref(), Some(DEFAULT_SIZE.1))?,
         shell: shell(body.shell)?,
+        cwd: None,
+        user: None,
     };
-    let (backend, _) = require_running(app, &id)?;
+    let (backend, record) = require_running(app, &id)?;
+    // A terminal opens as its template's user, in its working directory (an image's defaults).
+    let defaults = crate::templates::defaults(app, &record.template)?;
+    (terminal.cwd, terminal.user) = (defaults.working_dir, defaults.user);
     let session_id = backend.runtime.pty_start(&id, &terminal).map_err(runtime_error)?;
     Ok(Reply::json(201, &json!({ "sessionID": session_id, "sandboxID": id })))
 }

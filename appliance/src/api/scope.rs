@@ -41,6 +41,13 @@ pub fn authorize(app: &App, caller: &Caller, route: &Route, method: &Method) -> 
         }
         (Route::SecretStore(_), _) => Err(operator_only(key, "changing or deleting a secret store (its allowlist)")),
         (Route::SandboxMemoryDump(_), _) => Err(operator_only(key, "memory dumps")),
+        // Every project's sandboxes may be created from any template, so a project key may read
+        // them; a template it made would carry its sandbox's files to every other project.
+        (Route::Templates | Route::Template(_), Method::Get) => Ok(()),
+        (Route::Templates | Route::Template(_), _) => Err(operator_only(key, "importing or deleting templates")),
+        (Route::SandboxTemplate(_), _) => {
+            Err(operator_only(key, "saving a sandbox as a template (templates are shared by every project)"))
+        }
         // The checkpoint's project is checked by the handler, which reads it anyway.
         (Route::FromCheckpoint(_), _) => Ok(()),
         (

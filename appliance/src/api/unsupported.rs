@@ -25,8 +25,6 @@ pub enum Unsupported {
     Tags,
     Snapshots,
     Snapshot,
-    Templates,
-    Template,
     Webhooks,
 }
 
@@ -52,8 +50,6 @@ pub fn feature(s: &[&str]) -> Option<Unsupported> {
         ["tags"] => U::Tags,
         ["snapshots"] => U::Snapshots,
         ["snapshots", ..] => U::Snapshot,
-        ["templates"] => U::Templates,
-        ["templates", _] => U::Template,
         ["webhooks", ..] => U::Webhooks,
         _ => return None,
     })
@@ -82,8 +78,6 @@ impl Unsupported {
             U::Tags => "/api/tags",
             U::Snapshots => "/api/snapshots",
             U::Snapshot => "/api/snapshots/{name}",
-            U::Templates => "/api/templates",
-            U::Template => "/api/templates/{name}",
             U::Webhooks => "/api/webhooks",
         }
     }
@@ -115,10 +109,7 @@ impl Unsupported {
                 "this appliance has no sandbox tags; give metadata at create and filter GET /api/sandboxes with ?metadata="
             }
             U::Snapshots | U::Snapshot => {
-                "this appliance does not build images: sandboxes boot from the templates shipped in its image"
-            }
-            U::Templates | U::Template => {
-                "this appliance does not build or manage templates: sandboxes boot from the templates shipped in its image"
+                "this appliance does not build images: import an image archive as a template (POST /api/templates) or save a sandbox as one (POST /api/sandboxes/{id}/template)"
             }
             U::Webhooks => "this appliance sends no webhooks",
         }

@@ -37,6 +37,12 @@ pub enum Route {
     CheckpointRestore(String, String),
     /// A new sandbox from a checkpoint (a fork).
     FromCheckpoint(String),
+    /// Save the sandbox's disk as a new template.
+    SandboxTemplate(String),
+    /// Templates: list (GET), import an archive (POST).
+    Templates,
+    /// One template: get, delete.
+    Template(String),
     ExecRun(String),
     /// Start a command and answer at once (its result polled with `ExecResult`).
     ExecRunAsync(String),
@@ -142,6 +148,9 @@ impl Route {
             Self::Checkpoint(..) => "/api/sandboxes/{id}/checkpoints/{checkpointId}",
             Self::CheckpointRestore(..) => "/api/sandboxes/{id}/checkpoints/{checkpointId}/restore",
             Self::FromCheckpoint(_) => "/api/sandboxes/from-checkpoint/{checkpointId}",
+            Self::SandboxTemplate(_) => "/api/sandboxes/{id}/template",
+            Self::Templates => "/api/templates",
+            Self::Template(_) => "/api/templates/{name}",
             Self::ExecRun(_) => "/api/sandboxes/{id}/exec/run",
             Self::ExecRunAsync(_) => "/api/sandboxes/{id}/exec/run-async",
             Self::ExecResult(..) => "/api/sandboxes/{id}/exec/{execId}/result",
@@ -226,6 +235,9 @@ pub fn match_route(path: &str) -> Result<Option<Route>, AppError> {
         ["sandboxes", id, "hibernate"] => Route::SandboxHibernate(id.to_string()),
         ["sandboxes", id, "wake"] => Route::SandboxWake(id.to_string()),
         ["sandboxes", id, "checkpoints"] => Route::Checkpoints(id.to_string()),
+        ["sandboxes", id, "template"] => Route::SandboxTemplate(id.to_string()),
+        ["templates"] => Route::Templates,
+        ["templates", name] => Route::Template(name.to_string()),
         ["sandboxes", id, "checkpoints", cp] => Route::Checkpoint(id.to_string(), cp.to_string()),
         ["sandboxes", id, "checkpoints", cp, "restore"] => Route::CheckpointRestore(id.to_string(), cp.to_string()),
         ["sandboxes", id, "exec", "run"] => Route::ExecRun(id.to_string()),

@@ -43,6 +43,11 @@ impl<'a> UploadBody<'a> {
         Ok(UploadBody { inner: request.as_reader(), expected, received: 0, problem: None })
     }
 
+    /// The body's length, as its Content-Length announced it.
+    pub fn expected(&self) -> u64 {
+        self.expected
+    }
+
     /// Why reading the body failed, if it did: a write that failed because of it is the
     /// client's doing, whatever the consumer reports.
     pub fn problem(&mut self) -> Option<AppError> {

@@ -14,7 +14,7 @@ use heed::{Database, Env, EnvOpenOptions, RoTxn, RwTxn};
 use crate::error::AppError;
 use records::{
     ApiKeyRecord, AuditRecord, CaRecord, CheckpointRecord, ProjectKeyRecord, ProjectRecord, SandboxRecord,
-    SecretHostsRecord,
+    SecretHostsRecord, TemplateRecord,
 };
 
 pub use commit::Committer;
@@ -66,6 +66,9 @@ pub struct Dbs {
     /// Checkpoint id -> its record (`checkpoints`). A database of its own, so stores written
     /// before checkpoints existed read as "none", and an older appliance never sees it.
     pub checkpoints: Database<Str, SerdeJson<CheckpointRecord>>,
+    /// Template name -> the record of a template made on the appliance (`templates`); a
+    /// database of its own for the same reasons.
+    pub templates: Database<Str, SerdeJson<TemplateRecord>>,
 }
 
 pub struct Store {
@@ -106,6 +109,7 @@ impl Store {
             ca: create(&env, &mut wtxn, "ca")?,
             url_keys: create(&env, &mut wtxn, "url_keys")?,
             checkpoints: create(&env, &mut wtxn, "checkpoints")?,
+            templates: create(&env, &mut wtxn, "templates")?,
         };
         schema::migrate(&mut wtxn, &dbs)?;
         wtxn.commit().map_err(|e| format!("store: cannot commit schema: {e}"))?;

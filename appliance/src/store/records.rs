@@ -148,6 +148,60 @@ pub struct CheckpointRecord {
     pub metadata: BTreeMap<String, String>,
 }
 
+/// Where a template made on the appliance came from (the templates shipped in the image have no
+/// record).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TemplateSource {
+    OciArchive,
+    DockerArchive,
+    RootfsTarball,
+    Sandbox,
+}
+
+impl TemplateSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OciArchive => "oci-archive",
+            Self::DockerArchive => "docker-archive",
+            Self::RootfsTarball => "rootfs-tarball",
+            Self::Sandbox => "sandbox",
+        }
+    }
+}
+
+/// What commands in a template's sandboxes get unless they say otherwise: from an image's
+/// config (`Env`, `WorkingDir`, `User`); `Entrypoint` and `Cmd` are recorded, not run (a sandbox
+/// runs our PID 1 and agent).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateDefaults {
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub entrypoint: Vec<String>,
+    #[serde(default)]
+    pub cmd: Vec<String>,
+}
+
+/// A template made on the appliance (imported or saved from a sandbox); its disk is the data
+/// disk's `templates/<name>.ext4`, installed before this record is written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateRecord {
+    pub name: String,
+    pub tag: String,
+    pub source: TemplateSource,
+    /// `sha256:<hex>` of the uploaded archive, or `sandbox:<id>` for a saved sandbox.
+    pub source_digest: String,
+    pub created_at: i64,
+    pub defaults: TemplateDefaults,
+}
+
 /// A stored API key: only its BLAKE2b-256 hash.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -96,6 +96,7 @@ pub fn run(agent: &mut Agent, request: &ExecRequest) -> Result<ExecOutput, Runti
         cwd: request.cwd.clone(),
         timeout_ms: request.timeout_sec.saturating_mul(1000),
         max_output: MAX_OUTPUT,
+        user: request.user.clone(),
     };
     let out = agent.run(&spec).map_err(to_runtime)?;
     let mut stderr = out.stderr;
@@ -121,6 +122,7 @@ pub fn session_start(agent: &mut Agent, request: &ExecRequest) -> Result<String,
         command: Command::Shell(request.command_line.clone()),
         env: env_of(request),
         cwd: request.cwd.clone(),
+        user: request.user.clone(),
     };
     agent.session_start(&spec).map(|(id, _pid)| id.to_string()).map_err(to_runtime)
 }
@@ -130,8 +132,9 @@ pub fn pty_start(agent: &mut Agent, request: &PtyRequest) -> Result<String, Runt
     let spec = PtySpec {
         command: request.shell.as_ref().map(|program| Command::Argv(vec![program.clone()])),
         env: EnvVars::default(),
-        cwd: None,
+        cwd: request.cwd.clone(),
         size: WindowSize { cols: request.cols, rows: request.rows },
+        user: request.user.clone(),
     };
     agent.pty_start(&spec).map(|(id, _pid)| id.to_string()).map_err(to_runtime)
 }

@@ -86,6 +86,25 @@ impl CheckpointFiles {
         Ok(bytes)
     }
 
+    /// Keeps only the disk of what the VMM wrote to `snapshot`, as the new file `to` (a reflink,
+    /// flushed), and empties the snapshot's files as `keep` does.
+    pub fn take_disk(snapshot: &Path, to: &Path) -> Result<(), RuntimeError> {
+        let taken = reflink(&snapshot.join(DISK), to).and_then(|()| {
+            File::open(to)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| RuntimeError::Failed(format!("cannot flush {}: {e}", to.display())))
+        });
+        for name in [STATE, MEMORY, DISK] {
+            if let Ok(f) = OpenOptions::new().write(true).open(snapshot.join(name)) {
+                let _ = f.set_len(0);
+            }
+        }
+        if taken.is_err() {
+            let _ = fs::remove_file(to);
+        }
+        taken
+    }
+
     /// The directory of complete checkpoint `id`.
     pub fn path(&self, id: &str) -> Result<PathBuf, RuntimeError> {
         let dir = self.root.join(id);

@@ -1,5 +1,6 @@
-//! The real sandbox runtime: each sandbox is a `vmm` process booting the guest kernel on a
-//! reflink clone of its template, reached through its agent over vsock (CID = identity). A
+//! The real sandbox runtime: each sandbox is a `vmm` process booting the guest kernel and the
+//! sandbox initramfs (our init and agent, which switch to the root disk) on a reflink clone of
+//! its template, reached through its agent over vsock (CID = identity). A
 //! hibernated sandbox is only its directory (disk and snapshot, `snapshot_dir`) and its CID.
 
 mod agent;
@@ -21,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use crate::runtime::{
     BootSpec, Booted, CheckpointKind, DirEntry, EnvVars, ExecAttachment, ExecOutput, ExecRequest, ExecSessionInfo,
-    FileInfo, PtyRequest, RuntimeError, SandboxRuntime, Snapshot, MAX_FILE_SIZE,
+    FileInfo, PtyRequest, RuntimeError, SandboxRuntime, Snapshot, TemplateDisk, MAX_FILE_SIZE,
 };
 use checkpoint_files::CheckpointFiles;
 use cids::CidPool;
@@ -46,6 +47,8 @@ const CHECKPOINT_WAIT: Duration = HIBERNATE_WAIT;
 pub struct RuntimeConfig {
     pub vmm_bin: PathBuf,
     pub guest_kernel: PathBuf,
+    /// The sandbox initramfs: our PID 1 and agent, never taken from the template.
+    pub guest_initrd: PathBuf,
     /// Templates shipped read-only with the image (None: only those already imported).
     pub templates_source: Option<PathBuf>,
     pub data_dir: PathBuf,
@@ -79,7 +82,11 @@ impl VmmRuntime {
     /// Imports templates, adopts VMMs that survived an appliance restart and removes what
     /// is left of sandboxes whose VMM is gone.
     pub fn start(config: RuntimeConfig) -> Result<VmmRuntime, String> {
-        for (what, path) in [("vmm binary", &config.vmm_bin), ("guest kernel", &config.guest_kernel)] {
+        for (what, path) in [
+            ("vmm binary", &config.vmm_bin),
+            ("guest kernel", &config.guest_kernel),
+            ("guest initramfs", &config.guest_initrd),
+        ] {
             if !path.is_file() {
                 return Err(format!("{what} {} not found", path.display()));
             }
@@ -266,10 +273,19 @@ impl VmmRuntime {
     fn snapshot_template(&self, name: &str) -> Result<(), String> {
         let disk = self.templates.resolve(name).map_err(|e| e.to_string())?;
         let content = template_snapshots::template_content_id(&disk)?;
-        let id = template_snapshots::snapshot_id(name, &content, &self.config.vmm_bin, &self.config.guest_kernel)?;
+        let config = &self.config;
+        let id = template_snapshots::snapshot_id(
+            name,
+            &content,
+            &config.vmm_bin,
+            &config.guest_kernel,
+            &config.guest_initrd,
+        )?;
         let stale = self.template_snapshots.remove_stale(name, &id);
         if stale > 0 {
-            println!("appliance: template {name}: removed {stale} snapshot(s) of another VMM, kernel or template");
+            println!(
+                "appliance: template {name}: removed {stale} snapshot(s) of another VMM, kernel, initramfs or template"
+            );
         }
         if self.template_snapshots.files.path(&id).is_ok() {
             self.template_snapshots.set_ready(name, &id);
@@ -304,6 +320,7 @@ impl VmmRuntime {
             dir,
             vmm_bin: &self.config.vmm_bin,
             kernel: &self.config.guest_kernel,
+            initrd: &self.config.guest_initrd,
             vcpus,
             memory_mib,
             cid,
@@ -347,6 +364,7 @@ impl VmmRuntime {
             dir,
             vmm_bin: &self.config.vmm_bin,
             kernel: &self.config.guest_kernel,
+            initrd: &self.config.guest_initrd,
             vcpus: spec.cpu_count,
             memory_mib: spec.memory_mb,
             cid,
@@ -577,6 +595,39 @@ impl SandboxRuntime for VmmRuntime {
         self.checkpoints.ids()
     }
 
+    fn templates(&self) -> Vec<TemplateDisk> {
+        self.templates.list()
+    }
+
+    fn install_template(&self, name: &str, disk: &Path, content_id: &str) -> Result<(), RuntimeError> {
+        self.templates.install(name, disk, content_id)?;
+        // Before the answer, so that the first create already resumes it (as for shipped ones).
+        if let Err(e) = self.snapshot_template(name) {
+            println!("appliance: template {name}: no snapshot ({e}); its sandboxes boot their kernel");
+        }
+        Ok(())
+    }
+
+    fn remove_template(&self, name: &str) -> Result<(), RuntimeError> {
+        self.templates.remove(name)?;
+        self.template_snapshots.withdraw(name);
+        self.template_snapshots.remove_stale(name, "");
+        Ok(())
+    }
+
+    fn copy_root_disk(&self, sandbox_id: &str, to: &Path) -> Result<(), RuntimeError> {
+        if let Some(parked) = self.parked.lock().ok().and_then(|p| p.get(sandbox_id).cloned()) {
+            // Hibernated: nothing writes to its disk until it wakes.
+            return templates::reflink(&parked.dir.join(vm::ROOT_DISK), to);
+        }
+        let vm = self.vm(sandbox_id)?;
+        // What the guest wrote is on its disk, not only in its page cache; then the VMM copies the
+        // disk while the guest stands still.
+        agent::connect(vm.cid)?.sync_disks().map_err(|e| in_sandbox(sandbox_id)(agent::to_runtime(e)))?;
+        vm.checkpoint(CHECKPOINT_WAIT).map_err(|e| RuntimeError::Failed(format!("sandbox {sandbox_id}: {e}")))?;
+        CheckpointFiles::take_disk(&vm.dir.join(snapshot_dir::NEXT), to)
+    }
+
     fn hibernated_ids(&self) -> Vec<String> {
         self.parked.lock().map(|p| p.keys().cloned().collect()).unwrap_or_default()
     }
@@ -783,6 +834,7 @@ mod tests {
         fs::write(templates.join("base.ext4"), vec![0u8; 4096]).expect("template");
         fs::write(templates.join("base.id"), "1").expect("template id");
         fs::write(root.join("kernel"), b"kernel").expect("kernel");
+        fs::write(root.join("initrd"), b"initrd").expect("initrd");
         for (n, (id, files)) in sandboxes.iter().enumerate() {
             let dir = root.join("data").join("sandboxes").join(id);
             fs::create_dir_all(&dir).expect("mkdir");
@@ -801,6 +853,7 @@ mod tests {
         let config = RuntimeConfig {
             vmm_bin: PathBuf::from("/bin/true"),
             guest_kernel: root.join("kernel"),
+            guest_initrd: root.join("initrd"),
             templates_source: Some(templates),
             data_dir: root.join("data"),
             ca_cert_pem: String::new(),
@@ -843,6 +896,7 @@ mod tests {
             dir: &sandbox,
             vmm_bin: &vmm,
             kernel: Path::new("/k"),
+            initrd: Path::new("/i"),
             vcpus: 1,
             memory_mib: 128,
             cid: 31,

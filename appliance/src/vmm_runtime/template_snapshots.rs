@@ -3,8 +3,9 @@
 //! template and machine then resumes the snapshot on a reflink clone of its disk instead of
 //! booting a kernel (`VmmRuntime::boot`). Kept on the data disk under `template-snapshots/` as
 //! checkpoints named `<template>-<key>`, the key a hash of everything the snapshot depends on (the
-//! VMM binary, the guest kernel, the template's content id, the machine), so a new VMM, kernel or
-//! template never resumes an old snapshot: it is removed and taken again.
+//! VMM binary, the guest kernel, the sandbox initramfs with its init and agent, the template's
+//! content id, the machine), so a new VMM, kernel, init or template never resumes an old
+//! snapshot: it is removed and taken again.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -58,12 +59,11 @@ impl TemplateSnapshots {
         }
     }
 
-    /// Removes the snapshots of `template` other than `keep` (taken with another VMM, kernel or
-    /// template content); returns how many.
+    /// Removes the snapshots of `template` other than `keep` (taken with another VMM, kernel,
+    /// initramfs or template content); returns how many.
     pub fn remove_stale(&self, template: &str, keep: &str) -> usize {
-        let prefix = format!("{template}-");
         let stale: Vec<String> =
-            self.files.ids().into_iter().filter(|id| id.starts_with(&prefix) && id != keep).collect();
+            self.files.ids().into_iter().filter(|id| is_snapshot_of(id, template) && id != keep).collect();
         for id in &stale {
             if let Err(e) = self.files.remove(id) {
                 println!("appliance: {e}");
@@ -73,12 +73,27 @@ impl TemplateSnapshots {
     }
 }
 
-/// The id of `template`'s snapshot for this VMM, kernel and template content: `<template>-<key>`.
-pub fn snapshot_id(template: &str, template_id: &str, vmm_bin: &Path, kernel: &Path) -> Result<String, String> {
+/// Whether snapshot `id` is one of `template`'s (`<template>-<32 hex digits>`): a prefix alone
+/// would take template `py`'s for `py-2`'s.
+fn is_snapshot_of(id: &str, template: &str) -> bool {
+    id.strip_prefix(template)
+        .and_then(|rest| rest.strip_prefix('-'))
+        .is_some_and(|key| key.len() == 32 && key.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// The id of `template`'s snapshot for this VMM, kernel, initramfs and template content:
+/// `<template>-<key>`.
+pub fn snapshot_id(
+    template: &str,
+    template_id: &str,
+    vmm_bin: &Path,
+    kernel: &Path,
+    initrd: &Path,
+) -> Result<String, String> {
     let mut hash = Blake2b::new(16).map_err(|e| format!("blake2b: {e:?}"))?;
     let mut update = |bytes: &[u8]| hash.update(bytes).map_err(|e| format!("blake2b: {e:?}"));
     update(format!("template {template} {template_id}\nshape {SHAPE:?}\n").as_bytes())?;
-    for path in [vmm_bin, kernel] {
+    for path in [vmm_bin, kernel, initrd] {
         let mut file = File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let mut buf = vec![0u8; 1 << 20];
         loop {
@@ -106,22 +121,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_key_changes_with_the_vmm_the_kernel_and_the_template_and_only_the_default_shape_resumes() {
+    fn the_key_changes_with_the_vmm_the_kernel_the_initrd_and_the_template_and_only_the_default_shape_resumes() {
         let dir = std::env::temp_dir().join(format!("appliance-template-snapshots-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).expect("mkdir");
-        let (vmm, kernel) = (dir.join("vmm"), dir.join("kernel"));
+        let (vmm, kernel, initrd) = (dir.join("vmm"), dir.join("kernel"), dir.join("initrd"));
         fs::write(&vmm, b"vmm v1").expect("vmm");
         fs::write(&kernel, b"kernel v1").expect("kernel");
-        let first = snapshot_id("base", "id-1", &vmm, &kernel).expect("id");
+        fs::write(&initrd, b"initrd v1").expect("initrd");
+        let first = snapshot_id("base", "id-1", &vmm, &kernel, &initrd).expect("id");
         assert!(first.starts_with("base-") && first.len() == "base-".len() + 32, "{first}");
-        assert_eq!(snapshot_id("base", "id-1", &vmm, &kernel).expect("id"), first, "stable");
-        assert_ne!(snapshot_id("base", "id-2", &vmm, &kernel).expect("id"), first, "template content");
+        assert_eq!(snapshot_id("base", "id-1", &vmm, &kernel, &initrd).expect("id"), first, "stable");
+        assert_ne!(snapshot_id("base", "id-2", &vmm, &kernel, &initrd).expect("id"), first, "template content");
         fs::write(&vmm, b"vmm v2").expect("vmm");
-        let second = snapshot_id("base", "id-1", &vmm, &kernel).expect("id");
+        let second = snapshot_id("base", "id-1", &vmm, &kernel, &initrd).expect("id");
         assert_ne!(second, first, "VMM binary");
         fs::write(&kernel, b"kernel v2").expect("kernel");
-        assert_ne!(snapshot_id("base", "id-1", &vmm, &kernel).expect("id"), second, "kernel");
+        let third = snapshot_id("base", "id-1", &vmm, &kernel, &initrd).expect("id");
+        assert_ne!(third, second, "kernel");
+        // The initramfs holds the init and agent the snapshot's guest runs.
+        fs::write(&initrd, b"initrd v2").expect("initrd");
+        assert_ne!(snapshot_id("base", "id-1", &vmm, &kernel, &initrd).expect("id"), third, "initrd");
+        assert!(snapshot_id("base", "id-1", &vmm, &kernel, &dir.join("missing")).is_err(), "no initrd, no key");
 
         let snapshots = TemplateSnapshots::open(dir.join("snapshots")).expect("open");
         for id in [&first, &second] {
@@ -132,7 +153,11 @@ mod tests {
         snapshots.set_ready("base", &second);
         assert_eq!(snapshots.lookup("base", 1, 512).map(|(id, _)| id), Some(second.clone()));
         assert!(snapshots.lookup("base", 2, 512).is_none() && snapshots.lookup("base", 1, 1024).is_none());
-        assert_eq!(snapshots.remove_stale("base", &second), 1);
+        fs::create_dir_all(dir.join("snapshots").join("base-2-0123456789abcdef0123456789abcdef")).expect("mkdir");
+        fs::write(dir.join("snapshots").join("base-2-0123456789abcdef0123456789abcdef").join("disk"), b"d")
+            .expect("disk");
+        assert_eq!(snapshots.remove_stale("base", &second), 1, "template base-2's snapshot is not base's");
+        assert_eq!(snapshots.remove_stale("base-2", ""), 1);
         assert_eq!(snapshots.files.ids(), vec![second.clone()]);
         snapshots.withdraw("base");
         assert!(snapshots.lookup("base", 1, 512).is_none());

@@ -6,6 +6,10 @@
 //! header declaring the disk's length) or `<name>.ext4` (older system disks, host tests), with
 //! `<name>.id` naming its content. Either way the imported `<name>.ext4` is sparse: holes where
 //! the template has none of its data, so it stays cheap to store and to clone.
+//!
+//! Templates made on the appliance (imported archives, saved sandboxes: `crate::templates`) are
+//! kept apart in `made/`, the same two files each, so an import from the system disk never
+//! touches them; a name the image ships wins over a made template of the same name.
 
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
@@ -14,7 +18,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::runtime::RuntimeError;
+use crate::runtime::{RuntimeError, TemplateDisk};
 
 /// `default` is the documented alias of `base`.
 const ALIASES: &[(&str, &str)] = &[("default", "base")];
@@ -34,9 +38,14 @@ const SPARSE_BLOCK: usize = 4096;
 /// image compresses at level 9, whose window is 4 MiB.
 const WINDOW_LOG_MAX: u32 = 24;
 
+/// Where made templates are kept, under the store's directory.
+const MADE_DIR: &str = "made";
+
 pub struct TemplateStore {
     /// Imported templates on the data disk: `<name>.ext4` and `<name>.id`.
     dir: PathBuf,
+    /// Templates made on the appliance, laid out the same way.
+    made: PathBuf,
 }
 
 impl TemplateStore {
@@ -62,34 +71,100 @@ impl TemplateStore {
                 import_one(source, dir, name)?;
             }
         }
-        let store = TemplateStore { dir: dir.to_path_buf() };
+        let made = dir.join(MADE_DIR);
+        fs::create_dir_all(&made).map_err(|e| format!("cannot create {}: {e}", made.display()))?;
+        let store = TemplateStore { dir: dir.to_path_buf(), made };
+        for name in disk_names(&store.made) {
+            if disk_names(&store.dir).contains(&name) {
+                println!("appliance: template {name}: the image ships a template of this name, which creates get; the one made here is hidden until deleted");
+            }
+        }
         let names = store.names();
         Ok((store, names))
     }
 
+    /// Every template's name, shipped or made, sorted.
     pub fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = fs::read_dir(&self.dir)
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".ext4")).map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let mut names = disk_names(&self.dir);
+        names.extend(disk_names(&self.made));
         names.sort();
+        names.dedup();
         names
     }
 
-    /// The imported disk of template `name` (or its alias).
+    /// The disk of template `name` (or its alias): a shipped one, else a made one.
     pub fn resolve(&self, name: &str) -> Result<PathBuf, RuntimeError> {
         let name = ALIASES.iter().find(|(alias, _)| *alias == name).map_or(name, |(_, real)| *real);
-        let path = self.dir.join(format!("{name}.ext4"));
         let valid = !name.is_empty() && !name.contains('/') && !name.starts_with('.');
-        if valid && path.is_file() {
-            return Ok(path);
+        for dir in [&self.dir, &self.made] {
+            let path = dir.join(format!("{name}{RAW_SUFFIX}"));
+            if valid && path.is_file() {
+                return Ok(path);
+            }
         }
         Err(RuntimeError::Invalid(format!("unknown template {name:?}; available: {}", self.names().join(", "))))
     }
+
+    /// Every template with its disk's size.
+    pub fn list(&self) -> Vec<TemplateDisk> {
+        use std::os::unix::fs::MetadataExt;
+        let shipped = disk_names(&self.dir);
+        self.names()
+            .into_iter()
+            .filter_map(|name| {
+                let built_in = shipped.contains(&name);
+                let dir = if built_in { &self.dir } else { &self.made };
+                let meta = fs::metadata(dir.join(format!("{name}{RAW_SUFFIX}"))).ok()?;
+                Some(TemplateDisk { name, built_in, length: meta.len(), allocated: meta.blocks() * 512 })
+            })
+            .collect()
+    }
+
+    /// Makes `disk` (moved, on the same file system) made template `name`, with `content_id`.
+    /// A name already taken is a conflict; on an error nothing of the template is left.
+    pub fn install(&self, name: &str, disk: &Path, content_id: &str) -> Result<(), RuntimeError> {
+        if self.resolve(name).is_ok() {
+            return Err(RuntimeError::Conflict(format!("a template named {name:?} exists already")));
+        }
+        let (target, id_path) = (self.made.join(format!("{name}{RAW_SUFFIX}")), self.made.join(format!("{name}.id")));
+        let installed = write_synced(&id_path, content_id.as_bytes())
+            .and_then(|()| fs::rename(disk, &target))
+            .and_then(|()| super::snapshot_dir::sync_dir(&self.made));
+        installed.map_err(|e| {
+            let _ = fs::remove_file(&target);
+            let _ = fs::remove_file(&id_path);
+            RuntimeError::Failed(format!("cannot install template {name}: {e}"))
+        })
+    }
+
+    /// Removes made template `name` (a shipped one is refused).
+    pub fn remove(&self, name: &str) -> Result<(), RuntimeError> {
+        if disk_names(&self.dir).iter().any(|n| n == name) {
+            return Err(RuntimeError::Invalid(format!(
+                "template {name} is shipped with the image and cannot be deleted"
+            )));
+        }
+        let disk = self.made.join(format!("{name}{RAW_SUFFIX}"));
+        if !disk.is_file() {
+            return Err(RuntimeError::NotFound(format!("template {name:?} not found")));
+        }
+        // The disk first: without it the template is gone, whatever happens to its id file.
+        fs::remove_file(&disk)
+            .and_then(|()| fs::remove_file(self.made.join(format!("{name}.id"))))
+            .map_err(|e| RuntimeError::Failed(format!("cannot remove template {name}: {e}")))
+    }
+}
+
+/// The names of the template disks (`<name>.ext4`) in `dir`.
+fn disk_names(dir: &Path) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(dir) else { return Vec::new() };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(RAW_SUFFIX)).map(str::to_string))
+        .collect();
+    names.sort();
+    names
 }
 
 fn import_one(source: &Path, dir: &Path, name: &str) -> Result<(), String> {

@@ -23,10 +23,15 @@ pub const MEMORY_DUMP: &str = "memory.dump";
 /// Adopted VMMs are not our children; their end is noticed by polling.
 const ADOPTED_POLL: Duration = Duration::from_millis(500);
 
+/// Where the sandbox PID 1 is in the sandbox initramfs (image/src/sandbox_initrd.rs).
+pub const GUEST_INIT: &str = "/oc-init";
+
 /// What the guest kernel is told. `quiet` keeps console exits (each byte is a VM exit) rare.
+/// `rdinit=` runs our init from the initramfs, never one from the root disk; it mounts the disk
+/// the VMM names with `root=` (the first one, `/dev/vda`) and switches to it.
 pub fn guest_cmdline(sandbox_id: &str) -> String {
     format!(
-        "console=ttyS0 reboot=k panic=-1 pci=off quiet oc.hostname={} init=/sbin/oc-init -- sandbox",
+        "console=ttyS0 reboot=k panic=-1 pci=off quiet oc.hostname={} rdinit={GUEST_INIT} -- sandbox",
         guest_hostname(sandbox_id)
     )
 }
@@ -41,6 +46,8 @@ pub struct VmSpec<'a> {
     pub dir: &'a Path,
     pub vmm_bin: &'a Path,
     pub kernel: &'a Path,
+    /// The sandbox initramfs (our init and agent).
+    pub initrd: &'a Path,
     pub vcpus: u32,
     pub memory_mib: u32,
     pub cid: u32,
@@ -214,6 +221,7 @@ fn tail(path: &Path, lines: usize) -> String {
 pub fn spawn(spec: &VmSpec, on_exit: impl FnOnce(Option<i32>) + Send + 'static) -> Result<Arc<Vm>, String> {
     let vcpus = u8::try_from(spec.vcpus).map_err(|_| format!("{} vCPUs is more than a VMM runs", spec.vcpus))?;
     let config = VmConfig {
+        initrd: Some(spec.initrd.to_path_buf()),
         cmdline: Some(guest_cmdline(spec.sandbox_id)),
         vcpus,
         memory_mib: spec.memory_mib,
@@ -354,6 +362,7 @@ pub(super) mod tests {
             dir: &dir,
             vmm_bin: &vmm,
             kernel: Path::new("/k"),
+            initrd: Path::new("/i"),
             vcpus: 1,
             memory_mib: 128,
             cid: 9,
@@ -402,7 +411,9 @@ pub(super) mod tests {
     #[test]
     fn the_guest_command_line_hands_over_to_the_sandbox_init() {
         let line = guest_cmdline("0123456789abcdef");
-        assert!(line.contains("init=/sbin/oc-init -- sandbox"), "{line}");
+        // Our init from the initramfs, never one from the root disk.
+        assert!(line.contains(" rdinit=/oc-init -- sandbox"), "{line}");
+        assert!(!line.contains(" init=") && !line.contains("root="), "the VMM appends root=: {line}");
         assert!(line.contains("oc.hostname=sandbox-01234567"), "{line}");
         assert!(line.contains("reboot=k"), "{line}");
     }
@@ -420,6 +431,7 @@ pub(super) mod tests {
             dir: &dir,
             vmm_bin: &fake,
             kernel: Path::new("/k"),
+            initrd: Path::new("/i"),
             vcpus: 1,
             memory_mib: 128,
             cid: 9,
@@ -430,6 +442,8 @@ pub(super) mod tests {
         assert!(vm.wait_ended(Duration::from_secs(1)));
         let config = VmConfig::from_json(&fs::read_to_string(dir.join(CONFIG)).expect("cfg")).expect("json");
         assert_eq!(config.vsock_cid, Some(9));
+        assert_eq!((config.kernel.as_path(), config.initrd.as_deref()), (Path::new("/k"), Some(Path::new("/i"))));
+        assert!(config.cmdline.as_deref().is_some_and(|c| c.ends_with(" rdinit=/oc-init -- sandbox")), "{config:?}");
         assert!(!config.disks[0].read_only);
         assert_eq!(config.events, Some(dir.join(EVENTS)));
         // Every VMM can be hibernated: its snapshot goes to a directory of its own.

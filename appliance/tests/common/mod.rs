@@ -105,6 +105,18 @@ pub struct FakeRuntime {
     pub checkpoints: Mutex<HashMap<String, FakeCheckpoint>>,
     /// Makes checkpoints fail (the VMM reported `SnapshotFailed`); the guest runs on.
     pub fail_checkpoint: Mutex<Option<String>>,
+    /// Templates made through the API: name -> where the double keeps the disk it was handed.
+    pub made_templates: Mutex<BTreeMap<String, PathBuf>>,
+}
+
+/// The templates the double ships, as the image does.
+pub const SHIPPED_TEMPLATES: [&str; 3] = ["base", "node", "python"];
+
+/// Where the double keeps made templates' disks (its own directory per process).
+fn fake_template_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("appliance-fake-templates-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    dir
 }
 
 /// What a checkpoint of the double keeps: the disk (files) always, the guest (environment,
@@ -302,6 +314,52 @@ impl SandboxRuntime for FakeRuntime {
         })?;
         Ok(booted)
     }
+    fn templates(&self) -> Vec<TemplateDisk> {
+        let length = u64::from(TEMPLATE_DISK_MB) << 20;
+        let mut all: Vec<TemplateDisk> = SHIPPED_TEMPLATES
+            .iter()
+            .map(|name| TemplateDisk { name: name.to_string(), built_in: true, length, allocated: 1 << 20 })
+            .collect();
+        for (name, disk) in self.made_templates.lock().expect("lock").iter() {
+            let length = std::fs::metadata(disk).map_or(0, |m| m.len());
+            all.push(TemplateDisk { name: name.clone(), built_in: false, length, allocated: length });
+        }
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+    fn install_template(&self, name: &str, disk: &Path, _content_id: &str) -> Result<(), RuntimeError> {
+        let mut made = self.made_templates.lock().expect("lock");
+        if SHIPPED_TEMPLATES.contains(&name) || made.contains_key(name) {
+            return Err(RuntimeError::Conflict(format!("a template named {name:?} exists already")));
+        }
+        let kept = fake_template_dir().join(format!("{name}-{}.ext4", self.next_cid.fetch_add(1, Ordering::SeqCst)));
+        std::fs::rename(disk, &kept).map_err(|e| RuntimeError::Failed(format!("cannot keep {name}: {e}")))?;
+        made.insert(name.to_string(), kept);
+        Ok(())
+    }
+    fn remove_template(&self, name: &str) -> Result<(), RuntimeError> {
+        let disk = self.made_templates.lock().expect("lock").remove(name);
+        match disk {
+            Some(disk) => {
+                let _ = std::fs::remove_file(disk);
+                Ok(())
+            }
+            None => Err(RuntimeError::NotFound(format!("template {name:?} not found"))),
+        }
+    }
+    fn copy_root_disk(&self, sandbox_id: &str, to: &Path) -> Result<(), RuntimeError> {
+        let files = self
+            .sandboxes
+            .lock()
+            .expect("lock")
+            .get(sandbox_id)
+            .filter(|s| s.alive || s.hibernated)
+            .map(|s| s.files.clone())
+            .ok_or_else(|| RuntimeError::NotFound(format!("sandbox {sandbox_id} is not running")))?;
+        // The double's "disk": its files, one `path=bytes` line each.
+        let text: String = files.iter().map(|(p, b)| format!("{p}={}\n", String::from_utf8_lossy(b))).collect();
+        std::fs::write(to, text).map_err(|e| RuntimeError::Failed(e.to_string()))
+    }
     fn delete_checkpoint(&self, checkpoint_id: &str) -> Result<(), RuntimeError> {
         self.checkpoints.lock().expect("lock").remove(checkpoint_id);
         Ok(())
@@ -336,6 +394,14 @@ impl SandboxRuntime for FakeRuntime {
     fn exec_run(&self, id: &str, r: &ExecRequest) -> Result<ExecOutput, RuntimeError> {
         let delay = *self.exec_delay.lock().expect("lock");
         std::thread::sleep(delay);
+        if r.command_line == "pwd" {
+            let cwd = r.cwd.clone().unwrap_or_else(|| "/root".into());
+            return self.with_sandbox(id, |_| ExecOutput {
+                exit_code: 0,
+                stdout: format!("{cwd}\n").into_bytes(),
+                stderr: vec![],
+            });
+        }
         self.with_sandbox(id, |s| fake_shell(&r.command_line, &s.env, &r.envs))
     }
     fn exec_start(&self, id: &str, r: &ExecRequest) -> Result<String, RuntimeError> {
@@ -792,6 +858,13 @@ impl Client {
         let r = self.inner.request(method, path, body).expect("request");
         self.transcript.extend_from_slice(&r.body);
         r
+    }
+
+    /// Uploads `body` as `content_type`; status and parsed JSON.
+    pub fn upload(&mut self, path: &str, content_type: &str, body: &[u8]) -> (u16, Value) {
+        let r = self.inner.request_typed("POST", path, Some(content_type), body).expect("request");
+        let v = if r.body.is_empty() { Value::Null } else { serde_json::from_slice(&r.body).expect("json body") };
+        (r.status, v)
     }
 
     /// Status and parsed JSON (Null for empty bodies).

@@ -447,6 +447,11 @@ impl<C: Connection> AgentClient<C> {
         self.simple(&Request::SetHostname { name: name.to_string() }, "set hostname")
     }
 
+    /// Flushes the guest's file systems to its disks; answers once they are written.
+    pub fn sync_disks(&mut self) -> Result<(), AgentError> {
+        self.simple(&Request::SyncDisks, "sync disks")
+    }
+
     /// Sets and unsets variables for every later command and session.
     pub fn set_env(&mut self, set: &[(String, String)], unset: &[String]) -> Result<(), AgentError> {
         self.simple(&Request::SetEnv { set: EnvVars(set.to_vec()), unset: unset.to_vec() }, "set env")
@@ -764,6 +769,7 @@ impl RunSpec {
             cwd: None,
             timeout_ms: 60_000,
             max_output: 16 << 20,
+            user: None,
         }
     }
 }

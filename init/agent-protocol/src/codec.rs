@@ -206,6 +206,12 @@ impl<'a> Decoder<'a> {
         (0..n).map(|_| Ok((self.string()?, self.string()?))).collect()
     }
 
+    /// Whether every byte was read: an optional field added at the end of a message is absent
+    /// when its sender predates it.
+    pub fn at_end(&self) -> bool {
+        self.pos == self.data.len()
+    }
+
     /// Succeeds only if the whole payload was consumed.
     pub fn finish(self) -> Result<(), DecodeError> {
         if self.pos == self.data.len() {

@@ -35,6 +35,8 @@ pub struct RunSpec {
     pub timeout_ms: u64,
     /// Bytes of stdout and of stderr (each) sent back; the rest is read and discarded.
     pub max_output: u64,
+    /// Who runs it (`name`, `uid`, `name:group` or `uid:gid`, as an image's `User`); None: root.
+    pub user: Option<String>,
 }
 
 /// A background session: runs independently of any connection.
@@ -43,6 +45,7 @@ pub struct SessionSpec {
     pub command: Command,
     pub env: EnvVars,
     pub cwd: Option<String>,
+    pub user: Option<String>,
 }
 
 /// A terminal's size in character cells.
@@ -71,6 +74,7 @@ pub struct PtySpec {
     /// None: the agent's home directory.
     pub cwd: Option<String>,
     pub size: WindowSize,
+    pub user: Option<String>,
 }
 
 /// An atomic file replacement: the data follows in `Data` frames after the agent's `Ok`.
@@ -285,6 +289,9 @@ pub enum Request {
     SetHostname {
         name: String,
     },
+    /// Writes every dirty page of the guest's file systems to its disks (sync(2)), answered once
+    /// done: the root disk then holds every file written before it, for a copy of the disk.
+    SyncDisks,
     /// Moves a file or directory (rename(2): within one file system, replacing a file at `to`).
     Rename {
         from: String,
@@ -371,6 +378,7 @@ mod kind {
     pub const SESSION_RESIZE: u8 = 0x12;
     pub const RESUMED: u8 = 0x13;
     pub const SET_HOSTNAME: u8 = 0x14;
+    pub const SYNC_DISKS: u8 = 0x15;
     pub const RENAME: u8 = 0x1F;
     pub const DATA: u8 = 0x20;
     pub const DATA_END: u8 = 0x21;
@@ -414,6 +422,7 @@ impl Request {
             Request::Remove { .. } => kind::REMOVE,
             Request::Resumed { .. } => kind::RESUMED,
             Request::SetHostname { .. } => kind::SET_HOSTNAME,
+            Request::SyncDisks => kind::SYNC_DISKS,
             Request::Rename { .. } => kind::RENAME,
             Request::SetEnv { .. } => kind::SET_ENV,
             Request::InstallCa { .. } => kind::INSTALL_CA,
@@ -445,6 +454,7 @@ impl Request {
             Request::Remove { .. } => "remove",
             Request::Resumed { .. } => "resumed",
             Request::SetHostname { .. } => "set-hostname",
+            Request::SyncDisks => "sync-disks",
             Request::Rename { .. } => "rename",
             Request::SetEnv { .. } => "set-env",
             Request::InstallCa { .. } => "install-ca",
@@ -460,18 +470,20 @@ impl Request {
     pub fn to_frame(&self) -> Result<Vec<u8>, frame::FrameError> {
         let mut e = Encoder::with_reserved(frame::HEADER_LEN);
         match self {
-            Request::Ping | Request::SessionList | Request::DataEnd | Request::StdinClose => {}
+            Request::Ping | Request::SessionList | Request::SyncDisks | Request::DataEnd | Request::StdinClose => {}
             Request::Run(spec) => {
                 encode_command(&mut e, &spec.command);
                 e.pairs(&spec.env.0);
                 e.opt_str(spec.cwd.as_deref());
                 e.u64(spec.timeout_ms);
                 e.u64(spec.max_output);
+                encode_user(&mut e, spec.user.as_deref());
             }
             Request::SessionStart(spec) => {
                 encode_command(&mut e, &spec.command);
                 e.pairs(&spec.env.0);
                 e.opt_str(spec.cwd.as_deref());
+                encode_user(&mut e, spec.user.as_deref());
             }
             Request::SessionKill { id, signal } => {
                 e.u32(*id);
@@ -490,6 +502,7 @@ impl Request {
                 e.pairs(&spec.env.0);
                 e.opt_str(spec.cwd.as_deref());
                 encode_size(&mut e, spec.size);
+                encode_user(&mut e, spec.user.as_deref());
             }
             Request::SessionResize { id, size } => {
                 e.u32(*id);
@@ -548,11 +561,13 @@ impl Request {
                 cwd: d.opt_string()?,
                 timeout_ms: d.u64()?,
                 max_output: d.u64()?,
+                user: decode_user(&mut d)?,
             }),
             kind::SESSION_START => Request::SessionStart(SessionSpec {
                 command: decode_command(&mut d)?,
                 env: EnvVars(d.pairs()?),
                 cwd: d.opt_string()?,
+                user: decode_user(&mut d)?,
             }),
             kind::SESSION_LIST => Request::SessionList,
             kind::SESSION_KILL => Request::SessionKill { id: d.u32()?, signal: d.i32()? },
@@ -567,6 +582,7 @@ impl Request {
                 env: EnvVars(d.pairs()?),
                 cwd: d.opt_string()?,
                 size: decode_size(&mut d)?,
+                user: decode_user(&mut d)?,
             }),
             kind::SESSION_RESIZE => Request::SessionResize { id: d.u32()?, size: decode_size(&mut d)? },
             kind::FILE_READ => Request::FileRead { path: d.string()?, limit: d.u64()? },
@@ -585,6 +601,7 @@ impl Request {
             kind::REMOVE => Request::Remove { path: d.string()?, recursive: d.bool()? },
             kind::RESUMED => Request::Resumed { wall_clock_ns: d.u64()?, entropy: d.bytes()? },
             kind::SET_HOSTNAME => Request::SetHostname { name: d.string()? },
+            kind::SYNC_DISKS => Request::SyncDisks,
             kind::RENAME => Request::Rename { from: d.string()?, to: d.string()? },
             kind::SET_ENV => Request::SetEnv { set: EnvVars(d.pairs()?), unset: d.strings()? },
             kind::INSTALL_CA => Request::InstallCa { pem: d.bytes()? },
@@ -796,6 +813,22 @@ fn decode_command_body(d: &mut Decoder, tag: u8) -> Result<Command, DecodeError>
 }
 
 /// Columns then rows. Any value decodes; the agent checks the range.
+/// The user of a command, the last field of its message and only when there is one, so that an
+/// agent that predates it still reads every command run as root.
+fn encode_user(e: &mut Encoder, user: Option<&str>) {
+    if let Some(user) = user {
+        e.str(user);
+    }
+}
+
+fn decode_user(d: &mut Decoder) -> Result<Option<String>, DecodeError> {
+    if d.at_end() {
+        Ok(None)
+    } else {
+        d.string().map(Some)
+    }
+}
+
 fn encode_size(e: &mut Encoder, size: WindowSize) {
     e.u16(size.cols);
     e.u16(size.rows);
@@ -856,6 +889,7 @@ mod tests {
                 cwd: Some("/tmp".into()),
                 timeout_ms: 1500,
                 max_output: 1 << 20,
+                user: Some("app:staff".into()),
             }),
             Request::Run(RunSpec {
                 command: Command::Argv(vec!["ls".into(), "-l".into(), String::new()]),
@@ -863,8 +897,15 @@ mod tests {
                 cwd: None,
                 timeout_ms: 0,
                 max_output: 0,
+                user: None,
             }),
-            Request::SessionStart(SessionSpec { command: Command::Shell("cat".into()), env, cwd: None }),
+            Request::SessionStart(SessionSpec { command: Command::Shell("cat".into()), env, cwd: None, user: None }),
+            Request::SessionStart(SessionSpec {
+                command: Command::Shell("id".into()),
+                env: EnvVars::default(),
+                cwd: None,
+                user: Some("1000".into()),
+            }),
             Request::SessionList,
             Request::SessionKill { id: 3, signal: 15 },
             Request::SessionAttach { id: u32::MAX },
@@ -874,18 +915,21 @@ mod tests {
                 env: EnvVars(vec![("TERM".into(), "vt100".into())]),
                 cwd: Some("/srv".into()),
                 size: WindowSize { cols: 80, rows: 24 },
+                user: Some("nobody".into()),
             }),
             Request::PtyStart(PtySpec {
                 command: Some(Command::Argv(vec!["/bin/zsh".into()])),
                 env: EnvVars::default(),
                 cwd: None,
                 size: WindowSize { cols: 1000, rows: 1 },
+                user: None,
             }),
             Request::PtyStart(PtySpec {
                 command: Some(Command::Shell("top".into())),
                 env: EnvVars::default(),
                 cwd: None,
                 size: WindowSize { cols: 0, rows: u16::MAX },
+                user: None,
             }),
             Request::SessionResize { id: 7, size: WindowSize { cols: 120, rows: 40 } },
             Request::FileRead { path: "/etc/hostname".into(), limit: 99 },
@@ -898,6 +942,7 @@ mod tests {
             Request::Rename { from: "/a/b".into(), to: "c d".into() },
             Request::Resumed { wall_clock_ns: 1_800_000_000_123_456_789, entropy: vec![7; 64] },
             Request::SetHostname { name: "sandbox-0123abcd".into() },
+            Request::SyncDisks,
             Request::SetEnv { set: EnvVars(vec![("K".into(), "v".into())]), unset: vec!["OLD".into()] },
             Request::InstallCa { pem: b"-----BEGIN CERTIFICATE-----".to_vec() },
             Request::Power(Power::Off),
@@ -970,12 +1015,24 @@ mod tests {
         }
     }
 
+    fn user_of(request: &Request) -> Option<&str> {
+        match request {
+            Request::Run(spec) => spec.user.as_deref(),
+            Request::SessionStart(spec) => spec.user.as_deref(),
+            Request::PtyStart(spec) => spec.user.as_deref(),
+            _ => None,
+        }
+    }
+
     #[test]
     fn every_truncation_of_every_message_is_an_error() {
         for request in sample_requests() {
             let bytes = request.to_frame().unwrap();
             let payload = &bytes[frame::HEADER_LEN..];
-            for cut in 0..payload.len() {
+            // A command's user is an optional last field: cut off whole, what is left is the
+            // same command as an older appliance sends it (to run as root).
+            let without_user = user_of(&request).map(|user| payload.len() - 4 - user.len());
+            for cut in (0..payload.len()).filter(|&cut| Some(cut) != without_user) {
                 assert!(Request::decode(request.kind(), &payload[..cut]).is_err(), "{request:?} cut at {cut}");
             }
         }
@@ -1002,6 +1059,7 @@ mod tests {
             env: EnvVars::default(),
             cwd: None,
             size: WindowSize { cols: 80, rows: 24 },
+            user: None,
         });
         let bytes = start.to_frame().unwrap();
         let mut payload = bytes[frame::HEADER_LEN..].to_vec();
@@ -1019,6 +1077,16 @@ mod tests {
         assert_eq!(payload, [0, 0, 0, 1, 0, 120, 0, 40]);
         payload.push(9);
         assert!(Request::decode(kind::SESSION_RESIZE, &payload).is_err(), "trailing byte");
+    }
+
+    #[test]
+    fn a_command_without_a_user_is_encoded_as_before_users_existed() {
+        let spec = RunSpec { user: None, ..RunSpec::shell("true") };
+        let without = Request::Run(spec.clone()).to_frame().unwrap();
+        let with = Request::Run(RunSpec { user: Some("app".into()), ..spec }).to_frame().unwrap();
+        // An older agent reads `without` exactly; the user is appended only when there is one.
+        assert_eq!(with.len(), without.len() + 4 + 3);
+        assert_eq!(with[frame::HEADER_LEN..without.len()], without[frame::HEADER_LEN..]);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 use super::error::OpError;
 use super::pty;
+use super::users::Identity;
 use crate::sys::process::kill_group;
 use agent_protocol::{Command, ExitStatus, OutputStream, WindowSize};
 use std::fs::File;
@@ -51,9 +52,15 @@ pub fn describe(command: &Command) -> String {
     }
 }
 
-/// Starts `command` in a new process group with exactly `env`, in `cwd`.
-pub fn spawn(command: &Command, env: &[(String, String)], cwd: &Path, with_stdin: bool) -> Result<Spawned, OpError> {
-    let mut cmd = prepare(command, env, cwd)?;
+/// Starts `command` in a new process group with exactly `env`, in `cwd`, as `user` (None: root).
+pub fn spawn(
+    command: &Command,
+    env: &[(String, String)],
+    cwd: &Path,
+    with_stdin: bool,
+    user: Option<&Identity>,
+) -> Result<Spawned, OpError> {
+    let mut cmd = prepare(command, env, cwd, user)?;
     // SAFETY: the hook runs in the child between fork and exec and only calls sigemptyset and
     // pthread_sigmask on a local set, both async-signal-safe.
     unsafe { cmd.pre_exec(crate::sys::process::unblock_all_signals) };
@@ -82,8 +89,9 @@ pub fn spawn_terminal(
     env: &[(String, String)],
     cwd: &Path,
     size: WindowSize,
+    user: Option<&Identity>,
 ) -> Result<Spawned, OpError> {
-    let mut cmd = prepare(command, env, cwd)?;
+    let mut cmd = prepare(command, env, cwd, user)?;
     let pty::Terminal { master, slave } =
         pty::open(size).map_err(|e| OpError::io("cannot open a pseudo-terminal", &e))?;
     let copies = slave.try_clone().and_then(|a| Ok((a, slave.try_clone()?)));
@@ -113,9 +121,15 @@ pub fn spawn_terminal(
     Ok(Spawned { child, stdin: Some(input), terminal: Some(master), stdout: Some(output), stderr: None, pidfd })
 }
 
-/// The command with its program checked for NUL bytes, `cwd` checked to be a directory, and
-/// exactly `env`; stdio and the child-side hook are the caller's.
-fn prepare(command: &Command, env: &[(String, String)], cwd: &Path) -> Result<std::process::Command, OpError> {
+/// The command with its program checked for NUL bytes, `cwd` checked to be a directory, exactly
+/// `env`, and `user`'s ids (std drops root's supplementary groups with them); stdio and the
+/// child-side hook are the caller's.
+fn prepare(
+    command: &Command,
+    env: &[(String, String)],
+    cwd: &Path,
+    user: Option<&Identity>,
+) -> Result<std::process::Command, OpError> {
     let mut cmd = match command {
         Command::Shell(line) => {
             if line.contains('\0') {
@@ -151,6 +165,9 @@ fn prepare(command: &Command, env: &[(String, String)], cwd: &Path) -> Result<st
     // blocked (PID 1 blocks the ones it reads from a signalfd, and the mask is inherited), so
     // every caller's pre_exec hook unblocks them.
     cmd.env_clear().envs(env.iter().map(|(k, v)| (k, v))).current_dir(cwd);
+    if let Some(user) = user {
+        cmd.uid(user.uid).gid(user.gid);
+    }
     Ok(cmd)
 }
 
@@ -342,7 +359,8 @@ mod tests {
     #[test]
     fn output_and_exit_are_seen() {
         let mut sp =
-            spawn(&Command::Shell("echo out; echo err >&2; exit 3".into()), &env(), Path::new("/"), false).unwrap();
+            spawn(&Command::Shell("echo out; echo err >&2; exit 3".into()), &env(), Path::new("/"), false, None)
+                .unwrap();
         let (waited, out, err) = collect(&mut sp, None);
         assert_eq!(waited, Waited::Exited);
         assert_eq!((out.as_slice(), err.as_slice()), (&b"out\n"[..], &b"err\n"[..]));
@@ -351,7 +369,8 @@ mod tests {
 
     #[test]
     fn the_deadline_stops_following() {
-        let mut sp = spawn(&Command::Argv(vec!["sleep".into(), "5".into()]), &env(), Path::new("/"), false).unwrap();
+        let mut sp =
+            spawn(&Command::Argv(vec!["sleep".into(), "5".into()]), &env(), Path::new("/"), false, None).unwrap();
         let started = Instant::now();
         let (waited, _, _) = collect(&mut sp, Some(Instant::now() + Duration::from_millis(100)));
         assert_eq!(waited, Waited::DeadlinePassed);
@@ -361,12 +380,13 @@ mod tests {
 
     #[test]
     fn bad_commands_are_refused_with_clear_errors() {
-        let e = spawn(&Command::Argv(vec![]), &env(), Path::new("/"), false).err().unwrap();
+        let e = spawn(&Command::Argv(vec![]), &env(), Path::new("/"), false, None).err().unwrap();
         assert_eq!(e.code, agent_protocol::ErrorCode::BadRequest);
-        let e = spawn(&Command::Argv(vec!["/no/such/program".into()]), &env(), Path::new("/"), false).err().unwrap();
+        let e =
+            spawn(&Command::Argv(vec!["/no/such/program".into()]), &env(), Path::new("/"), false, None).err().unwrap();
         assert_eq!(e.code, agent_protocol::ErrorCode::NotFound);
         assert!(e.message.contains("/no/such/program"), "{}", e.message);
-        let e = spawn(&Command::Shell("true".into()), &env(), Path::new("/no/such/dir"), false).err().unwrap();
+        let e = spawn(&Command::Shell("true".into()), &env(), Path::new("/no/such/dir"), false, None).err().unwrap();
         assert_eq!(e.code, agent_protocol::ErrorCode::NotFound);
         assert!(e.message.contains("working directory"), "{}", e.message);
     }
@@ -385,7 +405,7 @@ mod tests {
             assert_eq!(libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut()), 0);
         }
         let argv = ["grep", "SigBlk", "/proc/self/status"].map(String::from).to_vec();
-        let mut sp = spawn(&Command::Argv(argv), &env(), Path::new("/"), false).unwrap();
+        let mut sp = spawn(&Command::Argv(argv), &env(), Path::new("/"), false, None).unwrap();
         let (_, out, _) = collect(&mut sp, None);
         // SAFETY: as above; restores this test thread's mask.
         unsafe { libc::pthread_sigmask(libc::SIG_UNBLOCK, &raw const set, std::ptr::null_mut()) };
@@ -396,11 +416,26 @@ mod tests {
     fn commands_do_not_inherit_an_ignored_sigpipe() {
         // The Rust runtime ignores SIGPIPE in the agent; `yes | head` must still end normally.
         let argv = ["grep", "SigIgn", "/proc/self/status"].map(String::from).to_vec();
-        let mut sp = spawn(&Command::Argv(argv), &env(), Path::new("/"), false).unwrap();
+        let mut sp = spawn(&Command::Argv(argv), &env(), Path::new("/"), false, None).unwrap();
         let (_, out, _) = collect(&mut sp, None);
         let text = String::from_utf8(out).unwrap();
         let mask = u64::from_str_radix(text.trim().trim_start_matches("SigIgn:").trim(), 16).unwrap();
         assert_eq!(mask & (1 << (libc::SIGPIPE - 1)), 0, "{text}");
+    }
+
+    #[test]
+    fn a_command_runs_as_the_user_it_is_given() {
+        // SAFETY: geteuid only reads this process's credentials.
+        if unsafe { libc::geteuid() } != 0 {
+            println!("skipped: changing user needs root");
+            return;
+        }
+        let nobody = Identity { uid: 65534, gid: 65533, home: "/".into() };
+        let argv = ["sh", "-c", "id -u; id -g; id -G"].map(String::from).to_vec();
+        let mut sp = spawn(&Command::Argv(argv), &env(), Path::new("/"), false, Some(&nobody)).unwrap();
+        let (_, out, _) = collect(&mut sp, None);
+        // Root's supplementary groups are dropped with the change.
+        assert_eq!(String::from_utf8(out).unwrap(), "65534\n65533\n65533\n");
     }
 
     #[test]

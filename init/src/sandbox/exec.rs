@@ -4,7 +4,7 @@
 use super::child::{self, Waited};
 use super::env::EnvStore;
 use super::error::{Failure, OpError};
-use super::paths;
+use super::{paths, users};
 use agent_protocol::{OutputStream, RunExit, RunSpec};
 use std::io;
 use std::path::Path;
@@ -52,13 +52,15 @@ pub fn run(
     home: &Path,
     send: &mut dyn FnMut(OutputStream, &[u8]) -> io::Result<()>,
 ) -> Result<RunExit, Failure> {
+    let run_as = users::run_as(spec.user.as_deref(), home)?;
+    let home = run_as.home.as_path();
     let cwd = match &spec.cwd {
         Some(dir) => paths::resolve(dir, home)?,
         None => home.to_path_buf(),
     };
     let vars = env.for_command(home, &spec.env.0)?;
     let started = Instant::now();
-    let mut process = child::spawn(&spec.command, &vars, &cwd, false)?;
+    let mut process = child::spawn(&spec.command, &vars, &cwd, false, run_as.identity.as_ref())?;
     let deadline = (spec.timeout_ms > 0).then(|| started + Duration::from_millis(spec.timeout_ms));
 
     let mut limit = OutputLimit { limit: spec.max_output.min(MAX_OUTPUT_CEILING), sent: [0; 2], truncated: [false; 2] };
@@ -95,6 +97,7 @@ mod tests {
             cwd: Some("/".into()),
             timeout_ms,
             max_output,
+            user: None,
         }
     }
 

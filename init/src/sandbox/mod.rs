@@ -18,6 +18,8 @@ mod pty;
 mod resume;
 mod server;
 mod sessions;
+mod switch_root;
+mod users;
 
 pub use ca::{CaPaths, TRUST_VARIABLES};
 pub use egress::forward as egress_forward;

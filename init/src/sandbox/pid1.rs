@@ -1,12 +1,13 @@
-//! PID 1 inside a sandbox microVM: prepares the guest (root read-write, kernel filesystems,
-//! hostname, loopback), runs the agent as a child process and restarts it if it dies, reaps
-//! every orphan, and on request stops everything, syncs and powers off or reboots.
+//! PID 1 inside a sandbox microVM: switches from the initramfs it is started from to the root
+//! disk (switch_root), prepares the guest (root read-write, kernel filesystems, hostname,
+//! loopback), runs the agent as a child process and restarts it if it dies, reaps every orphan,
+//! and on request stops everything, syncs and powers off or reboots.
 //!
 //! The agent is a separate process so that PID 1's `waitpid(-1)` reaping never steals the exit
 //! status of a command the agent is waiting for. Requests: SIGTERM, SIGUSR2 or SIGPWR power
 //! off; SIGINT or SIGUSR1 reboot (the agent's power operation sends these).
 
-use super::{grow_root, loopback};
+use super::{grow_root, loopback, switch_root};
 use crate::log;
 use crate::sys::mount::{self, Mount};
 use crate::sys::power::{self, PowerAction};
@@ -24,8 +25,13 @@ const HANDLED_SIGNALS: [libc::c_int; 6] =
     [libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGUSR1, libc::SIGUSR2, libc::SIGPWR];
 
 pub fn run() -> ! {
+    let root = match switch_root::from_initramfs() {
+        Ok(root) => root,
+        Err(e) => no_root(&e),
+    };
     early_mounts();
-    log!("OpenComputer sandbox init {} starting", env!("CARGO_PKG_VERSION"));
+    let on = root.map(|device| format!(" on {device} (from the initramfs)")).unwrap_or_default();
+    log!("OpenComputer sandbox init {}{on} starting", env!("CARGO_PKG_VERSION"));
     let signals = match SignalFd::new(&HANDLED_SIGNALS) {
         Ok(fd) => fd,
         // Without a signal channel no shutdown request could be honoured: reboot (panic policy).
@@ -45,8 +51,19 @@ pub fn run() -> ! {
     shutdown(&signals, action)
 }
 
+/// Without its root disk the sandbox has nothing to run: says why and powers off (which ends the
+/// VMM), never panics (an exiting or panicking PID 1 would panic the kernel).
+fn no_root(e: &std::io::Error) -> ! {
+    log!("cannot switch to the root disk: {e}; powering off");
+    crate::sys::fs::sync_all();
+    let err = power::execute(PowerAction::PowerOff);
+    log!("power off failed: {err}");
+    power::halt_forever()
+}
+
 fn early_mounts() {
-    // The kernel may have mounted the root read-only; the disk is this sandbox's own clone.
+    // Switched from the initramfs, the root is read-write already; a kernel that mounted the
+    // disk itself may have mounted it read-only. The disk is this sandbox's own clone.
     if let Err(e) = remount_root_rw() {
         log!("{e}; the root filesystem stays read-only");
     }

@@ -202,6 +202,10 @@ fn dispatch<C: Connection>(shared: &Shared, conn: &mut C, request: Request) -> i
         Request::SetHostname { name } => crate::sys::hostname::set(&name)
             .map(|()| Reply::Ok)
             .map_err(|e| OpError::bad_request(format!("hostname {name:?}: {e}"))),
+        Request::SyncDisks => {
+            crate::sys::fs::sync_all();
+            Ok(Reply::Ok)
+        }
         Request::Power(action) => return power(shared, conn, action),
         Request::Data(_) | Request::DataEnd => Err(OpError::bad_request("data frame outside a file write")),
         Request::Stdin(_) | Request::StdinClose => {

@@ -6,7 +6,7 @@
 use super::child::{self, Spawned};
 use super::env::EnvStore;
 use super::error::OpError;
-use super::{paths, pty};
+use super::{paths, pty, users};
 use agent_protocol::{Command, ErrorCode, ExitStatus, OutputStream, PtySpec, SessionInfo, SessionSpec, WindowSize};
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
@@ -86,9 +86,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Sessions {
     pub fn start(&self, spec: &SessionSpec, env: &EnvStore, home: &Path) -> Result<(u32, u32), OpError> {
+        let run_as = users::run_as(spec.user.as_deref(), home)?;
+        let home = run_as.home.as_path();
         let cwd = working_dir(spec.cwd.as_deref(), home)?;
         let vars = env.for_command(home, &spec.env.0)?;
-        self.launch(&spec.command, false, || child::spawn(&spec.command, &vars, &cwd, true))
+        self.launch(&spec.command, false, || child::spawn(&spec.command, &vars, &cwd, true, run_as.identity.as_ref()))
     }
 
     /// Starts an interactive session on a pseudo-terminal (a login shell unless the spec names
@@ -96,13 +98,17 @@ impl Sessions {
     pub fn start_terminal(&self, spec: &PtySpec, env: &EnvStore, home: &Path) -> Result<(u32, u32), OpError> {
         check_size(spec.size)?;
         let command = spec.command.clone().unwrap_or_else(pty::login_shell);
+        let run_as = users::run_as(spec.user.as_deref(), home)?;
+        let home = run_as.home.as_path();
         let cwd = working_dir(spec.cwd.as_deref(), home)?;
         let mut vars = env.for_command(home, &spec.env.0)?;
         if !spec.env.0.iter().any(|(name, _)| name == "TERM") {
             vars.retain(|(name, _)| name != "TERM");
             vars.push(("TERM".into(), pty::TERM.into()));
         }
-        self.launch(&command, true, || child::spawn_terminal(&command, &vars, &cwd, spec.size))
+        self.launch(&command, true, || {
+            child::spawn_terminal(&command, &vars, &cwd, spec.size, run_as.identity.as_ref())
+        })
     }
 
     /// Registers a session whose process `spawn` starts, within the running-session limit.

@@ -1,7 +1,7 @@
 //! `oc-probe`: a supervised service that exists only in the test image variant. It checks, from
 //! inside the booted appliance, what the end-to-end tests cannot see through the API (who PID 1
-//! is, zombie reaping, service restarts, data persistence) and reports `PROBE ...` lines on the
-//! console. It must never be part of the product image.
+//! is, zombie reaping, service restarts, data persistence, the host programs the image carries)
+//! and reports `PROBE ...` lines on the console. It must never be part of the product image.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -39,6 +39,10 @@ fn probe() {
     match zombie_reaped() {
         Ok(pid) => report(&format!("zombie-reaped ok pid={pid}")),
         Err(e) => report(&format!("zombie-reaped FAIL {e}")),
+    }
+    match mke2fs_makes_ext4() {
+        Ok(what) => report(&format!("mke2fs ok {what}")),
+        Err(e) => report(&format!("mke2fs FAIL {e}")),
     }
     // Killing the appliance is checked on the first boot only: later boots serve scenarios
     // that must not lose the API under them.
@@ -185,6 +189,57 @@ fn orphan_parent() {
         Ok(child) => println!("{}", child.id()),
         Err(_) => std::process::exit(1),
     }
+}
+
+/// Where the image puts e2fsprogs' mke2fs (image/src/pipeline.rs), which the appliance runs to
+/// make template disks from imported archives.
+const MKE2FS: &str = "/sbin/mke2fs";
+
+/// Runs `/sbin/mke2fs -t ext4 -d DIR FILE SIZE` as the appliance will, on the data disk, with no
+/// /etc/mke2fs.conf in the image, and checks what it made: an ext4 superblock with the features
+/// of the templates' ext4 (extents, 64bit, metadata_csum) and the directory's file inside.
+fn mke2fs_makes_ext4() -> Result<String, String> {
+    let dir = std::path::Path::new("/data/probe/mke2fs");
+    let _ = std::fs::remove_dir_all(dir);
+    let source = dir.join("root");
+    std::fs::create_dir_all(source.join("etc")).map_err(|e| format!("mkdir {}: {e}", source.display()))?;
+    let marker = format!("oc-probe mke2fs marker {:x}\n", u64::from(std::process::id()) * 7919);
+    std::fs::write(source.join("etc/marker"), &marker).map_err(|e| format!("write the marker: {e}"))?;
+    let disk = dir.join("disk.ext4");
+    let out = Command::new(MKE2FS)
+        .args(["-q", "-t", "ext4", "-d"])
+        .arg(&source)
+        .arg(&disk)
+        .arg("16M")
+        .env_remove("MKE2FS_CONFIG")
+        .output()
+        .map_err(|e| format!("run {MKE2FS}: {e}"))?;
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if !out.status.success() {
+        return Err(format!("{MKE2FS} failed ({}): {stderr}", out.status));
+    }
+    let image = std::fs::read(&disk).map_err(|e| format!("read {}: {e}", disk.display()))?;
+    let _ = std::fs::remove_dir_all(dir);
+    let sb = image.get(1024..2048).ok_or("the disk is smaller than a superblock")?;
+    let u32_at = |o: usize| u32::from_le_bytes([sb[o], sb[o + 1], sb[o + 2], sb[o + 3]]);
+    if sb[0x38..0x3a] != [0x53, 0xef] {
+        return Err("no ext4 superblock".into());
+    }
+    // INCOMPAT_EXTENTS | INCOMPAT_64BIT, RO_COMPAT_METADATA_CSUM: what `-t ext4` gives with the
+    // built-in profile as with Debian's /etc/mke2fs.conf.
+    if u32_at(0x60) & 0xc0 != 0xc0 || u32_at(0x64) & 0x400 == 0 {
+        return Err(format!(
+            "not the ext4 features expected: incompat {:#x}, ro_compat {:#x}",
+            u32_at(0x60),
+            u32_at(0x64)
+        ));
+    }
+    if !image.windows(marker.len()).any(|w| w == marker.as_bytes()) {
+        return Err("the file from the -d directory is not in the filesystem".into());
+    }
+    let config = if std::path::Path::new("/etc/mke2fs.conf").exists() { "with" } else { "without" };
+    let warnings = if stderr.is_empty() { String::new() } else { format!(", said {stderr:?}") };
+    Ok(format!("ext4 of 16M from a directory, {config} /etc/mke2fs.conf{warnings}"))
 }
 
 /// Kills the appliance service and waits for init to start a new one.

@@ -16,6 +16,7 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario { name: "PID 1 is our init and it supervises the appliance service", run: pid1_supervises },
     Scenario { name: "an orphaned zombie is reaped by init", run: zombie_reaped },
     Scenario { name: "a killed service is restarted by init", run: killed_service_restarts },
+    Scenario { name: "the image's mke2fs makes an ext4 disk from a directory inside the appliance", run: mke2fs_works },
 ];
 
 /// Reboots the appliance: runs after the scenarios that store data to check afterwards.
@@ -99,6 +100,15 @@ fn pid1_supervises(appliance: &mut Appliance) -> Result<()> {
 
 fn zombie_reaped(appliance: &mut Appliance) -> Result<()> {
     expect_ok(&probe_line(appliance, "zombie-reaped")?)
+}
+
+/// The appliance makes template disks from imported archives with `/sbin/mke2fs -t ext4 -d`;
+/// the probe runs it there (no /etc/mke2fs.conf in the image) and checks the result.
+fn mke2fs_works(appliance: &mut Appliance) -> Result<()> {
+    let line = probe_line(appliance, "mke2fs")?;
+    expect_ok(&line)?;
+    eprintln!("[qemu-test]   {}", line.trim());
+    Ok(())
 }
 
 fn killed_service_restarts(appliance: &mut Appliance) -> Result<()> {

@@ -50,6 +50,13 @@ fn commands_and_files(appliance: &mut Appliance) -> Result<()> {
 fn commands_and_files_in(api: &Api, id: &str) -> Result<()> {
     let (code, out, _) = api.run(id, "echo hi", 30)?;
     check(code == 0 && out == "hi\n", || format!("echo hi: exit {code}, stdout {out:?}"))?;
+    // PID 1 (and so the agent) is the appliance's own, from the sandbox initramfs, running on the
+    // root disk it switched to; the template has no init of ours to run instead.
+    let (code, out, err) =
+        api.run(id, "readlink /proc/1/exe; awk '$2 == \"/\" {print $1, $3}' /proc/self/mounts; ls /sbin/oc-init", 30)?;
+    check(code != 0 && out == "/oc-init\n/dev/vda ext4\n" && err.contains("No such file"), || {
+        format!("PID 1 and the root: exit {code}, {out:?}, stderr {err:?}")
+    })?;
     let (code, out, _) = api.run(id, "uname -a", 30)?;
     // Its own name, also when it was resumed from its template's snapshot.
     let name = format!("Linux sandbox-{} ", id.get(..8).unwrap_or(id));
