@@ -2,13 +2,33 @@
 //! authenticated with the admin key. Only the documented wire contract, nothing internal.
 
 use image::err;
-use image::error::Result;
+use image::error::{Context, Result};
 use image::http::Endpoint;
+use rustls::pki_types::ServerName;
+use rustls::{ClientConnection, StreamOwned};
 use serde_json::Value;
-use std::time::Duration;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Sandbox creation boots a nested microVM under TCG; commands may run for a while.
 const TIMEOUT: Duration = Duration::from_secs(240);
+/// An upload answers when what it carried is done with (a template import unpacks the archive,
+/// makes a disk and boots it once for its snapshot): minutes under TCG.
+const UPLOAD_TIMEOUT: Duration = Duration::from_secs(1200);
+
+/// The answer to a streamed upload and when its parts happened, from the connect.
+pub struct Uploaded {
+    pub status: u16,
+    /// The answer as JSON (`null` when empty).
+    pub body: Value,
+    /// The last byte of the body handed to the connection.
+    pub sent: Duration,
+    /// The whole answer read.
+    pub answered: Duration,
+}
 
 pub struct Api {
     /// The appliance's API on this host (HTTPS, trusting the CA learned from the console).
@@ -77,12 +97,114 @@ impl Api {
         Ok((code, text("stdout"), text("stderr")))
     }
 
+    /// Streams `file` as the body of `POST /api{path}` with `content_type` (image::http::request
+    /// takes its body as one slice; archives are hundreds of MiB), then reads the JSON answer.
+    pub fn upload(&self, path: &str, content_type: &str, file: &Path) -> Result<Uploaded> {
+        let what = format!("POST /api{path} with {}", file.display());
+        let mut body = std::fs::File::open(file).ctx(|| format!("open {}", file.display()))?;
+        let length = body.metadata().ctx(|| format!("stat {}", file.display()))?.len();
+        let started = Instant::now();
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.endpoint.port));
+        let tcp = TcpStream::connect_timeout(&addr, TIMEOUT).ctx(|| format!("connect to {addr}"))?;
+        tcp.set_read_timeout(Some(UPLOAD_TIMEOUT)).ctx(|| "set read timeout".into())?;
+        tcp.set_write_timeout(Some(UPLOAD_TIMEOUT)).ctx(|| "set write timeout".into())?;
+        let mut stream: Box<dyn ReadWrite> = match &self.endpoint.tls {
+            None => Box::new(tcp),
+            Some(tls) => {
+                let name = ServerName::try_from("127.0.0.1").map_err(|e| err!("server name: {e}"))?;
+                let conn = ClientConnection::new(Arc::clone(tls), name).map_err(|e| err!("TLS to {addr}: {e}"))?;
+                Box::new(StreamOwned::new(conn, tcp))
+            }
+        };
+        let head = format!(
+            "POST /api{path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\nContent-Length: {length}\r\nContent-Type: {content_type}\r\nX-API-Key: {}\r\n\r\n",
+            self.endpoint.port, self.key
+        );
+        let mut sending = || -> std::io::Result<()> {
+            stream.write_all(head.as_bytes())?;
+            // TLS records carry at most 16 KiB; a large read keeps the file side cheap.
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = body.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                stream.write_all(&buf[..n])?;
+            }
+            stream.flush()
+        };
+        // A server that refuses early may close before the body is sent: its answer still counts.
+        let send_error = sending().err();
+        let sent = started.elapsed();
+        let mut raw = Vec::new();
+        match stream.read_to_end(&mut raw) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+            Err(e) => {
+                let also = send_error.map(|s| format!(" (sending: {s})")).unwrap_or_default();
+                return Err(err!("{what}: reading the answer: {e}{also}"));
+            }
+        }
+        let answered = started.elapsed();
+        let (status, answer) = parse_response(&raw).map_err(|e| {
+            let also = send_error.as_ref().map(|s| format!(" (sending: {s})")).unwrap_or_default();
+            err!("{what}: {e}{also}")
+        })?;
+        let body = if answer.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&answer)
+                .map_err(|e| err!("{what}: answer is not JSON ({e}): {}", String::from_utf8_lossy(&answer)))?
+        };
+        Ok(Uploaded { status, body, sent, answered })
+    }
+
     pub fn metrics(&self) -> Result<String> {
         let (status, body) = self.request("GET", "/metrics", b"")?;
         if status != 200 {
             return Err(err!("/metrics answered {status}"));
         }
         Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+}
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+/// (status, body) of a whole HTTP/1.1 response (`Content-Length`, chunked, or to the close).
+fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>)> {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| err!("the answer has no complete header ({} bytes)", raw.len()))?;
+    let head = String::from_utf8_lossy(&raw[..split]);
+    let status_line = head.lines().next().unwrap_or("");
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| err!("bad status line {status_line:?}"))?;
+    let chunked = head.lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    let mut data = &raw[split + 4..];
+    if !chunked {
+        return Ok((status, data.to_vec()));
+    }
+    let mut body = Vec::new();
+    loop {
+        let end = data.windows(2).position(|w| w == b"\r\n").ok_or_else(|| err!("truncated chunk size"))?;
+        let size_text = String::from_utf8_lossy(&data[..end]);
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| err!("bad chunk size {size_text:?}"))?;
+        data = &data[end + 2..];
+        if size == 0 {
+            return Ok((status, body));
+        }
+        let chunk = data.get(..size).ok_or_else(|| err!("truncated chunk"))?;
+        body.extend_from_slice(chunk);
+        data = data.get(size + 2..).unwrap_or_default();
     }
 }
 
@@ -117,6 +239,16 @@ pub fn rfc3339_seconds(text: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn responses_parse_with_a_length_or_chunked() {
+        let plain = b"HTTP/1.1 201 Created\r\nContent-Length: 7\r\n\r\n{\"a\":1}";
+        assert_eq!(parse_response(plain).expect("plain"), (201, b"{\"a\":1}".to_vec()));
+        let chunked =
+            b"HTTP/1.1 400 Bad Request\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{\"e\r\n4\r\n\":1}\r\n0\r\n\r\n";
+        assert_eq!(parse_response(chunked).expect("chunked"), (400, b"{\"e\":1}".to_vec()));
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
+    }
 
     #[test]
     fn rfc3339_times_convert_to_epoch_seconds() {

@@ -9,4 +9,5 @@ pub mod check;
 pub mod harness;
 pub mod scenarios;
 pub mod snippets;
+pub mod template_fixture;
 pub mod upstream;

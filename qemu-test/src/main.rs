@@ -1,6 +1,9 @@
 //! `qemu-test e2e`: builds the test image, boots it once, runs every scenario against it.
 //! `qemu-test e2e-disk`: the UEFI disk image booted on its own (scenarios/disk_image.rs).
 //! `qemu-test bench vmm`: our VMM against QEMU microvm inside the same appliance (issue 3).
+//! `qemu-test bench snapshot`, `qemu-test bench templates`: creates from template snapshots and
+//! from imported templates, in one booted appliance.
+//! `qemu-test template-fixture`: builds the archives the template scenarios upload, and says where.
 
 use qemu_test::harness::{run_all, Appliance, Scenario};
 use qemu_test::scenarios;
@@ -24,8 +27,10 @@ fn main() -> ExitCode {
         },
         Some("bench") if args.get(1).map(String::as_str) == Some("vmm") => bench_vmm(),
         Some("bench") if args.get(1).map(String::as_str) == Some("snapshot") => bench_snapshot(),
+        Some("bench") if args.get(1).map(String::as_str) == Some("templates") => bench_templates(),
+        Some("template-fixture") => template_fixture(),
         _ => {
-            eprintln!("usage: qemu-test e2e | qemu-test e2e-disk | qemu-test bench vmm | qemu-test bench snapshot   (OC_BENCH_RUNS=N runs per VMM or path, default 5; OC_BENCH_DIAG=N diagnostic rounds first)");
+            eprintln!("usage: qemu-test e2e | qemu-test e2e-disk | qemu-test bench vmm | qemu-test bench snapshot | qemu-test bench templates | qemu-test template-fixture   (OC_BENCH_RUNS=N runs per VMM, path or template, default 5; OC_BENCH_DIAG=N diagnostic rounds first)");
             ExitCode::from(2)
         }
     }
@@ -51,6 +56,7 @@ fn e2e() -> ExitCode {
         scenarios::file_streams::SCENARIOS,
         scenarios::snapshots::SCENARIOS,
         scenarios::checkpoints::SCENARIOS,
+        scenarios::templates::SCENARIOS,
         scenarios::sealing::SCENARIOS,
         scenarios::service_restart::SCENARIOS,
         scenarios::foundation::REBOOT_SCENARIOS,
@@ -105,6 +111,43 @@ fn bench_snapshot() -> ExitCode {
         }
         Err(e) => {
             eprintln!("[qemu-test] the snapshot benchmark failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench_templates() -> ExitCode {
+    let runs = match bench_runs() {
+        Ok(runs) => runs,
+        Err(code) => return code,
+    };
+    match qemu_test::bench::templates::templates(runs) {
+        Ok(bench) => {
+            println!("{}", bench.report());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("[qemu-test] the templates benchmark failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Builds (or finds in the cache) the template archives without booting anything.
+fn template_fixture() -> ExitCode {
+    match qemu_test::template_fixture::build() {
+        Ok(fixture) => {
+            println!("rootfs {}", fixture.rootfs_tar.display());
+            for (what, archive) in [("oci", &fixture.oci), ("docker-save", &fixture.docker)]
+                .into_iter()
+                .chain(fixture.hostile.iter().map(|h| (h.what, &h.archive)))
+            {
+                println!("{:.1} MiB sha256:{} {} ({what})", archive.mib(), archive.sha256, archive.path.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("[qemu-test] the template fixture failed: {e}");
             ExitCode::FAILURE
         }
     }

@@ -7,6 +7,7 @@ pub mod memory;
 pub mod report;
 pub mod runner;
 pub mod snapshot;
+pub mod templates;
 
 use crate::harness::Appliance;
 use image::err;

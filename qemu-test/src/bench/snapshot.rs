@@ -25,7 +25,8 @@ pub struct SnapshotBench {
     pub running_rss_mib: f64,
 }
 
-fn median(v: &[f64]) -> f64 {
+/// The median of `v` (the upper one of an even count; 0 for none).
+pub fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     if s.is_empty() {
@@ -69,7 +70,7 @@ fn vmm_rss_mib(api: &Api) -> Result<f64> {
 }
 
 /// Create with `body`, then the first command's output; returns the milliseconds and the id.
-fn create_to_first_output(api: &Api, body: &Value) -> Result<(f64, String)> {
+pub fn create_to_first_output(api: &Api, body: &Value) -> Result<(f64, String)> {
     let started = Instant::now();
     let id = api.create_sandbox(body)?;
     let (code, out, err) = api.run(&id, "echo first-output", 60)?;
@@ -80,19 +81,16 @@ fn create_to_first_output(api: &Api, body: &Value) -> Result<(f64, String)> {
     Ok((ms, id))
 }
 
-pub fn snapshot(runs: u32) -> Result<SnapshotBench> {
-    let appliance = Appliance::boot_fresh()?;
-    eprintln!(
-        "[qemu-test] appliance up after {:.1}s; waiting for the template snapshots",
-        appliance.boot_time.as_secs_f64()
-    );
+/// Waits until the appliance has taken the template snapshot of `base` (its first boot takes them
+/// in the background); answers how long that was.
+pub fn wait_for_base_snapshot(appliance: &Appliance) -> Result<Duration> {
     let api = appliance.api();
     let wait = Instant::now();
     loop {
         let ready = metric(&api.metrics()?, "appliance_template_snapshots_ready").unwrap_or(0.0);
         let console = appliance.machine.console();
         if ready >= 1.0 && console.contains("template base: snapshot") {
-            break;
+            return Ok(wait.elapsed());
         }
         if let Some(at) = console.find("template base: no snapshot") {
             let line = console[at..].lines().next().unwrap_or_default();
@@ -103,7 +101,17 @@ pub fn snapshot(runs: u32) -> Result<SnapshotBench> {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-    eprintln!("[qemu-test] template snapshots ready after {:.1}s", wait.elapsed().as_secs_f64());
+}
+
+pub fn snapshot(runs: u32) -> Result<SnapshotBench> {
+    let appliance = Appliance::boot_fresh()?;
+    eprintln!(
+        "[qemu-test] appliance up after {:.1}s; waiting for the template snapshots",
+        appliance.boot_time.as_secs_f64()
+    );
+    let api = appliance.api();
+    let waited = wait_for_base_snapshot(&appliance)?;
+    eprintln!("[qemu-test] template snapshots ready after {:.1}s", waited.as_secs_f64());
     let mut bench = SnapshotBench {
         boot_ms: Vec::new(),
         restore_ms: Vec::new(),

@@ -15,6 +15,7 @@ pub mod sealing;
 pub mod sealing_attacks;
 pub mod service_restart;
 pub mod snapshots;
+pub mod templates;
 
 use image::error::Result;
 use std::path::Path;
