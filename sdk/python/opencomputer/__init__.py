@@ -1,5 +1,6 @@
 """Async Python client for the OpenComputer appliance: projects with encrypted secrets,
-and microVM sandboxes with commands, files and background sessions.
+microVM sandboxes with commands, files and background sessions, and templates (imported
+from an image archive or saved from a sandbox).
 
 It talks only to the appliance named by ``api_url`` / ``OPENCOMPUTER_API_URL`` and must
 never print, log or keep secret values or the API key anywhere but in the request headers.
@@ -7,10 +8,11 @@ never print, log or keep secret values or the API key anywhere but in the reques
 Example::
 
     import asyncio
-    from opencomputer import Project, Sandbox
+    from opencomputer import Project, Sandbox, Template
 
     async def main():
-        await Project.create("my-agent", egress_allowlist=["api.anthropic.com"])
+        await Template.import_archive("python-image.tar", "python")  # from `docker save`
+        await Project.create("my-agent", template="python", egress_allowlist=["api.anthropic.com"])
         async with await Sandbox.create(project="my-agent", timeout=600) as sandbox:
             result = await sandbox.commands.run("echo hello")
             print(result.stdout)
@@ -25,6 +27,7 @@ from opencomputer.exec import ExecOutput, ExecSession, ExecSessionInfo, ExecStre
 from opencomputer.files import EntryInfo
 from opencomputer.project import Project
 from opencomputer.sandbox import Sandbox
+from opencomputer.template import Template
 
 __all__ = [
     "ClientConfig",
@@ -37,4 +40,5 @@ __all__ = [
     "ProcessResult",
     "Project",
     "Sandbox",
+    "Template",
 ]

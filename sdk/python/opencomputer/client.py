@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, AsyncIterable, Dict, List, Mapping, Optional, Union
 from urllib.parse import quote
 
 import httpx
@@ -104,11 +104,14 @@ class ApiClient:
         *,
         json: Any = None,
         params: Optional[Mapping[str, str]] = None,
-        content: Optional[Union[bytes, str]] = None,
+        content: Optional[Union[bytes, str, AsyncIterable[bytes]]] = None,
         headers: Optional[Dict[str, str]] = None,
         timeout: Optional[float] = None,
     ) -> httpx.Response:
-        """Sends one request (``path`` relative to ``/api``) and returns the successful response."""
+        """Sends one request (``path`` relative to ``/api``) and returns the successful response.
+
+        ``content`` may be an async iterable of byte chunks (a streamed upload): give its
+        ``Content-Length`` in ``headers`` when known, else it is sent chunked."""
         extra: Dict[str, Any] = {}
         if timeout is not None:
             extra["timeout"] = timeout
@@ -119,7 +122,8 @@ class ApiClient:
         except httpx.TimeoutException as e:
             raise OpenComputerError(None, f"{method} {self.config.api_url}{path} timed out: {e}") from e
         except httpx.HTTPError as e:
-            raise OpenComputerError(None, f"cannot reach {self.config.api_url}: {e}") from e
+            # Some httpx errors (a connection closed while the body was sent) have no text.
+            raise OpenComputerError(None, f"cannot reach {self.config.api_url}: {str(e) or type(e).__name__}") from e
         if response.status_code >= 400:
             raise OpenComputerError(response.status_code, _error_message(response))
         return response

@@ -10,6 +10,7 @@ from opencomputer.commands import Commands
 from opencomputer.errors import OpenComputerError
 from opencomputer.exec import Exec
 from opencomputer.files import Files
+from opencomputer.template import TEMPLATE_TIMEOUT
 
 #: The documented defaults of ``Sandbox.create``; they equal the appliance's own defaults.
 DEFAULT_TEMPLATE = "base"
@@ -155,6 +156,20 @@ class Sandbox:
         automatic end)."""
         await self._client.request(
             "POST", f"/sandboxes/{path_segment(self.sandbox_id)}/timeout", json={"timeout": timeout}
+        )
+
+    async def save_as_template(self, name: str, *, timeout: float = TEMPLATE_TIMEOUT) -> Dict[str, Any]:
+        """Saves the sandbox's root disk as it is now as a new template named ``name`` and
+        returns the template dict (``"source": "sandbox"``); new sandboxes can then be created
+        from it. Its running processes are not part of it, and it keeps the defaults of the
+        sandbox's own template. The sandbox must be running or hibernated (else 409); a name
+        already taken is 409 too. It answers once the template is ready, which can take minutes:
+        ``timeout`` is how long the call waits."""
+        return expect_dict(
+            await self._client.json(
+                "POST", f"/sandboxes/{path_segment(self.sandbox_id)}/template", json={"name": name}, timeout=timeout
+            ),
+            "template save",
         )
 
     async def kill(self) -> None:

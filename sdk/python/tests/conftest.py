@@ -28,6 +28,26 @@ def sandbox_record(**overrides: object) -> dict:
     return record
 
 
+def template_record(**overrides: object) -> dict:
+    """A template made on the appliance, as `GET /api/templates/{name}` answers it."""
+    record = {
+        "templateID": "python",
+        "name": "python",
+        "tag": "latest",
+        "status": "ready",
+        "builtIn": False,
+        "source": "docker-archive",
+        "sourceDigest": "sha256:" + "ab" * 32,
+        "sizeBytes": 123456789,
+        "diskMB": 2048,
+        "createdAt": "2025-01-02T03:04:05Z",
+        "defaults": {"env": {"PATH": "/usr/local/bin:/usr/bin:/bin"}, "workingDir": "/app", "user": "1000",
+                     "entrypoint": ["python3"], "cmd": ["-V"]},
+    }
+    record.update(overrides)
+    return record
+
+
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeAppliance]:
     server = FakeAppliance()

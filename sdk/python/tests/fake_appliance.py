@@ -8,6 +8,7 @@ import hashlib
 import json
 import struct
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -16,13 +17,23 @@ from urllib.parse import parse_qs, urlsplit
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
+#: Bytes the fake reads from a request body at a time when it does not keep the body.
+BODY_CHUNK = 64 << 10
+
+
 @dataclass
 class Recorded:
     method: str
     path: str
     query: Dict[str, List[str]]
     headers: Dict[str, str]
+    #: The body, unless the fake was told not to keep bodies (``keep_bodies=False``).
     body: bytes
+    #: How many body bytes arrived and their SHA-256 (kept even when the body is not).
+    body_length: int = 0
+    body_sha256: str = hashlib.sha256(b"").hexdigest()
+    #: The connection ended before the body announced by Content-Length was complete.
+    body_incomplete: bool = False
 
     @property
     def json(self) -> Any:
@@ -34,6 +45,8 @@ class Reply:
     status: int
     body: bytes = b""
     content_type: str = "application/json"
+    #: Seconds to wait after reading the request before answering.
+    delay: float = 0.0
 
 
 class ServerSocket:
@@ -83,17 +96,27 @@ class FakeAppliance:
     requests: List[Recorded] = field(default_factory=list)
     sockets: List[ServerSocket] = field(default_factory=list)
     errors: List[BaseException] = field(default_factory=list)
+    #: False: request bodies are read in chunks of BODY_CHUNK and only their length and hash
+    #: are recorded, so a test can measure what the client alone holds in memory.
+    keep_bodies: bool = True
     _server: Optional[ThreadingHTTPServer] = None
 
     def reply(self, method: str, path: str, status: int = 200, json_body: Any = None, raw: Optional[bytes] = None,
-              content_type: str = "application/json") -> None:
+              content_type: str = "application/json", delay: float = 0.0) -> None:
         body = raw if raw is not None else (b"" if json_body is None else json.dumps(json_body).encode())
-        self.replies[(method, path)] = Reply(status, body, content_type)
+        self.replies[(method, path)] = Reply(status, body, content_type, delay)
 
     @property
     def url(self) -> str:
         assert self._server is not None
         return f"http://127.0.0.1:{self._server.server_address[1]}/api"
+
+    def wait_for_requests(self, count: int, timeout: float = 5.0) -> None:
+        """Waits until `count` requests are recorded: one whose client gave up mid-body is
+        recorded by the server thread only once it sees the connection end."""
+        deadline = time.monotonic() + timeout
+        while len(self.requests) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def only(self) -> Recorded:
         assert len(self.requests) == 1, [f"{r.method} {r.path}" for r in self.requests]
@@ -108,20 +131,63 @@ class FakeAppliance:
             def log_message(self, *args: Any) -> None:
                 pass
 
+            def _read_body(self) -> Tuple[bytes, int, str, bool]:
+                """(body or b"", length, sha256, incomplete), for Content-Length or chunked bodies."""
+                digest = hashlib.sha256()
+                kept: List[bytes] = []
+                received = 0
+
+                def take(n: int) -> bool:
+                    nonlocal received
+                    while n > 0:
+                        data = self.rfile.read(min(n, BODY_CHUNK))
+                        if not data:
+                            return False
+                        digest.update(data)
+                        if fake.keep_bodies:
+                            kept.append(data)
+                        received += len(data)
+                        n -= len(data)
+                    return True
+
+                complete = True
+                if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                    while True:
+                        size_line = self.rfile.readline()
+                        if not size_line:
+                            complete = False
+                            break
+                        size = int(size_line.split(b";")[0].strip() or b"0", 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass
+                            break
+                        if not take(size):
+                            complete = False
+                            break
+                        self.rfile.readline()
+                else:
+                    complete = take(int(self.headers.get("Content-Length") or 0))
+                return b"".join(kept), received, digest.hexdigest(), not complete
+
             def _handle(self) -> None:
                 parts = urlsplit(self.path)
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
+                body, length, sha256, incomplete = self._read_body()
                 fake.requests.append(Recorded(
                     self.command, parts.path, parse_qs(parts.query, keep_blank_values=True),
-                    {k.lower(): v for k, v in self.headers.items()}, body,
+                    {k.lower(): v for k, v in self.headers.items()}, body, length, sha256, incomplete,
                 ))
+                if incomplete:
+                    self.close_connection = True
+                    return
                 script = fake.websockets.get(parts.path)
                 if script is not None and self.headers.get("Upgrade", "").lower() == "websocket":
                     return self._upgrade(script)
                 reply = fake.replies.get((self.command, parts.path))
                 if reply is None:
                     reply = Reply(404, json.dumps({"error": f"fake: nothing programmed for {self.command} {parts.path}"}).encode())
+                if reply.delay:
+                    time.sleep(reply.delay)
                 self.send_response(reply.status)
                 self.send_header("Content-Type", reply.content_type)
                 self.send_header("Content-Length", str(len(reply.body)))

@@ -2,8 +2,10 @@
 over HTTPS with the certificate it generates (trusted the documented way: SSL_CERT_FILE).
 
 The binary comes from OPENCOMPUTER_APPLIANCE_BIN. Sandboxes cannot run on the host (no
-VMM, no CA roots given), so the appliance answers sandbox routes with 503 and the reason;
-the tests check that this reaches the caller as a typed error with that exact message.
+VMM, no CA roots given), so the appliance answers sandbox and template routes with 503 and
+the reason; the tests check that this reaches the caller as a typed error with that exact
+message, and that what the template upload checks before needing the runtime (content type,
+name, tag) is refused with its own status.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from typing import Iterator
 
 import pytest
 
-from opencomputer import OpenComputerError, Project, Sandbox
+from opencomputer import OpenComputerError, Project, Sandbox, Template
+from opencomputer.client import ApiClient, ClientConfig
 
 ADMIN_KEY = "sdk-test-admin-key-" + uuid.uuid4().hex
 START_TIMEOUT = 30.0
@@ -238,3 +241,83 @@ async def test_sandbox_lookups_fail_cleanly(env: RunningAppliance) -> None:
     with pytest.raises(OpenComputerError) as info:
         await Sandbox.connect(missing)
     assert (info.value.status, info.value.message) == (404, f"sandbox {missing} not found")
+
+
+async def test_template_routes_answer_503_with_the_reason(env: RunningAppliance) -> None:
+    expected = (503, f"sandbox runtime not available: {env.unavailable_reason}")
+    calls = [
+        lambda: Template.list(),
+        lambda: Template.get("base"),
+        lambda: Template.delete("made-here"),
+        lambda: Template.import_archive(b"not really a tar", "python"),
+        lambda: Template.import_archive(b"not really a tar", "alpine", tag="3.20", rootfs=True),
+    ]
+    for call in calls:
+        with pytest.raises(OpenComputerError) as info:
+            await call()
+        assert (info.value.status, info.value.message) == expected
+    # A handle on a sandbox id the appliance never made: saving needs the runtime first.
+    client = ApiClient(ClientConfig.resolve())
+    sandbox = Sandbox(client, {"sandboxID": str(uuid.uuid4())})
+    try:
+        with pytest.raises(OpenComputerError) as info:
+            await sandbox.save_as_template("snap")
+        assert (info.value.status, info.value.message) == expected
+    finally:
+        await sandbox.close()
+
+
+async def test_a_streamed_upload_refused_before_its_body_is_read_still_gets_the_answer(
+        env: RunningAppliance, tmp_path: Path) -> None:
+    # The appliance answers before reading the body; the client has sent all of it by then.
+    archive = tmp_path / "image.tar"
+    with open(archive, "wb") as f:
+        for i in range(6):
+            f.write(bytes([i]) * (1 << 20))
+    with pytest.raises(OpenComputerError) as info:
+        await Template.import_archive(archive, "python")
+    assert (info.value.status, info.value.message) == (503, f"sandbox runtime not available: {env.unavailable_reason}")
+    with pytest.raises(OpenComputerError) as info:
+        await Template.import_archive(archive, "bad name")
+    assert (info.value.status, info.value.message) == (400, 'invalid template "bad name"')
+    # The connection pool is still usable afterwards.
+    assert isinstance(await Project.list(), list)
+
+
+async def test_template_uploads_are_checked_before_the_runtime_is_needed(env: RunningAppliance) -> None:
+    # The handler checks the content type, then the name, then the tag, and only then needs the runtime.
+    for name in ["bad name", ".hidden", "x" * 65, "a/b"]:
+        with pytest.raises(OpenComputerError) as info:
+            await Template.import_archive(b"tar", name)
+        assert (info.value.status, info.value.message) == (400, f"invalid template {json.dumps(name)}"), name
+    with pytest.raises(OpenComputerError) as info:
+        await Template.import_archive(b"tar", "")
+    assert info.value.status == 400 and info.value.message.startswith("name is required")
+    with pytest.raises(OpenComputerError) as info:
+        await Template.import_archive(b"tar", "python", tag="t" * 129)
+    assert (info.value.status, info.value.message) == (400, "tag must be 1-128 bytes without control characters")
+    async with ApiClient(ClientConfig.resolve()) as client:
+        # A JSON body is the hosted API's Dockerfile build, which the appliance does not do.
+        with pytest.raises(OpenComputerError) as info:
+            await client.request("POST", "/templates", params={"name": "python"},
+                                 json={"name": "python", "dockerfile": "FROM python:3.12"})
+        assert info.value.status == 400
+        assert info.value.message.startswith("this appliance does not build templates from Dockerfiles")
+        assert "application/x-tar" in info.value.message
+        # The content type is checked before the name.
+        with pytest.raises(OpenComputerError) as info:
+            await client.request("POST", "/templates", params={"name": "bad name"}, content=b"x",
+                                 headers={"Content-Type": "text/plain"})
+        assert info.value.status == 415
+        assert info.value.message.startswith('Content-Type "text/plain" is not an archive this appliance imports')
+        with pytest.raises(OpenComputerError) as info:
+            await client.request("POST", "/templates", params={"name": "python"}, content=b"x")
+        assert (info.value.status, info.value.message[:28]) == (415, 'Content-Type "" is not an ar')
+    # Saving a sandbox checks its id first.
+    sandbox = Sandbox(ApiClient(ClientConfig.resolve()), {"sandboxID": "not-a-uuid"})
+    try:
+        with pytest.raises(OpenComputerError) as info:
+            await sandbox.save_as_template("snap")
+        assert (info.value.status, info.value.message) == (400, 'invalid sandbox id "not-a-uuid": expected a UUID')
+    finally:
+        await sandbox.close()
