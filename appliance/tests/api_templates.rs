@@ -295,3 +295,38 @@ fn a_sandbox_saved_as_a_template_carries_its_files_and_only_the_operator_makes_t
     assert_eq!(scoped.call("DELETE", "/api/templates/snap-1", "").0, 403);
     assert_eq!(scoped.call("POST", &format!("/api/sandboxes/{id}/template"), r#"{"name": "x"}"#).0, 403);
 }
+
+#[test]
+fn an_archive_larger_than_the_free_space_is_refused_with_413_before_it_is_stored() {
+    // All but 4 MiB of the free space is kept in reserve; the archive announces 128 MiB.
+    let probe = common::temp_dir("templates-full-probe");
+    let free = appliance::capacity::free_disk_mb(&probe).expect("free space");
+    let capacity =
+        appliance::capacity::CapacityConfig { disk_reserve_mb: free.saturating_sub(4), ..common::roomy_capacity() };
+    let h = Harness::start_with_capacity("templates-full", capacity);
+    let mut c = h.client();
+    let archive = vec![0u8; 128 << 20];
+    let (status, answer) = c.upload("/api/templates?name=big", ROOTFS, &archive);
+    assert_eq!(status, 413, "{answer}");
+    assert!(answer["error"].as_str().expect("error").contains("free space on the data disk"), "{answer}");
+    assert!(work_dir_is_empty(&h));
+    // The connection was drained: the next request on it is answered.
+    assert_eq!(c.call("GET", "/api/templates/big", "").0, 404);
+}
+
+#[test]
+fn a_chunked_archive_is_refused_with_411() {
+    use std::io::{BufRead, BufReader};
+    let h = Harness::start("templates-chunked");
+    let mut stream = std::net::TcpStream::connect(h.addr).expect("connect");
+    let request = format!(
+        "POST /api/templates?name=x HTTP/1.1\r\nHost: x\r\nX-API-Key: {}\r\nContent-Type: application/x-tar\r\n\
+         Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        common::ADMIN_KEY
+    );
+    stream.write_all(request.as_bytes()).expect("send");
+    let mut status = String::new();
+    BufReader::new(stream).read_line(&mut status).expect("status line");
+    // A connection cut in the middle of a chunk could not be told from the end of the archive.
+    assert!(status.starts_with("HTTP/1.1 411"), "{status}");
+}
