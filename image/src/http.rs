@@ -52,18 +52,7 @@ pub fn request(
     timeout: Duration,
 ) -> Result<Response> {
     let port = endpoint.port;
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let tcp = TcpStream::connect_timeout(&addr, timeout).ctx(|| format!("connect to {addr}"))?;
-    tcp.set_read_timeout(Some(timeout)).ctx(|| "set read timeout".into())?;
-    tcp.set_write_timeout(Some(timeout)).ctx(|| "set write timeout".into())?;
-    let mut stream: Box<dyn ReadWrite> = match &endpoint.tls {
-        None => Box::new(tcp),
-        Some(tls) => {
-            let name = ServerName::try_from("127.0.0.1").map_err(|e| err!("server name: {e}"))?;
-            let conn = ClientConnection::new(Arc::clone(tls), name).map_err(|e| err!("TLS to {addr}: {e}"))?;
-            Box::new(StreamOwned::new(conn, tcp))
-        }
-    };
+    let mut stream = connect(endpoint, timeout, timeout)?;
     let mut head = format!(
         "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
@@ -82,13 +71,32 @@ pub fn request(
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
         Err(e) => return Err(err!("read response to {method} {path}: {e}")),
     }
-    parse(&raw)
+    parse_response(&raw)
 }
 
-trait ReadWrite: Read + Write {}
+/// A connection to the appliance API on this host (TLS when `endpoint` has it): `connect_timeout`
+/// to open it, `io_timeout` for each read and write.
+pub fn connect(endpoint: &Endpoint, connect_timeout: Duration, io_timeout: Duration) -> Result<Box<dyn ReadWrite>> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], endpoint.port));
+    let tcp = TcpStream::connect_timeout(&addr, connect_timeout).ctx(|| format!("connect to {addr}"))?;
+    tcp.set_read_timeout(Some(io_timeout)).ctx(|| "set read timeout".into())?;
+    tcp.set_write_timeout(Some(io_timeout)).ctx(|| "set write timeout".into())?;
+    Ok(match &endpoint.tls {
+        None => Box::new(tcp),
+        Some(tls) => {
+            let name = ServerName::try_from("127.0.0.1").map_err(|e| err!("server name: {e}"))?;
+            let conn = ClientConnection::new(Arc::clone(tls), name).map_err(|e| err!("TLS to {addr}: {e}"))?;
+            Box::new(StreamOwned::new(conn, tcp))
+        }
+    })
+}
+
+/// A byte stream both ways: a TCP connection or TLS over one.
+pub trait ReadWrite: Read + Write {}
 impl<T: Read + Write> ReadWrite for T {}
 
-fn parse(raw: &[u8]) -> Result<Response> {
+/// The status and body of a whole HTTP/1.1 response (`Content-Length`, chunked, or to the close).
+pub fn parse_response(raw: &[u8]) -> Result<Response> {
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -132,13 +140,14 @@ mod tests {
 
     #[test]
     fn parses_plain_and_chunked_responses() {
-        let plain = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").expect("plain");
+        let plain = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").expect("plain");
         assert_eq!((plain.status, plain.text().as_str()), (200, "ok"));
-        let chunked =
-            parse(b"HTTP/1.1 401 Unauthorized\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
-                .expect("chunked");
+        let chunked = parse_response(
+            b"HTTP/1.1 401 Unauthorized\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        )
+        .expect("chunked");
         assert_eq!((chunked.status, chunked.text().as_str()), (401, "abcde"));
-        assert!(parse(b"HTTP/1.1 200 OK\r\n").is_err());
-        assert!(parse(b"garbage\r\n\r\n").is_err());
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
+        assert!(parse_response(b"garbage\r\n\r\n").is_err());
     }
 }

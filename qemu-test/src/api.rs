@@ -4,13 +4,9 @@
 use image::err;
 use image::error::{Context, Result};
 use image::http::Endpoint;
-use rustls::pki_types::ServerName;
-use rustls::{ClientConnection, StreamOwned};
 use serde_json::Value;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Sandbox creation boots a nested microVM under TCG; commands may run for a while.
@@ -104,18 +100,7 @@ impl Api {
         let mut body = std::fs::File::open(file).ctx(|| format!("open {}", file.display()))?;
         let length = body.metadata().ctx(|| format!("stat {}", file.display()))?.len();
         let started = Instant::now();
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.endpoint.port));
-        let tcp = TcpStream::connect_timeout(&addr, TIMEOUT).ctx(|| format!("connect to {addr}"))?;
-        tcp.set_read_timeout(Some(UPLOAD_TIMEOUT)).ctx(|| "set read timeout".into())?;
-        tcp.set_write_timeout(Some(UPLOAD_TIMEOUT)).ctx(|| "set write timeout".into())?;
-        let mut stream: Box<dyn ReadWrite> = match &self.endpoint.tls {
-            None => Box::new(tcp),
-            Some(tls) => {
-                let name = ServerName::try_from("127.0.0.1").map_err(|e| err!("server name: {e}"))?;
-                let conn = ClientConnection::new(Arc::clone(tls), name).map_err(|e| err!("TLS to {addr}: {e}"))?;
-                Box::new(StreamOwned::new(conn, tcp))
-            }
-        };
+        let mut stream = image::http::connect(&self.endpoint, TIMEOUT, UPLOAD_TIMEOUT)?;
         let head = format!(
             "POST /api{path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\nContent-Length: {length}\r\nContent-Type: {content_type}\r\nX-API-Key: {}\r\n\r\n",
             self.endpoint.port, self.key
@@ -146,7 +131,7 @@ impl Api {
             }
         }
         let answered = started.elapsed();
-        let (status, answer) = parse_response(&raw).map_err(|e| {
+        let image::http::Response { status, body: answer } = image::http::parse_response(&raw).map_err(|e| {
             let also = send_error.as_ref().map(|s| format!(" (sending: {s})")).unwrap_or_default();
             err!("{what}: {e}{also}")
         })?;
@@ -165,46 +150,6 @@ impl Api {
             return Err(err!("/metrics answered {status}"));
         }
         Ok(String::from_utf8_lossy(&body).into_owned())
-    }
-}
-
-trait ReadWrite: Read + Write {}
-impl<T: Read + Write> ReadWrite for T {}
-
-/// (status, body) of a whole HTTP/1.1 response (`Content-Length`, chunked, or to the close).
-fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>)> {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| err!("the answer has no complete header ({} bytes)", raw.len()))?;
-    let head = String::from_utf8_lossy(&raw[..split]);
-    let status_line = head.lines().next().unwrap_or("");
-    let status = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| err!("bad status line {status_line:?}"))?;
-    let chunked = head.lines().any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    let mut data = &raw[split + 4..];
-    if !chunked {
-        return Ok((status, data.to_vec()));
-    }
-    let mut body = Vec::new();
-    loop {
-        let end = data.windows(2).position(|w| w == b"\r\n").ok_or_else(|| err!("truncated chunk size"))?;
-        let size_text = String::from_utf8_lossy(&data[..end]);
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|_| err!("bad chunk size {size_text:?}"))?;
-        data = &data[end + 2..];
-        if size == 0 {
-            return Ok((status, body));
-        }
-        let chunk = data.get(..size).ok_or_else(|| err!("truncated chunk"))?;
-        body.extend_from_slice(chunk);
-        data = data.get(size + 2..).unwrap_or_default();
     }
 }
 
@@ -239,16 +184,6 @@ pub fn rfc3339_seconds(text: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn responses_parse_with_a_length_or_chunked() {
-        let plain = b"HTTP/1.1 201 Created\r\nContent-Length: 7\r\n\r\n{\"a\":1}";
-        assert_eq!(parse_response(plain).expect("plain"), (201, b"{\"a\":1}".to_vec()));
-        let chunked =
-            b"HTTP/1.1 400 Bad Request\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{\"e\r\n4\r\n\":1}\r\n0\r\n\r\n";
-        assert_eq!(parse_response(chunked).expect("chunked"), (400, b"{\"e\":1}".to_vec()));
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
-    }
 
     #[test]
     fn rfc3339_times_convert_to_epoch_seconds() {
