@@ -123,7 +123,7 @@ fn import_body(app: &App, query: &str, kind: UploadKind, body: &mut UploadBody) 
     })?;
     validate::template(&name)?;
     let tag = check_tag(query_param(query, "tag")?)?;
-    let declared_bytes = Some(body.expected());
+    let declared_bytes = body.expected();
     let imported = ops::import(app, Upload { name: &name, tag: &tag, kind, declared_bytes, body: &mut *body });
     // A body that ended early or could not be read is the client's doing, whatever the import saw.
     let template = imported.map_err(|e| body.problem().unwrap_or(e))?;

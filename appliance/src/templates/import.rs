@@ -37,8 +37,9 @@ pub struct Upload<'a> {
     pub name: &'a str,
     pub tag: &'a str,
     pub kind: UploadKind,
-    /// The Content-Length, when the client sent one: too large is refused before reading.
-    pub declared_bytes: Option<u64>,
+    /// The body's Content-Length (a chunked body is refused before this): too large is refused
+    /// before anything is read.
+    pub declared_bytes: u64,
     pub body: &'a mut dyn Read,
 }
 
@@ -56,8 +57,8 @@ pub fn import(app: &App, upload: Upload) -> Result<TemplateView, AppError> {
             .map_err(|e| AppError::internal(format!("cannot measure free space on the data disk for {what}: {e}")))
     };
     let archive_limit = free("the upload")?.min(MAX_ARCHIVE_BYTES);
-    if let Some(declared) = upload.declared_bytes.filter(|&n| n > archive_limit) {
-        return Err(too_large_upload(declared, archive_limit));
+    if upload.declared_bytes > archive_limit {
+        return Err(too_large_upload(upload.declared_bytes, archive_limit));
     }
 
     let started = Instant::now();
